@@ -1,0 +1,146 @@
+//! The `mock-upstream` binary: the k6 load-test target. Parses its few flags by hand, serves
+//! default-mode traffic with recording off, and exits on SIGINT/SIGTERM.
+
+use std::fmt::Display;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::str::FromStr;
+use std::time::Duration;
+
+use mock_upstream::Server;
+
+const USAGE: &str = "usage: mock-upstream [--listen ADDR] [--latency MS] [--chunks N] [--chunk-delay MS]
+  --listen ADDR      address to bind (default 127.0.0.1:9000)
+  --latency MS       delay before response headers (default 0)
+  --chunks N         content chunks per streamed completion (default 8)
+  --chunk-delay MS   delay between streamed content chunks (default 0)";
+
+#[derive(Debug, PartialEq)]
+struct Options {
+    listen: SocketAddr,
+    latency: Duration,
+    chunks: usize,
+    chunk_delay: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            listen: SocketAddr::from(([127, 0, 0, 1], 9000)),
+            latency: Duration::ZERO,
+            chunks: 8,
+            chunk_delay: Duration::ZERO,
+        }
+    }
+}
+
+/// `Ok(None)` means `--help` was asked for.
+fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Options>, String> {
+    let mut opts = Options::default();
+    while let Some(flag) = args.next() {
+        match flag.as_str() {
+            "-h" | "--help" => return Ok(None),
+            "--listen" => opts.listen = value(&flag, args.next())?,
+            "--latency" => opts.latency = Duration::from_millis(value(&flag, args.next())?),
+            "--chunks" => opts.chunks = value(&flag, args.next())?,
+            "--chunk-delay" => opts.chunk_delay = Duration::from_millis(value(&flag, args.next())?),
+            _ => return Err(format!("unknown argument: {flag}")),
+        }
+    }
+    Ok(Some(opts))
+}
+
+fn value<T: FromStr>(flag: &str, value: Option<String>) -> Result<T, String>
+where
+    T::Err: Display,
+{
+    let value = value.ok_or_else(|| format!("{flag} needs a value"))?;
+    value.parse().map_err(|e| format!("{flag} {value}: {e}"))
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let opts = match parse_args(std::env::args().skip(1)) {
+        Ok(Some(opts)) => opts,
+        Ok(None) => {
+            let _ = writeln!(std::io::stdout(), "{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("mock-upstream: {e}\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    let server = Server::builder()
+        .record(false)
+        .latency(opts.latency)
+        .stream_chunks(opts.chunks)
+        .chunk_delay(opts.chunk_delay)
+        .start_on(opts.listen)
+        .await;
+    let server = match server {
+        Ok(server) => server,
+        Err(e) => {
+            eprintln!("mock-upstream: cannot listen on {}: {e}", opts.listen);
+            return ExitCode::FAILURE;
+        }
+    };
+    // Scripts wait for this line before starting load, so flush it past any pipe buffering.
+    // A closed stdout is no reason to stop serving, hence the ignored results.
+    let mut out = std::io::stdout();
+    let _ = writeln!(out, "mock-upstream listening on {}", server.base_url());
+    let _ = out.flush();
+
+    if let Err(e) = shutdown_signal().await {
+        eprintln!("mock-upstream: cannot listen for signals: {e}");
+        return ExitCode::FAILURE;
+    }
+    drop(server);
+    ExitCode::SUCCESS
+}
+
+async fn shutdown_signal() -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            r = tokio::signal::ctrl_c() => r,
+            _ = term.recv() => Ok(()),
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        tokio::signal::ctrl_c().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Option<Options>, String> {
+        parse_args(args.iter().map(|s| s.to_string()))
+    }
+
+    #[test]
+    fn parses_flags_and_defaults() {
+        assert_eq!(parse(&[]), Ok(Some(Options::default())));
+        let expected = Options {
+            listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            latency: Duration::from_millis(5),
+            chunks: 3,
+            chunk_delay: Duration::from_millis(7),
+        };
+        let args = ["--listen", "0.0.0.0:8080", "--latency", "5", "--chunks", "3", "--chunk-delay", "7"];
+        assert_eq!(parse(&args), Ok(Some(expected)));
+        assert_eq!(parse(&["--help"]), Ok(None));
+    }
+
+    #[test]
+    fn rejects_unknown_missing_and_malformed() {
+        assert_eq!(parse(&["--bogus"]), Err("unknown argument: --bogus".into()));
+        assert!(parse(&["--chunks"]).is_err());
+        assert!(parse(&["--latency", "soon"]).is_err());
+    }
+}

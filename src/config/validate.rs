@@ -1,0 +1,214 @@
+//! Semantic checks over a parsed [`Config`]: every problem is collected with its key path and
+//! reported at once, so an operator fixes a file in one pass.
+
+use std::collections::HashSet;
+use std::fmt;
+
+use http::{HeaderName, HeaderValue, Uri};
+
+use super::{Config, EnvSource};
+
+/// One problem at one key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Issue {
+    pub path: String,
+    pub message: String,
+}
+
+impl Issue {
+    pub fn new(path: &str, message: impl Into<String>) -> Self {
+        Self { path: path.to_string(), message: message.into() }
+    }
+}
+
+impl fmt::Display for Issue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.path.is_empty() {
+            f.write_str(&self.message)
+        } else {
+            write!(f, "{}: {}", self.path, self.message)
+        }
+    }
+}
+
+/// Every problem found in a configuration.
+#[derive(Clone, Debug, thiserror::Error)]
+pub struct ConfigError(pub Vec<Issue>);
+
+impl ConfigError {
+    pub fn single(path: &str, message: impl Into<String>) -> Self {
+        Self(vec![Issue::new(path, message)])
+    }
+
+    pub(super) fn from_issues(issues: Vec<Issue>) -> Result<(), Self> {
+        if issues.is_empty() {
+            Ok(())
+        } else {
+            Err(Self(issues))
+        }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, issue) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{issue}")?;
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    /// Checks what serde cannot: references, URLs, header syntax, secrets present.
+    pub fn validate(&self, env: &dyn EnvSource) -> Result<(), ConfigError> {
+        let mut issues = Vec::new();
+        let mut push = |path: String, message: String| issues.push(Issue { path, message });
+
+        if self.upstreams.is_empty() {
+            push("upstreams".into(), "at least one upstream is required".into());
+        }
+        let mut names = HashSet::new();
+        for (i, upstream) in self.upstreams.iter().enumerate() {
+            let at = |key: &str| format!("upstreams[{i}].{key}");
+            if upstream.name.is_empty() {
+                push(at("name"), "must not be empty".into());
+            } else if !names.insert(upstream.name.as_str()) {
+                push(at("name"), format!("duplicate upstream name `{}`", upstream.name));
+            }
+            if let Err(message) = check_base_url(&upstream.base_url) {
+                push(at("base_url"), message);
+            }
+            if let Some(var) = &upstream.api_key_env {
+                if env.var(var).is_none_or(|v| v.is_empty()) {
+                    push(at("api_key_env"), format!("environment variable {var} is not set"));
+                }
+            }
+            for (name, value) in &upstream.headers {
+                if HeaderName::try_from(name.as_str()).is_err() {
+                    push(at("headers"), format!("`{name}` is not a valid header name"));
+                }
+                if HeaderValue::try_from(value.as_str()).is_err() {
+                    push(at("headers"), format!("the value of `{name}` is not a valid header value"));
+                }
+            }
+            for (key, value) in [
+                ("connect_timeout", upstream.connect_timeout),
+                ("first_byte_timeout", upstream.first_byte_timeout),
+                ("idle_timeout", upstream.idle_timeout),
+            ] {
+                if value.is_zero() {
+                    push(at(key), "must be greater than zero".into());
+                }
+            }
+        }
+
+        for (i, route) in self.routes.iter().enumerate() {
+            if route.models.is_empty() {
+                push(format!("routes[{i}].models"), "must name at least one model or glob".into());
+            }
+            for (j, pattern) in route.models.iter().enumerate() {
+                if let Err(e) = globset::Glob::new(pattern) {
+                    push(format!("routes[{i}].models[{j}]"), format!("invalid glob: {e}"));
+                }
+            }
+            if route.upstreams.is_empty() {
+                push(format!("routes[{i}].upstreams"), "must name at least one upstream".into());
+            }
+            for (j, name) in route.upstreams.iter().enumerate() {
+                if !self.upstreams.iter().any(|u| &u.name == name) {
+                    push(format!("routes[{i}].upstreams[{j}]"), format!("no upstream is named `{name}`"));
+                }
+            }
+        }
+
+        if self.server.request_timeout.is_zero() {
+            push("server.request_timeout".into(), "must be greater than zero".into());
+        }
+        if self.retry.base_delay > self.retry.max_delay {
+            push("retry.base_delay".into(), "must not exceed retry.max_delay".into());
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.telemetry.log_level) {
+            push("telemetry.log_level".into(), format!("invalid filter: {e}"));
+        }
+        ConfigError::from_issues(issues)
+    }
+}
+
+fn check_base_url(url: &str) -> Result<(), String> {
+    let uri: Uri = url.parse().map_err(|e| format!("not a URL: {e}"))?;
+    match uri.scheme_str() {
+        Some("http" | "https") => {}
+        _ => return Err("must start with http:// or https://".into()),
+    }
+    if uri.authority().is_none() {
+        return Err("has no host".into());
+    }
+    if uri.query().is_some() {
+        return Err("must not have a query string".into());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    #[test]
+    fn reports_every_problem_at_once() {
+        let text = r#"
+[retry]
+base_delay = "5s"
+max_delay = "1s"
+
+[[upstreams]]
+name = "a"
+base_url = "ftp://x"
+api_key_env = "CTXGATE_TEST_MISSING_KEY"
+
+[[upstreams]]
+name = "a"
+base_url = "http://ok/v1"
+headers = { "bad header" = "v" }
+
+[[routes]]
+models = ["gpt-[", "gpt-4o"]
+upstreams = ["nope"]
+"#;
+        let env = BTreeMap::new();
+        let config = Config::parse(text, &env).unwrap();
+        let err = config.validate(&env).unwrap_err();
+        let paths: Vec<&str> = err.0.iter().map(|i| i.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "upstreams[0].base_url",
+                "upstreams[0].api_key_env",
+                "upstreams[1].name",
+                "upstreams[1].headers",
+                "routes[0].models[0]",
+                "routes[0].upstreams[0]",
+                "retry.base_delay",
+            ],
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_valid_config_passes() {
+        let text = "[[upstreams]]\nname = \"a\"\nbase_url = \"https://api.example.test/v1\"\n";
+        let env = BTreeMap::new();
+        Config::parse(text, &env).unwrap().validate(&env).unwrap();
+    }
+
+    #[test]
+    fn no_upstream_is_an_issue() {
+        let env = BTreeMap::new();
+        let err = Config::parse("", &env).unwrap().validate(&env).unwrap_err();
+        assert_eq!(err.0[0].path, "upstreams");
+    }
+}

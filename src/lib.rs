@@ -1,0 +1,94 @@
+//! ctxgate: an OpenAI-compatible gateway in front of LLM APIs.
+//!
+//! Layout, request path first:
+//! - [`server`]: accept loop, HTTP/1 + HTTP/2, graceful shutdown.
+//! - [`stack`]: the tower layers, in their one documented order.
+//! - [`router`]: `(method, path)` → handler; [`proxy`]: the handlers that call upstreams.
+//! - [`upstream`]: pooled clients, routing by model, retries and failover, streamed bodies.
+//! - [`openai`]: wire types (request validation, `usage`); no I/O.
+//! - [`limit`], [`observe`]: body and concurrency limits; per-request metrics.
+//! - [`error`]: `GatewayError` and its single mapping to statuses and OpenAI error bodies.
+//! - [`config`]: loading, env overrides, validation; [`telemetry`]: logs and metric names.
+
+pub mod body;
+pub mod config;
+pub mod error;
+pub mod limit;
+pub mod observe;
+pub mod openai;
+pub mod proxy;
+pub mod router;
+pub mod server;
+pub mod stack;
+pub mod telemetry;
+pub mod upstream;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+
+use crate::config::{Config, EnvSource};
+use crate::telemetry::Metrics;
+use crate::upstream::Upstreams;
+
+/// Shared, read-only state behind every request.
+#[derive(Debug)]
+pub struct AppState {
+    pub config: Config,
+    pub upstreams: Upstreams,
+    pub metrics: Arc<Metrics>,
+}
+
+/// A failure to start: the configuration is invalid or a resource could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    #[error("invalid configuration:\n{0}")]
+    Config(#[from] config::ConfigError),
+    #[error("{0}")]
+    Upstream(String),
+    #[error("cannot bind {addr}: {source}")]
+    Bind {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl AppState {
+    /// Validates `config` and builds the upstream clients.
+    pub fn new(config: Config, env: &dyn EnvSource) -> Result<Arc<Self>, StartupError> {
+        config.validate(env)?;
+        let metrics = Arc::new(Metrics::new());
+        let upstreams =
+            Upstreams::from_config(&config, env, metrics.clone()).map_err(StartupError::Upstream)?;
+        Ok(Arc::new(Self { config, upstreams, metrics }))
+    }
+
+    /// Every model named in config: upstreams' `models` and exact route names, deduplicated.
+    pub fn configured_models(&self) -> Vec<String> {
+        let mut models: Vec<String> = self
+            .config
+            .upstreams
+            .iter()
+            .flat_map(|u| u.models.iter().cloned())
+            .chain(
+                self.config
+                    .routes
+                    .iter()
+                    .flat_map(|r| r.models.iter().filter(|m| !m.contains(['*', '?', '[', '{'])).cloned()),
+            )
+            .collect();
+        let mut seen = std::collections::HashSet::new();
+        models.retain(|m| seen.insert(m.clone()));
+        models
+    }
+}
+
+/// Serves the gateway on `listener` until `shutdown` resolves, then drains in-flight requests
+/// for up to `server.shutdown_timeout`.
+pub async fn serve(listener: TcpListener, state: Arc<AppState>, shutdown: impl Future<Output = ()>) {
+    let drain = state.config.server.shutdown_timeout;
+    let service = stack::build(state);
+    server::run(listener, service, shutdown, drain).await;
+}

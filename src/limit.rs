@@ -1,0 +1,202 @@
+//! Admission limits: [`BodyLimitLayer`] (request body size, checked on `Content-Length` and
+//! again while streaming) and [`ConcurrencyLimitLayer`] (requests served at once, streams
+//! included until their last byte; excess load is shed with 503 rather than queued, so a
+//! saturated gateway answers fast instead of building latency).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use http::{header, Request, Response};
+use http_body::Body as HttpBody;
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use tokio::sync::Semaphore;
+use tower::{Layer, Service};
+
+use crate::body::{Body, Tracked};
+use crate::error::{BoxError, GatewayError};
+
+/// A streamed request body went past the limit.
+#[derive(Debug, thiserror::Error)]
+#[error("request body is larger than {0} bytes")]
+pub struct BodyTooLarge(pub usize);
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+/// Boxes a future and its error. (A generic fn rather than an inline `async` block: rustc cannot
+/// prove `Send` for an associated future type whose trait mentions `BoxError` inline.)
+fn box_err<F, T, E>(future: F) -> BoxFuture<Result<T, BoxError>>
+where
+    F: Future<Output = Result<T, E>> + Send + 'static,
+    E: Into<BoxError>,
+{
+    Box::pin(async move { future.await.map_err(Into::into) })
+}
+
+// === impl BodyLimit ===
+
+#[derive(Clone, Copy, Debug)]
+pub struct BodyLimitLayer {
+    limit: usize,
+}
+
+impl BodyLimitLayer {
+    pub fn new(limit: usize) -> Self {
+        Self { limit }
+    }
+}
+
+impl<S> Layer<S> for BodyLimitLayer {
+    type Service = BodyLimit<S>;
+    fn layer(&self, inner: S) -> BodyLimit<S> {
+        BodyLimit { inner, limit: self.limit }
+    }
+}
+
+/// Rejects a declared-too-large body up front and caps a streamed one; the inner service sees
+/// a [`Body`] whose error is [`BodyTooLarge`] past the limit.
+#[derive(Clone, Debug)]
+pub struct BodyLimit<S> {
+    inner: S,
+    limit: usize,
+}
+
+impl<S, B> Service<Request<B>> for BodyLimit<S>
+where
+    S: Service<Request<Body>, Response = Response<Body>>,
+    S::Error: Into<BoxError>,
+    S::Future: Send + 'static,
+    B: HttpBody<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    type Response = Response<Body>;
+    type Error = BoxError;
+    type Future = BoxFuture<Result<Response<Body>, BoxError>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        let limit = self.limit;
+        let declared = request
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|len| len > limit as u64) {
+            return Box::pin(async move { Err(GatewayError::PayloadTooLarge { limit }.into()) });
+        }
+        let request = request.map(|body| {
+            Limited::new(body, limit)
+                .map_err(move |e| -> BoxError {
+                    if e.is::<LengthLimitError>() {
+                        Box::new(BodyTooLarge(limit))
+                    } else {
+                        e
+                    }
+                })
+                .boxed_unsync()
+        });
+        box_err(self.inner.call(request))
+    }
+}
+
+// === impl ConcurrencyLimit ===
+
+#[derive(Clone, Debug)]
+pub struct ConcurrencyLimitLayer {
+    permits: Arc<Semaphore>,
+}
+
+impl ConcurrencyLimitLayer {
+    pub fn new(max: usize) -> Self {
+        Self { permits: Arc::new(Semaphore::new(max)) }
+    }
+}
+
+impl<S> Layer<S> for ConcurrencyLimitLayer {
+    type Service = ConcurrencyLimit<S>;
+    fn layer(&self, inner: S) -> ConcurrencyLimit<S> {
+        ConcurrencyLimit { inner, permits: self.permits.clone() }
+    }
+}
+
+/// Holds a permit from the call until the response body ends or is dropped.
+#[derive(Clone, Debug)]
+pub struct ConcurrencyLimit<S> {
+    inner: S,
+    permits: Arc<Semaphore>,
+}
+
+impl<S, Req> Service<Req> for ConcurrencyLimit<S>
+where
+    S: Service<Req, Response = Response<Body>>,
+    S::Error: Into<BoxError>,
+    S::Future: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = BoxError;
+    type Future = BoxFuture<Result<Response<Body>, BoxError>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, request: Req) -> Self::Future {
+        let Ok(permit) = self.permits.clone().try_acquire_owned() else {
+            return Box::pin(async { Err(GatewayError::Overloaded.into()) });
+        };
+        let future = self.inner.call(request);
+        Box::pin(async move {
+            let response = future.await.map_err(Into::into)?;
+            Ok(response.map(|body| Tracked::new(body, Instant::now(), move |_| drop(permit)).boxed_unsync()))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+
+    use http_body_util::BodyExt;
+    use tower::{service_fn, ServiceExt};
+
+    use super::*;
+    use crate::body;
+
+    #[tokio::test]
+    async fn declared_oversize_is_rejected_before_reading() {
+        let svc = BodyLimitLayer::new(4).layer(service_fn(|_: Request<Body>| async {
+            Ok::<_, Infallible>(Response::new(body::empty()))
+        }));
+        let request = Request::builder().header("content-length", "5").body(body::full("12345")).unwrap();
+        let err = svc.oneshot(request).await.unwrap_err();
+        assert_eq!(GatewayError::from_boxed(err).status(), 413);
+    }
+
+    #[tokio::test]
+    async fn streamed_oversize_errors_with_body_too_large() {
+        let svc = BodyLimitLayer::new(4).layer(service_fn(|req: Request<Body>| async move {
+            let err = req.into_body().collect().await.unwrap_err();
+            assert!(err.is::<BodyTooLarge>());
+            Ok::<_, Infallible>(Response::new(body::empty()))
+        }));
+        svc.oneshot(Request::new(body::full("12345"))).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn sheds_load_while_a_stream_holds_the_permit() {
+        let layer = ConcurrencyLimitLayer::new(1);
+        let mut svc =
+            layer.layer(service_fn(|_: ()| async { Ok::<_, Infallible>(Response::new(body::full("x"))) }));
+        let held = svc.ready().await.unwrap().call(()).await.unwrap();
+        // The first response's body is still alive: a second request is shed.
+        let err = svc.ready().await.unwrap().call(()).await.unwrap_err();
+        assert_eq!(GatewayError::from_boxed(err).status(), 503);
+        drop(held);
+        assert!(svc.ready().await.unwrap().call(()).await.is_ok());
+    }
+}

@@ -1,0 +1,11 @@
+//! OpenAI wire types ctxgate reads: just enough of a chat request to validate and route it, and
+//! the `usage` object of responses and stream chunks. No I/O here.
+//!
+//! ctxgate forwards the client's bytes, never a re-serialisation of these types, so unknown
+//! fields and key order survive untouched.
+
+pub mod request;
+pub mod usage;
+
+pub use request::ChatRequestHead;
+pub use usage::{Usage, UsageScanner};

@@ -1,0 +1,192 @@
+//! The `usage` object of chat and embeddings responses, and [`UsageScanner`], which finds it in
+//! a body as the body streams past without holding the stream back.
+//!
+//! For SSE the scanner looks at each `data:` line that mentions `"usage"` (the last chunk when
+//! `stream_options.include_usage` is set); for JSON it keeps cheap `Bytes` handles and parses
+//! once at the end. Anything it cannot parse is ignored: usage is for metrics only.
+
+use bytes::{Bytes, BytesMut};
+use serde::Deserialize;
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(default)]
+pub struct Usage {
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub prompt_tokens_details: Option<PromptTokensDetails>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(default)]
+pub struct PromptTokensDetails {
+    pub cached_tokens: u64,
+}
+
+impl Usage {
+    pub fn cached_tokens(&self) -> u64 {
+        self.prompt_tokens_details.map_or(0, |d| d.cached_tokens)
+    }
+}
+
+#[derive(Deserialize)]
+struct Envelope {
+    usage: Option<Usage>,
+}
+
+/// Largest JSON body or SSE line the scanner keeps for parsing; beyond it usage is skipped.
+const MAX_KEPT: usize = 4 * 1024 * 1024;
+const NEEDLE: &[u8] = b"\"usage\"";
+
+#[derive(Debug)]
+pub enum UsageScanner {
+    /// `text/event-stream`: `partial` holds an unfinished line carried between frames.
+    Sse {
+        partial: BytesMut,
+        found: Option<Usage>,
+    },
+    /// `application/json`: the frames so far, parsed at the end.
+    Json {
+        frames: Vec<Bytes>,
+        len: usize,
+    },
+    Off,
+}
+
+impl UsageScanner {
+    /// A scanner for a response with this content type and encoding; `Off` for compressed or
+    /// other bodies.
+    pub fn for_response(content_type: Option<&str>, content_encoding: bool) -> Self {
+        if content_encoding {
+            return Self::Off;
+        }
+        match content_type {
+            Some(ct) if ct.starts_with("text/event-stream") => {
+                Self::Sse { partial: BytesMut::new(), found: None }
+            }
+            Some(ct) if ct.starts_with("application/json") => Self::Json { frames: Vec::new(), len: 0 },
+            _ => Self::Off,
+        }
+    }
+
+    pub fn observe(&mut self, chunk: &Bytes) {
+        match self {
+            Self::Off => {}
+            Self::Json { frames, len } => {
+                *len += chunk.len();
+                if *len > MAX_KEPT {
+                    *self = Self::Off;
+                } else {
+                    frames.push(chunk.clone());
+                }
+            }
+            Self::Sse { partial, found } => {
+                let mut rest = &chunk[..];
+                // Finish the line carried from the previous frame.
+                if !partial.is_empty() {
+                    match memchr::memchr(b'\n', rest) {
+                        Some(nl) => {
+                            partial.extend_from_slice(&rest[..nl]);
+                            scan_line(partial, found);
+                            partial.clear();
+                            rest = &rest[nl + 1..];
+                        }
+                        None => {
+                            if partial.len() + rest.len() <= MAX_KEPT {
+                                partial.extend_from_slice(rest);
+                            }
+                            return;
+                        }
+                    }
+                }
+                // Whole lines: only those containing the needle are looked at.
+                let (whole, tail) = match memchr::memrchr(b'\n', rest) {
+                    Some(nl) => (&rest[..nl], &rest[nl + 1..]),
+                    None => (&rest[..0], rest),
+                };
+                if memchr::memmem::find(whole, NEEDLE).is_some() {
+                    for line in whole.split(|b| *b == b'\n') {
+                        scan_line(line, found);
+                    }
+                }
+                if !tail.is_empty() && tail.len() <= MAX_KEPT {
+                    partial.extend_from_slice(tail);
+                }
+            }
+        }
+    }
+
+    /// The usage seen, once the body has ended.
+    pub fn finish(self) -> Option<Usage> {
+        match self {
+            Self::Off => None,
+            Self::Sse { found, .. } => found,
+            Self::Json { frames, .. } => {
+                let parsed = if let [single] = frames.as_slice() {
+                    serde_json::from_slice::<Envelope>(single)
+                } else {
+                    serde_json::from_slice::<Envelope>(&frames.concat())
+                };
+                parsed.ok().and_then(|e| e.usage)
+            }
+        }
+    }
+}
+
+fn scan_line(line: &[u8], found: &mut Option<Usage>) {
+    let Some(data) = line.strip_prefix(b"data:") else {
+        return;
+    };
+    if memchr::memmem::find(data, NEEDLE).is_none() {
+        return;
+    }
+    if let Ok(Envelope { usage: Some(usage) }) = serde_json::from_slice::<Envelope>(data.trim_ascii()) {
+        *found = Some(usage);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const USAGE: &str = r#"{"prompt_tokens":12,"completion_tokens":5,"total_tokens":17,"prompt_tokens_details":{"cached_tokens":4}}"#;
+
+    fn expected() -> Usage {
+        Usage {
+            prompt_tokens: 12,
+            completion_tokens: 5,
+            prompt_tokens_details: Some(PromptTokensDetails { cached_tokens: 4 }),
+        }
+    }
+
+    #[test]
+    fn finds_usage_in_a_json_body_split_across_frames() {
+        let body = format!(r#"{{"id":"x","choices":[],"usage":{USAGE}}}"#);
+        let mut scanner = UsageScanner::for_response(Some("application/json"), false);
+        for part in body.as_bytes().chunks(7) {
+            scanner.observe(&Bytes::copy_from_slice(part));
+        }
+        assert_eq!(scanner.finish(), Some(expected()));
+    }
+
+    #[test]
+    fn finds_the_usage_chunk_of_a_stream_at_any_split() {
+        let stream = format!(
+            "data: {{\"choices\":[{{\"delta\":{{\"content\":\"hi\"}}}}],\"usage\":null}}\n\n\
+             data: {{\"choices\":[],\"usage\":{USAGE}}}\n\ndata: [DONE]\n\n"
+        );
+        for split in 1..stream.len() {
+            let mut scanner = UsageScanner::for_response(Some("text/event-stream"), false);
+            let (a, b) = stream.as_bytes().split_at(split);
+            scanner.observe(&Bytes::copy_from_slice(a));
+            scanner.observe(&Bytes::copy_from_slice(b));
+            assert_eq!(scanner.finish(), Some(expected()), "split at {split}");
+        }
+    }
+
+    #[test]
+    fn compressed_bodies_are_not_scanned() {
+        let mut scanner = UsageScanner::for_response(Some("application/json"), true);
+        scanner.observe(&Bytes::from_static(b"{\"usage\":{\"prompt_tokens\":1}}"));
+        assert_eq!(scanner.finish(), None);
+    }
+}

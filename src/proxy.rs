@@ -1,0 +1,165 @@
+//! The request handlers that talk to upstreams: chat completions (validated, then forwarded
+//! byte for byte), the model list, and every other `/v1/*` route passed through.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
+use http_body::Body as _;
+use http_body_util::BodyExt;
+
+use crate::body::{self, Body};
+use crate::error::GatewayError;
+use crate::limit::BodyTooLarge;
+use crate::openai::request::peek_model;
+use crate::openai::ChatRequestHead;
+use crate::upstream::{Outgoing, OutgoingBody};
+use crate::AppState;
+
+/// Pass-through bodies up to this size are buffered so they can be retried; larger or
+/// unsized ones (file uploads) stream to the upstream in one attempt.
+const REPLAY_BUFFER_LIMIT: u64 = 1024 * 1024;
+
+pub async fn chat_completions(
+    state: Arc<AppState>,
+    request: Request<Body>,
+) -> Result<Response<Body>, GatewayError> {
+    let (parts, body) = request.into_parts();
+    require_json(&parts.headers)?;
+    let bytes = read_body(body).await?;
+    let head = ChatRequestHead::parse(&bytes)?;
+    let route = state.upstreams.router.route(Some(&head.model));
+    let outgoing = Outgoing {
+        method: parts.method,
+        path_and_query: path_and_query(&parts.uri),
+        headers: parts.headers,
+        body: OutgoingBody::Replayable(bytes),
+    };
+    let forwarded = state.upstreams.forward(route, outgoing).await?;
+    Ok(forwarded.into_response(state.metrics.clone()))
+}
+
+/// `GET /v1/models` from the default upstream; when it has no such endpoint (or cannot be
+/// reached) and models are listed in config, the list is served from config instead.
+pub async fn models(state: Arc<AppState>, request: Request<Body>) -> Result<Response<Body>, GatewayError> {
+    let (parts, _body) = request.into_parts();
+    let configured = state.configured_models();
+    let outgoing = Outgoing {
+        method: Method::GET,
+        path_and_query: path_and_query(&parts.uri),
+        headers: parts.headers,
+        body: OutgoingBody::Replayable(Bytes::new()),
+    };
+    let route = state.upstreams.router.route(None);
+    let result = state.upstreams.forward(route, outgoing).await;
+    let upstream_has_none = match &result {
+        Ok(forwarded) => matches!(
+            forwarded.response.status(),
+            StatusCode::NOT_FOUND | StatusCode::METHOD_NOT_ALLOWED | StatusCode::NOT_IMPLEMENTED
+        ),
+        Err(GatewayError::UpstreamUnreachable { .. } | GatewayError::UpstreamTimeout { .. }) => true,
+        Err(_) => false,
+    };
+    if upstream_has_none && !configured.is_empty() {
+        return Ok(model_list(&configured));
+    }
+    Ok(result?.into_response(state.metrics.clone()))
+}
+
+/// Any other `/v1/*` route: method, path, query, headers and body go upstream as sent.
+pub async fn passthrough(
+    state: Arc<AppState>,
+    request: Request<Body>,
+) -> Result<Response<Body>, GatewayError> {
+    let (parts, body) = request.into_parts();
+    let small = body.size_hint().exact().is_some_and(|n| n <= REPLAY_BUFFER_LIMIT);
+    let (body, model) = if small {
+        let bytes = read_body(body).await?;
+        let model = is_json(&parts.headers).then(|| peek_model(&bytes)).flatten();
+        (OutgoingBody::Replayable(bytes), model)
+    } else {
+        (OutgoingBody::Stream(body), None)
+    };
+    let route = state.upstreams.router.route(model.as_deref());
+    let outgoing = Outgoing {
+        method: parts.method,
+        path_and_query: path_and_query(&parts.uri),
+        headers: parts.headers,
+        body,
+    };
+    let forwarded = state.upstreams.forward(route, outgoing).await?;
+    Ok(forwarded.into_response(state.metrics.clone()))
+}
+
+fn path_and_query(uri: &http::Uri) -> String {
+    uri.path_and_query().map_or_else(|| uri.path().to_string(), |p| p.as_str().to_string())
+}
+
+fn is_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|mime| {
+            let mime = mime.trim();
+            mime.eq_ignore_ascii_case("application/json") || mime.to_ascii_lowercase().ends_with("+json")
+        })
+}
+
+/// A JSON endpoint takes `application/json`; a request without a `Content-Type` is read as JSON
+/// too, as OpenAI's API does.
+fn require_json(headers: &HeaderMap) -> Result<(), GatewayError> {
+    match headers.get(header::CONTENT_TYPE) {
+        None => Ok(()),
+        Some(_) if is_json(headers) => Ok(()),
+        Some(value) => Err(GatewayError::UnsupportedMediaType {
+            content_type: String::from_utf8_lossy(value.as_bytes()).into_owned(),
+        }),
+    }
+}
+
+async fn read_body(body: Body) -> Result<Bytes, GatewayError> {
+    match body.collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(err) => match err.downcast::<BodyTooLarge>() {
+            Ok(too_large) => Err(GatewayError::PayloadTooLarge { limit: too_large.0 }),
+            Err(err) => Err(GatewayError::invalid(
+                format!("Could not read the request body: {err}"),
+                None,
+                "invalid_body",
+            )),
+        },
+    }
+}
+
+fn model_list(models: &[String]) -> Response<Body> {
+    let data: Vec<_> = models
+        .iter()
+        .map(|id| serde_json::json!({"id": id, "object": "model", "created": 0, "owned_by": "ctxgate"}))
+        .collect();
+    let json = serde_json::json!({"object": "list", "data": data});
+    let mut response = Response::new(body::full(json.to_string()));
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(content_type: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONTENT_TYPE, content_type.parse().unwrap());
+        h
+    }
+
+    #[test]
+    fn json_content_types() {
+        assert!(require_json(&HeaderMap::new()).is_ok());
+        assert!(require_json(&headers("application/json; charset=utf-8")).is_ok());
+        assert!(require_json(&headers("Application/JSON")).is_ok());
+        assert!(require_json(&headers("application/vnd.api+json")).is_ok());
+        let err = require_json(&headers("text/plain")).unwrap_err();
+        assert_eq!(err.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    }
+}

@@ -1,0 +1,92 @@
+//! THE one place the tower stack is assembled. Layers, outermost first:
+//!
+//! 1. **catch-panic**: a panicking handler becomes a 500 in the OpenAI shape, and the
+//!    connection lives on.
+//! 2. **sensitive headers**: `authorization` and API-key headers are marked so no later layer
+//!    (trace included) can print them.
+//! 3. **request id** (set, trace, propagate): `x-request-id` is taken from the client or
+//!    generated, is in the trace span, goes upstream, and comes back on the response.
+//! 4. **metrics**: above error rendering, so shed (503), timed-out (504) and rejected (4xx)
+//!    requests are counted with the status the client saw.
+//! 5. **error rendering**: every error from below becomes an OpenAI error body; the service
+//!    hyper sees is `Infallible`. It sits above timeout and the limits because those fail with
+//!    errors, not responses.
+//! 6. **timeout**: `server.request_timeout` to response headers (a stream, once started, is
+//!    bounded by each upstream's idle timeout instead).
+//! 7. **body limit**: 413 on a declared-too-large body before anything is read.
+//! 8. **concurrency limit with load shedding**: at the limit, 503 at once rather than a queue.
+//! 9. **router**.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{header, HeaderName, Request, Response};
+use hyper::body::Incoming;
+use tower::util::BoxCloneSyncService;
+use tower::ServiceBuilder;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::request_id::{MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer};
+use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
+use tower_http::trace::TraceLayer;
+
+use crate::error::{BoxError, ErrorResponseLayer, GatewayError};
+use crate::limit::{BodyLimitLayer, ConcurrencyLimitLayer};
+use crate::observe::MetricsLayer;
+use crate::router::Router;
+use crate::AppState;
+
+/// The response body hyper sends: catch-panic's box around ctxgate's [`crate::body::Body`].
+pub type ResponseBody = tower_http::body::UnsyncBoxBody<Bytes, BoxError>;
+
+/// The complete gateway as one cloneable service.
+pub type GatewayService = BoxCloneSyncService<Request<Incoming>, Response<ResponseBody>, Infallible>;
+
+const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+pub fn build(state: Arc<AppState>) -> GatewayService {
+    let server = &state.config.server;
+    let service = ServiceBuilder::new()
+        .layer(CatchPanicLayer::custom(panic_response))
+        .layer(SetSensitiveRequestHeadersLayer::new([
+            header::AUTHORIZATION,
+            header::PROXY_AUTHORIZATION,
+            header::COOKIE,
+            HeaderName::from_static("api-key"),
+            HeaderName::from_static("x-api-key"),
+        ]))
+        .layer(SetRequestIdLayer::new(REQUEST_ID, RandomRequestId))
+        .layer(TraceLayer::new_for_http().make_span_with(|request: &Request<Incoming>| {
+            // Path only: a query string may carry a key (`?api-key=`).
+            let id = request.headers().get(REQUEST_ID).and_then(|v| v.to_str().ok()).unwrap_or("");
+            tracing::info_span!("request", method = %request.method(), path = request.uri().path(), request_id = id)
+        }))
+        .layer(PropagateRequestIdLayer::new(REQUEST_ID))
+        .layer(MetricsLayer::new(state.metrics.clone()))
+        .layer(ErrorResponseLayer)
+        .timeout(server.request_timeout)
+        .layer(BodyLimitLayer::new(server.max_body_bytes.get()))
+        .layer(ConcurrencyLimitLayer::new(server.max_concurrent_requests.get()))
+        .service(Router::new(state.clone()));
+    BoxCloneSyncService::new(service)
+}
+
+fn panic_response(_panic: Box<dyn std::any::Any + Send + 'static>) -> Response<http_body_util::Full<Bytes>> {
+    let err = GatewayError::Internal("the request handler panicked".into());
+    tracing::error!("request handler panicked");
+    let mut response = Response::new(http_body_util::Full::new(Bytes::from(err.to_json().to_string())));
+    *response.status_mut() = err.status();
+    response.headers_mut().insert(header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+    response
+}
+
+/// 128 random bits in hex: unique without coordination between replicas.
+#[derive(Clone, Copy, Debug)]
+struct RandomRequestId;
+
+impl MakeRequestId for RandomRequestId {
+    fn make_request_id<B>(&mut self, _request: &Request<B>) -> Option<RequestId> {
+        let id = format!("{:032x}", fastrand::u128(..));
+        http::HeaderValue::try_from(id).ok().map(RequestId::new)
+    }
+}

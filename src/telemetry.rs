@@ -1,0 +1,190 @@
+//! Logging setup and every Prometheus metric ctxgate exports, named in one place.
+//!
+//! Logs never carry `Authorization`, API keys or prompt and response bodies: spans record the
+//! method, path, status and request id only.
+
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use tracing_subscriber::EnvFilter;
+
+use crate::config::{LogFormat, TelemetryConfig};
+
+/// Installs the global tracing subscriber. `RUST_LOG`, when set, overrides the configured level.
+pub fn init_tracing(config: &TelemetryConfig) {
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&config.log_level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // A second init (tests start many gateways in one process) is harmless.
+    let _ = match config.log_format {
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        LogFormat::Pretty => builder.try_init(),
+    };
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteStatus {
+    pub route: &'static str,
+    pub status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabel {
+    pub route: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpstreamLabel {
+    pub upstream: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RetryLabel {
+    pub upstream: String,
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TokenLabel {
+    pub upstream: String,
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorKind {
+    pub kind: &'static str,
+}
+
+/// Every metric, registered once at start-up.
+#[derive(Debug)]
+pub struct Metrics {
+    pub registry: Registry,
+    pub requests: Family<RouteStatus, Counter>,
+    pub errors: Family<ErrorKind, Counter>,
+    pub request_duration: Family<RouteLabel, Histogram>,
+    pub time_to_first_byte: Family<RouteLabel, Histogram>,
+    pub gateway_overhead: Family<RouteLabel, Histogram>,
+    pub in_flight: Gauge<i64, std::sync::atomic::AtomicI64>,
+    pub upstream_duration: Family<UpstreamLabel, Histogram>,
+    pub upstream_retries: Family<RetryLabel, Counter>,
+    pub upstream_failovers: Family<UpstreamLabel, Counter>,
+    pub upstream_stream_aborts: Family<UpstreamLabel, Counter>,
+    pub tokens: Family<TokenLabel, Counter<u64, AtomicU64>>,
+}
+
+fn latency_buckets() -> impl Iterator<Item = f64> {
+    [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0].into_iter()
+}
+
+/// Overhead is sub-millisecond when healthy, so its buckets start at 50µs.
+fn overhead_buckets() -> impl Iterator<Item = f64> {
+    [0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5].into_iter()
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("ctxgate");
+        let requests = Family::<RouteStatus, Counter>::default();
+        registry.register("requests", "Requests served, by route and status", requests.clone());
+        let errors = Family::<ErrorKind, Counter>::default();
+        registry.register("errors", "Errors ctxgate produced itself, by kind", errors.clone());
+        let request_duration =
+            Family::<RouteLabel, Histogram>::new_with_constructor(|| Histogram::new(latency_buckets()));
+        registry.register(
+            "request_duration_seconds",
+            "From request arrival to the last response byte",
+            request_duration.clone(),
+        );
+        let time_to_first_byte =
+            Family::<RouteLabel, Histogram>::new_with_constructor(|| Histogram::new(latency_buckets()));
+        registry.register(
+            "time_to_first_byte_seconds",
+            "From request arrival to the first response body byte",
+            time_to_first_byte.clone(),
+        );
+        let gateway_overhead =
+            Family::<RouteLabel, Histogram>::new_with_constructor(|| Histogram::new(overhead_buckets()));
+        registry.register(
+            "gateway_overhead_seconds",
+            "Time to response headers minus the time spent waiting on upstreams (attempts and backoff)",
+            gateway_overhead.clone(),
+        );
+        let in_flight = Gauge::default();
+        registry.register("requests_in_flight", "Requests and streams being served", in_flight.clone());
+        let upstream_duration =
+            Family::<UpstreamLabel, Histogram>::new_with_constructor(|| Histogram::new(latency_buckets()));
+        registry.register(
+            "upstream_duration_seconds",
+            "From sending the upstream request to the upstream's last body byte",
+            upstream_duration.clone(),
+        );
+        let upstream_retries = Family::<RetryLabel, Counter>::default();
+        registry.register(
+            "upstream_retries",
+            "Upstream attempts retried, by reason",
+            upstream_retries.clone(),
+        );
+        let upstream_failovers = Family::<UpstreamLabel, Counter>::default();
+        registry.register(
+            "upstream_failovers",
+            "Requests moved from this upstream to the next of their route",
+            upstream_failovers.clone(),
+        );
+        let upstream_stream_aborts = Family::<UpstreamLabel, Counter>::default();
+        registry.register(
+            "upstream_stream_aborts",
+            "Upstream bodies that failed or went idle past idle_timeout mid-response",
+            upstream_stream_aborts.clone(),
+        );
+        let tokens = Family::<TokenLabel, Counter<u64, AtomicU64>>::default();
+        registry.register(
+            "tokens",
+            "Tokens reported by upstream usage objects, by kind (prompt, completion, cached)",
+            tokens.clone(),
+        );
+        Self {
+            registry,
+            requests,
+            errors,
+            request_duration,
+            time_to_first_byte,
+            gateway_overhead,
+            in_flight,
+            upstream_duration,
+            upstream_retries,
+            upstream_failovers,
+            upstream_stream_aborts,
+            tokens,
+        }
+    }
+
+    /// The Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    pub fn record_usage(&self, upstream: &str, usage: &crate::openai::Usage) {
+        for (kind, n) in [
+            ("prompt", usage.prompt_tokens),
+            ("completion", usage.completion_tokens),
+            ("cached", usage.cached_tokens()),
+        ] {
+            self.tokens.get_or_create(&TokenLabel { upstream: upstream.to_string(), kind }).inc_by(n);
+        }
+    }
+}

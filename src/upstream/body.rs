@@ -1,0 +1,138 @@
+//! [`UpstreamBody`]: an upstream response body on its way to the client. Frames pass through
+//! as they arrive; around them it enforces the idle timeout, reads `usage` for the token
+//! metrics and records the upstream's duration when the body ends.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use hyper::body::Incoming;
+use tokio::time::Sleep;
+
+use super::Upstream;
+use crate::error::BoxError;
+use crate::openai::UsageScanner;
+use crate::telemetry::{Metrics, UpstreamLabel};
+
+/// The upstream went silent for longer than its `idle_timeout` mid-body.
+#[derive(Debug, thiserror::Error)]
+#[error("upstream {upstream} sent nothing for {}", humantime::format_duration(*.after))]
+pub struct IdleTimeout {
+    upstream: String,
+    after: Duration,
+}
+
+pin_project_lite::pin_project! {
+    #[project = UpstreamBodyProj]
+    pub struct UpstreamBody {
+        #[pin]
+        inner: Incoming,
+        #[pin]
+        idle: Sleep,
+        idle_timeout: Duration,
+        scanner: UsageScanner,
+        upstream: Arc<Upstream>,
+        metrics: Arc<Metrics>,
+        sent_at: Instant,
+        ended: bool,
+    }
+}
+
+impl UpstreamBody {
+    pub fn new(
+        inner: Incoming,
+        upstream: Arc<Upstream>,
+        metrics: Arc<Metrics>,
+        sent_at: Instant,
+        scanner: UsageScanner,
+    ) -> Self {
+        let idle_timeout = upstream.idle_timeout;
+        Self {
+            inner,
+            idle: tokio::time::sleep(idle_timeout),
+            idle_timeout,
+            scanner,
+            upstream,
+            metrics,
+            sent_at,
+            ended: false,
+        }
+    }
+}
+
+impl HttpBody for UpstreamBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let mut this = self.project();
+        if *this.ended {
+            return Poll::Ready(None);
+        }
+        match this.inner.as_mut().poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    this.scanner.observe(data);
+                }
+                let deadline = tokio::time::Instant::now() + *this.idle_timeout;
+                this.idle.as_mut().reset(deadline);
+                if this.inner.is_end_stream() {
+                    finish(&mut this);
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(err))) => {
+                *this.ended = true;
+                abort(this.metrics, this.upstream);
+                Poll::Ready(Some(Err(err.into())))
+            }
+            Poll::Ready(None) => {
+                finish(&mut this);
+                Poll::Ready(None)
+            }
+            Poll::Pending => match this.idle.poll(cx) {
+                Poll::Ready(()) => {
+                    *this.ended = true;
+                    abort(this.metrics, this.upstream);
+                    tracing::warn!(upstream = %this.upstream.name, "upstream body idle timeout");
+                    Poll::Ready(Some(Err(Box::new(IdleTimeout {
+                        upstream: this.upstream.name.clone(),
+                        after: *this.idle_timeout,
+                    }))))
+                }
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended || self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+fn finish(this: &mut UpstreamBodyProj<'_>) {
+    if std::mem::replace(this.ended, true) {
+        return;
+    }
+    let label = UpstreamLabel { upstream: this.upstream.name.clone() };
+    this.metrics.upstream_duration.get_or_create(&label).observe(this.sent_at.elapsed().as_secs_f64());
+    let scanner = std::mem::replace(this.scanner, UsageScanner::Off);
+    if let Some(usage) = scanner.finish() {
+        this.metrics.record_usage(&this.upstream.name, &usage);
+    }
+}
+
+fn abort(metrics: &Metrics, upstream: &Upstream) {
+    metrics.upstream_stream_aborts.get_or_create(&UpstreamLabel { upstream: upstream.name.clone() }).inc();
+}

@@ -1,0 +1,414 @@
+//! Transport to upstream LLM APIs: one pooled client per upstream, request building (path
+//! mapping, auth, hop-by-hop filtering), retries with backoff and failover along a model's
+//! route, and response bodies streamed back without buffering.
+//!
+//! Retries and failover happen only before any response byte has gone to the client: once
+//! [`Forwarded`] is turned into a response, the stream belongs to the client.
+
+mod body;
+pub mod retry;
+mod route;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{self, HeaderName};
+use http::uri::{Authority, Scheme};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri};
+use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
+pub use body::UpstreamBody;
+pub use route::ModelRouter;
+
+use crate::body::{self as gw_body, Body};
+use crate::config::{Config, EnvSource, RetryConfig, UpstreamConfig};
+use crate::error::{BoxError, GatewayError};
+use crate::telemetry::{Metrics, RetryLabel, UpstreamLabel};
+
+type HttpClient = Client<HttpsConnector<HttpConnector>, Body>;
+
+/// One configured upstream and its connection pool.
+#[derive(Debug)]
+pub struct Upstream {
+    pub name: String,
+    scheme: Scheme,
+    authority: Authority,
+    /// The base URL's path without a trailing slash, e.g. `/v1`.
+    base_path: String,
+    /// `Bearer <key>` when the gateway holds the key; `None` passes the client's through.
+    authorization: Option<HeaderValue>,
+    extra_headers: Vec<(HeaderName, HeaderValue)>,
+    first_byte_timeout: Duration,
+    idle_timeout: Duration,
+    pub models: Vec<String>,
+    client: HttpClient,
+}
+
+impl Upstream {
+    pub fn new(config: &UpstreamConfig, api_key: Option<String>) -> Result<Self, String> {
+        let uri: Uri = config.base_url.parse().map_err(|e| format!("base_url: {e}"))?;
+        let parts = uri.into_parts();
+        let scheme = parts.scheme.ok_or("base_url has no scheme")?;
+        let authority = parts.authority.ok_or("base_url has no host")?;
+        let base_path =
+            parts.path_and_query.map(|p| p.path().trim_end_matches('/').to_string()).unwrap_or_default();
+        let authorization = api_key
+            .map(|key| {
+                let mut value = HeaderValue::try_from(format!("Bearer {key}"))
+                    .map_err(|_| "the API key is not a valid header value".to_string())?;
+                value.set_sensitive(true);
+                Ok::<_, String>(value)
+            })
+            .transpose()?;
+        let extra_headers = config
+            .headers
+            .iter()
+            .map(|(k, v)| Ok((HeaderName::try_from(k.as_str())?, HeaderValue::try_from(v.as_str())?)))
+            .collect::<Result<_, http::Error>>()
+            .map_err(|e| format!("headers: {e}"))?;
+
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(config.connect_timeout));
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_webpki_roots()
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(http);
+        let client =
+            Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(90)).build(https);
+
+        Ok(Self {
+            name: config.name.clone(),
+            scheme,
+            authority,
+            base_path,
+            authorization,
+            extra_headers,
+            first_byte_timeout: config.first_byte_timeout,
+            idle_timeout: config.idle_timeout,
+            models: config.models.clone(),
+            client,
+        })
+    }
+
+    /// Maps a client path under `/v1` onto this upstream's base URL, keeping the query.
+    fn uri_for(&self, path_and_query: &str) -> Result<Uri, http::Error> {
+        let rest = path_and_query.strip_prefix("/v1").unwrap_or(path_and_query);
+        Uri::builder()
+            .scheme(self.scheme.clone())
+            .authority(self.authority.clone())
+            .path_and_query(format!("{}{}", self.base_path, rest))
+            .build()
+    }
+
+    fn build_request(&self, outgoing: &Outgoing, body: Body) -> Result<Request<Body>, GatewayError> {
+        let uri = self.uri_for(&outgoing.path_and_query).map_err(|e| GatewayError::Internal(e.into()))?;
+        let mut request = Request::new(body);
+        *request.method_mut() = outgoing.method.clone();
+        *request.uri_mut() = uri;
+        let headers = request.headers_mut();
+        copy_end_to_end(&outgoing.headers, headers);
+        headers.remove(header::HOST);
+        if let Some(auth) = &self.authorization {
+            headers.insert(header::AUTHORIZATION, auth.clone());
+        }
+        for (name, value) in &self.extra_headers {
+            headers.insert(name.clone(), value.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// A request to send upstream, as the client sent it.
+pub struct Outgoing {
+    pub method: Method,
+    pub path_and_query: String,
+    pub headers: HeaderMap,
+    pub body: OutgoingBody,
+}
+
+pub enum OutgoingBody {
+    /// Buffered: can be sent again on retry or failover.
+    Replayable(Bytes),
+    /// Streamed from the client: one attempt only.
+    Stream(Body),
+}
+
+/// A response received from an upstream, before any byte of it went to the client.
+pub struct Forwarded {
+    pub response: Response<Incoming>,
+    pub upstream: Arc<Upstream>,
+    /// Time spent waiting on upstreams (every attempt and backoff) until these headers.
+    pub upstream_wait: Duration,
+    sent_at: Instant,
+}
+
+/// Response extension: upstream waiting time, so the metrics layer can compute the gateway's
+/// own overhead.
+#[derive(Clone, Copy, Debug)]
+pub struct UpstreamWait(pub Duration);
+
+/// All upstreams, the model routes over them, and the retry policy.
+#[derive(Debug)]
+pub struct Upstreams {
+    pub router: ModelRouter,
+    retry: RetryConfig,
+    metrics: Arc<Metrics>,
+}
+
+impl Upstreams {
+    pub fn from_config(config: &Config, env: &dyn EnvSource, metrics: Arc<Metrics>) -> Result<Self, String> {
+        let upstreams = config
+            .upstreams
+            .iter()
+            .map(|u| {
+                let key = u.api_key_env.as_deref().and_then(|var| env.var(var));
+                Upstream::new(u, key).map(Arc::new).map_err(|e| format!("upstream {}: {e}", u.name))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let router = ModelRouter::new(&config.routes, &upstreams).map_err(|e| e.to_string())?;
+        Ok(Self { router, retry: config.retry.clone(), metrics })
+    }
+
+    /// Sends `outgoing` along `route`: retries each upstream on connect errors, 429 and 5xx,
+    /// then fails over to the next. The last upstream's error response, if every attempt
+    /// failed with one, is returned as the upstream sent it.
+    pub async fn forward(
+        &self,
+        route: &[Arc<Upstream>],
+        outgoing: Outgoing,
+    ) -> Result<Forwarded, GatewayError> {
+        let mut outgoing = outgoing;
+        let mut stream_body =
+            match std::mem::replace(&mut outgoing.body, OutgoingBody::Replayable(Bytes::new())) {
+                OutgoingBody::Stream(body) => Some(body),
+                replayable @ OutgoingBody::Replayable(_) => {
+                    outgoing.body = replayable;
+                    None
+                }
+            };
+        let replayable = stream_body.is_none();
+        let mut waited = Duration::ZERO;
+        let mut last_error = None;
+
+        for (u, upstream) in route.iter().enumerate() {
+            let last_upstream = u + 1 == route.len();
+            let mut retry = 0;
+            loop {
+                let body = match (&outgoing.body, stream_body.take()) {
+                    (_, Some(body)) => body,
+                    (OutgoingBody::Replayable(bytes), None) => gw_body::full(bytes.clone()),
+                    (OutgoingBody::Stream(_), None) => gw_body::empty(),
+                };
+                let request = upstream.build_request(&outgoing, body)?;
+                let sent_at = Instant::now();
+                let attempt =
+                    tokio::time::timeout(upstream.first_byte_timeout, upstream.client.request(request)).await;
+                waited += sent_at.elapsed();
+                let can_retry = replayable && retry < self.retry.max_retries;
+
+                let (reason, delay) = match attempt {
+                    Ok(Ok(response)) => {
+                        let status = response.status();
+                        if !replayable || !retry::is_retryable_status(status) {
+                            return Ok(Forwarded {
+                                response,
+                                upstream: upstream.clone(),
+                                upstream_wait: waited,
+                                sent_at,
+                            });
+                        }
+                        let wanted = retry::retry_after(response.headers());
+                        let too_long = wanted.is_some_and(|d| d > self.retry.max_retry_after);
+                        if (!can_retry || too_long) && last_upstream {
+                            return Ok(Forwarded {
+                                response,
+                                upstream: upstream.clone(),
+                                upstream_wait: waited,
+                                sent_at,
+                            });
+                        }
+                        let reason = if status == StatusCode::TOO_MANY_REQUESTS {
+                            "rate_limited"
+                        } else {
+                            "server_error"
+                        };
+                        if too_long {
+                            (reason, None)
+                        } else {
+                            (reason, Some(wanted.unwrap_or_else(|| retry::backoff(&self.retry, retry))))
+                        }
+                    }
+                    Ok(Err(err)) => {
+                        let is_connect = err.is_connect();
+                        let source = classify_send_error(err);
+                        let source = match source {
+                            Ok(source) => source,
+                            Err(too_large) => return Err(too_large),
+                        };
+                        if !is_connect || !replayable {
+                            return Err(GatewayError::UpstreamUnreachable {
+                                upstream: upstream.name.clone(),
+                                source,
+                            });
+                        }
+                        last_error = Some(GatewayError::UpstreamUnreachable {
+                            upstream: upstream.name.clone(),
+                            source,
+                        });
+                        ("connect_error", Some(retry::backoff(&self.retry, retry)))
+                    }
+                    Err(_elapsed) => {
+                        // A slow upstream is not retried: another attempt would double the wait.
+                        return Err(GatewayError::UpstreamTimeout {
+                            upstream: upstream.name.clone(),
+                            after: upstream.first_byte_timeout,
+                        });
+                    }
+                };
+
+                match delay {
+                    Some(delay) if can_retry => {
+                        self.metrics
+                            .upstream_retries
+                            .get_or_create(&RetryLabel { upstream: upstream.name.clone(), reason })
+                            .inc();
+                        tracing::debug!(upstream = %upstream.name, reason, ?delay, "retrying upstream");
+                        tokio::time::sleep(delay).await;
+                        waited += delay;
+                        retry += 1;
+                    }
+                    _ => break,
+                }
+            }
+            if !last_upstream {
+                self.metrics
+                    .upstream_failovers
+                    .get_or_create(&UpstreamLabel { upstream: upstream.name.clone() })
+                    .inc();
+                tracing::info!(upstream = %upstream.name, "failing over to the next upstream");
+            }
+        }
+        Err(last_error
+            .unwrap_or_else(|| GatewayError::Internal("no upstream is configured for this route".into())))
+    }
+}
+
+impl Forwarded {
+    /// The response for the client: end-to-end headers and the upstream body, streamed.
+    pub fn into_response(self, metrics: Arc<Metrics>) -> Response<Body> {
+        let (parts, incoming) = self.response.into_parts();
+        let content_type = parts.headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
+        let scanner = crate::openai::UsageScanner::for_response(
+            content_type,
+            parts.headers.contains_key(header::CONTENT_ENCODING),
+        );
+        let body = UpstreamBody::new(incoming, self.upstream, metrics, self.sent_at, scanner);
+        let mut response = Response::new(http_body_util::BodyExt::boxed_unsync(body));
+        *response.status_mut() = parts.status;
+        copy_end_to_end(&parts.headers, response.headers_mut());
+        response.extensions_mut().insert(UpstreamWait(self.upstream_wait));
+        response
+    }
+}
+
+/// Splits out the one send failure that is the client's fault: a streamed body over the limit.
+fn classify_send_error(err: hyper_util::client::legacy::Error) -> Result<BoxError, GatewayError> {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&err);
+    while let Some(e) = source {
+        if let Some(limit) = e.downcast_ref::<crate::limit::BodyTooLarge>() {
+            return Err(GatewayError::PayloadTooLarge { limit: limit.0 });
+        }
+        source = e.source();
+    }
+    Ok(Box::new(err))
+}
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1) belong to one connection and are never forwarded.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// Copies every header except hop-by-hop ones and those the `Connection` header names.
+pub fn copy_end_to_end(from: &HeaderMap, to: &mut HeaderMap) {
+    let named_by_connection: Vec<HeaderName> = from
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::try_from(name.trim()).ok())
+        .collect();
+    to.reserve(from.len());
+    for (name, value) in from {
+        if HOP_BY_HOP.contains(name) || named_by_connection.contains(name) {
+            continue;
+        }
+        to.append(name.clone(), value.clone());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_map_onto_the_base_url() {
+        let config =
+            UpstreamConfig { base_url: "http://up.test:9000/openai/v1/".into(), ..UpstreamConfig::default() };
+        let upstream = Upstream::new(&config, None).unwrap();
+        assert_eq!(
+            upstream.uri_for("/v1/chat/completions?x=1").unwrap().to_string(),
+            "http://up.test:9000/openai/v1/chat/completions?x=1"
+        );
+    }
+
+    #[test]
+    fn hop_by_hop_headers_are_dropped() {
+        let mut from = HeaderMap::new();
+        from.insert("connection", "keep-alive, x-private".parse().unwrap());
+        from.insert("x-private", "1".parse().unwrap());
+        from.insert("transfer-encoding", "chunked".parse().unwrap());
+        from.insert("x-custom", "kept".parse().unwrap());
+        from.append("x-multi", "a".parse().unwrap());
+        from.append("x-multi", "b".parse().unwrap());
+        let mut to = HeaderMap::new();
+        copy_end_to_end(&from, &mut to);
+        assert_eq!(to.len(), 3);
+        assert_eq!(to["x-custom"], "kept");
+        assert_eq!(to.get_all("x-multi").iter().count(), 2);
+    }
+
+    #[test]
+    fn gateway_key_replaces_client_authorization() {
+        let config = UpstreamConfig { base_url: "http://up.test/v1".into(), ..UpstreamConfig::default() };
+        let upstream = Upstream::new(&config, Some("sk-gateway".into())).unwrap();
+        let mut headers = HeaderMap::new();
+        headers.insert(header::AUTHORIZATION, "Bearer sk-client".parse().unwrap());
+        headers.insert(header::HOST, "gateway.test".parse().unwrap());
+        let outgoing = Outgoing {
+            method: Method::POST,
+            path_and_query: "/v1/chat/completions".into(),
+            headers,
+            body: OutgoingBody::Replayable(Bytes::new()),
+        };
+        let request = upstream.build_request(&outgoing, gw_body::empty()).unwrap();
+        assert_eq!(request.headers()[header::AUTHORIZATION], "Bearer sk-gateway");
+        assert!(request.headers()[header::AUTHORIZATION].is_sensitive());
+        assert!(!request.headers().contains_key(header::HOST));
+    }
+}
