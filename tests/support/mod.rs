@@ -1,0 +1,204 @@
+//! Test harness: a real ctxgate bound on `127.0.0.1:0` through [`ctxgate::serve`], in front of
+//! one or more real `mock-upstream` servers, each on its own ephemeral port. Nothing is shared
+//! between tests, so they run in parallel.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ctxgate::config::{Config, UpstreamConfig};
+use ctxgate::AppState;
+use mock_upstream::Server;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+#[allow(unused_imports)]
+pub use mock_upstream::{fixtures, Chunk, Gate, Reply};
+
+type ConfigFn = Box<dyn FnOnce(&mut Config) + Send>;
+
+pub struct HarnessBuilder {
+    upstreams: Vec<mock_upstream::Builder>,
+    config: Vec<ConfigFn>,
+}
+
+pub struct Harness {
+    /// `http://127.0.0.1:PORT`
+    pub url: String,
+    pub addr: SocketAddr,
+    pub client: reqwest::Client,
+    pub state: Arc<AppState>,
+    upstreams: Vec<Option<Server>>,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl Harness {
+    pub fn builder() -> HarnessBuilder {
+        HarnessBuilder { upstreams: Vec::new(), config: Vec::new() }
+    }
+
+    /// A gateway in front of one default-mode mock upstream.
+    pub async fn start() -> Harness {
+        Self::builder().start().await
+    }
+
+    pub fn upstream(&self, i: usize) -> &Server {
+        self.upstreams[i].as_ref().expect("upstream was killed")
+    }
+
+    /// Drops upstream `i`: its listener and every open connection close at once.
+    pub fn kill_upstream(&mut self, i: usize) {
+        self.upstreams[i] = None;
+    }
+
+    pub fn v1(&self, path: &str) -> String {
+        format!("{}/v1{path}", self.url)
+    }
+
+    pub fn chat(&self) -> reqwest::RequestBuilder {
+        self.client
+            .post(self.v1("/chat/completions"))
+            .header("content-type", "application/json")
+            .header("authorization", "Bearer sk-test-client")
+    }
+
+    pub async fn metrics(&self) -> String {
+        self.client.get(format!("{}/metrics", self.url)).send().await.unwrap().text().await.unwrap()
+    }
+
+    /// The value of one metric sample, e.g. `ctxgate_requests_in_flight`, 0 when absent.
+    pub async fn metric(&self, sample: &str) -> f64 {
+        sample_value(&self.metrics().await, sample)
+    }
+
+    /// Signals shutdown; the gateway stops accepting and drains.
+    pub fn begin_shutdown(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+
+    /// Waits for the serve task to return (after [`begin_shutdown`](Self::begin_shutdown)).
+    pub async fn join(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.await.unwrap();
+        }
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+    }
+}
+
+/// Reads one sample (name plus labels, exactly as exposed) from Prometheus text.
+pub fn sample_value(text: &str, sample: &str) -> f64 {
+    text.lines()
+        .find_map(|line| {
+            let (name, value) = line.rsplit_once(' ')?;
+            (name == sample).then(|| value.parse().unwrap())
+        })
+        .unwrap_or(0.0)
+}
+
+impl HarnessBuilder {
+    /// Adds a mock upstream. Several are named `u0`, `u1`, ... and all of them form the route
+    /// for every model, in that failover order. None added: one default-mode mock.
+    pub fn upstream(mut self, mock: mock_upstream::Builder) -> Self {
+        self.upstreams.push(mock);
+        self
+    }
+
+    pub fn config(mut self, f: impl FnOnce(&mut Config) + Send + 'static) -> Self {
+        self.config.push(Box::new(f));
+        self
+    }
+
+    pub async fn start(self) -> Harness {
+        self.start_with_env::<0>([]).await
+    }
+
+    /// Starts with these variables in the gateway's (injected) environment.
+    pub async fn start_with_env<const N: usize>(mut self, env: [(&str, &str); N]) -> Harness {
+        let env: BTreeMap<String, String> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        if self.upstreams.is_empty() {
+            self.upstreams.push(Server::builder());
+        }
+        let mut servers = Vec::new();
+        for mock in self.upstreams {
+            servers.push(mock.start().await.unwrap());
+        }
+        let mut config = Config::default();
+        config.server.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+        config.server.shutdown_timeout = Duration::from_secs(10);
+        // Fast retries keep failure tests quick; the policy is the same.
+        config.retry.base_delay = Duration::from_millis(1);
+        config.retry.max_delay = Duration::from_millis(5);
+        config.upstreams = servers
+            .iter()
+            .enumerate()
+            .map(|(i, s)| UpstreamConfig {
+                name: format!("u{i}"),
+                base_url: s.base_url(),
+                first_byte_timeout: Duration::from_secs(10),
+                ..UpstreamConfig::default()
+            })
+            .collect();
+        if servers.len() > 1 {
+            config.routes = vec![ctxgate::config::RouteConfig {
+                models: vec!["*".into()],
+                upstreams: config.upstreams.iter().map(|u| u.name.clone()).collect(),
+            }];
+        }
+        for f in self.config {
+            f(&mut config);
+        }
+
+        let state = AppState::new(config, &env).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(ctxgate::serve(listener, state.clone(), async move {
+            let _ = rx.await;
+        }));
+        Harness {
+            url: format!("http://{addr}"),
+            addr,
+            client: reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap(),
+            state,
+            upstreams: servers.into_iter().map(Some).collect(),
+            shutdown: Some(tx),
+            task: Some(task),
+        }
+    }
+}
+
+/// A small valid chat request body.
+pub fn chat_body(stream: bool) -> serde_json::Value {
+    let mut body = serde_json::json!({
+        "model": "mock-model",
+        "messages": [
+            {"role": "system", "content": "You are terse."},
+            {"role": "user", "content": "Say hello."}
+        ]
+    });
+    if stream {
+        body["stream"] = true.into();
+        body["stream_options"] = serde_json::json!({"include_usage": true});
+    }
+    body
+}
+
+/// Splits an SSE body into its `data:` payloads.
+pub fn sse_data(body: &str) -> Vec<String> {
+    body.split("\n\n")
+        .filter_map(|event| event.lines().find_map(|l| l.strip_prefix("data: ")))
+        .map(str::to_string)
+        .collect()
+}
