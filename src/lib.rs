@@ -19,6 +19,7 @@ pub mod openai;
 pub mod proxy;
 pub mod router;
 pub mod server;
+pub mod session;
 pub mod stack;
 pub mod telemetry;
 pub mod upstream;

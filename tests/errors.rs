@@ -1,6 +1,8 @@
 //! Every error ctxgate makes itself: the right status and an OpenAI-shaped body, and the
 //! gateway keeps serving afterwards. Upstream errors pass through unchanged.
 
+#![allow(clippy::unwrap_used)]
+
 mod support;
 
 use std::time::Duration;

@@ -58,7 +58,10 @@ async fn official_python_sdk_works_through_the_gateway() {
     let seen: Value = serde_json::from_slice(&output.stdout).unwrap();
 
     // Then the SDK parsed every response as it would from OpenAI
-    assert_eq!(seen["plain"], json!({"content": "Hello from the SDK test", "prompt_tokens": 12, "cached_tokens": 4}));
+    assert_eq!(
+        seen["plain"],
+        json!({"content": "Hello from the SDK test", "prompt_tokens": 12, "cached_tokens": 4})
+    );
     assert_eq!(seen["stream"], json!({"text": "one two", "completion_tokens": 5}));
     let [args0, args1] = fixtures::tool_call_arguments();
     let stream_calls = &seen["stream_tools"]["calls"];
@@ -66,10 +69,16 @@ async fn official_python_sdk_works_through_the_gateway() {
     assert_eq!(stream_calls[0]["arguments"], args0);
     assert_eq!(stream_calls[1]["arguments"], args1);
     assert_eq!(seen["stream_tools"]["finish_reason"], "tool_calls");
-    assert_eq!(seen["tools"]["calls"][1], json!({"id": "call_b", "name": "get_weather", "arguments": "{\"city\":\"Tokyo\"}"}));
+    assert_eq!(
+        seen["tools"]["calls"][1],
+        json!({"id": "call_b", "name": "get_weather", "arguments": "{\"city\":\"Tokyo\"}"})
+    );
     assert_eq!(seen["tools"]["finish_reason"], "tool_calls");
     assert_eq!(seen["models"], json!(["mock-model"]));
-    assert_eq!(seen["error"], json!({"status": 400, "code": "empty_array", "param": "messages", "type": "invalid_request_error"}));
+    assert_eq!(
+        seen["error"],
+        json!({"status": 400, "code": "empty_array", "param": "messages", "type": "invalid_request_error"})
+    );
 
     // And the upstream saw the SDK's requests with its headers and tools intact
     let recorded = h.upstream(0).requests();

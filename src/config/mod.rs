@@ -31,6 +31,57 @@ pub struct Config {
     pub upstreams: Vec<UpstreamConfig>,
     /// Model routes, tried exact names first, then globs in order.
     pub routes: Vec<RouteConfig>,
+    pub sessions: SessionConfig,
+}
+
+/// What a request gets when the session store is unreachable.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnStoreError {
+    /// 503: no request on a session is served without its checkpoint.
+    #[default]
+    FailClosed,
+    /// Proxied without the session, marked `x-ctxgate-session: degraded`.
+    FailOpen,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SessionConfig {
+    /// `embedded:PATH` (a redb file) or a `redis://` / `rediss://` URL.
+    pub store: String,
+    /// The request header naming the session.
+    pub header: String,
+    /// Prefix of every Redis key.
+    pub key_prefix: String,
+    /// Sessions unused this long expire (Redis TTL, refreshed on use).
+    #[serde(with = "humantime_serde")]
+    pub ttl: Duration,
+    /// How long a request waits for another request on the same session before 409.
+    #[serde(with = "humantime_serde")]
+    pub busy_timeout: Duration,
+    /// How long an in-flight marker holds without its owner renewing it.
+    #[serde(with = "humantime_serde")]
+    pub lease: Duration,
+    /// Bound on every store operation.
+    #[serde(with = "humantime_serde")]
+    pub store_timeout: Duration,
+    pub on_store_error: OnStoreError,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        Self {
+            store: "embedded:data/ctxgate.redb".into(),
+            header: "x-session-id".into(),
+            key_prefix: "ctxgate:".into(),
+            ttl: Duration::from_secs(7 * 24 * 3600),
+            busy_timeout: Duration::from_secs(5),
+            lease: Duration::from_secs(30),
+            store_timeout: Duration::from_secs(2),
+            on_store_error: OnStoreError::FailClosed,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]

@@ -124,6 +124,25 @@ impl Config {
             }
         }
 
+        let store = &self.sessions.store;
+        if !(store.starts_with("embedded:") && store.len() > "embedded:".len()
+            || store.starts_with("redis://")
+            || store.starts_with("rediss://"))
+        {
+            push("sessions.store".into(), "must be `embedded:PATH`, `redis://...` or `rediss://...`".into());
+        }
+        if HeaderName::try_from(self.sessions.header.as_str()).is_err() {
+            push("sessions.header".into(), format!("`{}` is not a valid header name", self.sessions.header));
+        }
+        for (key, value) in [
+            ("sessions.ttl", self.sessions.ttl),
+            ("sessions.lease", self.sessions.lease),
+            ("sessions.store_timeout", self.sessions.store_timeout),
+        ] {
+            if value.is_zero() {
+                push(key.into(), "must be greater than zero".into());
+            }
+        }
         if self.server.request_timeout.is_zero() {
             push("server.request_timeout".into(), "must be greater than zero".into());
         }

@@ -4,7 +4,9 @@
 //! ctxgate forwards the client's bytes, never a re-serialisation of these types, so unknown
 //! fields and key order survive untouched.
 
+pub mod answer;
 pub mod request;
+pub mod sse;
 pub mod usage;
 
 pub use request::ChatRequestHead;

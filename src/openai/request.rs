@@ -31,8 +31,20 @@ struct MessageFields<'a> {
     role: Option<&'a RawValue>,
 }
 
+/// A validated chat request's messages, borrowed from the body, and where the `messages` array
+/// sits in it (so it can be replaced without re-serialising anything else).
+#[derive(Debug)]
+pub struct ChatMessages<'a> {
+    pub items: Vec<&'a RawValue>,
+    pub span: std::ops::Range<usize>,
+}
+
 impl ChatRequestHead {
     pub fn parse(body: &[u8]) -> Result<Self, GatewayError> {
+        Self::parse_with_messages(body).map(|(head, _)| head)
+    }
+
+    pub fn parse_with_messages(body: &[u8]) -> Result<(Self, ChatMessages<'_>), GatewayError> {
         let fields: Fields<'_> = serde_json::from_slice(body).map_err(|e| {
             if e.is_data() {
                 // Valid JSON of the wrong shape, e.g. an array at the top level.
@@ -61,10 +73,16 @@ impl ChatRequestHead {
             },
         };
 
-        let messages = match fields.messages.map(RawValue::get) {
-            None | Some("null") => return Err(missing("messages")),
-            Some(raw) => serde_json::from_str::<Vec<&RawValue>>(raw)
-                .map_err(|_| wrong_type("messages", "an array", raw))?,
+        let (messages, span) = match fields.messages {
+            None => return Err(missing("messages")),
+            Some(raw) if raw.get() == "null" => return Err(missing("messages")),
+            Some(raw) => {
+                let items = serde_json::from_str::<Vec<&RawValue>>(raw.get())
+                    .map_err(|_| wrong_type("messages", "an array", raw.get()))?;
+                // `raw` borrows from `body`: its offset is its address minus the body's.
+                let start = raw.get().as_ptr() as usize - body.as_ptr() as usize;
+                (items, start..start + raw.get().len())
+            }
         };
         if messages.is_empty() {
             return Err(GatewayError::invalid(
@@ -112,7 +130,8 @@ impl ChatRequestHead {
             Some(raw) => return Err(wrong_type("stream", "a boolean", raw)),
         };
 
-        Ok(Self { model, stream, message_count: messages.len() })
+        let head = Self { model, stream, message_count: messages.len() };
+        Ok((head, ChatMessages { items: messages, span }))
     }
 }
 
@@ -168,6 +187,19 @@ mod tests {
         )
         .unwrap();
         assert_eq!(head, ChatRequestHead { model: "gpt-4o".into(), stream: true, message_count: 1 });
+    }
+
+    #[test]
+    fn messages_and_their_span_are_borrowed_from_the_body() {
+        let body =
+            br#"{"model":"m", "messages" : [ {"role":"user","content":"a"} ,{"role":"assistant"}],"n":1}"#;
+        let (_, messages) = ChatRequestHead::parse_with_messages(body).unwrap();
+        assert_eq!(messages.items.len(), 2);
+        assert_eq!(messages.items[1].get(), r#"{"role":"assistant"}"#);
+        assert_eq!(
+            &body[messages.span.clone()],
+            br#"[ {"role":"user","content":"a"} ,{"role":"assistant"}]"#
+        );
     }
 
     #[test]

@@ -5,8 +5,10 @@
 //! `stream_options.include_usage` is set); for JSON it keeps cheap `Bytes` handles and parses
 //! once at the end. Anything it cannot parse is ignored: usage is for metrics only.
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use serde::Deserialize;
+
+use super::sse::{self, LineSplitter};
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(default)]
@@ -39,9 +41,9 @@ const NEEDLE: &[u8] = b"\"usage\"";
 
 #[derive(Debug)]
 pub enum UsageScanner {
-    /// `text/event-stream`: `partial` holds an unfinished line carried between frames.
+    /// `text/event-stream`: lines mentioning `"usage"` are parsed.
     Sse {
-        partial: BytesMut,
+        lines: LineSplitter,
         found: Option<Usage>,
     },
     /// `application/json`: the frames so far, parsed at the end.
@@ -61,7 +63,7 @@ impl UsageScanner {
         }
         match content_type {
             Some(ct) if ct.starts_with("text/event-stream") => {
-                Self::Sse { partial: BytesMut::new(), found: None }
+                Self::Sse { lines: LineSplitter::default(), found: None }
             }
             Some(ct) if ct.starts_with("application/json") => Self::Json { frames: Vec::new(), len: 0 },
             _ => Self::Off,
@@ -79,38 +81,16 @@ impl UsageScanner {
                     frames.push(chunk.clone());
                 }
             }
-            Self::Sse { partial, found } => {
-                let mut rest = &chunk[..];
-                // Finish the line carried from the previous frame.
-                if !partial.is_empty() {
-                    match memchr::memchr(b'\n', rest) {
-                        Some(nl) => {
-                            partial.extend_from_slice(&rest[..nl]);
-                            scan_line(partial, found);
-                            partial.clear();
-                            rest = &rest[nl + 1..];
-                        }
-                        None => {
-                            if partial.len() + rest.len() <= MAX_KEPT {
-                                partial.extend_from_slice(rest);
-                            }
-                            return;
-                        }
+            Self::Sse { lines, found } => {
+                let mentions_usage = |b: &[u8]| memchr::memmem::find(b, NEEDLE).is_some();
+                lines.feed(chunk, mentions_usage, |line| {
+                    let Some(data) = sse::data(line).filter(|d| mentions_usage(d)) else {
+                        return;
+                    };
+                    if let Ok(Envelope { usage: Some(usage) }) = serde_json::from_slice::<Envelope>(data) {
+                        *found = Some(usage);
                     }
-                }
-                // Whole lines: only those containing the needle are looked at.
-                let (whole, tail) = match memchr::memrchr(b'\n', rest) {
-                    Some(nl) => (&rest[..nl], &rest[nl + 1..]),
-                    None => (&rest[..0], rest),
-                };
-                if memchr::memmem::find(whole, NEEDLE).is_some() {
-                    for line in whole.split(|b| *b == b'\n') {
-                        scan_line(line, found);
-                    }
-                }
-                if !tail.is_empty() && tail.len() <= MAX_KEPT {
-                    partial.extend_from_slice(tail);
-                }
+                });
             }
         }
     }
@@ -120,28 +100,19 @@ impl UsageScanner {
         match self {
             Self::Off => None,
             Self::Sse { found, .. } => found,
-            Self::Json { frames, .. } => {
-                let parsed = if let [single] = frames.as_slice() {
-                    serde_json::from_slice::<Envelope>(single)
-                } else {
-                    serde_json::from_slice::<Envelope>(&frames.concat())
-                };
-                parsed.ok().and_then(|e| e.usage)
-            }
+            Self::Json { frames, .. } => parse_json_usage(&frames),
         }
     }
 }
 
-fn scan_line(line: &[u8], found: &mut Option<Usage>) {
-    let Some(data) = line.strip_prefix(b"data:") else {
-        return;
+/// The `usage` of a JSON body held as frames.
+pub fn parse_json_usage(frames: &[Bytes]) -> Option<Usage> {
+    let parsed = if let [single] = frames {
+        serde_json::from_slice::<Envelope>(single)
+    } else {
+        serde_json::from_slice::<Envelope>(&frames.concat())
     };
-    if memchr::memmem::find(data, NEEDLE).is_none() {
-        return;
-    }
-    if let Ok(Envelope { usage: Some(usage) }) = serde_json::from_slice::<Envelope>(data.trim_ascii()) {
-        *found = Some(usage);
-    }
+    parsed.ok().and_then(|e| e.usage)
 }
 
 #[cfg(test)]

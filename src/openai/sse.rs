@@ -1,0 +1,88 @@
+//! Splitting an SSE body into lines as frames arrive, carrying a partial line between frames.
+
+use bytes::BytesMut;
+
+/// Longest line kept; a longer one is dropped (it cannot be a chunk ctxgate needs to read).
+const MAX_LINE: usize = 4 * 1024 * 1024;
+
+#[derive(Debug, Default)]
+pub struct LineSplitter {
+    partial: BytesMut,
+    overflowed: bool,
+}
+
+impl LineSplitter {
+    /// Calls `line` for every complete line in `chunk` (without its `\n`), in order.
+    /// `interesting` filters cheaply: a frame's whole lines are only visited when it returns
+    /// true for them (it may be called on several lines at once).
+    pub fn feed(&mut self, chunk: &[u8], interesting: impl Fn(&[u8]) -> bool, mut line: impl FnMut(&[u8])) {
+        let mut rest = chunk;
+        if !self.partial.is_empty() || self.overflowed {
+            match memchr::memchr(b'\n', rest) {
+                Some(nl) => {
+                    if !self.overflowed {
+                        self.partial.extend_from_slice(&rest[..nl]);
+                        if interesting(&self.partial) {
+                            line(&self.partial);
+                        }
+                    }
+                    self.partial.clear();
+                    self.overflowed = false;
+                    rest = &rest[nl + 1..];
+                }
+                None => {
+                    self.keep(rest);
+                    return;
+                }
+            }
+        }
+        let (whole, tail) = match memchr::memrchr(b'\n', rest) {
+            Some(nl) => (&rest[..nl], &rest[nl + 1..]),
+            None => (&rest[..0], rest),
+        };
+        if !whole.is_empty() && interesting(whole) {
+            whole.split(|b| *b == b'\n').for_each(&mut line);
+        }
+        self.keep(tail);
+    }
+
+    fn keep(&mut self, bytes: &[u8]) {
+        if self.partial.len() + bytes.len() > MAX_LINE {
+            self.partial.clear();
+            self.overflowed = true;
+        } else if !self.overflowed {
+            self.partial.extend_from_slice(bytes);
+        }
+    }
+}
+
+/// The payload of a `data:` line, trimmed.
+pub fn data(line: &[u8]) -> Option<&[u8]> {
+    line.strip_prefix(b"data:").map(<[u8]>::trim_ascii)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_are_reassembled_across_any_split() {
+        let text = b"data: one\n\ndata: two\r\ndata: three\n\n";
+        for split in 0..text.len() {
+            let mut splitter = LineSplitter::default();
+            let mut seen = Vec::new();
+            for part in [&text[..split], &text[split..]] {
+                splitter.feed(
+                    part,
+                    |_| true,
+                    |l| {
+                        if let Some(d) = data(l) {
+                            seen.push(String::from_utf8(d.to_vec()).unwrap());
+                        }
+                    },
+                );
+            }
+            assert_eq!(seen, ["one", "two", "three"], "split at {split}");
+        }
+    }
+}

@@ -1,0 +1,129 @@
+//! The checkpoint document: everything a session needs to continue exactly where it stopped.
+//!
+//! It is versioned by `schema`. Every field added after schema 1 must be `#[serde(default)]`
+//! so that checkpoints written by older versions keep loading; the fixture test below pins the
+//! schema-1 shape. Messages are kept as the exact JSON the client sent or the model answered
+//! (`RawValue`), so a resumed session re-sends byte-identical history.
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+/// The schema this build writes.
+pub const SCHEMA: u32 = 1;
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Checkpoint {
+    pub schema: u32,
+    /// The conversation so far, one JSON message each, exactly as sent upstream.
+    #[serde(default)]
+    pub transcript: Vec<Box<RawValue>>,
+    #[serde(default)]
+    pub goal: Option<GoalLock>,
+    #[serde(default)]
+    pub usage: UsageTotals,
+    /// Set while a request on the session is being served.
+    #[serde(default)]
+    pub in_flight: Option<InFlight>,
+    /// Reserved for context compression state (summaries, epochs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compression: Option<Box<RawValue>>,
+    /// Reserved for gateway tool and task state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tools: Option<Box<RawValue>>,
+    /// Client edits of earlier history that the transcript followed.
+    #[serde(default)]
+    pub history_rewrites: u64,
+    pub created_ms: u64,
+    pub updated_ms: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GoalLock {
+    pub goal: String,
+    #[serde(default)]
+    pub strategy: Option<String>,
+    #[serde(default)]
+    pub constraints: Vec<String>,
+    pub locked_ms: u64,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct UsageTotals {
+    pub requests: u64,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub cached_tokens: u64,
+}
+
+/// The marker of a request in progress: who serves it and until when its lease holds.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InFlight {
+    pub request_id: String,
+    /// The process serving it (random per process start).
+    pub owner: String,
+    pub lease_until_ms: u64,
+    pub started_ms: u64,
+}
+
+impl Checkpoint {
+    pub fn new(now_ms: u64) -> Self {
+        Self {
+            schema: SCHEMA,
+            transcript: Vec::new(),
+            goal: None,
+            usage: UsageTotals::default(),
+            in_flight: None,
+            compression: None,
+            tools: None,
+            history_rewrites: 0,
+            created_ms: now_ms,
+            updated_ms: now_ms,
+        }
+    }
+
+    pub fn to_bytes(&self) -> Vec<u8> {
+        // Serialising owned, already-valid JSON cannot fail.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, serde_json::Error> {
+        serde_json::from_slice(bytes)
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A checkpoint as schema 1 writes it. Never edit this fixture: add a new one per schema.
+    const SCHEMA_1: &str = r#"{"schema":1,"transcript":[{"role":"user","content":"hi","x":{"b":1,"a":2}},{"role":"assistant","content":"hello"}],"goal":{"goal":"ship","strategy":null,"constraints":["no deps"],"locked_ms":5},"usage":{"requests":1,"prompt_tokens":12,"completion_tokens":5,"cached_tokens":4},"in_flight":null,"history_rewrites":0,"created_ms":1,"updated_ms":2}"#;
+
+    #[test]
+    fn schema_1_documents_load() {
+        let cp = Checkpoint::from_bytes(SCHEMA_1.as_bytes()).unwrap();
+        assert_eq!(cp.transcript.len(), 2);
+        assert_eq!(cp.transcript[0].get(), r#"{"role":"user","content":"hi","x":{"b":1,"a":2}}"#);
+        assert_eq!(cp.goal.unwrap().constraints, ["no deps"]);
+        assert_eq!(cp.usage.cached_tokens, 4);
+    }
+
+    #[test]
+    fn round_trip_keeps_message_bytes() {
+        let cp = Checkpoint::from_bytes(SCHEMA_1.as_bytes()).unwrap();
+        let again = Checkpoint::from_bytes(&cp.to_bytes()).unwrap();
+        assert_eq!(again.transcript[0].get(), cp.transcript[0].get());
+        assert_eq!(String::from_utf8(cp.to_bytes()).unwrap(), SCHEMA_1);
+    }
+
+    #[test]
+    fn a_minimal_document_loads_with_defaults() {
+        let cp = Checkpoint::from_bytes(br#"{"schema":1,"created_ms":1,"updated_ms":1}"#).unwrap();
+        assert!(cp.transcript.is_empty() && cp.goal.is_none() && cp.in_flight.is_none());
+    }
+}

@@ -1,0 +1,140 @@
+//! The embedded store: one redb file, the single-node default that needs nothing installed.
+//! redb is synchronous, so each operation runs on the blocking pool; its write transactions
+//! are serialised and durable on commit, which gives the atomic compare-and-set.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+
+use super::checkpoint::{now_ms, Checkpoint};
+use super::store::{BoxFuture, Commit, SessionKey, SessionStore, StoreError, Stored};
+
+/// `scope:id` → 8-byte big-endian version followed by the checkpoint JSON.
+const CHECKPOINTS: TableDefinition<&str, &[u8]> = TableDefinition::new("checkpoints");
+
+#[derive(Clone)]
+pub struct EmbeddedStore {
+    db: Arc<Database>,
+    ttl: Duration,
+}
+
+impl std::fmt::Debug for EmbeddedStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmbeddedStore").field("ttl", &self.ttl).finish_non_exhaustive()
+    }
+}
+
+impl EmbeddedStore {
+    /// Opens or creates the file, creating its directory if needed.
+    pub fn open(path: &Path, ttl: Duration) -> Result<Self, StoreError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(unavailable)?;
+        }
+        let db = Database::create(path).map_err(unavailable)?;
+        // Create the table up front so readers never see it missing.
+        let txn = db.begin_write().map_err(unavailable)?;
+        txn.open_table(CHECKPOINTS).map_err(unavailable)?;
+        txn.commit().map_err(unavailable)?;
+        Ok(Self { db: Arc::new(db), ttl })
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Database) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || f(&db)).await.map_err(unavailable)?
+    }
+}
+
+fn unavailable(e: impl std::error::Error + Send + Sync + 'static) -> StoreError {
+    StoreError::Unavailable(Box::new(e))
+}
+
+fn decode(bytes: &[u8]) -> Result<Stored, StoreError> {
+    let (version, doc) = bytes
+        .split_first_chunk::<8>()
+        .ok_or_else(|| StoreError::Corrupt("record shorter than its version".into()))?;
+    let checkpoint = Checkpoint::from_bytes(doc).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    Ok(Stored { version: u64::from_be_bytes(*version), checkpoint })
+}
+
+fn expired(stored: &Stored, ttl: Duration) -> bool {
+    stored.checkpoint.updated_ms.saturating_add(ttl.as_millis() as u64) < now_ms()
+}
+
+impl SessionStore for EmbeddedStore {
+    fn load<'a>(&'a self, key: &'a SessionKey) -> BoxFuture<'a, Result<Option<Stored>, StoreError>> {
+        let k = key.storage_key();
+        let ttl = self.ttl;
+        Box::pin(self.blocking(move |db| {
+            let txn = db.begin_read().map_err(unavailable)?;
+            let table = txn.open_table(CHECKPOINTS).map_err(unavailable)?;
+            let Some(value) = table.get(k.as_str()).map_err(unavailable)? else {
+                return Ok(None);
+            };
+            let stored = decode(value.value())?;
+            Ok((!expired(&stored, ttl)).then_some(stored))
+        }))
+    }
+
+    fn commit<'a>(
+        &'a self,
+        key: &'a SessionKey,
+        expected: u64,
+        checkpoint: &'a Checkpoint,
+    ) -> BoxFuture<'a, Result<Commit, StoreError>> {
+        let k = key.storage_key();
+        let doc = checkpoint.to_bytes();
+        let ttl = self.ttl;
+        Box::pin(self.blocking(move |db| {
+            let txn = db.begin_write().map_err(unavailable)?;
+            let outcome = {
+                let mut table = txn.open_table(CHECKPOINTS).map_err(unavailable)?;
+                let current = match table.get(k.as_str()).map_err(unavailable)? {
+                    // An expired session counts as absent, as `load` reports it.
+                    Some(value) => {
+                        decode(value.value()).map_or(0, |s| if expired(&s, ttl) { 0 } else { s.version })
+                    }
+                    None => 0,
+                };
+                if current != expected {
+                    Commit::Conflict(current)
+                } else {
+                    let version = current + 1;
+                    let mut record = Vec::with_capacity(8 + doc.len());
+                    record.extend_from_slice(&version.to_be_bytes());
+                    record.extend_from_slice(&doc);
+                    table.insert(k.as_str(), record.as_slice()).map_err(unavailable)?;
+                    Commit::Committed(version)
+                }
+            };
+            match outcome {
+                Commit::Committed(_) => txn.commit().map_err(unavailable)?,
+                Commit::Conflict(_) => txn.abort().map_err(unavailable)?,
+            }
+            Ok(outcome)
+        }))
+    }
+
+    fn delete<'a>(&'a self, key: &'a SessionKey) -> BoxFuture<'a, Result<bool, StoreError>> {
+        let k = key.storage_key();
+        Box::pin(self.blocking(move |db| {
+            let txn = db.begin_write().map_err(unavailable)?;
+            let removed = txn
+                .open_table(CHECKPOINTS)
+                .map_err(unavailable)?
+                .remove(k.as_str())
+                .map_err(unavailable)?
+                .is_some();
+            txn.commit().map_err(unavailable)?;
+            Ok(removed)
+        }))
+    }
+
+    fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(async { Ok(()) })
+    }
+}

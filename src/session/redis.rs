@@ -1,0 +1,145 @@
+//! The Redis store: one hash per session (`v` version, `doc` checkpoint JSON) under
+//! `{prefix}{scope:id}`; the braces are a hash tag, so all of a session's keys share one Cluster
+//! slot. Commits are a Lua compare-and-set, atomic on the server; loads refresh the TTL.
+
+use std::time::Duration;
+
+use redis::aio::ConnectionManager;
+use redis::{AsyncCommands, Script};
+
+use super::checkpoint::Checkpoint;
+use super::store::{BoxFuture, Commit, SessionKey, SessionStore, StoreError, Stored};
+
+/// KEYS[1] session hash; ARGV[1] expected version, ARGV[2] document, ARGV[3] TTL in ms.
+/// Returns {1, new_version} or {0, current_version}.
+const COMMIT: &str = r"
+local current = redis.call('HGET', KEYS[1], 'v') or '0'
+if current ~= ARGV[1] then
+  return {0, tonumber(current)}
+end
+local version = tonumber(current) + 1
+redis.call('HSET', KEYS[1], 'v', version, 'doc', ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return {1, version}
+";
+
+#[derive(Clone)]
+pub struct RedisStore {
+    conn: ConnectionManager,
+    prefix: String,
+    ttl: Duration,
+    commit: Script,
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("prefix", &self.prefix)
+            .field("ttl", &self.ttl)
+            .finish_non_exhaustive()
+    }
+}
+
+fn unavailable(e: impl std::error::Error + Send + Sync + 'static) -> StoreError {
+    StoreError::Unavailable(Box::new(e))
+}
+
+impl RedisStore {
+    /// Connects (and reconnects on its own later). `timeout` bounds every command, so a hung
+    /// Redis turns into a store error instead of a hung request.
+    pub async fn connect(
+        url: &str,
+        prefix: &str,
+        ttl: Duration,
+        timeout: Duration,
+    ) -> Result<Self, StoreError> {
+        let client = redis::Client::open(url).map_err(unavailable)?;
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(timeout))
+            .set_response_timeout(Some(timeout))
+            .set_number_of_retries(1);
+        let conn = tokio::time::timeout(timeout, ConnectionManager::new_with_config(client, config))
+            .await
+            .map_err(unavailable)?
+            .map_err(unavailable)?;
+        Ok(Self { conn, prefix: prefix.to_string(), ttl, commit: Script::new(COMMIT), timeout })
+    }
+
+    fn key(&self, key: &SessionKey) -> String {
+        format!("{}{{{}}}", self.prefix, key.storage_key())
+    }
+
+    async fn bounded<T>(&self, f: impl Future<Output = redis::RedisResult<T>>) -> Result<T, StoreError> {
+        tokio::time::timeout(self.timeout, f).await.map_err(unavailable)?.map_err(unavailable)
+    }
+}
+
+use std::future::Future;
+
+impl SessionStore for RedisStore {
+    fn load<'a>(&'a self, key: &'a SessionKey) -> BoxFuture<'a, Result<Option<Stored>, StoreError>> {
+        Box::pin(async move {
+            let mut conn = self.conn.clone();
+            let k = self.key(key);
+            let ttl_ms = self.ttl.as_millis() as u64;
+            let ((version, doc), _): ((Option<u64>, Option<Vec<u8>>), i64) = self
+                .bounded(
+                    redis::pipe()
+                        .cmd("HMGET")
+                        .arg(&k)
+                        .arg("v")
+                        .arg("doc")
+                        .pexpire(&k, ttl_ms as i64)
+                        .query_async(&mut conn),
+                )
+                .await?;
+            match (version, doc) {
+                (Some(version), Some(doc)) => {
+                    let checkpoint =
+                        Checkpoint::from_bytes(&doc).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                    Ok(Some(Stored { version, checkpoint }))
+                }
+                _ => Ok(None),
+            }
+        })
+    }
+
+    fn commit<'a>(
+        &'a self,
+        key: &'a SessionKey,
+        expected: u64,
+        checkpoint: &'a Checkpoint,
+    ) -> BoxFuture<'a, Result<Commit, StoreError>> {
+        Box::pin(async move {
+            let mut conn = self.conn.clone();
+            let (written, version): (u8, u64) = self
+                .bounded(
+                    self.commit
+                        .key(self.key(key))
+                        .arg(expected)
+                        .arg(checkpoint.to_bytes())
+                        .arg(self.ttl.as_millis() as u64)
+                        .invoke_async(&mut conn),
+                )
+                .await?;
+            Ok(if written == 1 { Commit::Committed(version) } else { Commit::Conflict(version) })
+        })
+    }
+
+    fn delete<'a>(&'a self, key: &'a SessionKey) -> BoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(async move {
+            let mut conn = self.conn.clone();
+            let removed: u64 = self.bounded(conn.del(self.key(key))).await?;
+            Ok(removed > 0)
+        })
+    }
+
+    fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(async move {
+            let mut conn = self.conn.clone();
+            let _: String = self.bounded(redis::cmd("PING").query_async(&mut conn)).await?;
+            Ok(())
+        })
+    }
+}

@@ -1,0 +1,161 @@
+//! The session store contract, run against both backends: the embedded redb file in a temp
+//! dir, and a real `redis-server` started on its own loopback port per test.
+
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ctxgate::session::embedded::EmbeddedStore;
+use ctxgate::session::redis::RedisStore;
+use ctxgate::session::{Checkpoint, Commit, SessionKey, SessionStore, StoreError};
+use serde_json::value::RawValue;
+use support::redis::RedisServer;
+
+const TTL: Duration = Duration::from_secs(3600);
+
+/// A backend under test, with whatever must live as long as it.
+struct Backend {
+    store: Arc<dyn SessionStore>,
+    _dir: Option<tempfile::TempDir>,
+    redis: Option<RedisServer>,
+}
+
+async fn embedded() -> Backend {
+    let dir = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open(&dir.path().join("sessions.redb"), TTL).unwrap();
+    Backend { store: Arc::new(store), _dir: Some(dir), redis: None }
+}
+
+async fn redis() -> Backend {
+    let server = RedisServer::start().await;
+    let store =
+        RedisStore::connect(&server.url(), "ctxgate:", TTL, Duration::from_millis(500)).await.unwrap();
+    Backend { store: Arc::new(store), _dir: None, redis: Some(server) }
+}
+
+fn checkpoint(messages: &[&str]) -> Checkpoint {
+    let mut cp = Checkpoint::new(ctxgate::session::checkpoint::now_ms());
+    cp.transcript = messages.iter().map(|m| RawValue::from_string(m.to_string()).unwrap()).collect();
+    cp
+}
+
+fn key(id: &str) -> SessionKey {
+    SessionKey::new(b"Bearer sk-owner", id)
+}
+
+/// Every contract case, in order, on one backend.
+async fn contract(backend: Backend) {
+    let store = backend.store.clone();
+
+    // A missing session loads as None
+    assert!(store.load(&key("s1")).await.unwrap().is_none());
+
+    // The first commit expects version 0 and creates version 1, message bytes intact
+    let user = r#"{"role":"user","content":"hi","x":{"b":1,"a":2}}"#;
+    assert_eq!(store.commit(&key("s1"), 0, &checkpoint(&[user])).await.unwrap(), Commit::Committed(1));
+    let loaded = store.load(&key("s1")).await.unwrap().unwrap();
+    assert_eq!(loaded.version, 1);
+    assert_eq!(loaded.checkpoint.transcript[0].get(), user);
+
+    // A stale writer conflicts and changes nothing
+    let answer = r#"{"role":"assistant","content":"hello"}"#;
+    assert_eq!(store.commit(&key("s1"), 0, &checkpoint(&["{}"])).await.unwrap(), Commit::Conflict(1));
+    assert_eq!(
+        store.commit(&key("s1"), 1, &checkpoint(&[user, answer])).await.unwrap(),
+        Commit::Committed(2)
+    );
+    assert_eq!(store.load(&key("s1")).await.unwrap().unwrap().checkpoint.transcript.len(), 2);
+
+    // Another caller's key with the same id sees nothing
+    let other = SessionKey::new(b"Bearer sk-intruder", "s1");
+    assert!(store.load(&other).await.unwrap().is_none());
+
+    // 50 writers racing from the same version: exactly one wins
+    let mut racers = tokio::task::JoinSet::new();
+    for i in 0..50 {
+        let store = store.clone();
+        racers.spawn(async move {
+            let cp = checkpoint(&[&format!(r#"{{"role":"user","content":"racer {i}"}}"#)]);
+            store.commit(&key("s1"), 2, &cp).await.unwrap()
+        });
+    }
+    let outcomes = racers.join_all().await;
+    let winners = outcomes.iter().filter(|c| matches!(c, Commit::Committed(3))).count();
+    assert_eq!(winners, 1, "{outcomes:?}");
+    assert!(outcomes.iter().all(|c| matches!(c, Commit::Committed(3) | Commit::Conflict(3))));
+    let after = store.load(&key("s1")).await.unwrap().unwrap();
+    assert_eq!(after.version, 3);
+    assert_eq!(after.checkpoint.transcript.len(), 1, "the winner's document, whole");
+
+    // Delete removes it; a second delete finds nothing
+    assert!(store.delete(&key("s1")).await.unwrap());
+    assert!(store.load(&key("s1")).await.unwrap().is_none());
+    assert!(!store.delete(&key("s1")).await.unwrap());
+    assert_eq!(store.commit(&key("s1"), 0, &checkpoint(&[user])).await.unwrap(), Commit::Committed(1));
+    drop(backend);
+}
+
+#[tokio::test]
+async fn embedded_store_meets_the_contract() {
+    contract(embedded().await).await;
+}
+
+#[tokio::test]
+async fn redis_store_meets_the_contract() {
+    contract(redis().await).await;
+}
+
+#[tokio::test]
+async fn embedded_checkpoints_survive_reopening_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("nested/dir/sessions.redb");
+    {
+        let store = EmbeddedStore::open(&path, TTL).unwrap();
+        store.commit(&key("s"), 0, &checkpoint(&[r#"{"role":"user","content":"persisted"}"#])).await.unwrap();
+    }
+    let store = EmbeddedStore::open(&path, TTL).unwrap();
+    let loaded = store.load(&key("s")).await.unwrap().unwrap();
+    assert_eq!(loaded.version, 1);
+    assert_eq!(loaded.checkpoint.transcript[0].get(), r#"{"role":"user","content":"persisted"}"#);
+}
+
+#[tokio::test]
+async fn redis_down_is_an_error_not_a_hang_and_recovery_is_automatic() {
+    let mut backend = redis().await;
+    let store = backend.store.clone();
+    store.commit(&key("s"), 0, &checkpoint(&["{}"])).await.unwrap();
+
+    // When redis-server dies, operations fail fast with Unavailable
+    backend.redis.as_mut().unwrap().kill().await;
+    let started = std::time::Instant::now();
+    let err = store.load(&key("s")).await.unwrap_err();
+    assert!(matches!(err, StoreError::Unavailable(_)), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(3), "took {:?}", started.elapsed());
+    assert!(store.ping().await.is_err());
+
+    // And once it is back (empty: it keeps nothing on disk), the same store works again
+    backend.redis.as_mut().unwrap().restart().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while store.ping().await.is_err() {
+        assert!(tokio::time::Instant::now() < deadline, "store never reconnected");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(store.load(&key("s")).await.unwrap().is_none());
+    assert_eq!(store.commit(&key("s"), 0, &checkpoint(&["{}"])).await.unwrap(), Commit::Committed(1));
+}
+
+#[tokio::test]
+async fn redis_keys_share_a_hash_tag_and_carry_a_ttl() {
+    let backend = redis().await;
+    backend.store.commit(&key("tagged"), 0, &checkpoint(&["{}"])).await.unwrap();
+    let server = backend.redis.as_ref().unwrap();
+    let keys = server.command(&["KEYS", "*"]).await;
+    let k = key("tagged");
+    let expected = format!("ctxgate:{{{}}}", k.storage_key());
+    assert!(keys.contains(&expected), "{keys}");
+    let ttl: i64 = server.command(&["PTTL", &expected]).await.trim().parse().unwrap();
+    assert!(ttl > 3_000_000 && ttl <= 3_600_000, "ttl {ttl}");
+}
