@@ -43,6 +43,15 @@ pub enum GatewayError {
     /// gateway's request timeout.
     #[error("Upstream {upstream} did not respond within {}", humantime::format_duration(*.after))]
     UpstreamTimeout { upstream: String, after: Duration },
+    /// Another request on the same session held it for longer than `sessions.busy_timeout`.
+    #[error("Session {id} is busy with another request; retry when it completes")]
+    SessionBusy { id: String },
+    /// No such session for this caller (sessions of other callers are invisible).
+    #[error("No session {id}")]
+    SessionNotFound { id: String },
+    /// The session store is unreachable and `sessions.on_store_error` is `fail_closed`.
+    #[error("The session store is unavailable")]
+    SessionStore(#[source] crate::session::StoreError),
     /// The request overran the gateway's own `server.request_timeout`.
     #[error("The request did not complete within the gateway's request timeout")]
     RequestTimeout,
@@ -58,7 +67,9 @@ impl GatewayError {
     pub fn status(&self) -> StatusCode {
         match self {
             Self::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
-            Self::NotFound { .. } => StatusCode::NOT_FOUND,
+            Self::NotFound { .. } | Self::SessionNotFound { .. } => StatusCode::NOT_FOUND,
+            Self::SessionBusy { .. } => StatusCode::CONFLICT,
+            Self::SessionStore(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -76,8 +87,11 @@ impl GatewayError {
             | Self::NotFound { .. }
             | Self::MethodNotAllowed { .. }
             | Self::PayloadTooLarge { .. }
-            | Self::UnsupportedMediaType { .. } => "invalid_request_error",
+            | Self::UnsupportedMediaType { .. }
+            | Self::SessionBusy { .. }
+            | Self::SessionNotFound { .. } => "invalid_request_error",
             Self::Overloaded
+            | Self::SessionStore(_)
             | Self::UpstreamUnreachable { .. }
             | Self::UpstreamTimeout { .. }
             | Self::RequestTimeout
@@ -93,6 +107,9 @@ impl GatewayError {
             Self::PayloadTooLarge { .. } => "request_too_large",
             Self::UnsupportedMediaType { .. } => "unsupported_media_type",
             Self::Overloaded => "overloaded",
+            Self::SessionBusy { .. } => "session_busy",
+            Self::SessionNotFound { .. } => "session_not_found",
+            Self::SessionStore(_) => "session_store_unavailable",
             Self::UpstreamUnreachable { .. } => "upstream_unreachable",
             Self::UpstreamTimeout { .. } => "upstream_timeout",
             Self::RequestTimeout => "request_timeout",
@@ -116,6 +133,9 @@ impl GatewayError {
             Self::PayloadTooLarge { .. } => "payload_too_large",
             Self::UnsupportedMediaType { .. } => "unsupported_media_type",
             Self::Overloaded => "overloaded",
+            Self::SessionBusy { .. } => "session_busy",
+            Self::SessionNotFound { .. } => "session_not_found",
+            Self::SessionStore(_) => "session_store_unavailable",
             Self::UpstreamUnreachable { .. } => "upstream_unreachable",
             Self::UpstreamTimeout { .. } => "upstream_timeout",
             Self::RequestTimeout => "request_timeout",

@@ -3,7 +3,9 @@
 //! Layout, request path first:
 //! - [`server`]: accept loop, HTTP/1 + HTTP/2, graceful shutdown.
 //! - [`stack`]: the tower layers, in their one documented order.
-//! - [`router`]: `(method, path)` → handler; [`proxy`]: the handlers that call upstreams.
+//! - [`router`]: `(method, path)` → handler; [`proxy`]: the handlers that call upstreams;
+//!   [`conversation`]: chat on a session and the sessions API.
+//! - [`session`]: checkpoints and their stores (redb, Redis).
 //! - [`upstream`]: pooled clients, routing by model, retries and failover, streamed bodies.
 //! - [`openai`]: wire types (request validation, `usage`); no I/O.
 //! - [`limit`], [`observe`]: body and concurrency limits; per-request metrics.
@@ -12,6 +14,7 @@
 
 pub mod body;
 pub mod config;
+pub mod conversation;
 pub mod error;
 pub mod limit;
 pub mod observe;
@@ -30,6 +33,7 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 
 use crate::config::{Config, EnvSource};
+use crate::session::Sessions;
 use crate::telemetry::Metrics;
 use crate::upstream::Upstreams;
 
@@ -38,6 +42,7 @@ use crate::upstream::Upstreams;
 pub struct AppState {
     pub config: Config,
     pub upstreams: Upstreams,
+    pub sessions: Arc<Sessions>,
     pub metrics: Arc<Metrics>,
 }
 
@@ -48,6 +53,8 @@ pub enum StartupError {
     Config(#[from] config::ConfigError),
     #[error("{0}")]
     Upstream(String),
+    #[error("cannot open the session store: {0}")]
+    Store(#[from] session::StoreError),
     #[error("cannot bind {addr}: {source}")]
     Bind {
         addr: std::net::SocketAddr,
@@ -57,13 +64,14 @@ pub enum StartupError {
 }
 
 impl AppState {
-    /// Validates `config` and builds the upstream clients.
-    pub fn new(config: Config, env: &dyn EnvSource) -> Result<Arc<Self>, StartupError> {
+    /// Validates `config`, builds the upstream clients and opens the session store.
+    pub async fn new(config: Config, env: &dyn EnvSource) -> Result<Arc<Self>, StartupError> {
         config.validate(env)?;
         let metrics = Arc::new(Metrics::new());
         let upstreams =
             Upstreams::from_config(&config, env, metrics.clone()).map_err(StartupError::Upstream)?;
-        Ok(Arc::new(Self { config, upstreams, metrics }))
+        let sessions = Arc::new(Sessions::open(&config.sessions).await?);
+        Ok(Arc::new(Self { config, upstreams, sessions, metrics }))
     }
 
     /// Every model named in config: upstreams' `models` and exact route names, deduplicated.

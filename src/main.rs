@@ -44,6 +44,9 @@ struct ServeArgs {
     /// Base URL of the default upstream (e.g. http://127.0.0.1:9000/v1), overriding the config.
     #[arg(long)]
     upstream: Option<String>,
+    /// Session store, overriding sessions.store: `embedded:PATH` or `redis://HOST:PORT`.
+    #[arg(long)]
+    store: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -93,6 +96,9 @@ fn serve(args: ServeArgs) -> ExitCode {
         if let Some(upstream) = args.upstream {
             config.set_default_upstream(upstream);
         }
+        if let Some(store) = args.store {
+            config.sessions.store = store;
+        }
     }
     let config = match config.and_then(|c| c.validate(&env).map(|()| c)) {
         Ok(config) => config,
@@ -121,7 +127,7 @@ fn serve(args: ServeArgs) -> ExitCode {
 
 async fn run(config: Config, env: &dyn EnvSource) -> Result<(), StartupError> {
     let addr = config.server.listen;
-    let state = AppState::new(config, env)?;
+    let state = AppState::new(config, env).await?;
     let listener =
         tokio::net::TcpListener::bind(addr).await.map_err(|source| StartupError::Bind { addr, source })?;
     let local = listener.local_addr().unwrap_or(addr);

@@ -9,6 +9,7 @@ use http_body::Body as _;
 use http_body_util::BodyExt;
 
 use crate::body::{self, Body};
+use crate::conversation;
 use crate::error::GatewayError;
 use crate::limit::BodyTooLarge;
 use crate::openai::request::peek_model;
@@ -27,6 +28,19 @@ pub async fn chat_completions(
     let (parts, body) = request.into_parts();
     require_json(&parts.headers)?;
     let bytes = read_body(body).await?;
+    if let Some(id) = conversation::session_id(&state.sessions, &parts.headers)? {
+        let (head, messages) = ChatRequestHead::parse_with_messages(&bytes)?;
+        let turn = conversation::Turn {
+            key: conversation::session_key(&parts.headers, &id),
+            messages: messages.items.iter().map(|m| (*m).to_owned()).collect(),
+            messages_span: messages.span,
+            model: head.model,
+            stream: head.stream,
+            parts,
+            body: bytes,
+        };
+        return conversation::chat(state, turn).await;
+    }
     let head = ChatRequestHead::parse(&bytes)?;
     let route = state.upstreams.router.route(Some(&head.model));
     let outgoing = Outgoing {

@@ -10,13 +10,14 @@ use http::{header, HeaderValue, Method, Request, Response};
 
 use crate::body::{self, Body};
 use crate::error::GatewayError;
-use crate::{proxy, AppState};
+use crate::{conversation, proxy, AppState};
 
 /// The route a request belongs to, as a low-cardinality metric label.
 pub fn route_label(method: &Method, path: &str) -> &'static str {
     match (method, path) {
         (_, "/v1/chat/completions") => "chat_completions",
         (_, "/v1/models") => "models",
+        (_, p) if p.starts_with("/v1/sessions/") => "sessions",
         (_, p) if p.starts_with("/v1/") => "passthrough",
         (_, "/healthz") => "healthz",
         (_, "/readyz") => "readyz",
@@ -59,10 +60,18 @@ impl tower::Service<Request<Body>> for Router {
             }
             "/v1/chat/completions" => not_allowed(),
             "/v1/models" if method == Method::GET => Box::pin(proxy::models(state, request)),
+            p if p.starts_with("/v1/sessions/") => Box::pin(conversation::api(state, request.into_parts().0)),
             p if p.starts_with("/v1/") => Box::pin(proxy::passthrough(state, request)),
             "/healthz" | "/readyz" | "/metrics" if method != Method::GET => not_allowed(),
             "/healthz" => ready(text("ok\n", "text/plain")),
-            "/readyz" => ready(text("ready\n", "text/plain")),
+            "/readyz" => Box::pin(async move {
+                // Ready when the session store answers: a replica that cannot reach Redis
+                // should leave the load balancer rather than fail requests.
+                match state.sessions.store.ping().await {
+                    Ok(()) => Ok(text("ready\n", "text/plain")),
+                    Err(err) => Err(GatewayError::SessionStore(err)),
+                }
+            }),
             "/metrics" => ready(text(state.metrics.encode(), "text/plain; version=0.0.4; charset=utf-8")),
             _ => {
                 let err = GatewayError::NotFound { method: method.to_string(), path: path.to_string() };

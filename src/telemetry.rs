@@ -76,6 +76,22 @@ pub struct Metrics {
     pub upstream_failovers: Family<UpstreamLabel, Counter>,
     pub upstream_stream_aborts: Family<UpstreamLabel, Counter>,
     pub tokens: Family<TokenLabel, Counter<u64, AtomicU64>>,
+    pub session_commits: Family<OutcomeLabel, Counter>,
+    pub session_busy: Counter,
+    pub session_history_rewrites: Counter,
+    pub session_store_errors: Counter,
+    pub session_store_duration: Family<OpLabel, Histogram>,
+    pub checkpoint_bytes: Histogram,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OpLabel {
+    pub op: &'static str,
 }
 
 fn latency_buckets() -> impl Iterator<Item = f64> {
@@ -154,7 +170,44 @@ impl Metrics {
             "Tokens reported by upstream usage objects, by kind (prompt, completion, cached)",
             tokens.clone(),
         );
+        let session_commits = Family::<OutcomeLabel, Counter>::default();
+        registry.register(
+            "session_commits",
+            "Checkpoint commits by outcome (committed, conflict, error)",
+            session_commits.clone(),
+        );
+        let session_busy = Counter::default();
+        registry.register("session_busy", "Requests refused with 409 session_busy", session_busy.clone());
+        let session_history_rewrites = Counter::default();
+        registry.register(
+            "session_history_rewrites",
+            "Full-history requests whose earlier messages differed from the transcript",
+            session_history_rewrites.clone(),
+        );
+        let session_store_errors = Counter::default();
+        registry.register(
+            "session_store_errors",
+            "Session store operations that failed (unreachable, timed out)",
+            session_store_errors.clone(),
+        );
+        let session_store_duration = Family::<OpLabel, Histogram>::new_with_constructor(|| {
+            Histogram::new([0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.1, 1.0])
+        });
+        registry.register(
+            "session_store_duration_seconds",
+            "Session store latency by operation (load, commit)",
+            session_store_duration.clone(),
+        );
+        let checkpoint_bytes =
+            Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(1024.0, 4.0, 10));
+        registry.register("checkpoint_bytes", "Size of committed checkpoints", checkpoint_bytes.clone());
         Self {
+            session_commits,
+            session_busy,
+            session_history_rewrites,
+            session_store_errors,
+            session_store_duration,
+            checkpoint_bytes,
             registry,
             requests,
             errors,

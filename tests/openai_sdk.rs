@@ -85,8 +85,25 @@ async fn official_python_sdk_works_through_the_gateway() {
     assert_eq!(recorded.len(), 5, "the invalid request never reached the upstream");
     assert!(recorded[0].headers["user-agent"].to_str().unwrap().starts_with("OpenAI/Python"));
     assert_eq!(recorded[0].headers["authorization"], "Bearer sk-sdk-test");
-    assert_eq!(recorded[0].headers["x-session-id"], "sdk-session");
+    assert!(!recorded[0].headers.contains_key("x-session-id"), "the session header stays at the gateway");
     assert_eq!(recorded[1].json()["stream_options"], json!({"include_usage": true}));
     assert_eq!(recorded[2].json()["tools"][0]["function"]["name"], "get_weather");
     assert_eq!(recorded[4].path, "/v1/models");
+
+    // And the SDK's default X-Session-Id made it a session: the transcript ends with the last
+    // turn the SDK sent (full history) and the answer it got
+    let transcript: Value = h
+        .client
+        .get(h.v1("/sessions/sdk-session/messages"))
+        .header("authorization", "Bearer sk-sdk-test")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let messages = transcript["data"].as_array().unwrap();
+    assert_eq!(messages.len(), 2, "{transcript}");
+    assert_eq!(messages[0]["content"], "Weather in Paris and Tokyo?");
+    assert_eq!(messages[1], tool_call_completion()["choices"][0]["message"]);
 }

@@ -9,8 +9,43 @@ pub mod embedded;
 pub mod redis;
 pub mod store;
 
+use std::path::Path;
+use std::sync::Arc;
+
 pub use checkpoint::{Checkpoint, GoalLock, InFlight, UsageTotals};
 pub use store::{Commit, SessionKey, SessionStore, StoreError, Stored};
+
+use crate::config::SessionConfig;
+
+/// The session store in use and the settings around it.
+#[derive(Debug)]
+pub struct Sessions {
+    pub store: Arc<dyn SessionStore>,
+    pub config: SessionConfig,
+    /// This process's identity in in-flight markers: random per start, so a restarted process
+    /// never mistakes a dead predecessor's marker for its own.
+    pub owner: String,
+}
+
+impl Sessions {
+    /// Opens the configured store: `embedded:PATH` or a Redis URL.
+    pub async fn open(config: &SessionConfig) -> Result<Self, StoreError> {
+        let store: Arc<dyn SessionStore> = match config.store.strip_prefix("embedded:") {
+            Some(path) => Arc::new(embedded::EmbeddedStore::open(Path::new(path), config.ttl)?),
+            None => Arc::new(
+                redis::RedisStore::connect(
+                    &config.store,
+                    &config.key_prefix,
+                    config.ttl,
+                    config.store_timeout,
+                )
+                .await?,
+            ),
+        };
+        let owner = format!("{:016x}", fastrand::u64(..));
+        Ok(Self { store, config: config.clone(), owner })
+    }
+}
 
 /// Checks a session id: 1 to 128 visible ASCII characters.
 pub fn valid_id(id: &str) -> bool {

@@ -32,6 +32,8 @@ pub struct Harness {
     pub addr: SocketAddr,
     pub client: reqwest::Client,
     pub state: Arc<AppState>,
+    /// Holds the embedded session store's file.
+    _data: tempfile::TempDir,
     upstreams: Vec<Option<Server>>,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
@@ -158,11 +160,13 @@ impl HarnessBuilder {
                 upstreams: config.upstreams.iter().map(|u| u.name.clone()).collect(),
             }];
         }
+        let data = tempfile::tempdir().unwrap();
+        config.sessions.store = format!("embedded:{}", data.path().join("sessions.redb").display());
         for f in self.config {
             f(&mut config);
         }
 
-        let state = AppState::new(config, &env).unwrap();
+        let state = AppState::new(config, &env).await.unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = oneshot::channel::<()>();
@@ -174,6 +178,7 @@ impl HarnessBuilder {
             addr,
             client: reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap(),
             state,
+            _data: data,
             upstreams: servers.into_iter().map(Some).collect(),
             shutdown: Some(tx),
             task: Some(task),

@@ -1,0 +1,368 @@
+//! Sessions end to end, each scenario on both stores: the embedded redb file and a real
+//! `redis-server` on its own port. Every test asserts the exact transcript afterwards.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use mock_upstream::Server;
+use serde_json::{json, Value};
+use support::redis::RedisServer;
+use support::{fixtures, Chunk, Gate, Harness, HarnessBuilder, Reply};
+
+#[derive(Clone, Copy, Debug)]
+enum Store {
+    Embedded,
+    Redis,
+}
+
+/// A gateway on the chosen store; the Redis server (if any) lives as long as the pair.
+async fn start(store: Store, builder: HarnessBuilder) -> (Harness, Option<RedisServer>) {
+    match store {
+        Store::Embedded => (builder.start().await, None),
+        Store::Redis => {
+            let redis = RedisServer::start().await;
+            let url = redis.url();
+            (builder.config(move |c| c.sessions.store = url).start().await, Some(redis))
+        }
+    }
+}
+
+fn user(text: &str) -> Value {
+    json!({"role": "user", "content": text})
+}
+
+fn request(messages: &[Value], stream: bool) -> Value {
+    json!({"model": "mock-model", "messages": messages, "stream": stream, "x_keep": {"b": 1, "a": 2}})
+}
+
+async fn send(h: &Harness, session: &str, body: &Value) -> reqwest::Response {
+    h.chat().header("x-session-id", session).json(body).send().await.unwrap()
+}
+
+async fn session(h: &Harness, id: &str, key: &str) -> (u16, Value) {
+    let response =
+        h.client.get(h.v1(&format!("/sessions/{id}"))).header("authorization", key).send().await.unwrap();
+    (response.status().as_u16(), response.json().await.unwrap())
+}
+
+async fn transcript(h: &Harness, id: &str) -> Vec<Value> {
+    let response = h
+        .client
+        .get(h.v1(&format!("/sessions/{id}/messages")))
+        .header("authorization", "Bearer sk-test-client")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.unwrap();
+    body["data"].as_array().unwrap().clone()
+}
+
+fn assistant(content: &str) -> Value {
+    fixtures::completion(content)["choices"][0]["message"].clone()
+}
+
+async fn full_history_turns_are_recorded(store: Store) {
+    let upstream = Server::builder().chat(fixtures::completion("one")).chat(fixtures::completion("two"));
+    let (h, _redis) = start(store, Harness::builder().upstream(upstream)).await;
+
+    // Turn 1
+    let first = send(&h, "s", &request(&[user("a")], false)).await;
+    assert_eq!(first.status(), 200);
+    assert_eq!(first.headers()["x-ctxgate-session-version"], "2");
+    // Turn 2 resends the whole history
+    let second = send(&h, "s", &request(&[user("a"), assistant("one"), user("b")], false)).await;
+    assert_eq!(second.headers()["x-ctxgate-session-version"], "4");
+
+    assert_eq!(transcript(&h, "s").await, [user("a"), assistant("one"), user("b"), assistant("two")]);
+    // The upstream got the client's bytes as sent both times
+    let recorded = h.upstream(0).requests();
+    assert_eq!(recorded[1].json(), request(&[user("a"), assistant("one"), user("b")], false));
+    let (_, info) = session(&h, "s", "Bearer sk-test-client").await;
+    assert_eq!(info["usage"]["requests"], 2);
+    assert_eq!(info["usage"]["prompt_tokens"], 24);
+    assert_eq!(info["history_rewrites"], 0);
+    assert_eq!(info["in_flight"], Value::Null);
+}
+
+async fn append_clients_send_only_new_messages(store: Store) {
+    let upstream = Server::builder().chat(fixtures::completion("one")).chat(fixtures::completion("two"));
+    let (h, _redis) = start(store, Harness::builder().upstream(upstream)).await;
+    let append =
+        |body: Value| h.chat().header("x-session-id", "ap").header("x-session-mode", "append").json(&body);
+
+    append(request(&[user("a")], false)).send().await.unwrap();
+    let second = r#"{"model":"mock-model","zeta":[1, 2],"messages":[{"role":"user","content":"b"}],"x":{"b":1,"a":2}}"#;
+    let response = h
+        .chat()
+        .header("x-session-id", "ap")
+        .header("x-session-mode", "append")
+        .body(second)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+
+    // The upstream saw the stored transcript spliced in, every other byte as sent
+    let sent = String::from_utf8(h.upstream(0).requests()[1].body.to_vec()).unwrap();
+    let messages = format!("[{},{},{}]", user("a"), assistant("one"), r#"{"role":"user","content":"b"}"#);
+    assert_eq!(sent, second.replace(r#"[{"role":"user","content":"b"}]"#, &messages));
+    let messages = transcript(&h, "ap").await;
+    assert_eq!(messages, [user("a"), assistant("one"), user("b"), assistant("two")]);
+}
+
+async fn streamed_answers_are_assembled_and_committed(store: Store) {
+    let mut chunks: Vec<Chunk> = fixtures::tool_call_chunks().into_iter().map(Chunk::json).collect();
+    chunks.push(Chunk::done());
+    let (h, _redis) = start(store, Harness::builder().upstream(Server::builder().stream(chunks))).await;
+
+    let body = send(&h, "st", &request(&[user("weather?")], true)).await.text().await.unwrap();
+    assert!(body.ends_with("data: [DONE]\n\n"));
+
+    let messages = transcript(&h, "st").await;
+    assert_eq!(messages.len(), 2);
+    let [args0, args1] = fixtures::tool_call_arguments();
+    assert_eq!(messages[1]["role"], "assistant");
+    assert_eq!(messages[1]["content"], Value::Null);
+    assert_eq!(messages[1]["tool_calls"][0]["function"]["arguments"], args0);
+    assert_eq!(messages[1]["tool_calls"][1]["function"]["arguments"], args1);
+}
+
+async fn a_client_disconnect_mid_stream_still_commits_the_answer(store: Store) {
+    let gate = Gate::new();
+    let upstream = Server::builder().stream(vec![
+        Chunk::json(fixtures::content_chunk(0, "Hel")),
+        Chunk::Wait(gate.clone()),
+        Chunk::json(fixtures::content_chunk(1, "lo")),
+        Chunk::json(fixtures::finish_chunk("stop")),
+        Chunk::done(),
+    ]);
+    let (h, _redis) = start(store, Harness::builder().upstream(upstream)).await;
+    let response = send(&h, "dc", &request(&[user("greet")], true)).await;
+    let mut stream = response.bytes_stream();
+    stream.next().await.unwrap().unwrap();
+
+    // The client leaves, then the upstream finishes
+    drop(stream);
+    gate.open();
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, info) = session(&h, "dc", "Bearer sk-test-client").await;
+        if info["messages"] == 2 && info["in_flight"].is_null() {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never committed: {info}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let messages = transcript(&h, "dc").await;
+    assert_eq!(messages[1], json!({"role": "assistant", "content": "Hello"}));
+}
+
+async fn another_callers_key_never_sees_the_session(store: Store) {
+    let (h, _redis) = start(store, Harness::builder()).await;
+    send(&h, "private", &request(&[user("secret")], false)).await;
+
+    let (status, body) = session(&h, "private", "Bearer sk-someone-else").await;
+    assert_eq!(status, 404);
+    assert_eq!(body["error"]["code"], "session_not_found");
+    let (status, _) = session(&h, "private", "Bearer sk-test-client").await;
+    assert_eq!(status, 200);
+
+    // The same id under another key is another session
+    let other = h
+        .client
+        .post(h.v1("/chat/completions"))
+        .header("authorization", "Bearer sk-someone-else")
+        .header("x-session-id", "private")
+        .header("x-session-mode", "append")
+        .json(&request(&[user("mine")], false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(other.status(), 200);
+    let upstream_saw = h.upstream(0).requests()[1].json();
+    assert_eq!(upstream_saw["messages"], json!([user("mine")]), "nothing of the first caller's session");
+    assert_eq!(transcript(&h, "private").await[0], user("secret"));
+}
+
+async fn concurrent_requests_on_one_session_are_serialised(store: Store) {
+    let (h, _redis) = start(
+        store,
+        Harness::builder()
+            .upstream(Server::builder().latency(Duration::from_millis(2)))
+            .config(|c| c.sessions.busy_timeout = Duration::from_secs(60)),
+    )
+    .await;
+
+    let mut requests = tokio::task::JoinSet::new();
+    for i in 0..50 {
+        let request = h
+            .chat()
+            .header("x-session-id", "busy")
+            .header("x-session-mode", "append")
+            .json(&request(&[user(&format!("m{i}"))], false));
+        requests.spawn(async move { request.send().await.unwrap().status().as_u16() });
+    }
+    let statuses = requests.join_all().await;
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+
+    // Every turn landed exactly once, whole: user message then answer, 50 times
+    let messages = transcript(&h, "busy").await;
+    assert_eq!(messages.len(), 100);
+    let mut users: Vec<String> =
+        messages.iter().step_by(2).map(|m| m["content"].as_str().unwrap().to_string()).collect();
+    assert!(messages.iter().skip(1).step_by(2).all(|m| m["role"] == "assistant"));
+    users.sort();
+    let mut expected: Vec<String> = (0..50).map(|i| format!("m{i}")).collect();
+    expected.sort();
+    assert_eq!(users, expected);
+    let (_, info) = session(&h, "busy", "Bearer sk-test-client").await;
+    assert_eq!(info["version"], 100, "one admit and one commit per turn");
+}
+
+async fn a_held_session_answers_409_after_the_busy_timeout(store: Store) {
+    let gate = Gate::new();
+    let upstream = Server::builder().stream(vec![
+        Chunk::json(fixtures::content_chunk(0, "x")),
+        Chunk::Wait(gate.clone()),
+        Chunk::json(fixtures::finish_chunk("stop")),
+        Chunk::done(),
+    ]);
+    let (h, _redis) = start(
+        store,
+        Harness::builder()
+            .upstream(upstream)
+            .config(|c| c.sessions.busy_timeout = Duration::from_millis(100)),
+    )
+    .await;
+    let held = send(&h, "held", &request(&[user("first")], true)).await;
+
+    let second = send(&h, "held", &request(&[user("first")], false)).await;
+    assert_eq!(second.status(), 409);
+    let body: Value = second.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "session_busy");
+
+    gate.open();
+    held.text().await.unwrap();
+    assert_eq!(transcript(&h, "held").await, [user("first"), json!({"role": "assistant", "content": "x"})]);
+}
+
+async fn edited_history_is_followed_and_counted(store: Store) {
+    let (h, _redis) = start(store, Harness::builder()).await;
+    send(&h, "ed", &request(&[user("a")], false)).await;
+    let reply = assistant("Hello from mock-upstream.");
+
+    send(&h, "ed", &request(&[user("a, edited"), reply.clone(), user("b")], false)).await;
+
+    assert_eq!(transcript(&h, "ed").await, [user("a, edited"), reply.clone(), user("b"), reply]);
+    let (_, info) = session(&h, "ed", "Bearer sk-test-client").await;
+    assert_eq!(info["history_rewrites"], 1);
+    assert_eq!(h.metric("ctxgate_session_history_rewrites_total").await, 1.0);
+}
+
+async fn a_failed_upstream_call_records_nothing(store: Store) {
+    let upstream = Server::builder().reply(Reply::json(
+        400,
+        json!({"error": {"message": "bad", "type": "invalid_request_error", "param": null, "code": null}}),
+    ));
+    let (h, _redis) = start(store, Harness::builder().upstream(upstream)).await;
+
+    let response = send(&h, "f", &request(&[user("a")], false)).await;
+
+    assert_eq!(response.status(), 400);
+    let (_, info) = session(&h, "f", "Bearer sk-test-client").await;
+    assert_eq!(info["messages"], 0);
+    assert_eq!(info["in_flight"], Value::Null);
+}
+
+async fn sessions_can_be_deleted(store: Store) {
+    let (h, _redis) = start(store, Harness::builder()).await;
+    send(&h, "del", &request(&[user("a")], false)).await;
+    let url = h.v1("/sessions/del");
+    let auth = "Bearer sk-test-client";
+
+    let deleted = h.client.delete(&url).header("authorization", auth).send().await.unwrap();
+    assert_eq!(deleted.status(), 200);
+    assert_eq!(session(&h, "del", auth).await.0, 404);
+    assert_eq!(h.client.delete(&url).header("authorization", auth).send().await.unwrap().status(), 404);
+}
+
+macro_rules! on_both_stores {
+    ($($scenario:ident),* $(,)?) => {
+        mod embedded {
+            $(#[tokio::test] async fn $scenario() { super::$scenario(super::Store::Embedded).await })*
+        }
+        mod redis_store {
+            $(#[tokio::test] async fn $scenario() { super::$scenario(super::Store::Redis).await })*
+        }
+    };
+}
+
+on_both_stores!(
+    full_history_turns_are_recorded,
+    append_clients_send_only_new_messages,
+    streamed_answers_are_assembled_and_committed,
+    a_client_disconnect_mid_stream_still_commits_the_answer,
+    another_callers_key_never_sees_the_session,
+    concurrent_requests_on_one_session_are_serialised,
+    a_held_session_answers_409_after_the_busy_timeout,
+    edited_history_is_followed_and_counted,
+    a_failed_upstream_call_records_nothing,
+    sessions_can_be_deleted,
+);
+
+#[tokio::test]
+async fn malformed_session_ids_are_400() {
+    let h = Harness::start().await;
+    let response = send(&h, &"x".repeat(129), &request(&[user("a")], false)).await;
+    assert_eq!(response.status(), 400);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "invalid_session_id");
+}
+
+#[tokio::test]
+async fn redis_down_fails_closed_then_recovers() {
+    let (h, redis) = start(Store::Redis, Harness::builder()).await;
+    let mut redis = redis.unwrap();
+    redis.kill().await;
+
+    let response = send(&h, "r", &request(&[user("a")], false)).await;
+    assert_eq!(response.status(), 503);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "session_store_unavailable");
+    assert_eq!(h.client.get(format!("{}/readyz", h.url)).send().await.unwrap().status(), 503);
+    assert!(h.upstream(0).requests().is_empty(), "nothing is served without its checkpoint");
+
+    redis.restart().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let response = send(&h, "r", &request(&[user("a")], false)).await;
+        if response.status() == 200 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never recovered: {}", response.status());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(transcript(&h, "r").await.len(), 2);
+}
+
+#[tokio::test]
+async fn redis_down_fails_open_when_configured() {
+    let (h, redis) = start(
+        Store::Redis,
+        Harness::builder().config(|c| c.sessions.on_store_error = ctxgate::config::OnStoreError::FailOpen),
+    )
+    .await;
+    let mut redis = redis.unwrap();
+    redis.kill().await;
+
+    let response = send(&h, "open", &request(&[user("a")], false)).await;
+
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-ctxgate-session"], "degraded");
+    assert_eq!(h.upstream(0).requests().len(), 1);
+}
