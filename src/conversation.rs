@@ -32,7 +32,9 @@ use crate::config::OnStoreError;
 use crate::error::{BoxError, GatewayError};
 use crate::openai::answer::{Answer, AnswerBuilder};
 use crate::session::checkpoint::now_ms;
-use crate::session::{Checkpoint, Commit, InFlight, SessionKey, Sessions, StoreError};
+use crate::session::{
+    Checkpoint, Commit, GoalLock, InFlight, OnGoalConflict, SessionKey, Sessions, StoreError,
+};
 use crate::telemetry::{Metrics, OpLabel, OutcomeLabel};
 use crate::upstream::{Outgoing, OutgoingBody};
 use crate::AppState;
@@ -108,17 +110,31 @@ async fn run_turn(state: Arc<AppState>, turn: Turn, reply: Reply) {
 
     let append =
         turn.parts.headers.get(&MODE_HEADER).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"append"));
-    let (upstream_messages, body) = if append {
+    let conversation = if append {
         let mut messages = holder.checkpoint.transcript.clone();
         messages.extend(turn.messages.iter().cloned());
-        let body = splice_messages(&turn.body, turn.messages_span.clone(), &messages);
-        (messages, body)
+        messages
     } else {
         if !is_prefix(&holder.checkpoint.transcript, &turn.messages) {
             holder.checkpoint.history_rewrites += 1;
             metrics.session_history_rewrites.inc();
         }
-        (turn.messages, turn.body)
+        turn.messages
+    };
+    let (conversation, with_goal) = match apply_goal(holder.checkpoint.goal.as_mut(), conversation) {
+        Ok(composed) => composed,
+        Err(GoalConflict) => {
+            holder.finish(None).await;
+            let _ = reply.send(Err(GatewayError::GoalLocked { id: turn.key.id.clone() }));
+            return;
+        }
+    };
+    // A full-history request without a goal goes upstream byte for byte; otherwise only the
+    // messages array is replaced.
+    let body = match (&with_goal, append) {
+        (Some(messages), _) => splice_messages(&turn.body, turn.messages_span.clone(), messages),
+        (None, true) => splice_messages(&turn.body, turn.messages_span.clone(), &conversation),
+        (None, false) => turn.body,
     };
 
     let route = state.upstreams.router.route(Some(&turn.model));
@@ -163,7 +179,7 @@ async fn run_turn(state: Arc<AppState>, turn: Turn, reply: Reply) {
         let mut frames = Some(frames);
         let complete = holder.while_renewing(pump(upstream_body, &mut answer, &mut frames)).await;
         let answer = if complete { answer.finish() } else { None };
-        holder.finish(answer.map(|a| (upstream_messages, a))).await;
+        holder.finish(answer.map(|a| (conversation, a))).await;
         // The client's body ends only now, so a client that has read to the end can rely on
         // the turn being committed.
         drop(frames);
@@ -181,7 +197,7 @@ async fn run_turn(state: Arc<AppState>, turn: Turn, reply: Reply) {
             }
         };
         answer.observe(&bytes);
-        let version = holder.finish(answer.finish().map(|a| (upstream_messages, a))).await;
+        let version = holder.finish(answer.finish().map(|a| (conversation, a))).await;
         if let Some(version) = version {
             set_version(&mut response, version);
         }
@@ -259,6 +275,54 @@ fn splice_messages(body: &[u8], span: Range<usize>, messages: &[Box<RawValue>]) 
     out.push(b']');
     out.extend_from_slice(&body[span.end..]);
     Bytes::from(out)
+}
+
+/// The request changes the system prompt a goal lock guards.
+struct GoalConflict;
+
+/// With a locked goal: checks (or, on the first request after locking, captures) the leading
+/// system messages, and places the goal block right after them. Returns the conversation as
+/// the transcript records it (without the block) and, under a goal, the messages to send.
+#[allow(clippy::type_complexity)]
+fn apply_goal(
+    goal: Option<&mut GoalLock>,
+    mut conversation: Vec<Box<RawValue>>,
+) -> Result<(Vec<Box<RawValue>>, Option<Vec<Box<RawValue>>>), GoalConflict> {
+    let Some(goal) = goal else {
+        return Ok((conversation, None));
+    };
+    let leading = conversation.iter().take_while(|m| is_system(m)).count();
+    match &goal.system {
+        None => goal.system = Some(conversation[..leading].to_vec()),
+        Some(locked) => {
+            let same =
+                locked.len() == leading && locked.iter().zip(&conversation).all(|(a, b)| same_message(a, b));
+            if !same {
+                match goal.on_conflict {
+                    OnGoalConflict::Reject => return Err(GoalConflict),
+                    OnGoalConflict::Keep => {
+                        conversation.splice(..leading, locked.iter().cloned());
+                    }
+                }
+            }
+        }
+    }
+    let leading = goal.system.as_ref().map_or(0, Vec::len);
+    let mut upstream = Vec::with_capacity(conversation.len() + 1);
+    upstream.extend_from_slice(&conversation[..leading]);
+    upstream.push(goal.block());
+    upstream.extend_from_slice(&conversation[leading..]);
+    Ok((conversation, Some(upstream)))
+}
+
+fn is_system(message: &RawValue) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Role<'a> {
+        #[serde(borrow)]
+        role: Option<std::borrow::Cow<'a, str>>,
+    }
+    serde_json::from_str::<Role<'_>>(message.get())
+        .is_ok_and(|r| matches!(r.role.as_deref(), Some("system" | "developer")))
 }
 
 /// Whether the stored transcript is the start of what the client sent: byte-identical, or
@@ -409,8 +473,10 @@ async fn timed<T>(
 
 // === sessions API ===
 
-/// `GET /v1/sessions/{id}`, `GET /v1/sessions/{id}/messages`, `DELETE /v1/sessions/{id}`.
-pub async fn api(state: Arc<AppState>, parts: request::Parts) -> Result<Response<Body>, GatewayError> {
+/// `GET`/`DELETE /v1/sessions/{id}`, `GET /v1/sessions/{id}/messages`, and
+/// `GET`/`PUT`/`DELETE /v1/sessions/{id}/goal`.
+pub async fn api(state: Arc<AppState>, request: http::Request<Body>) -> Result<Response<Body>, GatewayError> {
+    let (parts, body) = request.into_parts();
     let path = parts.uri.path();
     let rest = path.trim_start_matches("/v1/sessions/");
     let (id, sub) = match rest.split_once('/') {
@@ -453,11 +519,84 @@ pub async fn api(state: Arc<AppState>, parts: request::Parts) -> Result<Response
                 Err(missing())
             }
         }
-        (_, None | Some("messages")) => {
+        (&Method::GET, Some("goal")) => {
+            let stored = timed(metrics, "load", store.load(&key)).await?.ok_or_else(missing)?;
+            let goal = stored.checkpoint.goal.ok_or_else(missing)?;
+            Ok(json_response(goal_json(id, &goal)))
+        }
+        (&Method::PUT, Some("goal")) => {
+            let request = read_goal(body).await?;
+            let mut holder =
+                Holder::admit(state.sessions.clone(), state.metrics.clone(), key, "goal".into()).await?;
+            let goal = GoalLock {
+                goal: request.goal,
+                strategy: request.strategy,
+                constraints: request.constraints,
+                locked_ms: now_ms(),
+                on_conflict: request.on_conflict,
+                block: None,
+                system: None,
+            };
+            let goal = GoalLock { block: Some(goal.block()), ..goal };
+            let rendered = goal_json(id, &goal);
+            holder.checkpoint.goal = Some(goal);
+            holder.finish(None).await.ok_or_else(|| GatewayError::SessionBusy { id: id.to_string() })?;
+            Ok(json_response(rendered))
+        }
+        (&Method::DELETE, Some("goal")) => {
+            let mut holder =
+                Holder::admit(state.sessions.clone(), state.metrics.clone(), key, "goal".into()).await?;
+            let had = holder.checkpoint.goal.take().is_some();
+            holder.finish(None).await.ok_or_else(|| GatewayError::SessionBusy { id: id.to_string() })?;
+            if had {
+                Ok(json_response(json!({"id": id, "object": "session.goal.deleted", "deleted": true})))
+            } else {
+                Err(missing())
+            }
+        }
+        (_, None | Some("messages" | "goal")) => {
             Err(GatewayError::MethodNotAllowed { method: parts.method.to_string(), path: path.to_string() })
         }
         _ => Err(not_found()),
     }
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GoalRequest {
+    goal: String,
+    #[serde(default)]
+    strategy: Option<String>,
+    #[serde(default)]
+    constraints: Vec<String>,
+    #[serde(default)]
+    on_conflict: OnGoalConflict,
+}
+
+async fn read_goal(body: Body) -> Result<GoalRequest, GatewayError> {
+    let bytes = body
+        .collect()
+        .await
+        .map_err(|e| GatewayError::invalid(e.to_string(), None, "invalid_body"))?
+        .to_bytes();
+    let request: GoalRequest = serde_json::from_slice(&bytes)
+        .map_err(|e| GatewayError::invalid(format!("Invalid goal: {e}"), Some("goal"), "invalid_goal"))?;
+    if request.goal.trim().is_empty() {
+        return Err(GatewayError::invalid("Invalid 'goal': empty string.", Some("goal"), "invalid_value"));
+    }
+    Ok(request)
+}
+
+fn goal_json(id: &str, goal: &GoalLock) -> Value {
+    json!({
+        "id": id,
+        "object": "session.goal",
+        "goal": goal.goal,
+        "strategy": goal.strategy,
+        "constraints": goal.constraints,
+        "on_conflict": goal.on_conflict,
+        "locked_at_ms": goal.locked_ms,
+    })
 }
 
 fn json_response(value: Value) -> Response<Body> {

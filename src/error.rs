@@ -46,6 +46,9 @@ pub enum GatewayError {
     /// Another request on the same session held it for longer than `sessions.busy_timeout`.
     #[error("Session {id} is busy with another request; retry when it completes")]
     SessionBusy { id: String },
+    /// The request changes the system prompt of a session whose goal is locked.
+    #[error("Session {id} has a locked goal; its system prompt cannot change (unlock with DELETE /v1/sessions/{id}/goal)")]
+    GoalLocked { id: String },
     /// No such session for this caller (sessions of other callers are invisible).
     #[error("No session {id}")]
     SessionNotFound { id: String },
@@ -68,7 +71,7 @@ impl GatewayError {
         match self {
             Self::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
             Self::NotFound { .. } | Self::SessionNotFound { .. } => StatusCode::NOT_FOUND,
-            Self::SessionBusy { .. } => StatusCode::CONFLICT,
+            Self::SessionBusy { .. } | Self::GoalLocked { .. } => StatusCode::CONFLICT,
             Self::SessionStore(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
@@ -89,6 +92,7 @@ impl GatewayError {
             | Self::PayloadTooLarge { .. }
             | Self::UnsupportedMediaType { .. }
             | Self::SessionBusy { .. }
+            | Self::GoalLocked { .. }
             | Self::SessionNotFound { .. } => "invalid_request_error",
             Self::Overloaded
             | Self::SessionStore(_)
@@ -108,6 +112,7 @@ impl GatewayError {
             Self::UnsupportedMediaType { .. } => "unsupported_media_type",
             Self::Overloaded => "overloaded",
             Self::SessionBusy { .. } => "session_busy",
+            Self::GoalLocked { .. } => "goal_locked",
             Self::SessionNotFound { .. } => "session_not_found",
             Self::SessionStore(_) => "session_store_unavailable",
             Self::UpstreamUnreachable { .. } => "upstream_unreachable",
@@ -134,6 +139,7 @@ impl GatewayError {
             Self::UnsupportedMediaType { .. } => "unsupported_media_type",
             Self::Overloaded => "overloaded",
             Self::SessionBusy { .. } => "session_busy",
+            Self::GoalLocked { .. } => "goal_locked",
             Self::SessionNotFound { .. } => "session_not_found",
             Self::SessionStore(_) => "session_store_unavailable",
             Self::UpstreamUnreachable { .. } => "upstream_unreachable",

@@ -60,7 +60,7 @@ impl tower::Service<Request<Body>> for Router {
             }
             "/v1/chat/completions" => not_allowed(),
             "/v1/models" if method == Method::GET => Box::pin(proxy::models(state, request)),
-            p if p.starts_with("/v1/sessions/") => Box::pin(conversation::api(state, request.into_parts().0)),
+            p if p.starts_with("/v1/sessions/") => Box::pin(conversation::api(state, request)),
             p if p.starts_with("/v1/") => Box::pin(proxy::passthrough(state, request)),
             "/healthz" | "/readyz" | "/metrics" if method != Method::GET => not_allowed(),
             "/healthz" => ready(text("ok\n", "text/plain")),

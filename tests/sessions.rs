@@ -291,6 +291,149 @@ async fn sessions_can_be_deleted(store: Store) {
     assert_eq!(h.client.delete(&url).header("authorization", auth).send().await.unwrap().status(), 404);
 }
 
+fn system(text: &str) -> Value {
+    json!({"role": "system", "content": text})
+}
+
+async fn put_goal(h: &Harness, id: &str, body: Value) -> reqwest::Response {
+    h.client
+        .put(h.v1(&format!("/sessions/{id}/goal")))
+        .header("authorization", "Bearer sk-test-client")
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+}
+
+/// The raw bytes of each message the upstream received in request `i`.
+fn upstream_messages(h: &Harness, i: usize) -> Vec<String> {
+    #[derive(serde::Deserialize)]
+    struct Body {
+        messages: Vec<Box<serde_json::value::RawValue>>,
+    }
+    let body: Body = serde_json::from_slice(&h.upstream(0).requests()[i].body).unwrap();
+    body.messages.iter().map(|m| m.get().to_string()).collect()
+}
+
+async fn a_locked_goal_is_sent_as_one_fixed_block_after_the_system_messages(store: Store) {
+    let (h, _redis) = start(store, Harness::builder()).await;
+    let reply = assistant("Hello from mock-upstream.");
+    send(&h, "g", &request(&[system("Be terse."), user("a")], false)).await;
+
+    // When the goal is locked
+    let locked = put_goal(&h, "g", json!({"goal": "Ship the parser", "constraints": ["no new deps"]})).await;
+    assert_eq!(locked.status(), 200);
+
+    // Then every later request carries it right after the client's system messages
+    send(&h, "g", &request(&[system("Be terse."), user("a"), reply.clone(), user("b")], false)).await;
+    send(
+        &h,
+        "g",
+        &request(
+            &[system("Be terse."), user("a"), reply.clone(), user("b"), reply.clone(), user("c")],
+            false,
+        ),
+    )
+    .await;
+    let second = upstream_messages(&h, 1);
+    let third = upstream_messages(&h, 2);
+    assert_eq!(second.len(), 5);
+    assert!(second[1].contains("Ship the parser") && second[1].contains("no new deps"), "{}", second[1]);
+    assert_eq!(second[1], third[1], "identical bytes every time");
+    assert_eq!(second[..], third[..5], "the whole prefix is stable");
+
+    // And the transcript keeps the conversation without the block
+    let messages = transcript(&h, "g").await;
+    assert_eq!(messages.len(), 7);
+    assert!(messages.iter().all(|m| !m.to_string().contains("Ship the parser")));
+    let goal: Value = h
+        .client
+        .get(h.v1("/sessions/g/goal"))
+        .header("authorization", "Bearer sk-test-client")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(goal["goal"], "Ship the parser");
+    assert_eq!(goal["on_conflict"], "reject");
+}
+
+async fn changing_the_system_prompt_under_a_goal_is_409_or_kept(store: Store) {
+    let (h, _redis) = start(store, Harness::builder()).await;
+    put_goal(&h, "c", json!({"goal": "Stay on task"})).await;
+    send(&h, "c", &request(&[system("Original."), user("a")], false)).await;
+    let reply = assistant("Hello from mock-upstream.");
+
+    // A changed system prompt is refused
+    let changed =
+        send(&h, "c", &request(&[system("Changed!"), user("a"), reply.clone(), user("b")], false)).await;
+    assert_eq!(changed.status(), 409);
+    let body: Value = changed.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "goal_locked");
+    assert_eq!(h.upstream(0).requests().len(), 1);
+
+    // With on_conflict = "keep", it is sent with the locked system prompt instead
+    put_goal(&h, "c", json!({"goal": "Stay on task", "on_conflict": "keep"})).await;
+    send(&h, "c", &request(&[system("Original."), user("a"), reply.clone(), user("b")], false)).await;
+    let kept = send(
+        &h,
+        "c",
+        &request(&[system("Changed!"), user("a"), reply.clone(), user("b"), reply, user("c")], false),
+    )
+    .await;
+    assert_eq!(kept.status(), 200);
+    let sent = upstream_messages(&h, 2);
+    assert_eq!(serde_json::from_str::<Value>(&sent[0]).unwrap(), system("Original."));
+    assert!(sent[1].contains("Stay on task"));
+
+    // Unlocking removes the block
+    let deleted = h
+        .client
+        .delete(h.v1("/sessions/c/goal"))
+        .header("authorization", "Bearer sk-test-client")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status(), 200);
+    send(&h, "c", &request(&[system("Changed!"), user("z")], false)).await;
+    assert!(upstream_messages(&h, 3).iter().all(|m| !m.contains("Stay on task")));
+}
+
+async fn the_goal_lock_survives_a_restart_byte_for_byte(store: Store) {
+    let dir = tempfile::tempdir().unwrap();
+    let redis = match store {
+        Store::Redis => Some(RedisServer::start().await),
+        Store::Embedded => None,
+    };
+    let url = match &redis {
+        Some(r) => r.url(),
+        None => format!("embedded:{}", dir.path().join("s.redb").display()),
+    };
+    let reply = assistant("Hello from mock-upstream.");
+    let conversation = [system("S"), user("a"), reply.clone(), user("b")];
+
+    let first_block = {
+        let u = url.clone();
+        let mut h = Harness::builder().config(move |c| c.sessions.store = u).start().await;
+        send(&h, "r", &request(&[system("S"), user("a")], false)).await;
+        put_goal(&h, "r", json!({"goal": "Survive restarts", "strategy": "checkpoint"})).await;
+        send(&h, "r", &request(&conversation, false)).await;
+        let block = upstream_messages(&h, 1)[1].clone();
+        h.begin_shutdown();
+        h.join().await;
+        block
+    };
+
+    let u = url.clone();
+    let h = Harness::builder().config(move |c| c.sessions.store = u).start().await;
+    let mut next = conversation.to_vec();
+    next.extend([reply, user("c")]);
+    assert_eq!(send(&h, "r", &request(&next, false)).await.status(), 200);
+    assert_eq!(upstream_messages(&h, 0)[1], first_block);
+}
+
 macro_rules! on_both_stores {
     ($($scenario:ident),* $(,)?) => {
         mod embedded {
@@ -313,6 +456,9 @@ on_both_stores!(
     edited_history_is_followed_and_counted,
     a_failed_upstream_call_records_nothing,
     sessions_can_be_deleted,
+    a_locked_goal_is_sent_as_one_fixed_block_after_the_system_messages,
+    changing_the_system_prompt_under_a_goal_is_409_or_kept,
+    the_goal_lock_survives_a_restart_byte_for_byte,
 );
 
 #[tokio::test]

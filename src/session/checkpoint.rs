@@ -37,7 +37,9 @@ pub struct Checkpoint {
     pub updated_ms: u64,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// A locked goal: sent upstream on every request of the session as one fixed system message,
+/// and guarded against system-prompt changes.
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct GoalLock {
     pub goal: String,
     #[serde(default)]
@@ -45,6 +47,48 @@ pub struct GoalLock {
     #[serde(default)]
     pub constraints: Vec<String>,
     pub locked_ms: u64,
+    #[serde(default)]
+    pub on_conflict: OnGoalConflict,
+    /// The system message carrying the goal, rendered once when locked so its bytes never
+    /// change afterwards (not by restarts, nor by later versions of ctxgate).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub block: Option<Box<RawValue>>,
+    /// The client's leading system messages, captured at the first request after locking.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system: Option<Vec<Box<RawValue>>>,
+}
+
+/// What a request that changes the locked system prompt gets.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnGoalConflict {
+    /// 409 `goal_locked`.
+    #[default]
+    Reject,
+    /// Sent with the locked system prompt instead of the client's.
+    Keep,
+}
+
+impl GoalLock {
+    /// The goal's system message. Schema-1 checkpoints have no stored block; it is rendered
+    /// from the fields the same way every time.
+    pub fn block(&self) -> Box<RawValue> {
+        if let Some(block) = &self.block {
+            return block.clone();
+        }
+        let mut text = format!("Locked goal for this session. Keep to it.\nGoal: {}", self.goal);
+        if let Some(strategy) = &self.strategy {
+            text.push_str(&format!("\nStrategy: {strategy}"));
+        }
+        if !self.constraints.is_empty() {
+            text.push_str("\nConstraints:");
+            for c in &self.constraints {
+                text.push_str(&format!("\n- {c}"));
+            }
+        }
+        let message = serde_json::json!({"role": "system", "content": text});
+        serde_json::value::to_raw_value(&message).unwrap_or_else(|_| RawValue::NULL.to_owned())
+    }
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -102,14 +146,20 @@ mod tests {
     use super::*;
 
     /// A checkpoint as schema 1 writes it. Never edit this fixture: add a new one per schema.
-    const SCHEMA_1: &str = r#"{"schema":1,"transcript":[{"role":"user","content":"hi","x":{"b":1,"a":2}},{"role":"assistant","content":"hello"}],"goal":{"goal":"ship","strategy":null,"constraints":["no deps"],"locked_ms":5},"usage":{"requests":1,"prompt_tokens":12,"completion_tokens":5,"cached_tokens":4},"in_flight":null,"history_rewrites":0,"created_ms":1,"updated_ms":2}"#;
+    const SCHEMA_1: &str = r#"{"schema":1,"transcript":[{"role":"user","content":"hi","x":{"b":1,"a":2}},{"role":"assistant","content":"hello"}],"goal":{"goal":"ship","strategy":null,"constraints":["no deps"],"locked_ms":5,"on_conflict":"reject"},"usage":{"requests":1,"prompt_tokens":12,"completion_tokens":5,"cached_tokens":4},"in_flight":null,"history_rewrites":0,"created_ms":1,"updated_ms":2}"#;
 
     #[test]
     fn schema_1_documents_load() {
         let cp = Checkpoint::from_bytes(SCHEMA_1.as_bytes()).unwrap();
         assert_eq!(cp.transcript.len(), 2);
         assert_eq!(cp.transcript[0].get(), r#"{"role":"user","content":"hi","x":{"b":1,"a":2}}"#);
-        assert_eq!(cp.goal.unwrap().constraints, ["no deps"]);
+        let goal = cp.goal.unwrap();
+        assert_eq!(goal.constraints, ["no deps"]);
+        assert_eq!(goal.on_conflict, OnGoalConflict::Reject);
+        assert_eq!(
+            goal.block().get(),
+            r#"{"content":"Locked goal for this session. Keep to it.\nGoal: ship\nConstraints:\n- no deps","role":"system"}"#
+        );
         assert_eq!(cp.usage.cached_tokens, 4);
     }
 
