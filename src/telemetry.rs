@@ -78,6 +78,7 @@ pub struct Metrics {
     pub tokens: Family<TokenLabel, Counter<u64, AtomicU64>>,
     pub session_commits: Family<OutcomeLabel, Counter>,
     pub session_busy: Counter,
+    pub session_resumes: Family<OutcomeLabel, Counter>,
     pub session_history_rewrites: Counter,
     pub session_store_errors: Counter,
     pub session_store_duration: Family<OpLabel, Histogram>,
@@ -176,6 +177,12 @@ impl Metrics {
             "Checkpoint commits by outcome (committed, conflict, error)",
             session_commits.clone(),
         );
+        let session_resumes = Family::<OutcomeLabel, Counter>::default();
+        registry.register(
+            "session_resumes",
+            "Interrupted turns taken over, by outcome (resumed, taken_by_another, unreadable, error)",
+            session_resumes.clone(),
+        );
         let session_busy = Counter::default();
         registry.register("session_busy", "Requests refused with 409 session_busy", session_busy.clone());
         let session_history_rewrites = Counter::default();
@@ -204,6 +211,7 @@ impl Metrics {
         Self {
             session_commits,
             session_busy,
+            session_resumes,
             session_history_rewrites,
             session_store_errors,
             session_store_duration,

@@ -90,9 +90,23 @@ async fn contract(backend: Backend) {
     assert_eq!(after.version, 3);
     assert_eq!(after.checkpoint.transcript.len(), 1, "the winner's document, whole");
 
+    // The event log: ordered reads after a sequence number, a limit, one turn at a time
+    let ev = |s: &str| bytes::Bytes::from(s.to_string());
+    store.append_events(&key("s1"), 5, 1, &[ev("a"), ev("b")]).await.unwrap();
+    store.append_events(&key("s1"), 5, 3, &[ev("c")]).await.unwrap();
+    let all = store.read_events(&key("s1"), 5, 0, 100).await.unwrap();
+    assert_eq!(all, [(1, ev("a")), (2, ev("b")), (3, ev("c"))]);
+    assert_eq!(store.read_events(&key("s1"), 5, 1, 1).await.unwrap(), [(2, ev("b"))]);
+    assert!(store.read_events(&key("s1"), 5, 3, 100).await.unwrap().is_empty());
+    assert!(store.read_events(&other, 5, 0, 100).await.unwrap().is_empty());
+    store.append_events(&key("s1"), 7, 1, &[ev("new turn")]).await.unwrap();
+    assert!(store.read_events(&key("s1"), 5, 0, 100).await.unwrap().is_empty(), "a new turn clears the log");
+    assert_eq!(store.read_events(&key("s1"), 7, 0, 100).await.unwrap(), [(1, ev("new turn"))]);
+
     // Delete removes it; a second delete finds nothing
     assert!(store.delete(&key("s1")).await.unwrap());
     assert!(store.load(&key("s1")).await.unwrap().is_none());
+    assert!(store.read_events(&key("s1"), 7, 0, 100).await.unwrap().is_empty());
     assert!(!store.delete(&key("s1")).await.unwrap());
     assert_eq!(store.commit(&key("s1"), 0, &checkpoint(&[user])).await.unwrap(), Commit::Committed(1));
     drop(backend);

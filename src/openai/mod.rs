@@ -5,6 +5,7 @@
 //! fields and key order survive untouched.
 
 pub mod answer;
+pub mod events;
 pub mod request;
 pub mod sse;
 pub mod usage;

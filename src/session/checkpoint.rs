@@ -33,6 +33,9 @@ pub struct Checkpoint {
     /// Client edits of earlier history that the transcript followed.
     #[serde(default)]
     pub history_rewrites: u64,
+    /// The turn whose events the event log holds (the last streamed turn).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream_turn: Option<u64>,
     pub created_ms: u64,
     pub updated_ms: u64,
 }
@@ -100,14 +103,29 @@ pub struct UsageTotals {
     pub cached_tokens: u64,
 }
 
-/// The marker of a request in progress: who serves it and until when its lease holds.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// The marker of a request in progress: who serves it, until when its lease holds, and the
+/// request itself, so another process can re-issue it if the owner dies.
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct InFlight {
     pub request_id: String,
     /// The process serving it (random per process start).
     pub owner: String,
     pub lease_until_ms: u64,
     pub started_ms: u64,
+    /// The turn's id: the session version its admission created.
+    #[serde(default)]
+    pub turn: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request: Option<StoredRequest>,
+}
+
+/// An upstream request exactly as sent (never its credentials).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StoredRequest {
+    pub path: String,
+    pub model: String,
+    pub stream: bool,
+    pub body: Box<RawValue>,
 }
 
 impl Checkpoint {
@@ -121,6 +139,7 @@ impl Checkpoint {
             compression: None,
             tools: None,
             history_rewrites: 0,
+            stream_turn: None,
             created_ms: now_ms,
             updated_ms: now_ms,
         }

@@ -6,6 +6,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
 use super::checkpoint::{now_ms, Checkpoint};
@@ -13,6 +14,8 @@ use super::store::{BoxFuture, Commit, SessionKey, SessionStore, StoreError, Stor
 
 /// `scope:id` → 8-byte big-endian version followed by the checkpoint JSON.
 const CHECKPOINTS: TableDefinition<&str, &[u8]> = TableDefinition::new("checkpoints");
+/// `(scope:id, turn, seq)` → one SSE event as sent to the client.
+const EVENTS: TableDefinition<(&str, u64, u64), &[u8]> = TableDefinition::new("events");
 
 #[derive(Clone)]
 pub struct EmbeddedStore {
@@ -36,6 +39,7 @@ impl EmbeddedStore {
         // Create the table up front so readers never see it missing.
         let txn = db.begin_write().map_err(unavailable)?;
         txn.open_table(CHECKPOINTS).map_err(unavailable)?;
+        txn.open_table(EVENTS).map_err(unavailable)?;
         txn.commit().map_err(unavailable)?;
         Ok(Self { db: Arc::new(db), ttl })
     }
@@ -59,6 +63,10 @@ fn decode(bytes: &[u8]) -> Result<Stored, StoreError> {
         .ok_or_else(|| StoreError::Corrupt("record shorter than its version".into()))?;
     let checkpoint = Checkpoint::from_bytes(doc).map_err(|e| StoreError::Corrupt(e.to_string()))?;
     Ok(Stored { version: u64::from_be_bytes(*version), checkpoint })
+}
+
+fn clear_events(table: &mut redb::Table<'_, (&str, u64, u64), &[u8]>, key: &str) -> Result<(), StoreError> {
+    table.retain_in((key, 0, 0)..=(key, u64::MAX, u64::MAX), |_, _| false).map_err(unavailable)
 }
 
 fn expired(stored: &Stored, ttl: Duration) -> bool {
@@ -119,10 +127,60 @@ impl SessionStore for EmbeddedStore {
         }))
     }
 
+    fn append_events<'a>(
+        &'a self,
+        key: &'a SessionKey,
+        turn: u64,
+        first_seq: u64,
+        events: &'a [Bytes],
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        let k = key.storage_key();
+        let events = events.to_vec();
+        Box::pin(self.blocking(move |db| {
+            let txn = db.begin_write().map_err(unavailable)?;
+            {
+                let mut table = txn.open_table(EVENTS).map_err(unavailable)?;
+                if first_seq == 1 {
+                    clear_events(&mut table, &k)?;
+                }
+                for (i, event) in events.iter().enumerate() {
+                    table
+                        .insert((k.as_str(), turn, first_seq + i as u64), event.as_ref())
+                        .map_err(unavailable)?;
+                }
+            }
+            txn.commit().map_err(unavailable)
+        }))
+    }
+
+    fn read_events<'a>(
+        &'a self,
+        key: &'a SessionKey,
+        turn: u64,
+        after_seq: u64,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<(u64, Bytes)>, StoreError>> {
+        let k = key.storage_key();
+        Box::pin(self.blocking(move |db| {
+            let txn = db.begin_read().map_err(unavailable)?;
+            let table = txn.open_table(EVENTS).map_err(unavailable)?;
+            let range = table
+                .range((k.as_str(), turn, after_seq.saturating_add(1))..=(k.as_str(), turn, u64::MAX))
+                .map_err(unavailable)?;
+            let mut out = Vec::new();
+            for entry in range.take(limit) {
+                let (key, value) = entry.map_err(unavailable)?;
+                out.push((key.value().2, Bytes::copy_from_slice(value.value())));
+            }
+            Ok(out)
+        }))
+    }
+
     fn delete<'a>(&'a self, key: &'a SessionKey) -> BoxFuture<'a, Result<bool, StoreError>> {
         let k = key.storage_key();
         Box::pin(self.blocking(move |db| {
             let txn = db.begin_write().map_err(unavailable)?;
+            clear_events(&mut txn.open_table(EVENTS).map_err(unavailable)?, &k)?;
             let removed = txn
                 .open_table(CHECKPOINTS)
                 .map_err(unavailable)?

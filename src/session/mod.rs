@@ -12,7 +12,7 @@ pub mod store;
 use std::path::Path;
 use std::sync::Arc;
 
-pub use checkpoint::{Checkpoint, GoalLock, InFlight, OnGoalConflict, UsageTotals};
+pub use checkpoint::{Checkpoint, GoalLock, InFlight, OnGoalConflict, StoredRequest, UsageTotals};
 pub use store::{Commit, SessionKey, SessionStore, StoreError, Stored};
 
 use crate::config::SessionConfig;

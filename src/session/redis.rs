@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use bytes::Bytes;
 use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, Script};
 
@@ -70,6 +71,11 @@ impl RedisStore {
         format!("{}{{{}}}", self.prefix, key.storage_key())
     }
 
+    /// The session's event log: a Redis Stream whose entry ids are `turn-seq`.
+    fn events_key(&self, key: &SessionKey) -> String {
+        format!("{}{{{}}}:events", self.prefix, key.storage_key())
+    }
+
     async fn bounded<T>(&self, f: impl Future<Output = redis::RedisResult<T>>) -> Result<T, StoreError> {
         tokio::time::timeout(self.timeout, f).await.map_err(unavailable)?.map_err(unavailable)
     }
@@ -127,10 +133,64 @@ impl SessionStore for RedisStore {
         })
     }
 
+    fn append_events<'a>(
+        &'a self,
+        key: &'a SessionKey,
+        turn: u64,
+        first_seq: u64,
+        events: &'a [Bytes],
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            let mut conn = self.conn.clone();
+            let k = self.events_key(key);
+            let mut pipe = redis::pipe();
+            pipe.atomic();
+            if first_seq == 1 {
+                pipe.del(&k).ignore();
+            }
+            for (i, event) in events.iter().enumerate() {
+                let id = format!("{turn}-{}", first_seq + i as u64);
+                pipe.cmd("XADD").arg(&k).arg(id).arg("data").arg(event.as_ref()).ignore();
+            }
+            pipe.pexpire(&k, self.ttl.as_millis() as i64).ignore();
+            self.bounded(pipe.query_async::<()>(&mut conn)).await
+        })
+    }
+
+    fn read_events<'a>(
+        &'a self,
+        key: &'a SessionKey,
+        turn: u64,
+        after_seq: u64,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<(u64, Bytes)>, StoreError>> {
+        Box::pin(async move {
+            let mut conn = self.conn.clone();
+            let entries: Vec<(String, Vec<Vec<u8>>)> = self
+                .bounded(
+                    redis::cmd("XRANGE")
+                        .arg(self.events_key(key))
+                        .arg(format!("({turn}-{after_seq}"))
+                        .arg(format!("{turn}-{}", u64::MAX))
+                        .arg("COUNT")
+                        .arg(limit)
+                        .query_async(&mut conn),
+                )
+                .await?;
+            Ok(entries
+                .into_iter()
+                .filter_map(|(id, mut fields)| {
+                    let seq = id.split_once('-')?.1.parse().ok()?;
+                    (fields.len() == 2).then(|| (seq, Bytes::from(fields.swap_remove(1))))
+                })
+                .collect())
+        })
+    }
+
     fn delete<'a>(&'a self, key: &'a SessionKey) -> BoxFuture<'a, Result<bool, StoreError>> {
         Box::pin(async move {
             let mut conn = self.conn.clone();
-            let removed: u64 = self.bounded(conn.del(self.key(key))).await?;
+            let removed: u64 = self.bounded(conn.del(&[self.key(key), self.events_key(key)])).await?;
             Ok(removed > 0)
         })
     }

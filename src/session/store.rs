@@ -6,6 +6,7 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 
+use bytes::Bytes;
 use sha2::{Digest, Sha256};
 
 use super::checkpoint::Checkpoint;
@@ -80,6 +81,25 @@ pub trait SessionStore: Send + Sync + fmt::Debug {
 
     /// Removes the session; false if there was none.
     fn delete<'a>(&'a self, key: &'a SessionKey) -> BoxFuture<'a, Result<bool, StoreError>>;
+
+    /// Appends events `first_seq..` of turn `turn` to the session's event log, for replay.
+    /// Appending event 1 of a turn first clears the log: it holds one turn at a time.
+    fn append_events<'a>(
+        &'a self,
+        key: &'a SessionKey,
+        turn: u64,
+        first_seq: u64,
+        events: &'a [Bytes],
+    ) -> BoxFuture<'a, Result<(), StoreError>>;
+
+    /// Up to `limit` events of `turn` after `after_seq`, in order.
+    fn read_events<'a>(
+        &'a self,
+        key: &'a SessionKey,
+        turn: u64,
+        after_seq: u64,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<(u64, Bytes)>, StoreError>>;
 
     /// Reachability, for `/readyz`.
     fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>>;

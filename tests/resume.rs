@@ -1,0 +1,348 @@
+//! Resuming streams: replay after `Last-Event-ID` following a client disconnect, and a turn
+//! re-issued by a fresh process after the gateway that served it was SIGKILLed. Each on both
+//! stores, asserting the exact transcript afterwards.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use mock_upstream::Server;
+use serde_json::{json, Value};
+use support::redis::RedisServer;
+use support::{fixtures, sse_data, Chunk, Gate, Harness};
+
+const AUTH: &str = "Bearer sk-test-client";
+
+#[derive(Clone, Copy, Debug)]
+enum Store {
+    Embedded,
+    Redis,
+}
+
+/// The store URL for a scenario, and what must outlive it.
+async fn store_url(store: Store, dir: &tempfile::TempDir) -> (String, Option<RedisServer>) {
+    match store {
+        Store::Embedded => (format!("embedded:{}", dir.path().join("sessions.redb").display()), None),
+        Store::Redis => {
+            let redis = RedisServer::start().await;
+            (redis.url(), Some(redis))
+        }
+    }
+}
+
+fn chunks(words: &[&str], gate_after: Option<(usize, &Gate)>) -> Vec<Chunk> {
+    let mut chunks = Vec::new();
+    for (i, w) in words.iter().enumerate() {
+        if let Some((at, gate)) = gate_after {
+            if i == at {
+                chunks.push(Chunk::Wait(gate.clone()));
+            }
+        }
+        chunks.push(Chunk::json(fixtures::content_chunk(i, w)));
+    }
+    chunks.push(Chunk::json(fixtures::finish_chunk("stop")));
+    chunks.push(Chunk::done());
+    chunks
+}
+
+/// `(id, data)` of each event in an SSE text.
+fn events(text: &str) -> Vec<(String, String)> {
+    text.split("\n\n")
+        .filter(|e| !e.trim().is_empty())
+        .map(|e| {
+            let id = e.lines().find_map(|l| l.strip_prefix("id: ")).unwrap_or("").to_string();
+            let data = e.lines().find_map(|l| l.strip_prefix("data: ")).unwrap_or("").to_string();
+            (id, data)
+        })
+        .collect()
+}
+
+fn content(data: &str) -> String {
+    serde_json::from_str::<Value>(data)
+        .ok()
+        .and_then(|v| v["choices"][0]["delta"]["content"].as_str().map(String::from))
+        .unwrap_or_default()
+}
+
+async fn replay(client: &reqwest::Client, base: &str, id: &str, last: Option<&str>) -> String {
+    let mut request = client.get(format!("{base}/v1/sessions/{id}/stream")).header("authorization", AUTH);
+    if let Some(last) = last {
+        request = request.header("last-event-id", last);
+    }
+    let response = request.send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    tokio::time::timeout(Duration::from_secs(10), response.text()).await.unwrap().unwrap()
+}
+
+async fn messages(client: &reqwest::Client, base: &str, id: &str) -> Vec<Value> {
+    let body: Value = client
+        .get(format!("{base}/v1/sessions/{id}/messages"))
+        .header("authorization", AUTH)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    body["data"].as_array().unwrap().clone()
+}
+
+fn request(stream: bool) -> Value {
+    json!({"model": "mock-model", "stream": stream, "messages": [{"role": "user", "content": "count"}]})
+}
+
+async fn replay_after_a_client_disconnect(store: Store) {
+    let dir = tempfile::tempdir().unwrap();
+    let (url, _redis) = store_url(store, &dir).await;
+    let gate = Gate::new();
+    let upstream = Server::builder().stream(chunks(&["one ", "two ", "three ", "four"], Some((2, &gate))));
+    let h = Harness::builder().upstream(upstream).config(move |c| c.sessions.store = url).start().await;
+
+    // Given a client that read two events and left
+    let response = h.chat().header("x-session-id", "rp").json(&request(true)).send().await.unwrap();
+    let mut stream = response.bytes_stream();
+    let mut seen = String::new();
+    while events(&seen).len() < 2 {
+        seen.push_str(std::str::from_utf8(&stream.next().await.unwrap().unwrap()).unwrap());
+    }
+    drop(stream);
+    let first = events(&seen);
+    let turn = first[0].0.split_once('-').unwrap().0.to_string();
+    assert_eq!(first[0].0, format!("{turn}-1"), "session events carry ids");
+    assert_eq!(first[1].0, format!("{turn}-2"));
+
+    // When it reconnects with Last-Event-ID while the upstream still holds the rest
+    let client = h.client.clone();
+    let base = h.url.clone();
+    let last = first[1].0.clone();
+    let follower = tokio::spawn(async move { replay(&client, &base, "rp", Some(&last)).await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    gate.open();
+
+    // Then it gets exactly the events after it, live, to [DONE]
+    let rest = events(&follower.await.unwrap());
+    let ids: Vec<&str> = rest.iter().map(|(id, _)| id.as_str()).collect();
+    assert_eq!(ids, [3, 4, 5, 6].map(|s| format!("{turn}-{s}")));
+    assert_eq!(content(&rest[0].1) + &content(&rest[1].1), "three four");
+    assert_eq!(rest[3].1, "[DONE]");
+
+    // And replays from other points agree, once the turn is over
+    let all = events(&replay(&h.client, &h.url, "rp", None).await);
+    assert_eq!(all.len(), 6);
+    assert_eq!(events(&replay(&h.client, &h.url, "rp", Some(&format!("{turn}-0"))).await), all);
+    assert_eq!(events(&replay(&h.client, &h.url, "rp", Some(&format!("{turn}-4"))).await), all[4..]);
+    assert_eq!(
+        events(&replay(&h.client, &h.url, "rp", Some("0-99")).await),
+        all,
+        "an older turn's id replays this turn"
+    );
+    assert!(events(&replay(&h.client, &h.url, "rp", Some(&format!("{turn}-6"))).await).is_empty());
+
+    // And the answer was committed once, whole
+    let messages = messages(&h.client, &h.url, "rp").await;
+    assert_eq!(
+        messages,
+        [request(true)["messages"][0].clone(), json!({"role": "assistant", "content": "one two three four"})]
+    );
+}
+
+/// A ctxgate binary run as a child process, SIGKILLed on drop.
+struct Gateway {
+    child: Child,
+    base: String,
+    _config: tempfile::NamedTempFile,
+}
+
+impl Gateway {
+    async fn start(upstream: &str, store: &str) -> Gateway {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mut config = tempfile::NamedTempFile::new().unwrap();
+        use std::io::Write;
+        write!(
+            config,
+            "[telemetry]\nlog_level = \"warn\"\n[sessions]\nstore = {store:?}\nlease = \"1s\"\nbusy_timeout = \"10s\"\n[[upstreams]]\nname = \"mock\"\nbase_url = {upstream:?}\n"
+        )
+        .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_ctxgate"))
+            .args(["serve", "--config"])
+            .arg(config.path())
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let gateway = Gateway { child, base: format!("http://127.0.0.1:{port}"), _config: config };
+        let client = reqwest::Client::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while client.get(format!("{}/healthz", gateway.base)).send().await.is_err() {
+            assert!(tokio::time::Instant::now() < deadline, "ctxgate did not start");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        gateway
+    }
+
+    fn kill(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn a_turn_interrupted_by_sigkill_is_resumed_by_a_fresh_process(store: Store) {
+    let dir = tempfile::tempdir().unwrap();
+    let (url, _redis) = store_url(store, &dir).await;
+    let gate = Gate::new();
+    // The first attempt hangs after two events; the re-issued one answers in full.
+    let upstream = Server::builder()
+        .stream(chunks(&["partial ", "answer ", "lost"], Some((2, &gate))))
+        .stream(chunks(&["full ", "answer"], None))
+        .start()
+        .await
+        .unwrap();
+    let client = reqwest::Client::new();
+
+    // Given a streamed turn in flight on a gateway process
+    let mut first = Gateway::start(&upstream.base_url(), &url).await;
+    let response = client
+        .post(format!("{}/v1/chat/completions", first.base))
+        .header("authorization", AUTH)
+        .header("x-session-id", "crash")
+        .json(&request(true))
+        .send()
+        .await
+        .unwrap();
+    let mut stream = response.bytes_stream();
+    let head = stream.next().await.unwrap().unwrap();
+    assert!(std::str::from_utf8(&head).unwrap().contains("partial"));
+
+    // When that process is SIGKILLed mid-stream and a fresh one starts on the same store
+    first.kill();
+    drop(stream);
+    let second = Gateway::start(&upstream.base_url(), &url).await;
+
+    // Then once the dead owner's lease runs out, resume re-issues the turn
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let resumed = client
+            .post(format!("{}/v1/sessions/crash/resume", second.base))
+            .header("authorization", AUTH)
+            .send()
+            .await
+            .unwrap();
+        let status = resumed.status().as_u16();
+        let body: Value = resumed.json().await.unwrap();
+        if status == 202 {
+            assert_eq!(body["resumed"], true);
+            break;
+        }
+        assert_eq!(body["state"], "in_progress", "{body}");
+        assert!(tokio::time::Instant::now() < deadline, "never resumed: {body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // And the client reads the re-issued answer from the stream endpoint
+    let replayed = events(&replay(&client, &second.base, "crash", None).await);
+    let text: String = replayed.iter().map(|(_, d)| content(d)).collect();
+    assert_eq!(text, "full answer");
+    assert_eq!(replayed.last().unwrap().1, "[DONE]");
+
+    // And the transcript ends with exactly one answer to that user message
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let transcript = loop {
+        let m = messages(&client, &second.base, "crash").await;
+        if !m.is_empty() || tokio::time::Instant::now() >= deadline {
+            break m;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    };
+    assert_eq!(
+        transcript,
+        [request(true)["messages"][0].clone(), json!({"role": "assistant", "content": "full answer"})]
+    );
+    assert_eq!(upstream.requests().len(), 2, "the interrupted call was re-issued once");
+    assert_eq!(upstream.requests()[1].body, upstream.requests()[0].body, "byte for byte");
+}
+
+async fn the_next_request_resumes_an_interrupted_turn_first(store: Store) {
+    let dir = tempfile::tempdir().unwrap();
+    let (url, _redis) = store_url(store, &dir).await;
+    let gate = Gate::new();
+    let upstream = Server::builder()
+        .stream(chunks(&["cut"], Some((0, &gate))))
+        .chat(fixtures::completion("resumed answer"))
+        .chat(fixtures::completion("second answer"))
+        .start()
+        .await
+        .unwrap();
+    let client = reqwest::Client::new();
+    let mut first = Gateway::start(&upstream.base_url(), &url).await;
+    let response = client
+        .post(format!("{}/v1/chat/completions", first.base))
+        .header("authorization", AUTH)
+        .header("x-session-id", "next")
+        .header("x-session-mode", "append")
+        .json(&request(false))
+        .send();
+    // A non-streamed turn: kill the process while the upstream holds it
+    let pending = tokio::spawn(response);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while upstream.requests().is_empty() {
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    first.kill();
+    assert!(pending.await.unwrap().is_err(), "the client saw the connection die");
+    let second = Gateway::start(&upstream.base_url(), &url).await;
+
+    // The next request on the session waits for the resumed turn, then runs after it
+    let next = client
+        .post(format!("{}/v1/chat/completions", second.base))
+        .header("authorization", AUTH)
+        .header("x-session-id", "next")
+        .header("x-session-mode", "append")
+        .json(&json!({"model": "mock-model", "messages": [{"role": "user", "content": "and then?"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(next.status(), 200);
+    let body: Value = next.json().await.unwrap();
+    assert_eq!(body["choices"][0]["message"]["content"], "second answer");
+
+    let transcript = messages(&client, &second.base, "next").await;
+    let contents: Vec<&str> = transcript.iter().map(|m| m["content"].as_str().unwrap()).collect();
+    assert_eq!(contents, ["count", "resumed answer", "and then?", "second answer"]);
+    let _ = gate;
+}
+
+macro_rules! on_both_stores {
+    ($($scenario:ident),* $(,)?) => {
+        mod embedded {
+            $(#[tokio::test] async fn $scenario() { super::$scenario(super::Store::Embedded).await })*
+        }
+        mod redis_store {
+            $(#[tokio::test] async fn $scenario() { super::$scenario(super::Store::Redis).await })*
+        }
+    };
+}
+
+on_both_stores!(
+    replay_after_a_client_disconnect,
+    a_turn_interrupted_by_sigkill_is_resumed_by_a_fresh_process,
+    the_next_request_resumes_an_interrupted_turn_first,
+);
+
+#[test]
+fn sse_data_helper_agrees_with_events() {
+    let text = "id: 1-1\ndata: a\n\nid: 1-2\ndata: [DONE]\n\n";
+    assert_eq!(sse_data(text), ["a", "[DONE]"]);
+    assert_eq!(events(text)[1], ("1-2".to_string(), "[DONE]".to_string()));
+}
