@@ -82,9 +82,8 @@ impl UsageScanner {
                 }
             }
             Self::Sse { lines, found } => {
-                let mentions_usage = |b: &[u8]| memchr::memmem::find(b, NEEDLE).is_some();
-                lines.feed(chunk, mentions_usage, |line| {
-                    let Some(data) = sse::data(line).filter(|d| mentions_usage(d)) else {
+                lines.feed(chunk, has_usage_object, |line| {
+                    let Some(data) = sse::data(line).filter(|d| has_usage_object(d)) else {
                         return;
                     };
                     if let Ok(Envelope { usage: Some(usage) }) = serde_json::from_slice::<Envelope>(data) {
@@ -103,6 +102,16 @@ impl UsageScanner {
             Self::Json { frames, .. } => parse_json_usage(&frames),
         }
     }
+}
+
+/// Whether `bytes` holds `"usage"` followed by an object. OpenAI sends `"usage":null` on every
+/// chunk of a stream with `include_usage`; skipping those without parsing keeps the scan cheap.
+fn has_usage_object(bytes: &[u8]) -> bool {
+    memchr::memmem::find_iter(bytes, NEEDLE).any(|at| {
+        let rest = &bytes[at + NEEDLE.len()..];
+        let rest = rest.trim_ascii_start().strip_prefix(b":").unwrap_or(rest);
+        rest.trim_ascii_start().first() == Some(&b'{')
+    })
 }
 
 /// The `usage` of a JSON body held as frames.
@@ -152,6 +161,14 @@ mod tests {
             scanner.observe(&Bytes::copy_from_slice(b));
             assert_eq!(scanner.finish(), Some(expected()), "split at {split}");
         }
+    }
+
+    #[test]
+    fn null_usage_is_skipped_and_objects_are_found() {
+        assert!(!has_usage_object(br#"{"choices":[],"usage":null}"#));
+        assert!(!has_usage_object(br#"{"usage" : null, "x": ""usage""}"#));
+        assert!(has_usage_object(br#"{"usage" : {"prompt_tokens":1}}"#));
+        assert!(has_usage_object(br#"{"usage":null}{"usage":{}}"#));
     }
 
     #[test]
