@@ -129,23 +129,12 @@ impl GatewayError {
         }
     }
 
-    /// A low-cardinality label for the `ctxgate_errors_total` metric.
+    /// A low-cardinality label for the `ctxgate_errors_total` metric: the error `code`, with
+    /// the many invalid-request codes folded into one.
     pub fn metric_label(&self) -> &'static str {
         match self {
             Self::InvalidRequest { .. } => "invalid_request",
-            Self::NotFound { .. } => "not_found",
-            Self::MethodNotAllowed { .. } => "method_not_allowed",
-            Self::PayloadTooLarge { .. } => "payload_too_large",
-            Self::UnsupportedMediaType { .. } => "unsupported_media_type",
-            Self::Overloaded => "overloaded",
-            Self::SessionBusy { .. } => "session_busy",
-            Self::GoalLocked { .. } => "goal_locked",
-            Self::SessionNotFound { .. } => "session_not_found",
-            Self::SessionStore(_) => "session_store_unavailable",
-            Self::UpstreamUnreachable { .. } => "upstream_unreachable",
-            Self::UpstreamTimeout { .. } => "upstream_timeout",
-            Self::RequestTimeout => "request_timeout",
-            Self::Internal(_) => "internal",
+            other => other.code().unwrap_or("internal"),
         }
     }
 

@@ -3,6 +3,7 @@
 //! stores, asserting the exact transcript afterwards.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[macro_use]
 mod support;
 
 use std::process::{Child, Command, Stdio};
@@ -11,27 +12,10 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use mock_upstream::Server;
 use serde_json::{json, Value};
-use support::redis::RedisServer;
+use support::stores::{self, Store};
 use support::{fixtures, sse_data, Chunk, Gate, Harness};
 
 const AUTH: &str = "Bearer sk-test-client";
-
-#[derive(Clone, Copy, Debug)]
-enum Store {
-    Embedded,
-    Redis,
-}
-
-/// The store URL for a scenario, and what must outlive it.
-async fn store_url(store: Store, dir: &tempfile::TempDir) -> (String, Option<RedisServer>) {
-    match store {
-        Store::Embedded => (format!("embedded:{}", dir.path().join("sessions.redb").display()), None),
-        Store::Redis => {
-            let redis = RedisServer::start().await;
-            (redis.url(), Some(redis))
-        }
-    }
-}
 
 fn chunks(words: &[&str], gate_after: Option<(usize, &Gate)>) -> Vec<Chunk> {
     let mut chunks = Vec::new();
@@ -78,16 +62,7 @@ async fn replay(client: &reqwest::Client, base: &str, id: &str, last: Option<&st
 }
 
 async fn messages(client: &reqwest::Client, base: &str, id: &str) -> Vec<Value> {
-    let body: Value = client
-        .get(format!("{base}/v1/sessions/{id}/messages"))
-        .header("authorization", AUTH)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    body["data"].as_array().unwrap().clone()
+    stores::transcript(client, base, id, AUTH).await
 }
 
 fn request(stream: bool) -> Value {
@@ -95,8 +70,8 @@ fn request(stream: bool) -> Value {
 }
 
 async fn replay_after_a_client_disconnect(store: Store) {
-    let dir = tempfile::tempdir().unwrap();
-    let (url, _redis) = store_url(store, &dir).await;
+    let store = store.url().await;
+    let url = store.url.clone();
     let gate = Gate::new();
     let upstream = Server::builder().stream(chunks(&["one ", "two ", "three ", "four"], Some((2, &gate))));
     let h = Harness::builder().upstream(upstream).config(move |c| c.sessions.store = url).start().await;
@@ -198,8 +173,8 @@ impl Drop for Gateway {
 }
 
 async fn a_turn_interrupted_by_sigkill_is_resumed_by_a_fresh_process(store: Store) {
-    let dir = tempfile::tempdir().unwrap();
-    let (url, _redis) = store_url(store, &dir).await;
+    let store = store.url().await;
+    let url = store.url.clone();
     let gate = Gate::new();
     // The first attempt hangs after two events; the re-issued one answers in full.
     let upstream = Server::builder()
@@ -273,8 +248,8 @@ async fn a_turn_interrupted_by_sigkill_is_resumed_by_a_fresh_process(store: Stor
 }
 
 async fn the_next_request_resumes_an_interrupted_turn_first(store: Store) {
-    let dir = tempfile::tempdir().unwrap();
-    let (url, _redis) = store_url(store, &dir).await;
+    let store = store.url().await;
+    let url = store.url.clone();
     let gate = Gate::new();
     let upstream = Server::builder()
         .stream(chunks(&["cut"], Some((0, &gate))))
@@ -321,17 +296,6 @@ async fn the_next_request_resumes_an_interrupted_turn_first(store: Store) {
     let contents: Vec<&str> = transcript.iter().map(|m| m["content"].as_str().unwrap()).collect();
     assert_eq!(contents, ["count", "resumed answer", "and then?", "second answer"]);
     let _ = gate;
-}
-
-macro_rules! on_both_stores {
-    ($($scenario:ident),* $(,)?) => {
-        mod embedded {
-            $(#[tokio::test] async fn $scenario() { super::$scenario(super::Store::Embedded).await })*
-        }
-        mod redis_store {
-            $(#[tokio::test] async fn $scenario() { super::$scenario(super::Store::Redis).await })*
-        }
-    };
 }
 
 on_both_stores!(

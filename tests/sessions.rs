@@ -2,6 +2,7 @@
 //! `redis-server` on its own port. Every test asserts the exact transcript afterwards.
 #![allow(clippy::unwrap_used)]
 
+#[macro_use]
 mod support;
 
 use std::time::Duration;
@@ -9,25 +10,14 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use mock_upstream::Server;
 use serde_json::{json, Value};
-use support::redis::RedisServer;
+use support::stores::{self, Store, StoreUrl};
 use support::{fixtures, Chunk, Gate, Harness, HarnessBuilder, Reply};
 
-#[derive(Clone, Copy, Debug)]
-enum Store {
-    Embedded,
-    Redis,
-}
-
-/// A gateway on the chosen store; the Redis server (if any) lives as long as the pair.
-async fn start(store: Store, builder: HarnessBuilder) -> (Harness, Option<RedisServer>) {
-    match store {
-        Store::Embedded => (builder.start().await, None),
-        Store::Redis => {
-            let redis = RedisServer::start().await;
-            let url = redis.url();
-            (builder.config(move |c| c.sessions.store = url).start().await, Some(redis))
-        }
-    }
+/// A gateway on the chosen store; the store lives as long as the pair.
+async fn start(store: Store, builder: HarnessBuilder) -> (Harness, StoreUrl) {
+    let store = store.url().await;
+    let url = store.url.clone();
+    (builder.config(move |c| c.sessions.store = url).start().await, store)
 }
 
 fn user(text: &str) -> Value {
@@ -49,16 +39,7 @@ async fn session(h: &Harness, id: &str, key: &str) -> (u16, Value) {
 }
 
 async fn transcript(h: &Harness, id: &str) -> Vec<Value> {
-    let response = h
-        .client
-        .get(h.v1(&format!("/sessions/{id}/messages")))
-        .header("authorization", "Bearer sk-test-client")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    let body: Value = response.json().await.unwrap();
-    body["data"].as_array().unwrap().clone()
+    stores::transcript(&h.client, &h.url, id, "Bearer sk-test-client").await
 }
 
 fn assistant(content: &str) -> Value {
@@ -67,7 +48,7 @@ fn assistant(content: &str) -> Value {
 
 async fn full_history_turns_are_recorded(store: Store) {
     let upstream = Server::builder().chat(fixtures::completion("one")).chat(fixtures::completion("two"));
-    let (h, _redis) = start(store, Harness::builder().upstream(upstream)).await;
+    let (h, _store) = start(store, Harness::builder().upstream(upstream)).await;
 
     // Turn 1
     let first = send(&h, "s", &request(&[user("a")], false)).await;
@@ -90,7 +71,7 @@ async fn full_history_turns_are_recorded(store: Store) {
 
 async fn append_clients_send_only_new_messages(store: Store) {
     let upstream = Server::builder().chat(fixtures::completion("one")).chat(fixtures::completion("two"));
-    let (h, _redis) = start(store, Harness::builder().upstream(upstream)).await;
+    let (h, _store) = start(store, Harness::builder().upstream(upstream)).await;
     let append =
         |body: Value| h.chat().header("x-session-id", "ap").header("x-session-mode", "append").json(&body);
 
@@ -117,7 +98,7 @@ async fn append_clients_send_only_new_messages(store: Store) {
 async fn streamed_answers_are_assembled_and_committed(store: Store) {
     let mut chunks: Vec<Chunk> = fixtures::tool_call_chunks().into_iter().map(Chunk::json).collect();
     chunks.push(Chunk::done());
-    let (h, _redis) = start(store, Harness::builder().upstream(Server::builder().stream(chunks))).await;
+    let (h, _store) = start(store, Harness::builder().upstream(Server::builder().stream(chunks))).await;
 
     let body = send(&h, "st", &request(&[user("weather?")], true)).await.text().await.unwrap();
     assert!(body.ends_with("data: [DONE]\n\n"));
@@ -140,7 +121,7 @@ async fn a_client_disconnect_mid_stream_still_commits_the_answer(store: Store) {
         Chunk::json(fixtures::finish_chunk("stop")),
         Chunk::done(),
     ]);
-    let (h, _redis) = start(store, Harness::builder().upstream(upstream)).await;
+    let (h, _store) = start(store, Harness::builder().upstream(upstream)).await;
     let response = send(&h, "dc", &request(&[user("greet")], true)).await;
     let mut stream = response.bytes_stream();
     stream.next().await.unwrap().unwrap();
@@ -163,7 +144,7 @@ async fn a_client_disconnect_mid_stream_still_commits_the_answer(store: Store) {
 }
 
 async fn another_callers_key_never_sees_the_session(store: Store) {
-    let (h, _redis) = start(store, Harness::builder()).await;
+    let (h, _store) = start(store, Harness::builder()).await;
     send(&h, "private", &request(&[user("secret")], false)).await;
 
     let (status, body) = session(&h, "private", "Bearer sk-someone-else").await;
@@ -190,7 +171,7 @@ async fn another_callers_key_never_sees_the_session(store: Store) {
 }
 
 async fn concurrent_requests_on_one_session_are_serialised(store: Store) {
-    let (h, _redis) = start(
+    let (h, _store) = start(
         store,
         Harness::builder()
             .upstream(Server::builder().latency(Duration::from_millis(2)))
@@ -232,7 +213,7 @@ async fn a_held_session_answers_409_after_the_busy_timeout(store: Store) {
         Chunk::json(fixtures::finish_chunk("stop")),
         Chunk::done(),
     ]);
-    let (h, _redis) = start(
+    let (h, _store) = start(
         store,
         Harness::builder()
             .upstream(upstream)
@@ -252,7 +233,7 @@ async fn a_held_session_answers_409_after_the_busy_timeout(store: Store) {
 }
 
 async fn edited_history_is_followed_and_counted(store: Store) {
-    let (h, _redis) = start(store, Harness::builder()).await;
+    let (h, _store) = start(store, Harness::builder()).await;
     send(&h, "ed", &request(&[user("a")], false)).await;
     let reply = assistant("Hello from mock-upstream.");
 
@@ -269,7 +250,7 @@ async fn a_failed_upstream_call_records_nothing(store: Store) {
         400,
         json!({"error": {"message": "bad", "type": "invalid_request_error", "param": null, "code": null}}),
     ));
-    let (h, _redis) = start(store, Harness::builder().upstream(upstream)).await;
+    let (h, _store) = start(store, Harness::builder().upstream(upstream)).await;
 
     let response = send(&h, "f", &request(&[user("a")], false)).await;
 
@@ -280,7 +261,7 @@ async fn a_failed_upstream_call_records_nothing(store: Store) {
 }
 
 async fn sessions_can_be_deleted(store: Store) {
-    let (h, _redis) = start(store, Harness::builder()).await;
+    let (h, _store) = start(store, Harness::builder()).await;
     send(&h, "del", &request(&[user("a")], false)).await;
     let url = h.v1("/sessions/del");
     let auth = "Bearer sk-test-client";
@@ -316,7 +297,7 @@ fn upstream_messages(h: &Harness, i: usize) -> Vec<String> {
 }
 
 async fn a_locked_goal_is_sent_as_one_fixed_block_after_the_system_messages(store: Store) {
-    let (h, _redis) = start(store, Harness::builder()).await;
+    let (h, _store) = start(store, Harness::builder()).await;
     let reply = assistant("Hello from mock-upstream.");
     send(&h, "g", &request(&[system("Be terse."), user("a")], false)).await;
 
@@ -361,7 +342,7 @@ async fn a_locked_goal_is_sent_as_one_fixed_block_after_the_system_messages(stor
 }
 
 async fn changing_the_system_prompt_under_a_goal_is_409_or_kept(store: Store) {
-    let (h, _redis) = start(store, Harness::builder()).await;
+    let (h, _store) = start(store, Harness::builder()).await;
     put_goal(&h, "c", json!({"goal": "Stay on task"})).await;
     send(&h, "c", &request(&[system("Original."), user("a")], false)).await;
     let reply = assistant("Hello from mock-upstream.");
@@ -402,15 +383,8 @@ async fn changing_the_system_prompt_under_a_goal_is_409_or_kept(store: Store) {
 }
 
 async fn the_goal_lock_survives_a_restart_byte_for_byte(store: Store) {
-    let dir = tempfile::tempdir().unwrap();
-    let redis = match store {
-        Store::Redis => Some(RedisServer::start().await),
-        Store::Embedded => None,
-    };
-    let url = match &redis {
-        Some(r) => r.url(),
-        None => format!("embedded:{}", dir.path().join("s.redb").display()),
-    };
+    let store = store.url().await;
+    let url = store.url.clone();
     let reply = assistant("Hello from mock-upstream.");
     let conversation = [system("S"), user("a"), reply.clone(), user("b")];
 
@@ -432,17 +406,6 @@ async fn the_goal_lock_survives_a_restart_byte_for_byte(store: Store) {
     next.extend([reply, user("c")]);
     assert_eq!(send(&h, "r", &request(&next, false)).await.status(), 200);
     assert_eq!(upstream_messages(&h, 0)[1], first_block);
-}
-
-macro_rules! on_both_stores {
-    ($($scenario:ident),* $(,)?) => {
-        mod embedded {
-            $(#[tokio::test] async fn $scenario() { super::$scenario(super::Store::Embedded).await })*
-        }
-        mod redis_store {
-            $(#[tokio::test] async fn $scenario() { super::$scenario(super::Store::Redis).await })*
-        }
-    };
 }
 
 on_both_stores!(
@@ -472,8 +435,8 @@ async fn malformed_session_ids_are_400() {
 
 #[tokio::test]
 async fn redis_down_fails_closed_then_recovers() {
-    let (h, redis) = start(Store::Redis, Harness::builder()).await;
-    let mut redis = redis.unwrap();
+    let (h, mut store) = start(Store::Redis, Harness::builder()).await;
+    let redis = store.redis.as_mut().unwrap();
     redis.kill().await;
 
     let response = send(&h, "r", &request(&[user("a")], false)).await;
@@ -498,12 +461,12 @@ async fn redis_down_fails_closed_then_recovers() {
 
 #[tokio::test]
 async fn redis_down_fails_open_when_configured() {
-    let (h, redis) = start(
+    let (h, mut store) = start(
         Store::Redis,
         Harness::builder().config(|c| c.sessions.on_store_error = ctxgate::config::OnStoreError::FailOpen),
     )
     .await;
-    let mut redis = redis.unwrap();
+    let redis = store.redis.as_mut().unwrap();
     redis.kill().await;
 
     let response = send(&h, "open", &request(&[user("a")], false)).await;

@@ -4,6 +4,7 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 pub mod redis;
+pub mod stores;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

@@ -1,0 +1,66 @@
+//! Running one scenario on both session stores: the embedded redb file and a real
+//! `redis-server` started for the test.
+
+use super::redis::RedisServer;
+
+#[derive(Clone, Copy, Debug)]
+pub enum Store {
+    Embedded,
+    Redis,
+}
+
+/// A store URL for `store`, and what must outlive it (the temp dir, the Redis server).
+pub struct StoreUrl {
+    pub url: String,
+    pub redis: Option<RedisServer>,
+    _dir: tempfile::TempDir,
+}
+
+impl Store {
+    pub async fn url(self) -> StoreUrl {
+        let dir = tempfile::tempdir().unwrap();
+        match self {
+            Store::Embedded => StoreUrl {
+                url: format!("embedded:{}", dir.path().join("sessions.redb").display()),
+                redis: None,
+                _dir: dir,
+            },
+            Store::Redis => {
+                let redis = RedisServer::start().await;
+                StoreUrl { url: redis.url(), redis: Some(redis), _dir: dir }
+            }
+        }
+    }
+}
+
+/// A session's transcript, as its owner (`authorization`) reads it.
+pub async fn transcript(
+    client: &reqwest::Client,
+    base: &str,
+    id: &str,
+    authorization: &str,
+) -> Vec<serde_json::Value> {
+    let response = client
+        .get(format!("{base}/v1/sessions/{id}/messages"))
+        .header("authorization", authorization)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let body: serde_json::Value = response.json().await.unwrap();
+    body["data"].as_array().unwrap().clone()
+}
+
+/// Declares each named `async fn scenario(Store)` as two tests, `embedded::scenario` and
+/// `redis_store::scenario`.
+#[macro_export]
+macro_rules! on_both_stores {
+    ($($scenario:ident),* $(,)?) => {
+        mod embedded {
+            $(#[tokio::test] async fn $scenario() { super::$scenario($crate::support::stores::Store::Embedded).await })*
+        }
+        mod redis_store {
+            $(#[tokio::test] async fn $scenario() { super::$scenario($crate::support::stores::Store::Redis).await })*
+        }
+    };
+}
