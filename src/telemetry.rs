@@ -99,9 +99,10 @@ fn latency_buckets() -> impl Iterator<Item = f64> {
     [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0].into_iter()
 }
 
-/// Overhead is sub-millisecond when healthy, so its buckets start at 50µs.
+/// Overhead is tens of microseconds when healthy, so its buckets start at 10µs.
 fn overhead_buckets() -> impl Iterator<Item = f64> {
-    [0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5].into_iter()
+    [0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5]
+        .into_iter()
 }
 
 impl Default for Metrics {

@@ -129,3 +129,24 @@ async fn silent_upstream_mid_stream_is_cut_after_the_idle_timeout() {
     assert_eq!(h.metric(r#"ctxgate_upstream_stream_aborts_total{upstream="u0"}"#).await, 1.0);
     assert!(h.upstream(0).wait_for_open_streams(0, Duration::from_secs(5)).await);
 }
+
+#[tokio::test]
+async fn a_slow_but_steady_stream_outlives_the_idle_timeout() {
+    // Given chunks 120 ms apart against a 200 ms idle timeout: 480 ms in all
+    let mut chunks = Vec::new();
+    for i in 0..4 {
+        chunks.push(Chunk::Delay(Duration::from_millis(120)));
+        chunks.push(Chunk::json(fixtures::content_chunk(i, "t")));
+    }
+    chunks.push(Chunk::done());
+    let h = Harness::builder()
+        .upstream(Server::builder().stream(chunks))
+        .config(|c| c.upstreams[0].idle_timeout = Duration::from_millis(200))
+        .start()
+        .await;
+
+    let body = h.chat().json(&chat_body(true)).send().await.unwrap().text().await.unwrap();
+
+    assert_eq!(sse_data(&body).len(), 5, "{body}");
+    assert_eq!(h.metric(r#"ctxgate_upstream_stream_aborts_total{upstream="u0"}"#).await, 0.0);
+}

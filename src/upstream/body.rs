@@ -34,6 +34,9 @@ pin_project_lite::pin_project! {
         #[pin]
         idle: Sleep,
         idle_timeout: Duration,
+        // Re-arming the timer on every frame costs a timer-wheel update per token; instead the
+        // timer fires once per `idle_timeout` and is pushed back if a frame came meanwhile.
+        last_frame: tokio::time::Instant,
         scanner: UsageScanner,
         upstream: Arc<Upstream>,
         metrics: Arc<Metrics>,
@@ -55,6 +58,7 @@ impl UpstreamBody {
             inner,
             idle: tokio::time::sleep(idle_timeout),
             idle_timeout,
+            last_frame: tokio::time::Instant::now(),
             scanner,
             upstream,
             metrics,
@@ -81,8 +85,7 @@ impl HttpBody for UpstreamBody {
                 if let Some(data) = frame.data_ref() {
                     this.scanner.observe(data);
                 }
-                let deadline = tokio::time::Instant::now() + *this.idle_timeout;
-                this.idle.as_mut().reset(deadline);
+                *this.last_frame = tokio::time::Instant::now();
                 if this.inner.is_end_stream() {
                     finish(&mut this);
                 }
@@ -97,17 +100,23 @@ impl HttpBody for UpstreamBody {
                 finish(&mut this);
                 Poll::Ready(None)
             }
-            Poll::Pending => match this.idle.poll(cx) {
-                Poll::Ready(()) => {
-                    *this.ended = true;
-                    abort(this.metrics, this.upstream);
-                    tracing::warn!(upstream = %this.upstream.name, "upstream body idle timeout");
-                    Poll::Ready(Some(Err(Box::new(IdleTimeout {
-                        upstream: this.upstream.name.clone(),
-                        after: *this.idle_timeout,
-                    }))))
+            Poll::Pending => loop {
+                if this.idle.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
                 }
-                Poll::Pending => Poll::Pending,
+                let deadline = *this.last_frame + *this.idle_timeout;
+                if deadline > tokio::time::Instant::now() {
+                    // A frame came since the timer was armed: wait out the rest.
+                    this.idle.as_mut().reset(deadline);
+                    continue;
+                }
+                *this.ended = true;
+                abort(this.metrics, this.upstream);
+                tracing::warn!(upstream = %this.upstream.name, "upstream body idle timeout");
+                return Poll::Ready(Some(Err(Box::new(IdleTimeout {
+                    upstream: this.upstream.name.clone(),
+                    after: *this.idle_timeout,
+                }))));
             },
         }
     }
