@@ -13,7 +13,7 @@ Run metadata comes from LT_* environment variables.
 Gateway-overhead quantiles come from ctxgate's own ctxgate_gateway_overhead_seconds histogram,
 diffed between the scrapes around each gateway run, so each case only counts its own requests.
 They are bucket-resolution estimates (linear interpolation inside the bucket, like Prometheus'
-histogram_quantile): the buckets are 50µs, 100µs, 250µs, 500µs, 1ms, 2.5ms, 5ms, ...
+histogram_quantile): the buckets are 10µs, 25µs, 50µs, 100µs, 250µs, 500µs, 1ms, 2.5ms, ...
 """
 
 import csv
@@ -64,7 +64,15 @@ def buckets(path, name, route='chat_completions'):
                 out[float('inf') if le == '+Inf' else float(le)] = float(m.group('value'))
     except OSError:
         pass
+    global FIRST_BOUND
+    finite = [le for le in out if le != float('inf')]
+    if finite:
+        FIRST_BOUND = min(finite)
     return out
+
+
+# The histogram's lowest bucket bound, read from the scrapes (ctxgate's buckets start at 10µs).
+FIRST_BOUND = 0.00001
 
 
 def samples(path):
@@ -119,8 +127,9 @@ def fmt_ms(v, signed=False):
     return f'{v:+.3f}' if signed else f'{v:.3f}'
 
 
-def fmt_hist_ms(v, first_bound=0.00005):
+def fmt_hist_ms(v, first_bound=None):
     """A histogram quantile in ms; one inside the first bucket is only known to be below it."""
+    first_bound = FIRST_BOUND if first_bound is None else first_bound
     if v is None:
         return '–'
     if v <= first_bound:
@@ -203,7 +212,7 @@ def main():
       'stream duration.')
     w('- "ctxgate overhead" = p50/p99 of ctxgate\'s own `ctxgate_gateway_overhead_seconds` '
       '(time to response headers minus time waiting on the upstream), from the bucket counts added '
-      'during that case only: **bucket resolution** (bounds 50µs, 100µs, 250µs, 500µs, 1ms, 2.5ms, …; '
+      'during that case only: **bucket resolution** (bounds 10µs, 25µs, 50µs, 100µs, 250µs, 500µs, 1ms, …; '
       'linear interpolation inside a bucket).')
     w('- "CPU/req" = ctxgate user+system CPU time during the gateway run divided by its requests '
       f"(clock-tick resolution, {1e3 / clk_tck:.0f} ms per tick).")
