@@ -162,8 +162,12 @@ rss_sample() { # label -> appends "label<TAB>VmRSS kB<TAB>VmHWM kB" to rss.tsv
 # Notes the load average and whether a compiler (e.g. a concurrent cargo build) is running, so the
 # report can say which runs were disturbed.
 note_load() {
-  local compilers
-  compilers=$(pgrep -c -x 'rustc|cc1|cc1plus|ld|cargo' || true)
+  local compilers=0 name n
+  # One name at a time: pgrep -x refuses patterns longer than a 15-character process name.
+  for name in rustc cc1 cc1plus ld cargo; do
+    n=$(pgrep -c -x "$name" || true)
+    compilers=$((compilers + ${n:-0}))
+  done
   printf '%s\t%s\t%s\n' "$1" "$(cut -d' ' -f1 /proc/loadavg)" "${compilers:-0}" >>"$WORK/load.tsv"
 }
 check_alive() {

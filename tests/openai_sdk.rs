@@ -92,18 +92,8 @@ async fn official_python_sdk_works_through_the_gateway() {
 
     // And the SDK's default X-Session-Id made it a session: the transcript ends with the last
     // turn the SDK sent (full history) and the answer it got
-    let transcript: Value = h
-        .client
-        .get(h.v1("/sessions/sdk-session/messages"))
-        .header("authorization", "Bearer sk-sdk-test")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let messages = transcript["data"].as_array().unwrap();
-    assert_eq!(messages.len(), 2, "{transcript}");
+    let messages = support::stores::transcript(&h.client, &h.url, "sdk-session", "Bearer sk-sdk-test").await;
+    assert_eq!(messages.len(), 2, "{messages:?}");
     assert_eq!(messages[0]["content"], "Weather in Paris and Tokyo?");
     assert_eq!(messages[1], tool_call_completion()["choices"][0]["message"]);
 }

@@ -89,16 +89,23 @@ async fn replay_after_a_client_disconnect(store: Store) {
     assert_eq!(first[0].0, format!("{turn}-1"), "session events carry ids");
     assert_eq!(first[1].0, format!("{turn}-2"));
 
-    // When it reconnects with Last-Event-ID while the upstream still holds the rest
-    let client = h.client.clone();
-    let base = h.url.clone();
-    let last = first[1].0.clone();
-    let follower = tokio::spawn(async move { replay(&client, &base, "rp", Some(&last)).await });
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // When it reconnects with Last-Event-ID while the upstream still holds the rest (the
+    // response headers mean the follower is attached before the gate opens)
+    let follower = h
+        .client
+        .get(h.v1("/sessions/rp/stream"))
+        .header("authorization", AUTH)
+        .header("last-event-id", &first[1].0)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(follower.status(), 200);
+    assert_eq!(follower.headers()["content-type"], "text/event-stream");
     gate.open();
 
     // Then it gets exactly the events after it, live, to [DONE]
-    let rest = events(&follower.await.unwrap());
+    let rest =
+        events(&tokio::time::timeout(Duration::from_secs(10), follower.text()).await.unwrap().unwrap());
     let ids: Vec<&str> = rest.iter().map(|(id, _)| id.as_str()).collect();
     assert_eq!(ids, [3, 4, 5, 6].map(|s| format!("{turn}-{s}")));
     assert_eq!(content(&rest[0].1) + &content(&rest[1].1), "three four");
