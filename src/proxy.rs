@@ -50,7 +50,7 @@ pub async fn chat_completions(
         body: OutgoingBody::Replayable(bytes),
     };
     let forwarded = state.upstreams.forward(route, outgoing).await?;
-    Ok(forwarded.into_response(state.metrics.clone()))
+    Ok(forwarded.into_response())
 }
 
 /// `GET /v1/models` from the default upstream; when it has no such endpoint (or cannot be
@@ -77,7 +77,7 @@ pub async fn models(state: Arc<AppState>, request: Request<Body>) -> Result<Resp
     if upstream_has_none && !configured.is_empty() {
         return Ok(model_list(&configured));
     }
-    Ok(result?.into_response(state.metrics.clone()))
+    Ok(result?.into_response())
 }
 
 /// Any other `/v1/*` route: method, path, query, headers and body go upstream as sent.
@@ -102,7 +102,7 @@ pub async fn passthrough(
         body,
     };
     let forwarded = state.upstreams.forward(route, outgoing).await?;
-    Ok(forwarded.into_response(state.metrics.clone()))
+    Ok(forwarded.into_response())
 }
 
 fn path_and_query(uri: &http::Uri) -> String {

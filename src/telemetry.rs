@@ -240,13 +240,54 @@ impl Metrics {
         out
     }
 
-    pub fn record_usage(&self, upstream: &str, usage: &crate::openai::Usage) {
-        for (kind, n) in [
-            ("prompt", usage.prompt_tokens),
-            ("completion", usage.completion_tokens),
-            ("cached", usage.cached_tokens()),
-        ] {
-            self.tokens.get_or_create(&TokenLabel { upstream: upstream.to_string(), kind }).inc_by(n);
+    /// One upstream's handles, resolved once at start-up.
+    pub fn for_upstream(&self, name: &str) -> UpstreamMetrics {
+        let label = UpstreamLabel { upstream: name.to_string() };
+        let tokens =
+            |kind| self.tokens.get_or_create(&TokenLabel { upstream: name.to_string(), kind }).clone();
+        UpstreamMetrics {
+            duration: self.upstream_duration.get_or_create(&label).clone(),
+            stream_aborts: self.upstream_stream_aborts.get_or_create(&label).clone(),
+            failovers: self.upstream_failovers.get_or_create(&label).clone(),
+            prompt_tokens: tokens("prompt"),
+            completion_tokens: tokens("completion"),
+            cached_tokens: tokens("cached"),
         }
+    }
+}
+
+/// One upstream's metric handles: clones sharing the registered metrics, so the request path
+/// neither allocates label strings nor looks up label families.
+#[derive(Clone, Debug)]
+pub struct UpstreamMetrics {
+    pub duration: Histogram,
+    pub stream_aborts: Counter,
+    pub failovers: Counter,
+    prompt_tokens: Counter<u64, AtomicU64>,
+    completion_tokens: Counter<u64, AtomicU64>,
+    cached_tokens: Counter<u64, AtomicU64>,
+}
+
+impl UpstreamMetrics {
+    pub fn record_usage(&self, usage: &crate::openai::Usage) {
+        self.prompt_tokens.inc_by(usage.prompt_tokens);
+        self.completion_tokens.inc_by(usage.completion_tokens);
+        self.cached_tokens.inc_by(usage.cached_tokens());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upstream_handles_update_the_registered_metrics() {
+        let metrics = Metrics::new();
+        let handles = metrics.for_upstream("u");
+        handles.record_usage(&crate::openai::Usage { prompt_tokens: 7, ..Default::default() });
+        handles.failovers.inc();
+        let text = metrics.encode();
+        assert!(text.contains(r#"ctxgate_tokens_total{upstream="u",kind="prompt"} 7"#), "{text}");
+        assert!(text.contains(r#"ctxgate_upstream_failovers_total{upstream="u"} 1"#), "{text}");
     }
 }

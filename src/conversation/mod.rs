@@ -237,7 +237,7 @@ async fn execute(
             return send(reply, Err(err));
         }
     };
-    let mut response = forwarded.into_response(state.metrics.clone());
+    let mut response = forwarded.into_response();
     if !response.status().is_success() {
         // The upstream's error passes through; the turn did not happen.
         holder.finish(None).await;
@@ -293,7 +293,7 @@ async fn degraded(state: &AppState, turn: Turn) -> Result<Response<Body>, Gatewa
         headers: turn.parts.headers,
         body: OutgoingBody::Replayable(turn.body),
     };
-    let mut response = state.upstreams.forward(route, outgoing).await?.into_response(state.metrics.clone());
+    let mut response = state.upstreams.forward(route, outgoing).await?.into_response();
     response.headers_mut().insert(DEGRADED_HEADER, HeaderValue::from_static("degraded"));
     Ok(response)
 }

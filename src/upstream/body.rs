@@ -16,7 +16,6 @@ use tokio::time::Sleep;
 use super::Upstream;
 use crate::error::BoxError;
 use crate::openai::UsageScanner;
-use crate::telemetry::{Metrics, UpstreamLabel};
 
 /// The upstream went silent for longer than its `idle_timeout` mid-body.
 #[derive(Debug, thiserror::Error)]
@@ -39,20 +38,13 @@ pin_project_lite::pin_project! {
         last_frame: tokio::time::Instant,
         scanner: UsageScanner,
         upstream: Arc<Upstream>,
-        metrics: Arc<Metrics>,
         sent_at: Instant,
         ended: bool,
     }
 }
 
 impl UpstreamBody {
-    pub fn new(
-        inner: Incoming,
-        upstream: Arc<Upstream>,
-        metrics: Arc<Metrics>,
-        sent_at: Instant,
-        scanner: UsageScanner,
-    ) -> Self {
+    pub fn new(inner: Incoming, upstream: Arc<Upstream>, sent_at: Instant, scanner: UsageScanner) -> Self {
         let idle_timeout = upstream.idle_timeout;
         Self {
             inner,
@@ -61,7 +53,6 @@ impl UpstreamBody {
             last_frame: tokio::time::Instant::now(),
             scanner,
             upstream,
-            metrics,
             sent_at,
             ended: false,
         }
@@ -93,7 +84,7 @@ impl HttpBody for UpstreamBody {
             }
             Poll::Ready(Some(Err(err))) => {
                 *this.ended = true;
-                abort(this.metrics, this.upstream);
+                this.upstream.metrics.stream_aborts.inc();
                 Poll::Ready(Some(Err(err.into())))
             }
             Poll::Ready(None) => {
@@ -111,7 +102,7 @@ impl HttpBody for UpstreamBody {
                     continue;
                 }
                 *this.ended = true;
-                abort(this.metrics, this.upstream);
+                this.upstream.metrics.stream_aborts.inc();
                 tracing::warn!(upstream = %this.upstream.name, "upstream body idle timeout");
                 return Poll::Ready(Some(Err(Box::new(IdleTimeout {
                     upstream: this.upstream.name.clone(),
@@ -134,14 +125,9 @@ fn finish(this: &mut UpstreamBodyProj<'_>) {
     if std::mem::replace(this.ended, true) {
         return;
     }
-    let label = UpstreamLabel { upstream: this.upstream.name.clone() };
-    this.metrics.upstream_duration.get_or_create(&label).observe(this.sent_at.elapsed().as_secs_f64());
+    this.upstream.metrics.duration.observe(this.sent_at.elapsed().as_secs_f64());
     let scanner = std::mem::replace(this.scanner, UsageScanner::Off);
     if let Some(usage) = scanner.finish() {
-        this.metrics.record_usage(&this.upstream.name, &usage);
+        this.upstream.metrics.record_usage(&usage);
     }
-}
-
-fn abort(metrics: &Metrics, upstream: &Upstream) {
-    metrics.upstream_stream_aborts.get_or_create(&UpstreamLabel { upstream: upstream.name.clone() }).inc();
 }

@@ -28,7 +28,7 @@ pub use route::ModelRouter;
 use crate::body::{self as gw_body, Body};
 use crate::config::{Config, EnvSource, RetryConfig, UpstreamConfig};
 use crate::error::{BoxError, GatewayError};
-use crate::telemetry::{Metrics, RetryLabel, UpstreamLabel};
+use crate::telemetry::{Metrics, RetryLabel, UpstreamMetrics};
 
 type HttpClient = Client<HttpsConnector<HttpConnector>, Body>;
 
@@ -46,11 +46,16 @@ pub struct Upstream {
     first_byte_timeout: Duration,
     idle_timeout: Duration,
     pub models: Vec<String>,
+    pub metrics: UpstreamMetrics,
     client: HttpClient,
 }
 
 impl Upstream {
-    pub fn new(config: &UpstreamConfig, api_key: Option<String>) -> Result<Self, String> {
+    pub fn new(
+        config: &UpstreamConfig,
+        api_key: Option<String>,
+        metrics: UpstreamMetrics,
+    ) -> Result<Self, String> {
         let uri: Uri = config.base_url.parse().map_err(|e| format!("base_url: {e}"))?;
         let parts = uri.into_parts();
         let scheme = parts.scheme.ok_or("base_url has no scheme")?;
@@ -95,6 +100,7 @@ impl Upstream {
             first_byte_timeout: config.first_byte_timeout,
             idle_timeout: config.idle_timeout,
             models: config.models.clone(),
+            metrics,
             client,
         })
     }
@@ -109,13 +115,19 @@ impl Upstream {
             .build()
     }
 
-    fn build_request(&self, outgoing: &Outgoing, body: Body) -> Result<Request<Body>, GatewayError> {
-        let uri = self.uri_for(&outgoing.path_and_query).map_err(|e| GatewayError::Internal(e.into()))?;
+    fn build_request(
+        &self,
+        method: &Method,
+        path_and_query: &str,
+        client_headers: &HeaderMap,
+        body: Body,
+    ) -> Result<Request<Body>, GatewayError> {
+        let uri = self.uri_for(path_and_query).map_err(|e| GatewayError::Internal(e.into()))?;
         let mut request = Request::new(body);
-        *request.method_mut() = outgoing.method.clone();
+        *request.method_mut() = method.clone();
         *request.uri_mut() = uri;
         let headers = request.headers_mut();
-        copy_end_to_end(&outgoing.headers, headers);
+        copy_end_to_end(client_headers, headers);
         headers.remove(header::HOST);
         if let Some(auth) = &self.authorization {
             headers.insert(header::AUTHORIZATION, auth.clone());
@@ -171,7 +183,9 @@ impl Upstreams {
             .iter()
             .map(|u| {
                 let key = u.api_key_env.as_deref().and_then(|var| env.var(var));
-                Upstream::new(u, key).map(Arc::new).map_err(|e| format!("upstream {}: {e}", u.name))
+                Upstream::new(u, key, metrics.for_upstream(&u.name))
+                    .map(Arc::new)
+                    .map_err(|e| format!("upstream {}: {e}", u.name))
             })
             .collect::<Result<Vec<_>, _>>()?;
         let router = ModelRouter::new(&config.routes, &upstreams).map_err(|e| e.to_string())?;
@@ -186,114 +200,91 @@ impl Upstreams {
         route: &[Arc<Upstream>],
         outgoing: Outgoing,
     ) -> Result<Forwarded, GatewayError> {
-        let mut outgoing = outgoing;
-        let mut stream_body =
-            match std::mem::replace(&mut outgoing.body, OutgoingBody::Replayable(Bytes::new())) {
-                OutgoingBody::Stream(body) => Some(body),
-                replayable @ OutgoingBody::Replayable(_) => {
-                    outgoing.body = replayable;
-                    None
-                }
-            };
-        let replayable = stream_body.is_none();
+        let Outgoing { method, path_and_query, headers, body } = outgoing;
+        // A buffered body can be sent as often as the policy allows; a streamed one only once.
+        let (replay, mut once) = match body {
+            OutgoingBody::Replayable(bytes) => (Some(bytes), None),
+            OutgoingBody::Stream(body) => (None, Some(body)),
+        };
         let mut waited = Duration::ZERO;
         let mut last_error = None;
 
         for (u, upstream) in route.iter().enumerate() {
             let last_upstream = u + 1 == route.len();
-            let mut retry = 0;
-            loop {
-                let body = match (&outgoing.body, stream_body.take()) {
-                    (_, Some(body)) => body,
-                    (OutgoingBody::Replayable(bytes), None) => gw_body::full(bytes.clone()),
-                    (OutgoingBody::Stream(_), None) => gw_body::empty(),
+            for retry in 0.. {
+                let body = match (&replay, once.take()) {
+                    (Some(bytes), _) => gw_body::full(bytes.clone()),
+                    (None, Some(body)) => body,
+                    (None, None) => break,
                 };
-                let request = upstream.build_request(&outgoing, body)?;
+                let request = upstream.build_request(&method, &path_and_query, &headers, body)?;
                 let sent_at = Instant::now();
                 let attempt =
                     tokio::time::timeout(upstream.first_byte_timeout, upstream.client.request(request)).await;
                 waited += sent_at.elapsed();
-                let can_retry = replayable && retry < self.retry.max_retries;
+                let may_retry = replay.is_some() && retry < self.retry.max_retries;
+                let forwarded = |response| Forwarded {
+                    response,
+                    upstream: upstream.clone(),
+                    upstream_wait: waited,
+                    sent_at,
+                };
 
                 let (reason, delay) = match attempt {
-                    Ok(Ok(response)) => {
-                        let status = response.status();
-                        if !replayable || !retry::is_retryable_status(status) {
-                            return Ok(Forwarded {
-                                response,
-                                upstream: upstream.clone(),
-                                upstream_wait: waited,
-                                sent_at,
-                            });
+                    // A slow upstream is not retried: another attempt would double the wait.
+                    Err(_elapsed) => {
+                        return Err(GatewayError::UpstreamTimeout {
+                            upstream: upstream.name.clone(),
+                            after: upstream.first_byte_timeout,
+                        })
+                    }
+                    Ok(Err(err)) => {
+                        let is_connect = err.is_connect();
+                        let err = GatewayError::UpstreamUnreachable {
+                            upstream: upstream.name.clone(),
+                            source: classify_send_error(err)?,
+                        };
+                        if !is_connect || replay.is_none() {
+                            return Err(err);
                         }
+                        last_error = Some(err);
+                        ("connect_error", Some(retry::backoff(&self.retry, retry)))
+                    }
+                    Ok(Ok(response))
+                        if replay.is_none() || !retry::is_retryable_status(response.status()) =>
+                    {
+                        return Ok(forwarded(response))
+                    }
+                    Ok(Ok(response)) => {
                         let wanted = retry::retry_after(response.headers());
                         let too_long = wanted.is_some_and(|d| d > self.retry.max_retry_after);
-                        if (!can_retry || too_long) && last_upstream {
-                            return Ok(Forwarded {
-                                response,
-                                upstream: upstream.clone(),
-                                upstream_wait: waited,
-                                sent_at,
-                            });
+                        if last_upstream && (!may_retry || too_long) {
+                            // Nowhere left to go: the client gets the upstream's own answer.
+                            return Ok(forwarded(response));
                         }
-                        let reason = if status == StatusCode::TOO_MANY_REQUESTS {
+                        let reason = if response.status() == StatusCode::TOO_MANY_REQUESTS {
                             "rate_limited"
                         } else {
                             "server_error"
                         };
-                        if too_long {
-                            (reason, None)
-                        } else {
-                            (reason, Some(wanted.unwrap_or_else(|| retry::backoff(&self.retry, retry))))
-                        }
-                    }
-                    Ok(Err(err)) => {
-                        let is_connect = err.is_connect();
-                        let source = classify_send_error(err);
-                        let source = match source {
-                            Ok(source) => source,
-                            Err(too_large) => return Err(too_large),
-                        };
-                        if !is_connect || !replayable {
-                            return Err(GatewayError::UpstreamUnreachable {
-                                upstream: upstream.name.clone(),
-                                source,
-                            });
-                        }
-                        last_error = Some(GatewayError::UpstreamUnreachable {
-                            upstream: upstream.name.clone(),
-                            source,
-                        });
-                        ("connect_error", Some(retry::backoff(&self.retry, retry)))
-                    }
-                    Err(_elapsed) => {
-                        // A slow upstream is not retried: another attempt would double the wait.
-                        return Err(GatewayError::UpstreamTimeout {
-                            upstream: upstream.name.clone(),
-                            after: upstream.first_byte_timeout,
-                        });
+                        (
+                            reason,
+                            (!too_long).then(|| wanted.unwrap_or_else(|| retry::backoff(&self.retry, retry))),
+                        )
                     }
                 };
 
-                match delay {
-                    Some(delay) if can_retry => {
-                        self.metrics
-                            .upstream_retries
-                            .get_or_create(&RetryLabel { upstream: upstream.name.clone(), reason })
-                            .inc();
-                        tracing::debug!(upstream = %upstream.name, reason, ?delay, "retrying upstream");
-                        tokio::time::sleep(delay).await;
-                        waited += delay;
-                        retry += 1;
-                    }
-                    _ => break,
-                }
+                let Some(delay) = delay.filter(|_| may_retry) else { break };
+                self.metrics
+                    .upstream_retries
+                    .get_or_create(&RetryLabel { upstream: upstream.name.clone(), reason })
+                    .inc();
+                tracing::debug!(upstream = %upstream.name, reason, ?delay, "retrying upstream");
+                tokio::time::sleep(delay).await;
+                waited += delay;
             }
             if !last_upstream {
-                self.metrics
-                    .upstream_failovers
-                    .get_or_create(&UpstreamLabel { upstream: upstream.name.clone() })
-                    .inc();
+                upstream.metrics.failovers.inc();
                 tracing::info!(upstream = %upstream.name, "failing over to the next upstream");
             }
         }
@@ -304,14 +295,14 @@ impl Upstreams {
 
 impl Forwarded {
     /// The response for the client: end-to-end headers and the upstream body, streamed.
-    pub fn into_response(self, metrics: Arc<Metrics>) -> Response<Body> {
+    pub fn into_response(self) -> Response<Body> {
         let (parts, incoming) = self.response.into_parts();
         let content_type = parts.headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
         let scanner = crate::openai::UsageScanner::for_response(
             content_type,
             parts.headers.contains_key(header::CONTENT_ENCODING),
         );
-        let body = UpstreamBody::new(incoming, self.upstream, metrics, self.sent_at, scanner);
+        let body = UpstreamBody::new(incoming, self.upstream, self.sent_at, scanner);
         let mut response = Response::new(http_body_util::BodyExt::boxed_unsync(body));
         *response.status_mut() = parts.status;
         copy_end_to_end(&parts.headers, response.headers_mut());
@@ -370,7 +361,7 @@ mod tests {
     fn paths_map_onto_the_base_url() {
         let config =
             UpstreamConfig { base_url: "http://up.test:9000/openai/v1/".into(), ..UpstreamConfig::default() };
-        let upstream = Upstream::new(&config, None).unwrap();
+        let upstream = Upstream::new(&config, None, Metrics::new().for_upstream("t")).unwrap();
         assert_eq!(
             upstream.uri_for("/v1/chat/completions?x=1").unwrap().to_string(),
             "http://up.test:9000/openai/v1/chat/completions?x=1"
@@ -396,7 +387,8 @@ mod tests {
     #[test]
     fn gateway_key_replaces_client_authorization() {
         let config = UpstreamConfig { base_url: "http://up.test/v1".into(), ..UpstreamConfig::default() };
-        let upstream = Upstream::new(&config, Some("sk-gateway".into())).unwrap();
+        let upstream =
+            Upstream::new(&config, Some("sk-gateway".into()), Metrics::new().for_upstream("t")).unwrap();
         let mut headers = HeaderMap::new();
         headers.insert(header::AUTHORIZATION, "Bearer sk-client".parse().unwrap());
         headers.insert(header::HOST, "gateway.test".parse().unwrap());
@@ -406,7 +398,9 @@ mod tests {
             headers,
             body: OutgoingBody::Replayable(Bytes::new()),
         };
-        let request = upstream.build_request(&outgoing, gw_body::empty()).unwrap();
+        let request = upstream
+            .build_request(&outgoing.method, &outgoing.path_and_query, &outgoing.headers, gw_body::empty())
+            .unwrap();
         assert_eq!(request.headers()[header::AUTHORIZATION], "Bearer sk-gateway");
         assert!(request.headers()[header::AUTHORIZATION].is_sensitive());
         assert!(!request.headers().contains_key(header::HOST));

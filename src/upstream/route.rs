@@ -77,7 +77,7 @@ mod tests {
             base_url: format!("http://{name}.test/v1"),
             ..UpstreamConfig::default()
         };
-        Arc::new(Upstream::new(&config, None).unwrap())
+        Arc::new(Upstream::new(&config, None, crate::telemetry::Metrics::new().for_upstream(name)).unwrap())
     }
 
     fn names(route: &[Arc<Upstream>]) -> Vec<&str> {
