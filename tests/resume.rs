@@ -166,6 +166,14 @@ impl Gateway {
         gateway
     }
 
+    /// A chat request on `session`, as the session's owner.
+    fn chat(&self, client: &reqwest::Client, session: &str) -> reqwest::RequestBuilder {
+        client
+            .post(format!("{}/v1/chat/completions", self.base))
+            .header("authorization", AUTH)
+            .header("x-session-id", session)
+    }
+
     fn kill(&mut self) {
         self.child.kill().unwrap();
         self.child.wait().unwrap();
@@ -194,14 +202,7 @@ async fn a_turn_interrupted_by_sigkill_is_resumed_by_a_fresh_process(store: Stor
 
     // Given a streamed turn in flight on a gateway process
     let mut first = Gateway::start(&upstream.base_url(), &url).await;
-    let response = client
-        .post(format!("{}/v1/chat/completions", first.base))
-        .header("authorization", AUTH)
-        .header("x-session-id", "crash")
-        .json(&request(true))
-        .send()
-        .await
-        .unwrap();
+    let response = first.chat(&client, "crash").json(&request(true)).send().await.unwrap();
     let mut stream = response.bytes_stream();
     let head = stream.next().await.unwrap().unwrap();
     assert!(std::str::from_utf8(&head).unwrap().contains("partial"));
@@ -267,13 +268,8 @@ async fn the_next_request_resumes_an_interrupted_turn_first(store: Store) {
         .unwrap();
     let client = reqwest::Client::new();
     let mut first = Gateway::start(&upstream.base_url(), &url).await;
-    let response = client
-        .post(format!("{}/v1/chat/completions", first.base))
-        .header("authorization", AUTH)
-        .header("x-session-id", "next")
-        .header("x-session-mode", "append")
-        .json(&request(false))
-        .send();
+    let response =
+        first.chat(&client, "next").header("x-session-mode", "append").json(&request(false)).send();
     // A non-streamed turn: kill the process while the upstream holds it
     let pending = tokio::spawn(response);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
@@ -286,10 +282,8 @@ async fn the_next_request_resumes_an_interrupted_turn_first(store: Store) {
     let second = Gateway::start(&upstream.base_url(), &url).await;
 
     // The next request on the session waits for the resumed turn, then runs after it
-    let next = client
-        .post(format!("{}/v1/chat/completions", second.base))
-        .header("authorization", AUTH)
-        .header("x-session-id", "next")
+    let next = second
+        .chat(&client, "next")
         .header("x-session-mode", "append")
         .json(&json!({"model": "mock-model", "messages": [{"role": "user", "content": "and then?"}]}))
         .send()

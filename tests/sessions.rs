@@ -460,6 +460,21 @@ async fn redis_down_fails_closed_then_recovers() {
 }
 
 #[tokio::test]
+async fn ctxgate_does_not_start_without_its_redis_store() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut config = ctxgate::config::Config::default();
+    config.upstreams = vec![ctxgate::config::UpstreamConfig::default()];
+    config.sessions.store = format!("redis://127.0.0.1:{port}/");
+    config.sessions.store_timeout = Duration::from_millis(300);
+
+    let started = tokio::time::Instant::now();
+    let result = ctxgate::AppState::new(config, &std::collections::BTreeMap::new()).await;
+
+    assert!(matches!(result, Err(ctxgate::StartupError::Store(_))), "{result:?}");
+    assert!(started.elapsed() < Duration::from_secs(5), "bounded by store_timeout");
+}
+
+#[tokio::test]
 async fn redis_down_fails_open_when_configured() {
     let (h, mut store) = start(
         Store::Redis,
