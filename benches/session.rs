@@ -247,7 +247,7 @@ fn open_stores(
 }
 
 async fn commit_ok(store: &dyn SessionStore, key: &SessionKey, version: u64, cp: &Checkpoint) -> u64 {
-    match store.commit(key, version, cp).await.unwrap() {
+    match store.commit(key, version, &cp.encode()).await.unwrap() {
         Commit::Committed(v) => v,
         Commit::Conflict(v) => panic!("commit at {version} conflicted: the session is at {v}"),
     }

@@ -8,6 +8,7 @@ mod support;
 use std::sync::Arc;
 use std::time::Duration;
 
+use ctxgate::session::checkpoint::Encoded;
 use ctxgate::session::embedded::EmbeddedStore;
 use ctxgate::session::redis::RedisStore;
 use ctxgate::session::{Checkpoint, Commit, SessionKey, SessionStore, StoreError};
@@ -36,10 +37,10 @@ async fn redis() -> Backend {
     Backend { store: Arc::new(store), _dir: None, redis: Some(server) }
 }
 
-fn checkpoint(messages: &[&str]) -> Checkpoint {
+fn checkpoint(messages: &[&str]) -> Encoded {
     let mut cp = Checkpoint::new(ctxgate::session::checkpoint::now_ms());
     cp.transcript = messages.iter().map(|m| RawValue::from_string(m.to_string()).unwrap()).collect();
-    cp
+    cp.encode()
 }
 
 fn key(id: &str) -> SessionKey {

@@ -80,7 +80,9 @@ impl Holder {
                 turn,
                 request,
             });
-            match timed(&metrics, "commit", sessions.store.commit(&key, version, &checkpoint)).await? {
+            match timed(&metrics, "commit", sessions.store.commit(&key, version, &checkpoint.encode()))
+                .await?
+            {
                 Commit::Committed(version) => {
                     let holder = Self { sessions, metrics, key, version, turn, checkpoint };
                     return Ok(Admitted::Turn(holder, prepared));
@@ -111,7 +113,7 @@ impl Holder {
             checkpoint.stream_turn = Some(turn);
         }
         checkpoint.in_flight = Some(in_flight);
-        match timed(&metrics, "commit", sessions.store.commit(&key, version, &checkpoint)).await? {
+        match timed(&metrics, "commit", sessions.store.commit(&key, version, &checkpoint.encode())).await? {
             Commit::Committed(version) => {
                 Ok(Some((Self { sessions, metrics, key, version, turn, checkpoint }, request)))
             }
@@ -124,7 +126,8 @@ impl Holder {
     async fn renew(&mut self) {
         let Some(in_flight) = self.checkpoint.in_flight.as_mut() else { return };
         in_flight.lease_until_ms = now_ms() + self.sessions.config.lease.as_millis() as u64;
-        let commit = self.sessions.store.commit(&self.key, self.version, &self.checkpoint);
+        let encoded = self.checkpoint.encode();
+        let commit = self.sessions.store.commit(&self.key, self.version, &encoded);
         match timed(&self.metrics, "commit", commit).await {
             Ok(Commit::Committed(version)) => self.version = version,
             Ok(Commit::Conflict(_)) => {
@@ -163,10 +166,11 @@ impl Holder {
                 usage.cached_tokens += u.cached_tokens();
             }
         }
-        let commit = self.sessions.store.commit(&self.key, self.version, &self.checkpoint);
+        let encoded = self.checkpoint.encode();
+        let commit = self.sessions.store.commit(&self.key, self.version, &encoded);
         let outcome = match timed(&self.metrics, "commit", commit).await {
             Ok(Commit::Committed(version)) => {
-                self.metrics.checkpoint_bytes.observe(self.checkpoint.to_bytes().len() as f64);
+                self.metrics.checkpoint_bytes.observe(encoded.len() as f64);
                 self.metrics.session_commits.get_or_create(&OutcomeLabel { outcome: "committed" }).inc();
                 return Some(version);
             }

@@ -150,8 +150,32 @@ impl Checkpoint {
         serde_json::to_vec(self).unwrap_or_default()
     }
 
+    /// Serialises once for a store's commit; the caller keeps the size for its metrics.
+    pub fn encode(&self) -> Encoded {
+        Encoded(self.to_bytes().into())
+    }
+
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, serde_json::Error> {
         serde_json::from_slice(bytes)
+    }
+}
+
+/// A checkpoint serialised for a store; cheap to clone (a blocking-pool write takes its own
+/// handle without copying).
+#[derive(Clone, Debug)]
+pub struct Encoded(bytes::Bytes);
+
+impl Encoded {
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
     }
 }
 

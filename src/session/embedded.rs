@@ -9,7 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
-use super::checkpoint::{now_ms, Checkpoint};
+use super::checkpoint::{now_ms, Checkpoint, Encoded};
 use super::store::{BoxFuture, Commit, SessionKey, SessionStore, StoreError, Stored};
 
 /// `scope:id` → 8-byte big-endian version followed by the checkpoint JSON.
@@ -92,10 +92,10 @@ impl SessionStore for EmbeddedStore {
         &'a self,
         key: &'a SessionKey,
         expected: u64,
-        checkpoint: &'a Checkpoint,
+        checkpoint: &'a Encoded,
     ) -> BoxFuture<'a, Result<Commit, StoreError>> {
         let k = key.storage_key();
-        let doc = checkpoint.to_bytes();
+        let doc = checkpoint.clone();
         let ttl = self.ttl;
         Box::pin(self.blocking(move |db| {
             let txn = db.begin_write().map_err(unavailable)?;
@@ -114,7 +114,7 @@ impl SessionStore for EmbeddedStore {
                     let version = current + 1;
                     let mut record = Vec::with_capacity(8 + doc.len());
                     record.extend_from_slice(&version.to_be_bytes());
-                    record.extend_from_slice(&doc);
+                    record.extend_from_slice(doc.as_bytes());
                     table.insert(k.as_str(), record.as_slice()).map_err(unavailable)?;
                     Commit::Committed(version)
                 }

@@ -8,7 +8,7 @@ use bytes::Bytes;
 use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, Script};
 
-use super::checkpoint::Checkpoint;
+use super::checkpoint::{Checkpoint, Encoded};
 use super::store::{BoxFuture, Commit, SessionKey, SessionStore, StoreError, Stored};
 
 /// KEYS[1] session hash; ARGV[1] expected version, ARGV[2] document, ARGV[3] TTL in ms.
@@ -115,7 +115,7 @@ impl SessionStore for RedisStore {
         &'a self,
         key: &'a SessionKey,
         expected: u64,
-        checkpoint: &'a Checkpoint,
+        checkpoint: &'a Encoded,
     ) -> BoxFuture<'a, Result<Commit, StoreError>> {
         Box::pin(async move {
             let mut conn = self.conn.clone();
@@ -124,7 +124,7 @@ impl SessionStore for RedisStore {
                     self.commit
                         .key(self.key(key))
                         .arg(expected)
-                        .arg(checkpoint.to_bytes())
+                        .arg(checkpoint.as_bytes())
                         .arg(self.ttl.as_millis() as u64)
                         .invoke_async(&mut conn),
                 )

@@ -9,7 +9,7 @@ use std::pin::Pin;
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
 
-use super::checkpoint::Checkpoint;
+use super::checkpoint::{Checkpoint, Encoded};
 use crate::error::BoxError;
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -76,7 +76,7 @@ pub trait SessionStore: Send + Sync + fmt::Debug {
         &'a self,
         key: &'a SessionKey,
         expected: u64,
-        checkpoint: &'a Checkpoint,
+        checkpoint: &'a Encoded,
     ) -> BoxFuture<'a, Result<Commit, StoreError>>;
 
     /// Removes the session; false if there was none.
