@@ -350,8 +350,10 @@ async fn send_frame(frames: &mut Option<FrameSender>, bytes: Bytes) {
 
 /// `id: TURN-SEQ` followed by the event as the upstream sent it.
 pub fn with_id(turn: u64, seq: u64, event: &[u8]) -> Bytes {
-    let mut out = BytesMut::with_capacity(event.len() + 24);
-    out.extend_from_slice(format!("id: {turn}-{seq}\n").as_bytes());
+    use std::fmt::Write;
+    let mut out = BytesMut::with_capacity(event.len() + 48);
+    // Writing into a BytesMut cannot fail.
+    let _ = writeln!(out, "id: {turn}-{seq}");
     out.extend_from_slice(event);
     out.freeze()
 }

@@ -22,12 +22,11 @@ pub struct Answer {
 #[derive(Debug)]
 pub enum AnswerBuilder {
     Json(Vec<Bytes>),
-    Sse(Box<StreamState>),
+    Sse(LineSplitter, Box<StreamState>),
 }
 
 #[derive(Debug, Default)]
 pub struct StreamState {
-    lines: LineSplitter,
     role: Option<String>,
     content: String,
     refusal: String,
@@ -100,7 +99,7 @@ struct FunctionDelta {
 impl AnswerBuilder {
     pub fn new(stream: bool) -> Self {
         if stream {
-            Self::Sse(Box::default())
+            Self::Sse(LineSplitter::default(), Box::default())
         } else {
             Self::Json(Vec::new())
         }
@@ -109,22 +108,15 @@ impl AnswerBuilder {
     pub fn observe(&mut self, chunk: &Bytes) {
         match self {
             Self::Json(frames) => frames.push(chunk.clone()),
-            Self::Sse(state) => {
-                let StreamState { lines, .. } = &mut **state;
-                let mut pending = Vec::new();
-                lines.feed(
-                    chunk,
-                    |_| true,
-                    |line| {
-                        if let Some(data) = sse::data(line).filter(|d| !d.is_empty()) {
-                            pending.push(data.to_vec());
-                        }
-                    },
-                );
-                for data in pending {
-                    state.apply(&data);
-                }
-            }
+            Self::Sse(lines, state) => lines.feed(
+                chunk,
+                |_| true,
+                |line| {
+                    if let Some(data) = sse::data(line).filter(|d| !d.is_empty()) {
+                        state.apply(data);
+                    }
+                },
+            ),
         }
     }
 
@@ -137,7 +129,7 @@ impl AnswerBuilder {
                 let message = completion.choices.first()?.message.to_owned();
                 Some(Answer { message, usage: completion.usage })
             }
-            Self::Sse(state) => state.finish(),
+            Self::Sse(_, state) => state.finish(),
         }
     }
 }
