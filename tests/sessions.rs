@@ -100,11 +100,15 @@ async fn streamed_answers_are_assembled_and_committed(store: Store) {
     chunks.push(Chunk::done());
     let (h, _store) = start(store, Harness::builder().upstream(Server::builder().stream(chunks))).await;
 
-    let body = send(&h, "st", &request(&[user("weather?")], true)).await.text().await.unwrap();
+    let response = send(&h, "st", &request(&[user("weather?")], true)).await;
+    // A stream carries the version that admitted it; its answer commits after the last event.
+    assert_eq!(response.headers()["x-ctxgate-session-version"], "1");
+    let body = response.text().await.unwrap();
     assert!(body.ends_with("data: [DONE]\n\n"));
 
     let messages = transcript(&h, "st").await;
     assert_eq!(messages.len(), 2);
+    assert_eq!(session(&h, "st", "Bearer sk-test-client").await.1["version"], 2);
     let [args0, args1] = fixtures::tool_call_arguments();
     assert_eq!(messages[1]["role"], "assistant");
     assert_eq!(messages[1]["content"], Value::Null);
