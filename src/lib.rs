@@ -5,6 +5,7 @@
 //! - [`stack`]: the tower layers, in their one documented order.
 //! - [`router`]: `(method, path)` → handler; [`proxy`]: the handlers that call upstreams;
 //!   [`conversation`]: chat on a session and the sessions API.
+//! - [`compress`]: token counting, rule passes, compaction epochs and the prefix-stable layout.
 //! - [`session`]: checkpoints and their stores (redb, Redis).
 //! - [`upstream`]: pooled clients, routing by model, retries and failover, streamed bodies.
 //! - [`openai`]: wire types (request validation, `usage`); no I/O.
@@ -13,6 +14,7 @@
 //! - [`config`]: loading, env overrides, validation; [`telemetry`]: logs and metric names.
 
 pub mod body;
+pub mod compress;
 pub mod config;
 pub mod conversation;
 pub mod error;
@@ -43,6 +45,7 @@ pub struct AppState {
     pub config: Config,
     pub upstreams: Upstreams,
     pub sessions: Arc<Sessions>,
+    pub compressor: compress::Compressor,
     pub metrics: Arc<Metrics>,
 }
 
@@ -71,7 +74,8 @@ impl AppState {
         let upstreams =
             Upstreams::from_config(&config, env, metrics.clone()).map_err(StartupError::Upstream)?;
         let sessions = Arc::new(Sessions::open(&config.sessions).await?);
-        Ok(Arc::new(Self { config, upstreams, sessions, metrics }))
+        let compressor = compress::Compressor::new(&config);
+        Ok(Arc::new(Self { config, upstreams, sessions, compressor, metrics }))
     }
 
     /// Every model named in config: upstreams' `models` and exact route names, deduplicated.

@@ -31,6 +31,28 @@ enum Command {
         #[arg(default_value = DEFAULT_CONFIG)]
         path: PathBuf,
     },
+    /// Read a chat request and write what ctxgate would send upstream (rules only: no state
+    /// sheet is written offline); per-rule statistics go to stderr.
+    Compress(CompressArgs),
+}
+
+#[derive(Args, Debug)]
+struct CompressArgs {
+    /// Configuration file (TOML); default config/ctxgate.toml if it exists.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Override the policy's mode (off, rules, hybrid).
+    #[arg(long)]
+    mode: Option<String>,
+    /// Compact even under the high-water mark.
+    #[arg(long)]
+    force: bool,
+    /// Statistics format on stderr.
+    #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+    stats: String,
+    /// The request file, or - for standard input.
+    #[arg(default_value = "-")]
+    file: PathBuf,
 }
 
 #[derive(Args, Debug, Default)]
@@ -54,6 +76,7 @@ fn main() -> ExitCode {
     match cli.command {
         Some(Command::CheckConfig { path }) => check_config(&path),
         Some(Command::Serve(args)) => serve(args),
+        Some(Command::Compress(args)) => compress(args),
         None => serve(cli.serve),
     }
 }
@@ -69,6 +92,73 @@ fn check_config(path: &Path) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn compress(args: CompressArgs) -> ExitCode {
+    use std::io::Read;
+
+    use ctxgate::compress::rules::Rule;
+    use ctxgate::config::CompressionMode;
+
+    let env = ProcessEnv;
+    let path =
+        args.config.or_else(|| Path::new(DEFAULT_CONFIG).exists().then(|| PathBuf::from(DEFAULT_CONFIG)));
+    let config =
+        match path.as_deref().map_or_else(|| Config::parse("", &env), |p| Config::parse_file(p, &env)) {
+            Ok(config) => config,
+            Err(err) => {
+                report(path.as_deref().unwrap_or(Path::new("<defaults>")), &err);
+                return ExitCode::FAILURE;
+            }
+        };
+    let mode = match args.mode.as_deref() {
+        None => None,
+        Some("off") => Some(CompressionMode::Off),
+        Some("rules") => Some(CompressionMode::Rules),
+        Some("hybrid") => Some(CompressionMode::Hybrid),
+        Some(other) => {
+            let _ = writeln!(std::io::stderr(), "--mode must be off, rules or hybrid, not {other}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut input = Vec::new();
+    let read = if args.file.as_os_str() == "-" {
+        std::io::stdin().read_to_end(&mut input).map(|_| ())
+    } else {
+        std::fs::read(&args.file).map(|bytes| input = bytes)
+    };
+    if let Err(err) = read {
+        let _ = writeln!(std::io::stderr(), "cannot read {}: {err}", args.file.display());
+        return ExitCode::FAILURE;
+    }
+    let (body, plan) = match ctxgate::compress::compress_offline(&config, &input, mode, args.force) {
+        Ok(out) => out,
+        Err(err) => {
+            let _ = writeln!(std::io::stderr(), "not a valid chat request: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut stdout = std::io::stdout().lock();
+    let _ = stdout.write_all(&body).and_then(|()| stdout.write_all(b"\n"));
+    let rules: serde_json::Map<String, serde_json::Value> =
+        Rule::ALL.iter().map(|r| (r.name().to_string(), plan.stats.get(*r).into())).collect();
+    let mut stderr = std::io::stderr().lock();
+    if args.stats == "json" {
+        let stats = serde_json::json!({
+            "tokens_before": plan.tokens_before,
+            "tokens_after": plan.tokens_after,
+            "acted": plan.acted.as_str(),
+            "saved_by_rule": rules,
+        });
+        let _ = writeln!(stderr, "{stats}");
+    } else {
+        let _ = writeln!(stderr, "tokens before  {:>8}", plan.tokens_before);
+        let _ = writeln!(stderr, "tokens after   {:>8}  ({})", plan.tokens_after, plan.acted.as_str());
+        for (name, saved) in &rules {
+            let _ = writeln!(stderr, "  {name:<24}{saved:>8}");
+        }
+    }
+    ExitCode::SUCCESS
 }
 
 fn report(path: &Path, err: &ConfigError) {

@@ -8,7 +8,10 @@ use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode
 use http_body::Body as _;
 use http_body_util::BodyExt;
 
+use serde_json::value::RawValue;
+
 use crate::body::{self, Body};
+use crate::compress;
 use crate::conversation;
 use crate::error::GatewayError;
 use crate::limit::BodyTooLarge;
@@ -43,6 +46,10 @@ pub async fn chat_completions(
     }
     let head = ChatRequestHead::parse(&bytes)?;
     let route = state.upstreams.router.route(Some(&head.model));
+    let (bytes, plan) = match state.compressor.active(&head.model, &parts.headers) {
+        Some(active) => compress_stateless(&state, &active, &parts.headers, bytes, route).await?,
+        None => (bytes, None),
+    };
     let outgoing = Outgoing {
         method: parts.method,
         path_and_query: path_and_query(&parts.uri),
@@ -50,7 +57,65 @@ pub async fn chat_completions(
         body: OutgoingBody::Replayable(bytes),
     };
     let forwarded = state.upstreams.forward(route, outgoing).await?;
-    Ok(forwarded.into_response())
+    let mut response = forwarded.into_response();
+    if let Some(plan) = plan {
+        compress::annotate(response.headers_mut(), &plan);
+    }
+    Ok(response)
+}
+
+/// Compression without a session: the conversation's state is stored under a key derived from
+/// the caller and its first messages, so a client that resends the same history gets the same
+/// bytes upstream.
+async fn compress_stateless(
+    state: &Arc<AppState>,
+    active: &compress::Active<'_>,
+    headers: &HeaderMap,
+    bytes: Bytes,
+    route: &[Arc<crate::upstream::Upstream>],
+) -> Result<(Bytes, Option<compress::Plan>), GatewayError> {
+    let (head, messages) = ChatRequestHead::parse_with_messages(&bytes)?;
+    let messages: Vec<Box<RawValue>> = messages.items.iter().map(|m| (*m).to_owned()).collect();
+    let tools = compress::request::tools_of(&bytes);
+    let analysed = compress::analyse(active.counter, &messages);
+    let total = compress::fixed_tokens(active.counter, tools.as_deref(), None)
+        + analysed.tokens.iter().map(|&t| u64::from(t)).sum::<u64>();
+    // Under the first mark nothing was ever compacted: no state to look up.
+    let first_mark = active.policy.pre_tokens().min(active.policy.high_tokens());
+    let scope = conversation::session_key(headers, "").scope;
+    let key = compress::conversation_key(&scope, &messages, &analysed.infos);
+    let (previous, ready) = if total > first_mark {
+        let ready = compress::ready_summary(state, active, &key, &analysed.tokens).await;
+        (compress::load_state(state, &key).await, ready)
+    } else {
+        (None, None)
+    };
+    let plan = compress::run(
+        &state.compressor,
+        active,
+        &messages,
+        &analysed,
+        None,
+        tools.as_deref(),
+        previous,
+        ready.as_ref(),
+    );
+    let cache_key = route.first().filter(|u| u.prompt_cache_key).map(|_| compress::cache_key(&key));
+    let body = compress::request::rebuild(&bytes, &plan.messages, cache_key.as_deref())?;
+    compress::record(&state.metrics, &active.label, &plan);
+    if plan.epoch.is_some() || plan.reset {
+        if let Some(new_state) = &plan.state {
+            if let Err(err) = compress::save_state(state, &key, new_state).await {
+                // The request still goes out; the next one recomputes the epoch.
+                tracing::warn!(error = %err, "cannot store compression state");
+            }
+        }
+    }
+    if let Some(request) = plan.summarize.clone() {
+        let call = compress::summary_call(&state.compressor.config, &head.model, headers, tools.as_deref());
+        compress::start_summary(state, &key, request, call, messages.len(), plan.tokens_after);
+    }
+    Ok((body, Some(plan)))
 }
 
 /// `GET /v1/models` from the default upstream; when it has no such endpoint (or cannot be

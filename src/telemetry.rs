@@ -83,6 +83,31 @@ pub struct Metrics {
     pub session_store_errors: Counter,
     pub session_store_duration: Family<OpLabel, Histogram>,
     pub checkpoint_bytes: Histogram,
+    pub compression_tokens: Family<ModelStage, Counter<u64, AtomicU64>>,
+    pub compression_requests: Family<ModelStage, Counter>,
+    pub compression_saved_tokens: Family<RuleLabel, Counter<u64, AtomicU64>>,
+    pub compression_epochs: Family<ModelStage, Counter>,
+    pub compression_prefix_bytes: Family<ModelStage, Counter<u64, AtomicU64>>,
+    pub model_tokens: Family<ModelStage, Counter<u64, AtomicU64>>,
+    pub summarizer_duration: Histogram,
+    pub summarizer_failures: Family<ReasonLabel, Counter>,
+}
+
+/// A model (as named in config, or `other`) and a stage or kind.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModelStage {
+    pub model: String,
+    pub stage: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RuleLabel {
+    pub rule: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -209,7 +234,63 @@ impl Metrics {
         let checkpoint_bytes =
             Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(1024.0, 4.0, 10));
         registry.register("checkpoint_bytes", "Size of committed checkpoints", checkpoint_bytes.clone());
+        let compression_tokens = Family::<ModelStage, Counter<u64, AtomicU64>>::default();
+        registry.register(
+            "compression_tokens",
+            "Prompt tokens of chat requests before and after compression, by model and stage",
+            compression_tokens.clone(),
+        );
+        let compression_requests = Family::<ModelStage, Counter>::default();
+        registry.register(
+            "compression_requests",
+            "Chat requests by what shaped them (off, none, rules, hybrid)",
+            compression_requests.clone(),
+        );
+        let compression_saved_tokens = Family::<RuleLabel, Counter<u64, AtomicU64>>::default();
+        registry.register(
+            "compression_saved_tokens",
+            "Tokens each rule removed at compaction epochs",
+            compression_saved_tokens.clone(),
+        );
+        let compression_epochs = Family::<ModelStage, Counter>::default();
+        registry.register(
+            "compression_epochs",
+            "Compaction epochs by kind (rules, hybrid), plus resets and sheet fallbacks",
+            compression_epochs.clone(),
+        );
+        let compression_prefix_bytes = Family::<ModelStage, Counter<u64, AtomicU64>>::default();
+        registry.register(
+            "compression_prefix_bytes",
+            "Session requests' message bytes: previous request's (previous), and shared with it as a prefix (shared)",
+            compression_prefix_bytes.clone(),
+        );
+        let model_tokens = Family::<ModelStage, Counter<u64, AtomicU64>>::default();
+        registry.register(
+            "model_tokens",
+            "Upstream-reported prompt and cached prompt tokens of chat requests, by model",
+            model_tokens.clone(),
+        );
+        let summarizer_duration = Histogram::new(latency_buckets());
+        registry.register(
+            "summarizer_duration_seconds",
+            "State sheet calls, start to answer (or failure)",
+            summarizer_duration.clone(),
+        );
+        let summarizer_failures = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "summarizer_failures",
+            "State sheet calls that failed, by reason",
+            summarizer_failures.clone(),
+        );
         Self {
+            compression_tokens,
+            compression_requests,
+            compression_saved_tokens,
+            compression_epochs,
+            compression_prefix_bytes,
+            model_tokens,
+            summarizer_duration,
+            summarizer_failures,
             session_commits,
             session_busy,
             session_resumes,

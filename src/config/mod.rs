@@ -4,6 +4,7 @@
 //! Parsing names the exact key that failed (`upstreams[1].connect_timeout`); semantic checks
 //! live in [`validate`] and report every problem at once. This module does no network I/O.
 
+mod compression;
 mod env;
 mod validate;
 
@@ -15,6 +16,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+pub use compression::{
+    CompressionConfig, Encoding, Mode as CompressionMode, ModelPolicy, Policy, RulesConfig, SummarizerConfig,
+};
 pub use env::{EnvSource, ProcessEnv};
 pub use validate::{ConfigError, Issue};
 
@@ -32,6 +36,7 @@ pub struct Config {
     /// Model routes, tried exact names first, then globs in order.
     pub routes: Vec<RouteConfig>,
     pub sessions: SessionConfig,
+    pub compression: CompressionConfig,
 }
 
 /// What a request gets when the session store is unreachable.
@@ -181,6 +186,9 @@ pub struct UpstreamConfig {
     pub headers: BTreeMap<String, String>,
     /// Models served from config by `GET /v1/models` when the upstream has no such endpoint.
     pub models: Vec<String>,
+    /// Set OpenAI's `prompt_cache_key` from the session (or conversation) when the client did
+    /// not, so one conversation's requests land on the same prompt cache.
+    pub prompt_cache_key: bool,
 }
 
 impl Default for UpstreamConfig {
@@ -194,6 +202,7 @@ impl Default for UpstreamConfig {
             idle_timeout: Duration::from_secs(60),
             headers: BTreeMap::new(),
             models: Vec::new(),
+            prompt_cache_key: false,
         }
     }
 }

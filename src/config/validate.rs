@@ -143,6 +143,7 @@ impl Config {
                 push(key.into(), "must be greater than zero".into());
             }
         }
+        self.validate_compression(&mut push);
         if self.server.request_timeout.is_zero() {
             push("server.request_timeout".into(), "must be greater than zero".into());
         }
@@ -153,6 +154,58 @@ impl Config {
             push("telemetry.log_level".into(), format!("invalid filter: {e}"));
         }
         ConfigError::from_issues(issues)
+    }
+}
+
+impl Config {
+    fn validate_compression(&self, push: &mut impl FnMut(String, String)) {
+        let compression = &self.compression;
+        let mut policies = vec![("compression".to_string(), compression.policy.clone())];
+        for (i, model) in compression.models.iter().enumerate() {
+            let at = format!("compression.models[{i}]");
+            if model.matches.is_empty() {
+                push(format!("{at}.match"), "must name at least one model or glob".into());
+            }
+            for (j, pattern) in model.matches.iter().enumerate() {
+                if let Err(e) = globset::Glob::new(pattern) {
+                    push(format!("{at}.match[{j}]"), format!("invalid glob: {e}"));
+                }
+            }
+            policies.push((at, model.apply(&compression.policy)));
+        }
+        for (at, policy) in &policies {
+            if policy.context_window == 0 {
+                push(format!("{at}.context_window"), "must be greater than zero".into());
+            }
+            let marks = [policy.low_water, policy.pre_compaction, policy.high_water];
+            if !marks.iter().all(|m| *m > 0.0 && *m <= 1.0)
+                || policy.low_water >= policy.high_water
+                || policy.pre_compaction > policy.high_water
+            {
+                push(
+                    at.clone(),
+                    "marks must satisfy 0 < low_water < high_water <= 1 and pre_compaction <= high_water"
+                        .into(),
+                );
+            }
+        }
+        for (j, pattern) in compression.policy.rules.read_functions.iter().enumerate() {
+            if let Err(e) = globset::Glob::new(pattern) {
+                push(format!("compression.rules.read_functions[{j}]"), format!("invalid glob: {e}"));
+            }
+        }
+        let summarizer = &compression.summarizer;
+        if let Some(name) = &summarizer.upstream {
+            if !self.upstreams.iter().any(|u| &u.name == name) {
+                push("compression.summarizer.upstream".into(), format!("no upstream is named `{name}`"));
+            }
+        }
+        if !matches!(summarizer.role.as_str(), "system" | "user") {
+            push("compression.summarizer.role".into(), "must be `system` or `user`".into());
+        }
+        if summarizer.timeout.is_zero() {
+            push("compression.summarizer.timeout".into(), "must be greater than zero".into());
+        }
     }
 }
 
@@ -229,5 +282,38 @@ upstreams = ["nope"]
         let env = BTreeMap::new();
         let err = Config::parse("", &env).unwrap().validate(&env).unwrap_err();
         assert_eq!(err.0[0].path, "upstreams");
+    }
+
+    #[test]
+    fn compression_marks_and_references_are_checked() {
+        let text = r#"
+[[upstreams]]
+name = "a"
+base_url = "http://ok/v1"
+
+[compression]
+mode = "hybrid"
+low_water = 0.9
+summarizer = { upstream = "nope", role = "tool" }
+
+[[compression.models]]
+match = ["small-*"]
+context_window = 0
+"#;
+        let env = BTreeMap::new();
+        let config = Config::parse(text, &env).unwrap();
+        let err = config.validate(&env).unwrap_err();
+        let paths: Vec<&str> = err.0.iter().map(|i| i.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "compression",
+                "compression.models[0].context_window",
+                "compression.models[0]",
+                "compression.summarizer.upstream",
+                "compression.summarizer.role",
+            ],
+            "{err}"
+        );
     }
 }

@@ -39,12 +39,13 @@ pub use api::api;
 use self::compose::GoalConflict;
 use self::holder::{Admitted, Holder};
 use crate::body::{self, Body};
+use crate::compress;
 use crate::config::OnStoreError;
 use crate::error::{BoxError, GatewayError};
 use crate::openai::answer::AnswerBuilder;
 use crate::openai::events::EventSplitter;
 use crate::session::{SessionKey, Sessions, Stored, StoredRequest};
-use crate::telemetry::{Metrics, OutcomeLabel};
+use crate::telemetry::{Metrics, ModelStage, OutcomeLabel};
 use crate::upstream::{Outgoing, OutgoingBody};
 use crate::AppState;
 
@@ -105,21 +106,65 @@ async fn run_turn(state: Arc<AppState>, turn: Turn, reply: Reply) {
     let append = headers.get(&MODE_HEADER).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"append"));
     let path = turn.parts.uri.path_and_query().map_or("/v1/chat/completions", |p| p.as_str()).to_string();
 
+    // Compression: the policy for this model, and a state sheet written since the last turn.
+    let active = state.compressor.active(&turn.model, headers);
+    let compression_key = format!("s:{}", turn.key.storage_key());
+    let tools = compress::request::tools_of(&turn.body);
+    let ready = match &active {
+        Some(active) => {
+            let tokens: Vec<u32> = turn.messages.iter().map(|m| active.counter.message(m.get())).collect();
+            compress::ready_summary(&state, active, &compression_key, &tokens).await
+        }
+        None => None,
+    };
+    let cache_key = state
+        .upstreams
+        .router
+        .route(Some(&turn.model))
+        .first()
+        .filter(|u| u.prompt_cache_key)
+        .map(|_| compress::cache_key(&compression_key));
+
     let admitted = loop {
         let prepare = |checkpoint: &mut crate::session::Checkpoint| {
-            let composed =
+            let mut composed =
                 compose::compose(checkpoint, &turn.body, &turn.messages, turn.messages_span.clone(), append)
                     .map_err(|GoalConflict| GatewayError::GoalLocked { id: turn.key.id.clone() })?;
             if composed.rewrote_history {
                 checkpoint.history_rewrites += 1;
+            }
+            let mut compressed = None;
+            if let Some(active) = &active {
+                let goal = checkpoint.goal.as_ref().map(crate::session::GoalLock::block);
+                let analysed = compress::analyse(active.counter, &composed.conversation);
+                let mut record = compress::SessionRecord::from_raw(checkpoint.compression.as_deref());
+                let plan = compress::run(
+                    &state.compressor,
+                    active,
+                    &composed.conversation,
+                    &analysed,
+                    goal.as_deref(),
+                    tools.as_deref(),
+                    record.state.take(),
+                    ready.as_ref(),
+                );
+                composed.body = compress::request::rebuild(&turn.body, &plan.messages, cache_key.as_deref())?;
+                let shared = record.shared_prefix(&plan.messages);
+                record.state = plan.state.clone();
+                checkpoint.compression = record.to_raw();
+                compressed = Some((plan, shared));
             }
             let request = StoredRequest {
                 path: path.clone(),
                 model: turn.model.clone(),
                 stream: turn.stream,
                 body: raw_json(&composed.body)?,
+                conversation: compressed
+                    .as_ref()
+                    .filter(|(plan, _)| plan.state.is_some())
+                    .map(|_| composed.conversation.clone()),
             };
-            Ok((composed, Some(request)))
+            Ok(((composed, compressed), Some(request)))
         };
         match Holder::admit(sessions.clone(), metrics.clone(), turn.key.clone(), &request_id, prepare).await {
             Ok(Admitted::Turn(holder, composed)) => break Ok((holder, composed)),
@@ -132,11 +177,29 @@ async fn run_turn(state: Arc<AppState>, turn: Turn, reply: Reply) {
     };
 
     match admitted {
-        Ok((holder, composed)) => {
+        Ok((holder, (composed, compressed))) => {
             if composed.rewrote_history {
                 metrics.session_history_rewrites.inc();
             }
-            let call = Call { path, model: turn.model, stream: turn.stream };
+            let mut annotations = HeaderMap::new();
+            if let (Some(active), Some((plan, (previous, shared)))) = (&active, compressed) {
+                compress::record(&metrics, &active.label, &plan);
+                let stage = |stage| ModelStage { model: active.label.clone(), stage };
+                metrics.compression_prefix_bytes.get_or_create(&stage("previous")).inc_by(previous);
+                metrics.compression_prefix_bytes.get_or_create(&stage("shared")).inc_by(shared);
+                compress::annotate(&mut annotations, &plan);
+                if let Some(request) = plan.summarize {
+                    let call = compress::summary_call(
+                        &state.compressor.config,
+                        &turn.model,
+                        headers,
+                        tools.as_deref(),
+                    );
+                    let len = composed.conversation.len();
+                    compress::start_summary(&state, &compression_key, request, call, len, plan.tokens_after);
+                }
+            }
+            let call = Call { path, model: turn.model, stream: turn.stream, annotations };
             execute(
                 state,
                 holder,
@@ -171,8 +234,11 @@ async fn resume(state: &Arc<AppState>, key: SessionKey, headers: HeaderMap, stor
     let label = |outcome| OutcomeLabel { outcome };
     match Holder::take_over(state.sessions.clone(), metrics.clone(), key, stored).await {
         Ok(Some((holder, request))) => {
-            let Some(conversation) = compose::conversation_of(request.body.get().as_bytes(), goal.as_ref())
-            else {
+            let conversation = request
+                .conversation
+                .clone()
+                .or_else(|| compose::conversation_of(request.body.get().as_bytes(), goal.as_ref()));
+            let Some(conversation) = conversation else {
                 metrics.session_resumes.get_or_create(&label("unreadable")).inc();
                 holder.finish(None).await;
                 return None;
@@ -181,7 +247,12 @@ async fn resume(state: &Arc<AppState>, key: SessionKey, headers: HeaderMap, stor
             metrics.session_resumes.get_or_create(&label("resumed")).inc();
             let turn = holder.turn;
             let body = Bytes::from(request.body.get().to_string());
-            let call = Call { path: request.path, model: request.model, stream: request.stream };
+            let call = Call {
+                path: request.path,
+                model: request.model,
+                stream: request.stream,
+                annotations: HeaderMap::new(),
+            };
             tokio::spawn(execute(state.clone(), holder, conversation, call, body, headers, None));
             Some(turn)
         }
@@ -202,6 +273,8 @@ struct Call {
     path: String,
     model: String,
     stream: bool,
+    /// Response headers to add (what compression did).
+    annotations: HeaderMap,
 }
 
 /// Sends an admitted turn upstream, streams or returns the answer to `reply` (if a client is
@@ -238,6 +311,7 @@ async fn execute(
         }
     };
     let mut response = forwarded.into_response();
+    response.headers_mut().extend(request.annotations.clone());
     if !response.status().is_success() {
         // The upstream's error passes through; the turn did not happen.
         holder.finish(None).await;

@@ -126,6 +126,9 @@ pub struct StoredRequest {
     pub model: String,
     pub stream: bool,
     pub body: Box<RawValue>,
+    /// The conversation the turn commits, when compression made `body` carry less of it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conversation: Option<Vec<Box<RawValue>>>,
 }
 
 impl Checkpoint {

@@ -16,6 +16,8 @@ use super::store::{BoxFuture, Commit, SessionKey, SessionStore, StoreError, Stor
 const CHECKPOINTS: TableDefinition<&str, &[u8]> = TableDefinition::new("checkpoints");
 /// `(scope:id, turn, seq)` → one SSE event as sent to the client.
 const EVENTS: TableDefinition<(&str, u64, u64), &[u8]> = TableDefinition::new("events");
+/// Blob key → 8-byte big-endian write time (ms) followed by the value.
+const BLOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("blobs");
 
 #[derive(Clone)]
 pub struct EmbeddedStore {
@@ -40,6 +42,7 @@ impl EmbeddedStore {
         let txn = db.begin_write().map_err(unavailable)?;
         txn.open_table(CHECKPOINTS).map_err(unavailable)?;
         txn.open_table(EVENTS).map_err(unavailable)?;
+        txn.open_table(BLOBS).map_err(unavailable)?;
         txn.commit().map_err(unavailable)?;
         Ok(Self { db: Arc::new(db), ttl })
     }
@@ -74,6 +77,38 @@ fn expired(stored: &Stored, ttl: Duration) -> bool {
 }
 
 impl SessionStore for EmbeddedStore {
+    fn get_blob<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Bytes>, StoreError>> {
+        let k = key.to_string();
+        let ttl = self.ttl.as_millis() as u64;
+        Box::pin(self.blocking(move |db| {
+            let txn = db.begin_read().map_err(unavailable)?;
+            let table = txn.open_table(BLOBS).map_err(unavailable)?;
+            let Some(value) = table.get(k.as_str()).map_err(unavailable)? else {
+                return Ok(None);
+            };
+            let Some((written, data)) = value.value().split_first_chunk::<8>() else {
+                return Err(StoreError::Corrupt("blob shorter than its header".into()));
+            };
+            let fresh = u64::from_be_bytes(*written).saturating_add(ttl) >= now_ms();
+            Ok(fresh.then(|| Bytes::copy_from_slice(data)))
+        }))
+    }
+
+    fn put_blob<'a>(&'a self, key: &'a str, value: Bytes) -> BoxFuture<'a, Result<(), StoreError>> {
+        let k = key.to_string();
+        Box::pin(self.blocking(move |db| {
+            let mut record = Vec::with_capacity(8 + value.len());
+            record.extend_from_slice(&now_ms().to_be_bytes());
+            record.extend_from_slice(&value);
+            let txn = db.begin_write().map_err(unavailable)?;
+            txn.open_table(BLOBS)
+                .map_err(unavailable)?
+                .insert(k.as_str(), record.as_slice())
+                .map_err(unavailable)?;
+            txn.commit().map_err(unavailable)
+        }))
+    }
+
     fn load<'a>(&'a self, key: &'a SessionKey) -> BoxFuture<'a, Result<Option<Stored>, StoreError>> {
         let k = key.storage_key();
         let ttl = self.ttl;

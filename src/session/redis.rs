@@ -84,6 +84,33 @@ impl RedisStore {
 use std::future::Future;
 
 impl SessionStore for RedisStore {
+    fn get_blob<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Bytes>, StoreError>> {
+        Box::pin(async move {
+            let mut conn = self.conn.clone();
+            let k = format!("{}blob:{key}", self.prefix);
+            let value: Option<Vec<u8>> =
+                self.bounded(redis::cmd("GET").arg(&k).query_async(&mut conn)).await?;
+            Ok(value.map(Bytes::from))
+        })
+    }
+
+    fn put_blob<'a>(&'a self, key: &'a str, value: Bytes) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            let mut conn = self.conn.clone();
+            let k = format!("{}blob:{key}", self.prefix);
+            let ttl_ms = self.ttl.as_millis() as u64;
+            self.bounded(
+                redis::cmd("SET")
+                    .arg(&k)
+                    .arg(value.as_ref())
+                    .arg("PX")
+                    .arg(ttl_ms)
+                    .query_async::<()>(&mut conn),
+            )
+            .await
+        })
+    }
+
     fn load<'a>(&'a self, key: &'a SessionKey) -> BoxFuture<'a, Result<Option<Stored>, StoreError>> {
         Box::pin(async move {
             let mut conn = self.conn.clone();

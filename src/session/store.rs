@@ -101,6 +101,14 @@ pub trait SessionStore: Send + Sync + fmt::Debug {
         limit: usize,
     ) -> BoxFuture<'a, Result<Vec<(u64, Bytes)>, StoreError>>;
 
+    /// A value stored beside the sessions under `key` (compression state of stateless
+    /// conversations, state sheets written in the background), or `None`. Expires with the
+    /// session TTL after its last write.
+    fn get_blob<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Bytes>, StoreError>>;
+
+    /// Writes `value` under `key`, replacing any previous value, in one atomic write.
+    fn put_blob<'a>(&'a self, key: &'a str, value: Bytes) -> BoxFuture<'a, Result<(), StoreError>>;
+
     /// Reachability, for `/readyz`.
     fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>>;
 }

@@ -46,6 +46,8 @@ pub struct Upstream {
     first_byte_timeout: Duration,
     idle_timeout: Duration,
     pub models: Vec<String>,
+    /// Set `prompt_cache_key` on compressed requests that carry none.
+    pub prompt_cache_key: bool,
     pub metrics: UpstreamMetrics,
     client: HttpClient,
 }
@@ -100,6 +102,7 @@ impl Upstream {
             first_byte_timeout: config.first_byte_timeout,
             idle_timeout: config.idle_timeout,
             models: config.models.clone(),
+            prompt_cache_key: config.prompt_cache_key,
             metrics,
             client,
         })

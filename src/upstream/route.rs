@@ -15,6 +15,7 @@ pub struct ModelRouter {
     globs: Vec<(GlobMatcher, usize)>,
     routes: Vec<Vec<Arc<Upstream>>>,
     default: Vec<Arc<Upstream>>,
+    all: Vec<Arc<Upstream>>,
 }
 
 impl ModelRouter {
@@ -39,7 +40,13 @@ impl ModelRouter {
                     .collect(),
             );
         }
-        Ok(Self { exact, globs, routes: targets, default: upstreams.iter().take(1).cloned().collect() })
+        Ok(Self {
+            exact,
+            globs,
+            routes: targets,
+            default: upstreams.iter().take(1).cloned().collect(),
+            all: upstreams.to_vec(),
+        })
     }
 
     pub fn route(&self, model: Option<&str>) -> &[Arc<Upstream>] {
@@ -55,6 +62,12 @@ impl ModelRouter {
             Some(i) => &self.routes[i],
             None => &self.default,
         }
+    }
+
+    /// The upstream with this name alone, as a route.
+    pub fn named(&self, name: &str) -> Option<&[Arc<Upstream>]> {
+        let i = self.all.iter().position(|u| u.name == name)?;
+        Some(&self.all[i..=i])
     }
 
     pub fn default_upstream(&self) -> Option<&Arc<Upstream>> {

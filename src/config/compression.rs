@@ -1,0 +1,226 @@
+//! `[compression]`: when and how ctxgate shrinks what goes upstream. A default policy, with
+//! per-model overrides (`[[compression.models]]`, first match wins).
+
+use std::time::Duration;
+
+use serde::Deserialize;
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Requests go upstream as sent.
+    #[default]
+    Off,
+    /// Rule passes only.
+    Rules,
+    /// Rules, plus an LLM state sheet of old turns when rules do not reach the target.
+    Hybrid,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Off => "off",
+            Mode::Rules => "rules",
+            Mode::Hybrid => "hybrid",
+        }
+    }
+}
+
+/// The tokenizer a model's tokens are counted with.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Encoding {
+    /// Chosen from the model name: o200k for current OpenAI models, cl100k for older ones,
+    /// `default_encoding` for everything else.
+    #[default]
+    Auto,
+    O200kBase,
+    Cl100kBase,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CompressionConfig {
+    /// The policy for models that match no `[[compression.models]]` entry.
+    #[serde(flatten)]
+    pub policy: Policy,
+    /// Per-model overrides; each names its models (exact or glob) and the keys it changes.
+    pub models: Vec<ModelPolicy>,
+    /// Encoding for models tiktoken does not know (local and non-OpenAI models).
+    pub default_encoding: Encoding,
+    pub summarizer: SummarizerConfig,
+}
+
+impl Default for CompressionConfig {
+    fn default() -> Self {
+        Self {
+            policy: Policy::default(),
+            models: Vec::new(),
+            default_encoding: Encoding::O200kBase,
+            summarizer: SummarizerConfig::default(),
+        }
+    }
+}
+
+/// A policy override for some models: unset keys keep the default policy's values.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelPolicy {
+    /// Exact model names or globs (`gpt-4o*`).
+    #[serde(rename = "match")]
+    pub matches: Vec<String>,
+    pub mode: Option<Mode>,
+    pub context_window: Option<u64>,
+    pub high_water: Option<f64>,
+    pub low_water: Option<f64>,
+    pub pre_compaction: Option<f64>,
+    pub keep_recent_turns: Option<usize>,
+    pub encoding: Option<Encoding>,
+}
+
+impl ModelPolicy {
+    pub fn apply(&self, base: &Policy) -> Policy {
+        let mut policy = base.clone();
+        policy.mode = self.mode.unwrap_or(policy.mode);
+        policy.context_window = self.context_window.unwrap_or(policy.context_window);
+        policy.high_water = self.high_water.unwrap_or(policy.high_water);
+        policy.low_water = self.low_water.unwrap_or(policy.low_water);
+        policy.pre_compaction = self.pre_compaction.unwrap_or(policy.pre_compaction);
+        policy.keep_recent_turns = self.keep_recent_turns.unwrap_or(policy.keep_recent_turns);
+        policy.encoding = self.encoding.unwrap_or(policy.encoding);
+        policy
+    }
+}
+
+/// When compression acts and how far it goes. Marks are fractions of `context_window`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Policy {
+    pub mode: Mode,
+    /// The model's context window, in tokens (prompt, tools included).
+    pub context_window: u64,
+    /// A compaction epoch starts when a request's upstream tokens exceed this share.
+    pub high_water: f64,
+    /// What a compaction epoch compresses down to.
+    pub low_water: f64,
+    /// Hybrid: the summary of the next span starts in the background at this share.
+    pub pre_compaction: f64,
+    /// The most recent turns (a user message, or one model step with its tool results) that
+    /// are always sent verbatim.
+    pub keep_recent_turns: usize,
+    pub encoding: Encoding,
+    pub rules: RulesConfig,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Self {
+            mode: Mode::Off,
+            context_window: 128_000,
+            high_water: 0.8,
+            low_water: 0.5,
+            pre_compaction: 0.6,
+            keep_recent_turns: 4,
+            encoding: Encoding::Auto,
+            rules: RulesConfig::default(),
+        }
+    }
+}
+
+impl Policy {
+    pub fn high_tokens(&self) -> u64 {
+        (self.context_window as f64 * self.high_water) as u64
+    }
+
+    pub fn low_tokens(&self) -> u64 {
+        (self.context_window as f64 * self.low_water) as u64
+    }
+
+    pub fn pre_tokens(&self) -> u64 {
+        (self.context_window as f64 * self.pre_compaction) as u64
+    }
+}
+
+/// The rule passes; each can be switched off.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RulesConfig {
+    /// Trailing blanks, runs of blanks inside lines and of blank lines, outside code fences.
+    pub whitespace: bool,
+    /// ANSI escape sequences (terminal colours, cursor moves).
+    pub ansi: bool,
+    /// A tool result identical to an earlier one becomes a reference to it.
+    pub duplicate_tool_results: bool,
+    /// An older read of the same resource (same read-like function, same arguments) becomes a
+    /// pointer to the newer read.
+    pub superseded_reads: bool,
+    /// Function names (globs) that read a resource without changing it.
+    pub read_functions: Vec<String>,
+    /// Tool outputs longer than `max_tool_output_tokens` keep their head and tail.
+    pub truncate_tool_outputs: bool,
+    pub max_tool_output_tokens: u64,
+    /// Runs of base64 or hex longer than `min_blob_bytes` are elided.
+    pub elide_blobs: bool,
+    pub min_blob_bytes: usize,
+    /// Tool results more than `mask_after_turns` turns old are replaced by a short marker.
+    pub mask_old_tool_results: bool,
+    pub mask_after_turns: usize,
+    /// Past the context window after every other rule, the oldest compacted turns are dropped.
+    pub drop_oldest: bool,
+}
+
+impl Default for RulesConfig {
+    fn default() -> Self {
+        Self {
+            whitespace: true,
+            ansi: true,
+            duplicate_tool_results: true,
+            superseded_reads: true,
+            read_functions: ["read*", "*_read", "cat", "view*", "open*", "get_*", "fetch*", "ls", "list*"]
+                .map(String::from)
+                .to_vec(),
+            truncate_tool_outputs: true,
+            max_tool_output_tokens: 2_000,
+            elide_blobs: true,
+            min_blob_bytes: 256,
+            mask_old_tool_results: true,
+            mask_after_turns: 10,
+            drop_oldest: true,
+        }
+    }
+}
+
+/// The LLM call that writes the hybrid state sheet.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SummarizerConfig {
+    /// Upstream name; unset: the session's own route.
+    pub upstream: Option<String>,
+    /// Model; unset: the request's model.
+    pub model: Option<String>,
+    /// Bound on one summary call.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// How long a request at the high-water mark waits for a summary still being written
+    /// before it falls back to rules.
+    #[serde(with = "humantime_serde")]
+    pub max_wait: Duration,
+    /// `max_tokens` of the summary.
+    pub max_tokens: u32,
+    /// Role of the state-sheet message (`system` or `user`).
+    pub role: String,
+}
+
+impl Default for SummarizerConfig {
+    fn default() -> Self {
+        Self {
+            upstream: None,
+            model: None,
+            timeout: Duration::from_secs(120),
+            max_wait: Duration::from_millis(500),
+            max_tokens: 1_024,
+            role: "system".into(),
+        }
+    }
+}
