@@ -28,7 +28,7 @@ pub async fn chat_completions(
     state: Arc<AppState>,
     request: Request<Body>,
 ) -> Result<Response<Body>, GatewayError> {
-    let (parts, body) = request.into_parts();
+    let (mut parts, body) = request.into_parts();
     require_json(&parts.headers)?;
     let bytes = read_body(body).await?;
     if let Some(id) = conversation::session_id(&state.sessions, &parts.headers)? {
@@ -50,6 +50,10 @@ pub async fn chat_completions(
         Some(active) => compress_stateless(&state, &active, &parts.headers, bytes, route).await?,
         None => (bytes, None),
     };
+    if plan.is_some() {
+        // The body was rebuilt: its length is the new one's.
+        parts.headers.remove(header::CONTENT_LENGTH);
+    }
     let outgoing = Outgoing {
         method: parts.method,
         path_and_query: path_and_query(&parts.uri),

@@ -264,29 +264,35 @@ fn compact(
     state.tokens = state_tokens(input.counter, state);
 }
 
-/// Drops the oldest whole turns of `frozen` (never the pinned or latest user message) until the
-/// request is back under the low-water mark.
+/// Drops the oldest whole turns of `frozen` (a user message, or a model step with its tool
+/// results, so pairs stay whole; never the latest user message) until the request is back
+/// under the low-water mark.
 fn drop_oldest(input: &Input<'_>, starts: &[usize], state: &mut State, outside: u64, stats: &mut RuleStats) {
     let target = input.policy.low_tokens();
     let latest_user = input.infos.iter().rposition(|i| i.role == Role::User);
     let from = state.summarized_upto;
-    let frozen_tokens: Vec<u64> =
-        state.frozen.iter().map(|m| u64::from(input.counter.message(m.get()))).collect();
+    let tokens: Vec<u64> = state.frozen.iter().map(|m| u64::from(input.counter.message(m.get()))).collect();
     let mut total = state.tokens;
-    let mut drop_to = 0;
-    for window in starts.windows(2) {
-        let (start, end) = (window[0], window[1]);
-        if start < from || end > state.upto {
-            continue;
-        }
-        if outside + total <= target || latest_user.is_some_and(|l| (start..end).contains(&l)) {
+    let mut dropped = vec![false; state.frozen.len()];
+    let bounds = starts.iter().copied().chain(std::iter::once(state.upto));
+    let turns: Vec<(usize, usize)> = bounds.clone().zip(bounds.skip(1)).collect();
+    for (start, end) in turns {
+        if outside + total <= target {
             break;
         }
-        total -= frozen_tokens[start - from..end - from].iter().sum::<u64>();
-        drop_to = end - from;
+        if start < from
+            || end <= start
+            || end > state.upto
+            || latest_user.is_some_and(|l| (start..end).contains(&l))
+        {
+            continue;
+        }
+        total -= tokens[start - from..end - from].iter().sum::<u64>();
+        dropped[start - from..end - from].iter_mut().for_each(|d| *d = true);
     }
-    if drop_to > 0 {
-        state.frozen.drain(..drop_to);
+    if total < state.tokens {
+        let mut keep = dropped.iter().map(|d| !d);
+        state.frozen.retain(|_| keep.next().unwrap_or(true));
         stats.add(Rule::DropOldest, state.tokens - total);
         state.tokens = total;
     }

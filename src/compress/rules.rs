@@ -247,12 +247,7 @@ fn marker_for(
 type Removed = Vec<(Rule, usize)>;
 
 /// The content transforms, in order; returns the new message and the bytes each removed.
-fn rewrite_content(
-    rules: &Rules,
-    info: &Info,
-    json: &str,
-    tokens: u32,
-) -> Option<(Box<RawValue>, Removed)> {
+fn rewrite_content(rules: &Rules, info: &Info, json: &str, tokens: u32) -> Option<(Box<RawValue>, Removed)> {
     let config = &rules.config;
     let text_len = info.text.as_ref()?.len();
     let mut removed = Vec::new();
