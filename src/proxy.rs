@@ -60,7 +60,10 @@ pub async fn chat_completions(
         headers: parts.headers,
         body: OutgoingBody::Replayable(bytes),
     };
-    let forwarded = state.upstreams.forward(route, outgoing).await?;
+    let mut forwarded = state.upstreams.forward(route, outgoing).await?;
+    if let Some(active) = state.compressor.active(&head.model, &HeaderMap::new()) {
+        forwarded.model_usage = Some(state.metrics.for_model(&active.label));
+    }
     let mut response = forwarded.into_response();
     if let Some(plan) = plan {
         compress::annotate(response.headers_mut(), &plan);

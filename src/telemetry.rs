@@ -93,6 +93,20 @@ pub struct Metrics {
     pub summarizer_failures: Family<ReasonLabel, Counter>,
 }
 
+/// Handles on one model's upstream-reported token counters.
+#[derive(Clone, Debug)]
+pub struct ModelUsage {
+    prompt: Counter<u64, AtomicU64>,
+    cached: Counter<u64, AtomicU64>,
+}
+
+impl ModelUsage {
+    pub fn record(&self, usage: &crate::openai::Usage) {
+        self.prompt.inc_by(usage.prompt_tokens);
+        self.cached.inc_by(usage.cached_tokens());
+    }
+}
+
 /// A model (as named in config, or `other`) and a stage or kind.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ModelStage {
@@ -311,6 +325,16 @@ impl Metrics {
             upstream_stream_aborts,
             tokens,
         }
+    }
+
+    /// Token counters for chat requests to `model` (a bounded label, see `compress::Active`).
+    pub fn for_model(&self, model: &str) -> ModelUsage {
+        let stage = |stage| ModelStage { model: model.to_string(), stage };
+        // One statement each: a family's read guard lives to the end of its statement, and
+        // creating the second entry needs the write lock.
+        let prompt = self.model_tokens.get_or_create(&stage("prompt")).clone();
+        let cached = self.model_tokens.get_or_create(&stage("cached")).clone();
+        ModelUsage { prompt, cached }
     }
 
     /// The Prometheus text exposition.

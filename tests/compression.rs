@@ -219,6 +219,9 @@ async fn session_requests_keep_their_prefix(store: Store) {
     let previous =
         h.metric(r#"ctxgate_compression_prefix_bytes_total{model="other",stage="previous"}"#).await;
     assert!(shared / previous > 0.8, "{shared} of {previous} bytes shared");
+    // The upstream's cached tokens are counted per model (the mock reports 4 per request).
+    let cached = h.metric(r#"ctxgate_model_tokens_total{model="other",stage="cached"}"#).await;
+    assert_eq!(cached, 4.0 * 40.0);
 }
 
 /// A stateless client that resends the same history gets the same bytes upstream, and the

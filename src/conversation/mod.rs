@@ -303,13 +303,16 @@ async fn execute(
         headers,
         body: OutgoingBody::Replayable(body),
     };
-    let forwarded = match holder.while_renewing(state.upstreams.forward(route, outgoing)).await {
+    let mut forwarded = match holder.while_renewing(state.upstreams.forward(route, outgoing)).await {
         Ok(forwarded) => forwarded,
         Err(err) => {
             holder.finish(None).await;
             return send(reply, Err(err));
         }
     };
+    if let Some(active) = state.compressor.active(&request.model, &HeaderMap::new()) {
+        forwarded.model_usage = Some(state.metrics.for_model(&active.label));
+    }
     let mut response = forwarded.into_response();
     response.headers_mut().extend(request.annotations.clone());
     if !response.status().is_success() {

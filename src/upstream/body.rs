@@ -16,6 +16,7 @@ use tokio::time::Sleep;
 use super::Upstream;
 use crate::error::BoxError;
 use crate::openai::UsageScanner;
+use crate::telemetry::ModelUsage;
 
 /// The upstream went silent for longer than its `idle_timeout` mid-body.
 #[derive(Debug, thiserror::Error)]
@@ -38,13 +39,20 @@ pin_project_lite::pin_project! {
         last_frame: tokio::time::Instant,
         scanner: UsageScanner,
         upstream: Arc<Upstream>,
+        model_usage: Option<ModelUsage>,
         sent_at: Instant,
         ended: bool,
     }
 }
 
 impl UpstreamBody {
-    pub fn new(inner: Incoming, upstream: Arc<Upstream>, sent_at: Instant, scanner: UsageScanner) -> Self {
+    pub fn new(
+        inner: Incoming,
+        upstream: Arc<Upstream>,
+        sent_at: Instant,
+        scanner: UsageScanner,
+        model_usage: Option<ModelUsage>,
+    ) -> Self {
         let idle_timeout = upstream.idle_timeout;
         Self {
             inner,
@@ -53,6 +61,7 @@ impl UpstreamBody {
             last_frame: tokio::time::Instant::now(),
             scanner,
             upstream,
+            model_usage,
             sent_at,
             ended: false,
         }
@@ -129,5 +138,8 @@ fn finish(this: &mut UpstreamBodyProj<'_>) {
     let scanner = std::mem::replace(this.scanner, UsageScanner::Off);
     if let Some(usage) = scanner.finish() {
         this.upstream.metrics.record_usage(&usage);
+        if let Some(model) = this.model_usage.as_ref() {
+            model.record(&usage);
+        }
     }
 }

@@ -163,6 +163,8 @@ pub struct Forwarded {
     pub upstream: Arc<Upstream>,
     /// Time spent waiting on upstreams (every attempt and backoff) until these headers.
     pub upstream_wait: Duration,
+    /// Per-model token counters to update from the response's `usage`.
+    pub model_usage: Option<crate::telemetry::ModelUsage>,
     sent_at: Instant,
 }
 
@@ -230,6 +232,7 @@ impl Upstreams {
                     response,
                     upstream: upstream.clone(),
                     upstream_wait: waited,
+                    model_usage: None,
                     sent_at,
                 };
 
@@ -305,7 +308,7 @@ impl Forwarded {
             content_type,
             parts.headers.contains_key(header::CONTENT_ENCODING),
         );
-        let body = UpstreamBody::new(incoming, self.upstream, self.sent_at, scanner);
+        let body = UpstreamBody::new(incoming, self.upstream, self.sent_at, scanner, self.model_usage);
         let mut response = Response::new(http_body_util::BodyExt::boxed_unsync(body));
         *response.status_mut() = parts.status;
         copy_end_to_end(&parts.headers, response.headers_mut());
