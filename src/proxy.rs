@@ -54,6 +54,7 @@ pub async fn chat_completions(
         // The body was rebuilt: its length is the new one's.
         parts.headers.remove(header::CONTENT_LENGTH);
     }
+    parts.headers.remove(compress::OPT_OUT_HEADER);
     let outgoing = Outgoing {
         method: parts.method,
         path_and_query: path_and_query(&parts.uri),

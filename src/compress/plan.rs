@@ -600,6 +600,54 @@ mod tests {
         }
     }
 
+    /// Parallel calls, a legacy `function` message, content arrays, null content, an
+    /// assistant that talks and calls, users back to back, a developer message mid-way, and a
+    /// message that is not even an object: compaction still pairs every tool result with its
+    /// call and never fails.
+    #[test]
+    fn adversarial_transcripts_keep_their_pairs() {
+        let big = "x".repeat(9_000);
+        let mut messages = vec![raw(serde_json::json!({"role": "system", "content": "s"}))];
+        for n in 0..12 {
+            let ids: Vec<String> = (0..3).map(|k| format!("p{n}_{k}")).collect();
+            messages.push(raw(serde_json::json!({"role": "user", "content": [{"type": "text", "text": format!("go   {n}\n\n\n\n")}, {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]})));
+            messages.push(raw(serde_json::json!({"role": "user", "content": null})));
+            messages.push(raw(serde_json::json!({
+                "role": "assistant", "content": "calling three tools",
+                "tool_calls": ids.iter().map(|id| serde_json::json!({"id": id, "type": "function", "function": {"name": "read_file", "arguments": "{\"p\":1}"}})).collect::<Vec<_>>()
+            })));
+            for id in &ids {
+                messages.push(raw(serde_json::json!({"role": "tool", "tool_call_id": id, "content": [{"type": "text", "text": big.clone()}]})));
+            }
+            messages.push(raw(serde_json::json!({"role": "developer", "content": "mid-way instructions"})));
+            messages
+                .push(raw(serde_json::json!({"role": "function", "name": "legacy", "content": "old style"})));
+            messages.push(raw(serde_json::json!("not an object")));
+        }
+        for mode in [CompressionMode::Rules, CompressionMode::Hybrid] {
+            let h = Harness::new(mode, 8_000);
+            let mut plan = h.plan(&messages, None, None, None);
+            if let Some(request) = &plan.summarize {
+                plan = h.plan(&messages, None, None, Some(&sheet_for(request)));
+            }
+            assert!(plan.epoch.is_some());
+            assert!(plan.tokens_after < plan.tokens_before);
+            let out: Vec<Info> = plan.messages.iter().map(|m| Info::parse(m.get())).collect();
+            for (i, info) in
+                out.iter().enumerate().filter(|(_, i)| i.role == Role::Tool && i.tool_call_id.is_some())
+            {
+                let id = info.tool_call_id.as_deref().unwrap();
+                let call = out[..i].iter().rposition(|m| m.role == Role::Assistant).unwrap();
+                assert!(out[call].calls.iter().any(|c| c.id == id), "{id} lost its call");
+                assert!(
+                    out[call + 1..i].iter().all(|m| m.role == Role::Tool),
+                    "{id} is separated from its call"
+                );
+            }
+            assert!(plan.messages.iter().any(|m| m.get() == "\"not an object\""));
+        }
+    }
+
     #[test]
     fn changed_history_resets_the_state() {
         let h = Harness::new(CompressionMode::Rules, 4_000);

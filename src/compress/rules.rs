@@ -249,13 +249,12 @@ type Removed = Vec<(Rule, usize)>;
 /// The content transforms, in order; returns the new message and the bytes each removed.
 fn rewrite_content(rules: &Rules, info: &Info, json: &str, tokens: u32) -> Option<(Box<RawValue>, Removed)> {
     let config = &rules.config;
-    let text_len = info.text.as_ref()?.len();
-    let mut removed = Vec::new();
-    let max_bytes = (config.max_tool_output_tokens as usize * text_len) / (tokens.max(1) as usize);
-    let is_tool = info.role == Role::Tool;
-    let truncate =
-        config.truncate_tool_outputs && is_tool && u64::from(tokens) > config.max_tool_output_tokens;
-    let new = message::edit_text(json, |text| {
+    let text = info.text.as_ref()?;
+    let max_bytes = (config.max_tool_output_tokens as usize * text.len()) / (tokens.max(1) as usize);
+    let truncate = config.truncate_tool_outputs
+        && info.role == Role::Tool
+        && u64::from(tokens) > config.max_tool_output_tokens;
+    let transform = |text: &str, removed: &mut Removed| -> Option<String> {
         let mut current = std::borrow::Cow::Borrowed(text);
         let mut step = |rule: Rule, on: bool, f: &dyn Fn(&str) -> Option<String>| {
             if !on {
@@ -274,7 +273,12 @@ fn rewrite_content(rules: &Rules, info: &Info, json: &str, tokens: u32) -> Optio
             std::borrow::Cow::Owned(text) => Some(text),
             std::borrow::Cow::Borrowed(_) => None,
         }
-    })?;
+    };
+    // Most old messages need nothing: find that out on the text already parsed, before
+    // re-parsing the message to rewrite it.
+    transform(text, &mut Vec::new())?;
+    let mut removed = Vec::new();
+    let new = message::edit_text(json, |text| transform(text, &mut removed))?;
     Some((new, removed))
 }
 

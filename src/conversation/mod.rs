@@ -295,6 +295,7 @@ async fn execute(
     };
     headers.remove(state.sessions.config.header.as_str());
     headers.remove(&MODE_HEADER);
+    headers.remove(compress::OPT_OUT_HEADER);
     headers.remove(header::CONTENT_LENGTH);
     let route = state.upstreams.router.route(Some(&request.model));
     let outgoing = Outgoing {
