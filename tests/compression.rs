@@ -121,6 +121,18 @@ async fn headers_report_what_compression_did_and_only_content_changes() {
     // Old tool output lost its ANSI colours; the recent turns are verbatim.
     assert!(!messages[3]["content"].as_str().unwrap().contains('\u{1b}'));
     assert_eq!(messages.last().unwrap(), &step(11)[1]);
+
+    // A streamed request on a session is compressed the same way and still streams.
+    let mut streamed = request(&conversation(12));
+    streamed["stream"] = true.into();
+    let response = h.chat().header("x-session-id", "s").json(&streamed).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(header(&response, "x-ctxgate-compression"), "rules");
+    assert_eq!(header(&response, "x-ctxgate-tokens-after"), after.to_string());
+    let body = response.text().await.unwrap();
+    assert!(body.trim_end().ends_with("data: [DONE]"), "{body}");
+    let sent = h.upstream(0).requests().pop().unwrap().json();
+    assert_eq!(sent["messages"].as_array().unwrap().len(), 2 + 2 * 12);
 }
 
 #[tokio::test]
@@ -292,6 +304,36 @@ async fn hybrid_places_a_sheet_written_in_the_background(store: Store) {
     assert_eq!(h.metric(r#"ctxgate_compression_epochs_total{model="other",stage="hybrid"}"#).await, 1.0);
 }
 
+/// Hybrid without a session: once a sheet is placed, a client resending the same history
+/// gets the same bytes, sheet included.
+async fn stateless_hybrid_replays_the_same_sheet(store: Store) {
+    let (h, _store) = start(
+        store,
+        Harness::builder().config(|c| {
+            policy(c, CompressionMode::Hybrid, 8_000);
+            weak_rules(c);
+        }),
+    )
+    .await;
+    let mut messages = conversation(0);
+    for n in 0..60 {
+        messages.extend(step(n));
+        let response = h.chat().json(&request(&messages)).send().await.unwrap();
+        if header(&response, "x-ctxgate-compression") == "hybrid" {
+            let again = h.chat().json(&request(&messages)).send().await.unwrap();
+            assert_eq!(header(&again, "x-ctxgate-compression"), "hybrid");
+            let requests: Vec<_> =
+                h.upstream(0).requests().into_iter().filter(|r| !is_sheet_call(&r.json())).collect();
+            let (a, b) = (&requests[requests.len() - 2], &requests[requests.len() - 1]);
+            assert_eq!(a.body, b.body, "the same history gave other bytes");
+            assert!(String::from_utf8_lossy(&b.body).contains("[ctxgate state sheet, epoch"));
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("no sheet was placed");
+}
+
 /// A sheet upstream that fails or is slow: requests go on with rules, never waiting longer
 /// than `max_wait`, and the failures are counted.
 async fn falls_back_to_rules(sheet_upstream: mock_upstream::Builder, reason: &str) {
@@ -373,4 +415,5 @@ on_both_stores!(
     session_requests_keep_their_prefix,
     stateless_conversations_get_the_same_bytes,
     hybrid_places_a_sheet_written_in_the_background,
+    stateless_hybrid_replays_the_same_sheet,
 );
