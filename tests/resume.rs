@@ -140,12 +140,17 @@ struct Gateway {
 
 impl Gateway {
     async fn start(upstream: &str, store: &str) -> Gateway {
+        Self::start_with(upstream, store, "").await
+    }
+
+    /// With `extra` TOML appended to the config.
+    async fn start_with(upstream: &str, store: &str, extra: &str) -> Gateway {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let mut config = tempfile::NamedTempFile::new().unwrap();
         use std::io::Write;
         write!(
             config,
-            "[telemetry]\nlog_level = \"warn\"\n[sessions]\nstore = {store:?}\nlease = \"1s\"\nbusy_timeout = \"10s\"\n[[upstreams]]\nname = \"mock\"\nbase_url = {upstream:?}\n"
+            "[telemetry]\nlog_level = \"warn\"\n[sessions]\nstore = {store:?}\nlease = \"1s\"\nbusy_timeout = \"10s\"\n[[upstreams]]\nname = \"mock\"\nbase_url = {upstream:?}\n{extra}"
         )
         .unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_ctxgate"))
@@ -299,7 +304,67 @@ async fn the_next_request_resumes_an_interrupted_turn_first(store: Store) {
     let _ = gate;
 }
 
+/// A compressed turn is stored with its whole conversation: the resumed turn re-sends the
+/// same compressed bytes and the transcript records what the client sent, uncompressed.
+async fn a_compressed_turn_is_resumed_with_its_full_history(store: Store) {
+    let store = store.url().await;
+    let url = store.url.clone();
+    let gate = Gate::new();
+    let upstream = Server::builder()
+        .stream(chunks(&["cut"], Some((0, &gate))))
+        .chat(fixtures::completion("resumed answer"))
+        .start()
+        .await
+        .unwrap();
+    let compression = "[compression]\nmode = \"rules\"\ncontext_window = 3000\nkeep_recent_turns = 1\n";
+    let mut history = vec![json!({"role": "user", "content": "Fix the build."})];
+    for n in 0..8 {
+        let id = format!("call_{n}");
+        history.push(json!({"role": "assistant", "content": null, "tool_calls": [{"id": id, "type": "function", "function": {"name": "run", "arguments": "{}"}}]}));
+        let output: String =
+            (0..60).map(|l| format!("\u{1b}[31mstep {n} line {l}\u{1b}[0m    done\n")).collect();
+        history.push(json!({"role": "tool", "tool_call_id": id, "content": output}));
+    }
+    let body = json!({"model": "mock-model", "messages": history});
+    let client = reqwest::Client::new();
+    let mut first = Gateway::start_with(&upstream.base_url(), &url, compression).await;
+    let pending = tokio::spawn(first.chat(&client, "squeezed").json(&body).send());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while upstream.requests().is_empty() {
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    first.kill();
+    assert!(pending.await.unwrap().is_err());
+    let second = Gateway::start_with(&upstream.base_url(), &url, compression).await;
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    let transcript = loop {
+        let _ = client
+            .post(format!("{}/v1/sessions/squeezed/resume", second.base))
+            .header("authorization", AUTH)
+            .send()
+            .await
+            .unwrap();
+        let m = messages(&client, &second.base, "squeezed").await;
+        if !m.is_empty() {
+            break m;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never resumed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let mut expected = history.clone();
+    expected.push(json!({"role": "assistant", "content": "resumed answer"}));
+    assert_eq!(transcript, expected, "the transcript keeps what the client sent");
+    let requests = upstream.requests();
+    assert_eq!(requests.len(), 2);
+    assert_eq!(requests[1].body, requests[0].body, "the resumed turn re-sends the compressed bytes");
+    assert!(!String::from_utf8_lossy(&requests[0].body).contains("\\u001b[31mstep 0"), "it was compressed");
+    let _ = gate;
+}
+
 on_both_stores!(
+    a_compressed_turn_is_resumed_with_its_full_history,
     replay_after_a_client_disconnect,
     a_turn_interrupted_by_sigkill_is_resumed_by_a_fresh_process,
     the_next_request_resumes_an_interrupted_turn_first,
