@@ -285,8 +285,6 @@ async fn hybrid_places_a_sheet_written_in_the_background(store: Store) {
             placed = true;
             break;
         }
-        // Give the background writer its turn, as a real client's think time would.
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(placed, "no sheet was placed");
     let requests = h.upstream(0).requests();
@@ -329,7 +327,6 @@ async fn stateless_hybrid_replays_the_same_sheet(store: Store) {
             assert!(String::from_utf8_lossy(&b.body).contains("[ctxgate state sheet, epoch"));
             return;
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     panic!("no sheet was placed");
 }
@@ -358,7 +355,6 @@ async fn falls_back_to_rules(sheet_upstream: mock_upstream::Builder, reason: &st
         let response = h.chat().header("x-session-id", "fb").json(&request(&messages)).send().await.unwrap();
         assert_eq!(response.status(), 200, "turn {n}");
         assert_ne!(header(&response, "x-ctxgate-compression"), "hybrid");
-        tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert!(h.upstream(1).requests().iter().any(|r| is_sheet_call(&r.json())), "no sheet was asked for");
     let fallbacks = h.metric(r#"ctxgate_compression_epochs_total{model="other",stage="fallback"}"#).await;
