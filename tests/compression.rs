@@ -24,16 +24,7 @@ fn policy(c: &mut Config, mode: CompressionMode, window: u64) {
 
 /// Rules that cannot reach the target alone, so hybrid has to place a sheet.
 fn weak_rules(c: &mut Config) {
-    c.compression.policy.rules = RulesConfig {
-        ansi: false,
-        duplicate_tool_results: false,
-        superseded_reads: false,
-        truncate_tool_outputs: false,
-        elide_blobs: false,
-        mask_old_tool_results: false,
-        drop_oldest: false,
-        ..RulesConfig::default()
-    };
+    c.compression.policy.rules = RulesConfig { whitespace: true, ..RulesConfig::none() };
 }
 
 /// The `n`th model step of an agent: a tool call and a long, coloured result.

@@ -454,15 +454,7 @@ mod tests {
     }
 
     fn only_whitespace() -> RulesConfig {
-        RulesConfig {
-            ansi: false,
-            duplicate_tool_results: false,
-            superseded_reads: false,
-            truncate_tool_outputs: false,
-            elide_blobs: false,
-            mask_old_tool_results: false,
-            ..RulesConfig::default()
-        }
+        RulesConfig { whitespace: true, ..RulesConfig::none() }
     }
 
     /// Over 100 turns: between epochs, each upstream request starts with the previous one,

@@ -342,17 +342,19 @@ mod tests {
     }
 
     fn only(rule: Rule) -> RulesConfig {
-        RulesConfig {
-            whitespace: rule == Rule::Whitespace,
-            ansi: rule == Rule::Ansi,
-            duplicate_tool_results: rule == Rule::DuplicateToolResults,
-            superseded_reads: rule == Rule::SupersededReads,
-            truncate_tool_outputs: rule == Rule::TruncateToolOutputs,
-            elide_blobs: rule == Rule::ElideBlobs,
-            mask_old_tool_results: rule == Rule::MaskOldToolResults,
-            drop_oldest: false,
-            ..RulesConfig::default()
-        }
+        let mut config = RulesConfig::none();
+        let switch = match rule {
+            Rule::Whitespace => &mut config.whitespace,
+            Rule::Ansi => &mut config.ansi,
+            Rule::DuplicateToolResults => &mut config.duplicate_tool_results,
+            Rule::SupersededReads => &mut config.superseded_reads,
+            Rule::TruncateToolOutputs => &mut config.truncate_tool_outputs,
+            Rule::ElideBlobs => &mut config.elide_blobs,
+            Rule::MaskOldToolResults => &mut config.mask_old_tool_results,
+            Rule::DropOldest => &mut config.drop_oldest,
+        };
+        *switch = true;
+        config
     }
 
     fn call(id: &str, name: &str, args: &str) -> serde_json::Value {
@@ -495,18 +497,7 @@ mod tests {
     #[test]
     fn every_switch_off_changes_nothing() {
         let f = Fixture::new(vec![sys(), user("a    b\n\n\n\n\u{1b}[1mc"), user("x")]);
-        let off = RulesConfig {
-            whitespace: false,
-            ansi: false,
-            duplicate_tool_results: false,
-            superseded_reads: false,
-            truncate_tool_outputs: false,
-            elide_blobs: false,
-            mask_old_tool_results: false,
-            drop_oldest: false,
-            ..RulesConfig::default()
-        };
-        let (out, stats) = f.run(&off, 0..3);
+        let (out, stats) = f.run(&RulesConfig::none(), 0..3);
         assert_eq!(out, f.messages.iter().map(|m| m.get().to_string()).collect::<Vec<_>>());
         assert_eq!(stats.total(), 0);
     }

@@ -191,6 +191,23 @@ impl Default for RulesConfig {
     }
 }
 
+impl RulesConfig {
+    /// Every rule switched off, their parameters at their defaults: a base to switch some on.
+    pub fn none() -> Self {
+        Self {
+            whitespace: false,
+            ansi: false,
+            duplicate_tool_results: false,
+            superseded_reads: false,
+            truncate_tool_outputs: false,
+            elide_blobs: false,
+            mask_old_tool_results: false,
+            drop_oldest: false,
+            ..Self::default()
+        }
+    }
+}
+
 /// The LLM call that writes the hybrid state sheet.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
