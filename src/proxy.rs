@@ -93,7 +93,7 @@ async fn compress_stateless(
     let scope = conversation::session_key(headers, "").scope;
     let key = compress::conversation_key(&scope, &messages, &analysed.infos);
     let (previous, ready) = if total > first_mark {
-        let ready = compress::ready_summary(state, active, &key, &analysed.tokens).await;
+        let ready = compress::ready_summary(state, active, &key, &messages).await;
         (compress::load_state(state, &key).await, ready)
     } else {
         (None, None)

@@ -194,7 +194,7 @@ pub async fn ready_summary(
     state: &AppState,
     active: &Active<'_>,
     key: &str,
-    tokens: &[u32],
+    messages: &[Box<RawValue>],
 ) -> Option<Summary> {
     if active.policy.mode != CompressionMode::Hybrid {
         return None;
@@ -202,7 +202,8 @@ pub async fn ready_summary(
     let compressor = &state.compressor;
     let bound = match compressor.writing_since(key) {
         Some((len, view)) => {
-            let added: u64 = tokens.iter().skip(len).map(|&t| u64::from(t)).sum();
+            let added: u64 =
+                messages.iter().skip(len).map(|m| u64::from(active.counter.message(m.get()))).sum();
             if view + added > active.policy.high_tokens() {
                 compressor.config.summarizer.max_wait
             } else {

@@ -111,10 +111,7 @@ async fn run_turn(state: Arc<AppState>, turn: Turn, reply: Reply) {
     let compression_key = format!("s:{}", turn.key.storage_key());
     let tools = compress::request::tools_of(&turn.body);
     let ready = match &active {
-        Some(active) => {
-            let tokens: Vec<u32> = turn.messages.iter().map(|m| active.counter.message(m.get())).collect();
-            compress::ready_summary(&state, active, &compression_key, &tokens).await
-        }
+        Some(active) => compress::ready_summary(&state, active, &compression_key, &turn.messages).await,
         None => None,
     };
     let cache_key = state
