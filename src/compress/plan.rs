@@ -201,15 +201,23 @@ pub fn plan(input: &Input<'_>, previous: Option<State>, ready: Option<&Summary>)
             });
             match usable {
                 Some(summary) => {
-                    next.summary = Some(summary.message.clone());
-                    next.summarized_upto = summary.end;
-                    next.pinned = conversation
+                    let mut with_sheet = next.clone();
+                    let mut sheet_stats = RuleStats::default();
+                    with_sheet.summary = Some(summary.message.clone());
+                    with_sheet.summarized_upto = summary.end;
+                    with_sheet.pinned = conversation
                         .latest_user()
                         .filter(|&l| l >= lead && l < summary.end)
                         .map(|l| input.messages[l].clone());
-                    stats = RuleStats::default();
-                    compact(input, &conversation, &starts, &mut next, &mut stats);
-                    placed = Acted::Hybrid;
+                    compact(input, &conversation, &starts, &mut with_sheet, &mut sheet_stats);
+                    // A sheet longer than what the rules leave of its span saves nothing.
+                    if with_sheet.tokens < next.tokens {
+                        next = with_sheet;
+                        stats = sheet_stats;
+                        placed = Acted::Hybrid;
+                    } else {
+                        fell_back = true;
+                    }
                 }
                 None => fell_back = true,
             }
@@ -643,6 +651,34 @@ mod tests {
             }
             assert!(plan.messages.iter().any(|m| m.get() == "\"not an object\""));
         }
+    }
+
+    #[test]
+    fn a_sheet_longer_than_what_it_replaces_is_not_placed() {
+        let mut h = Harness::new(CompressionMode::Hybrid, 20_000);
+        h.policy.rules = only_whitespace();
+        h.rules = Rules::new(&h.policy.rules);
+        let mut session = Session::new(11);
+        let (mut state, mut ready) = (None, None);
+        for _ in 0..200 {
+            session.turn();
+            let plan = h.plan(&session.messages, None, state.take(), ready.as_ref());
+            if let Some(request) = &plan.summarize {
+                let mut sheet = sheet_for(request);
+                let filler: String = (0..20_000).map(|i| format!("fact {i} of no use\n")).collect();
+                let bloated = format!("## Active Task\n{filler}");
+                sheet.message = super::super::summary::sheet_message(&bloated, "system", 1, 1).unwrap();
+                ready = Some(sheet);
+            }
+            if plan.epoch.is_some() && ready.is_some() {
+                assert_eq!(plan.epoch, Some(Acted::Rules));
+                assert!(plan.fell_back);
+                assert!(!plan.messages.iter().any(|m| m.get().contains("[ctxgate state sheet")));
+                return;
+            }
+            state = plan.state;
+        }
+        panic!("no epoch with a sheet ready");
     }
 
     #[test]

@@ -74,7 +74,7 @@ pub fn request_body(
 /// line saying what it replaces.
 pub fn sheet_message(answer: &str, role: &str, epoch: u32, replaced: usize) -> Option<Box<RawValue>> {
     let answer = answer.trim();
-    if answer.is_empty() {
+    if answer.is_empty() || repetitive(answer) {
         return None;
     }
     let mut content = format!("[ctxgate state sheet, epoch {epoch}: replaces {replaced} earlier messages]\n");
@@ -85,6 +85,14 @@ pub fn sheet_message(answer: &str, role: &str, epoch: u32, replaced: usize) -> O
         }
     }
     serde_json::value::to_raw_value(&serde_json::json!({"role": role, "content": content})).ok()
+}
+
+/// A small model can loop on one line until `max_tokens` (`## Constraints` forty times): such
+/// a sheet holds nothing and is not placed.
+fn repetitive(answer: &str) -> bool {
+    let lines: Vec<&str> = answer.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+    let distinct: std::collections::HashSet<&str> = lines.iter().copied().collect();
+    lines.len() >= 8 && distinct.len() * 2 < lines.len()
 }
 
 /// The text of a non-streamed chat answer.
@@ -154,7 +162,7 @@ async fn summarize(
     let bytes = response.into_body().collect().await.map_err(|_| "upstream_body")?.to_bytes();
     let text = answer_text(&bytes).ok_or("no_text")?;
     let replaced = request.end - request.start;
-    sheet_message(&text, &config.role, request.epoch, replaced).ok_or("empty")
+    sheet_message(&text, &config.role, request.epoch, replaced).ok_or("unusable")
 }
 
 /// Sleeps at most `bound` for a sheet being written for `key` to land in the store.
@@ -190,5 +198,7 @@ mod tests {
         assert!(positions.iter().all(|p| *p > 0));
         assert!(content.contains("use redb"));
         assert!(sheet_message("  ", "system", 1, 1).is_none());
+        let looping = "## Active Task\nx\n".to_string() + &"## Constraints\n".repeat(40);
+        assert!(sheet_message(&looping, "system", 1, 1).is_none(), "a repetition loop is no sheet");
     }
 }
