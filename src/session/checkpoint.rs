@@ -24,7 +24,8 @@ pub struct Checkpoint {
     /// Set while a request on the session is being served.
     #[serde(default)]
     pub in_flight: Option<InFlight>,
-    /// Reserved for context compression state (summaries, epochs).
+    /// Context compression state (`compress::SessionRecord`: the frozen epoch, the state sheet,
+    /// and the previous request's message hashes), opaque to the session layer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compression: Option<Box<RawValue>>,
     /// Reserved for gateway tool and task state.
