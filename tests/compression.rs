@@ -255,17 +255,18 @@ async fn stateless_conversations_get_the_same_bytes(store: Store) {
     assert!(breaks as f64 <= epochs, "{breaks} prefix breaks but {epochs} epochs");
 }
 
+/// Hybrid with rules too weak to reach the target, so a sheet has to act.
+fn hybrid() -> HarnessBuilder {
+    Harness::builder().config(|c| {
+        policy(c, CompressionMode::Hybrid, 8_000);
+        weak_rules(c);
+    })
+}
+
 /// Hybrid: the sheet is written in the background by the upstream, with the session's own
 /// prefix, and a later epoch places it after the system messages.
 async fn hybrid_places_a_sheet_written_in_the_background(store: Store) {
-    let (h, _store) = start(
-        store,
-        Harness::builder().config(|c| {
-            policy(c, CompressionMode::Hybrid, 8_000);
-            weak_rules(c);
-        }),
-    )
-    .await;
+    let (h, _store) = start(store, hybrid()).await;
     let mut messages = conversation(0);
     let mut placed = false;
     for n in 0..60 {
@@ -296,14 +297,7 @@ async fn hybrid_places_a_sheet_written_in_the_background(store: Store) {
 /// Hybrid without a session: once a sheet is placed, a client resending the same history
 /// gets the same bytes, sheet included.
 async fn stateless_hybrid_replays_the_same_sheet(store: Store) {
-    let (h, _store) = start(
-        store,
-        Harness::builder().config(|c| {
-            policy(c, CompressionMode::Hybrid, 8_000);
-            weak_rules(c);
-        }),
-    )
-    .await;
+    let (h, _store) = start(store, hybrid()).await;
     let mut messages = conversation(0);
     for n in 0..60 {
         messages.extend(step(n));
