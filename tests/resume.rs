@@ -192,6 +192,23 @@ impl Drop for Gateway {
     }
 }
 
+/// Sends `request` and SIGKILLs the gateway once the upstream has received it; the client
+/// sees its connection die.
+async fn kill_while_upstream_holds(
+    gateway: &mut Gateway,
+    upstream: &Server,
+    request: impl std::future::Future<Output = reqwest::Result<reqwest::Response>> + Send + 'static,
+) {
+    let pending = tokio::spawn(request);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while upstream.requests().is_empty() {
+        assert!(tokio::time::Instant::now() < deadline, "the upstream never got the request");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    gateway.kill();
+    assert!(pending.await.unwrap().is_err(), "the client saw the connection die");
+}
+
 async fn a_turn_interrupted_by_sigkill_is_resumed_by_a_fresh_process(store: Store) {
     let store = store.url().await;
     let url = store.url.clone();
@@ -276,14 +293,7 @@ async fn the_next_request_resumes_an_interrupted_turn_first(store: Store) {
     let response =
         first.chat(&client, "next").header("x-session-mode", "append").json(&request(false)).send();
     // A non-streamed turn: kill the process while the upstream holds it
-    let pending = tokio::spawn(response);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while upstream.requests().is_empty() {
-        assert!(tokio::time::Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    first.kill();
-    assert!(pending.await.unwrap().is_err(), "the client saw the connection die");
+    kill_while_upstream_holds(&mut first, &upstream, response).await;
     let second = Gateway::start(&upstream.base_url(), &url).await;
 
     // The next request on the session waits for the resumed turn, then runs after it
@@ -328,14 +338,8 @@ async fn a_compressed_turn_is_resumed_with_its_full_history(store: Store) {
     let body = json!({"model": "mock-model", "messages": history});
     let client = reqwest::Client::new();
     let mut first = Gateway::start_with(&upstream.base_url(), &url, compression).await;
-    let pending = tokio::spawn(first.chat(&client, "squeezed").json(&body).send());
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while upstream.requests().is_empty() {
-        assert!(tokio::time::Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    first.kill();
-    assert!(pending.await.unwrap().is_err());
+    let request = first.chat(&client, "squeezed").json(&body).send();
+    kill_while_upstream_holds(&mut first, &upstream, request).await;
     let second = Gateway::start_with(&upstream.base_url(), &url, compression).await;
 
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
