@@ -6,6 +6,7 @@
 //! - [`router`]: `(method, path)` → handler; [`proxy`]: the handlers that call upstreams;
 //!   [`conversation`]: chat on a session and the sessions API.
 //! - [`compress`]: token counting, rule passes, compaction epochs and the prefix-stable layout.
+//! - [`tools`]: gateway tools (HTTP, MCP), run concurrently when the model calls them.
 //! - [`session`]: checkpoints and their stores (redb, Redis).
 //! - [`upstream`]: pooled clients, routing by model, retries and failover, streamed bodies.
 //! - [`openai`]: wire types (request validation, `usage`); no I/O.
@@ -27,6 +28,7 @@ pub mod server;
 pub mod session;
 pub mod stack;
 pub mod telemetry;
+pub mod tools;
 pub mod upstream;
 
 use std::future::Future;
@@ -46,6 +48,7 @@ pub struct AppState {
     pub upstreams: Upstreams,
     pub sessions: Arc<Sessions>,
     pub compressor: compress::Compressor,
+    pub tools: tools::Registry,
     pub metrics: Arc<Metrics>,
 }
 
@@ -70,12 +73,17 @@ impl AppState {
     /// Validates `config`, builds the upstream clients and opens the session store.
     pub async fn new(config: Config, env: &dyn EnvSource) -> Result<Arc<Self>, StartupError> {
         config.validate(env)?;
+        // MCP's HTTP client (reqwest) takes rustls's process-wide provider: the same ring
+        // provider the upstream clients use. Installing it twice (tests) is harmless.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let metrics = Arc::new(Metrics::new());
         let upstreams =
             Upstreams::from_config(&config, env, metrics.clone()).map_err(StartupError::Upstream)?;
         let sessions = Arc::new(Sessions::open(&config.sessions).await?);
         let compressor = compress::Compressor::new(&config);
-        Ok(Arc::new(Self { config, upstreams, sessions, compressor, metrics }))
+        let tools =
+            tools::Registry::from_config(&config, env, metrics.clone()).map_err(StartupError::Upstream)?;
+        Ok(Arc::new(Self { config, upstreams, sessions, compressor, tools, metrics }))
     }
 
     /// Every model named in config: upstreams' `models` and exact route names, deduplicated.

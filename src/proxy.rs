@@ -17,6 +17,7 @@ use crate::error::GatewayError;
 use crate::limit::BodyTooLarge;
 use crate::openai::request::peek_model;
 use crate::openai::ChatRequestHead;
+use crate::tools;
 use crate::upstream::{Outgoing, OutgoingBody};
 use crate::AppState;
 
@@ -30,7 +31,11 @@ pub async fn chat_completions(
 ) -> Result<Response<Body>, GatewayError> {
     let (mut parts, body) = request.into_parts();
     require_json(&parts.headers)?;
-    let bytes = read_body(body).await?;
+    let mut bytes = read_body(body).await?;
+    if let Some(injected) = state.tools.inject(&bytes)? {
+        bytes = injected;
+        parts.headers.remove(header::CONTENT_LENGTH);
+    }
     if let Some(id) = conversation::session_id(&state.sessions, &parts.headers)? {
         let (head, messages) = ChatRequestHead::parse_with_messages(&bytes)?;
         let turn = conversation::Turn {
@@ -55,17 +60,36 @@ pub async fn chat_completions(
         parts.headers.remove(header::CONTENT_LENGTH);
     }
     parts.headers.remove(compress::OPT_OUT_HEADER);
-    let outgoing = Outgoing {
-        method: parts.method,
-        path_and_query: path_and_query(&parts.uri),
-        headers: parts.headers,
-        body: OutgoingBody::Replayable(bytes),
+    let model_usage = state
+        .compressor
+        .active(&head.model, &HeaderMap::new())
+        .map(|active| state.metrics.for_model(&active.label));
+    let mut response = if state.tools.engaged_by(&bytes) {
+        let request = tools::rounds::Request {
+            route,
+            path: path_and_query(&parts.uri),
+            headers: parts.headers,
+            body: bytes,
+            stream: head.stream,
+            session: false,
+            model_usage,
+        };
+        let (mut response, mut report) = tools::rounds::forward(&state, request).await?;
+        if let Ok(report) = report.try_recv() {
+            tools::rounds::annotate(response.headers_mut(), &report);
+        }
+        response
+    } else {
+        let outgoing = Outgoing {
+            method: parts.method,
+            path_and_query: path_and_query(&parts.uri),
+            headers: parts.headers,
+            body: OutgoingBody::Replayable(bytes),
+        };
+        let mut forwarded = state.upstreams.forward(route, outgoing).await?;
+        forwarded.model_usage = model_usage;
+        forwarded.into_response()
     };
-    let mut forwarded = state.upstreams.forward(route, outgoing).await?;
-    if let Some(active) = state.compressor.active(&head.model, &HeaderMap::new()) {
-        forwarded.model_usage = Some(state.metrics.for_model(&active.label));
-    }
-    let mut response = forwarded.into_response();
     if let Some(plan) = plan {
         compress::annotate(response.headers_mut(), &plan);
     }

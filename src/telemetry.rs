@@ -91,6 +91,51 @@ pub struct Metrics {
     pub model_tokens: Family<ModelStage, Counter<u64, AtomicU64>>,
     pub summarizer_duration: Histogram,
     pub summarizer_failures: Family<ReasonLabel, Counter>,
+    pub tools: ToolMetrics,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ToolLabel {
+    pub tool: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ToolOutcomeLabel {
+    pub tool: String,
+    pub outcome: &'static str,
+}
+
+/// Gateway tool runs. Tool labels are configured names (or `unknown`), so they stay bounded.
+#[derive(Debug)]
+pub struct ToolMetrics {
+    pub calls: Family<ToolOutcomeLabel, Counter>,
+    pub duration: Family<ToolLabel, Histogram>,
+    pub attempts: Family<ToolLabel, Histogram>,
+    pub rounds: Histogram,
+    pub tasks_in_flight: Gauge<i64, std::sync::atomic::AtomicI64>,
+}
+
+impl ToolMetrics {
+    fn register(registry: &mut Registry) -> Self {
+        let calls = Family::<ToolOutcomeLabel, Counter>::default();
+        registry.register("tool_calls", "Gateway tool calls by tool and outcome", calls.clone());
+        let duration =
+            Family::<ToolLabel, Histogram>::new_with_constructor(|| Histogram::new(latency_buckets()));
+        registry.register("tool_duration_seconds", "Gateway tool calls, start to result", duration.clone());
+        let attempts = Family::<ToolLabel, Histogram>::new_with_constructor(|| {
+            Histogram::new([1.0, 2.0, 3.0, 4.0, 6.0, 10.0])
+        });
+        registry.register("tool_attempts", "Attempts per gateway tool call", attempts.clone());
+        let rounds = Histogram::new([0.0, 1.0, 2.0, 3.0, 4.0, 6.0, 10.0]);
+        registry.register("tool_rounds", "Rounds of gateway tool runs per chat request", rounds.clone());
+        let tasks_in_flight = Gauge::default();
+        registry.register(
+            "tool_tasks_in_flight",
+            "Durable tool tasks being run or polled",
+            tasks_in_flight.clone(),
+        );
+        Self { calls, duration, attempts, rounds, tasks_in_flight }
+    }
 }
 
 /// Handles on one model's upstream-reported token counters.
@@ -296,7 +341,9 @@ impl Metrics {
             "State sheet calls that failed, by reason",
             summarizer_failures.clone(),
         );
+        let tools = ToolMetrics::register(&mut registry);
         Self {
+            tools,
             compression_tokens,
             compression_requests,
             compression_saved_tokens,

@@ -6,6 +6,7 @@
 
 mod compression;
 mod env;
+mod tools;
 mod validate;
 
 use std::collections::BTreeMap;
@@ -20,6 +21,7 @@ pub use compression::{
     CompressionConfig, Encoding, Mode as CompressionMode, ModelPolicy, Policy, RulesConfig, SummarizerConfig,
 };
 pub use env::{EnvSource, ProcessEnv};
+pub use tools::{HttpBackend, McpBackend, ToolConfig, ToolLoopConfig};
 pub use validate::{ConfigError, Issue};
 
 /// Prefix of environment overrides: `CTXGATE__SERVER__LISTEN=0.0.0.0:8080`.
@@ -37,6 +39,9 @@ pub struct Config {
     pub routes: Vec<RouteConfig>,
     pub sessions: SessionConfig,
     pub compression: CompressionConfig,
+    /// Tools ctxgate runs itself when the model calls them.
+    pub tools: Vec<ToolConfig>,
+    pub tool_loop: ToolLoopConfig,
 }
 
 /// What a request gets when the session store is unreachable.

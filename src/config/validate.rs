@@ -144,6 +144,7 @@ impl Config {
             }
         }
         self.validate_compression(&mut push);
+        self.validate_tools(env, &mut push);
         if self.server.request_timeout.is_zero() {
             push("server.request_timeout".into(), "must be greater than zero".into());
         }
@@ -158,6 +159,80 @@ impl Config {
 }
 
 impl Config {
+    fn validate_tools(&self, env: &dyn EnvSource, push: &mut impl FnMut(String, String)) {
+        let mut names = HashSet::new();
+        for (i, tool) in self.tools.iter().enumerate() {
+            let at = |key: &str| format!("tools[{i}].{key}");
+            let valid_name = !tool.name.is_empty()
+                && tool.name.len() <= 64
+                && tool.name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+            if !valid_name {
+                push(at("name"), "must be 1 to 64 letters, digits, `_` or `-`".into());
+            } else if !names.insert(tool.name.as_str()) {
+                push(at("name"), format!("duplicate tool name `{}`", tool.name));
+            }
+            if !tool.parameters.is_object() {
+                push(at("parameters"), "must be a JSON Schema object".into());
+            } else if let Err(e) = jsonschema::validator_for(&tool.parameters) {
+                push(at("parameters"), format!("invalid JSON Schema: {e}"));
+            }
+            if tool.timeout.is_zero() {
+                push(at("timeout"), "must be greater than zero".into());
+            }
+            if tool.max_concurrency == 0 {
+                push(at("max_concurrency"), "must be at least 1".into());
+            }
+            match (&tool.http, &tool.mcp) {
+                (Some(http), None) => {
+                    if let Err(message) = check_base_url(&http.url) {
+                        push(at("http.url"), message);
+                    }
+                    if !["GET", "POST", "PUT"].contains(&http.method.as_str()) {
+                        push(at("http.method"), "must be GET, POST or PUT".into());
+                    }
+                    for (name, value) in &http.headers {
+                        if HeaderName::try_from(name.as_str()).is_err()
+                            || HeaderValue::try_from(value.as_str()).is_err()
+                        {
+                            push(at("http.headers"), format!("`{name}` is not a valid header"));
+                        }
+                    }
+                    for (name, var) in &http.headers_env {
+                        if HeaderName::try_from(name.as_str()).is_err() {
+                            push(at("http.headers_env"), format!("`{name}` is not a valid header name"));
+                        }
+                        if env.var(var).is_none_or(|v| v.is_empty()) {
+                            push(at("http.headers_env"), format!("environment variable {var} is not set"));
+                        }
+                    }
+                }
+                (None, Some(mcp)) => {
+                    if let Err(message) = check_base_url(&mcp.url) {
+                        push(at("mcp.url"), message);
+                    }
+                    if let Some(var) = &mcp.bearer_env {
+                        if env.var(var).is_none_or(|v| v.is_empty()) {
+                            push(at("mcp.bearer_env"), format!("environment variable {var} is not set"));
+                        }
+                    }
+                }
+                _ => push(format!("tools[{i}]"), "needs exactly one backend: `http` or `mcp`".into()),
+            }
+        }
+        let limits = &self.tool_loop;
+        if limits.max_concurrency == 0 {
+            push("tool_loop.max_concurrency".into(), "must be at least 1".into());
+        }
+        for (key, value) in [
+            ("tool_loop.keepalive_interval", limits.keepalive_interval),
+            ("tool_loop.task_poll_interval", limits.task_poll_interval),
+        ] {
+            if value.is_zero() {
+                push(key.into(), "must be greater than zero".into());
+            }
+        }
+    }
+
     fn validate_compression(&self, push: &mut impl FnMut(String, String)) {
         let compression = &self.compression;
         let mut policies = vec![("compression".to_string(), compression.policy.clone())];

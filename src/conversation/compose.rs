@@ -30,6 +30,11 @@ pub fn compose(
     append: bool,
 ) -> Result<Composed, GoalConflict> {
     let mut rewrote_history = false;
+    // A partial answer the client echoes back becomes the whole answer plus the gateway's
+    // tool results (see `tools::record`); the body is then rebuilt like an append body.
+    let expanded = crate::tools::record::ToolRecord::from_raw(checkpoint.tools.as_deref()).expand(messages);
+    let messages = expanded.as_deref().unwrap_or(messages);
+    let splice = append || expanded.is_some();
     let conversation = if append {
         let mut all = checkpoint.transcript.clone();
         all.extend(messages.iter().cloned());
@@ -39,7 +44,7 @@ pub fn compose(
         messages.to_vec()
     };
     let (conversation, with_goal) = apply_goal(checkpoint.goal.as_mut(), conversation)?;
-    let body = match (&with_goal, append) {
+    let body = match (&with_goal, splice) {
         (Some(upstream), _) => splice_messages(body, span, upstream),
         (None, true) => splice_messages(body, span, &conversation),
         (None, false) => body.clone(),

@@ -35,6 +35,7 @@ use serde_json::value::RawValue;
 use tokio::sync::{mpsc, oneshot};
 
 pub use api::api;
+pub use compose::splice_messages;
 
 use self::compose::GoalConflict;
 use self::holder::{Admitted, Holder};
@@ -42,10 +43,11 @@ use crate::body::{self, Body};
 use crate::compress;
 use crate::config::OnStoreError;
 use crate::error::{BoxError, GatewayError};
-use crate::openai::answer::AnswerBuilder;
+use crate::openai::answer::{Answer, AnswerBuilder};
 use crate::openai::events::EventSplitter;
 use crate::session::{SessionKey, Sessions, Stored, StoredRequest};
 use crate::telemetry::{Metrics, ModelStage, OutcomeLabel};
+use crate::tools;
 use crate::upstream::{Outgoing, OutgoingBody};
 use crate::AppState;
 
@@ -295,23 +297,43 @@ async fn execute(
     headers.remove(compress::OPT_OUT_HEADER);
     headers.remove(header::CONTENT_LENGTH);
     let route = state.upstreams.router.route(Some(&request.model));
-    let outgoing = Outgoing {
-        method: Method::POST,
-        path_and_query: request.path.clone(),
-        headers,
-        body: OutgoingBody::Replayable(body),
+    let model_usage = state
+        .compressor
+        .active(&request.model, &HeaderMap::new())
+        .map(|active| state.metrics.for_model(&active.label));
+    let sent = if state.tools.engaged_by(&body) {
+        let loop_request = tools::rounds::Request {
+            route,
+            path: request.path.clone(),
+            headers,
+            body,
+            stream: request.stream,
+            session: true,
+            model_usage,
+        };
+        holder
+            .while_renewing(tools::rounds::forward(&state, loop_request))
+            .await
+            .map(|(response, report)| (response, Some(report)))
+    } else {
+        let outgoing = Outgoing {
+            method: Method::POST,
+            path_and_query: request.path.clone(),
+            headers,
+            body: OutgoingBody::Replayable(body),
+        };
+        holder.while_renewing(state.upstreams.forward(route, outgoing)).await.map(|mut forwarded| {
+            forwarded.model_usage = model_usage;
+            (forwarded.into_response(), None)
+        })
     };
-    let mut forwarded = match holder.while_renewing(state.upstreams.forward(route, outgoing)).await {
-        Ok(forwarded) => forwarded,
+    let (mut response, report) = match sent {
+        Ok(sent) => sent,
         Err(err) => {
             holder.finish(None).await;
             return send(reply, Err(err));
         }
     };
-    if let Some(active) = state.compressor.active(&request.model, &HeaderMap::new()) {
-        forwarded.model_usage = Some(state.metrics.for_model(&active.label));
-    }
-    let mut response = forwarded.into_response();
     response.headers_mut().extend(request.annotations.clone());
     if !response.status().is_success() {
         // The upstream's error passes through; the turn did not happen.
@@ -332,7 +354,12 @@ async fn execute(
         let complete = holder.while_renewing(pump(upstream_body, turn, &mut answer, &mut frames, &log)).await;
         log.close().await;
         let answer = if complete { answer.finish() } else { None };
-        holder.finish(answer.map(|a| (conversation, a))).await;
+        let report = match report {
+            Some(report) => report.await.ok(),
+            None => None,
+        };
+        let turn = answer.and_then(|a| with_tool_rounds(&mut holder, conversation, a, report));
+        holder.finish(turn).await;
         // The client's body ends only now, so a client that has read to the end can rely on
         // the turn being committed.
         drop(frames);
@@ -346,12 +373,46 @@ async fn execute(
             }
         };
         answer.observe(&bytes);
-        if let Some(version) = holder.finish(answer.finish().map(|a| (conversation, a))).await {
+        let report = match report {
+            Some(mut report) => report.try_recv().ok(),
+            None => None,
+        };
+        if let Some(report) = &report {
+            tools::rounds::annotate(response.headers_mut(), report);
+        }
+        let turn = answer.finish().and_then(|a| with_tool_rounds(&mut holder, conversation, a, report));
+        if let Some(version) = holder.finish(turn).await {
             response.headers_mut().insert(VERSION_HEADER, HeaderValue::from(version));
         }
         *response.body_mut() = body::full(bytes);
         send(reply, Ok(response));
     }
+}
+
+/// What a turn commits when gateway tools ran: the rounds' messages before the final answer,
+/// and for an answer that also called client tools, the whole answer and the gateway's results
+/// (the client got only its own calls; the expansion restores the rest on the next turn).
+fn with_tool_rounds(
+    holder: &mut Holder,
+    mut conversation: Vec<Box<RawValue>>,
+    mut answer: Answer,
+    report: Option<tools::rounds::Report>,
+) -> Option<(Vec<Box<RawValue>>, Answer)> {
+    let Some(report) = report else { return Some((conversation, answer)) };
+    conversation.extend(report.messages);
+    if let Some(held) = report.held {
+        let mut record = tools::record::ToolRecord::from_raw(holder.checkpoint.tools.as_deref());
+        conversation.push(held.full.clone());
+        let mut results = held.results.clone();
+        let last = results.pop()?;
+        conversation.extend(results);
+        answer.message = last;
+        record.remember(held);
+        holder.checkpoint.tools = record.to_raw();
+    } else if let Some(message) = report.answer {
+        answer.message = message;
+    }
+    Some((conversation, answer))
 }
 
 /// Serves a turn without its session (`on_store_error = "fail_open"`), marked degraded.
@@ -481,6 +542,12 @@ impl EventLog {
 /// of the upstream body (or of the replay loop).
 pub struct ChannelBody {
     receiver: mpsc::Receiver<Result<Frame<Bytes>, BoxError>>,
+}
+
+impl ChannelBody {
+    pub fn new(receiver: mpsc::Receiver<Result<Frame<Bytes>, BoxError>>) -> Self {
+        Self { receiver }
+    }
 }
 
 impl HttpBody for ChannelBody {

@@ -5,6 +5,7 @@
 
 pub mod redis;
 pub mod stores;
+pub mod tool_server;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

@@ -1,0 +1,170 @@
+//! Gateway tools: tools ctxgate runs itself when a model calls them.
+//!
+//! - [`Registry`]: the configured tools, their schemas, backends and concurrency limits. Only
+//!   the endpoints named here are ever called.
+//! - [`call`]: one round of calls, run concurrently with deadlines and retries; failures become
+//!   structured tool results so the model can react.
+//! - [`http`], [`mcp`]: the two backends.
+//! - [`rounds`]: the loop around the upstream: answer → run the gateway's calls → ask again,
+//!   for plain and streamed requests.
+//! - [`record`]: what a session keeps of tool runs (results owed to the next turn, tasks).
+
+pub mod call;
+mod http;
+pub mod mcp;
+pub mod record;
+pub mod rounds;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use indexmap::IndexMap;
+use serde_json::value::RawValue;
+use serde_json::Value;
+use tokio::sync::Semaphore;
+
+pub use call::{Call, Outcome, ToolRun};
+
+use crate::config::{Config, EnvSource, ToolConfig, ToolLoopConfig};
+use crate::error::GatewayError;
+use crate::telemetry::Metrics;
+
+/// One configured tool, ready to run.
+pub struct Tool {
+    pub config: ToolConfig,
+    validator: jsonschema::Validator,
+    backend: Backend,
+    /// Bounds this tool's calls across requests.
+    permits: Semaphore,
+}
+
+enum Backend {
+    Http(Box<http::HttpTool>),
+    Mcp(mcp::McpTool),
+}
+
+impl std::fmt::Debug for Tool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tool").field("name", &self.config.name).finish_non_exhaustive()
+    }
+}
+
+/// Every gateway tool, by name.
+#[derive(Debug)]
+pub struct Registry {
+    tools: HashMap<String, Arc<Tool>>,
+    /// Definitions added to requests (`inject = true`), sorted by name so the bytes never change.
+    injected: Vec<(String, Box<RawValue>)>,
+    pub limits: ToolLoopConfig,
+    /// Bounds all tool calls at once.
+    permits: Arc<Semaphore>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Registry {
+    pub fn from_config(config: &Config, env: &dyn EnvSource, metrics: Arc<Metrics>) -> Result<Self, String> {
+        let client = http::client();
+        let mut servers = mcp::Servers::default();
+        let mut tools = HashMap::new();
+        let mut injected = Vec::new();
+        for tool in &config.tools {
+            let validator = jsonschema::validator_for(&tool.parameters)
+                .map_err(|e| format!("tools: `{}` parameters: {e}", tool.name))?;
+            let backend = match (&tool.http, &tool.mcp) {
+                (Some(backend), None) => Backend::Http(Box::new(
+                    http::HttpTool::new(backend, env, client.clone(), config.tool_loop.max_response_bytes)
+                        .map_err(|e| format!("tools: `{}`: {e}", tool.name))?,
+                )),
+                (None, Some(backend)) => Backend::Mcp(servers.tool(backend, env, tool.remote_name())),
+                _ => return Err(format!("tools: `{}` needs exactly one backend", tool.name)),
+            };
+            if tool.inject {
+                injected.push((tool.name.clone(), definition(tool)));
+            }
+            let permits = Semaphore::new(tool.max_concurrency.max(1));
+            tools.insert(
+                tool.name.clone(),
+                Arc::new(Tool { config: tool.clone(), validator, backend, permits }),
+            );
+        }
+        injected.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(Self {
+            tools,
+            injected,
+            limits: config.tool_loop.clone(),
+            permits: Arc::new(Semaphore::new(config.tool_loop.max_concurrency.max(1))),
+            metrics,
+        })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tools.is_empty()
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Arc<Tool>> {
+        self.tools.get(name)
+    }
+
+    /// Adds the injected definitions the request does not declare itself to its `tools`, after
+    /// the client's own. Returns `None` when nothing changes (the body goes as sent).
+    pub fn inject(&self, body: &[u8]) -> Result<Option<Bytes>, GatewayError> {
+        if self.injected.is_empty() {
+            return Ok(None);
+        }
+        let mut fields: IndexMap<String, Box<RawValue>> = serde_json::from_slice(body)
+            .map_err(|e| GatewayError::invalid(e.to_string(), None, "invalid_json"))?;
+        let mut tools: Vec<Box<RawValue>> = match fields.get("tools") {
+            Some(raw) if raw.get() != "null" => serde_json::from_str(raw.get()).map_err(|_| {
+                GatewayError::invalid("`tools` must be an array.", Some("tools"), "invalid_type")
+            })?,
+            _ => Vec::new(),
+        };
+        let declared: Vec<String> = tools.iter().filter_map(|t| declared_name(t)).collect();
+        let before = tools.len();
+        for (name, definition) in &self.injected {
+            if !declared.contains(name) {
+                tools.push(definition.clone());
+            }
+        }
+        if tools.len() == before {
+            return Ok(None);
+        }
+        let raw = serde_json::value::to_raw_value(&tools).map_err(|e| GatewayError::Internal(e.into()))?;
+        fields.insert("tools".into(), raw);
+        let bytes = serde_json::to_vec(&fields).map_err(|e| GatewayError::Internal(e.into()))?;
+        Ok(Some(Bytes::from(bytes)))
+    }
+
+    /// True when the request can reach a gateway tool: one is injected, or the request
+    /// declares one by name.
+    pub fn engaged_by(&self, body: &[u8]) -> bool {
+        if self.tools.is_empty() {
+            return false;
+        }
+        if !self.injected.is_empty() {
+            return true;
+        }
+        let Some(raw) = crate::compress::request::tools_of(body) else { return false };
+        let tools: Vec<Box<RawValue>> = serde_json::from_str(raw.get()).unwrap_or_default();
+        tools.iter().filter_map(|t| declared_name(t)).any(|name| self.tools.contains_key(&name))
+    }
+}
+
+/// The OpenAI function definition of a gateway tool.
+fn definition(tool: &ToolConfig) -> Box<RawValue> {
+    let value = serde_json::json!({
+        "type": "function",
+        "function": {
+            "name": tool.name,
+            "description": tool.description,
+            "parameters": tool.parameters,
+        }
+    });
+    serde_json::value::to_raw_value(&value).unwrap_or_else(|_| RawValue::NULL.to_owned())
+}
+
+fn declared_name(tool: &RawValue) -> Option<String> {
+    let value: Value = serde_json::from_str(tool.get()).ok()?;
+    value.pointer("/function/name").and_then(Value::as_str).map(str::to_string)
+}
