@@ -73,6 +73,7 @@ pub async fn chat_completions(
             stream: head.stream,
             session: false,
             model_usage,
+            tasks: None,
         };
         let (mut response, mut report) = tools::rounds::forward(&state, request).await?;
         if let Ok(report) = report.try_recv() {

@@ -6,16 +6,14 @@
 #[macro_use]
 mod support;
 
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use futures_util::StreamExt;
 use mock_upstream::Server;
 use serde_json::{json, Value};
+use support::gateway::{Gateway, AUTH};
 use support::stores::{self, Store};
 use support::{fixtures, sse_data, Chunk, Gate, Harness};
-
-const AUTH: &str = "Bearer sk-test-client";
 
 fn chunks(words: &[&str], gate_after: Option<(usize, &Gate)>) -> Vec<Chunk> {
     let mut chunks = Vec::new();
@@ -129,67 +127,6 @@ async fn replay_after_a_client_disconnect(store: Store) {
         messages,
         [request(true)["messages"][0].clone(), json!({"role": "assistant", "content": "one two three four"})]
     );
-}
-
-/// A ctxgate binary run as a child process, SIGKILLed on drop.
-struct Gateway {
-    child: Child,
-    base: String,
-    _config: tempfile::NamedTempFile,
-}
-
-impl Gateway {
-    async fn start(upstream: &str, store: &str) -> Gateway {
-        Self::start_with(upstream, store, "").await
-    }
-
-    /// With `extra` TOML appended to the config.
-    async fn start_with(upstream: &str, store: &str, extra: &str) -> Gateway {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let mut config = tempfile::NamedTempFile::new().unwrap();
-        use std::io::Write;
-        write!(
-            config,
-            "[telemetry]\nlog_level = \"warn\"\n[sessions]\nstore = {store:?}\nlease = \"1s\"\nbusy_timeout = \"10s\"\n[[upstreams]]\nname = \"mock\"\nbase_url = {upstream:?}\n{extra}"
-        )
-        .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_ctxgate"))
-            .args(["serve", "--config"])
-            .arg(config.path())
-            .args(["--listen", &format!("127.0.0.1:{port}")])
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let gateway = Gateway { child, base: format!("http://127.0.0.1:{port}"), _config: config };
-        let client = reqwest::Client::new();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        while client.get(format!("{}/healthz", gateway.base)).send().await.is_err() {
-            assert!(tokio::time::Instant::now() < deadline, "ctxgate did not start");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        gateway
-    }
-
-    /// A chat request on `session`, as the session's owner.
-    fn chat(&self, client: &reqwest::Client, session: &str) -> reqwest::RequestBuilder {
-        client
-            .post(format!("{}/v1/chat/completions", self.base))
-            .header("authorization", AUTH)
-            .header("x-session-id", session)
-    }
-
-    fn kill(&mut self) {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
-    }
-}
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// Sends `request` and SIGKILLs the gateway once the upstream has received it; the client

@@ -422,3 +422,53 @@ async fn streamed_requests_keep_alive_while_tools_run_then_stream_the_answer() {
     assert_eq!(second["stream"], true);
     assert_eq!(tool_messages(&second).len(), 1);
 }
+
+/// On a session, an answer calling a gateway tool and a client tool: the client gets only its
+/// call; the next turn sends the model the whole answer, the gateway's result, then the
+/// client's; the transcript holds them in that order.
+async fn mixed_calls_on_a_session(store: support::stores::Store) {
+    let store = store.url().await;
+    let url = store.url.clone();
+    let tools = ToolServer::start().await;
+    let mixed =
+        calling(vec![call("g0", "look", json!({"q": "x"})), call("k0", "client_tool", json!({"z": 1}))]);
+    let h = start(
+        tools.clone(),
+        vec![Reply::json(200, mixed.clone()), Reply::json(200, support::fixtures::completion("all done"))],
+        move |c, t| {
+            c.tools = vec![http_tool("look", t.url("/look"))];
+            c.sessions.store = url;
+        },
+    )
+    .await;
+    let session = |b: reqwest::RequestBuilder| b.header("x-session-id", "mixed-1");
+    let first = request(&["look", "client_tool"]);
+    let body: Value = session(h.chat()).json(&first).send().await.unwrap().json().await.unwrap();
+    let seen = &body["choices"][0]["message"];
+    assert_eq!(seen["tool_calls"], json!([mixed["choices"][0]["message"]["tool_calls"][1]]));
+    assert_eq!(body["ctxgate"]["tool_runs"][0]["tool"], "look");
+    assert_eq!(tools.hits().len(), 1);
+
+    // The client answers its own call, echoing the answer it got.
+    let mut next = first.clone();
+    let messages = next["messages"].as_array_mut().unwrap();
+    messages.push(seen.clone());
+    messages.push(json!({"role": "tool", "tool_call_id": "k0", "content": "client result"}));
+    let response = session(h.chat()).json(&next).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    let sent = h.upstream(0).requests()[1].json();
+    let sent = sent["messages"].as_array().unwrap();
+    assert_eq!(sent.len(), 4);
+    assert_eq!(sent[1], mixed["choices"][0]["message"], "the whole answer, as the model wrote it");
+    assert_eq!(sent[2]["tool_call_id"], "g0");
+    assert!(sent[2]["content"].as_str().unwrap().contains("/look"));
+    assert_eq!(sent[3], json!({"role": "tool", "tool_call_id": "k0", "content": "client result"}));
+    let client = reqwest::Client::new();
+    let transcript = support::stores::transcript(&client, &h.url, "mixed-1", "Bearer sk-test-client").await;
+    assert_eq!(transcript.len(), 5);
+    assert_eq!(&transcript[..4], &sent[..4]);
+    assert_eq!(transcript[4]["content"], "all done");
+    assert_eq!(h.metric("ctxgate_session_history_rewrites_total").await, 0.0);
+}
+
+on_both_stores!(mixed_calls_on_a_session);

@@ -360,6 +360,52 @@ upstreams = ["nope"]
     }
 
     #[test]
+    fn tools_are_checked() {
+        let text = r#"
+[[upstreams]]
+name = "a"
+base_url = "http://ok/v1"
+
+[[tools]]
+name = "look"
+parameters = { type = "object", properties = { q = { type = "nonsense" } } }
+timeout = "0s"
+http = { url = "not a url", method = "DELETE", headers_env = { "x-key" = "CTXGATE_TEST_NO_SUCH_KEY" } }
+
+[[tools]]
+name = "look"
+mcp = { url = "http://mcp.local/mcp" }
+
+[[tools]]
+name = "has space"
+http = { url = "http://ok/tool" }
+mcp = { url = "http://mcp.local/mcp" }
+
+[tool_loop]
+max_concurrency = 0
+"#;
+        let env = BTreeMap::new();
+        let config = Config::parse(text, &env).unwrap();
+        let err = config.validate(&env).unwrap_err();
+        let paths: Vec<&str> = err.0.iter().map(|i| i.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "tools[0].parameters",
+                "tools[0].timeout",
+                "tools[0].http.url",
+                "tools[0].http.method",
+                "tools[0].http.headers_env",
+                "tools[1].name",
+                "tools[2].name",
+                "tools[2]",
+                "tool_loop.max_concurrency",
+            ],
+            "{err}"
+        );
+    }
+
+    #[test]
     fn compression_marks_and_references_are_checked() {
         let text = r#"
 [[upstreams]]

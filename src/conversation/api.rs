@@ -23,7 +23,7 @@ use crate::AppState;
 /// How often a replay that has caught up looks for new events.
 const FOLLOW_POLL: Duration = Duration::from_millis(25);
 
-/// `GET`/`DELETE /v1/sessions/{id}`, `GET /v1/sessions/{id}/messages`,
+/// `GET`/`DELETE /v1/sessions/{id}`, `GET /v1/sessions/{id}/messages`, `.../tasks`,
 /// `GET`/`PUT`/`DELETE /v1/sessions/{id}/goal`, `GET /v1/sessions/{id}/stream` and
 /// `POST /v1/sessions/{id}/resume`.
 pub async fn api(state: Arc<AppState>, request: http::Request<Body>) -> Result<Response<Body>, GatewayError> {
@@ -58,6 +58,11 @@ pub async fn api(state: Arc<AppState>, request: http::Request<Body>) -> Result<R
                 "created_at_ms": cp.created_ms,
                 "updated_at_ms": cp.updated_ms,
             })))
+        }
+        (&Method::GET, Some("tasks")) => {
+            let stored = timed(metrics, "load", store.load(&key)).await?.ok_or_else(missing)?;
+            let record = crate::tools::record::ToolRecord::from_raw(stored.checkpoint.tools.as_deref());
+            Ok(json_response(json!({"object": "list", "data": record.tasks})))
         }
         (&Method::GET, Some("messages")) => {
             let stored = timed(metrics, "load", store.load(&key)).await?.ok_or_else(missing)?;

@@ -22,6 +22,8 @@ pub struct Holder {
     /// The turn's id (the version its admission created); names its events.
     pub turn: u64,
     pub checkpoint: Checkpoint,
+    /// State changes of the turn's tool tasks, written into the checkpoint as they come.
+    task_updates: Option<tokio::sync::mpsc::UnboundedReceiver<crate::tools::record::TaskEntry>>,
 }
 
 /// The outcome of an admission attempt.
@@ -84,7 +86,8 @@ impl Holder {
                 .await?
             {
                 Commit::Committed(version) => {
-                    let holder = Self { sessions, metrics, key, version, turn, checkpoint };
+                    let holder =
+                        Self { sessions, metrics, key, version, turn, checkpoint, task_updates: None };
                     return Ok(Admitted::Turn(holder, prepared));
                 }
                 // Someone admitted first; look again.
@@ -114,9 +117,10 @@ impl Holder {
         }
         checkpoint.in_flight = Some(in_flight);
         match timed(&metrics, "commit", sessions.store.commit(&key, version, &checkpoint.encode())).await? {
-            Commit::Committed(version) => {
-                Ok(Some((Self { sessions, metrics, key, version, turn, checkpoint }, request)))
-            }
+            Commit::Committed(version) => Ok(Some((
+                Self { sessions, metrics, key, version, turn, checkpoint, task_updates: None },
+                request,
+            ))),
             Commit::Conflict(_) => Ok(None),
         }
     }
@@ -137,22 +141,59 @@ impl Holder {
         }
     }
 
-    /// Runs `future`, renewing the lease every third of it meanwhile.
+    /// A task log for this turn's tool calls; its updates are committed while the turn runs.
+    pub fn task_log(&mut self) -> std::sync::Arc<crate::tools::tasks::TaskLog> {
+        let request_id = self.checkpoint.in_flight.as_ref().map(|f| f.request_id.clone()).unwrap_or_default();
+        let record = crate::tools::record::ToolRecord::from_raw(self.checkpoint.tools.as_deref());
+        let (log, updates) = crate::tools::tasks::TaskLog::new(&request_id, record.tasks);
+        self.task_updates = Some(updates);
+        std::sync::Arc::new(log)
+    }
+
+    /// Runs `future`, renewing the lease every third of it meanwhile, and committing task
+    /// updates as they arrive.
     pub async fn while_renewing<F: std::future::Future>(&mut self, future: F) -> F::Output {
         let period = self.sessions.config.lease / 3;
         let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         tokio::pin!(future);
         loop {
+            let update = async {
+                match self.task_updates.as_mut() {
+                    Some(updates) => updates.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 output = &mut future => return output,
                 _ = tick.tick() => self.renew().await,
+                Some(entry) = update => {
+                    let mut record = crate::tools::record::ToolRecord::from_raw(self.checkpoint.tools.as_deref());
+                    record.upsert(entry);
+                    self.checkpoint.tools = record.to_raw();
+                    self.renew().await;
+                }
             }
+        }
+    }
+
+    /// Applies task updates not yet written (the commit that follows writes them).
+    fn drain_task_updates(&mut self) {
+        let Some(updates) = self.task_updates.as_mut() else { return };
+        let mut record = crate::tools::record::ToolRecord::from_raw(self.checkpoint.tools.as_deref());
+        let mut any = false;
+        while let Ok(entry) = updates.try_recv() {
+            record.upsert(entry);
+            any = true;
+        }
+        if any {
+            self.checkpoint.tools = record.to_raw();
         }
     }
 
     /// Clears the marker, and with an answer appends the turn: the conversation sent upstream
     /// and the assistant's message. Returns the committed version.
     pub async fn finish(mut self, turn: Option<(Vec<Box<RawValue>>, Answer)>) -> Option<u64> {
+        self.drain_task_updates();
         self.checkpoint.in_flight = None;
         self.checkpoint.updated_ms = now_ms();
         if let Some((mut messages, answer)) = turn {

@@ -310,6 +310,7 @@ async fn execute(
             stream: request.stream,
             session: true,
             model_usage,
+            tasks: Some(holder.task_log()),
         };
         holder
             .while_renewing(tools::rounds::forward(&state, loop_request))

@@ -3,12 +3,15 @@
 //! Whatever happens, every call gets a result in call order: failures become structured
 //! errors (`{"error", "kind"}`) the model can read, and the turn goes on.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use serde_json::Value;
 use tokio::task::JoinSet;
 
+use super::record::TaskEntry;
+use super::tasks::TaskLog;
 use super::{Backend, Registry, Tool};
 use crate::telemetry::{ToolLabel, ToolOutcomeLabel};
 
@@ -80,16 +83,21 @@ pub enum Attempt {
 
 impl Registry {
     /// Runs every call concurrently and returns their outcomes in the order of `calls`.
-    pub async fn run_all(&self, calls: Vec<Call>) -> Vec<Outcome> {
+    pub async fn run_all(&self, calls: Vec<Call>, tasks: Option<Arc<TaskLog>>) -> Vec<Outcome> {
         let round = Instant::now();
         let mut set = JoinSet::new();
         let count = calls.len();
         for (index, call) in calls.into_iter().enumerate() {
             let tool = self.tools.get(&call.name).cloned();
             let global = self.permits.clone();
+            let tasks = tasks.clone();
+            let limits = self.limits.clone();
+            let in_flight = self.metrics.tools.tasks_in_flight.clone();
             set.spawn(async move {
+                let context =
+                    TaskContext { log: tasks.as_deref(), poll: limits.task_poll_interval, in_flight };
                 let outcome = match tool {
-                    Some(tool) => run_one(&tool, &global, call, round).await,
+                    Some(tool) => run_one(&tool, &global, call, round, context).await,
                     None => unknown(call),
                 };
                 (index, outcome)
@@ -145,7 +153,20 @@ fn unknown(call: Call) -> Outcome {
     Outcome { call, content, run }
 }
 
-async fn run_one(tool: &Tool, global: &tokio::sync::Semaphore, call: Call, round: Instant) -> Outcome {
+/// Where a call that runs as a task reports its state.
+struct TaskContext<'a> {
+    log: Option<&'a TaskLog>,
+    poll: Duration,
+    in_flight: prometheus_client::metrics::gauge::Gauge<i64, std::sync::atomic::AtomicI64>,
+}
+
+async fn run_one(
+    tool: &Tool,
+    global: &tokio::sync::Semaphore,
+    call: Call,
+    round: Instant,
+    context: TaskContext<'_>,
+) -> Outcome {
     // Permits are held for the whole call; the deadline starts once they are granted, so a
     // queued call is not timed out by the calls ahead of it.
     let _tool_permit = tool.permits.acquire().await;
@@ -154,7 +175,13 @@ async fn run_one(tool: &Tool, global: &tokio::sync::Semaphore, call: Call, round
     let started_after_ms = millis(started - round);
     let (result, attempts) = match validate(tool, &call.arguments) {
         Err(message) => (Err(Failure { kind: Kind::InvalidArguments, message }), 0),
-        Ok(arguments) => execute(tool, arguments).await,
+        Ok(arguments) => {
+            if runs_as_task(tool).await {
+                run_task(tool, &call, arguments, &context).await
+            } else {
+                execute(tool, arguments).await
+            }
+        }
     };
     let (content, outcome) = match result {
         Ok((content, false)) => (content, "ok"),
@@ -228,6 +255,125 @@ pub(super) async fn execute(tool: &Tool, arguments: Value) -> (Result<(String, b
             }
         }
     }
+}
+
+async fn runs_as_task(tool: &Tool) -> bool {
+    match &tool.backend {
+        Backend::Mcp(mcp) => tool.config.run_as_task || mcp.supports_tasks().await,
+        Backend::Http(_) => tool.config.run_as_task,
+    }
+}
+
+/// Runs a call as a task: an MCP task on servers that support them (started once, polled
+/// until it ends), otherwise the call itself under a task record. With a session, every state
+/// change goes to the checkpoint; a re-issued turn picks the same task up.
+async fn run_task(
+    tool: &Tool,
+    call: &Call,
+    arguments: Value,
+    context: &TaskContext<'_>,
+) -> (Result<(String, bool), Failure>, u32) {
+    let canonical = arguments.to_string();
+    let now = now_ms();
+    let mut entry =
+        context.log.and_then(|log| log.find(&tool.config.name, &canonical)).unwrap_or(TaskEntry {
+            request_id: context.log.map(|l| l.request_id.clone()).unwrap_or_default(),
+            tool_call_id: call.id.clone(),
+            tool: tool.config.name.clone(),
+            arguments: canonical,
+            remote_id: None,
+            state: "working".into(),
+            attempts: 0,
+            created_ms: now,
+            deadline_ms: now + millis(tool.config.timeout),
+            updated_ms: now,
+            result: None,
+            is_error: false,
+        });
+    if let (true, Some(result)) = (entry.state == "completed", entry.result.clone()) {
+        return (Ok((result, entry.is_error)), entry.attempts);
+    }
+    let report = |entry: &TaskEntry| {
+        if let Some(log) = context.log {
+            log.update(entry.clone());
+        }
+    };
+    entry.attempts += 1;
+    entry.tool_call_id = call.id.clone();
+    entry.updated_ms = now;
+    report(&entry);
+    context.in_flight.inc();
+    let remaining = Duration::from_millis(entry.deadline_ms.saturating_sub(now));
+    let deadline = tokio::time::Instant::now() + remaining;
+    let attempt = match &tool.backend {
+        Backend::Mcp(mcp) if mcp.supports_tasks().await => {
+            let polled = async {
+                let task_id = match entry.remote_id.clone() {
+                    Some(id) => id,
+                    None => match mcp.start_task(&arguments, remaining).await {
+                        Ok(id) => {
+                            entry.remote_id = Some(id.clone());
+                            report(&entry);
+                            id
+                        }
+                        Err(attempt) => return attempt,
+                    },
+                };
+                mcp.finish_task(&task_id, context.poll, |_| {}).await
+            };
+            tokio::time::timeout_at(deadline, polled).await
+        }
+        _ => Ok(match execute(tool, arguments).await {
+            (Ok((content, is_error)), _) => Attempt::Done { content, is_error },
+            (Err(failure), _) if failure.kind == Kind::Timeout => {
+                context.in_flight.dec();
+                return finish_task(entry, Err(failure), report);
+            }
+            (Err(failure), _) => Attempt::Fail(failure.message),
+        }),
+    };
+    context.in_flight.dec();
+    let result = match attempt {
+        Err(_elapsed) => Err(Failure {
+            kind: Kind::Timeout,
+            message: format!(
+                "the task did not finish within {}",
+                humantime::format_duration(tool.config.timeout)
+            ),
+        }),
+        Ok(Attempt::Done { content, is_error }) => Ok((content, is_error)),
+        Ok(Attempt::Retry { message, .. } | Attempt::Fail(message)) => {
+            Err(Failure { kind: Kind::Upstream, message })
+        }
+    };
+    finish_task(entry, result, report)
+}
+
+fn finish_task(
+    mut entry: TaskEntry,
+    result: Result<(String, bool), Failure>,
+    report: impl Fn(&TaskEntry),
+) -> (Result<(String, bool), Failure>, u32) {
+    entry.updated_ms = now_ms();
+    match &result {
+        Ok((content, is_error)) => {
+            entry.state = "completed".into();
+            entry.result = Some(content.clone());
+            entry.is_error = *is_error;
+        }
+        Err(failure) => {
+            entry.state = if failure.kind == Kind::Timeout { "timeout" } else { "failed" }.into();
+            entry.result = Some(error_content(failure.kind, &failure.message));
+        }
+    }
+    report(&entry);
+    (result, entry.attempts)
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// Equal-jitter exponential backoff: 100 ms, 200 ms, 400 ms ... up to 2 s, half of it random.

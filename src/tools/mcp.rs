@@ -4,8 +4,13 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
-use rmcp::model::{CallToolRequestParams, CallToolResult, ClientInfo};
+use rmcp::model::{
+    CallToolRequest, CallToolRequestParams, CallToolResult, ClientInfo, ClientRequest, GetTaskParams,
+    GetTaskPayloadParams, GetTaskPayloadRequest, GetTaskRequest, ServerResult, TaskMetadata, TaskStatus,
+    TaskSupport,
+};
 use rmcp::service::{RoleClient, RunningService, ServiceError};
 use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
 use rmcp::transport::StreamableHttpClientTransport;
@@ -31,7 +36,12 @@ impl Servers {
             .by_url
             .entry(config.url.clone())
             .or_insert_with(|| {
-                Arc::new(Server { url: config.url.clone(), bearer, session: Mutex::new(None) })
+                Arc::new(Server {
+                    url: config.url.clone(),
+                    bearer,
+                    session: Mutex::new(None),
+                    task_support: Mutex::new(None),
+                })
             })
             .clone();
         McpTool { server, name: remote.to_string() }
@@ -42,6 +52,8 @@ pub struct Server {
     url: String,
     bearer: Option<String>,
     session: Mutex<Option<Arc<Session>>>,
+    /// Each tool's `execution.taskSupport`, read once from `tools/list`.
+    task_support: Mutex<Option<HashMap<String, TaskSupport>>>,
 }
 
 impl Server {
@@ -74,6 +86,24 @@ impl Server {
     }
 }
 
+impl Server {
+    async fn task_support(&self, session: &Session, name: &str) -> Result<TaskSupport, String> {
+        let mut cached = self.task_support.lock().await;
+        if cached.is_none() {
+            let tools = session.list_all_tools().await.map_err(|e| format!("MCP tools/list: {e}"))?;
+            let support = tools
+                .into_iter()
+                .map(|t| {
+                    let support = t.execution.and_then(|e| e.task_support).unwrap_or_default();
+                    (t.name.to_string(), support)
+                })
+                .collect();
+            *cached = Some(support);
+        }
+        Ok(cached.as_ref().and_then(|m| m.get(name).copied()).unwrap_or_default())
+    }
+}
+
 fn client_info() -> ClientInfo {
     let mut info = ClientInfo::default();
     info.client_info.name = "ctxgate".into();
@@ -103,6 +133,77 @@ impl McpTool {
         }
     }
 
+    /// Whether the server runs this tool as a task (`execution.taskSupport` optional or
+    /// required). A server that cannot say is treated as not supporting tasks.
+    pub async fn supports_tasks(&self) -> bool {
+        let Ok(session) = self.server.session().await else { return false };
+        matches!(
+            self.server.task_support(&session, &self.name).await,
+            Ok(TaskSupport::Optional | TaskSupport::Required)
+        )
+    }
+
+    /// Starts the call as a task; returns the server's task id.
+    pub async fn start_task(&self, arguments: &Value, ttl: Duration) -> Result<String, Attempt> {
+        let session =
+            self.server.session().await.map_err(|message| Attempt::Retry { message, retry_after: None })?;
+        let mut params = CallToolRequestParams::new(self.name.clone())
+            .with_task(TaskMetadata::new().with_ttl(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX)));
+        if let Some(object) = arguments.as_object() {
+            params = params.with_arguments(object.clone());
+        }
+        match session.send_request(ClientRequest::CallToolRequest(CallToolRequest::new(params))).await {
+            Ok(ServerResult::CreateTaskResult(created)) => Ok(created.task.task_id),
+            Ok(ServerResult::CallToolResult(result)) => Err(done(result)),
+            Ok(_) => Err(Attempt::Fail("MCP server answered a task call with something else".into())),
+            Err(err) => Err(self.failed(&session, err).await),
+        }
+    }
+
+    /// Polls a task until it ends, then fetches its result. Runs until cancelled by the
+    /// caller's deadline. `on_status` sees every status polled.
+    pub async fn finish_task(
+        &self,
+        task_id: &str,
+        poll: Duration,
+        mut on_status: impl FnMut(&str),
+    ) -> Attempt {
+        loop {
+            let session = match self.server.session().await {
+                Ok(session) => session,
+                Err(message) => return Attempt::Retry { message, retry_after: None },
+            };
+            let request = ClientRequest::GetTaskRequest(GetTaskRequest::new(GetTaskParams::new(task_id)));
+            let (status, wait) = match session.send_request(request).await {
+                Ok(ServerResult::GetTaskResult(got)) => (got.task.status, got.task.poll_interval),
+                Ok(_) => return Attempt::Fail("MCP server answered tasks/get with something else".into()),
+                Err(err) => return self.failed(&session, err).await,
+            };
+            on_status(status_name(&status));
+            match status {
+                TaskStatus::Working | TaskStatus::InputRequired => {
+                    let wait = wait
+                        .map_or(poll, Duration::from_millis)
+                        .clamp(Duration::from_millis(50), poll.max(Duration::from_millis(50)));
+                    tokio::time::sleep(wait).await;
+                }
+                TaskStatus::Completed | TaskStatus::Failed => {
+                    let request = ClientRequest::GetTaskPayloadRequest(GetTaskPayloadRequest::new(
+                        GetTaskPayloadParams::new(task_id),
+                    ));
+                    return match session.send_request(request).await {
+                        Ok(ServerResult::CallToolResult(result)) => done(result),
+                        Ok(_) if status == TaskStatus::Failed => Attempt::Fail("the MCP task failed".into()),
+                        Ok(_) => Attempt::Fail("MCP server answered tasks/result with something else".into()),
+                        Err(err) => self.failed(&session, err).await,
+                    };
+                }
+                TaskStatus::Cancelled => return Attempt::Fail("the MCP task was cancelled".into()),
+                _ => return Attempt::Fail(format!("the MCP task is in an unknown state: {status:?}")),
+            }
+        }
+    }
+
     async fn failed(&self, session: &Arc<Session>, err: ServiceError) -> Attempt {
         match err {
             // The server answered with a JSON-RPC error: final.
@@ -126,4 +227,15 @@ pub fn done(result: CallToolResult) -> Attempt {
         texts.join("\n")
     };
     Attempt::Done { content, is_error: result.is_error.unwrap_or(false) }
+}
+
+pub fn status_name(status: &TaskStatus) -> &'static str {
+    match status {
+        TaskStatus::Working => "working",
+        TaskStatus::InputRequired => "input_required",
+        TaskStatus::Completed => "completed",
+        TaskStatus::Failed => "failed",
+        TaskStatus::Cancelled => "cancelled",
+        _ => "unknown",
+    }
 }

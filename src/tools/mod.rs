@@ -14,6 +14,7 @@ mod http;
 pub mod mcp;
 pub mod record;
 pub mod rounds;
+pub mod tasks;
 
 use std::collections::HashMap;
 use std::sync::Arc;

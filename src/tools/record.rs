@@ -13,7 +13,47 @@ pub struct ToolRecord {
     /// next turn sends the model the whole answer with the gateway's results first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub expansions: Vec<Expansion>,
+    /// Durable tool tasks, newest last; finished ones are kept for `GET .../tasks`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tasks: Vec<TaskEntry>,
 }
+
+/// A tool call run as a task. A turn re-issued after a restart finds its call here by tool and
+/// arguments, and polls the same task (or takes its result) instead of starting another.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskEntry {
+    /// The request (turn) that started it: a resumed turn keeps its request id, a new turn
+    /// that happens to make the same call does not reuse the task.
+    pub request_id: String,
+    pub tool_call_id: String,
+    pub tool: String,
+    /// The arguments as canonical JSON.
+    pub arguments: String,
+    /// The MCP server's task id; `None` for a task ctxgate runs itself (an `async` HTTP
+    /// tool), which a restart runs again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote_id: Option<String>,
+    /// `working`, `input_required`, `completed`, `failed`, `cancelled`, or `timeout`.
+    pub state: String,
+    pub attempts: u32,
+    pub created_ms: u64,
+    pub deadline_ms: u64,
+    pub updated_ms: u64,
+    /// The tool message content, once finished.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<String>,
+    #[serde(default)]
+    pub is_error: bool,
+}
+
+impl TaskEntry {
+    pub fn is_finished(&self) -> bool {
+        !matches!(self.state.as_str(), "working" | "input_required")
+    }
+}
+
+/// Finished tasks kept per session.
+const MAX_TASKS: usize = 64;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Expansion {
@@ -35,6 +75,25 @@ impl ToolRecord {
         self.expansions.push(expansion);
         if self.expansions.len() > MAX_EXPANSIONS {
             self.expansions.remove(0);
+        }
+    }
+
+    /// Records a task's new state (by tool call id, tool and arguments).
+    pub fn upsert(&mut self, entry: TaskEntry) {
+        let same = |t: &TaskEntry| {
+            t.tool == entry.tool && t.arguments == entry.arguments && t.created_ms == entry.created_ms
+        };
+        match self.tasks.iter_mut().find(|t| same(t)) {
+            Some(slot) => *slot = entry,
+            None => self.tasks.push(entry),
+        }
+        while self.tasks.len() > MAX_TASKS {
+            match self.tasks.iter().position(TaskEntry::is_finished) {
+                Some(i) => {
+                    self.tasks.remove(i);
+                }
+                None => break,
+            }
         }
     }
 
@@ -62,7 +121,7 @@ impl ToolRecord {
     }
 
     pub fn to_raw(&self) -> Option<Box<RawValue>> {
-        if self.expansions.is_empty() {
+        if self.expansions.is_empty() && self.tasks.is_empty() {
             return None;
         }
         serde_json::value::to_raw_value(self).ok()

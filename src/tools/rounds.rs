@@ -27,6 +27,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::call::{Call, ToolRun};
 use super::record::Expansion;
+use super::tasks::TaskLog;
 use crate::body::{self, Body};
 use crate::conversation::ChannelBody;
 use crate::error::{BoxError, GatewayError};
@@ -47,6 +48,8 @@ pub struct Request<'a> {
     /// On a session: an answer mixing gateway and client calls runs the gateway's.
     pub session: bool,
     pub model_usage: Option<ModelUsage>,
+    /// Where tasks are recorded (on a session).
+    pub tasks: Option<Arc<TaskLog>>,
 }
 
 /// What the loop did, ready once the response body has ended.
@@ -133,6 +136,7 @@ struct OwnedRequest {
     headers: HeaderMap,
     session: bool,
     model_usage: Option<ModelUsage>,
+    tasks: Option<Arc<TaskLog>>,
 }
 
 impl From<&Request<'_>> for OwnedRequest {
@@ -143,6 +147,7 @@ impl From<&Request<'_>> for OwnedRequest {
             headers: r.headers.clone(),
             session: r.session,
             model_usage: r.model_usage.clone(),
+            tasks: r.tasks.clone(),
         }
     }
 }
@@ -214,8 +219,13 @@ fn raw(value: &Value) -> Box<RawValue> {
 }
 
 /// Runs the gateway calls of a round; returns their `tool` messages in call order.
-async fn run_round(state: &AppState, calls: Vec<Call>, report: &mut Report) -> Vec<Box<RawValue>> {
-    let outcomes = state.tools.run_all(calls).await;
+async fn run_round(
+    state: &AppState,
+    calls: Vec<Call>,
+    tasks: Option<Arc<TaskLog>>,
+    report: &mut Report,
+) -> Vec<Box<RawValue>> {
+    let outcomes = state.tools.run_all(calls, tasks).await;
     report.rounds += 1;
     let messages = outcomes.iter().map(super::Outcome::message).collect();
     report.runs.extend(outcomes.into_iter().map(|o| o.run));
@@ -248,8 +258,8 @@ async fn json_rounds(
             return Ok((finish(response, bytes), report));
         }
         let client_ids: Vec<usize> = split.client.iter().map(|(i, _)| *i).collect();
-        let results =
-            run_round(state, split.gateway.into_iter().map(|(_, c)| c).collect(), &mut report).await;
+        let calls = split.gateway.into_iter().map(|(_, c)| c).collect();
+        let results = run_round(state, calls, request.tasks.clone(), &mut report).await;
         if !split.client.is_empty() {
             let visible = only_calls(&answer.message, &client_ids);
             report.held = Some(Expansion {
@@ -338,7 +348,8 @@ async fn stream_rounds(
         }
         let client_positions: Vec<usize> = split.client.iter().map(|(i, _)| *i).collect();
         let calls: Vec<Call> = split.gateway.into_iter().map(|(_, c)| c).collect();
-        let results = keep_alive(state, &mut client, run_round(state, calls, &mut report)).await;
+        let results =
+            keep_alive(state, &mut client, run_round(state, calls, request.tasks.clone(), &mut report)).await;
         if !split.client.is_empty() {
             let held = round.held.into_iter().map(|e| only_call_deltas(&e, &client_positions)).collect();
             report.held = Some(Expansion {

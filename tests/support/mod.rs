@@ -3,6 +3,8 @@
 //! between tests, so they run in parallel.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod gateway;
+pub mod mcp;
 pub mod redis;
 pub mod stores;
 pub mod tool_server;

@@ -1,0 +1,243 @@
+//! MCP tools against a real MCP server (the Python SDK's FastMCP over streamable HTTP): plain
+//! calls, a tool error, a tool that runs as an MCP task, and a task that outlives the gateway
+//! process that started it.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[macro_use]
+mod support;
+
+use std::time::{Duration, Instant};
+
+use ctxgate::config::{McpBackend, ToolConfig};
+use serde_json::{json, Value};
+use support::gateway::{Gateway, AUTH};
+use support::mcp::McpServer;
+use support::stores::Store;
+use support::{fixtures, Harness, Reply};
+
+fn mcp_tool(name: &str, url: &str, parameters: Value) -> ToolConfig {
+    ToolConfig {
+        name: name.into(),
+        description: String::new(),
+        parameters,
+        inject: true,
+        timeout: Duration::from_secs(30),
+        retries: 2,
+        max_concurrency: 16,
+        run_as_task: false,
+        http: None,
+        mcp: Some(McpBackend { url: url.into(), tool: None, bearer_env: None }),
+    }
+}
+
+fn calling(calls: &[(&str, &str, Value)]) -> Value {
+    let calls: Vec<Value> = calls
+        .iter()
+        .map(|(id, name, args)| json!({"id": id, "type": "function", "function": {"name": name, "arguments": args.to_string()}}))
+        .collect();
+    json!({
+        "id": "chatcmpl-mcp", "object": "chat.completion", "created": 1, "model": "mock-model",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": null, "tool_calls": calls}, "finish_reason": "tool_calls"}],
+    })
+}
+
+fn ask() -> Value {
+    json!({"model": "mock-model", "messages": [{"role": "user", "content": "Use the tools."}]})
+}
+
+fn two_numbers() -> Value {
+    json!({"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}, "required": ["a", "b"]})
+}
+
+fn report_schema() -> Value {
+    json!({"type": "object", "properties": {"topic": {"type": "string"}, "seconds": {"type": "number"}}, "required": ["topic", "seconds"]})
+}
+
+#[tokio::test]
+async fn mcp_tools_answer_and_fail_as_tool_results() {
+    let mcp = McpServer::start().await;
+    let url = mcp.url.clone();
+    let replies = [
+        Reply::json(
+            200,
+            calling(&[
+                ("c0", "add", json!({"a": 2, "b": 3})),
+                ("c1", "fail", json!({"message": "boom"})),
+                ("c2", "add", json!({"a": 40, "b": 2})),
+            ]),
+        ),
+        Reply::json(200, fixtures::completion("done")),
+    ];
+    let mut mock = mock_upstream::Server::builder();
+    for r in replies {
+        mock = mock.reply(r);
+    }
+    let h = Harness::builder()
+        .upstream(mock)
+        .config(move |c| {
+            c.tools = vec![
+                mcp_tool("add", &url, two_numbers()),
+                mcp_tool(
+                    "fail",
+                    &url,
+                    json!({"type": "object", "properties": {"message": {"type": "string"}}}),
+                ),
+            ];
+        })
+        .start()
+        .await;
+    let body: Value = h.chat().json(&ask()).send().await.unwrap().json().await.unwrap();
+    assert_eq!(body["choices"][0]["message"]["content"], "done");
+    let runs = body["ctxgate"]["tool_runs"].as_array().unwrap();
+    let outcomes: Vec<&str> = runs.iter().map(|r| r["outcome"].as_str().unwrap()).collect();
+    assert_eq!(outcomes, ["ok", "tool_error", "ok"]);
+
+    let second = h.upstream(0).requests()[1].json();
+    // Injected: the model saw both definitions.
+    let names: Vec<&str> =
+        second["tools"].as_array().unwrap().iter().map(|t| t["function"]["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["add", "fail"]);
+    let results: Vec<&Value> =
+        second["messages"].as_array().unwrap().iter().filter(|m| m["role"] == "tool").collect();
+    assert_eq!(results[0]["content"], "5");
+    assert!(results[1]["content"].as_str().unwrap().contains("boom"));
+    assert_eq!(results[2]["content"], "42");
+}
+
+#[tokio::test]
+async fn an_mcp_task_is_polled_to_its_result_without_a_session() {
+    let mcp = McpServer::start().await;
+    let url = mcp.url.clone();
+    let mut mock = mock_upstream::Server::builder();
+    for r in [
+        Reply::json(
+            200,
+            calling(&[
+                ("t0", "slow_report", json!({"topic": "rust", "seconds": 1.0})),
+                ("t1", "add", json!({"a": 1, "b": 1})),
+            ]),
+        ),
+        Reply::json(200, fixtures::completion("reported")),
+    ] {
+        mock = mock.reply(r);
+    }
+    let h = Harness::builder()
+        .upstream(mock)
+        .config(move |c| {
+            c.tool_loop.task_poll_interval = Duration::from_millis(100);
+            c.tools =
+                vec![mcp_tool("slow_report", &url, report_schema()), mcp_tool("add", &url, two_numbers())];
+        })
+        .start()
+        .await;
+    let started = Instant::now();
+    let body: Value = h.chat().json(&ask()).send().await.unwrap().json().await.unwrap();
+    assert!(started.elapsed() >= Duration::from_secs(1));
+    assert_eq!(body["choices"][0]["message"]["content"], "reported");
+    let second = h.upstream(0).requests()[1].json();
+    let results: Vec<&Value> =
+        second["messages"].as_array().unwrap().iter().filter(|m| m["role"] == "tool").collect();
+    assert_eq!(results[0]["content"], "report on rust");
+    assert_eq!(results[1]["content"], "2");
+    assert_eq!(h.metric("ctxgate_tool_tasks_in_flight").await, 0.0);
+}
+
+async fn a_pending_task_survives_a_gateway_restart(store: Store) {
+    let mcp = McpServer::start().await;
+    let store = store.url().await;
+    let call =
+        || Reply::json(200, calling(&[("r0", "slow_report", json!({"topic": "restarts", "seconds": 4.0}))]));
+    let upstream = mock_upstream::Server::builder()
+        .reply(call())
+        .reply(call())
+        .reply(Reply::json(200, fixtures::completion("finished after the restart")))
+        .start()
+        .await
+        .unwrap();
+    let tools = format!(
+        "[tool_loop]\ntask_poll_interval = \"100ms\"\n[[tools]]\nname = \"slow_report\"\ninject = true\ntimeout = \"60s\"\nparameters = {{ type = \"object\", properties = {{ topic = {{ type = \"string\" }}, seconds = {{ type = \"number\" }} }} }}\n[tools.mcp]\nurl = {:?}\n",
+        mcp.url
+    );
+    let mut first = Gateway::start_with(&upstream.base_url(), &store.url, &tools).await;
+    let client = reqwest::Client::new();
+    let pending = tokio::spawn(first.chat(&client, "tasks-1").json(&ask()).send());
+
+    // The task is recorded with the MCP server's id while it runs; then the gateway dies.
+    let tasks_url = format!("{}/v1/sessions/tasks-1/tasks", first.base);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let recorded = loop {
+        let listing: Value = client
+            .get(&tasks_url)
+            .header("authorization", AUTH)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap_or_default();
+        if let Some(task) =
+            listing["data"].as_array().and_then(|d| d.first()).filter(|t| t["remote_id"].is_string())
+        {
+            break task.clone();
+        }
+        assert!(Instant::now() < deadline, "no task recorded: {listing}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(recorded["state"], "working");
+    assert_eq!(recorded["tool"], "slow_report");
+    first.kill();
+    assert!(pending.await.unwrap().is_err(), "the client's connection died with the gateway");
+
+    // A fresh process takes the turn over and finishes the same task.
+    let second = Gateway::start_with(&upstream.base_url(), &store.url, &tools).await;
+    tokio::time::sleep(Duration::from_millis(1100)).await; // the dead owner's 1 s lease
+    let resumed = client
+        .post(format!("{}/v1/sessions/tasks-1/resume", second.base))
+        .header("authorization", AUTH)
+        .send()
+        .await
+        .unwrap();
+    assert!(resumed.status().is_success(), "{}", resumed.text().await.unwrap());
+    let messages_url = format!("{}/v1/sessions/tasks-1/messages", second.base);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let transcript = loop {
+        let listing: Value = client
+            .get(&messages_url)
+            .header("authorization", AUTH)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap_or_default();
+        let data = listing["data"].as_array().cloned().unwrap_or_default();
+        if data.len() >= 4 {
+            break data;
+        }
+        assert!(Instant::now() < deadline, "the resumed turn did not commit: {listing}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(transcript[0], ask()["messages"][0]);
+    assert_eq!(transcript[1]["tool_calls"][0]["function"]["name"], "slow_report");
+    assert_eq!(transcript[2], json!({"role": "tool", "tool_call_id": "r0", "content": "report on restarts"}));
+    assert_eq!(transcript[3]["content"], "finished after the restart");
+
+    let listing: Value = client
+        .get(format!("{}/v1/sessions/tasks-1/tasks", second.base))
+        .header("authorization", AUTH)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let tasks = listing["data"].as_array().unwrap();
+    assert_eq!(tasks.len(), 1, "one task, not a second one started after the restart: {listing}");
+    assert_eq!(tasks[0]["remote_id"], recorded["remote_id"]);
+    assert_eq!(tasks[0]["state"], "completed");
+    assert_eq!(tasks[0]["attempts"], 2);
+    assert_eq!(tasks[0]["result"], "report on restarts");
+    assert_eq!(upstream.requests().len(), 3);
+}
+
+on_both_stores!(a_pending_task_survives_a_gateway_restart);

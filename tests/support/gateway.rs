@@ -1,0 +1,68 @@
+//! A ctxgate binary run as a child process, for tests that kill it and start another.
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// The client credential tests send; sessions are scoped to it.
+pub const AUTH: &str = "Bearer sk-test-client";
+
+/// A ctxgate binary run as a child process, SIGKILLed on drop.
+pub struct Gateway {
+    child: Child,
+    pub base: String,
+    _config: tempfile::NamedTempFile,
+}
+
+impl Gateway {
+    pub async fn start(upstream: &str, store: &str) -> Gateway {
+        Self::start_with(upstream, store, "").await
+    }
+
+    /// With `extra` TOML appended to the config.
+    pub async fn start_with(upstream: &str, store: &str, extra: &str) -> Gateway {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mut config = tempfile::NamedTempFile::new().unwrap();
+        use std::io::Write;
+        write!(
+            config,
+            "[telemetry]\nlog_level = \"warn\"\n[sessions]\nstore = {store:?}\nlease = \"1s\"\nbusy_timeout = \"10s\"\n[[upstreams]]\nname = \"mock\"\nbase_url = {upstream:?}\n{extra}"
+        )
+        .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_ctxgate"))
+            .args(["serve", "--config"])
+            .arg(config.path())
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let gateway = Gateway { child, base: format!("http://127.0.0.1:{port}"), _config: config };
+        let client = reqwest::Client::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while client.get(format!("{}/healthz", gateway.base)).send().await.is_err() {
+            assert!(tokio::time::Instant::now() < deadline, "ctxgate did not start");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        gateway
+    }
+
+    /// A chat request on `session`, as the session's owner.
+    pub fn chat(&self, client: &reqwest::Client, session: &str) -> reqwest::RequestBuilder {
+        client
+            .post(format!("{}/v1/chat/completions", self.base))
+            .header("authorization", AUTH)
+            .header("x-session-id", session)
+    }
+
+    pub fn kill(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
