@@ -139,7 +139,7 @@ pub async fn api(state: Arc<AppState>, request: http::Request<Body>) -> Result<R
             };
             Ok(json_response(state_json))
         }
-        (_, None | Some("messages" | "goal" | "stream" | "resume")) => {
+        (_, None | Some("messages" | "goal" | "stream" | "resume" | "tasks")) => {
             Err(GatewayError::MethodNotAllowed { method: parts.method.to_string(), path: path.to_string() })
         }
         _ => Err(not_found()),

@@ -435,7 +435,7 @@ async fn degraded(state: &AppState, turn: Turn) -> Result<Response<Body>, Gatewa
     Ok(response)
 }
 
-type FrameSender = mpsc::Sender<Result<Frame<Bytes>, BoxError>>;
+pub(crate) type FrameSender = mpsc::Sender<Result<Frame<Bytes>, BoxError>>;
 
 /// Reads the upstream stream to its end, one SSE event at a time: each is numbered, logged for
 /// replay, fed to `answer` and, while the client is there, sent to it. True when the body
@@ -476,7 +476,7 @@ async fn pump(
     true
 }
 
-async fn send_frame(frames: &mut Option<FrameSender>, bytes: Bytes) {
+pub(crate) async fn send_frame(frames: &mut Option<FrameSender>, bytes: Bytes) {
     if let Some(tx) = frames.as_ref() {
         if tx.send(Ok(Frame::data(bytes))).await.is_err() {
             // The client left: keep reading so the answer is still committed.

@@ -10,7 +10,6 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use serde_json::Value;
 
 use super::call::Attempt;
@@ -21,17 +20,7 @@ pub type ToolClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
 
 /// One pooled client shared by every HTTP tool.
 pub fn client() -> ToolClient {
-    let mut http = HttpConnector::new();
-    http.enforce_http(false);
-    http.set_nodelay(true);
-    http.set_connect_timeout(Some(Duration::from_secs(5)));
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_webpki_roots()
-        .https_or_http()
-        .enable_http1()
-        .enable_http2()
-        .wrap_connector(http);
-    Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(90)).build(https)
+    crate::upstream::pooled_client(Duration::from_secs(5))
 }
 
 pub struct HttpTool {

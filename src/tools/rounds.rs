@@ -18,7 +18,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Method, Response};
-use http_body::Frame;
 use http_body_util::BodyExt;
 use indexmap::IndexMap;
 use serde_json::value::RawValue;
@@ -29,8 +28,8 @@ use super::call::{Call, ToolRun};
 use super::record::Expansion;
 use super::tasks::TaskLog;
 use crate::body::{self, Body};
-use crate::conversation::ChannelBody;
-use crate::error::{BoxError, GatewayError};
+use crate::conversation::{send_frame as send_event, ChannelBody, FrameSender as Frames};
+use crate::error::GatewayError;
 use crate::openai::answer::AnswerBuilder;
 use crate::openai::events::{is_done, EventSplitter};
 use crate::openai::{sse, ChatRequestHead};
@@ -318,8 +317,6 @@ fn with_extension(bytes: &Bytes, message: Option<&RawValue>, report: &Report) ->
 
 // === streamed ===
 
-type Frames = mpsc::Sender<Result<Frame<Bytes>, BoxError>>;
-
 async fn stream_rounds(
     state: &Arc<AppState>,
     request: OwnedRequest,
@@ -507,15 +504,6 @@ async fn keep_alive<T>(
 async fn flush(client: &mut Option<Frames>, events: Vec<Bytes>) {
     for event in events {
         send_event(client, event).await;
-    }
-}
-
-async fn send_event(client: &mut Option<Frames>, event: Bytes) {
-    if let Some(tx) = client.as_ref() {
-        if tx.send(Ok(Frame::data(event))).await.is_err() {
-            // The client left; the loop still finishes (a session commits it).
-            *client = None;
-        }
     }
 }
 

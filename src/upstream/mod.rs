@@ -79,18 +79,7 @@ impl Upstream {
             .collect::<Result<_, http::Error>>()
             .map_err(|e| format!("headers: {e}"))?;
 
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_nodelay(true);
-        http.set_connect_timeout(Some(config.connect_timeout));
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_webpki_roots()
-            .https_or_http()
-            .enable_http1()
-            .enable_http2()
-            .wrap_connector(http);
-        let client =
-            Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(90)).build(https);
+        let client = pooled_client(config.connect_timeout);
 
         Ok(Self {
             name: config.name.clone(),
@@ -140,6 +129,26 @@ impl Upstream {
         }
         Ok(request)
     }
+}
+
+/// A pooled HTTP/1.1 + HTTP/2 client over rustls (ring, webpki roots), for upstreams and for
+/// gateway tools.
+pub fn pooled_client<B>(connect_timeout: Duration) -> Client<HttpsConnector<HttpConnector>, B>
+where
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+{
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(connect_timeout));
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_webpki_roots()
+        .https_or_http()
+        .enable_http1()
+        .enable_http2()
+        .wrap_connector(http);
+    Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(90)).build(https)
 }
 
 /// A request to send upstream, as the client sent it.
