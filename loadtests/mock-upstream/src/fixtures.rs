@@ -63,6 +63,65 @@ pub fn tool_call_arguments() -> [&'static str; 2] {
     [r#"{"city":"Paris"}"#, r#"{"city":"Tokyo"}"#]
 }
 
+/// The arguments default tool-call mode gives call `i`: `{"q":"item-i"}`.
+pub fn tool_call_argument(i: usize) -> String {
+    json!({"q": format!("item-{i}")}).to_string()
+}
+
+/// A non-streamed answer calling `name` `n` times in parallel (default tool-call mode).
+pub fn tool_call_completion(name: &str, n: usize) -> Value {
+    let calls: Vec<Value> = (0..n)
+        .map(|i| {
+            json!({
+                "id": format!("call_mock_{i}"),
+                "type": "function",
+                "function": {"name": name, "arguments": tool_call_argument(i)}
+            })
+        })
+        .collect();
+    json!({
+        "id": ID,
+        "object": "chat.completion",
+        "created": CREATED,
+        "model": MODEL,
+        "choices": [{
+            "index": 0,
+            "message": {"role": "assistant", "content": null, "tool_calls": calls},
+            "logprobs": null,
+            "finish_reason": "tool_calls"
+        }],
+        "usage": usage()
+    })
+}
+
+/// The streamed form of [`tool_call_completion`]: one chunk per call carrying its id, name and
+/// whole arguments, then the `tool_calls` finish chunk.
+pub fn tool_call_completion_chunks(name: &str, n: usize) -> Vec<Value> {
+    let mut chunks: Vec<Value> = (0..n)
+        .map(|i| {
+            let call = json!({
+                "index": i,
+                "id": format!("call_mock_{i}"),
+                "type": "function",
+                "function": {"name": name, "arguments": tool_call_argument(i)}
+            });
+            let delta = if i == 0 {
+                json!({"role": "assistant", "content": null, "tool_calls": [call]})
+            } else {
+                json!({"tool_calls": [call]})
+            };
+            chunk(choice(delta, None))
+        })
+        .collect();
+    chunks.push(finish_chunk("tool_calls"));
+    chunks
+}
+
+/// What the mock's tool endpoint (`POST /tools/...`) answers.
+pub fn tool_result() -> Value {
+    json!({"ok": true, "result": "mock tool result"})
+}
+
 /// The trailing `stream_options.include_usage` chunk: no choices, same usage as [`completion`].
 pub fn usage_chunk() -> Value {
     let mut c = chunk(json!([]));

@@ -1,6 +1,8 @@
 //! A scriptable fake OpenAI server: owns the public API ([`Server`], [`Builder`], [`Recorded`])
 //! and the accept loop. ctxgate's integration tests script replies and inspect recorded
-//! requests; the `mock-upstream` bin serves default-mode traffic as the load-test target.
+//! requests; the `mock-upstream` bin serves default-mode traffic as the load-test target
+//! (optionally answering with parallel tool calls, and serving a stand-in tool at
+//! `POST /tools/...`).
 //!
 //! ```no_run
 //! # async fn demo() -> std::io::Result<()> {
@@ -99,6 +101,7 @@ pub struct Builder {
     record: bool,
     stream_chunks: usize,
     chunk_delay: Duration,
+    tool_calls: Option<(String, usize)>,
 }
 
 impl Default for Builder {
@@ -109,6 +112,7 @@ impl Default for Builder {
             record: true,
             stream_chunks: 8,
             chunk_delay: Duration::ZERO,
+            tool_calls: None,
         }
     }
 }
@@ -155,6 +159,15 @@ impl Builder {
         self
     }
 
+    /// Default-mode tool calls: a chat request whose last message is not a `tool` result is
+    /// answered with `n` parallel calls of the tool `name` (arguments `{"q":"item-I"}`); one
+    /// that ends with tool results gets the normal answer. Lets a stateless mock drive a
+    /// gateway's tool loop under load. `n = 0` turns it off (the default).
+    pub fn tool_calls(mut self, name: &str, n: usize) -> Self {
+        self.tool_calls = Some((name.to_owned(), n));
+        self
+    }
+
     /// Starts on an ephemeral port of 127.0.0.1.
     pub async fn start(self) -> std::io::Result<Server> {
         self.start_on(SocketAddr::from(([127, 0, 0, 1], 0))).await
@@ -170,7 +183,11 @@ impl Builder {
             script: Mutex::new(self.replies),
             latency: self.latency,
             open_streams: Arc::new(AtomicUsize::new(0)),
-            defaults: Defaults::new(self.stream_chunks, self.chunk_delay),
+            defaults: Defaults::new(
+                self.stream_chunks,
+                self.chunk_delay,
+                self.tool_calls.as_ref().map(|(name, n)| (name.as_str(), *n)),
+            ),
         });
         let accept = tokio::spawn(accept_loop(listener, Arc::clone(&shared)));
         Ok(Server { addr, shared, accept })

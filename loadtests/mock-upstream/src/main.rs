@@ -11,10 +11,15 @@ use std::time::Duration;
 use mock_upstream::Server;
 
 const USAGE: &str = "usage: mock-upstream [--listen ADDR] [--latency MS] [--chunks N] [--chunk-delay MS]
+                     [--tool-calls N] [--tool-name NAME]
   --listen ADDR      address to bind (default 127.0.0.1:9000)
   --latency MS       delay before response headers (default 0)
   --chunks N         content chunks per streamed completion (default 8)
-  --chunk-delay MS   delay between streamed content chunks (default 0)";
+  --chunk-delay MS   delay between streamed content chunks (default 0)
+  --tool-calls N     answer a chat request whose last message is not a tool result with N
+                     parallel calls of --tool-name, arguments {\"q\":\"item-I\"} (default 0: off)
+  --tool-name NAME   the tool those calls name (default lookup)
+POST /tools/... answers {\"ok\":true,...}: a stand-in HTTP tool.";
 
 #[derive(Debug, PartialEq)]
 struct Options {
@@ -22,6 +27,8 @@ struct Options {
     latency: Duration,
     chunks: usize,
     chunk_delay: Duration,
+    tool_calls: usize,
+    tool_name: String,
 }
 
 impl Default for Options {
@@ -31,6 +38,8 @@ impl Default for Options {
             latency: Duration::ZERO,
             chunks: 8,
             chunk_delay: Duration::ZERO,
+            tool_calls: 0,
+            tool_name: "lookup".to_owned(),
         }
     }
 }
@@ -45,6 +54,8 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Options>,
             "--latency" => opts.latency = Duration::from_millis(value(&flag, args.next())?),
             "--chunks" => opts.chunks = value(&flag, args.next())?,
             "--chunk-delay" => opts.chunk_delay = Duration::from_millis(value(&flag, args.next())?),
+            "--tool-calls" => opts.tool_calls = value(&flag, args.next())?,
+            "--tool-name" => opts.tool_name = value(&flag, args.next())?,
             _ => return Err(format!("unknown argument: {flag}")),
         }
     }
@@ -77,6 +88,7 @@ async fn main() -> ExitCode {
         .latency(opts.latency)
         .stream_chunks(opts.chunks)
         .chunk_delay(opts.chunk_delay)
+        .tool_calls(&opts.tool_name, opts.tool_calls)
         .start_on(opts.listen)
         .await;
     let server = match server {
@@ -131,8 +143,23 @@ mod tests {
             latency: Duration::from_millis(5),
             chunks: 3,
             chunk_delay: Duration::from_millis(7),
+            tool_calls: 4,
+            tool_name: "search".to_owned(),
         };
-        let args = ["--listen", "0.0.0.0:8080", "--latency", "5", "--chunks", "3", "--chunk-delay", "7"];
+        let args = [
+            "--listen",
+            "0.0.0.0:8080",
+            "--latency",
+            "5",
+            "--chunks",
+            "3",
+            "--chunk-delay",
+            "7",
+            "--tool-calls",
+            "4",
+            "--tool-name",
+            "search",
+        ];
         assert_eq!(parse(&args), Ok(Some(expected)));
         assert_eq!(parse(&["--help"]), Ok(None));
     }
@@ -142,5 +169,6 @@ mod tests {
         assert_eq!(parse(&["--bogus"]), Err("unknown argument: --bogus".into()));
         assert!(parse(&["--chunks"]).is_err());
         assert!(parse(&["--latency", "soon"]).is_err());
+        assert!(parse(&["--tool-calls", "-1"]).is_err());
     }
 }

@@ -40,6 +40,16 @@ pub(crate) struct Defaults {
     embeddings: Bytes,
     stream: Vec<Chunk>,
     stream_with_usage: Vec<Chunk>,
+    tool: Option<ToolAnswers>,
+    tool_result: Bytes,
+}
+
+/// Default tool-call mode: the first answer of a conversation calls a tool `n` times in
+/// parallel; once the request ends with `tool` results, the normal answer follows.
+pub(crate) struct ToolAnswers {
+    completion: Bytes,
+    stream: Vec<Chunk>,
+    stream_with_usage: Vec<Chunk>,
 }
 
 /// The content of default-mode chunk `i`.
@@ -51,15 +61,37 @@ pub(crate) fn default_token(i: usize) -> String {
 pub(crate) const DEFAULT_CONTENT: &str = "Hello from mock-upstream.";
 
 impl Defaults {
-    pub(crate) fn new(stream_chunks: usize, chunk_delay: Duration) -> Defaults {
+    /// `tool_calls`: the tool's name and how many parallel calls a first answer makes.
+    pub(crate) fn new(
+        stream_chunks: usize,
+        chunk_delay: Duration,
+        tool_calls: Option<(&str, usize)>,
+    ) -> Defaults {
         Defaults {
             completion: json_bytes(&fixtures::completion(DEFAULT_CONTENT)),
             models: json_bytes(&fixtures::models()),
             embeddings: json_bytes(&fixtures::embeddings()),
             stream: default_stream(stream_chunks, chunk_delay, false),
             stream_with_usage: default_stream(stream_chunks, chunk_delay, true),
+            tool: tool_calls.filter(|&(_, n)| n > 0).map(|(name, n)| ToolAnswers {
+                completion: json_bytes(&fixtures::tool_call_completion(name, n)),
+                stream: tool_stream(name, n, false),
+                stream_with_usage: tool_stream(name, n, true),
+            }),
+            tool_result: json_bytes(&fixtures::tool_result()),
         }
     }
+}
+
+fn tool_stream(name: &str, n: usize, include_usage: bool) -> Vec<Chunk> {
+    let frame = |v: Value| Chunk::Raw(Bytes::from(format!("data: {v}\n\n")));
+    let mut chunks: Vec<Chunk> =
+        fixtures::tool_call_completion_chunks(name, n).into_iter().map(frame).collect();
+    if include_usage {
+        chunks.push(frame(fixtures::usage_chunk()));
+    }
+    chunks.push(Chunk::Raw(Bytes::from_static(b"data: [DONE]\n\n")));
+    chunks
 }
 
 fn default_stream(n: usize, delay: Duration, include_usage: bool) -> Vec<Chunk> {
@@ -146,11 +178,18 @@ impl Shared {
                 let Ok(req) = serde_json::from_slice::<ChatRequest>(body) else {
                     return error(StatusCode::BAD_REQUEST, "request body is not a JSON object");
                 };
+                // Tool-call mode reads the roles, so plain default mode does not pay for them.
+                let tool = d.tool.as_ref().filter(|_| !ends_with_tool_results(body));
                 if req.stream.as_bool() != Some(true) {
-                    return json(StatusCode::OK, d.completion.clone());
+                    return json(StatusCode::OK, tool.map_or(&d.completion, |t| &t.completion).clone());
                 }
-                let usage = req.stream_options.get("include_usage").and_then(Value::as_bool);
-                let chunks = if usage == Some(true) { &d.stream_with_usage } else { &d.stream };
+                let usage = req.stream_options.get("include_usage").and_then(Value::as_bool) == Some(true);
+                let chunks = match (tool, usage) {
+                    (Some(t), true) => &t.stream_with_usage,
+                    (Some(t), false) => &t.stream,
+                    (None, true) => &d.stream_with_usage,
+                    (None, false) => &d.stream,
+                };
                 let mut res =
                     Response::new(Either::Right(SseBody::spawn(chunks.clone(), &self.open_streams)));
                 let headers = res.headers_mut();
@@ -160,6 +199,8 @@ impl Shared {
             }
             Method::GET if path.ends_with("/models") => json(StatusCode::OK, d.models.clone()),
             Method::POST if path.ends_with("/embeddings") => json(StatusCode::OK, d.embeddings.clone()),
+            // A stand-in HTTP tool for gateway-tool load tests.
+            Method::POST if path.starts_with("/tools/") => json(StatusCode::OK, d.tool_result.clone()),
             _ => error(StatusCode::NOT_FOUND, &format!("mock-upstream: no route for {method} {path}")),
         }
     }
@@ -173,6 +214,27 @@ struct ChatRequest {
     stream: Value,
     #[serde(default)]
     stream_options: Value,
+}
+
+/// Only the messages' roles; everything else is skipped unparsed.
+#[derive(Deserialize)]
+struct Roles {
+    #[serde(default)]
+    messages: Vec<Role>,
+}
+
+#[derive(Deserialize)]
+struct Role {
+    #[serde(default)]
+    role: String,
+}
+
+/// Whether the request's last message is a `tool` result, i.e. the tool round is over.
+fn ends_with_tool_results(body: &[u8]) -> bool {
+    serde_json::from_slice::<Roles>(body)
+        .ok()
+        .and_then(|r| r.messages.last().map(|m| m.role == "tool"))
+        .unwrap_or(false)
 }
 
 fn json(status: StatusCode, body: Bytes) -> Response<ResBody> {

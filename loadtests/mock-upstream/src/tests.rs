@@ -142,6 +142,51 @@ async fn default_routes_and_errors() {
 }
 
 #[tokio::test]
+async fn tool_call_mode_calls_the_tool_until_the_request_ends_with_results() {
+    // Given a mock in tool-call mode with three parallel calls
+    let server = Server::builder().record(false).tool_calls("lookup", 3).start().await.unwrap();
+
+    // When a conversation has no tool results yet, the answer calls the tool three times
+    let first = r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#;
+    let res = roundtrip(&server, "POST", "/v1/chat/completions", first).await;
+    assert_eq!((res.status, res.json()), (200, fixtures::tool_call_completion("lookup", 3)));
+    let calls = res.json()["choices"][0]["message"]["tool_calls"].clone();
+    let args: Vec<&str> = (0..3).map(|i| calls[i]["function"]["arguments"].as_str().unwrap()).collect();
+    assert_eq!(args, [r#"{"q":"item-0"}"#, r#"{"q":"item-1"}"#, r#"{"q":"item-2"}"#]);
+    assert_eq!(calls[2]["id"], "call_mock_2");
+
+    // And streamed, the same calls arrive as deltas, then usage and [DONE]
+    let streamed = r#"{"stream":true,"stream_options":{"include_usage":true},"messages":[{"role":"user"}]}"#;
+    let res = roundtrip(&server, "POST", "/v1/chat/completions", streamed).await;
+    let mut expected: String = fixtures::tool_call_completion_chunks("lookup", 3).iter().map(sse).collect();
+    expected += &sse(&fixtures::usage_chunk());
+    expected += "data: [DONE]\n\n";
+    assert_eq!(res.body, expected);
+
+    // Then once the last message is a tool result, the normal answer follows
+    let second = r#"{"model":"m","messages":[{"role":"user","content":"hi"},
+        {"role":"assistant","content":null,"tool_calls":[]},{"role":"tool","tool_call_id":"call_mock_0","content":"x"}]}"#;
+    let res = roundtrip(&server, "POST", "/v1/chat/completions", second).await;
+    assert_eq!(res.json(), fixtures::completion(DEFAULT_CONTENT));
+
+    // And the stand-in tool endpoint answers any POST under /tools/
+    let tool = roundtrip(&server, "POST", "/tools/lookup", r#"{"q":"item-0"}"#).await;
+    assert_eq!((tool.status, tool.json()), (200, fixtures::tool_result()));
+}
+
+#[tokio::test]
+async fn tool_call_mode_is_off_by_default_and_with_zero_calls() {
+    let body = r#"{"messages":[{"role":"user","content":"hi"}]}"#;
+    for server in [
+        Server::builder().start().await.unwrap(),
+        Server::builder().tool_calls("lookup", 0).start().await.unwrap(),
+    ] {
+        let res = roundtrip(&server, "POST", "/v1/chat/completions", body).await;
+        assert_eq!(res.json(), fixtures::completion(DEFAULT_CONTENT));
+    }
+}
+
+#[tokio::test]
 async fn scripted_replies_are_fifo_then_default() {
     let server = Server::builder().fail(429).chat(json!({"id": "scripted"})).start().await.unwrap();
     server.push(Reply::json(201, json!({"n": 3})).header("x-mock", "yes"));
