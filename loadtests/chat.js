@@ -12,9 +12,11 @@
 //              (default 64)
 //   MAX_VUS    cap on VUs the arrival-rate executor may add when responses slow (default 4*VUS)
 //   P99_MS     http_req_duration p99 threshold in ms (default 250 in rate mode, 2000 in MAX mode)
+//   TTFB_P99_MS  stream mode: ttfb p99 threshold in ms (default P99_MS)
 //   SUMMARY    path to write the full k6 summary JSON (default: none; text goes to stdout)
 //
-// Thresholds (a breach makes k6 exit 99): http_req_failed < 1%, checks > 99%, p99 < P99_MS.
+// Thresholds (a breach makes k6 exit 99): http_req_failed < 1%, checks > 99%, p99 < P99_MS, and
+// for streams ttfb p99 < TTFB_P99_MS.
 import http from 'k6/http';
 import { check } from 'k6';
 import { Trend } from 'k6/metrics';
@@ -34,6 +36,7 @@ const DURATION = __ENV.DURATION || '20s';
 const VUS = parseInt(__ENV.VUS || String(MAX ? 64 : Math.max(10, Math.ceil(RATE / 10))), 10);
 const MAX_VUS = parseInt(__ENV.MAX_VUS || String(VUS * 4), 10);
 const P99_MS = parseFloat(__ENV.P99_MS || (MAX ? '2000' : '250'));
+const TTFB_P99_MS = parseFloat(__ENV.TTFB_P99_MS || String(P99_MS));
 const SUMMARY = __ENV.SUMMARY || '';
 
 // Time to first byte: request sent → first response byte (headers). For a stream this is what a
@@ -56,6 +59,9 @@ const THRESHOLDS = {
   checks: ['rate>0.99'],
   http_req_duration: [`p(99)<${P99_MS}`],
 };
+if (STREAM) {
+  THRESHOLDS.ttfb = [`p(99)<${TTFB_P99_MS}`];
+}
 
 export const options = {
   scenarios: { [MAX ? `max_${MODE}` : `rate_${MODE}`]: scenario },

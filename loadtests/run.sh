@@ -108,9 +108,10 @@ if [[ ${SKIP_BUILD:-0} != 1 ]]; then
   (cd "$ROOT" && cargo build --release -p ctxgate -p mock-upstream)
 fi
 # Run copies, so a concurrent rebuild cannot swap the binaries mid-run.
+TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 mkdir -p "$WORK/bin"
-cp "$ROOT/target/release/ctxgate" "$ROOT/target/release/mock-upstream" "$WORK/bin/"
-BIN_BUILT=$(date -u -r "$ROOT/target/release/ctxgate" '+%F %T UTC')
+cp "$TARGET_DIR/release/ctxgate" "$TARGET_DIR/release/mock-upstream" "$WORK/bin/"
+BIN_BUILT=$(date -u -r "$TARGET_DIR/release/ctxgate" '+%F %T UTC')
 
 # --- servers -----------------------------------------------------------------------------------------
 MOCK_PORT=$(free_port)
