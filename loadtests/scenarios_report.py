@@ -16,6 +16,7 @@ resolution, interpolated like Prometheus' histogram_quantile (helpers shared wit
 
 import csv
 import os
+import re
 import sys
 
 from report import buckets, diff, env, fmt_hist_ms, fmt_ms, k6_status, load_json, metric, quantile, samples
@@ -39,6 +40,12 @@ WHAT = {
 }
 
 
+def seconds(text):
+    """A k6 duration ("30s", "1m30s", "500ms") in seconds."""
+    units = {'ms': 0.001, 's': 1, 'm': 60, 'h': 3600}
+    return sum(float(n) * units[u] for n, u in re.findall(r'(\d+(?:\.\d+)?)(ms|s|m|h)', text))
+
+
 def counter_delta(before, after, name, **match):
     """Sum of `name` samples whose labels include `match`, after minus before."""
     def total(rows):
@@ -46,9 +53,9 @@ def counter_delta(before, after, name, **match):
     return total(after) - total(before)
 
 
-def by_label(before, after, name, label):
+def by_label(before, after, name, label, **match):
     keys = sorted({labels.get(label) for n, labels, _ in after if n == name and label in labels})
-    return {k: counter_delta(before, after, name, **{label: k}) for k in keys}
+    return {k: counter_delta(before, after, name, **{label: k}, **match) for k in keys}
 
 
 def errors_of(summary):
@@ -66,6 +73,20 @@ def errors_of(summary):
     if dropped:
         parts.append(f'{dropped} dropped')
     return ', '.join(parts) if parts else '0'
+
+
+def checks_of(summary):
+    """[(name, passes, fails)] of every check in a k6 summary."""
+    out = []
+
+    def walk(group):
+        for c in group.get('checks', []) or []:
+            out.append((c.get('name', '?'), c.get('passes', 0), c.get('fails', 0)))
+        for g in group.get('groups', []) or []:
+            walk(g)
+
+    walk((summary or {}).get('root_group', {}))
+    return out
 
 
 def failed_thresholds(summary):
@@ -160,9 +181,9 @@ def main():
     w('')
     for c in cases:
         b, a, g = c['before'], c['after'], c['g']
-        statuses = by_label(b, a, 'ctxgate_requests_total', 'status')
+        statuses = by_label(b, a, 'ctxgate_requests_total', 'status', route='chat_completions')
         status_text = ', '.join(f'{k}: {v:g}' for k, v in statuses.items() if v) or 'none'
-        w(f"**{c['id']}** (gateway run: ctxgate `requests_total` by status {status_text}"
+        w(f"**{c['id']}** (gateway run: ctxgate `requests_total{{route=\"chat_completions\"}}` by status {status_text}"
           + (f"; ctxgate errors: {', '.join(f'{k} {v:g}' for k, v in by_label(b, a, 'ctxgate_errors_total', 'kind').items() if v)}"
              if any(by_label(b, a, 'ctxgate_errors_total', 'kind').values()) else '') + ')')
         w('')
@@ -201,7 +222,7 @@ def main():
         elif c['id'] == 'ratelimit':
             kv = c['extra_kv']
             rpm, burst = float(kv.get('limit_rpm', 0)), float(kv.get('burst', 0))
-            dur = float(c['duration'].rstrip('s')) if c['duration'].endswith('s') and c['duration'][:-1].replace('.', '').isdigit() else 0
+            dur = seconds(c['duration'])
             admitted = metric(g, 'admitted', 'count') or 0
             limited = metric(g, 'limited', 'count') or 0
             expected = burst + rpm / 60 * dur
@@ -212,10 +233,16 @@ def main():
               + (f"{100 * (admitted / expected - 1):+.1f}%" if expected else '–')
               + f"); limited (429) {limited:.0f}. Admitted rate after the burst {steady:.2f}/s against the "
               f"limit's {rpm / 60:.2f}/s (" + (f"{100 * (steady / (rpm / 60) - 1):+.1f}%" if rpm else '–') + ').')
+            refused = by_label(b, a, 'ctxgate_rate_limited_total', 'limit')
+            w(f"- ctxgate `rate_limited_total` by limit: {', '.join(f'{k} {v:g}' for k, v in refused.items() if v) or 'none'}; "
+              f"Redis fallbacks {counter_delta(b, a, 'ctxgate_rate_limit_fallbacks_total'):g}; "
+              f"local pre-check rejections {counter_delta(b, a, 'ctxgate_rate_limit_local_rejections_total'):g}.")
             ra_min, ra_max = metric(g, 'retry_after_seconds', 'min'), metric(g, 'retry_after_seconds', 'max')
-            w(f"- 429s with an integer `Retry-After` and code `rate_limit_exceeded`: see the checks "
-              f"({metric(g, 'checks', 'passes') or 0:.0f} passed, {metric(g, 'checks', 'fails') or 0:.0f} failed); "
-              f"Retry-After ranged {'–' if ra_min is None else f'{ra_min:g}'}–{'–' if ra_max is None else f'{ra_max:g}'} s.")
+            w('- The overhead histogram counts the admitted requests only (a 429 never reaches the upstream).')
+            w(f"- Retry-After ranged {'–' if ra_min is None else f'{ra_min:g}'}–{'–' if ra_max is None else f'{ra_max:g}'} s.")
+        checks = checks_of(g)
+        if checks:
+            w('- Gateway checks (passed / failed): ' + '; '.join(f'{n} {p} / {f}' for n, p, f in checks) + '.')
         bad = failed_thresholds(c['d']) + failed_thresholds(c['g'])
         if bad:
             w(f"- **Failed thresholds**: {', '.join(bad)}.")

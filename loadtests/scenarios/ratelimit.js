@@ -7,7 +7,7 @@
 // requests_per_minute, required), BURST (the key's burst, default LIMIT_RPM as in the config),
 // TOLERANCE (allowed relative deviation of the admitted count, default 0.05).
 // Checks: every response is 200 or 429; every 429 carries an integer Retry-After and the body
-// `{"error":{"code":"rate_limit_exceeded",...}}`.
+// `{"error":{"type":"requests","code":"rate_limit_exceeded",...}}`.
 // Thresholds: checks > 99%, admitted count within TOLERANCE of the expected count, at least
 // one 429, unexpected statuses < 1%, admitted_duration p99 < P99_MS.
 import http from 'k6/http';
@@ -70,6 +70,7 @@ export default function () {
     check(res, {
       '429: integer Retry-After': () => after !== undefined && /^\d+$/.test(after),
       '429: code rate_limit_exceeded': () => body !== null && body.error && body.error.code === 'rate_limit_exceeded',
+      '429: type requests': () => body !== null && body.error && body.error.type === 'requests',
     });
     return;
   }
