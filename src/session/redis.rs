@@ -219,6 +219,9 @@ impl SessionStore for RedisStore {
         })
     }
 
+    /// On a Cluster, PING fans out to the masters, and redis-rs leaves out one it has no live
+    /// connection to: one master down does not take every replica out of rotation (requests on
+    /// that master's sessions still fail, as store errors).
     fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>> {
         Box::pin(async move {
             let mut conn = self.conn.clone();
