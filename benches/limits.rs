@@ -67,10 +67,7 @@ fn request_body() -> Bytes {
 fn main() {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let redis = RedisChild::start();
-    let conn = rt.block_on(async {
-        let client = redis::Client::open(redis.url()).unwrap();
-        redis::aio::ConnectionManager::new(client).await.unwrap()
-    });
+    let conn = rt.block_on(ctxgate::redis_conn::connect(&redis.url(), Duration::from_secs(1))).unwrap();
     let metrics = Arc::new(Metrics::new());
     let keys: Vec<KeyConfig> = (0..100).map(key).collect();
     let ring = KeyRing::new(&AuthConfig { keys: keys.clone(), ..AuthConfig::default() }, None).unwrap();
