@@ -58,8 +58,43 @@ pub enum GatewayError {
     /// The request overran the gateway's own `server.request_timeout`.
     #[error("The request did not complete within the gateway's request timeout")]
     RequestTimeout,
+    /// No gateway key, or one ctxgate does not know.
+    #[error("{0}")]
+    Unauthorized(&'static str),
+    /// The caller's key may not call this model.
+    #[error("This key may not use the model `{model}`")]
+    ModelNotAllowed { model: String },
+    /// One of the caller's limits is reached; `retry_after` is when it frees up.
+    #[error("Rate limit reached for key {key}: {limit}. Retry after {} s", retry_after_secs(*.retry_after))]
+    RateLimited { key: String, limit: LimitKind, retry_after: Duration },
+    /// Keys are held in Redis, and Redis cannot say whether this one exists.
+    #[error("The key store is unavailable")]
+    KeyStore(#[source] BoxError),
     #[error("Internal error")]
     Internal(#[source] BoxError),
+}
+
+/// Which per-key limit a request ran into.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LimitKind {
+    Requests,
+    Tokens,
+    Concurrency,
+}
+
+impl std::fmt::Display for LimitKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Requests => "requests per minute",
+            Self::Tokens => "tokens per minute",
+            Self::Concurrency => "concurrent requests",
+        })
+    }
+}
+
+/// `Retry-After` in whole seconds, rounded up, at least 1.
+fn retry_after_secs(wait: Duration) -> u64 {
+    wait.as_millis().div_ceil(1000).max(1) as u64
 }
 
 impl GatewayError {
@@ -79,6 +114,10 @@ impl GatewayError {
             Self::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
             Self::UpstreamUnreachable { .. } => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout { .. } | Self::RequestTimeout => StatusCode::GATEWAY_TIMEOUT,
+            Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            Self::ModelNotAllowed { .. } => StatusCode::FORBIDDEN,
+            Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::KeyStore(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -93,12 +132,18 @@ impl GatewayError {
             | Self::UnsupportedMediaType { .. }
             | Self::SessionBusy { .. }
             | Self::GoalLocked { .. }
-            | Self::SessionNotFound { .. } => "invalid_request_error",
+            | Self::SessionNotFound { .. }
+            | Self::Unauthorized(_)
+            | Self::ModelNotAllowed { .. } => "invalid_request_error",
+            // OpenAI names the exhausted resource in `type`.
+            Self::RateLimited { limit: LimitKind::Tokens, .. } => "tokens",
+            Self::RateLimited { .. } => "requests",
             Self::Overloaded
             | Self::SessionStore(_)
             | Self::UpstreamUnreachable { .. }
             | Self::UpstreamTimeout { .. }
             | Self::RequestTimeout
+            | Self::KeyStore(_)
             | Self::Internal(_) => "server_error",
         }
     }
@@ -118,6 +163,10 @@ impl GatewayError {
             Self::UpstreamUnreachable { .. } => "upstream_unreachable",
             Self::UpstreamTimeout { .. } => "upstream_timeout",
             Self::RequestTimeout => "request_timeout",
+            Self::Unauthorized(_) => "invalid_api_key",
+            Self::ModelNotAllowed { .. } => "model_not_allowed",
+            Self::RateLimited { .. } => "rate_limit_exceeded",
+            Self::KeyStore(_) => "key_store_unavailable",
             Self::Internal(_) => return None,
         })
     }
@@ -171,6 +220,11 @@ impl GatewayError {
         let mut response = Response::new(body::full(bytes));
         *response.status_mut() = self.status();
         response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        if let Self::RateLimited { retry_after, .. } = &self {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs(*retry_after)));
+        }
         // Recorded by the metrics layer; the body never carries the source chain.
         response.extensions_mut().insert(ErrorLabel(self.metric_label()));
         response
@@ -269,6 +323,22 @@ mod tests {
         assert_eq!(GatewayError::from_boxed(shed).status(), StatusCode::SERVICE_UNAVAILABLE);
         let ours: BoxError = Box::new(GatewayError::PayloadTooLarge { limit: 1 });
         assert_eq!(GatewayError::from_boxed(ours).status(), StatusCode::PAYLOAD_TOO_LARGE);
+    }
+
+    #[test]
+    fn rate_limits_say_when_to_retry() {
+        let err = GatewayError::RateLimited {
+            key: "team-a".into(),
+            limit: LimitKind::Tokens,
+            retry_after: Duration::from_millis(1200),
+        };
+        assert_eq!(err.to_json()["error"]["code"], "rate_limit_exceeded");
+        assert_eq!(err.to_json()["error"]["type"], "tokens");
+        let response = err.into_response();
+        assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(response.headers()[header::RETRY_AFTER], "2");
+        let json = GatewayError::Unauthorized("Missing key").to_json();
+        assert_eq!(json["error"]["code"], "invalid_api_key");
     }
 
     #[test]

@@ -10,10 +10,12 @@
 //! - [`session`]: checkpoints and their stores (redb, Redis).
 //! - [`upstream`]: pooled clients, routing by model, retries and failover, streamed bodies.
 //! - [`openai`]: wire types (request validation, `usage`); no I/O.
+//! - [`auth`]: gateway keys and per-key limits (requests, tokens, in flight), local or in Redis.
 //! - [`limit`], [`observe`]: body and concurrency limits; per-request metrics.
 //! - [`error`]: `GatewayError` and its single mapping to statuses and OpenAI error bodies.
 //! - [`config`]: loading, env overrides, validation; [`telemetry`]: logs and metric names.
 
+pub mod auth;
 pub mod body;
 pub mod compress;
 pub mod config;
@@ -49,6 +51,7 @@ pub struct AppState {
     pub sessions: Arc<Sessions>,
     pub compressor: compress::Compressor,
     pub tools: tools::Registry,
+    pub auth: Arc<auth::Auth>,
     pub metrics: Arc<Metrics>,
 }
 
@@ -61,6 +64,8 @@ pub enum StartupError {
     Upstream(String),
     #[error("cannot open the session store: {0}")]
     Store(#[from] session::StoreError),
+    #[error("cannot set up gateway keys and limits: {0}")]
+    Auth(String),
     #[error("cannot bind {addr}: {source}")]
     Bind {
         addr: std::net::SocketAddr,
@@ -83,7 +88,8 @@ impl AppState {
         let compressor = compress::Compressor::new(&config);
         let tools =
             tools::Registry::from_config(&config, env, metrics.clone()).map_err(StartupError::Upstream)?;
-        Ok(Arc::new(Self { config, upstreams, sessions, compressor, tools, metrics }))
+        let auth = Arc::new(auth::Auth::open(&config, metrics.clone()).await.map_err(StartupError::Auth)?);
+        Ok(Arc::new(Self { config, upstreams, sessions, compressor, tools, auth, metrics }))
     }
 
     /// Every model named in config: upstreams' `models` and exact route names, deduplicated.

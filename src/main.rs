@@ -34,6 +34,8 @@ enum Command {
     /// Read a chat request and write what ctxgate would send upstream (rules only: no state
     /// sheet is written offline); per-rule statistics go to stderr.
     Compress(CompressArgs),
+    /// Read a gateway key on stdin (one line) and print its SHA-256, as `[[auth.keys]]` wants it.
+    HashKey,
 }
 
 #[derive(Args, Debug)]
@@ -77,6 +79,7 @@ fn main() -> ExitCode {
         Some(Command::CheckConfig { path }) => check_config(&path),
         Some(Command::Serve(args)) => serve(args),
         Some(Command::Compress(args)) => compress(args),
+        Some(Command::HashKey) => hash_key(),
         None => serve(cli.serve),
     }
 }
@@ -92,6 +95,22 @@ fn check_config(path: &Path) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn hash_key() -> ExitCode {
+    let mut line = String::new();
+    if let Err(err) = std::io::stdin().read_line(&mut line) {
+        let _ = writeln!(std::io::stderr(), "cannot read the key: {err}");
+        return ExitCode::FAILURE;
+    }
+    // The key is the line without its line ending; spaces inside would be part of it.
+    let key = line.trim_end_matches(['\r', '\n']);
+    if key.is_empty() {
+        let _ = writeln!(std::io::stderr(), "no key on stdin");
+        return ExitCode::FAILURE;
+    }
+    let _ = writeln!(std::io::stdout(), "{}", ctxgate::auth::hash_key(key.as_bytes()));
+    ExitCode::SUCCESS
 }
 
 fn compress(args: CompressArgs) -> ExitCode {

@@ -10,6 +10,7 @@ use http_body_util::BodyExt;
 
 use serde_json::value::RawValue;
 
+use crate::auth::{self, Caller};
 use crate::body::{self, Body};
 use crate::compress;
 use crate::conversation;
@@ -18,7 +19,7 @@ use crate::limit::BodyTooLarge;
 use crate::openai::request::peek_model;
 use crate::openai::ChatRequestHead;
 use crate::tools;
-use crate::upstream::{Outgoing, OutgoingBody};
+use crate::upstream::{Outgoing, OutgoingBody, UsageSink};
 use crate::AppState;
 
 /// Pass-through bodies up to this size are buffered so they can be retried; larger or
@@ -36,10 +37,14 @@ pub async fn chat_completions(
         bytes = injected;
         parts.headers.remove(header::CONTENT_LENGTH);
     }
+    let caller = parts.extensions.get::<Caller>().cloned();
+    let prompt_tokens = |model: &str| auth::count_prompt_tokens(state.compressor.counter_for(model), &bytes);
     if let Some(id) = conversation::session_id(&state.sessions, &parts.headers)? {
         let (head, messages) = ChatRequestHead::parse_with_messages(&bytes)?;
+        let charge = state.auth.charge(caller.as_ref(), &head.model, || prompt_tokens(&head.model)).await?;
         let turn = conversation::Turn {
-            key: conversation::session_key(&parts.headers, &id),
+            key: conversation::session_key(&parts.headers, &parts.extensions, &id),
+            charge: charge.map(Arc::new),
             messages: messages.items.iter().map(|m| (*m).to_owned()).collect(),
             messages_span: messages.span,
             model: head.model,
@@ -50,9 +55,12 @@ pub async fn chat_completions(
         return conversation::chat(state, turn).await;
     }
     let head = ChatRequestHead::parse(&bytes)?;
+    let charge = state.auth.charge(caller.as_ref(), &head.model, || prompt_tokens(&head.model)).await?;
     let route = state.upstreams.router.route(Some(&head.model));
     let (bytes, plan) = match state.compressor.active(&head.model, &parts.headers) {
-        Some(active) => compress_stateless(&state, &active, &parts.headers, bytes, route).await?,
+        Some(active) => {
+            compress_stateless(&state, &active, &parts.headers, &parts.extensions, bytes, route).await?
+        }
         None => (bytes, None),
     };
     if plan.is_some() {
@@ -60,10 +68,13 @@ pub async fn chat_completions(
         parts.headers.remove(header::CONTENT_LENGTH);
     }
     parts.headers.remove(compress::OPT_OUT_HEADER);
-    let model_usage = state
-        .compressor
-        .active(&head.model, &HeaderMap::new())
-        .map(|active| state.metrics.for_model(&active.label));
+    let usage_sink = UsageSink {
+        model: state
+            .compressor
+            .active(&head.model, &HeaderMap::new())
+            .map(|active| state.metrics.for_model(&active.label)),
+        charge: charge.map(Arc::new),
+    };
     let mut response = if state.tools.engaged_by(&bytes) {
         let request = tools::rounds::Request {
             route,
@@ -72,7 +83,7 @@ pub async fn chat_completions(
             body: bytes,
             stream: head.stream,
             session: false,
-            model_usage,
+            usage_sink,
             tasks: None,
         };
         let (mut response, mut report) = tools::rounds::forward(&state, request).await?;
@@ -88,7 +99,7 @@ pub async fn chat_completions(
             body: OutgoingBody::Replayable(bytes),
         };
         let mut forwarded = state.upstreams.forward(route, outgoing).await?;
-        forwarded.model_usage = model_usage;
+        forwarded.usage_sink = usage_sink;
         forwarded.into_response()
     };
     if let Some(plan) = plan {
@@ -104,6 +115,7 @@ async fn compress_stateless(
     state: &Arc<AppState>,
     active: &compress::Active<'_>,
     headers: &HeaderMap,
+    extensions: &http::Extensions,
     bytes: Bytes,
     route: &[Arc<crate::upstream::Upstream>],
 ) -> Result<(Bytes, Option<compress::Plan>), GatewayError> {
@@ -115,7 +127,7 @@ async fn compress_stateless(
         + analysed.tokens.iter().map(|&t| u64::from(t)).sum::<u64>();
     // Under the first mark nothing was ever compacted: no state to look up.
     let first_mark = active.policy.pre_tokens().min(active.policy.high_tokens());
-    let scope = conversation::session_key(headers, "").scope;
+    let scope = conversation::session_key(headers, extensions, "").scope;
     let key = compress::conversation_key(&scope, &messages, &analysed.infos);
     let (previous, ready) = if total > first_mark {
         let ready = compress::ready_summary(state, active, &key, &messages).await;
@@ -192,6 +204,9 @@ pub async fn passthrough(
     } else {
         (OutgoingBody::Stream(body), None)
     };
+    if let Some(model) = &model {
+        state.auth.check_model(parts.extensions.get::<Caller>(), model)?;
+    }
     let route = state.upstreams.router.route(model.as_deref());
     let outgoing = Outgoing {
         method: parts.method,

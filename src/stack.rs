@@ -15,7 +15,9 @@
 //!    bounded by each upstream's idle timeout instead).
 //! 7. **body limit**: 413 on a declared-too-large body before anything is read.
 //! 8. **concurrency limit with load shedding**: at the limit, 503 at once rather than a queue.
-//! 9. **router**.
+//! 9. **gateway keys and per-key limits** (only with `[auth]` keys): 401/403/429 before any
+//!    handler runs; the key itself is removed from the request here.
+//! 10. **router**.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -30,6 +32,7 @@ use tower_http::request_id::{MakeRequestId, PropagateRequestIdLayer, RequestId, 
 use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 use tower_http::trace::TraceLayer;
 
+use crate::auth::AuthLayer;
 use crate::error::{BoxError, ErrorResponseLayer, GatewayError};
 use crate::limit::{BodyLimitLayer, ConcurrencyLimitLayer};
 use crate::observe::MetricsLayer;
@@ -67,6 +70,7 @@ pub fn build(state: Arc<AppState>) -> GatewayService {
         .timeout(server.request_timeout)
         .layer(BodyLimitLayer::new(server.max_body_bytes.get()))
         .layer(ConcurrencyLimitLayer::new(server.max_concurrent_requests.get()))
+        .layer(AuthLayer::new(state.auth.clone()))
         .service(Router::new(state.clone()));
     BoxCloneSyncService::new(service)
 }

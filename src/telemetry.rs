@@ -92,6 +92,7 @@ pub struct Metrics {
     pub summarizer_duration: Histogram,
     pub summarizer_failures: Family<ReasonLabel, Counter>,
     pub tools: ToolMetrics,
+    pub limits: LimitMetrics,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -135,6 +136,61 @@ impl ToolMetrics {
             tasks_in_flight.clone(),
         );
         Self { calls, duration, attempts, rounds, tasks_in_flight }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KeyLimitLabel {
+    pub key: String,
+    pub limit: &'static str,
+}
+
+/// Gateway keys and their limits. Key labels are key names, set by the operator.
+#[derive(Debug)]
+pub struct LimitMetrics {
+    pub auth_failures: Family<ReasonLabel, Counter>,
+    pub rate_limited: Family<KeyLimitLabel, Counter>,
+    /// Checks decided by this replica alone because the shared Redis did not answer.
+    pub fallbacks: Counter,
+    /// 1 while the shared limiter is unreachable and limits are per replica.
+    pub degraded: Gauge<i64, std::sync::atomic::AtomicI64>,
+    /// Requests the local pre-check refused without asking Redis.
+    pub prechecked: Counter,
+}
+
+impl LimitMetrics {
+    fn register(registry: &mut Registry) -> Self {
+        let auth_failures = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "auth_failures",
+            "Requests refused for their gateway key, by reason",
+            auth_failures.clone(),
+        );
+        let rate_limited = Family::<KeyLimitLabel, Counter>::default();
+        registry.register(
+            "rate_limited",
+            "Requests refused with 429, by key and limit",
+            rate_limited.clone(),
+        );
+        let fallbacks = Counter::default();
+        registry.register(
+            "rate_limit_fallbacks",
+            "Limit checks decided per replica because Redis did not answer",
+            fallbacks.clone(),
+        );
+        let degraded = Gauge::default();
+        registry.register(
+            "rate_limit_degraded",
+            "1 while limits are enforced per replica because Redis is unreachable",
+            degraded.clone(),
+        );
+        let prechecked = Counter::default();
+        registry.register(
+            "rate_limit_local_rejections",
+            "Requests refused by the local pre-check without a Redis round trip",
+            prechecked.clone(),
+        );
+        Self { auth_failures, rate_limited, fallbacks, degraded, prechecked }
     }
 }
 
@@ -342,8 +398,10 @@ impl Metrics {
             summarizer_failures.clone(),
         );
         let tools = ToolMetrics::register(&mut registry);
+        let limits = LimitMetrics::register(&mut registry);
         Self {
             tools,
+            limits,
             compression_tokens,
             compression_requests,
             compression_saved_tokens,

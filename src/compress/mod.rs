@@ -128,6 +128,14 @@ impl Compressor {
         Some(Active { policy, counter, label })
     }
 
+    /// The token counter for `model`, whatever the compression policy (for token limits).
+    pub fn counter_for(&self, model: &str) -> &TokenCounter {
+        match TokenCounter::encoding_for(model, self.config.default_encoding) {
+            Encoding::Cl100kBase => &self.cl100k,
+            _ => &self.o200k,
+        }
+    }
+
     pub fn rules(&self) -> &Rules {
         &self.rules
     }

@@ -4,6 +4,7 @@
 //! Parsing names the exact key that failed (`upstreams[1].connect_timeout`); semantic checks
 //! live in [`validate`] and report every problem at once. This module does no network I/O.
 
+mod auth;
 mod compression;
 mod env;
 mod tools;
@@ -17,6 +18,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+pub use auth::{check_key, read_keys_file, AuthConfig, KeyConfig, KeyLimits, RateLimitConfig};
 pub use compression::{
     CompressionConfig, Encoding, Mode as CompressionMode, ModelPolicy, Policy, RulesConfig, SummarizerConfig,
 };
@@ -42,6 +44,9 @@ pub struct Config {
     /// Tools ctxgate runs itself when the model calls them.
     pub tools: Vec<ToolConfig>,
     pub tool_loop: ToolLoopConfig,
+    /// Gateway keys; none configured: clients are not authenticated.
+    pub auth: AuthConfig,
+    pub rate_limits: RateLimitConfig,
 }
 
 /// What a request gets when the session store is unreachable.

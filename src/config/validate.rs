@@ -145,6 +145,11 @@ impl Config {
         }
         self.validate_compression(&mut push);
         self.validate_tools(env, &mut push);
+        let mut auth_issues = Vec::new();
+        self.validate_auth(&mut auth_issues);
+        for issue in auth_issues {
+            push(issue.path, issue.message);
+        }
         if self.server.request_timeout.is_zero() {
             push("server.request_timeout".into(), "must be greater than zero".into());
         }

@@ -38,7 +38,7 @@ pub async fn api(state: Arc<AppState>, request: http::Request<Body>) -> Result<R
     if !crate::session::valid_id(id) {
         return Err(not_found());
     }
-    let key = session_key(&parts.headers, id);
+    let key = session_key(&parts.headers, &parts.extensions, id);
     let store = &state.sessions.store;
     let metrics = &state.metrics;
     let missing = || GatewayError::SessionNotFound { id: id.to_string() };

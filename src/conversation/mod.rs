@@ -48,7 +48,7 @@ use crate::openai::events::EventSplitter;
 use crate::session::{SessionKey, Sessions, Stored, StoredRequest};
 use crate::telemetry::{Metrics, ModelStage, OutcomeLabel};
 use crate::tools;
-use crate::upstream::{Outgoing, OutgoingBody};
+use crate::upstream::{Outgoing, OutgoingBody, UsageSink};
 use crate::AppState;
 
 pub const MODE_HEADER: HeaderName = HeaderName::from_static("x-session-mode");
@@ -66,6 +66,8 @@ pub struct Turn {
     pub messages_span: Range<usize>,
     pub model: String,
     pub stream: bool,
+    /// The caller's token charge, corrected by the turn's `usage`.
+    pub charge: Option<Arc<crate::auth::TokenCharge>>,
 }
 
 /// The session id a request names, if any; 400 when it is malformed.
@@ -83,10 +85,16 @@ pub fn session_id(sessions: &Sessions, headers: &HeaderMap) -> Result<Option<Str
     }
 }
 
-/// The session key for a request: its id under the caller's credential.
-pub fn session_key(headers: &HeaderMap, id: &str) -> SessionKey {
-    let credential = headers.get(header::AUTHORIZATION).map_or(&b""[..], HeaderValue::as_bytes);
-    SessionKey::new(credential, id)
+/// The session key for a request: its id under the caller's gateway key when keys are on,
+/// else under its `Authorization` header.
+pub fn session_key(headers: &HeaderMap, extensions: &http::Extensions, id: &str) -> SessionKey {
+    match extensions.get::<crate::auth::Caller>() {
+        Some(caller) => SessionKey::new(&caller.scope_credential(), id),
+        None => {
+            let credential = headers.get(header::AUTHORIZATION).map_or(&b""[..], HeaderValue::as_bytes);
+            SessionKey::new(credential, id)
+        }
+    }
 }
 
 pub async fn chat(state: Arc<AppState>, turn: Turn) -> Result<Response<Body>, GatewayError> {
@@ -198,7 +206,8 @@ async fn run_turn(state: Arc<AppState>, turn: Turn, reply: Reply) {
                     compress::start_summary(&state, &compression_key, request, call, len, plan.tokens_after);
                 }
             }
-            let call = Call { path, model: turn.model, stream: turn.stream, annotations };
+            let call =
+                Call { path, model: turn.model, stream: turn.stream, annotations, charge: turn.charge };
             execute(
                 state,
                 holder,
@@ -251,6 +260,7 @@ async fn resume(state: &Arc<AppState>, key: SessionKey, headers: HeaderMap, stor
                 model: request.model,
                 stream: request.stream,
                 annotations: HeaderMap::new(),
+                charge: None,
             };
             tokio::spawn(execute(state.clone(), holder, conversation, call, body, headers, None));
             Some(turn)
@@ -274,6 +284,7 @@ struct Call {
     stream: bool,
     /// Response headers to add (what compression did).
     annotations: HeaderMap,
+    charge: Option<Arc<crate::auth::TokenCharge>>,
 }
 
 /// Sends an admitted turn upstream, streams or returns the answer to `reply` (if a client is
@@ -297,10 +308,13 @@ async fn execute(
     headers.remove(compress::OPT_OUT_HEADER);
     headers.remove(header::CONTENT_LENGTH);
     let route = state.upstreams.router.route(Some(&request.model));
-    let model_usage = state
-        .compressor
-        .active(&request.model, &HeaderMap::new())
-        .map(|active| state.metrics.for_model(&active.label));
+    let usage_sink = UsageSink {
+        model: state
+            .compressor
+            .active(&request.model, &HeaderMap::new())
+            .map(|active| state.metrics.for_model(&active.label)),
+        charge: request.charge.clone(),
+    };
     let sent = if state.tools.engaged_by(&body) {
         let loop_request = tools::rounds::Request {
             route,
@@ -309,7 +323,7 @@ async fn execute(
             body,
             stream: request.stream,
             session: true,
-            model_usage,
+            usage_sink,
             tasks: Some(holder.task_log()),
         };
         holder
@@ -324,7 +338,7 @@ async fn execute(
             body: OutgoingBody::Replayable(body),
         };
         holder.while_renewing(state.upstreams.forward(route, outgoing)).await.map(|mut forwarded| {
-            forwarded.model_usage = model_usage;
+            forwarded.usage_sink = usage_sink;
             (forwarded.into_response(), None)
         })
     };

@@ -33,8 +33,7 @@ use crate::error::GatewayError;
 use crate::openai::answer::AnswerBuilder;
 use crate::openai::events::{is_done, EventSplitter};
 use crate::openai::{sse, ChatRequestHead};
-use crate::telemetry::ModelUsage;
-use crate::upstream::{Outgoing, OutgoingBody, Upstream};
+use crate::upstream::{Outgoing, OutgoingBody, Upstream, UsageSink};
 use crate::AppState;
 
 /// A chat request that may call gateway tools.
@@ -46,7 +45,7 @@ pub struct Request<'a> {
     pub stream: bool,
     /// On a session: an answer mixing gateway and client calls runs the gateway's.
     pub session: bool,
-    pub model_usage: Option<ModelUsage>,
+    pub usage_sink: UsageSink,
     /// Where tasks are recorded (on a session).
     pub tasks: Option<Arc<TaskLog>>,
 }
@@ -134,7 +133,7 @@ struct OwnedRequest {
     path: String,
     headers: HeaderMap,
     session: bool,
-    model_usage: Option<ModelUsage>,
+    usage_sink: UsageSink,
     tasks: Option<Arc<TaskLog>>,
 }
 
@@ -145,14 +144,14 @@ impl From<&Request<'_>> for OwnedRequest {
             path: r.path.clone(),
             headers: r.headers.clone(),
             session: r.session,
-            model_usage: r.model_usage.clone(),
+            usage_sink: r.usage_sink.clone(),
             tasks: r.tasks.clone(),
         }
     }
 }
 
 async fn send(state: &AppState, request: &Request<'_>, body: Bytes) -> Result<Response<Body>, GatewayError> {
-    send_parts(state, request.route, &request.path, &request.headers, request.model_usage.clone(), body).await
+    send_parts(state, request.route, &request.path, &request.headers, request.usage_sink.clone(), body).await
 }
 
 async fn send_parts(
@@ -160,7 +159,7 @@ async fn send_parts(
     route: &[Arc<Upstream>],
     path: &str,
     headers: &HeaderMap,
-    model_usage: Option<ModelUsage>,
+    usage_sink: UsageSink,
     body: Bytes,
 ) -> Result<Response<Body>, GatewayError> {
     let mut headers = headers.clone();
@@ -172,7 +171,7 @@ async fn send_parts(
         body: OutgoingBody::Replayable(body),
     };
     let mut forwarded = state.upstreams.forward(route, outgoing).await?;
-    forwarded.model_usage = model_usage;
+    forwarded.usage_sink = usage_sink;
     Ok(forwarded.into_response())
 }
 
@@ -369,7 +368,7 @@ async fn stream_rounds(
                     &request.route,
                     &request.path,
                     &request.headers,
-                    request.model_usage.clone(),
+                    request.usage_sink.clone(),
                     body,
                 )
                 .await

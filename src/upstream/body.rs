@@ -14,9 +14,9 @@ use hyper::body::Incoming;
 use tokio::time::Sleep;
 
 use super::Upstream;
+use super::UsageSink;
 use crate::error::BoxError;
 use crate::openai::UsageScanner;
-use crate::telemetry::ModelUsage;
 
 /// The upstream went silent for longer than its `idle_timeout` mid-body.
 #[derive(Debug, thiserror::Error)]
@@ -39,7 +39,7 @@ pin_project_lite::pin_project! {
         last_frame: tokio::time::Instant,
         scanner: UsageScanner,
         upstream: Arc<Upstream>,
-        model_usage: Option<ModelUsage>,
+        usage_sink: UsageSink,
         sent_at: Instant,
         ended: bool,
     }
@@ -51,7 +51,7 @@ impl UpstreamBody {
         upstream: Arc<Upstream>,
         sent_at: Instant,
         scanner: UsageScanner,
-        model_usage: Option<ModelUsage>,
+        usage_sink: UsageSink,
     ) -> Self {
         let idle_timeout = upstream.idle_timeout;
         Self {
@@ -61,7 +61,7 @@ impl UpstreamBody {
             last_frame: tokio::time::Instant::now(),
             scanner,
             upstream,
-            model_usage,
+            usage_sink,
             sent_at,
             ended: false,
         }
@@ -138,8 +138,6 @@ fn finish(this: &mut UpstreamBodyProj<'_>) {
     let scanner = std::mem::replace(this.scanner, UsageScanner::Off);
     if let Some(usage) = scanner.finish() {
         this.upstream.metrics.record_usage(&usage);
-        if let Some(model) = this.model_usage.as_ref() {
-            model.record(&usage);
-        }
+        this.usage_sink.record(&usage);
     }
 }

@@ -166,6 +166,25 @@ pub enum OutgoingBody {
     Stream(Body),
 }
 
+/// Who learns a response's `usage` when its body ends: the per-model token counters and the
+/// caller's token charge.
+#[derive(Clone, Debug, Default)]
+pub struct UsageSink {
+    pub model: Option<crate::telemetry::ModelUsage>,
+    pub charge: Option<Arc<crate::auth::TokenCharge>>,
+}
+
+impl UsageSink {
+    pub fn record(&self, usage: &crate::openai::Usage) {
+        if let Some(model) = &self.model {
+            model.record(usage);
+        }
+        if let Some(charge) = &self.charge {
+            charge.record(usage);
+        }
+    }
+}
+
 /// A response received from an upstream, before any byte of it went to the client.
 pub struct Forwarded {
     pub response: Response<Incoming>,
@@ -173,7 +192,7 @@ pub struct Forwarded {
     /// Time spent waiting on upstreams (every attempt and backoff) until these headers.
     pub upstream_wait: Duration,
     /// Per-model token counters to update from the response's `usage`.
-    pub model_usage: Option<crate::telemetry::ModelUsage>,
+    pub usage_sink: UsageSink,
     sent_at: Instant,
 }
 
@@ -241,7 +260,7 @@ impl Upstreams {
                     response,
                     upstream: upstream.clone(),
                     upstream_wait: waited,
-                    model_usage: None,
+                    usage_sink: UsageSink::default(),
                     sent_at,
                 };
 
@@ -317,7 +336,7 @@ impl Forwarded {
             content_type,
             parts.headers.contains_key(header::CONTENT_ENCODING),
         );
-        let body = UpstreamBody::new(incoming, self.upstream, self.sent_at, scanner, self.model_usage);
+        let body = UpstreamBody::new(incoming, self.upstream, self.sent_at, scanner, self.usage_sink);
         let mut response = Response::new(http_body_util::BodyExt::boxed_unsync(body));
         *response.status_mut() = parts.status;
         copy_end_to_end(&parts.headers, response.headers_mut());

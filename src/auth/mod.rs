@@ -1,0 +1,252 @@
+//! Gateway keys and their limits. With keys configured, every `/v1/*` request must present one
+//! as `Authorization: Bearer <key>`; [`AuthLayer`] finds its policy, admits the request against
+//! the key's request rate and in-flight limit, removes the header (the gateway key never goes
+//! upstream: the upstream's own key comes from the gateway's environment) and hands the handlers
+//! a [`Caller`]. Handlers check the model and take the prompt tokens ([`Auth::charge`]).
+//!
+//! Without keys, nothing here runs and the client's `Authorization` passes through as before.
+
+pub mod keys;
+pub mod limits;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::{header, HeaderMap, Request, Response};
+use http_body_util::BodyExt;
+use tower::{Layer, Service};
+
+pub use keys::{hash_key, KeyPolicy, KeyRing};
+pub use limits::{Limiter, TokenCharge};
+
+use std::time::Duration;
+
+use redis::aio::ConnectionManager;
+
+use crate::body::{Body, Tracked};
+use crate::config::Config;
+use crate::error::GatewayError;
+use crate::router::Router;
+use crate::telemetry::{Metrics, ReasonLabel};
+
+/// The authenticated caller of a request, as a request extension.
+#[derive(Clone, Debug)]
+pub struct Caller {
+    pub key: Arc<KeyPolicy>,
+}
+
+impl Caller {
+    /// What sessions and conversation state are scoped by: the key's name, so a rotated secret
+    /// keeps its sessions and two keys never see each other's.
+    pub fn scope_credential(&self) -> Vec<u8> {
+        [b"key:".as_slice(), self.key.name.as_bytes()].concat()
+    }
+}
+
+#[derive(Debug)]
+pub struct Auth {
+    pub keys: KeyRing,
+    pub limiter: Arc<Limiter>,
+    enabled: bool,
+    metrics: Arc<Metrics>,
+}
+
+impl Auth {
+    pub fn new(keys: KeyRing, limiter: Arc<Limiter>, enabled: bool, metrics: Arc<Metrics>) -> Self {
+        Self { keys, limiter, enabled, metrics }
+    }
+
+    /// Keys from config, and the shared Redis (when one is configured) for Redis-held keys and
+    /// limits across replicas.
+    pub async fn open(config: &Config, metrics: Arc<Metrics>) -> Result<Self, String> {
+        let timeout = config.rate_limits.timeout.max(config.sessions.store_timeout);
+        let redis = match config.shared_redis_url() {
+            Some(url) if config.auth.enabled() => Some(connect(url, timeout).await?),
+            _ => None,
+        };
+        let prefix = config.sessions.key_prefix.clone();
+        let with_timeout = |t| redis.clone().map(|conn| (conn, prefix.clone(), t));
+        let keys = KeyRing::new(&config.auth, with_timeout(config.sessions.store_timeout))?;
+        let limiter = Arc::new(Limiter::new(with_timeout(config.rate_limits.timeout), metrics.clone()));
+        Ok(Self::new(keys, limiter, config.auth.enabled(), metrics))
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.enabled
+    }
+
+    /// Checks that the caller may use `model` and takes `prompt_tokens` (counted lazily: only
+    /// keys with a token limit pay for counting) from its tokens per minute.
+    pub async fn charge(
+        &self,
+        caller: Option<&Caller>,
+        model: &str,
+        prompt_tokens: impl FnOnce() -> u64,
+    ) -> Result<Option<TokenCharge>, GatewayError> {
+        let Some(caller) = caller else {
+            return Ok(None);
+        };
+        if !caller.key.allows(model) {
+            self.refused("model");
+            return Err(GatewayError::ModelNotAllowed { model: model.to_string() });
+        }
+        if caller.key.limits.tokens_per_minute.is_none() {
+            return Ok(None);
+        }
+        self.limiter.charge_tokens(&caller.key, prompt_tokens()).await
+    }
+
+    /// Checks the model alone, for routes without a token charge.
+    pub fn check_model(&self, caller: Option<&Caller>, model: &str) -> Result<(), GatewayError> {
+        match caller {
+            Some(caller) if !caller.key.allows(model) => {
+                self.refused("model");
+                Err(GatewayError::ModelNotAllowed { model: model.to_string() })
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn refused(&self, reason: &'static str) {
+        self.metrics.limits.auth_failures.get_or_create(&ReasonLabel { reason }).inc();
+    }
+
+    async fn authenticate(&self, headers: &HeaderMap) -> Result<Arc<KeyPolicy>, GatewayError> {
+        let Some(raw) = bearer(headers) else {
+            self.refused("missing");
+            return Err(GatewayError::Unauthorized(
+                "You didn't provide an API key. Send it as `Authorization: Bearer <key>`.",
+            ));
+        };
+        match self.keys.lookup(raw).await {
+            Ok(Some(key)) => Ok(key),
+            Ok(None) => {
+                self.refused("unknown");
+                Err(GatewayError::Unauthorized("Incorrect API key provided."))
+            }
+            Err(err) => {
+                self.refused("store");
+                Err(err)
+            }
+        }
+    }
+}
+
+async fn connect(url: &str, timeout: Duration) -> Result<ConnectionManager, String> {
+    let client = redis::Client::open(url).map_err(|e| format!("rate_limits.store: {e}"))?;
+    let config = redis::aio::ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(timeout))
+        .set_response_timeout(Some(timeout))
+        .set_number_of_retries(1);
+    tokio::time::timeout(timeout, ConnectionManager::new_with_config(client, config))
+        .await
+        .map_err(|_| "cannot reach the limits' Redis: timed out".to_string())?
+        .map_err(|e| format!("cannot reach the limits' Redis: {e}"))
+}
+
+/// The key of `Authorization: Bearer <key>`.
+fn bearer(headers: &HeaderMap) -> Option<&[u8]> {
+    let value = headers.get(header::AUTHORIZATION)?.as_bytes();
+    let (scheme, key) = value.split_at_checked(7)?;
+    let key = key.trim_ascii();
+    (scheme.eq_ignore_ascii_case(b"bearer ") && !key.is_empty()).then_some(key)
+}
+
+// === impl AuthLayer ===
+
+#[derive(Clone, Debug)]
+pub struct AuthLayer {
+    auth: Arc<Auth>,
+}
+
+impl AuthLayer {
+    pub fn new(auth: Arc<Auth>) -> Self {
+        Self { auth }
+    }
+}
+
+// Concrete over the router: a generic inner service would need `Send` proven for its future
+// over every lifetime of the boxed body error, which rustc cannot do through the async block.
+impl Layer<Router> for AuthLayer {
+    type Service = Authenticate;
+    fn layer(&self, inner: Router) -> Authenticate {
+        Authenticate { inner, auth: self.auth.clone() }
+    }
+}
+
+/// Authenticates `/v1/*` requests and admits them against their key's limits; health and
+/// metrics endpoints stay open for probes and scrapers.
+#[derive(Clone, Debug)]
+pub struct Authenticate {
+    inner: Router,
+    auth: Arc<Auth>,
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+impl Service<Request<Body>> for Authenticate {
+    type Response = Response<Body>;
+    type Error = GatewayError;
+    type Future = BoxFuture<Result<Response<Body>, GatewayError>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), GatewayError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: Request<Body>) -> Self::Future {
+        if !self.auth.enabled() || !request.uri().path().starts_with("/v1/") {
+            return Box::pin(self.inner.call(request));
+        }
+        // The router is always ready and cheap to clone.
+        let mut inner = self.inner.clone();
+        let auth = self.auth.clone();
+        Box::pin(async move {
+            let key = auth.authenticate(request.headers()).await?;
+            let permit = auth.limiter.admit(&key).await?;
+            request.headers_mut().remove(header::AUTHORIZATION);
+            request.extensions_mut().insert(Caller { key });
+            let response = inner.call(request).await?;
+            Ok(match permit {
+                Some(permit) => response.map(|body| {
+                    Tracked::new(body, tokio::time::Instant::now().into_std(), move |_| drop(permit))
+                        .boxed_unsync()
+                }),
+                None => response,
+            })
+        })
+    }
+}
+
+/// Counts prompt tokens for a token charge: every message and the `tools`, with the counter
+/// for `model` (message counts are cached, so a session's history is tokenised once).
+pub fn count_prompt_tokens(counter: &crate::compress::tokens::TokenCounter, body: &Bytes) -> u64 {
+    let Ok((_, messages)) = crate::openai::ChatRequestHead::parse_with_messages(body) else {
+        return 0;
+    };
+    let tools = crate::compress::request::tools_of(body);
+    messages.items.iter().map(|m| u64::from(counter.message(m.get()))).sum::<u64>()
+        + tools.map_or(0, |t| u64::from(counter.json(t.get())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(value: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(header::AUTHORIZATION, value.parse().unwrap());
+        h
+    }
+
+    #[test]
+    fn bearer_keys_are_read_case_insensitively() {
+        assert_eq!(bearer(&headers("Bearer sk-a")), Some(&b"sk-a"[..]));
+        assert_eq!(bearer(&headers("bearer  sk-a ")), Some(&b"sk-a"[..]));
+        assert_eq!(bearer(&headers("Basic abc")), None);
+        assert_eq!(bearer(&headers("Bearer ")), None);
+        assert_eq!(bearer(&HeaderMap::new()), None);
+    }
+}

@@ -1,0 +1,289 @@
+//! Gateway keys through the real gateway: 401/403/429 in the OpenAI shape, the key never
+//! reaching the upstream, token charges corrected by `usage`, sessions scoped by key, and keys
+//! held in a real redis-server changing without a restart.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::num::NonZeroU32;
+use std::time::Duration;
+
+use ctxgate::auth::hash_key;
+use ctxgate::config::{Config, KeyConfig};
+use serde_json::{json, Value};
+use support::redis::RedisServer;
+use support::{chat_body, fixtures, Harness, Reply};
+
+const TEAM_A: &str = "sk-team-a-secret";
+const TEAM_B: &str = "sk-team-b-secret";
+
+fn key(name: &str, raw: &str) -> KeyConfig {
+    KeyConfig {
+        name: name.into(),
+        sha256: hash_key(raw.as_bytes()),
+        models: Vec::new(),
+        requests_per_minute: None,
+        burst: None,
+        tokens_per_minute: None,
+        max_concurrent: None,
+    }
+}
+
+fn n(v: u32) -> Option<NonZeroU32> {
+    NonZeroU32::new(v)
+}
+
+/// Two keys: team-a (with `a`'s changes) and team-b, which may only call `gpt-4o*`.
+fn keys(a: impl FnOnce(&mut KeyConfig) + Send + 'static) -> impl FnOnce(&mut Config) + Send + 'static {
+    move |config: &mut Config| {
+        let mut team_a = key("team-a", TEAM_A);
+        a(&mut team_a);
+        let mut team_b = key("team-b", TEAM_B);
+        team_b.models = vec!["gpt-4o*".into()];
+        config.auth.keys = vec![team_a, team_b];
+    }
+}
+
+fn chat_as(h: &Harness, raw: &str) -> reqwest::RequestBuilder {
+    h.client.post(h.v1("/chat/completions")).bearer_auth(raw).json(&chat_body(false))
+}
+
+async fn error_of(response: reqwest::Response) -> (u16, Value) {
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap())
+}
+
+#[tokio::test]
+async fn missing_and_unknown_keys_get_401_and_probes_stay_open() {
+    let h = Harness::builder().config(keys(|_| {})).start().await;
+    let (status, body) =
+        error_of(h.client.post(h.v1("/chat/completions")).json(&chat_body(false)).send().await.unwrap())
+            .await;
+    assert_eq!(status, 401);
+    assert_eq!(body["error"]["code"], "invalid_api_key");
+    assert_eq!(body["error"]["type"], "invalid_request_error");
+    let (status, body) = error_of(chat_as(&h, "sk-nope").send().await.unwrap()).await;
+    assert_eq!(status, 401);
+    assert!(!body.to_string().contains("sk-nope"), "the key is echoed: {body}");
+    let (status, _) = error_of(h.client.get(h.v1("/models")).send().await.unwrap()).await;
+    assert_eq!(status, 401);
+    let (status, _) = error_of(h.client.get(h.v1("/sessions/s1")).send().await.unwrap()).await;
+    assert_eq!(status, 401);
+    assert!(h.upstream(0).requests().is_empty(), "a refused request reached the upstream");
+    for probe in ["/healthz", "/readyz", "/metrics"] {
+        let status = h.client.get(format!("{}{probe}", h.url)).send().await.unwrap().status();
+        assert_eq!(status, 200, "{probe}");
+    }
+    assert_eq!(h.metric("ctxgate_auth_failures_total{reason=\"missing\"}").await, 3.0);
+    assert_eq!(h.metric("ctxgate_auth_failures_total{reason=\"unknown\"}").await, 1.0);
+}
+
+#[tokio::test]
+async fn the_gateway_key_never_reaches_the_upstream() {
+    let h = Harness::builder()
+        .config(keys(|_| {}))
+        .config(|c| c.upstreams[0].api_key_env = Some("UPSTREAM_KEY".into()))
+        .start_with_env([("UPSTREAM_KEY", "sk-upstream")])
+        .await;
+    let response = chat_as(&h, TEAM_A).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    let requests = h.upstream(0).requests();
+    assert_eq!(requests[0].headers["authorization"], "Bearer sk-upstream");
+    assert!(!format!("{:?}", requests[0].headers).contains(TEAM_A));
+
+    // Without a key of its own, the upstream gets no Authorization at all.
+    let open = Harness::builder().config(keys(|_| {})).start().await;
+    assert_eq!(chat_as(&open, TEAM_A).send().await.unwrap().status(), 200);
+    assert!(open.upstream(0).requests()[0].headers.get("authorization").is_none());
+}
+
+#[tokio::test]
+async fn models_outside_a_keys_list_are_403() {
+    let h = Harness::builder().config(keys(|_| {})).start().await;
+    let (status, body) = error_of(chat_as(&h, TEAM_B).send().await.unwrap()).await;
+    assert_eq!(status, 403);
+    assert_eq!(body["error"]["code"], "model_not_allowed");
+    // Passed-through routes naming a model are checked too.
+    let embeddings = h
+        .client
+        .post(h.v1("/embeddings"))
+        .bearer_auth(TEAM_B)
+        .json(&json!({"model": "text-embedding-3-small", "input": "x"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(embeddings.status(), 403);
+    let mut allowed = chat_body(false);
+    allowed["model"] = "gpt-4o-mini".into();
+    let response =
+        h.client.post(h.v1("/chat/completions")).bearer_auth(TEAM_B).json(&allowed).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(h.upstream(0).requests().len(), 1);
+    assert_eq!(h.metric("ctxgate_auth_failures_total{reason=\"model\"}").await, 2.0);
+}
+
+#[tokio::test]
+async fn requests_over_the_rate_get_429_with_retry_after() {
+    let h = Harness::builder()
+        .config(keys(|a| {
+            a.requests_per_minute = n(60);
+            a.burst = n(2);
+        }))
+        .start()
+        .await;
+    for _ in 0..2 {
+        assert_eq!(chat_as(&h, TEAM_A).send().await.unwrap().status(), 200);
+    }
+    let response = chat_as(&h, TEAM_A).send().await.unwrap();
+    assert_eq!(response.headers()["retry-after"], "1");
+    let (status, body) = error_of(response).await;
+    assert_eq!(status, 429);
+    assert_eq!(body["error"]["code"], "rate_limit_exceeded");
+    assert_eq!(body["error"]["type"], "requests");
+    assert_eq!(h.upstream(0).requests().len(), 2);
+    // Another key has its own budget.
+    let mut other = chat_body(false);
+    other["model"] = "gpt-4o".into();
+    let response =
+        h.client.post(h.v1("/chat/completions")).bearer_auth(TEAM_B).json(&other).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(h.metric("ctxgate_rate_limited_total{key=\"team-a\",limit=\"requests\"}").await, 1.0);
+}
+
+/// A request of about `words` prompt tokens.
+fn long_chat(words: usize) -> Value {
+    json!({"model": "mock-model", "messages": [{"role": "user", "content": "word ".repeat(words)}]})
+}
+
+fn completion_with_usage(prompt: u64, completion: u64) -> Reply {
+    let mut body = fixtures::completion("ok");
+    body["usage"] = json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion});
+    Reply::json(200, body)
+}
+
+#[tokio::test]
+async fn tokens_are_charged_before_the_call_and_corrected_by_usage() {
+    let h = Harness::builder().config(keys(|a| a.tokens_per_minute = n(1000))).start().await;
+    let send = |body: Value| h.client.post(h.v1("/chat/completions")).bearer_auth(TEAM_A).json(&body).send();
+
+    // Larger than the whole budget: refused before the upstream sees it.
+    let (status, body) = error_of(send(long_chat(1500)).await.unwrap()).await;
+    assert_eq!(status, 429);
+    assert_eq!(body["error"]["type"], "tokens");
+    assert!(h.upstream(0).requests().is_empty());
+
+    // ~600 counted, 15 used: once the response is over, the rest comes back, so a second one
+    // fits (without the correction it would wait ~13 s for 220 tokens).
+    h.upstream(0).push(completion_with_usage(10, 5));
+    let first = send(long_chat(600)).await.unwrap();
+    assert_eq!(first.status(), 200);
+    first.bytes().await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    loop {
+        h.upstream(0).push(completion_with_usage(900, 50));
+        let response = send(long_chat(600)).await.unwrap();
+        if response.status() == 200 {
+            response.bytes().await.unwrap();
+            break;
+        }
+        assert_eq!(response.status(), 429);
+        assert!(tokio::time::Instant::now() < deadline, "the first request's tokens never came back");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // That one really used 950: more than estimated, so the budget is now spent.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (status, _) = error_of(send(long_chat(100)).await.unwrap()).await;
+    assert_eq!(status, 429);
+}
+
+#[tokio::test]
+async fn requests_in_flight_are_capped_per_key() {
+    let gate = support::Gate::new();
+    let h = Harness::builder()
+        .upstream(mock_upstream::Server::builder().reply(Reply::sse(vec![
+            support::Chunk::json(fixtures::content_chunk(0, "held")),
+            support::Chunk::Wait(gate.clone()),
+            support::Chunk::json(fixtures::finish_chunk("stop")),
+            support::Chunk::done(),
+        ])))
+        .config(keys(|a| a.max_concurrent = n(1)))
+        .start()
+        .await;
+    let held = h
+        .client
+        .post(h.v1("/chat/completions"))
+        .bearer_auth(TEAM_A)
+        .json(&chat_body(true))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(held.status(), 200);
+    let (status, body) = error_of(chat_as(&h, TEAM_A).send().await.unwrap()).await;
+    assert_eq!(status, 429);
+    assert!(body["error"]["message"].as_str().unwrap().contains("concurrent"), "{body}");
+    gate.open();
+    held.bytes().await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    loop {
+        let status = chat_as(&h, TEAM_A).send().await.unwrap().status();
+        if status == 200 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the stream's slot was never given back");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn sessions_are_scoped_by_key() {
+    let h = Harness::builder().config(keys(|b| b.models = Vec::new())).start().await;
+    let response = chat_as(&h, TEAM_A).header("x-session-id", "shared-name").send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    response.bytes().await.unwrap();
+    let get = |raw: &'static str| h.client.get(h.v1("/sessions/shared-name")).bearer_auth(raw).send();
+    assert_eq!(get(TEAM_A).await.unwrap().status(), 200);
+    let (status, body) = error_of(get(TEAM_B).await.unwrap()).await;
+    assert_eq!(status, 404);
+    assert_eq!(body["error"]["code"], "session_not_found");
+}
+
+#[tokio::test]
+async fn keys_held_in_redis_change_without_a_restart() {
+    let redis = RedisServer::start().await;
+    let url = redis.url();
+    let h = Harness::builder()
+        .config(move |c| {
+            c.sessions.store = url;
+            c.auth.redis = true;
+            c.auth.cache_ttl = Duration::from_millis(200);
+        })
+        .start()
+        .await;
+    const DYNAMIC: &str = "sk-added-at-runtime";
+    let hash = hash_key(DYNAMIC.as_bytes());
+    assert_eq!(chat_as(&h, DYNAMIC).send().await.unwrap().status(), 401);
+
+    let entry = json!({"name": "dyn", "requests_per_minute": 600, "burst": 1}).to_string();
+    redis.command(&["HSET", "ctxgate:auth:keys", &hash, &entry]).await;
+    // A miss is remembered for at most a second.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    while chat_as(&h, DYNAMIC).send().await.unwrap().status() == 401 {
+        assert!(tokio::time::Instant::now() < deadline, "the key added in Redis was never accepted");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Its limits came from Redis too (burst 1, then one request per 100 ms): the limiter counts
+    // in the same Redis, under the key's hash tag.
+    let second = chat_as(&h, DYNAMIC).send().await.unwrap();
+    assert_eq!(second.status(), 429);
+    let tat = redis.command(&["EXISTS", "ctxgate:rl:{dyn}:req"]).await;
+    assert_eq!(tat, "1");
+
+    redis.command(&["HDEL", "ctxgate:auth:keys", &hash]).await;
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    assert_eq!(chat_as(&h, DYNAMIC).send().await.unwrap().status(), 401);
+
+    // A malformed entry is refused, not trusted.
+    redis.command(&["HSET", "ctxgate:auth:keys", &hash, r#"{"name":"dyn","rpm":5}"#]).await;
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    assert_eq!(chat_as(&h, DYNAMIC).send().await.unwrap().status(), 401);
+}
