@@ -80,6 +80,14 @@ true
 {{- end }}
 {{- end }}
 
+{{/* "true" when clients must present a gateway key (from any source ctxgate reads). */}}
+{{- define "ctxgate.authEnabled" -}}
+{{- $auth := .Values.config.auth | default dict }}
+{{- if or (include "ctxgate.hasGatewayKeys" .) $auth.keys $auth.redis -}}
+true
+{{- end }}
+{{- end }}
+
 {{/* "true" when sessions live in Redis (shared by replicas). */}}
 {{- define "ctxgate.redisEnabled" -}}
 {{- if or .Values.redis.url .Values.redis.existingSecretKey .Values.redis.bundled.enabled -}}
