@@ -116,9 +116,11 @@ async fn redis_down_falls_back_to_per_replica_limits_and_says_so() {
 async fn a_limit_holds_within_five_percent_across_three_gateways() {
     let redis = RedisServer::start().await;
     let upstream = mock_upstream::Server::builder().start().await.unwrap();
-    // 20 requests a second with a burst of 20, offered far faster through three replicas.
+    // 20 requests a second with a burst of 20, offered far faster through three replicas. The
+    // check timeout is generous so a loaded test machine does not trigger the fallback.
     let extra = format!(
-        "[[auth.keys]]\nname = \"team-a\"\nsha256 = \"{}\"\nrequests_per_minute = 1200\nburst = 20\n",
+        "[rate_limits]\ntimeout = \"5s\"\n\
+         [[auth.keys]]\nname = \"team-a\"\nsha256 = \"{}\"\nrequests_per_minute = 1200\nburst = 20\n",
         hash_key(b"sk-team-a")
     );
     let mut gateways = Vec::new();
@@ -171,4 +173,10 @@ async fn a_limit_holds_within_five_percent_across_three_gateways() {
     );
     // Every admitted request, and only those, reached the upstream.
     assert_eq!(upstream.requests().len() as u32, admitted);
+    // Every decision was Redis's (a slow check past the timeout would be decided per replica,
+    // which is the fallback, not the shared limit under test).
+    for base in bases.iter() {
+        let text = client.get(format!("{base}/metrics")).send().await.unwrap().text().await.unwrap();
+        assert_eq!(support::sample_value(&text, "ctxgate_rate_limit_fallbacks_total"), 0.0, "{base}");
+    }
 }
