@@ -5,7 +5,8 @@
 //! its own); `redis+cluster://[user:password@]host:port,host:port[,...]` names a Cluster by its
 //! seed nodes (redis-rs's cluster client, which learns the slot map and follows `MOVED`).
 //! Callers keep every multi-key command inside one hash tag (`{...}`), so it lands on one slot.
-//! `rediss+cluster://` is refused: this build has no TLS for Redis.
+//! `rediss://` is TLS with rustls, trusting the system's store (or `SSL_CERT_FILE`);
+//! `rediss+cluster://` is refused: TLS to a Cluster is neither wired nor tested.
 //!
 //! This module owns connecting, timeouts and retries; it knows nothing about sessions.
 

@@ -133,7 +133,7 @@ impl Drop for RedisServer {
 
 /// A free port nobody in this process has had; with `bus`, port + 10000 (a cluster node's bus)
 /// is free and reserved as well.
-fn reserve_port(bus: bool) -> u16 {
+pub fn reserve_port(bus: bool) -> u16 {
     loop {
         let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind 127.0.0.1:0");
         let port = listener.local_addr().expect("local_addr").port();
