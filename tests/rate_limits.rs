@@ -3,6 +3,7 @@
 //! across three ctxgate processes; and the fall back to per-replica limits while Redis is down.
 #![allow(clippy::unwrap_used)]
 
+#[macro_use]
 mod support;
 
 use std::num::NonZeroU32;
@@ -29,18 +30,6 @@ fn policy(rpm: Option<u32>, burst: Option<u32>, tpm: Option<u32>) -> Arc<KeyPoli
         max_concurrent: None,
     };
     Arc::new(KeyPolicy::from_config(&config).unwrap())
-}
-
-/// Declares each named `async fn scenario(Store)` for a single server and for a Cluster.
-macro_rules! on_redis_and_cluster {
-    ($($scenario:ident),* $(,)?) => {
-        mod single_redis {
-            $(#[tokio::test] async fn $scenario() { super::$scenario(super::Store::Redis).await })*
-        }
-        mod redis_cluster {
-            $(#[tokio::test] async fn $scenario() { super::$scenario(super::Store::Cluster).await })*
-        }
-    };
 }
 
 on_redis_and_cluster!(

@@ -4,6 +4,7 @@
 //! Redis Cluster.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[macro_use]
 mod support;
 
 use std::time::Duration;
@@ -14,19 +15,6 @@ use serde_json::{json, Value};
 use support::gateway::{Gateway, AUTH};
 use support::stores::{self, Store};
 use support::{fixtures, Chunk, Gate};
-
-/// Declares each named `async fn scenario(Store)` as `single_redis::scenario` and
-/// `redis_cluster::scenario`.
-macro_rules! on_redis_and_cluster {
-    ($($scenario:ident),* $(,)?) => {
-        mod single_redis {
-            $(#[tokio::test] async fn $scenario() { super::$scenario(super::Store::Redis).await })*
-        }
-        mod redis_cluster {
-            $(#[tokio::test] async fn $scenario() { super::$scenario(super::Store::Cluster).await })*
-        }
-    };
-}
 
 fn chunks(words: &[&str], gate_after: Option<(usize, &Gate)>) -> Vec<Chunk> {
     let mut chunks = Vec::new();
@@ -162,24 +150,7 @@ async fn a_replica_killed_mid_stream_has_its_turn_resumed_by_another(store: Stor
     drop(stream);
 
     // Then once A's lease runs out, replica B resumes the turn
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    loop {
-        let resumed = client
-            .post(format!("{}/v1/sessions/crash/resume", b.base))
-            .header("authorization", AUTH)
-            .send()
-            .await
-            .unwrap();
-        let status = resumed.status().as_u16();
-        let body: Value = resumed.json().await.unwrap();
-        if status == 202 {
-            assert_eq!(body["resumed"], true);
-            break;
-        }
-        assert_eq!(body["state"], "in_progress", "{body}");
-        assert!(tokio::time::Instant::now() < deadline, "never resumed: {body}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    b.resume_after_lease(&client, "crash", Duration::from_secs(15)).await;
 
     // And replica C replays the re-issued answer from the shared event log
     let replay = client

@@ -59,6 +59,20 @@ pub async fn transcript(
     body["data"].as_array().unwrap().clone()
 }
 
+/// Declares each named `async fn scenario(Store)` as `single_redis::scenario` and
+/// `redis_cluster::scenario`.
+#[macro_export]
+macro_rules! on_redis_and_cluster {
+    ($($scenario:ident),* $(,)?) => {
+        mod single_redis {
+            $(#[tokio::test] async fn $scenario() { super::$scenario($crate::support::stores::Store::Redis).await })*
+        }
+        mod redis_cluster {
+            $(#[tokio::test] async fn $scenario() { super::$scenario($crate::support::stores::Store::Cluster).await })*
+        }
+    };
+}
+
 /// Declares each named `async fn scenario(Store)` as two tests, `embedded::scenario` and
 /// `redis_store::scenario`.
 #[macro_export]
