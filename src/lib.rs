@@ -8,6 +8,7 @@
 //! - [`compress`]: token counting, rule passes, compaction epochs and the prefix-stable layout.
 //! - [`tools`]: gateway tools (HTTP, MCP), run concurrently when the model calls them.
 //! - [`session`]: checkpoints and their stores (redb, Redis).
+//! - [`redis_conn`]: one connection type for a Redis server or a Redis Cluster.
 //! - [`upstream`]: pooled clients, routing by model, retries and failover, streamed bodies.
 //! - [`openai`]: wire types (request validation, `usage`); no I/O.
 //! - [`auth`]: gateway keys and per-key limits (requests, tokens, in flight), local or in Redis.
@@ -25,6 +26,7 @@ pub mod limit;
 pub mod observe;
 pub mod openai;
 pub mod proxy;
+pub mod redis_conn;
 pub mod router;
 pub mod server;
 pub mod session;

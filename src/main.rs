@@ -68,7 +68,8 @@ struct ServeArgs {
     /// Base URL of the default upstream (e.g. http://127.0.0.1:9000/v1), overriding the config.
     #[arg(long)]
     upstream: Option<String>,
-    /// Session store, overriding sessions.store: `embedded:PATH` or `redis://HOST:PORT`.
+    /// Session store, overriding sessions.store: `embedded:PATH`, `redis://HOST:PORT` or
+    /// `redis+cluster://HOST:PORT,HOST:PORT`.
     #[arg(long)]
     store: Option<String>,
 }

@@ -191,22 +191,7 @@ async fn a_pending_task_survives_a_gateway_restart(store: Store) {
     // A fresh process takes the turn over and finishes the same task.
     let second = Gateway::start_with(&upstream.base_url(), &store.url, &tools).await;
     // The dead owner's lease (1 s) has to run out before the turn can be taken over.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let resumed = client
-            .post(format!("{}/v1/sessions/tasks-1/resume", second.base))
-            .header("authorization", AUTH)
-            .send()
-            .await
-            .unwrap();
-        let status = resumed.status();
-        let body: Value = resumed.json().await.unwrap_or_default();
-        if status.is_success() && body["resumed"] == true {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the turn was never taken over: {status} {body}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    second.resume_after_lease(&client, "tasks-1", Duration::from_secs(10)).await;
     let messages_url = format!("{}/v1/sessions/tasks-1/messages", second.base);
     let deadline = Instant::now() + Duration::from_secs(20);
     let transcript = loop {

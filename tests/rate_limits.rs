@@ -1,8 +1,9 @@
-//! The shared rate limiter on a real redis-server: no over-admission when several replicas
-//! check the same key at once, the fall back to per-replica limits while Redis is down, and a
-//! limit held within 5% across three ctxgate processes.
+//! The shared rate limiter on a real redis-server and a real three-master Redis Cluster: no
+//! over-admission when several replicas check the same key at once, and a limit held within 5%
+//! across three ctxgate processes; and the fall back to per-replica limits while Redis is down.
 #![allow(clippy::unwrap_used)]
 
+#[macro_use]
 mod support;
 
 use std::num::NonZeroU32;
@@ -15,6 +16,7 @@ use ctxgate::error::GatewayError;
 use ctxgate::telemetry::Metrics;
 use support::gateway::Gateway;
 use support::redis::RedisServer;
+use support::stores::Store;
 use tokio::time::Instant;
 
 fn policy(rpm: Option<u32>, burst: Option<u32>, tpm: Option<u32>) -> Arc<KeyPolicy> {
@@ -30,33 +32,33 @@ fn policy(rpm: Option<u32>, burst: Option<u32>, tpm: Option<u32>) -> Arc<KeyPoli
     Arc::new(KeyPolicy::from_config(&config).unwrap())
 }
 
+on_redis_and_cluster!(
+    concurrent_checks_on_three_replicas_never_over_admit,
+    a_limit_holds_within_five_percent_across_three_gateways
+);
+
 /// A limiter as one replica has it: its own connection and metrics, the shared Redis.
-async fn replica(redis: &RedisServer) -> (Arc<Limiter>, Arc<Metrics>) {
-    let client = redis::Client::open(redis.url()).unwrap();
-    let config = redis::aio::ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(Duration::from_millis(500)))
-        .set_response_timeout(Some(Duration::from_millis(500)))
-        .set_number_of_retries(1);
-    let conn = redis::aio::ConnectionManager::new_with_config(client, config).await.unwrap();
+async fn replica(url: &str) -> (Arc<Limiter>, Arc<Metrics>) {
+    let conn = ctxgate::redis_conn::connect(url, Duration::from_millis(500)).await.unwrap();
     let metrics = Arc::new(Metrics::new());
     let limiter = Limiter::new(Some((conn, "ctxgate:".into(), Duration::from_millis(500))), metrics.clone());
     (Arc::new(limiter), metrics)
 }
 
-#[tokio::test]
-async fn concurrent_checks_on_three_replicas_never_over_admit() {
-    let redis = RedisServer::start().await;
+async fn concurrent_checks_on_three_replicas_never_over_admit(store: Store) {
+    let redis = store.url().await;
     let mut replicas = Vec::new();
     for _ in 0..3 {
-        replicas.push(replica(&redis).await.0);
+        replicas.push(replica(&redis.url).await);
     }
+    let limiters: Vec<Arc<Limiter>> = replicas.iter().map(|r| r.0.clone()).collect();
     // Burst 100 at one request per second: 300 checks at once admit the burst and at most the
     // one or two requests that refill while they run.
     let key = policy(Some(60), Some(100), None);
     let started = Instant::now();
     let mut checks = tokio::task::JoinSet::new();
     for i in 0..300 {
-        let (limiter, key) = (replicas[i % 3].clone(), key.clone());
+        let (limiter, key) = (limiters[i % 3].clone(), key.clone());
         checks.spawn(async move { limiter.admit(&key).await.is_ok() });
     }
     let admitted = checks.join_all().await.into_iter().filter(|ok| *ok).count();
@@ -68,18 +70,23 @@ async fn concurrent_checks_on_three_replicas_never_over_admit() {
     let started = Instant::now();
     let mut charges = tokio::task::JoinSet::new();
     for i in 0..300 {
-        let (limiter, key) = (replicas[i % 3].clone(), key.clone());
+        let (limiter, key) = (limiters[i % 3].clone(), key.clone());
         charges.spawn(async move { limiter.charge_tokens(&key, 10).await.map(drop).is_ok() });
     }
     let admitted = charges.join_all().await.into_iter().filter(|ok| *ok).count();
     let refill = (started.elapsed().as_secs_f64() * 1000.0 / 60.0 / 10.0).ceil() as usize;
     assert!((100..=100 + refill).contains(&admitted), "admitted {admitted} charges of 10 (1000 tokens)");
+    // Every check was Redis's: none fell back to a replica's own cells (a script over two slots
+    // would fail on a Cluster and show up here).
+    for (_, metrics) in &replicas {
+        assert_eq!(support::sample_value(&metrics.encode(), "ctxgate_rate_limit_fallbacks_total"), 0.0);
+    }
 }
 
 #[tokio::test]
 async fn redis_down_falls_back_to_per_replica_limits_and_says_so() {
     let mut redis = RedisServer::start().await;
-    let (limiter, metrics) = replica(&redis).await;
+    let (limiter, metrics) = replica(&redis.url()).await;
     let key = policy(Some(60), Some(3), None);
     for _ in 0..3 {
         limiter.admit(&key).await.unwrap();
@@ -112,18 +119,19 @@ async fn redis_down_falls_back_to_per_replica_limits_and_says_so() {
     }
 }
 
-#[tokio::test]
-async fn a_limit_holds_within_five_percent_across_three_gateways() {
-    let redis = RedisServer::start().await;
+async fn a_limit_holds_within_five_percent_across_three_gateways(store: Store) {
+    let redis = store.url().await;
     let upstream = mock_upstream::Server::builder().start().await.unwrap();
-    // 20 requests a second with a burst of 20, offered far faster through three replicas.
+    // 20 requests a second with a burst of 20, offered far faster through three replicas. The
+    // check timeout is generous so a loaded test machine does not trigger the fallback.
     let extra = format!(
-        "[[auth.keys]]\nname = \"team-a\"\nsha256 = \"{}\"\nrequests_per_minute = 1200\nburst = 20\n",
+        "[rate_limits]\ntimeout = \"5s\"\n\
+         [[auth.keys]]\nname = \"team-a\"\nsha256 = \"{}\"\nrequests_per_minute = 1200\nburst = 20\n",
         hash_key(b"sk-team-a")
     );
     let mut gateways = Vec::new();
     for _ in 0..3 {
-        gateways.push(Gateway::start_with(&upstream.base_url(), &redis.url(), &extra).await);
+        gateways.push(Gateway::start_with(&upstream.base_url(), &redis.url, &extra).await);
     }
     let bases: Arc<Vec<String>> = Arc::new(gateways.iter().map(|g| g.base.clone()).collect());
     let client = reqwest::Client::new();
@@ -171,4 +179,10 @@ async fn a_limit_holds_within_five_percent_across_three_gateways() {
     );
     // Every admitted request, and only those, reached the upstream.
     assert_eq!(upstream.requests().len() as u32, admitted);
+    // Every decision was Redis's (a slow check past the timeout would be decided per replica,
+    // which is the fallback, not the shared limit under test).
+    for base in bases.iter() {
+        let text = client.get(format!("{base}/metrics")).send().await.unwrap().text().await.unwrap();
+        assert_eq!(support::sample_value(&text, "ctxgate_rate_limit_fallbacks_total"), 0.0, "{base}");
+    }
 }

@@ -1,9 +1,11 @@
-//! Self-test for `support::redis`: a real `redis-server` per test on its own port.
+//! Self-test for `support::redis` and `support::cluster`: a real `redis-server` (or three, as
+//! a Redis Cluster) per test on its own ports.
 mod support;
 
 use std::net::{Ipv4Addr, TcpStream};
 use std::time::{Duration, Instant};
 
+use support::cluster::RedisCluster;
 use support::redis::RedisServer;
 
 fn accepts(port: u16) -> bool {
@@ -81,6 +83,38 @@ async fn drop_kills_the_server() {
     let deadline = Instant::now() + Duration::from_secs(5);
     while accepts(port) {
         assert!(Instant::now() < deadline, "port {port} still accepts after drop");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_cluster_of_three_masters_forms_and_drop_kills_every_node() {
+    let cluster = RedisCluster::start().await;
+    let ports: Vec<u16> = cluster.nodes().iter().map(|n| n.port()).collect();
+    assert_eq!(
+        cluster.url(),
+        format!("redis+cluster://127.0.0.1:{},127.0.0.1:{},127.0.0.1:{}", ports[0], ports[1], ports[2])
+    );
+
+    // Every node is a master with a third of the slots, and each listens on its bus port
+    for node in cluster.nodes() {
+        let info = node.command(&["CLUSTER", "INFO"]).await;
+        assert!(info.contains("cluster_state:ok") && info.contains("cluster_size:3"), "{info}");
+        assert!(node.command(&["ROLE"]).await.starts_with("[master"));
+        assert!(accepts(node.port() + 10_000), "bus port of {}", node.port());
+    }
+    // A key lives on the one node owning its slot; the others redirect
+    let owner = cluster.owner("k").await;
+    assert_eq!(cluster.nodes()[owner].command(&["SET", "k", "v"]).await, "OK");
+    assert_eq!(cluster.holder("k").await, Some(owner));
+    let other = cluster.nodes()[(owner + 1) % 3].command(&["GET", "k"]).await;
+    let slot = cluster.slot("k").await;
+    assert!(other.starts_with(&format!("(error) MOVED {slot} 127.0.0.1:{}", ports[owner])), "{other}");
+
+    drop(cluster);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while ports.iter().any(|&p| accepts(p)) {
+        assert!(Instant::now() < deadline, "a node still accepts after drop");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

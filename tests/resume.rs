@@ -172,24 +172,7 @@ async fn a_turn_interrupted_by_sigkill_is_resumed_by_a_fresh_process(store: Stor
     let second = Gateway::start(&upstream.base_url(), &url).await;
 
     // Then once the dead owner's lease runs out, resume re-issues the turn
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    loop {
-        let resumed = client
-            .post(format!("{}/v1/sessions/crash/resume", second.base))
-            .header("authorization", AUTH)
-            .send()
-            .await
-            .unwrap();
-        let status = resumed.status().as_u16();
-        let body: Value = resumed.json().await.unwrap();
-        if status == 202 {
-            assert_eq!(body["resumed"], true);
-            break;
-        }
-        assert_eq!(body["state"], "in_progress", "{body}");
-        assert!(tokio::time::Instant::now() < deadline, "never resumed: {body}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    second.resume_after_lease(&client, "crash", Duration::from_secs(15)).await;
 
     // And the client reads the re-issued answer from the stream endpoint
     let replayed = events(&replay(&client, &second.base, "crash", None).await);

@@ -1,5 +1,6 @@
-//! The session store contract, run against both backends: the embedded redb file in a temp
-//! dir, and a real `redis-server` started on its own loopback port per test.
+//! The session store contract, run against every backend: the embedded redb file in a temp
+//! dir, a real `redis-server` started on its own loopback port per test, and a real
+//! three-master Redis Cluster per test.
 
 #![allow(clippy::unwrap_used)]
 
@@ -13,6 +14,7 @@ use ctxgate::session::embedded::EmbeddedStore;
 use ctxgate::session::redis::RedisStore;
 use ctxgate::session::{Checkpoint, Commit, SessionKey, SessionStore, StoreError};
 use serde_json::value::RawValue;
+use support::cluster::RedisCluster;
 use support::redis::RedisServer;
 
 const TTL: Duration = Duration::from_secs(3600);
@@ -22,19 +24,27 @@ struct Backend {
     store: Arc<dyn SessionStore>,
     _dir: Option<tempfile::TempDir>,
     redis: Option<RedisServer>,
+    cluster: Option<RedisCluster>,
 }
 
 async fn embedded() -> Backend {
     let dir = tempfile::tempdir().unwrap();
     let store = EmbeddedStore::open(&dir.path().join("sessions.redb"), TTL).unwrap();
-    Backend { store: Arc::new(store), _dir: Some(dir), redis: None }
+    Backend { store: Arc::new(store), _dir: Some(dir), redis: None, cluster: None }
 }
 
 async fn redis() -> Backend {
     let server = RedisServer::start().await;
     let store =
         RedisStore::connect(&server.url(), "ctxgate:", TTL, Duration::from_millis(500)).await.unwrap();
-    Backend { store: Arc::new(store), _dir: None, redis: Some(server) }
+    Backend { store: Arc::new(store), _dir: None, redis: Some(server), cluster: None }
+}
+
+async fn cluster() -> Backend {
+    let cluster = RedisCluster::start().await;
+    let store =
+        RedisStore::connect(&cluster.url(), "ctxgate:", TTL, Duration::from_millis(500)).await.unwrap();
+    Backend { store: Arc::new(store), _dir: None, redis: None, cluster: Some(cluster) }
 }
 
 fn checkpoint(messages: &[&str]) -> Encoded {
@@ -124,6 +134,11 @@ async fn redis_store_meets_the_contract() {
 }
 
 #[tokio::test]
+async fn redis_cluster_store_meets_the_contract() {
+    contract(cluster().await).await;
+}
+
+#[tokio::test]
 async fn embedded_checkpoints_survive_reopening_the_file() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("nested/dir/sessions.redb");
@@ -173,4 +188,87 @@ async fn redis_keys_share_a_hash_tag_and_carry_a_ttl() {
     assert!(keys.contains(&expected), "{keys}");
     let ttl: i64 = server.command(&["PTTL", &expected]).await.trim().parse().unwrap();
     assert!(ttl > 3_000_000 && ttl <= 3_600_000, "ttl {ttl}");
+}
+
+#[tokio::test]
+async fn on_a_cluster_a_session_keeps_one_slot_and_sessions_spread_over_the_masters() {
+    let backend = cluster().await;
+    let cluster = backend.cluster.as_ref().unwrap();
+    let ev = |s: &str| bytes::Bytes::from(s.to_string());
+
+    // Given sessions written through the store, each with a checkpoint and an event log
+    let mut masters = std::collections::BTreeSet::new();
+    for n in 0..50 {
+        let k = key(&format!("spread-{n}"));
+        backend.store.commit(&k, 0, &checkpoint(&["{}"])).await.unwrap();
+        backend.store.append_events(&k, 1, 1, &[ev("e")]).await.unwrap();
+
+        // Then both of a session's keys hash to one slot and sit on the master owning it
+        let hash = format!("ctxgate:{{{}}}", k.storage_key());
+        let events = format!("{hash}:events");
+        assert_eq!(cluster.slot(&hash).await, cluster.slot(&events).await);
+        let holder = cluster.holder(&hash).await.unwrap();
+        assert_eq!(cluster.holder(&events).await, Some(holder), "{hash}");
+        let ttl: i64 = cluster.nodes()[holder].command(&["PTTL", &hash]).await.parse().unwrap();
+        assert!(ttl > 3_000_000 && ttl <= 3_600_000, "ttl {ttl}");
+        masters.insert(holder);
+        if masters.len() == 3 && n >= 9 {
+            break;
+        }
+    }
+    // And different sessions land on every master
+    assert_eq!(masters.len(), 3, "sessions all landed on {masters:?}");
+
+    // And a delete of both keys (one multi-key DEL) works within the slot
+    assert!(backend.store.delete(&key("spread-0")).await.unwrap());
+    assert_eq!(cluster.holder(&format!("ctxgate:{{{}}}", key("spread-0").storage_key())).await, None);
+}
+
+#[tokio::test]
+async fn a_redis_connection_debug_never_shows_the_password() {
+    let server = RedisServer::start().await;
+    assert_eq!(server.command(&["CONFIG", "SET", "requirepass", "s3cret-pw"]).await, "OK");
+    let url = format!("redis://:s3cret-pw@127.0.0.1:{}/", server.port());
+    let conn = ctxgate::redis_conn::connect(&url, Duration::from_secs(2)).await.unwrap();
+    let mut c = conn.clone();
+    let pong: String = redis::cmd("PING").query_async(&mut c).await.unwrap();
+    assert_eq!(pong, "PONG");
+    assert!(!format!("{conn:?}").contains("s3cret"), "{conn:?}");
+    let store = RedisStore::connect(&url, "ctxgate:", TTL, Duration::from_secs(2)).await.unwrap();
+    assert!(!format!("{store:?}").contains("s3cret"));
+
+    // A wrong password fails to connect, without echoing the URL
+    let wrong = format!("redis://:nope-pw@127.0.0.1:{}/", server.port());
+    let err = ctxgate::redis_conn::connect(&wrong, Duration::from_secs(2)).await.unwrap_err();
+    assert!(!err.to_string().contains("nope-pw"), "{err}");
+}
+
+#[tokio::test]
+async fn a_cluster_master_that_restarts_is_used_again_without_restarting_the_store() {
+    let mut backend = cluster().await;
+    let store = backend.store.clone();
+    let k = key("on-a-master");
+    store.commit(&k, 0, &checkpoint(&["{}"])).await.unwrap();
+    let hash = format!("ctxgate:{{{}}}", k.storage_key());
+    let holder = backend.cluster.as_ref().unwrap().holder(&hash).await.unwrap();
+
+    // When the master holding the session dies, operations on the session fail fast
+    backend.cluster.as_mut().unwrap().node_mut(holder).kill().await;
+    let started = std::time::Instant::now();
+    let err = store.load(&k).await.unwrap_err();
+    assert!(matches!(err, StoreError::Unavailable(_)), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(3), "took {:?}", started.elapsed());
+
+    // And once it is back on its port with its nodes.conf (same node, same slots, no data),
+    // the same store reconnects to it and the session starts afresh
+    backend.cluster.as_mut().unwrap().node_mut(holder).restart().await;
+    backend.cluster.as_ref().unwrap().wait_until_ok().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while store.ping().await.is_err() || store.load(&k).await.is_err() {
+        assert!(tokio::time::Instant::now() < deadline, "store never reconnected");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(store.load(&k).await.unwrap().is_none());
+    assert_eq!(store.commit(&k, 0, &checkpoint(&["{}"])).await.unwrap(), Commit::Committed(1));
+    assert_eq!(backend.cluster.as_ref().unwrap().holder(&hash).await, Some(holder));
 }

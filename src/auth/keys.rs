@@ -6,8 +6,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::redis_conn::RedisConn;
 use globset::{Glob, GlobSet, GlobSetBuilder};
-use redis::aio::ConnectionManager;
 use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 
@@ -65,7 +65,7 @@ pub struct KeyRing {
 }
 
 struct RedisKeys {
-    conn: ConnectionManager,
+    conn: RedisConn,
     hash: String,
     ttl: Duration,
     timeout: Duration,
@@ -84,10 +84,7 @@ impl std::fmt::Debug for RedisKeys {
 impl KeyRing {
     /// Keys from config and `keys_file`; `redis` is the connection for Redis-held keys when
     /// `auth.redis` is set.
-    pub fn new(
-        config: &AuthConfig,
-        redis: Option<(ConnectionManager, String, Duration)>,
-    ) -> Result<Self, String> {
+    pub fn new(config: &AuthConfig, redis: Option<(RedisConn, String, Duration)>) -> Result<Self, String> {
         let mut keys = config.keys.clone();
         if let Some(path) = &config.keys_file {
             keys.extend(crate::config::read_keys_file(path).map_err(|e| format!("auth.keys_file: {e}"))?);

@@ -19,11 +19,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::redis_conn::RedisConn;
 use governor::clock::Clock;
 use governor::middleware::NoOpMiddleware;
 use governor::state::{InMemoryState, NotKeyed};
 use governor::{Quota, RateLimiter};
-use redis::aio::ConnectionManager;
 use redis::Script;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
@@ -177,7 +177,7 @@ return 1
 ";
 
 struct SharedLimits {
-    conn: ConnectionManager,
+    conn: RedisConn,
     prefix: String,
     timeout: Duration,
     check: Script,
@@ -216,7 +216,7 @@ pub struct Limiter {
 
 impl Limiter {
     /// `shared`: the Redis connection and key prefix for limits across replicas, if any.
-    pub fn new(shared: Option<(ConnectionManager, String, Duration)>, metrics: Arc<Metrics>) -> Self {
+    pub fn new(shared: Option<(RedisConn, String, Duration)>, metrics: Arc<Metrics>) -> Self {
         let shared = shared.map(|(conn, prefix, timeout)| SharedLimits {
             conn,
             prefix,

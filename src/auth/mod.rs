@@ -22,13 +22,10 @@ use tower::{Layer, Service};
 pub use keys::{hash_key, KeyPolicy, KeyRing};
 pub use limits::{Limiter, TokenCharge};
 
-use std::time::Duration;
-
-use redis::aio::ConnectionManager;
-
 use crate::body::{Body, Tracked};
 use crate::config::Config;
 use crate::error::GatewayError;
+use crate::redis_conn;
 use crate::router::Router;
 use crate::telemetry::{Metrics, ReasonLabel};
 
@@ -64,7 +61,11 @@ impl Auth {
     pub async fn open(config: &Config, metrics: Arc<Metrics>) -> Result<Self, String> {
         let timeout = config.rate_limits.timeout.max(config.sessions.store_timeout);
         let redis = match config.shared_redis_url() {
-            Some(url) if config.auth.enabled() => Some(connect(url, timeout).await?),
+            Some(url) if config.auth.enabled() => Some(
+                redis_conn::connect(url, timeout)
+                    .await
+                    .map_err(|e| format!("cannot reach the limits' Redis: {e}"))?,
+            ),
             _ => None,
         };
         let prefix = config.sessions.key_prefix.clone();
@@ -133,18 +134,6 @@ impl Auth {
             }
         }
     }
-}
-
-async fn connect(url: &str, timeout: Duration) -> Result<ConnectionManager, String> {
-    let client = redis::Client::open(url).map_err(|e| format!("rate_limits.store: {e}"))?;
-    let config = redis::aio::ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(timeout))
-        .set_response_timeout(Some(timeout))
-        .set_number_of_retries(1);
-    tokio::time::timeout(timeout, ConnectionManager::new_with_config(client, config))
-        .await
-        .map_err(|_| "cannot reach the limits' Redis: timed out".to_string())?
-        .map_err(|e| format!("cannot reach the limits' Redis: {e}"))
 }
 
 /// The key of `Authorization: Bearer <key>`.

@@ -118,16 +118,12 @@ impl Default for RateLimitConfig {
     }
 }
 
-pub(super) fn is_redis_url(s: &str) -> bool {
-    s.starts_with("redis://") || s.starts_with("rediss://") || s.starts_with("redis+cluster://")
-}
-
 impl Config {
     /// The Redis that holds limits and Redis-held keys, if any.
     pub fn shared_redis_url(&self) -> Option<&str> {
         match self.rate_limits.store.as_str() {
             "local" => None,
-            "sessions" => Some(self.sessions.store.as_str()).filter(|s| is_redis_url(s)),
+            "sessions" => Some(self.sessions.store.as_str()).filter(|s| crate::redis_conn::is_redis_url(s)),
             url => Some(url),
         }
     }
@@ -169,7 +165,7 @@ impl Config {
             issues.push(Issue::new("auth.cache_ttl", "must be greater than zero"));
         }
         let store = &self.rate_limits.store;
-        if !matches!(store.as_str(), "local" | "sessions") && !is_redis_url(store) {
+        if !matches!(store.as_str(), "local" | "sessions") && !crate::redis_conn::is_redis_url(store) {
             issues.push(Issue::new("rate_limits.store", "must be `sessions`, `local` or a Redis URL"));
         }
         if self.rate_limits.timeout.is_zero() {

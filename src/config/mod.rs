@@ -63,7 +63,8 @@ pub enum OnStoreError {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SessionConfig {
-    /// `embedded:PATH` (a redb file) or a `redis://` / `rediss://` URL.
+    /// `embedded:PATH` (a redb file), a `redis://` / `rediss://` URL, or a Redis Cluster's seeds
+    /// as `redis+cluster://host:port,host:port`.
     pub store: String,
     /// The request header naming the session.
     pub header: String,

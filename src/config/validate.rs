@@ -125,11 +125,25 @@ impl Config {
         }
 
         let store = &self.sessions.store;
-        if !(store.starts_with("embedded:") && store.len() > "embedded:".len()
-            || store.starts_with("redis://")
-            || store.starts_with("rediss://"))
+        if store.starts_with("rediss+cluster://") {
+            push(
+                "sessions.store".into(),
+                "TLS to a Redis Cluster (`rediss+cluster://`) is not supported; use `redis+cluster://`"
+                    .into(),
+            );
+        } else if !(store.starts_with("embedded:") && store.len() > "embedded:".len()
+            || crate::redis_conn::is_redis_url(store))
         {
-            push("sessions.store".into(), "must be `embedded:PATH`, `redis://...` or `rediss://...`".into());
+            push(
+                "sessions.store".into(),
+                "must be `embedded:PATH`, `redis://...`, `rediss://...` or `redis+cluster://HOST:PORT,HOST:PORT`"
+                    .into(),
+            );
+        }
+        // A brace in the prefix would move (or empty) the hash tag that keeps a session's keys
+        // on one Cluster slot.
+        if store.starts_with("redis+cluster://") && self.sessions.key_prefix.contains(['{', '}']) {
+            push("sessions.key_prefix".into(), "must not contain `{` or `}` on a Redis Cluster".into());
         }
         if HeaderName::try_from(self.sessions.header.as_str()).is_err() {
             push("sessions.header".into(), format!("`{}` is not a valid header name", self.sessions.header));
@@ -355,6 +369,41 @@ upstreams = ["nope"]
         let text = "[[upstreams]]\nname = \"a\"\nbase_url = \"https://api.example.test/v1\"\n";
         let env = BTreeMap::new();
         Config::parse(text, &env).unwrap().validate(&env).unwrap();
+    }
+
+    #[test]
+    fn session_stores_are_checked() {
+        let env = BTreeMap::new();
+        let issues = |store: &str, prefix: &str| {
+            let text = format!(
+                "[sessions]\nstore = {store:?}\nkey_prefix = {prefix:?}\n[[upstreams]]\nname = \"a\"\nbase_url = \"http://ok/v1\"\n"
+            );
+            match Config::parse(&text, &env).unwrap().validate(&env) {
+                Ok(()) => Vec::new(),
+                Err(e) => e.0.iter().map(ToString::to_string).collect(),
+            }
+        };
+        for ok in [
+            "embedded:data/s.redb",
+            "redis://127.0.0.1:6379/",
+            "rediss://cache:6380",
+            "redis+cluster://10.0.0.1:7000,10.0.0.2:7000,10.0.0.3:7000",
+            "redis+cluster://user:secret@10.0.0.1:7000",
+        ] {
+            assert_eq!(issues(ok, "ctxgate:"), Vec::<String>::new(), "{ok}");
+        }
+        let wrong = issues("memcached://x:1", "ctxgate:");
+        assert_eq!(wrong.len(), 1);
+        assert!(wrong[0].starts_with("sessions.store: must be") && wrong[0].contains("redis+cluster://"));
+        assert_eq!(
+            issues("rediss+cluster://10.0.0.1:7000", "ctxgate:"),
+            ["sessions.store: TLS to a Redis Cluster (`rediss+cluster://`) is not supported; use `redis+cluster://`"]
+        );
+        assert_eq!(
+            issues("redis+cluster://10.0.0.1:7000", "{ctxgate}:"),
+            ["sessions.key_prefix: must not contain `{` or `}` on a Redis Cluster"]
+        );
+        assert!(issues("redis://10.0.0.1:7000", "{ctxgate}:").is_empty(), "one server has no slots");
     }
 
     #[test]

@@ -219,7 +219,7 @@ fn parse_event_id(id: &str) -> Option<(u64, u64)> {
 }
 
 /// Replays the session's last streamed turn after `last` (or from its start), then follows it
-/// live until `[DONE]`, the turn's end, or its owner's lease running out.
+/// live until `[DONE]`, the turn's end, or its owner's lease having run out for a lease period.
 async fn replay(
     state: Arc<AppState>,
     key: SessionKey,
@@ -235,6 +235,10 @@ async fn replay(
         Some((t, seq)) if t == turn => seq,
         _ => 0,
     };
+    // A lease a moment past its end is more often a busy owner about to renew than a dead one:
+    // the follower gives up only one more lease period after it (a dead owner's turn, resumed,
+    // gets a new turn number anyway, which ends this follower at once).
+    let grace = state.sessions.config.lease.as_millis() as u64;
     let (tx, receiver) = mpsc::channel::<Result<Frame<Bytes>, crate::error::BoxError>>(32);
     tokio::spawn(async move {
         loop {
@@ -264,7 +268,7 @@ async fn replay(
                         && s.checkpoint
                             .in_flight
                             .as_ref()
-                            .is_some_and(|f| f.turn == turn && f.lease_until_ms > now_ms())
+                            .is_some_and(|f| f.turn == turn && f.lease_until_ms + grace > now_ms())
                 }
                 _ => false,
             };

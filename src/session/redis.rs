@@ -1,15 +1,19 @@
 //! The Redis store: one hash per session (`v` version, `doc` checkpoint JSON) under
 //! `{prefix}{scope:id}`; the braces are a hash tag, so all of a session's keys share one Cluster
 //! slot. Commits are a Lua compare-and-set, atomic on the server; loads refresh the TTL.
+//!
+//! On a Redis Cluster every command, pipeline, transaction and script here touches one session
+//! (its hash and its `:events` stream, both under the same hash tag) or one blob key, so each
+//! runs on the one master owning that slot; different sessions spread over the masters.
 
 use std::time::Duration;
 
 use bytes::Bytes;
-use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, Script};
 
 use super::checkpoint::{Checkpoint, Encoded};
 use super::store::{BoxFuture, Commit, SessionKey, SessionStore, StoreError, Stored};
+use crate::redis_conn::{self, RedisConn};
 
 /// KEYS[1] session hash; ARGV[1] expected version, ARGV[2] document, ARGV[3] TTL in ms.
 /// Returns {1, new_version} or {0, current_version}.
@@ -26,7 +30,7 @@ return {1, version}
 
 #[derive(Clone)]
 pub struct RedisStore {
-    conn: ConnectionManager,
+    conn: RedisConn,
     prefix: String,
     ttl: Duration,
     commit: Script,
@@ -47,23 +51,16 @@ fn unavailable(e: impl std::error::Error + Send + Sync + 'static) -> StoreError 
 }
 
 impl RedisStore {
-    /// Connects (and reconnects on its own later). `timeout` bounds every command, so a hung
-    /// Redis turns into a store error instead of a hung request.
+    /// Connects to a server or a Cluster (see [`redis_conn::connect`]), and reconnects on its
+    /// own later. `timeout` bounds every command, so a hung Redis turns into a store error
+    /// instead of a hung request.
     pub async fn connect(
         url: &str,
         prefix: &str,
         ttl: Duration,
         timeout: Duration,
     ) -> Result<Self, StoreError> {
-        let client = redis::Client::open(url).map_err(unavailable)?;
-        let config = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(timeout))
-            .set_response_timeout(Some(timeout))
-            .set_number_of_retries(1);
-        let conn = tokio::time::timeout(timeout, ConnectionManager::new_with_config(client, config))
-            .await
-            .map_err(unavailable)?
-            .map_err(unavailable)?;
+        let conn = redis_conn::connect(url, timeout).await.map_err(unavailable)?;
         Ok(Self { conn, prefix: prefix.to_string(), ttl, commit: Script::new(COMMIT), timeout })
     }
 
@@ -222,6 +219,9 @@ impl SessionStore for RedisStore {
         })
     }
 
+    /// On a Cluster, PING fans out to the masters, and redis-rs leaves out one it has no live
+    /// connection to: one master down does not take every replica out of rotation (requests on
+    /// that master's sessions still fail, as store errors).
     fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>> {
         Box::pin(async move {
             let mut conn = self.conn.clone();

@@ -54,6 +54,30 @@ impl Gateway {
             .header("x-session-id", session)
     }
 
+    /// Polls `POST /v1/sessions/{session}/resume` until this replica takes the interrupted
+    /// turn over (202), as it may once the dead owner's lease has run out; panics after
+    /// `within`. Until then the session must say its turn is in progress.
+    pub async fn resume_after_lease(&self, client: &reqwest::Client, session: &str, within: Duration) {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let resumed = client
+                .post(format!("{}/v1/sessions/{session}/resume", self.base))
+                .header("authorization", AUTH)
+                .send()
+                .await
+                .unwrap();
+            let status = resumed.status().as_u16();
+            let body: serde_json::Value = resumed.json().await.unwrap_or_default();
+            if status == 202 {
+                assert_eq!(body["resumed"], true, "{body}");
+                return;
+            }
+            assert_eq!(body["state"], "in_progress", "{status} {body}");
+            assert!(tokio::time::Instant::now() < deadline, "the turn was never taken over: {body}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     pub fn kill(&mut self) {
         self.child.kill().unwrap();
         self.child.wait().unwrap();

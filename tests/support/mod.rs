@@ -3,6 +3,7 @@
 //! between tests, so they run in parallel.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod cluster;
 pub mod gateway;
 pub mod mcp;
 pub mod redis;

@@ -38,18 +38,27 @@ pub struct RedisServer {
     port: u16,
     child: Option<Child>,
     dir: TempDir,
+    /// Arguments after the harness's own, kept for `restart`.
+    extra: Vec<String>,
 }
 
 impl RedisServer {
     /// Spawns a server on a fresh port and waits until it answers `PING`.
     /// Panics with the server log if it cannot be started.
     pub async fn start() -> RedisServer {
+        Self::start_with(&[], false).await
+    }
+
+    /// Like [`start`](Self::start), with `extra` arguments (relative paths are inside the
+    /// server's own temp dir). With `cluster_bus`, the port 10000 above is reserved and free too.
+    pub async fn start_with(extra: &[&str], cluster_bus: bool) -> RedisServer {
         let dir = TempDir::new().expect("create redis temp dir");
+        let extra: Vec<String> = extra.iter().map(|a| a.to_string()).collect();
         let mut last = String::new();
         for _ in 0..LAUNCH_ATTEMPTS {
-            let port = reserve_port();
-            match launch(port, dir.path()).await {
-                Ok(child) => return RedisServer { port, child: Some(child), dir },
+            let port = reserve_port(cluster_bus);
+            match launch(port, dir.path(), &extra).await {
+                Ok(child) => return RedisServer { port, child: Some(child), dir, extra },
                 Err(Failure::PortTaken(msg)) => last = msg,
                 Err(Failure::Fatal(msg)) => panic!("{msg}"),
             }
@@ -80,7 +89,7 @@ impl RedisServer {
         self.kill().await;
         let mut last = String::new();
         for _ in 0..LAUNCH_ATTEMPTS {
-            match launch(self.port, self.dir.path()).await {
+            match launch(self.port, self.dir.path(), &self.extra).await {
                 Ok(child) => {
                     self.child = Some(child);
                     return;
@@ -122,14 +131,27 @@ impl Drop for RedisServer {
     }
 }
 
-fn reserve_port() -> u16 {
+/// A free port nobody in this process has had; with `bus`, port + 10000 (a cluster node's bus)
+/// is free and reserved as well.
+pub fn reserve_port(bus: bool) -> u16 {
     loop {
         let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind 127.0.0.1:0");
         let port = listener.local_addr().expect("local_addr").port();
+        let bus_port = port.checked_add(10_000);
+        let bus_free = !bus || bus_port.is_some_and(|p| TcpListener::bind((Ipv4Addr::LOCALHOST, p)).is_ok());
         drop(listener);
-        if RESERVED.lock().unwrap_or_else(PoisonError::into_inner).insert(port) {
-            return port;
+        if !bus_free {
+            continue;
         }
+        let mut reserved = RESERVED.lock().unwrap_or_else(PoisonError::into_inner);
+        if reserved.contains(&port) || bus && bus_port.is_some_and(|p| reserved.contains(&p)) {
+            continue;
+        }
+        reserved.insert(port);
+        if let (true, Some(p)) = (bus, bus_port) {
+            reserved.insert(p);
+        }
+        return port;
     }
 }
 
@@ -141,7 +163,7 @@ enum Failure {
 
 /// Spawns `redis-server` on `port` and waits until it answers `PING` and is the process that
 /// answered (not some other server that raced us to the port).
-async fn launch(port: u16, dir: &Path) -> Result<Child, Failure> {
+async fn launch(port: u16, dir: &Path, extra: &[String]) -> Result<Child, Failure> {
     let bin = std::env::var("REDIS_SERVER_BIN").unwrap_or_else(|_| "redis-server".to_owned());
     let log = dir.join("redis.log");
     let _ = std::fs::remove_file(&log); // so a failure shows this attempt's log only
@@ -153,6 +175,7 @@ async fn launch(port: u16, dir: &Path) -> Result<Child, Failure> {
         .arg("--logfile")
         .arg(&log)
         .args(["--daemonize", "no", "--protected-mode", "no"])
+        .args(extra)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -208,7 +231,7 @@ fn kill_and_reap(child: &mut Child) {
 }
 
 /// One command, one connection, one rendered reply.
-async fn request(port: u16, args: &[&str], timeout: Duration) -> io::Result<String> {
+pub(super) async fn request(port: u16, args: &[&str], timeout: Duration) -> io::Result<String> {
     let exchange = async {
         let mut stream = TcpStream::connect((Ipv4Addr::LOCALHOST, port)).await?;
         stream.write_all(&encode(args)).await?;

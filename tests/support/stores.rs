@@ -1,18 +1,21 @@
-//! Running one scenario on both session stores: the embedded redb file and a real
-//! `redis-server` started for the test.
+//! Running one scenario on several session stores: the embedded redb file, a real
+//! `redis-server` started for the test, or a real three-master Redis Cluster.
 
+use super::cluster::RedisCluster;
 use super::redis::RedisServer;
 
 #[derive(Clone, Copy, Debug)]
 pub enum Store {
     Embedded,
     Redis,
+    Cluster,
 }
 
-/// A store URL for `store`, and what must outlive it (the temp dir, the Redis server).
+/// A store URL for `store`, and what must outlive it (the temp dir, the Redis servers).
 pub struct StoreUrl {
     pub url: String,
     pub redis: Option<RedisServer>,
+    pub cluster: Option<RedisCluster>,
     _dir: tempfile::TempDir,
 }
 
@@ -23,11 +26,16 @@ impl Store {
             Store::Embedded => StoreUrl {
                 url: format!("embedded:{}", dir.path().join("sessions.redb").display()),
                 redis: None,
+                cluster: None,
                 _dir: dir,
             },
             Store::Redis => {
                 let redis = RedisServer::start().await;
-                StoreUrl { url: redis.url(), redis: Some(redis), _dir: dir }
+                StoreUrl { url: redis.url(), redis: Some(redis), cluster: None, _dir: dir }
+            }
+            Store::Cluster => {
+                let cluster = RedisCluster::start().await;
+                StoreUrl { url: cluster.url(), redis: None, cluster: Some(cluster), _dir: dir }
             }
         }
     }
@@ -49,6 +57,20 @@ pub async fn transcript(
     assert_eq!(response.status(), 200);
     let body: serde_json::Value = response.json().await.unwrap();
     body["data"].as_array().unwrap().clone()
+}
+
+/// Declares each named `async fn scenario(Store)` as `single_redis::scenario` and
+/// `redis_cluster::scenario`.
+#[macro_export]
+macro_rules! on_redis_and_cluster {
+    ($($scenario:ident),* $(,)?) => {
+        mod single_redis {
+            $(#[tokio::test] async fn $scenario() { super::$scenario($crate::support::stores::Store::Redis).await })*
+        }
+        mod redis_cluster {
+            $(#[tokio::test] async fn $scenario() { super::$scenario($crate::support::stores::Store::Cluster).await })*
+        }
+    };
 }
 
 /// Declares each named `async fn scenario(Store)` as two tests, `embedded::scenario` and
