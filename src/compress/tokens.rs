@@ -16,7 +16,6 @@ const GENERATION: usize = 200_000;
 
 /// A vocabulary and the per-message count cache.
 pub struct TokenCounter {
-    bpe: &'static CoreBPE,
     encoding: Encoding,
     cache: Mutex<Generations>,
 }
@@ -56,11 +55,16 @@ impl Generations {
 impl TokenCounter {
     /// The counter for `encoding`; `Auto` is resolved by the caller with [`Self::encoding_for`].
     pub fn new(encoding: Encoding) -> Self {
-        let bpe = match encoding {
+        Self { encoding, cache: Mutex::new(Generations::default()) }
+    }
+
+    /// The tokenizer, built on first use: its tables take tens of MB, which a gateway with
+    /// compression off and no token limits never needs.
+    fn bpe(&self) -> &'static CoreBPE {
+        match self.encoding {
             Encoding::Cl100kBase => tiktoken_rs::cl100k_base_singleton(),
             Encoding::O200kBase | Encoding::Auto => tiktoken_rs::o200k_base_singleton(),
-        };
-        Self { bpe, encoding, cache: Mutex::new(Generations::default()) }
+        }
     }
 
     /// The encoding for `model`: what tiktoken knows for OpenAI's models, `fallback` for the rest.
@@ -75,7 +79,7 @@ impl TokenCounter {
 
     /// Tokens of a text.
     pub fn text(&self, text: &str) -> u32 {
-        self.bpe.encode_ordinary(text).len() as u32
+        self.bpe().encode_ordinary(text).len() as u32
     }
 
     /// Tokens of one message (its JSON as sent), cached by its bytes.
