@@ -144,6 +144,9 @@ async fn five_tools_run_at_once_and_the_turn_takes_the_slowest() {
         assert_eq!(content["args"], json!({"q": i.to_string()}));
     }
     assert_eq!(h.metric("ctxgate_tool_calls_total{tool=\"t4\",outcome=\"ok\"}").await, 1.0);
+    // The gateway's own overhead leaves out both model calls and the 3 s tool round.
+    let overhead = h.metric("ctxgate_gateway_overhead_seconds_sum{route=\"chat_completions\"}").await;
+    assert!(overhead < 0.25, "overhead {overhead} s counts others' work");
 }
 
 #[tokio::test]

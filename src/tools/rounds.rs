@@ -14,7 +14,7 @@
 //!   [`super::record`]); without a session nothing runs and the answer passes through.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Method, Response};
@@ -33,7 +33,7 @@ use crate::error::GatewayError;
 use crate::openai::answer::AnswerBuilder;
 use crate::openai::events::{is_done, EventSplitter};
 use crate::openai::{sse, ChatRequestHead};
-use crate::upstream::{Outgoing, OutgoingBody, Upstream, UsageSink};
+use crate::upstream::{Outgoing, OutgoingBody, Upstream, UpstreamWait, UsageSink};
 use crate::AppState;
 
 /// A chat request that may call gateway tools.
@@ -240,8 +240,15 @@ async fn json_rounds(
 ) -> Result<(Response<Body>, Report), GatewayError> {
     let max_rounds = state.tools.limits.max_rounds;
     let mut report = Report::default();
+    // Time spent on others' work before the client's headers: every model call (to its
+    // headers and its body) and every tool round. The overhead metric subtracts it.
+    let mut waited = Duration::ZERO;
     loop {
+        waited += response.extensions().get::<UpstreamWait>().map_or(Duration::ZERO, |w| w.0);
+        let reading = Instant::now();
         let bytes = read_all(request.route, std::mem::replace(response.body_mut(), body::empty())).await?;
+        waited += reading.elapsed();
+        response.extensions_mut().insert(UpstreamWait(waited));
         let mut builder = AnswerBuilder::new(false);
         builder.observe(&bytes);
         let Some(answer) = builder.finish() else {
@@ -257,8 +264,11 @@ async fn json_rounds(
         }
         let client_ids: Vec<usize> = split.client.iter().map(|(i, _)| *i).collect();
         let calls = split.gateway.into_iter().map(|(_, c)| c).collect();
+        let running = Instant::now();
         let results = run_round(state, calls, request.tasks.clone(), &mut report).await;
+        waited += running.elapsed();
         if !split.client.is_empty() {
+            response.extensions_mut().insert(UpstreamWait(waited));
             let visible = only_calls(&answer.message, &client_ids);
             report.held = Some(Expansion {
                 client_call_ids: split.client.into_iter().map(|(_, c)| c.id).collect(),
@@ -275,6 +285,8 @@ async fn json_rounds(
         let body = conversation.next_body(report.rounds >= max_rounds)?;
         response = send(state, request, body).await?;
         if !response.status().is_success() {
+            let own = response.extensions().get::<UpstreamWait>().map_or(Duration::ZERO, |w| w.0);
+            response.extensions_mut().insert(UpstreamWait(waited + own));
             return Ok((response, report));
         }
     }
