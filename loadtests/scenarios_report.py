@@ -216,9 +216,9 @@ def main():
               f"{rounds_n:g} chat requests ran {rounds_sum:g} tool rounds. Direct, k6 ran the same loop itself "
               f"({metric(c['d'], 'http_reqs', 'count') or 0:.0f} HTTP requests for "
               f"{metric(c['d'], 'iterations', 'count') or 0:.0f} turns).")
-            w('- The overhead histogram subtracts only the last model call\'s wait, so for a tool turn it '
-              'also holds the first model call and the tool round: read the k6 "added" column for the '
-              'cost of the loop.')
+            w('- The overhead histogram subtracts every model call (to its last body byte) and the tool '
+              'round (since commit 2da49e6; before it, only the last model call), so it holds the '
+              'gateway\'s own work on the turn.')
         elif c['id'] == 'ratelimit':
             kv = c['extra_kv']
             rpm, burst = float(kv.get('limit_rpm', 0)), float(kv.get('burst', 0))
