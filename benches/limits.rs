@@ -8,7 +8,8 @@
 //!   is never over its limits.
 //! - `auth/admit_redis`: the same through the shared limiter: the local pre-check plus one Lua
 //!   GCRA script on a private `redis-server` (one loopback round trip).
-//! - `auth/charge_tokens_local` / `_redis`: a token charge, and its correction when dropped.
+//! - `auth/charge_tokens_local` / `_redis`: a token charge, and its correction when dropped
+//!   (the whole charge given back; in Redis the correction is a second script, spawned).
 //! - `auth/count_prompt_tokens`: the estimate of a 20-message request with `tools`, warm (a
 //!   session's messages are counted once, then cached).
 //!
@@ -79,7 +80,9 @@ fn main() {
     ));
     let body = request_body();
     let counter = TokenCounter::new(Encoding::O200kBase);
-    let usage = Usage { prompt_tokens: 900, completion_tokens: 100, prompt_tokens_details: None };
+    // The upstream reports nothing used: every charge is given back in full when dropped, so
+    // the key never runs dry and each iteration pays for the charge and its correction.
+    let usage = Usage { prompt_tokens: 0, completion_tokens: 0, prompt_tokens_details: None };
     println!("request body {} B, estimate {} tokens", body.len(), count_prompt_tokens(&counter, &body));
 
     let mut c = Criterion::default()
@@ -100,7 +103,8 @@ fn main() {
                 rt.block_on(async {
                     let charge = limiter.charge_tokens(&policy, 1000).await.unwrap().unwrap();
                     charge.record(&usage);
-                    // Dropping corrects the charge (a no-op here: usage equals the estimate).
+                    // Dropping corrects the charge: −1000 tokens (in Redis, a second script call
+                    // spawned in the background).
                     drop(charge);
                 })
             })

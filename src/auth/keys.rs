@@ -48,7 +48,13 @@ impl KeyPolicy {
 
 /// Lower-case hex SHA-256 of a raw key, as keys are configured.
 pub fn hash_key(raw: &[u8]) -> String {
-    Sha256::digest(raw).iter().map(|b| format!("{b:02x}")).collect()
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut hex = String::with_capacity(64);
+    for byte in Sha256::digest(raw) {
+        hex.push(char::from(HEX[usize::from(byte >> 4)]));
+        hex.push(char::from(HEX[usize::from(byte & 0x0f)]));
+    }
+    hex
 }
 
 /// Negative answers from Redis are trusted for at most this long, so a key added there works
