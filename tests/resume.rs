@@ -13,22 +13,7 @@ use mock_upstream::Server;
 use serde_json::{json, Value};
 use support::gateway::{Gateway, AUTH};
 use support::stores::{self, Store};
-use support::{fixtures, sse_data, Chunk, Gate, Harness};
-
-fn chunks(words: &[&str], gate_after: Option<(usize, &Gate)>) -> Vec<Chunk> {
-    let mut chunks = Vec::new();
-    for (i, w) in words.iter().enumerate() {
-        if let Some((at, gate)) = gate_after {
-            if i == at {
-                chunks.push(Chunk::Wait(gate.clone()));
-            }
-        }
-        chunks.push(Chunk::json(fixtures::content_chunk(i, w)));
-    }
-    chunks.push(Chunk::json(fixtures::finish_chunk("stop")));
-    chunks.push(Chunk::done());
-    chunks
-}
+use support::{chunks, fixtures, sse_data, Gate, Harness};
 
 /// `(id, data)` of each event in an SSE text.
 fn events(text: &str) -> Vec<(String, String)> {

@@ -57,8 +57,8 @@ pub fn hash_key(raw: &[u8]) -> String {
     hex
 }
 
-/// Negative answers from Redis are trusted for at most this long, so a key added there works
-/// within a second even if it was tried before.
+/// Negative answers from Redis are trusted for at most this long (or `cache_ttl` if shorter),
+/// so a key added there works within a second even if it was tried before.
 const NEGATIVE_TTL: Duration = Duration::from_secs(1);
 /// Bound on cached Redis answers; past it the cache starts over (unknown keys sprayed at the
 /// gateway must not grow memory).
@@ -128,7 +128,7 @@ impl RedisKeys {
         let now = Instant::now();
         let cached = self.cached(&hash);
         if let Some((fetched, policy)) = &cached {
-            let ttl = if policy.is_some() { self.ttl } else { NEGATIVE_TTL };
+            let ttl = if policy.is_some() { self.ttl } else { NEGATIVE_TTL.min(self.ttl) };
             if now.duration_since(*fetched) < ttl {
                 return Ok(policy.clone());
             }

@@ -191,6 +191,23 @@ impl HarnessBuilder {
     }
 }
 
+/// A streamed answer of `words` (one content chunk each), a stop chunk and `[DONE]`; with
+/// `gate_after = (i, gate)` the stream holds before word `i` until the gate opens.
+pub fn chunks(words: &[&str], gate_after: Option<(usize, &Gate)>) -> Vec<Chunk> {
+    let mut chunks = Vec::new();
+    for (i, w) in words.iter().enumerate() {
+        if let Some((at, gate)) = gate_after {
+            if i == at {
+                chunks.push(Chunk::Wait(gate.clone()));
+            }
+        }
+        chunks.push(Chunk::json(fixtures::content_chunk(i, w)));
+    }
+    chunks.push(Chunk::json(fixtures::finish_chunk("stop")));
+    chunks.push(Chunk::done());
+    chunks
+}
+
 /// A small valid chat request body.
 pub fn chat_body(stream: bool) -> serde_json::Value {
     let mut body = serde_json::json!({
