@@ -38,10 +38,11 @@ pub async fn chat_completions(
         parts.headers.remove(header::CONTENT_LENGTH);
     }
     let caller = parts.extensions.get::<Caller>().cloned();
-    let prompt_tokens = |model: &str| auth::count_prompt_tokens(state.compressor.counter_for(model), &bytes);
     if let Some(id) = conversation::session_id(&state.sessions, &parts.headers)? {
         let (head, messages) = ChatRequestHead::parse_with_messages(&bytes)?;
-        let charge = state.auth.charge(caller.as_ref(), &head.model, || prompt_tokens(&head.model)).await?;
+        let counter = state.compressor.counter_for(&head.model);
+        let prompt_tokens = || auth::count_parsed(counter, &messages.items, &bytes);
+        let charge = state.auth.charge(caller.as_ref(), &head.model, prompt_tokens).await?;
         let turn = conversation::Turn {
             key: conversation::session_key(&parts.headers, &parts.extensions, &id),
             charge: charge.map(Arc::new),
@@ -55,7 +56,9 @@ pub async fn chat_completions(
         return conversation::chat(state, turn).await;
     }
     let head = ChatRequestHead::parse(&bytes)?;
-    let charge = state.auth.charge(caller.as_ref(), &head.model, || prompt_tokens(&head.model)).await?;
+    let counter = state.compressor.counter_for(&head.model);
+    let prompt_tokens = || auth::count_prompt_tokens(counter, &bytes);
+    let charge = state.auth.charge(caller.as_ref(), &head.model, prompt_tokens).await?;
     let route = state.upstreams.router.route(Some(&head.model));
     let (bytes, plan) = match state.compressor.active(&head.model, &parts.headers) {
         Some(active) => {

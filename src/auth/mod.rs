@@ -22,7 +22,10 @@ use tower::{Layer, Service};
 pub use keys::{hash_key, KeyPolicy, KeyRing};
 pub use limits::{Limiter, TokenCharge};
 
+use serde_json::value::RawValue;
+
 use crate::body::{Body, Tracked};
+use crate::compress::tokens::TokenCounter;
 use crate::config::Config;
 use crate::error::GatewayError;
 use crate::redis_conn;
@@ -211,12 +214,17 @@ impl Service<Request<Body>> for Authenticate {
 
 /// Counts prompt tokens for a token charge: every message and the `tools`, with the counter
 /// for `model` (message counts are cached, so a session's history is tokenised once).
-pub fn count_prompt_tokens(counter: &crate::compress::tokens::TokenCounter, body: &Bytes) -> u64 {
-    let Ok((_, messages)) = crate::openai::ChatRequestHead::parse_with_messages(body) else {
-        return 0;
-    };
+pub fn count_prompt_tokens(counter: &TokenCounter, body: &Bytes) -> u64 {
+    match crate::openai::ChatRequestHead::parse_with_messages(body) {
+        Ok((_, messages)) => count_parsed(counter, &messages.items, body),
+        Err(_) => 0,
+    }
+}
+
+/// [`count_prompt_tokens`] for a body whose messages are already parsed.
+pub fn count_parsed(counter: &TokenCounter, messages: &[&RawValue], body: &Bytes) -> u64 {
     let tools = crate::compress::request::tools_of(body);
-    messages.items.iter().map(|m| u64::from(counter.message(m.get()))).sum::<u64>()
+    messages.iter().map(|m| u64::from(counter.message(m.get()))).sum::<u64>()
         + tools.map_or(0, |t| u64::from(counter.json(t.get())))
 }
 
