@@ -156,6 +156,14 @@ pub struct LimitMetrics {
     pub degraded: Gauge<i64, std::sync::atomic::AtomicI64>,
     /// Requests the local pre-check refused without asking Redis.
     pub prechecked: Counter,
+    /// Tokens of keys with a token limit: `estimated` before the call, `used` by `usage`.
+    pub tokens: Family<KeyKindLabel, Counter<u64, AtomicU64>>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KeyKindLabel {
+    pub key: String,
+    pub kind: &'static str,
 }
 
 impl LimitMetrics {
@@ -190,7 +198,13 @@ impl LimitMetrics {
             "Requests refused by the local pre-check without a Redis round trip",
             prechecked.clone(),
         );
-        Self { auth_failures, rate_limited, fallbacks, degraded, prechecked }
+        let tokens = Family::<KeyKindLabel, Counter<u64, AtomicU64>>::default();
+        registry.register(
+            "rate_limit_tokens",
+            "Tokens of keys with a token limit, estimated before the call and used by the upstream's usage",
+            tokens.clone(),
+        );
+        Self { auth_failures, rate_limited, fallbacks, degraded, prechecked, tokens }
     }
 }
 

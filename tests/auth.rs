@@ -190,10 +190,18 @@ async fn tokens_are_charged_before_the_call_and_corrected_by_usage() {
         assert!(tokio::time::Instant::now() < deadline, "the first request's tokens never came back");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    // That one really used 950: more than estimated, so the budget is now spent.
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // That one really used 950, more than estimated: once its charge is settled (15 + 950
+    // tokens used in all), the budget is spent.
+    let used = "ctxgate_rate_limit_tokens_total{key=\"team-a\",kind=\"used\"}";
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    while h.metric(used).await < 965.0 {
+        assert!(tokio::time::Instant::now() < deadline, "the second charge was never settled");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let (status, _) = error_of(send(long_chat(100)).await.unwrap()).await;
     assert_eq!(status, 429);
+    let estimated = h.metric("ctxgate_rate_limit_tokens_total{key=\"team-a\",kind=\"estimated\"}").await;
+    assert!((1200.0..1300.0).contains(&estimated), "two ~600-token estimates, got {estimated}");
 }
 
 #[tokio::test]

@@ -32,7 +32,7 @@ use super::keys::KeyPolicy;
 use crate::config::KeyLimits;
 use crate::error::{GatewayError, LimitKind};
 use crate::openai::Usage;
-use crate::telemetry::{KeyLimitLabel, Metrics};
+use crate::telemetry::{KeyKindLabel, KeyLimitLabel, Metrics};
 
 /// While Redis is failing, it is tried again this often; checks in between are local.
 const REDIS_RETRY: Duration = Duration::from_secs(1);
@@ -436,9 +436,15 @@ impl TokenCharge {
 
 impl Drop for TokenCharge {
     fn drop(&mut self) {
+        let count = |kind, n| {
+            let label = KeyKindLabel { key: self.key.name.clone(), kind };
+            self.limiter.metrics.limits.tokens.get_or_create(&label).inc_by(n);
+        };
+        count("estimated", self.estimate);
         if !self.seen.load(Ordering::Relaxed) {
             return;
         }
+        count("used", self.used.load(Ordering::Relaxed));
         let used = i64::try_from(self.used.load(Ordering::Relaxed)).unwrap_or(i64::MAX);
         let delta = used.saturating_sub(i64::try_from(self.estimate).unwrap_or(i64::MAX));
         if delta != 0 {
