@@ -20,6 +20,7 @@
 import http from 'k6/http';
 import { check } from 'k6';
 import { Trend } from 'k6/metrics';
+import { summaryOutput } from './scenarios/lib.js';
 
 const BASE_URL = (__ENV.BASE_URL || '').replace(/\/+$/, '');
 if (!BASE_URL) {
@@ -138,42 +139,8 @@ export default function () {
   }
 }
 
-function ms(v) {
-  return v === undefined ? '-' : `${v.toFixed(3)}ms`;
-}
-
-function trendLine(data, name) {
-  const m = data.metrics[name];
-  if (!m) return `  ${name}: -`;
-  const v = m.values;
-  return `  ${name.padEnd(18)} avg=${ms(v.avg)} med=${ms(v.med)} p90=${ms(v['p(90)'])} p99=${ms(v['p(99)'])} max=${ms(v.max)}`;
-}
-
 // Writes the full summary JSON to SUMMARY (if set) and a compact text summary to stdout.
 export function handleSummary(data) {
-  const m = data.metrics;
-  const count = (name) => (m[name] ? m[name].values.count : 0);
-  const reqs = m.http_reqs ? m.http_reqs.values : { count: 0, rate: 0 };
-  const failed = m.http_req_failed ? m.http_req_failed.values.rate : 0;
-  const checks = m.checks ? m.checks.values : { passes: 0, fails: 0 };
-  const lines = [
-    '',
-    `chat.js ${MAX ? `MAX (${VUS} VUs closed loop)` : `${RATE} req/s`} ${MODE} ${DURATION} -> ${URL}`,
-    `  requests           ${reqs.count} (${reqs.rate.toFixed(1)}/s), failed ${(failed * 100).toFixed(2)}%, ` +
-      `dropped iterations ${count('dropped_iterations')}, checks ${checks.passes} ok / ${checks.fails} failed`,
-    trendLine(data, 'http_req_duration'),
-    trendLine(data, 'ttfb'),
-  ];
-  for (const metric of Object.keys(THRESHOLDS)) {
-    const thr = m[metric] && m[metric].thresholds ? m[metric].thresholds : {};
-    for (const expr of THRESHOLDS[metric]) {
-      const ok = thr[expr] ? thr[expr].ok : undefined;
-      lines.push(`  threshold ${metric} ${expr}: ${ok === undefined ? '?' : ok ? 'pass' : 'FAIL'}`);
-    }
-  }
-  const out = { stdout: lines.join('\n') + '\n' };
-  if (SUMMARY) {
-    out[SUMMARY] = JSON.stringify(data, null, 2);
-  }
-  return out;
+  const header = `chat.js ${MAX ? `MAX (${VUS} VUs closed loop)` : `${RATE} req/s`} ${MODE} ${DURATION} -> ${URL}`;
+  return summaryOutput(data, header, THRESHOLDS, ['ttfb'], SUMMARY);
 }

@@ -86,33 +86,43 @@ function trendLine(data, name) {
   return `  ${name.padEnd(18)} avg=${ms(v.avg)} med=${ms(v.med)} p90=${ms(v['p(90)'])} p99=${ms(v['p(99)'])} max=${ms(v.max)}`;
 }
 
+/**
+ * handleSummary's result: `header`, the request counts, `http_req_duration` and `trends`, and
+ * each threshold's verdict as compact text on stdout; the full JSON to `summaryPath` if set.
+ * Shared with chat.js.
+ */
+export function summaryOutput(data, header, thresholds, trends, summaryPath) {
+  const m = data.metrics;
+  const count = (name) => (m[name] ? m[name].values.count : 0);
+  const reqs = m.http_reqs ? m.http_reqs.values : { count: 0, rate: 0 };
+  const failed = m.http_req_failed ? m.http_req_failed.values.rate : 0;
+  const checks = m.checks ? m.checks.values : { passes: 0, fails: 0 };
+  const lines = [
+    '',
+    header,
+    `  requests           ${reqs.count} (${reqs.rate.toFixed(1)}/s), failed ${(failed * 100).toFixed(2)}%, ` +
+      `dropped iterations ${count('dropped_iterations')}, checks ${checks.passes} ok / ${checks.fails} failed`,
+  ];
+  for (const t of ['http_req_duration'].concat(trends || [])) {
+    const line = trendLine(data, t);
+    if (line) lines.push(line);
+  }
+  for (const metric of Object.keys(thresholds)) {
+    const thr = m[metric] && m[metric].thresholds ? m[metric].thresholds : {};
+    for (const expr of thresholds[metric]) {
+      const ok = thr[expr] ? thr[expr].ok : undefined;
+      lines.push(`  threshold ${metric} ${expr}: ${ok === undefined ? '?' : ok ? 'pass' : 'FAIL'}`);
+    }
+  }
+  const out = { stdout: lines.join('\n') + '\n' };
+  if (summaryPath) out[summaryPath] = JSON.stringify(data, null, 2);
+  return out;
+}
+
 /** handleSummary for a scenario: compact text on stdout, the full JSON to SUMMARY. */
 export function summary(title, thresholds, trends) {
   return function (data) {
-    const m = data.metrics;
-    const count = (name) => (m[name] ? m[name].values.count : 0);
-    const reqs = m.http_reqs ? m.http_reqs.values : { count: 0, rate: 0 };
-    const failed = m.http_req_failed ? m.http_req_failed.values.rate : 0;
-    const checks = m.checks ? m.checks.values : { passes: 0, fails: 0 };
-    const lines = [
-      '',
-      `${title} ${RATE}/s ${DURATION} -> ${BASE_URL}${GATEWAY ? ' (gateway)' : ' (direct)'}`,
-      `  requests           ${reqs.count} (${reqs.rate.toFixed(1)}/s), failed ${(failed * 100).toFixed(2)}%, ` +
-        `dropped iterations ${count('dropped_iterations')}, checks ${checks.passes} ok / ${checks.fails} failed`,
-    ];
-    for (const t of ['http_req_duration'].concat(trends || [])) {
-      const line = trendLine(data, t);
-      if (line) lines.push(line);
-    }
-    for (const metric of Object.keys(thresholds)) {
-      const thr = m[metric] && m[metric].thresholds ? m[metric].thresholds : {};
-      for (const expr of thresholds[metric]) {
-        const ok = thr[expr] ? thr[expr].ok : undefined;
-        lines.push(`  threshold ${metric} ${expr}: ${ok === undefined ? '?' : ok ? 'pass' : 'FAIL'}`);
-      }
-    }
-    const out = { stdout: lines.join('\n') + '\n' };
-    if (SUMMARY) out[SUMMARY] = JSON.stringify(data, null, 2);
-    return out;
+    const header = `${title} ${RATE}/s ${DURATION} -> ${BASE_URL}${GATEWAY ? ' (gateway)' : ' (direct)'}`;
+    return summaryOutput(data, header, thresholds, trends, SUMMARY);
   };
 }
