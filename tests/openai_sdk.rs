@@ -1,4 +1,4 @@
-//! End to end with the official `openai` Python SDK as the client (installed by `.ci/run`):
+//! End to end with the official `openai` Python SDK as the client (in the test venv, see `support::python`):
 //! plain, streamed, and tool-calling requests, the model list, and a gateway error, all as
 //! the SDK parses them.
 
@@ -43,18 +43,15 @@ async fn official_python_sdk_works_through_the_gateway() {
 
     // When the SDK script runs against the gateway
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/e2e/openai_sdk.py");
-    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
-    let output = tokio::process::Command::new(&python)
+    let python = support::python::python();
+    let output = tokio::process::Command::new(python)
         .arg(script)
         .arg(h.v1(""))
         .output()
         .await
-        .unwrap_or_else(|e| panic!("cannot run {python}: {e}"));
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", python.display()));
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success(),
-        "the SDK script failed (install the SDK with `python3 -m pip install openai`):\n{stderr}"
-    );
+    assert!(output.status.success(), "the SDK script failed:\n{stderr}");
     let seen: Value = serde_json::from_slice(&output.stdout).unwrap();
 
     // Then the SDK parsed every response as it would from OpenAI

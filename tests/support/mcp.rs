@@ -14,13 +14,13 @@ impl McpServer {
     pub async fn start() -> McpServer {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/support/mcp_server.py");
-        let child = Command::new("python3")
+        let child = Command::new(super::python::python())
             .arg(script)
             .args(["--port", &port.to_string()])
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
-            .expect("python3 with the `mcp` package (pip install \"mcp==1.30.0\")");
+            .expect("start the MCP test server");
         let server = McpServer { child, url: format!("http://127.0.0.1:{port}/mcp"), port };
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {

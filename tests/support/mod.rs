@@ -6,6 +6,7 @@
 pub mod cluster;
 pub mod gateway;
 pub mod mcp;
+pub mod python;
 pub mod redis;
 pub mod stores;
 pub mod tool_server;

@@ -1,0 +1,63 @@
+//! The Python the tests run (the official `openai` SDK, the MCP test server): a venv under
+//! cargo's target directory, made on first use with pinned packages, so `cargo test` passes on
+//! a fresh machine with only `python3` installed. `CTXGATE_TEST_PYTHON` names an interpreter
+//! to use instead (one that already has the packages).
+//!
+//! Test binaries run in parallel processes: the venv is built in a private directory and
+//! renamed into place, so a reader never sees half of one; a loser of the race discards its
+//! copy.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+/// What the tests import, pinned. Changing this list builds a new venv (its name carries a
+/// hash of the list).
+const REQUIREMENTS: &[&str] = &["openai==3.63.0", "mcp==1.30.0"];
+
+/// The interpreter to run test scripts with.
+pub fn python() -> &'static Path {
+    static PYTHON: OnceLock<PathBuf> = OnceLock::new();
+    PYTHON.get_or_init(|| match std::env::var_os("CTXGATE_TEST_PYTHON") {
+        Some(path) => PathBuf::from(path),
+        None => provision(),
+    })
+}
+
+fn provision() -> PathBuf {
+    let root = Path::new(env!("CARGO_TARGET_TMPDIR"));
+    let venv = root.join(format!("test-venv-{:016x}", fingerprint()));
+    let python = venv.join("bin/python");
+    if python.exists() {
+        return python;
+    }
+    std::fs::create_dir_all(root).expect("create the target tmp dir");
+    let staging = root.join(format!("test-venv-staging-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&staging);
+    run(Command::new("python3").args(["-m", "venv"]).arg(&staging), "python3 -m venv");
+    run(
+        Command::new(staging.join("bin/python"))
+            .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check"])
+            .args(REQUIREMENTS),
+        "pip install of the test packages",
+    );
+    // Another test process may have finished first: keep its venv, drop ours.
+    if std::fs::rename(&staging, &venv).is_err() {
+        let _ = std::fs::remove_dir_all(&staging);
+    }
+    assert!(python.exists(), "no interpreter at {}", python.display());
+    python
+}
+
+fn run(command: &mut Command, what: &str) {
+    let output = command.output().unwrap_or_else(|e| panic!("{what}: cannot start: {e}"));
+    assert!(output.status.success(), "{what} failed:\n{}", String::from_utf8_lossy(&output.stderr));
+}
+
+/// A hash of the requirement list (FNV-1a: stable across Rust versions, unlike `DefaultHasher`).
+fn fingerprint() -> u64 {
+    REQUIREMENTS
+        .iter()
+        .flat_map(|r| r.bytes().chain([0]))
+        .fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3))
+}
