@@ -10,8 +10,9 @@
 //!   GCRA script on a private `redis-server` (one loopback round trip).
 //! - `auth/charge_tokens_local` / `_redis`: a token charge, and its correction when dropped
 //!   (the whole charge given back; in Redis the correction is a second script, spawned).
-//! - `auth/count_prompt_tokens`: the estimate of a 20-message request with `tools`, warm (a
-//!   session's messages are counted once, then cached).
+//! - `auth/count_prompt_tokens`: the estimate of a 20-message request with `tools`, already
+//!   parsed (the pipeline parses once), warm (a session's messages are counted once, then
+//!   cached).
 //!
 //! `cargo bench --bench limits`; `cargo test --benches` runs each once as a smoke test.
 
@@ -28,10 +29,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use criterion::Criterion;
 use ctxgate::auth::{count_prompt_tokens, hash_key, KeyPolicy, KeyRing, Limiter};
-use ctxgate::compress::tokens::TokenCounter;
 use ctxgate::config::{AuthConfig, Encoding, KeyConfig};
-use ctxgate::openai::Usage;
+use ctxgate::openai::{ChatRequest, Usage, UsageObserver};
 use ctxgate::telemetry::Metrics;
+use ctxgate::tokens::TokenCounter;
 use redis_child::RedisChild;
 use serde_json::json;
 
@@ -79,11 +80,13 @@ fn main() {
         metrics.clone(),
     ));
     let body = request_body();
+    // The pipeline parses a request once; the count reads the parsed messages.
+    let request = ChatRequest::parse(body.clone()).unwrap();
     let counter = TokenCounter::new(Encoding::O200kBase);
     // The upstream reports nothing used: every charge is given back in full when dropped, so
     // the key never runs dry and each iteration pays for the charge and its correction.
     let usage = Usage { prompt_tokens: 0, completion_tokens: 0, prompt_tokens_details: None };
-    println!("request body {} B, estimate {} tokens", body.len(), count_prompt_tokens(&counter, &body));
+    println!("request body {} B, estimate {} tokens", body.len(), count_prompt_tokens(&counter, &request));
 
     let mut c = Criterion::default()
         .warm_up_time(Duration::from_secs(1))
@@ -111,7 +114,7 @@ fn main() {
         });
     }
     group.bench_function("count_prompt_tokens", |b| {
-        b.iter(|| black_box(count_prompt_tokens(&counter, &body)))
+        b.iter(|| black_box(count_prompt_tokens(&counter, &request)))
     });
     group.finish();
     c.final_summary();

@@ -21,8 +21,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, Throughput};
+use ctxgate::body::BoxError;
 use ctxgate::body::{Body, Tracked};
-use ctxgate::error::BoxError;
 use ctxgate::openai::{Usage, UsageScanner};
 use http_body::Frame;
 use http_body_util::{BodyExt, StreamBody};

@@ -1,6 +1,7 @@
-//! The one body type that flows through the stack, and [`Tracked`], a body wrapper that runs a
-//! callback when the body ends or is dropped: how in-flight gauges, concurrency permits and
-//! durations cover a whole stream rather than just its headers.
+//! The one body type that flows through the stack; [`Tracked`], a body wrapper that runs a
+//! callback when the body ends or is dropped (how in-flight gauges, concurrency permits and
+//! durations cover a whole stream rather than just its headers); and [`ChannelBody`], a body a
+//! task feeds. A leaf: it knows nothing of requests, errors or features.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -11,10 +12,22 @@ use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Empty, Full};
 
-use crate::error::BoxError;
+use tokio::sync::mpsc;
+
+/// A boxed error, as tower's layers produce.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 /// Request and response body inside ctxgate.
 pub type Body = UnsyncBoxBody<Bytes, BoxError>;
+
+/// A request body went past `server.max_body_bytes` while it was read (the limit's own error,
+/// so whoever reads the body can tell it from a broken connection).
+#[derive(Debug, thiserror::Error)]
+#[error("request body is larger than {0} bytes")]
+pub struct BodyTooLarge(pub usize);
+
+/// The sending half of a [`ChannelBody`].
+pub type FrameSender = mpsc::Sender<Result<Frame<Bytes>, BoxError>>;
 
 pub fn full(bytes: impl Into<Bytes>) -> Body {
     Full::new(bytes.into()).map_err(|never| match never {}).boxed_unsync()
@@ -104,6 +117,35 @@ where
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+// === impl ChannelBody ===
+
+/// A response body fed by a task, so the client reads frames while the task keeps ownership
+/// of the upstream body (or of a replay loop). The body ends when every sender is dropped.
+#[derive(Debug)]
+pub struct ChannelBody {
+    receiver: mpsc::Receiver<Result<Frame<Bytes>, BoxError>>,
+}
+
+impl ChannelBody {
+    /// A body and the sender that feeds it, holding up to `capacity` frames.
+    pub fn channel(capacity: usize) -> (FrameSender, Body) {
+        let (sender, receiver) = mpsc::channel(capacity);
+        (sender, Self { receiver }.boxed_unsync())
+    }
+}
+
+impl HttpBody for ChannelBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.receiver.poll_recv(cx)
     }
 }
 

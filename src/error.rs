@@ -2,17 +2,16 @@
 //! mapping to an HTTP status, an OpenAI error `type`, a `code` and a metric label.
 //!
 //! Errors the upstream returns are not `GatewayError`s: their responses pass through unchanged.
-//! Rendering to the OpenAI JSON shape happens once, in [`crate::stack`]'s error layer.
+//! Rendering to the OpenAI JSON shape happens once: before the response head in
+//! [`crate::stack`]'s error layer ([`GatewayError::into_response`]), after it as one SSE event
+//! ([`GatewayError::to_sse_event`]).
 
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
 
-use crate::body::{self, Body};
-
-/// A boxed error, as tower's layers produce.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+use crate::body::{self, Body, BoxError};
 
 /// Failures grouped by who is at fault: the client (4xx), ctxgate's own limits (503), or the
 /// upstream (502/504).
@@ -39,6 +38,10 @@ pub enum GatewayError {
         #[source]
         source: BoxError,
     },
+    /// An upstream answered a later call of a turn (a tool-loop round) with an error status
+    /// whose body is not an OpenAI error, after the client's stream had started.
+    #[error("Upstream {upstream} answered {status}")]
+    UpstreamStatus { upstream: String, status: StatusCode },
     /// The upstream did not answer within its first-byte timeout, or the request overran the
     /// gateway's request timeout.
     #[error("Upstream {upstream} did not respond within {}", humantime::format_duration(*.after))]
@@ -54,7 +57,7 @@ pub enum GatewayError {
     SessionNotFound { id: String },
     /// The session store is unreachable and `sessions.on_store_error` is `fail_closed`.
     #[error("The session store is unavailable")]
-    SessionStore(#[source] crate::session::StoreError),
+    SessionStore(#[source] BoxError),
     /// The request overran the gateway's own `server.request_timeout`.
     #[error("The request did not complete within the gateway's request timeout")]
     RequestTimeout,
@@ -112,7 +115,7 @@ impl GatewayError {
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
-            Self::UpstreamUnreachable { .. } => StatusCode::BAD_GATEWAY,
+            Self::UpstreamUnreachable { .. } | Self::UpstreamStatus { .. } => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout { .. } | Self::RequestTimeout => StatusCode::GATEWAY_TIMEOUT,
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Self::ModelNotAllowed { .. } => StatusCode::FORBIDDEN,
@@ -141,6 +144,7 @@ impl GatewayError {
             Self::Overloaded
             | Self::SessionStore(_)
             | Self::UpstreamUnreachable { .. }
+            | Self::UpstreamStatus { .. }
             | Self::UpstreamTimeout { .. }
             | Self::RequestTimeout
             | Self::KeyStore(_)
@@ -161,6 +165,7 @@ impl GatewayError {
             Self::SessionNotFound { .. } => "session_not_found",
             Self::SessionStore(_) => "session_store_unavailable",
             Self::UpstreamUnreachable { .. } => "upstream_unreachable",
+            Self::UpstreamStatus { .. } => "upstream_error",
             Self::UpstreamTimeout { .. } => "upstream_timeout",
             Self::RequestTimeout => "request_timeout",
             Self::Unauthorized(_) => "invalid_api_key",
@@ -213,6 +218,12 @@ impl GatewayError {
                 "code": self.code(),
             }
         })
+    }
+
+    /// The error as one SSE event, for failures after a stream's first byte: the OpenAI error
+    /// body as its `data`, which OpenAI's SDKs raise as an API error.
+    pub fn to_sse_event(&self) -> Bytes {
+        Bytes::from(format!("data: {}\n\n", self.to_json()))
     }
 
     pub fn into_response(self) -> Response<Body> {

@@ -18,20 +18,25 @@
 
 pub mod auth;
 pub mod body;
+mod chat;
 pub mod compress;
 pub mod config;
-pub mod conversation;
 pub mod error;
+mod handlers;
+pub mod headers;
+pub mod http_client;
+mod http_util;
 pub mod limit;
 pub mod observe;
 pub mod openai;
-pub mod proxy;
 pub mod redis_conn;
+pub mod retry;
 pub mod router;
 pub mod server;
 pub mod session;
 pub mod stack;
 pub mod telemetry;
+pub mod tokens;
 pub mod tools;
 pub mod upstream;
 
@@ -39,13 +44,15 @@ use std::future::Future;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
+use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, EnvSource};
 use crate::session::Sessions;
-use crate::telemetry::Metrics;
+use crate::telemetry::{Metrics, ModelLabels};
 use crate::upstream::Upstreams;
 
-/// Shared, read-only state behind every request.
+/// Shared state behind every request: built once at start-up, read by the handlers. Features
+/// below the handlers get the parts they need, never this.
 #[derive(Debug)]
 pub struct AppState {
     pub config: Config,
@@ -55,6 +62,11 @@ pub struct AppState {
     pub tools: tools::Registry,
     pub auth: Arc<auth::Auth>,
     pub metrics: Arc<Metrics>,
+    model_labels: ModelLabels,
+    sheets: chat::compression::Sheets,
+    /// Work that outlives its request (session turns, stream relays, state sheets, replays),
+    /// waited for on shutdown.
+    tasks: TaskTracker,
 }
 
 /// A failure to start: the configuration is invalid or a resource could not be set up.
@@ -86,12 +98,32 @@ impl AppState {
         let metrics = Arc::new(Metrics::new());
         let upstreams =
             Upstreams::from_config(&config, env, metrics.clone()).map_err(StartupError::Upstream)?;
-        let sessions = Arc::new(Sessions::open(&config.sessions).await?);
+        let sessions = Arc::new(Sessions::open(&config.sessions, metrics.clone()).await?);
         let compressor = compress::Compressor::new(&config);
         let tools =
             tools::Registry::from_config(&config, env, metrics.clone()).map_err(StartupError::Upstream)?;
         let auth = Arc::new(auth::Auth::open(&config, metrics.clone()).await.map_err(StartupError::Auth)?);
-        Ok(Arc::new(Self { config, upstreams, sessions, compressor, tools, auth, metrics }))
+        let model_labels = ModelLabels::new(&config);
+        Ok(Arc::new(Self {
+            config,
+            upstreams,
+            sessions,
+            compressor,
+            tools,
+            auth,
+            metrics,
+            model_labels,
+            sheets: chat::compression::Sheets::default(),
+            tasks: TaskTracker::new(),
+        }))
+    }
+
+    /// Runs `task` detached from the request that started it, tracked so shutdown waits for it.
+    pub(crate) fn spawn<F>(&self, task: F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        self.tasks.spawn(task);
     }
 
     /// Every model named in config: upstreams' `models` and exact route names, deduplicated.
@@ -115,9 +147,19 @@ impl AppState {
 }
 
 /// Serves the gateway on `listener` until `shutdown` resolves, then drains in-flight requests
-/// for up to `server.shutdown_timeout`.
+/// and detached work (session turns committing) for up to `server.shutdown_timeout` in all.
 pub async fn serve(listener: TcpListener, state: Arc<AppState>, shutdown: impl Future<Output = ()>) {
     let drain = state.config.server.shutdown_timeout;
-    let service = stack::build(state);
+    let (signaled, at) = tokio::sync::oneshot::channel();
+    let shutdown = async move {
+        shutdown.await;
+        let _ = signaled.send(tokio::time::Instant::now());
+    };
+    let service = stack::build(state.clone());
     server::run(listener, service, shutdown, drain).await;
+    let deadline = at.await.unwrap_or_else(|_| tokio::time::Instant::now()) + drain;
+    state.tasks.close();
+    if tokio::time::timeout_at(deadline, state.tasks.wait()).await.is_err() {
+        tracing::warn!(tasks = state.tasks.len(), "shutdown: detached work still running at the deadline");
+    }
 }

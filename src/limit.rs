@@ -15,13 +15,8 @@ use http_body_util::{BodyExt, LengthLimitError, Limited};
 use tokio::sync::Semaphore;
 use tower::{Layer, Service};
 
-use crate::body::{Body, Tracked};
-use crate::error::{BoxError, GatewayError};
-
-/// A streamed request body went past the limit.
-#[derive(Debug, thiserror::Error)]
-#[error("request body is larger than {0} bytes")]
-pub struct BodyTooLarge(pub usize);
+use crate::body::{Body, BodyTooLarge, BoxError, Tracked};
+use crate::error::GatewayError;
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 

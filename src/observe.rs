@@ -14,7 +14,7 @@ use tower::{Layer, Service};
 
 use crate::body::{Body, Tracked};
 use crate::error::ErrorLabel;
-use crate::router::route_label;
+use crate::router::Route;
 use crate::telemetry::{ErrorKind, Metrics, RouteLabel, RouteStatus};
 use crate::upstream::UpstreamWait;
 
@@ -66,7 +66,7 @@ where
     }
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
-        let route = route_label(request.method(), request.uri().path());
+        let route = Route::of(request.uri().path()).label();
         let metrics = self.metrics.clone();
         let started = Instant::now();
         metrics.in_flight.inc();

@@ -1,5 +1,6 @@
-//! Maps `(method, path)` to a handler. Global concerns (limits, metrics, errors) belong to
-//! [`crate::stack`], never here.
+//! Maps `(method, path)` to a handler through one route table ([`Route`]), which also names the
+//! route in metrics. Global concerns (limits, metrics, errors) belong to [`crate::stack`],
+//! never here.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -10,19 +11,48 @@ use http::{header, HeaderValue, Method, Request, Response};
 
 use crate::body::{self, Body};
 use crate::error::GatewayError;
-use crate::{conversation, proxy, AppState};
+use crate::handlers::{passthrough, sessions};
+use crate::{chat, AppState};
 
-/// The route a request belongs to, as a low-cardinality metric label.
-pub fn route_label(method: &Method, path: &str) -> &'static str {
-    match (method, path) {
-        (_, "/v1/chat/completions") => "chat_completions",
-        (_, "/v1/models") => "models",
-        (_, p) if p.starts_with("/v1/sessions/") => "sessions",
-        (_, p) if p.starts_with("/v1/") => "passthrough",
-        (_, "/healthz") => "healthz",
-        (_, "/readyz") => "readyz",
-        (_, "/metrics") => "metrics",
-        _ => "unknown",
+/// The routes ctxgate serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Route {
+    ChatCompletions,
+    Models,
+    Sessions,
+    Passthrough,
+    Healthz,
+    Readyz,
+    Metrics,
+    Unknown,
+}
+
+impl Route {
+    pub fn of(path: &str) -> Self {
+        match path {
+            "/v1/chat/completions" => Self::ChatCompletions,
+            "/v1/models" => Self::Models,
+            p if p.starts_with("/v1/sessions/") => Self::Sessions,
+            p if p.starts_with("/v1/") => Self::Passthrough,
+            "/healthz" => Self::Healthz,
+            "/readyz" => Self::Readyz,
+            "/metrics" => Self::Metrics,
+            _ => Self::Unknown,
+        }
+    }
+
+    /// The route as a low-cardinality metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::ChatCompletions => "chat_completions",
+            Self::Models => "models",
+            Self::Sessions => "sessions",
+            Self::Passthrough => "passthrough",
+            Self::Healthz => "healthz",
+            Self::Readyz => "readyz",
+            Self::Metrics => "metrics",
+            Self::Unknown => "unknown",
+        }
     }
 }
 
@@ -37,10 +67,12 @@ impl Router {
     }
 }
 
+type RouteFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, GatewayError>> + Send>>;
+
 impl tower::Service<Request<Body>> for Router {
     type Response = Response<Body>;
     type Error = GatewayError;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, GatewayError>> + Send>>;
+    type Future = RouteFuture;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), GatewayError>> {
         Poll::Ready(Ok(()))
@@ -48,43 +80,39 @@ impl tower::Service<Request<Body>> for Router {
 
     fn call(&mut self, request: Request<Body>) -> Self::Future {
         let state = self.state.clone();
-        let method = request.method().clone();
+        let method = request.method();
         let path = request.uri().path();
-        let not_allowed = || {
-            let err = GatewayError::MethodNotAllowed { method: method.to_string(), path: path.to_string() };
-            Box::pin(std::future::ready(Err(err))) as Self::Future
-        };
-        match path {
-            "/v1/chat/completions" if method == Method::POST => {
-                Box::pin(proxy::chat_completions(state, request))
-            }
-            "/v1/chat/completions" => not_allowed(),
-            "/v1/models" if method == Method::GET => Box::pin(proxy::models(state, request)),
-            p if p.starts_with("/v1/sessions/") => Box::pin(conversation::api(state, request)),
-            p if p.starts_with("/v1/") => Box::pin(proxy::passthrough(state, request)),
-            "/healthz" | "/readyz" | "/metrics" if method != Method::GET => not_allowed(),
-            "/healthz" => ready(text("ok\n", "text/plain")),
-            "/readyz" => Box::pin(async move {
+        let get = method == Method::GET;
+        match Route::of(path) {
+            Route::ChatCompletions if method == Method::POST => Box::pin(chat::completions(state, request)),
+            Route::Models if get => Box::pin(passthrough::models(state, request)),
+            Route::Sessions => Box::pin(sessions::api(state, request)),
+            Route::Models | Route::Passthrough => Box::pin(passthrough::passthrough(state, request)),
+            Route::Healthz if get => ready(Ok(text("ok\n", "text/plain"))),
+            Route::Readyz if get => Box::pin(async move {
                 // Ready when the session store answers: a replica that cannot reach Redis
                 // should leave the load balancer rather than fail requests.
-                match state.sessions.store.ping().await {
-                    Ok(()) => Ok(text("ready\n", "text/plain")),
-                    Err(err) => Err(GatewayError::SessionStore(err)),
-                }
+                state.sessions.store.ping().await?;
+                Ok(text("ready\n", "text/plain"))
             }),
-            "/metrics" => ready(text(state.metrics.encode(), "text/plain; version=0.0.4; charset=utf-8")),
-            _ => {
-                let err = GatewayError::NotFound { method: method.to_string(), path: path.to_string() };
-                Box::pin(std::future::ready(Err(err)))
+            Route::Metrics if get => {
+                ready(Ok(text(state.metrics.encode(), "text/plain; version=0.0.4; charset=utf-8")))
+            }
+            Route::ChatCompletions | Route::Healthz | Route::Readyz | Route::Metrics => {
+                ready(Err(GatewayError::MethodNotAllowed {
+                    method: method.to_string(),
+                    path: path.to_string(),
+                }))
+            }
+            Route::Unknown => {
+                ready(Err(GatewayError::NotFound { method: method.to_string(), path: path.to_string() }))
             }
         }
     }
 }
 
-fn ready(
-    response: Response<Body>,
-) -> Pin<Box<dyn Future<Output = Result<Response<Body>, GatewayError>> + Send>> {
-    Box::pin(std::future::ready(Ok(response)))
+fn ready(result: Result<Response<Body>, GatewayError>) -> RouteFuture {
+    Box::pin(std::future::ready(result))
 }
 
 fn text(content: impl Into<bytes::Bytes>, content_type: &'static str) -> Response<Body> {

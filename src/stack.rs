@@ -18,6 +18,15 @@
 //! 9. **gateway keys and per-key limits** (only with `[auth]` keys): 401/403/429 before any
 //!    handler runs; the key itself is removed from the request here.
 //! 10. **router**.
+//!
+//! Request and response extensions are the contract between these layers and the handlers:
+//!
+//! | extension | set by | read by |
+//! |---|---|---|
+//! | `RequestId` (request) | request id layer | trace span, `x-request-id` propagation |
+//! | [`crate::auth::Caller`] (request) | gateway keys | handlers: model allowlist, charges, session scope |
+//! | [`crate::upstream::UpstreamWait`] (response) | upstream transport, tool loop | metrics: `gateway_overhead_seconds` |
+//! | [`crate::error::ErrorLabel`] (response) | error rendering | metrics: `errors_total{kind}` |
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -33,7 +42,8 @@ use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 use tower_http::trace::TraceLayer;
 
 use crate::auth::AuthLayer;
-use crate::error::{BoxError, ErrorResponseLayer, GatewayError};
+use crate::body::BoxError;
+use crate::error::{ErrorResponseLayer, GatewayError};
 use crate::limit::{BodyLimitLayer, ConcurrencyLimitLayer};
 use crate::observe::MetricsLayer;
 use crate::router::Router;
@@ -45,7 +55,7 @@ pub type ResponseBody = tower_http::body::UnsyncBoxBody<Bytes, BoxError>;
 /// The complete gateway as one cloneable service.
 pub type GatewayService = BoxCloneSyncService<Request<Incoming>, Response<ResponseBody>, Infallible>;
 
-const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+use crate::headers::REQUEST_ID;
 
 pub fn build(state: Arc<AppState>) -> GatewayService {
     let server = &state.config.server;
@@ -75,13 +85,9 @@ pub fn build(state: Arc<AppState>) -> GatewayService {
     BoxCloneSyncService::new(service)
 }
 
-fn panic_response(_panic: Box<dyn std::any::Any + Send + 'static>) -> Response<http_body_util::Full<Bytes>> {
-    let err = GatewayError::Internal("the request handler panicked".into());
+fn panic_response(_panic: Box<dyn std::any::Any + Send + 'static>) -> Response<crate::body::Body> {
     tracing::error!("request handler panicked");
-    let mut response = Response::new(http_body_util::Full::new(Bytes::from(err.to_json().to_string())));
-    *response.status_mut() = err.status();
-    response.headers_mut().insert(header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
-    response
+    GatewayError::Internal("the request handler panicked".into()).into_response()
 }
 
 /// 128 random bits in hex: unique without coordination between replicas.

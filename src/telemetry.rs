@@ -61,6 +61,44 @@ pub struct ErrorKind {
     pub kind: &'static str,
 }
 
+/// The `model` label of per-model metrics: the request's model when config names it (routes,
+/// upstream model lists), else the `compression.models[]` pattern it matched, else `other`, so
+/// clients cannot grow the label set.
+#[derive(Debug)]
+pub struct ModelLabels {
+    known: std::collections::HashSet<String>,
+    patterns: Vec<(globset::GlobMatcher, String)>,
+}
+
+impl ModelLabels {
+    pub fn new(config: &crate::config::Config) -> Self {
+        let known = config
+            .upstreams
+            .iter()
+            .flat_map(|u| u.models.iter().cloned())
+            .chain(config.routes.iter().flat_map(|r| r.models.iter().cloned()))
+            .collect();
+        let patterns = config
+            .compression
+            .models
+            .iter()
+            .flat_map(|m| m.matches.iter())
+            .filter_map(|p| Some((globset::Glob::new(p).ok()?.compile_matcher(), p.clone())))
+            .collect();
+        Self { known, patterns }
+    }
+
+    pub fn label(&self, model: &str) -> String {
+        if self.known.contains(model) {
+            return model.to_string();
+        }
+        self.patterns
+            .iter()
+            .find(|(glob, _)| glob.is_match(model))
+            .map_or_else(|| "other".into(), |(_, p)| p.clone())
+    }
+}
+
 /// Every metric, registered once at start-up.
 #[derive(Debug)]
 pub struct Metrics {
@@ -215,8 +253,8 @@ pub struct ModelUsage {
     cached: Counter<u64, AtomicU64>,
 }
 
-impl ModelUsage {
-    pub fn record(&self, usage: &crate::openai::Usage) {
+impl crate::openai::UsageObserver for ModelUsage {
+    fn record(&self, usage: &crate::openai::Usage) {
         self.prompt.inc_by(usage.prompt_tokens);
         self.cached.inc_by(usage.cached_tokens());
     }

@@ -11,8 +11,9 @@ use globset::{Glob, GlobSet, GlobSetBuilder};
 use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 
+use crate::body::BoxError;
 use crate::config::{check_key, AuthConfig, KeyConfig, KeyLimits};
-use crate::error::{BoxError, GatewayError};
+use crate::error::GatewayError;
 
 /// One key's identity and policy; the secret itself is never held.
 #[derive(Debug)]

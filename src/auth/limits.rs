@@ -427,8 +427,8 @@ pub struct TokenCharge {
     seen: AtomicBool,
 }
 
-impl TokenCharge {
-    pub fn record(&self, usage: &Usage) {
+impl crate::openai::UsageObserver for TokenCharge {
+    fn record(&self, usage: &Usage) {
         self.used.fetch_add(usage.prompt_tokens + usage.completion_tokens, Ordering::Relaxed);
         self.seen.store(true, Ordering::Relaxed);
     }
@@ -457,6 +457,7 @@ impl Drop for TokenCharge {
 mod tests {
     use super::*;
     use crate::config::KeyConfig;
+    use crate::openai::UsageObserver;
 
     fn key(limits: KeyLimits) -> Arc<KeyPolicy> {
         let config = KeyConfig {

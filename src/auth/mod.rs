@@ -14,7 +14,6 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use bytes::Bytes;
 use http::{header, HeaderMap, Request, Response};
 use http_body_util::BodyExt;
 use tower::{Layer, Service};
@@ -22,15 +21,13 @@ use tower::{Layer, Service};
 pub use keys::{hash_key, KeyPolicy, KeyRing};
 pub use limits::{Limiter, TokenCharge};
 
-use serde_json::value::RawValue;
-
 use crate::body::{Body, Tracked};
-use crate::compress::tokens::TokenCounter;
 use crate::config::Config;
 use crate::error::GatewayError;
+use crate::openai::ChatRequest;
 use crate::redis_conn;
-use crate::router::Router;
 use crate::telemetry::{Metrics, ReasonLabel};
+use crate::tokens::TokenCounter;
 
 /// The authenticated caller of a request, as a request extension.
 #[derive(Clone, Debug)]
@@ -43,6 +40,15 @@ impl Caller {
     /// keeps its sessions and two keys never see each other's.
     pub fn scope_credential(&self) -> Vec<u8> {
         [b"key:".as_slice(), self.key.name.as_bytes()].concat()
+    }
+}
+
+/// The credential a request's sessions and conversation state are scoped by: the gateway key's
+/// name when keys are on, else the `Authorization` header as sent.
+pub fn scope_credential(headers: &HeaderMap, extensions: &http::Extensions) -> Vec<u8> {
+    match extensions.get::<Caller>() {
+        Some(caller) => caller.scope_credential(),
+        None => headers.get(header::AUTHORIZATION).map_or(&b""[..], http::HeaderValue::as_bytes).to_vec(),
     }
 }
 
@@ -160,11 +166,9 @@ impl AuthLayer {
     }
 }
 
-// Concrete over the router: a generic inner service would need `Send` proven for its future
-// over every lifetime of the boxed body error, which rustc cannot do through the async block.
-impl Layer<Router> for AuthLayer {
-    type Service = Authenticate;
-    fn layer(&self, inner: Router) -> Authenticate {
+impl<S> Layer<S> for AuthLayer {
+    type Service = Authenticate<S>;
+    fn layer(&self, inner: S) -> Authenticate<S> {
         Authenticate { inner, auth: self.auth.clone() }
     }
 }
@@ -172,14 +176,26 @@ impl Layer<Router> for AuthLayer {
 /// Authenticates `/v1/*` requests and admits them against their key's limits; health and
 /// metrics endpoints stay open for probes and scrapers.
 #[derive(Clone, Debug)]
-pub struct Authenticate {
-    inner: Router,
+pub struct Authenticate<S> {
+    inner: S,
     auth: Arc<Auth>,
 }
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
-impl Service<Request<Body>> for Authenticate {
+// The inner future is asked to be boxed: with an opaque one, rustc cannot prove `Send` for
+// the async block over every lifetime of the body's boxed error.
+impl<S> Service<Request<Body>> for Authenticate<S>
+where
+    S: Service<
+            Request<Body>,
+            Response = Response<Body>,
+            Error = GatewayError,
+            Future = BoxFuture<Result<Response<Body>, GatewayError>>,
+        > + Clone
+        + Send
+        + 'static,
+{
     type Response = Response<Body>;
     type Error = GatewayError;
     type Future = BoxFuture<Result<Response<Body>, GatewayError>>;
@@ -188,44 +204,51 @@ impl Service<Request<Body>> for Authenticate {
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut request: Request<Body>) -> Self::Future {
+    fn call(&mut self, request: Request<Body>) -> Self::Future {
         if !self.auth.enabled() || !request.uri().path().starts_with("/v1/") {
             return Box::pin(self.inner.call(request));
         }
-        // The router is always ready and cheap to clone.
-        let mut inner = self.inner.clone();
-        let auth = self.auth.clone();
-        Box::pin(async move {
-            let key = auth.authenticate(request.headers()).await?;
-            let permit = auth.limiter.admit(&key).await?;
-            request.headers_mut().remove(header::AUTHORIZATION);
-            request.extensions_mut().insert(Caller { key });
-            let response = inner.call(request).await?;
-            Ok(match permit {
-                Some(permit) => response.map(|body| {
-                    Tracked::new(body, tokio::time::Instant::now().into_std(), move |_| drop(permit))
-                        .boxed_unsync()
-                }),
-                None => response,
-            })
-        })
+        // The inner service was driven ready for this call: take it, leave a clone (tower's
+        // `call` contract).
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
+        Box::pin(admit(self.auth.clone(), inner, request))
     }
 }
 
-/// Counts prompt tokens for a token charge: every message and the `tools`, with the counter
-/// for `model` (message counts are cached, so a session's history is tokenised once).
-pub fn count_prompt_tokens(counter: &TokenCounter, body: &Bytes) -> u64 {
-    match crate::openai::ChatRequestHead::parse_with_messages(body) {
-        Ok((_, messages)) => count_parsed(counter, &messages.items, body),
-        Err(_) => 0,
-    }
+/// The key check and admission, then the inner call with the key's permit tied to the body.
+async fn admit<S>(
+    auth: Arc<Auth>,
+    mut inner: S,
+    request: Request<Body>,
+) -> Result<Response<Body>, GatewayError>
+where
+    S: Service<
+        Request<Body>,
+        Response = Response<Body>,
+        Error = GatewayError,
+        Future = BoxFuture<Result<Response<Body>, GatewayError>>,
+    >,
+{
+    let (mut parts, body) = request.into_parts();
+    let key = auth.authenticate(&parts.headers).await?;
+    let permit = auth.limiter.admit(&key).await?;
+    parts.headers.remove(header::AUTHORIZATION);
+    parts.extensions.insert(Caller { key });
+    let response = inner.call(Request::from_parts(parts, body)).await?;
+    Ok(match permit {
+        Some(permit) => response.map(|body| {
+            Tracked::new(body, tokio::time::Instant::now().into_std(), move |_| drop(permit)).boxed_unsync()
+        }),
+        None => response,
+    })
 }
 
-/// [`count_prompt_tokens`] for a body whose messages are already parsed.
-pub fn count_parsed(counter: &TokenCounter, messages: &[&RawValue], body: &Bytes) -> u64 {
-    let tools = crate::compress::request::tools_of(body);
-    messages.iter().map(|m| u64::from(counter.message(m.get()))).sum::<u64>()
-        + tools.map_or(0, |t| u64::from(counter.json(t.get())))
+/// Prompt tokens for a token charge: every message and the `tools`, with the counter for the
+/// request's model (message counts are cached, so a session's history is tokenised once).
+pub fn count_prompt_tokens(counter: &TokenCounter, request: &ChatRequest) -> u64 {
+    request.messages().iter().map(|m| u64::from(counter.message(m.get()))).sum::<u64>()
+        + request.tools().map_or(0, |t| u64::from(counter.json(t.get())))
 }
 
 #[cfg(test)]

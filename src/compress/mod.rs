@@ -1,61 +1,43 @@
 //! Context compression: shrink what goes upstream while keeping the front of the prompt
 //! byte-identical from turn to turn, so prompt and KV caches keep hitting.
 //!
-//! - [`tokens`]: tiktoken counts, cached per message.
 //! - [`rules`] (over [`text`] and [`message`]): the named rule passes.
-//! - [`plan`]: compaction epochs and the prefix-stable layout; pure.
-//! - [`summary`]: the hybrid state sheet, written in the background.
-//! - [`request`]: rebuilding the request body around the new messages.
+//! - [`plan`]: compaction epochs and the prefix-stable layout.
+//! - [`summary`]: the hybrid state sheet's request and the message made from its answer.
 //!
-//! This module wires them to a request: the policy for its model, the stored state (in the
-//! session's checkpoint, or keyed by the conversation for stateless clients), the response
-//! headers and the metrics.
+//! Everything here is pure: the policy for a model, the plan for one request, its metrics.
+//! Where state lives (a session's checkpoint, a stateless conversation's stored epoch) and the
+//! state-sheet calls belong to the chat pipeline (`chat::compression`), which hands this
+//! module plain values. It never touches the store, an upstream or a request's HTTP parts.
 
-pub mod message;
 pub mod plan;
-pub mod request;
 pub mod rules;
 pub mod summary;
 pub mod text;
-pub mod tokens;
 
-use std::collections::{HashMap, HashSet};
 use std::hash::{DefaultHasher, Hash, Hasher};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use bytes::Bytes;
 use globset::{Glob, GlobMatcher};
-use http::{header, HeaderMap, HeaderName, HeaderValue};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use self::message::Info;
 pub use self::plan::{Acted, Plan, State, Summary, SummaryRequest};
 use self::rules::{Rule, Rules};
-use self::tokens::TokenCounter;
 use crate::config::{CompressionConfig, CompressionMode, Config, Encoding, Policy};
 use crate::error::GatewayError;
+use crate::openai::message::{self, Info};
+use crate::openai::ChatRequest;
 use crate::telemetry::{Metrics, ModelStage, RuleLabel};
-use crate::AppState;
-
-/// Request header: `off` sends this request as is.
-pub const OPT_OUT_HEADER: HeaderName = HeaderName::from_static("x-ctxgate-compression");
-/// Response headers.
-pub const TOKENS_BEFORE_HEADER: HeaderName = HeaderName::from_static("x-ctxgate-tokens-before");
-pub const TOKENS_AFTER_HEADER: HeaderName = HeaderName::from_static("x-ctxgate-tokens-after");
-pub const ACTED_HEADER: HeaderName = HeaderName::from_static("x-ctxgate-compression");
+use crate::tokens::TokenCounter;
 
 /// The compression policies, rules and token counters, built once from config.
 pub struct Compressor {
     pub config: CompressionConfig,
     rules: Rules,
-    models: Vec<(GlobMatcher, String, Policy)>,
-    known: HashSet<String>,
+    models: Vec<(GlobMatcher, Policy)>,
     o200k: TokenCounter,
     cl100k: TokenCounter,
-    /// Conversations with a state sheet being written, and the request tokens then.
-    writing: Mutex<HashMap<String, (usize, u64)>>,
 }
 
 impl std::fmt::Debug for Compressor {
@@ -68,8 +50,6 @@ impl std::fmt::Debug for Compressor {
 pub struct Active<'a> {
     pub policy: &'a Policy,
     pub counter: &'a TokenCounter,
-    /// The model as a metric label: its configured name or pattern, or `other`.
-    pub label: String,
 }
 
 impl Compressor {
@@ -81,37 +61,23 @@ impl Compressor {
             .flat_map(|m| {
                 let policy = m.apply(&compression.policy);
                 m.matches.iter().filter_map(move |pattern| {
-                    Some((Glob::new(pattern).ok()?.compile_matcher(), pattern.clone(), policy.clone()))
+                    Some((Glob::new(pattern).ok()?.compile_matcher(), policy.clone()))
                 })
             })
-            .collect();
-        let known = config
-            .upstreams
-            .iter()
-            .flat_map(|u| u.models.iter().cloned())
-            .chain(config.routes.iter().flat_map(|r| r.models.iter().cloned()))
             .collect();
         Self {
             config: compression.clone(),
             rules: Rules::new(&compression.policy.rules),
             models,
-            known,
             o200k: TokenCounter::new(Encoding::O200kBase),
             cl100k: TokenCounter::new(Encoding::Cl100kBase),
-            writing: Mutex::new(HashMap::new()),
         }
     }
 
-    /// The policy for `model`, or `None` when compression is off for it or the request opts out.
-    pub fn active(&self, model: &str, headers: &HeaderMap) -> Option<Active<'_>> {
-        if headers.get(&OPT_OUT_HEADER).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"off")) {
-            return None;
-        }
-        let (pattern, policy) = self
-            .models
-            .iter()
-            .find(|(glob, _, _)| glob.is_match(model))
-            .map_or((None, &self.config.policy), |(_, pattern, policy)| (Some(pattern), policy));
+    /// The policy for `model`, or `None` when compression is off for it.
+    pub fn active(&self, model: &str) -> Option<Active<'_>> {
+        let policy =
+            self.models.iter().find(|(glob, _)| glob.is_match(model)).map_or(&self.config.policy, |(_, p)| p);
         if policy.mode == CompressionMode::Off {
             return None;
         }
@@ -120,12 +86,7 @@ impl Compressor {
             other => other,
         };
         let counter = if encoding == Encoding::Cl100kBase { &self.cl100k } else { &self.o200k };
-        let label = if self.known.contains(model) {
-            model.to_string()
-        } else {
-            pattern.cloned().unwrap_or_else(|| "other".into())
-        };
-        Some(Active { policy, counter, label })
+        Some(Active { policy, counter })
     }
 
     /// The token counter for `model`, whatever the compression policy (for token limits).
@@ -138,16 +99,6 @@ impl Compressor {
 
     pub fn rules(&self) -> &Rules {
         &self.rules
-    }
-
-    /// Whether a state sheet is being written for `key` in this process.
-    pub fn writing(&self, key: &str) -> bool {
-        self.writing.lock().is_ok_and(|w| w.contains_key(key))
-    }
-
-    /// The tokens a request had when the sheet being written for `key` was asked for.
-    fn writing_since(&self, key: &str) -> Option<(usize, u64)> {
-        self.writing.lock().ok()?.get(key).copied()
     }
 }
 
@@ -196,74 +147,6 @@ pub fn run(
     plan::plan(&input, previous, ready)
 }
 
-/// The state sheet waiting for `key`, if any. When one is still being written and this request
-/// may reach the high-water mark, waits for it up to `summarizer.max_wait`.
-pub async fn ready_summary(
-    state: &AppState,
-    active: &Active<'_>,
-    key: &str,
-    messages: &[Box<RawValue>],
-) -> Option<Summary> {
-    if active.policy.mode != CompressionMode::Hybrid {
-        return None;
-    }
-    let compressor = &state.compressor;
-    let bound = match compressor.writing_since(key) {
-        Some((len, view)) => {
-            let added: u64 =
-                messages.iter().skip(len).map(|m| u64::from(active.counter.message(m.get()))).sum();
-            if view + added > active.policy.high_tokens() {
-                compressor.config.summarizer.max_wait
-            } else {
-                Duration::ZERO
-            }
-        }
-        None => Duration::ZERO,
-    };
-    summary::wait_for(state, key, bound).await
-}
-
-/// Starts writing the sheet a plan asks for, unless one is already being written for `key`.
-pub fn start_summary(
-    state: &Arc<AppState>,
-    key: &str,
-    request: SummaryRequest,
-    call: summary::Call,
-    conversation_len: usize,
-    tokens_after: u64,
-) {
-    {
-        let Ok(mut writing) = state.compressor.writing.lock() else { return };
-        if writing.contains_key(key) {
-            return;
-        }
-        writing.insert(key.to_string(), (conversation_len, tokens_after));
-    }
-    let state = state.clone();
-    let key = key.to_string();
-    tokio::spawn(async move {
-        summary::write(state.clone(), key.clone(), request, call).await;
-        if let Ok(mut writing) = state.compressor.writing.lock() {
-            writing.remove(&key);
-        }
-    });
-}
-
-/// The summary call for a request: the configured model and upstream, or the request's own.
-pub fn summary_call(
-    config: &CompressionConfig,
-    model: &str,
-    headers: &HeaderMap,
-    tools: Option<&RawValue>,
-) -> summary::Call {
-    summary::Call {
-        model: config.summarizer.model.clone().unwrap_or_else(|| model.to_string()),
-        route_upstream: config.summarizer.upstream.clone(),
-        authorization: headers.get(header::AUTHORIZATION).cloned(),
-        tools: tools.and_then(|t| request::canonical(t.get())),
-    }
-}
-
 /// Metrics for one planned request.
 pub fn record(metrics: &Metrics, label: &str, plan: &Plan) {
     let stage = |stage| ModelStage { model: label.to_string(), stage };
@@ -287,13 +170,6 @@ pub fn record(metrics: &Metrics, label: &str, plan: &Plan) {
     }
 }
 
-/// The response headers saying what compression did.
-pub fn annotate(headers: &mut HeaderMap, plan: &Plan) {
-    headers.insert(TOKENS_BEFORE_HEADER, HeaderValue::from(plan.tokens_before));
-    headers.insert(TOKENS_AFTER_HEADER, HeaderValue::from(plan.tokens_after));
-    headers.insert(ACTED_HEADER, HeaderValue::from_static(plan.acted.as_str()));
-}
-
 /// One request compressed without a gateway around it (the `compress` command): no stored
 /// state and no state sheet, so hybrid runs as rules. `force` compacts whatever the marks say.
 pub fn compress_offline(
@@ -302,21 +178,21 @@ pub fn compress_offline(
     mode: Option<CompressionMode>,
     force: bool,
 ) -> Result<(Bytes, Plan), GatewayError> {
-    let (head, messages) = crate::openai::ChatRequestHead::parse_with_messages(body)?;
-    let messages: Vec<Box<RawValue>> = messages.items.iter().map(|m| (*m).to_owned()).collect();
+    let request = ChatRequest::parse(Bytes::copy_from_slice(body))?;
+    let messages = request.messages();
     let mut config = config.clone();
     if let Some(mode) = mode {
         config.compression.policy.mode = mode;
         config.compression.models.iter_mut().for_each(|m| m.mode = Some(mode));
     }
     let compressor = Compressor::new(&config);
-    let Some(active) = compressor.active(&head.model, &HeaderMap::new()) else {
+    let Some(active) = compressor.active(&request.model) else {
         let counter = &compressor.o200k;
-        let analysed = analyse(counter, &messages);
-        let tokens = fixed_tokens(counter, request::tools_of(body).as_deref(), None)
+        let analysed = analyse(counter, messages);
+        let tokens = fixed_tokens(counter, request.tools(), None)
             + analysed.tokens.iter().map(|&t| u64::from(t)).sum::<u64>();
         let plan = Plan {
-            messages,
+            messages: messages.to_vec(),
             state: None,
             tokens_before: tokens,
             tokens_after: tokens,
@@ -327,23 +203,22 @@ pub fn compress_offline(
             stats: rules::RuleStats::default(),
             summarize: None,
         };
-        return Ok((Bytes::copy_from_slice(body), plan));
+        return Ok((request.body().clone(), plan));
     };
-    let tools = request::tools_of(body);
-    let analysed = analyse(active.counter, &messages);
+    let analysed = analyse(active.counter, messages);
     let input = plan::Input {
-        messages: &messages,
+        messages,
         infos: &analysed.infos,
         tokens: &analysed.tokens,
         goal: None,
-        fixed_tokens: fixed_tokens(active.counter, tools.as_deref(), None),
+        fixed_tokens: fixed_tokens(active.counter, request.tools(), None),
         policy: active.policy,
         rules: &compressor.rules,
         counter: active.counter,
         force,
     };
     let plan = plan::plan(&input, None, None);
-    let body = request::rebuild(body, &plan.messages, None)?;
+    let body = request.rebuild(plan.messages.clone(), None)?.body().clone();
     Ok((body, plan))
 }
 
@@ -398,19 +273,4 @@ fn hash(text: &str) -> u64 {
 pub fn conversation_key(scope: &str, messages: &[Box<RawValue>], infos: &[Info]) -> String {
     let first = infos.iter().position(|i| i.role != message::Role::System).map_or(messages.len(), |i| i + 1);
     format!("c:{scope}:{}", plan::covered(messages, 0, first))
-}
-
-pub async fn load_state(state: &AppState, key: &str) -> Option<State> {
-    let bytes = state.sessions.store.get_blob(&format!("cmp:{key}")).await.ok()??;
-    serde_json::from_slice(&bytes).ok()
-}
-
-pub async fn save_state(state: &AppState, key: &str, plan_state: &State) -> Result<(), GatewayError> {
-    let bytes = serde_json::to_vec(plan_state).map_err(|e| GatewayError::Internal(e.into()))?;
-    state
-        .sessions
-        .store
-        .put_blob(&format!("cmp:{key}"), Bytes::from(bytes))
-        .await
-        .map_err(GatewayError::SessionStore)
 }

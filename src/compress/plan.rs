@@ -20,10 +20,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
 
-use super::message::{Info, Role};
 use super::rules::{self, Conversation, Rule, RuleStats, Rules};
-use super::tokens::TokenCounter;
 use crate::config::{CompressionMode, Policy};
+use crate::openai::message::{Info, Role};
+use crate::tokens::TokenCounter;
 
 /// What an earlier epoch decided, frozen until the next one.
 #[derive(Clone, Debug, Serialize, Deserialize)]

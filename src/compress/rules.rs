@@ -11,10 +11,10 @@ use std::ops::Range;
 use globset::{Glob, GlobSet, GlobSetBuilder};
 use serde_json::value::RawValue;
 
-use super::message::{self, Info, Role};
 use super::text;
-use super::tokens::TokenCounter;
 use crate::config::RulesConfig;
+use crate::openai::message::{self, Info, Role};
+use crate::tokens::TokenCounter;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Rule {

@@ -1,7 +1,12 @@
-//! Splitting an SSE body into whole events (blocks ending in a blank line) as frames arrive,
-//! so each event can be numbered and logged on its own.
+//! Whole SSE events of a chat stream: splitting a body into events (blocks ending in a blank
+//! line) as frames arrive, so each can be numbered, logged or held on its own, and reading or
+//! rewriting the tool-call deltas an event carries.
 
 use bytes::{Bytes, BytesMut};
+use indexmap::IndexMap;
+use serde_json::{json, Value};
+
+use super::sse;
 
 #[derive(Debug, Default)]
 pub struct EventSplitter {
@@ -38,6 +43,51 @@ fn event_end(buffer: &[u8]) -> Option<usize> {
 /// Whether an event is the stream's `data: [DONE]`.
 pub fn is_done(event: &[u8]) -> bool {
     event.split(|b| *b == b'\n').any(|line| super::sse::data(line) == Some(b"[DONE]"))
+}
+
+/// Whether an event carries a tool-call delta (a non-null `delta.tool_calls`).
+pub fn has_tool_call_delta(event: &[u8]) -> bool {
+    memchr::memmem::find(event, b"\"tool_calls\"").is_some()
+        && event.split(|b| *b == b'\n').filter_map(sse::data).any(|data| {
+            serde_json::from_slice::<Value>(data).is_ok_and(|v| {
+                v.get("choices").and_then(Value::as_array).is_some_and(|choices| {
+                    choices.iter().any(|c| c.pointer("/delta/tool_calls").is_some_and(|t| !t.is_null()))
+                })
+            })
+        })
+}
+
+/// The event with only the tool-call deltas at positions `keep`, renumbered from 0 as a client
+/// that sees only those calls expects. Events without tool-call deltas are returned as they are.
+pub fn only_tool_calls(event: &Bytes, keep: &[usize]) -> Bytes {
+    if !has_tool_call_delta(event) {
+        return event.clone();
+    }
+    let mut out = BytesMut::new();
+    for line in event.split(|b| *b == b'\n') {
+        let Some(data) = sse::data(line) else { continue };
+        let Ok(mut value) = serde_json::from_slice::<IndexMap<String, Value>>(data) else { continue };
+        if let Some(Value::Array(choices)) = value.get_mut("choices") {
+            for choice in choices {
+                if let Some(Value::Array(calls)) = choice.pointer_mut("/delta/tool_calls") {
+                    let kept: Vec<Value> = calls
+                        .drain(..)
+                        .filter_map(|mut call| {
+                            let index = call.get("index").and_then(Value::as_u64)? as usize;
+                            let position = keep.iter().position(|&k| k == index)?;
+                            call["index"] = json!(position);
+                            Some(call)
+                        })
+                        .collect();
+                    *calls = kept;
+                }
+            }
+        }
+        if let Ok(text) = serde_json::to_string(&value) {
+            out.extend_from_slice(&sse::data_event(&text));
+        }
+    }
+    out.freeze()
 }
 
 #[cfg(test)]

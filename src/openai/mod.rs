@@ -6,9 +6,11 @@
 
 pub mod answer;
 pub mod events;
+pub mod message;
 pub mod request;
 pub mod sse;
 pub mod usage;
 
+pub use request::ChatRequest;
 pub use request::ChatRequestHead;
-pub use usage::{Usage, UsageScanner};
+pub use usage::{Usage, UsageObserver, UsageScanner};

@@ -1,6 +1,13 @@
-//! Validation of `POST /v1/chat/completions` bodies: the fields ctxgate needs (`model`,
-//! `messages`, `stream`) are checked in one borrowed pass, with OpenAI's wording and `param`.
+//! `POST /v1/chat/completions` bodies: validated in one borrowed pass (the fields ctxgate needs,
+//! `model`, `messages`, `stream`, with OpenAI's wording and `param`), then held as a
+//! [`ChatRequest`]: the bytes as sent plus where `messages` and `tools` sit in them, so every
+//! later step (charges, tool injection, compression, the tool loop) reads the one parse and
+//! rewrites only the part it changes.
 
+use std::ops::Range;
+
+use bytes::Bytes;
+use indexmap::IndexMap;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
@@ -23,6 +30,13 @@ struct Fields<'a> {
     messages: Option<&'a RawValue>,
     #[serde(borrow)]
     stream: Option<&'a RawValue>,
+    /// Present (`null` included) or absent: `null` must be found to be replaced in place.
+    #[serde(borrow, default, deserialize_with = "present")]
+    tools: Option<&'a RawValue>,
+}
+
+fn present<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&RawValue>::deserialize(deserializer).map(Some)
 }
 
 #[derive(Deserialize)]
@@ -36,7 +50,9 @@ struct MessageFields<'a> {
 #[derive(Debug)]
 pub struct ChatMessages<'a> {
     pub items: Vec<&'a RawValue>,
-    pub span: std::ops::Range<usize>,
+    pub span: Range<usize>,
+    /// The `tools` value as sent (`null` included), and where it sits.
+    pub tools: Option<(&'a RawValue, Range<usize>)>,
 }
 
 impl ChatRequestHead {
@@ -79,9 +95,7 @@ impl ChatRequestHead {
             Some(raw) => {
                 let items = serde_json::from_str::<Vec<&RawValue>>(raw.get())
                     .map_err(|_| wrong_type("messages", "an array", raw.get()))?;
-                // `raw` borrows from `body`: its offset is its address minus the body's.
-                let start = raw.get().as_ptr() as usize - body.as_ptr() as usize;
-                (items, start..start + raw.get().len())
+                (items, span_in(body, raw))
             }
         };
         if messages.is_empty() {
@@ -131,8 +145,211 @@ impl ChatRequestHead {
         };
 
         let head = Self { model, stream, message_count: messages.len() };
-        Ok((head, ChatMessages { items: messages, span }))
+        let tools = fields.tools.map(|raw| (raw, span_in(body, raw)));
+        Ok((head, ChatMessages { items: messages, span, tools }))
     }
+}
+
+/// Where `raw`, borrowed from `body`, sits in it: its address minus the body's.
+fn span_in(body: &[u8], raw: &RawValue) -> Range<usize> {
+    let start = raw.get().as_ptr() as usize - body.as_ptr() as usize;
+    start..start + raw.get().len()
+}
+
+/// A validated chat request, parsed once: the body as the client sent it, the head fields, the
+/// messages (each message's exact bytes), and where `messages` and `tools` sit in the body.
+#[derive(Clone, Debug)]
+pub struct ChatRequest {
+    body: Bytes,
+    pub model: String,
+    pub stream: bool,
+    messages: Vec<Box<RawValue>>,
+    messages_span: Range<usize>,
+    /// The `tools` array, when the request has one (not `null`).
+    tools: Option<Box<RawValue>>,
+    /// Where the `tools` value sits, `null` included.
+    tools_span: Option<Range<usize>>,
+}
+
+impl ChatRequest {
+    pub fn parse(body: Bytes) -> Result<Self, GatewayError> {
+        let (head, parsed) = ChatRequestHead::parse_with_messages(&body)?;
+        let messages = parsed.items.iter().map(|m| (*m).to_owned()).collect();
+        let messages_span = parsed.span;
+        let (tools, tools_span) = match parsed.tools {
+            Some((raw, span)) => ((raw.get() != "null").then(|| raw.to_owned()), Some(span)),
+            None => (None, None),
+        };
+        Ok(Self { body, model: head.model, stream: head.stream, messages, messages_span, tools, tools_span })
+    }
+
+    /// The body exactly as the client sent it (after any tool injection).
+    pub fn body(&self) -> &Bytes {
+        &self.body
+    }
+
+    pub fn messages(&self) -> &[Box<RawValue>] {
+        &self.messages
+    }
+
+    pub fn tools(&self) -> Option<&RawValue> {
+        self.tools.as_deref()
+    }
+
+    /// The request with its `messages` array replaced, every other byte as sent.
+    pub fn with_messages(&self, messages: Vec<Box<RawValue>>) -> Self {
+        let body = splice_messages(&self.body, self.messages_span.clone(), &messages);
+        let delta = body.len() as isize - self.body.len() as isize;
+        let start = self.messages_span.start;
+        let tools_span = self.tools_span.as_ref().map(|span| {
+            if span.start > start {
+                span.start.saturating_add_signed(delta)..span.end.saturating_add_signed(delta)
+            } else {
+                span.clone()
+            }
+        });
+        Self {
+            messages_span: start..self.messages_span.end.saturating_add_signed(delta),
+            body,
+            model: self.model.clone(),
+            stream: self.stream,
+            messages,
+            tools: self.tools.clone(),
+            tools_span,
+        }
+    }
+
+    /// The request with its `tools` array replaced by `tools` (added at the end of the object
+    /// when it had none), every other byte as sent.
+    pub fn with_tools(self, tools: &[Box<RawValue>]) -> Self {
+        let array = json_array(tools);
+        let (start, end, key) = match &self.tools_span {
+            Some(span) => (span.start, span.end, ""),
+            None => {
+                // A validated body is an object: its last non-blank byte is the closing brace.
+                let close = self.body.iter().rposition(|b| *b == b'}').unwrap_or(self.body.len());
+                (close, close, ",\"tools\":")
+            }
+        };
+        let mut body = Vec::with_capacity(self.body.len() + key.len() + array.len());
+        body.extend_from_slice(&self.body[..start]);
+        body.extend_from_slice(key.as_bytes());
+        let at = body.len();
+        body.extend_from_slice(array.as_bytes());
+        body.extend_from_slice(&self.body[end..]);
+        // The two arrays never overlap: `messages` lies wholly before or wholly after `tools`.
+        let messages_span = if self.messages_span.start >= end {
+            let delta = body.len() as isize - self.body.len() as isize;
+            let moved = |i: usize| i.saturating_add_signed(delta);
+            moved(self.messages_span.start)..moved(self.messages_span.end)
+        } else {
+            self.messages_span.clone()
+        };
+        Self {
+            tools_span: Some(at..at + array.len()),
+            tools: RawValue::from_string(array).ok(),
+            body: Bytes::from(body),
+            model: self.model,
+            stream: self.stream,
+            messages: self.messages,
+            messages_span,
+        }
+    }
+
+    /// The request rebuilt around `messages` for a compacted request: every other top-level
+    /// field keeps its bytes and its place, `tools` is serialised canonically (a client that
+    /// rebuilds its tool list each turn still sends the same prefix bytes), and
+    /// `prompt_cache_key` is set to `cache_key` when given and the client set none.
+    pub fn rebuild(
+        &self,
+        messages: Vec<Box<RawValue>>,
+        cache_key: Option<&str>,
+    ) -> Result<Self, GatewayError> {
+        let internal = |e: serde_json::Error| GatewayError::Internal(e.into());
+        let mut fields: IndexMap<String, &RawValue> = serde_json::from_slice(&self.body).map_err(internal)?;
+        let key = cache_key.map(serde_json::value::to_raw_value).transpose().map_err(internal)?;
+        if let Some(key) = &key {
+            fields.entry("prompt_cache_key".to_string()).or_insert(key);
+        }
+        let canonical_tools = fields.get("tools").and_then(|t| canonical(t.get()));
+        // Written by hand, as serde_json would (compact), to know where the arrays land.
+        let mut body = Vec::with_capacity(self.body.len());
+        let (mut messages_span, mut tools_span) = (0..0, None);
+        body.push(b'{');
+        for (i, (name, value)) in fields.iter().enumerate() {
+            if i > 0 {
+                body.push(b',');
+            }
+            serde_json::to_writer(&mut body, name).map_err(internal)?;
+            body.push(b':');
+            let start = body.len();
+            match name.as_str() {
+                "messages" => {
+                    body.extend_from_slice(json_array(&messages).as_bytes());
+                    messages_span = start..body.len();
+                }
+                "tools" => {
+                    let tools = canonical_tools.as_deref().unwrap_or(value);
+                    body.extend_from_slice(tools.get().as_bytes());
+                    tools_span = Some(start..body.len());
+                }
+                _ => body.extend_from_slice(value.get().as_bytes()),
+            }
+        }
+        body.push(b'}');
+        let tools = match canonical_tools {
+            Some(tools) if tools.get() != "null" => Some(tools),
+            _ => None,
+        };
+        Ok(Self {
+            body: Bytes::from(body),
+            model: self.model.clone(),
+            stream: self.stream,
+            messages,
+            messages_span,
+            tools,
+            tools_span,
+        })
+    }
+}
+
+/// `[a,b,...]` from raw values, without re-serialising them.
+fn json_array(items: &[Box<RawValue>]) -> String {
+    let mut out = String::with_capacity(items.iter().map(|i| i.get().len() + 1).sum::<usize>() + 2);
+    out.push('[');
+    for (i, item) in items.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(item.get());
+    }
+    out.push(']');
+    out
+}
+
+/// Replaces the `messages` array at `span` with `messages`, leaving every other byte as sent.
+pub fn splice_messages(body: &[u8], span: Range<usize>, messages: &[Box<RawValue>]) -> Bytes {
+    let array = json_array(messages);
+    let mut out = Vec::with_capacity(body.len() - span.len() + array.len());
+    out.extend_from_slice(&body[..span.start]);
+    out.extend_from_slice(array.as_bytes());
+    out.extend_from_slice(&body[span.end..]);
+    Bytes::from(out)
+}
+
+/// The body with top-level `field` set to `value` (added at the end when absent).
+pub fn with_field(body: &[u8], field: &str, value: &RawValue) -> Result<Bytes, GatewayError> {
+    let mut fields: IndexMap<String, Box<RawValue>> =
+        serde_json::from_slice(body).map_err(|e| GatewayError::Internal(e.into()))?;
+    fields.insert(field.into(), value.to_owned());
+    serde_json::to_vec(&fields).map(Bytes::from).map_err(|e| GatewayError::Internal(e.into()))
+}
+
+/// JSON with object keys sorted and no insignificant whitespace (serde_json's `Value` keeps
+/// keys in a sorted map).
+pub fn canonical(json: &str) -> Option<Box<RawValue>> {
+    let value: serde_json::Value = serde_json::from_str(json).ok()?;
+    serde_json::value::to_raw_value(&value).ok()
 }
 
 /// Reads only a top-level `"model"` string, for routing pass-through requests (embeddings,
@@ -249,5 +466,87 @@ mod tests {
     fn peek_model_reads_only_the_model() {
         assert_eq!(peek_model(br#"{"input":"x","model":"emb"}"#).as_deref(), Some("emb"));
         assert_eq!(peek_model(b"not json"), None);
+    }
+
+    #[test]
+    fn splicing_replaces_only_the_messages_array() {
+        let body = br#"{"model":"m","messages":[{"role":"user","content":"new"}],"x":{"b":1,"a":2}}"#;
+        let start = body.windows(12).position(|w| w == b"[{\"role\":\"us").unwrap();
+        let end = start + br#"[{"role":"user","content":"new"}]"#.len();
+        let messages = [raw(r#"{"role":"user","content":"old"}"#), raw(r#"{"role":"user","content":"new"}"#)];
+        let out = splice_messages(body, start..end, &messages);
+        assert_eq!(
+            std::str::from_utf8(&out).unwrap(),
+            r#"{"model":"m","messages":[{"role":"user","content":"old"},{"role":"user","content":"new"}],"x":{"b":1,"a":2}}"#
+        );
+    }
+
+    fn raw(s: &str) -> Box<RawValue> {
+        RawValue::from_string(s.to_string()).unwrap()
+    }
+
+    #[test]
+    fn tools_are_replaced_or_added_and_the_messages_still_splice() {
+        let tool = |name: &str| raw(&format!(r#"{{"type":"function","function":{{"name":"{name}"}}}}"#));
+        let cases: [&[u8]; 4] = [
+            br#"{"model":"m","tools":[{"type":"function","function":{"name":"a"}}],"messages":[{"role":"user"}]}"#,
+            br#"{"model":"m", "messages":[{"role":"user"}] ,"tools":null, "n":1 }"#,
+            br#"{"tools":  [], "model":"m","messages":[{"role":"user"}]}"#,
+            b"{\"model\":\"m\",\"messages\":[{\"role\":\"user\"}]}  \n",
+        ];
+        for body in cases {
+            let request = ChatRequest::parse(Bytes::from_static(body)).unwrap();
+            let with = request.with_tools(&[tool("a"), tool("b")]);
+            let reparsed = ChatRequest::parse(with.body().clone())
+                .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(with.body())));
+            assert_eq!(reparsed.tools().unwrap().get(), with.tools().unwrap().get());
+            let names: Vec<String> = serde_json::from_str::<serde_json::Value>(with.tools().unwrap().get())
+                .unwrap()
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|t| t["function"]["name"].as_str().unwrap().to_string())
+                .collect();
+            assert_eq!(names, ["a", "b"], "{}", String::from_utf8_lossy(body));
+            // The spans still point at the arrays: splicing after the edit is exact.
+            let spliced = with.with_messages(vec![raw(r#"{"role":"user","content":"x"}"#)]);
+            let again = ChatRequest::parse(spliced.body().clone()).unwrap();
+            assert_eq!(spliced.tools().unwrap().get(), again.tools().unwrap().get());
+            assert_eq!(again.messages()[0].get(), r#"{"role":"user","content":"x"}"#);
+            assert_eq!(again.tools().unwrap().get(), with.tools().unwrap().get());
+        }
+    }
+
+    #[test]
+    fn only_messages_tools_and_the_cache_key_change() {
+        let body = br#"{"model":"m", "messages":[{"role":"user","content":"a"}],"tools":[{"type":"function","function":{"parameters":{"b":1,"a":2},"name":"f"}}],"x_unknown":{"z": 1}}"#;
+        let messages = [RawValue::from_string(r#"{"role":"user","content":"b"}"#.into()).unwrap()];
+        let out = ChatRequest::parse(Bytes::from_static(body))
+            .unwrap()
+            .rebuild(messages.to_vec(), Some("k1"))
+            .unwrap();
+        let out = out.body();
+        assert_eq!(
+            std::str::from_utf8(out).unwrap(),
+            r#"{"model":"m","messages":[{"role":"user","content":"b"}],"tools":[{"function":{"name":"f","parameters":{"a":2,"b":1}},"type":"function"}],"x_unknown":{"z": 1},"prompt_cache_key":"k1"}"#
+        );
+        let own = br#"{"model":"m","messages":[{"role":"user"}],"prompt_cache_key":"mine"}"#;
+        let out = ChatRequest::parse(Bytes::from_static(own))
+            .unwrap()
+            .rebuild(messages.to_vec(), Some("k1"))
+            .unwrap();
+        let out = out.body();
+        assert!(std::str::from_utf8(out).unwrap().ends_with(r#""prompt_cache_key":"mine"}"#));
+    }
+
+    #[test]
+    fn reordered_tool_lists_serialise_the_same() {
+        let a = canonical(r#"[{"type":"function","function":{"name":"f","parameters":{"type":"object"}}}]"#)
+            .unwrap();
+        let b = canonical(
+            r#"[ { "function" : { "parameters": {"type":"object"}, "name":"f" }, "type":"function" } ]"#,
+        )
+        .unwrap();
+        assert_eq!(a.get(), b.get());
     }
 }

@@ -1,6 +1,7 @@
-//! Splitting an SSE body into lines as frames arrive, carrying a partial line between frames.
+//! Server-sent events on the wire: splitting a body into lines as frames arrive (carrying a
+//! partial line between frames), and writing the events ctxgate adds itself.
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 
 /// Longest line kept; a longer one is dropped (it cannot be a chunk ctxgate needs to read).
 const MAX_LINE: usize = 4 * 1024 * 1024;
@@ -60,6 +61,33 @@ impl LineSplitter {
 pub fn data(line: &[u8]) -> Option<&[u8]> {
     line.strip_prefix(b"data:").map(<[u8]>::trim_ascii)
 }
+
+/// `id: TURN-SEQ` followed by the event as the upstream sent it.
+pub fn with_id(turn: u64, seq: u64, event: &[u8]) -> Bytes {
+    use std::fmt::Write;
+    let mut out = BytesMut::with_capacity(event.len() + 48);
+    // Writing into a BytesMut cannot fail.
+    let _ = writeln!(out, "id: {turn}-{seq}");
+    out.extend_from_slice(event);
+    out.freeze()
+}
+
+/// One `data:` event carrying `json`.
+pub fn data_event(json: &str) -> Bytes {
+    let mut out = BytesMut::with_capacity(json.len() + 8);
+    out.extend_from_slice(b"data: ");
+    out.extend_from_slice(json.as_bytes());
+    out.extend_from_slice(b"\n\n");
+    out.freeze()
+}
+
+/// A comment line, which clients ignore: a keep-alive.
+pub fn comment(text: &'static str) -> Bytes {
+    Bytes::from(format!(": {text}\n\n"))
+}
+
+/// The end of an OpenAI stream.
+pub const DONE: &[u8] = b"data: [DONE]\n\n";
 
 #[cfg(test)]
 mod tests {

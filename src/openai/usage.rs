@@ -30,6 +30,11 @@ impl Usage {
     }
 }
 
+/// Told the `usage` of a response when its body ends.
+pub trait UsageObserver: Send + Sync + std::fmt::Debug {
+    fn record(&self, usage: &Usage);
+}
+
 #[derive(Deserialize)]
 struct Envelope {
     usage: Option<Usage>,

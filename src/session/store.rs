@@ -10,7 +10,7 @@ use bytes::Bytes;
 use sha2::{Digest, Sha256};
 
 use super::checkpoint::{Checkpoint, Encoded};
-use crate::error::BoxError;
+use crate::body::BoxError;
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -65,6 +65,12 @@ pub enum StoreError {
     Unavailable(#[source] BoxError),
     #[error("stored checkpoint is unreadable: {0}")]
     Corrupt(String),
+}
+
+impl From<StoreError> for crate::error::GatewayError {
+    fn from(err: StoreError) -> Self {
+        Self::SessionStore(Box::new(err))
+    }
 }
 
 pub trait SessionStore: Send + Sync + fmt::Debug {

@@ -14,13 +14,13 @@ use serde_json::Value;
 
 use super::call::Attempt;
 use crate::config::{EnvSource, HttpBackend};
-use crate::upstream::retry::{is_retryable_status, retry_after};
+use crate::retry::{is_retryable_status, retry_after};
 
 pub type ToolClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
 
 /// One pooled client shared by every HTTP tool.
 pub fn client() -> ToolClient {
-    crate::upstream::pooled_client(Duration::from_secs(5))
+    crate::http_client::pooled(Duration::from_secs(5))
 }
 
 pub struct HttpTool {

@@ -5,22 +5,22 @@
 //! - [`call`]: one round of calls, run concurrently with deadlines and retries; failures become
 //!   structured tool results so the model can react.
 //! - [`http`], [`mcp`]: the two backends.
-//! - [`rounds`]: the loop around the upstream: answer → run the gateway's calls → ask again,
-//!   for plain and streamed requests.
 //! - [`record`]: what a session keeps of tool runs (results owed to the next turn, tasks).
+//! - [`tasks`]: the link between a running task and the checkpoint that records it.
+//!
+//! The loop around the upstream (answer → run the gateway's calls → ask again) belongs to the
+//! chat pipeline (`chat::tool_loop`); this module runs calls and knows nothing of upstreams,
+//! sessions or the client.
 
 pub mod call;
 mod http;
 pub mod mcp;
 pub mod record;
-pub mod rounds;
 pub mod tasks;
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use bytes::Bytes;
-use indexmap::IndexMap;
 use serde_json::value::RawValue;
 use serde_json::Value;
 use tokio::sync::Semaphore;
@@ -29,6 +29,7 @@ pub use call::{Call, Outcome, ToolRun};
 
 use crate::config::{Config, EnvSource, ToolConfig, ToolLoopConfig};
 use crate::error::GatewayError;
+use crate::openai::ChatRequest;
 use crate::telemetry::Metrics;
 
 /// One configured tool, ready to run.
@@ -108,18 +109,16 @@ impl Registry {
     }
 
     /// Adds the injected definitions the request does not declare itself to its `tools`, after
-    /// the client's own. Returns `None` when nothing changes (the body goes as sent).
-    pub fn inject(&self, body: &[u8]) -> Result<Option<Bytes>, GatewayError> {
+    /// the client's own. Returns the request unchanged when nothing is added.
+    pub fn inject(&self, request: ChatRequest) -> Result<ChatRequest, GatewayError> {
         if self.injected.is_empty() {
-            return Ok(None);
+            return Ok(request);
         }
-        let mut fields: IndexMap<String, Box<RawValue>> = serde_json::from_slice(body)
-            .map_err(|e| GatewayError::invalid(e.to_string(), None, "invalid_json"))?;
-        let mut tools: Vec<Box<RawValue>> = match fields.get("tools") {
-            Some(raw) if raw.get() != "null" => serde_json::from_str(raw.get()).map_err(|_| {
+        let mut tools: Vec<Box<RawValue>> = match request.tools() {
+            Some(raw) => serde_json::from_str(raw.get()).map_err(|_| {
                 GatewayError::invalid("`tools` must be an array.", Some("tools"), "invalid_type")
             })?,
-            _ => Vec::new(),
+            None => Vec::new(),
         };
         let declared: Vec<String> = tools.iter().filter_map(|t| declared_name(t)).collect();
         let before = tools.len();
@@ -129,24 +128,21 @@ impl Registry {
             }
         }
         if tools.len() == before {
-            return Ok(None);
+            return Ok(request);
         }
-        let raw = serde_json::value::to_raw_value(&tools).map_err(|e| GatewayError::Internal(e.into()))?;
-        fields.insert("tools".into(), raw);
-        let bytes = serde_json::to_vec(&fields).map_err(|e| GatewayError::Internal(e.into()))?;
-        Ok(Some(Bytes::from(bytes)))
+        Ok(request.with_tools(&tools))
     }
 
     /// True when the request can reach a gateway tool: one is injected, or the request
     /// declares one by name.
-    pub fn engaged_by(&self, body: &[u8]) -> bool {
+    pub fn engaged_by(&self, request: &ChatRequest) -> bool {
         if self.tools.is_empty() {
             return false;
         }
         if !self.injected.is_empty() {
             return true;
         }
-        let Some(raw) = crate::compress::request::tools_of(body) else { return false };
+        let Some(raw) = request.tools() else { return false };
         let tools: Vec<Box<RawValue>> = serde_json::from_str(raw.get()).unwrap_or_default();
         tools.iter().filter_map(|t| declared_name(t)).any(|name| self.tools.contains_key(&name))
     }

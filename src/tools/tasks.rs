@@ -1,26 +1,32 @@
 //! The link between tool tasks and the session that owns them: a running call reports each
-//! state change here, and the session holder writes it into the checkpoint, so a restart
-//! finds the task by tool and arguments and finishes it instead of starting it again.
+//! state change here, and the owner writes it into the checkpoint, so a restart finds the task
+//! by tool and arguments and finishes it instead of starting it again.
 
 use std::sync::Mutex;
 
-use tokio::sync::mpsc;
-
 use super::record::TaskEntry;
 
-#[derive(Debug)]
+/// Where a task's state changes go (the session's checkpoint).
+pub type TaskSink = Box<dyn Fn(TaskEntry) + Send + Sync>;
+
 pub struct TaskLog {
     pub request_id: String,
     known: Mutex<Vec<TaskEntry>>,
-    updates: mpsc::UnboundedSender<TaskEntry>,
+    updates: TaskSink,
+}
+
+impl std::fmt::Debug for TaskLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TaskLog").field("request_id", &self.request_id).finish_non_exhaustive()
+    }
 }
 
 impl TaskLog {
-    /// A log over the tasks the checkpoint holds; updates arrive on the receiver.
-    pub fn new(request_id: &str, mut known: Vec<TaskEntry>) -> (Self, mpsc::UnboundedReceiver<TaskEntry>) {
-        let (updates, receiver) = mpsc::unbounded_channel();
+    /// A log over the tasks the checkpoint holds (those of `request_id`); each update also goes
+    /// to `updates`.
+    pub fn new(request_id: &str, mut known: Vec<TaskEntry>, updates: TaskSink) -> Self {
         known.retain(|t| t.request_id == request_id);
-        (Self { request_id: request_id.to_string(), known: Mutex::new(known), updates }, receiver)
+        Self { request_id: request_id.to_string(), known: Mutex::new(known), updates }
     }
 
     /// A task for this call that did not fail: still running, or finished with a result.
@@ -46,6 +52,6 @@ impl TaskLog {
                 None => known.push(entry.clone()),
             }
         }
-        let _ = self.updates.send(entry);
+        (self.updates)(entry);
     }
 }

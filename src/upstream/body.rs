@@ -15,7 +15,7 @@ use tokio::time::Sleep;
 
 use super::Upstream;
 use super::UsageSink;
-use crate::error::BoxError;
+use crate::body::BoxError;
 use crate::openai::UsageScanner;
 
 /// The upstream went silent for longer than its `idle_timeout` mid-body.

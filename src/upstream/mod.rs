@@ -6,7 +6,6 @@
 //! [`Forwarded`] is turned into a response, the stream belongs to the client.
 
 mod body;
-pub mod retry;
 mod route;
 
 use std::sync::Arc;
@@ -20,14 +19,15 @@ use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 
 pub use body::UpstreamBody;
 pub use route::ModelRouter;
 
-use crate::body::{self as gw_body, Body};
+use crate::body::{self as gw_body, Body, BoxError};
 use crate::config::{Config, EnvSource, RetryConfig, UpstreamConfig};
-use crate::error::{BoxError, GatewayError};
+use crate::error::GatewayError;
+use crate::openai::UsageObserver;
+use crate::retry;
 use crate::telemetry::{Metrics, RetryLabel, UpstreamMetrics};
 
 type HttpClient = Client<HttpsConnector<HttpConnector>, Body>;
@@ -79,7 +79,7 @@ impl Upstream {
             .collect::<Result<_, http::Error>>()
             .map_err(|e| format!("headers: {e}"))?;
 
-        let client = pooled_client(config.connect_timeout);
+        let client = crate::http_client::pooled(config.connect_timeout);
 
         Ok(Self {
             name: config.name.clone(),
@@ -131,26 +131,6 @@ impl Upstream {
     }
 }
 
-/// A pooled HTTP/1.1 + HTTP/2 client over rustls (ring, webpki roots), for upstreams and for
-/// gateway tools.
-pub fn pooled_client<B>(connect_timeout: Duration) -> Client<HttpsConnector<HttpConnector>, B>
-where
-    B: http_body::Body + Send + 'static,
-    B::Data: Send,
-{
-    let mut http = HttpConnector::new();
-    http.enforce_http(false);
-    http.set_nodelay(true);
-    http.set_connect_timeout(Some(connect_timeout));
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_webpki_roots()
-        .https_or_http()
-        .enable_http1()
-        .enable_http2()
-        .wrap_connector(http);
-    Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(90)).build(https)
-}
-
 /// A request to send upstream, as the client sent it.
 pub struct Outgoing {
     pub method: Method,
@@ -166,21 +146,22 @@ pub enum OutgoingBody {
     Stream(Body),
 }
 
-/// Who learns a response's `usage` when its body ends: the per-model token counters and the
-/// caller's token charge.
+/// Who learns a response's `usage` when its body ends (per-model token counters, a caller's
+/// token charge, a turn's running total): the transport reports, it does not know to whom.
 #[derive(Clone, Debug, Default)]
 pub struct UsageSink {
-    pub model: Option<crate::telemetry::ModelUsage>,
-    pub charge: Option<Arc<crate::auth::TokenCharge>>,
+    observers: Vec<Arc<dyn UsageObserver>>,
 }
 
 impl UsageSink {
+    pub fn with(mut self, observer: Arc<dyn UsageObserver>) -> Self {
+        self.observers.push(observer);
+        self
+    }
+
     pub fn record(&self, usage: &crate::openai::Usage) {
-        if let Some(model) = &self.model {
-            model.record(usage);
-        }
-        if let Some(charge) = &self.charge {
-            charge.record(usage);
+        for observer in &self.observers {
+            observer.record(usage);
         }
     }
 }
@@ -349,7 +330,7 @@ impl Forwarded {
 fn classify_send_error(err: hyper_util::client::legacy::Error) -> Result<BoxError, GatewayError> {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&err);
     while let Some(e) = source {
-        if let Some(limit) = e.downcast_ref::<crate::limit::BodyTooLarge>() {
+        if let Some(limit) = e.downcast_ref::<crate::body::BodyTooLarge>() {
             return Err(GatewayError::PayloadTooLarge { limit: limit.0 });
         }
         source = e.source();

@@ -1,54 +1,72 @@
-//! [`Holder`]: a session admitted for one turn. It holds the in-flight marker (with its lease
-//! and the upstream request), renews the lease while the turn runs, and commits or releases
-//! the session at the end. Every write is a compare-and-set on the version it last wrote.
+//! [`Lease`]: a session admitted for one turn, the heart of the session protocol. It holds the
+//! in-flight marker (with its lease and the upstream request), renews the lease while the turn
+//! runs, and commits or releases the session at the end. Every write is a compare-and-set on
+//! the version it last wrote, and only this type writes checkpoints of live sessions: callers
+//! change a checkpoint through its intent methods.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::value::RawValue;
+use tokio::sync::mpsc;
 
+use super::checkpoint::now_ms;
+use super::events::EventLog;
+use super::{Checkpoint, Commit, GoalLock, InFlight, SessionKey, Sessions, Stored, StoredRequest};
 use crate::error::GatewayError;
-use crate::openai::answer::Answer;
-use crate::session::checkpoint::now_ms;
-use crate::session::{Checkpoint, Commit, InFlight, SessionKey, Sessions, StoreError, Stored, StoredRequest};
-use crate::telemetry::{Metrics, OpLabel, OutcomeLabel};
+use crate::openai::Usage;
+use crate::telemetry::OutcomeLabel;
 
-pub struct Holder {
-    pub sessions: Arc<Sessions>,
-    pub metrics: Arc<Metrics>,
-    pub key: SessionKey,
-    /// The version last written by this holder.
-    pub version: u64,
+/// A change to the checkpoint made while the turn runs (a tool task's new state), written with
+/// the next lease renewal or the commit.
+pub type Amendment = Box<dyn FnOnce(&mut Checkpoint) + Send>;
+
+pub struct Lease {
+    sessions: Arc<Sessions>,
+    key: SessionKey,
+    /// The version last written by this lease.
+    version: u64,
     /// The turn's id (the version its admission created); names its events.
-    pub turn: u64,
-    pub checkpoint: Checkpoint,
-    /// State changes of the turn's tool tasks, written into the checkpoint as they come.
-    task_updates: Option<tokio::sync::mpsc::UnboundedReceiver<crate::tools::record::TaskEntry>>,
+    turn: u64,
+    checkpoint: Checkpoint,
+    amendments: mpsc::UnboundedReceiver<Amendment>,
+    amender: mpsc::UnboundedSender<Amendment>,
 }
 
 /// The outcome of an admission attempt.
 pub enum Admitted<T> {
-    Turn(Holder, T),
+    Turn(Lease, T),
     /// A dead owner's turn is still marked in flight with its request: it should be resumed
     /// before the session takes a new one.
     Interrupted(Stored),
 }
 
-impl Holder {
+impl Lease {
+    fn new(
+        sessions: Arc<Sessions>,
+        key: SessionKey,
+        version: u64,
+        turn: u64,
+        checkpoint: Checkpoint,
+    ) -> Self {
+        let (amender, amendments) = mpsc::unbounded_channel();
+        Self { sessions, key, version, turn, checkpoint, amendments, amender }
+    }
+
     /// Marks the session in flight for a new turn. `prepare` composes the turn from the
     /// current checkpoint (it may change it) and returns the upstream request to record; it
     /// runs again if another writer got in first. While a live marker is held by someone
     /// else, waits up to `sessions.busy_timeout`, then 409 `session_busy`.
     pub async fn admit<T>(
         sessions: Arc<Sessions>,
-        metrics: Arc<Metrics>,
         key: SessionKey,
         request_id: &str,
         mut prepare: impl FnMut(&mut Checkpoint) -> Result<(T, Option<StoredRequest>), GatewayError>,
     ) -> Result<Admitted<T>, GatewayError> {
         let deadline = Instant::now() + sessions.config.busy_timeout;
         loop {
-            let loaded = timed(&metrics, "load", sessions.store.load(&key)).await?;
+            let loaded = sessions.store.load(&key).await?;
             let now = now_ms();
             let (version, mut checkpoint) = match loaded {
                 Some(stored) => {
@@ -63,7 +81,7 @@ impl Holder {
             };
             if checkpoint.in_flight.as_ref().is_some_and(|f| f.lease_until_ms > now) {
                 if Instant::now() >= deadline {
-                    metrics.session_busy.inc();
+                    sessions.metrics.session_busy.inc();
                     return Err(GatewayError::SessionBusy { id: key.id.clone() });
                 }
                 tokio::time::sleep(Duration::from_millis(10 + fastrand::u64(..10))).await;
@@ -82,13 +100,10 @@ impl Holder {
                 turn,
                 request,
             });
-            match timed(&metrics, "commit", sessions.store.commit(&key, version, &checkpoint.encode()))
-                .await?
-            {
+            match sessions.store.commit(&key, version, &checkpoint.encode()).await? {
                 Commit::Committed(version) => {
-                    let holder =
-                        Self { sessions, metrics, key, version, turn, checkpoint, task_updates: None };
-                    return Ok(Admitted::Turn(holder, prepared));
+                    let lease = Self::new(sessions, key, version, turn, checkpoint);
+                    return Ok(Admitted::Turn(lease, prepared));
                 }
                 // Someone admitted first; look again.
                 Commit::Conflict(_) => continue,
@@ -96,14 +111,22 @@ impl Holder {
         }
     }
 
+    /// Admits the session for a change that is not a turn (a goal lock): no upstream request
+    /// is recorded. An interrupted turn is handed back for the caller to resume first.
+    pub async fn admit_update(
+        sessions: Arc<Sessions>,
+        key: SessionKey,
+    ) -> Result<Admitted<()>, GatewayError> {
+        Self::admit(sessions, key, "update", |_| Ok(((), None))).await
+    }
+
     /// Takes over an interrupted turn whose owner's lease expired. `None` if another process
     /// took it first or the session moved on.
     pub async fn take_over(
         sessions: Arc<Sessions>,
-        metrics: Arc<Metrics>,
         key: SessionKey,
         stored: Stored,
-    ) -> Result<Option<(Holder, StoredRequest)>, GatewayError> {
+    ) -> Result<Option<(Lease, StoredRequest)>, GatewayError> {
         let Stored { version, mut checkpoint } = stored;
         let Some(mut in_flight) = checkpoint.in_flight.take() else { return Ok(None) };
         let Some(request) = in_flight.request.clone() else { return Ok(None) };
@@ -116,13 +139,57 @@ impl Holder {
             checkpoint.stream_turn = Some(turn);
         }
         checkpoint.in_flight = Some(in_flight);
-        match timed(&metrics, "commit", sessions.store.commit(&key, version, &checkpoint.encode())).await? {
-            Commit::Committed(version) => Ok(Some((
-                Self { sessions, metrics, key, version, turn, checkpoint, task_updates: None },
-                request,
-            ))),
+        match sessions.store.commit(&key, version, &checkpoint.encode()).await? {
+            Commit::Committed(version) => {
+                Ok(Some((Self::new(sessions, key, version, turn, checkpoint), request)))
+            }
             Commit::Conflict(_) => Ok(None),
         }
+    }
+
+    pub fn key(&self) -> &SessionKey {
+        &self.key
+    }
+
+    /// The version this lease last wrote.
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    /// The turn's id: the version its admission created.
+    pub fn turn(&self) -> u64 {
+        self.turn
+    }
+
+    /// The checkpoint as it will be committed.
+    pub fn checkpoint(&self) -> &Checkpoint {
+        &self.checkpoint
+    }
+
+    /// The request id that admitted the turn (a resumed turn keeps its original one).
+    pub fn request_id(&self) -> &str {
+        self.checkpoint.in_flight.as_ref().map_or("", |f| f.request_id.as_str())
+    }
+
+    /// Locks (or with `None` unlocks) the session's goal; returns the previous lock.
+    pub fn set_goal(&mut self, goal: Option<GoalLock>) -> Option<GoalLock> {
+        std::mem::replace(&mut self.checkpoint.goal, goal)
+    }
+
+    /// Replaces the checkpoint's gateway-tool record (opaque to sessions).
+    pub fn set_tools(&mut self, tools: Option<Box<RawValue>>) {
+        self.checkpoint.tools = tools;
+    }
+
+    /// A handle that changes the checkpoint while the turn runs, from other tasks; each change
+    /// is written with the next renewal or the commit.
+    pub fn amender(&self) -> mpsc::UnboundedSender<Amendment> {
+        self.amender.clone()
+    }
+
+    /// A writer for this turn's stream events, for replay.
+    pub fn event_log(&self) -> EventLog {
+        EventLog::start(self.sessions.clone(), self.key.clone(), self.turn)
     }
 
     /// Extends the lease. A lost lease (someone took the session over) is logged; the turn
@@ -131,8 +198,7 @@ impl Holder {
         let Some(in_flight) = self.checkpoint.in_flight.as_mut() else { return };
         in_flight.lease_until_ms = now_ms() + self.sessions.config.lease.as_millis() as u64;
         let encoded = self.checkpoint.encode();
-        let commit = self.sessions.store.commit(&self.key, self.version, &encoded);
-        match timed(&self.metrics, "commit", commit).await {
+        match self.sessions.store.commit(&self.key, self.version, &encoded).await {
             Ok(Commit::Committed(version)) => self.version = version,
             Ok(Commit::Conflict(_)) => {
                 tracing::warn!(session = ?self.key, "session lease lost to another request")
@@ -141,100 +207,55 @@ impl Holder {
         }
     }
 
-    /// A task log for this turn's tool calls; its updates are committed while the turn runs.
-    pub fn task_log(&mut self) -> std::sync::Arc<crate::tools::tasks::TaskLog> {
-        let request_id = self.checkpoint.in_flight.as_ref().map(|f| f.request_id.clone()).unwrap_or_default();
-        let record = crate::tools::record::ToolRecord::from_raw(self.checkpoint.tools.as_deref());
-        let (log, updates) = crate::tools::tasks::TaskLog::new(&request_id, record.tasks);
-        self.task_updates = Some(updates);
-        std::sync::Arc::new(log)
-    }
-
-    /// Runs `future`, renewing the lease every third of it meanwhile, and committing task
-    /// updates as they arrive.
-    pub async fn while_renewing<F: std::future::Future>(&mut self, future: F) -> F::Output {
+    /// Runs `future`, renewing the lease every third of it meanwhile, and writing amendments
+    /// as they arrive.
+    pub async fn while_renewing<F: Future>(&mut self, future: F) -> F::Output {
         let period = self.sessions.config.lease / 3;
         let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         tokio::pin!(future);
         loop {
-            let update = async {
-                match self.task_updates.as_mut() {
-                    Some(updates) => updates.recv().await,
-                    None => std::future::pending().await,
-                }
-            };
             tokio::select! {
                 output = &mut future => return output,
                 _ = tick.tick() => self.renew().await,
-                Some(entry) = update => {
-                    let mut record = crate::tools::record::ToolRecord::from_raw(self.checkpoint.tools.as_deref());
-                    record.upsert(entry);
-                    self.checkpoint.tools = record.to_raw();
+                Some(amend) = self.amendments.recv() => {
+                    amend(&mut self.checkpoint);
                     self.renew().await;
                 }
             }
         }
     }
 
-    /// Applies task updates not yet written (the commit that follows writes them).
-    fn drain_task_updates(&mut self) {
-        let Some(updates) = self.task_updates.as_mut() else { return };
-        let mut record = crate::tools::record::ToolRecord::from_raw(self.checkpoint.tools.as_deref());
-        let mut any = false;
-        while let Ok(entry) = updates.try_recv() {
-            record.upsert(entry);
-            any = true;
+    /// Clears the marker, and with a turn records it: the transcript it leaves (the
+    /// conversation and the answer) and the answer's usage. Returns the committed version.
+    pub async fn finish(mut self, turn: Option<(Vec<Box<RawValue>>, Option<Usage>)>) -> Option<u64> {
+        while let Ok(amend) = self.amendments.try_recv() {
+            amend(&mut self.checkpoint);
         }
-        if any {
-            self.checkpoint.tools = record.to_raw();
-        }
-    }
-
-    /// Clears the marker, and with an answer appends the turn: the conversation sent upstream
-    /// and the assistant's message. Returns the committed version.
-    pub async fn finish(mut self, turn: Option<(Vec<Box<RawValue>>, Answer)>) -> Option<u64> {
-        self.drain_task_updates();
         self.checkpoint.in_flight = None;
         self.checkpoint.updated_ms = now_ms();
-        if let Some((mut messages, answer)) = turn {
-            messages.push(answer.message);
-            self.checkpoint.transcript = messages;
+        if let Some((transcript, answer_usage)) = turn {
+            self.checkpoint.transcript = transcript;
             let usage = &mut self.checkpoint.usage;
             usage.requests += 1;
-            if let Some(u) = answer.usage {
+            if let Some(u) = answer_usage {
                 usage.prompt_tokens += u.prompt_tokens;
                 usage.completion_tokens += u.completion_tokens;
                 usage.cached_tokens += u.cached_tokens();
             }
         }
+        let metrics = &self.sessions.metrics;
         let encoded = self.checkpoint.encode();
-        let commit = self.sessions.store.commit(&self.key, self.version, &encoded);
-        let outcome = match timed(&self.metrics, "commit", commit).await {
+        let outcome = match self.sessions.store.commit(&self.key, self.version, &encoded).await {
             Ok(Commit::Committed(version)) => {
-                self.metrics.checkpoint_bytes.observe(encoded.len() as f64);
-                self.metrics.session_commits.get_or_create(&OutcomeLabel { outcome: "committed" }).inc();
+                metrics.checkpoint_bytes.observe(encoded.len() as f64);
+                metrics.session_commits.get_or_create(&OutcomeLabel { outcome: "committed" }).inc();
                 return Some(version);
             }
             Ok(Commit::Conflict(_)) => "conflict",
             Err(_) => "error",
         };
         tracing::warn!(session = ?self.key, outcome, "session turn was not committed");
-        self.metrics.session_commits.get_or_create(&OutcomeLabel { outcome }).inc();
+        metrics.session_commits.get_or_create(&OutcomeLabel { outcome }).inc();
         None
     }
-}
-
-/// Runs a store operation, recording its latency; failures become `SessionStore` errors.
-pub async fn timed<T>(
-    metrics: &Metrics,
-    op: &'static str,
-    future: impl std::future::Future<Output = Result<T, StoreError>>,
-) -> Result<T, GatewayError> {
-    let started = Instant::now();
-    let result = future.await;
-    metrics.session_store_duration.get_or_create(&OpLabel { op }).observe(started.elapsed().as_secs_f64());
-    result.map_err(|err| {
-        metrics.session_store_errors.inc();
-        GatewayError::SessionStore(err)
-    })
 }

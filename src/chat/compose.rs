@@ -2,37 +2,35 @@
 //! checkpoint and the client's messages (full history or append), with the goal lock applied.
 //! Pure functions over JSON bytes; no I/O.
 
-use std::ops::Range;
-
-use bytes::Bytes;
 use serde_json::value::RawValue;
 use serde_json::Value;
 
+use crate::openai::ChatRequest;
 use crate::session::{Checkpoint, GoalLock, OnGoalConflict};
+use crate::tools::record::ToolRecord;
 
 /// A composed turn.
-pub struct Composed {
+pub(crate) struct Composed {
     /// The conversation as the transcript records it (without the goal block).
-    pub conversation: Vec<Box<RawValue>>,
-    /// The body to send upstream.
-    pub body: Bytes,
+    pub(crate) conversation: Vec<Box<RawValue>>,
+    /// The request to send upstream, when it is not the client's as sent.
+    pub(crate) upstream: Option<ChatRequest>,
     /// The client's earlier messages differed from the transcript.
-    pub rewrote_history: bool,
+    pub(crate) rewrote_history: bool,
 }
 
-/// Builds the upstream body: full-history requests without a goal go byte for byte; otherwise
-/// only the `messages` array is replaced.
-pub fn compose(
+/// Builds the upstream request: full-history requests without a goal go byte for byte;
+/// otherwise only the `messages` array is replaced.
+pub(crate) fn compose(
     checkpoint: &mut Checkpoint,
-    body: &Bytes,
-    messages: &[Box<RawValue>],
-    span: Range<usize>,
+    request: &ChatRequest,
     append: bool,
 ) -> Result<Composed, GoalConflict> {
+    let messages = request.messages();
     let mut rewrote_history = false;
     // A partial answer the client echoes back becomes the whole answer plus the gateway's
     // tool results (see `tools::record`); the body is then rebuilt like an append body.
-    let expanded = crate::tools::record::ToolRecord::from_raw(checkpoint.tools.as_deref()).expand(messages);
+    let expanded = ToolRecord::from_raw(checkpoint.tools.as_deref()).expand(messages);
     let messages = expanded.as_deref().unwrap_or(messages);
     let splice = append || expanded.is_some();
     let conversation = if append {
@@ -44,47 +42,22 @@ pub fn compose(
         messages.to_vec()
     };
     let (conversation, with_goal) = apply_goal(checkpoint.goal.as_mut(), conversation)?;
-    let body = match (&with_goal, splice) {
-        (Some(upstream), _) => splice_messages(body, span, upstream),
-        (None, true) => splice_messages(body, span, &conversation),
-        (None, false) => body.clone(),
+    let upstream = match (with_goal, splice) {
+        (Some(upstream), _) => Some(request.with_messages(upstream)),
+        (None, true) => Some(request.with_messages(conversation.clone())),
+        (None, false) => None,
     };
-    Ok(Composed { conversation, body, rewrote_history })
+    Ok(Composed { conversation, upstream, rewrote_history })
 }
 
 /// The conversation a stored upstream request carried: its messages without the goal block.
-pub fn conversation_of(body: &[u8], goal: Option<&GoalLock>) -> Option<Vec<Box<RawValue>>> {
-    let (_, messages) = crate::openai::ChatRequestHead::parse_with_messages(body).ok()?;
+pub(crate) fn conversation_of(request: &ChatRequest, goal: Option<&GoalLock>) -> Vec<Box<RawValue>> {
     let block = goal.map(GoalLock::block);
-    Some(
-        messages
-            .items
-            .iter()
-            .filter(|m| block.as_ref().is_none_or(|b| b.get() != m.get()))
-            .map(|m| (*m).to_owned())
-            .collect(),
-    )
-}
-
-/// Replaces the `messages` array at `span` with `messages`, leaving every other byte as sent.
-pub fn splice_messages(body: &[u8], span: Range<usize>, messages: &[Box<RawValue>]) -> Bytes {
-    let len: usize = messages.iter().map(|m| m.get().len() + 1).sum();
-    let mut out = Vec::with_capacity(body.len() - span.len() + len + 2);
-    out.extend_from_slice(&body[..span.start]);
-    out.push(b'[');
-    for (i, message) in messages.iter().enumerate() {
-        if i > 0 {
-            out.push(b',');
-        }
-        out.extend_from_slice(message.get().as_bytes());
-    }
-    out.push(b']');
-    out.extend_from_slice(&body[span.end..]);
-    Bytes::from(out)
+    request.messages().iter().filter(|m| block.as_ref().is_none_or(|b| b.get() != m.get())).cloned().collect()
 }
 
 /// The request changes the system prompt a goal lock guards.
-pub struct GoalConflict;
+pub(crate) struct GoalConflict;
 
 /// With a locked goal: checks (or, on the first request after locking, captures) the leading
 /// system messages, and places the goal block right after them. Returns the conversation as
@@ -133,11 +106,11 @@ fn is_system(message: &RawValue) -> bool {
 
 /// Whether the stored transcript is the start of what the client sent: byte-identical, or
 /// equal as JSON (a client may re-serialise with other spacing or key order).
-pub fn is_prefix(transcript: &[Box<RawValue>], sent: &[Box<RawValue>]) -> bool {
+pub(crate) fn is_prefix(transcript: &[Box<RawValue>], sent: &[Box<RawValue>]) -> bool {
     transcript.len() <= sent.len() && transcript.iter().zip(sent).all(|(a, b)| same_message(a, b))
 }
 
-pub fn same_message(a: &RawValue, b: &RawValue) -> bool {
+pub(crate) fn same_message(a: &RawValue, b: &RawValue) -> bool {
     a.get() == b.get()
         || matches!(
             (serde_json::from_str::<Value>(a.get()), serde_json::from_str::<Value>(b.get())),
@@ -151,19 +124,6 @@ mod tests {
 
     fn raw(s: &str) -> Box<RawValue> {
         RawValue::from_string(s.to_string()).unwrap()
-    }
-
-    #[test]
-    fn splicing_replaces_only_the_messages_array() {
-        let body = br#"{"model":"m","messages":[{"role":"user","content":"new"}],"x":{"b":1,"a":2}}"#;
-        let start = body.windows(12).position(|w| w == b"[{\"role\":\"us").unwrap();
-        let end = start + br#"[{"role":"user","content":"new"}]"#.len();
-        let messages = [raw(r#"{"role":"user","content":"old"}"#), raw(r#"{"role":"user","content":"new"}"#)];
-        let out = splice_messages(body, start..end, &messages);
-        assert_eq!(
-            std::str::from_utf8(&out).unwrap(),
-            r#"{"model":"m","messages":[{"role":"user","content":"old"},{"role":"user","content":"new"}],"x":{"b":1,"a":2}}"#
-        );
     }
 
     #[test]
@@ -193,7 +153,8 @@ mod tests {
             r#"{{"model":"m","messages":[{{"role":"system","content":"s"}},{},{{"role":"user"}}]}}"#,
             block.get()
         );
-        let conversation = conversation_of(body.as_bytes(), Some(&goal)).unwrap();
+        let request = ChatRequest::parse(bytes::Bytes::from(body)).unwrap();
+        let conversation = conversation_of(&request, Some(&goal));
         assert_eq!(conversation.len(), 2);
         assert_eq!(conversation[1].get(), r#"{"role":"user"}"#);
     }

@@ -84,7 +84,7 @@ impl TokenCounter {
 
     /// Tokens of one message (its JSON as sent), cached by its bytes.
     pub fn message(&self, json: &str) -> u32 {
-        self.cached(json, 0, |json| PER_MESSAGE + self.text(&super::message::countable_text(json)))
+        self.cached(json, 0, |json| PER_MESSAGE + self.text(&crate::openai::message::countable_text(json)))
     }
 
     /// Tokens of a JSON document counted as text (the `tools` array), cached by its bytes.

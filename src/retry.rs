@@ -1,5 +1,6 @@
-//! When an upstream attempt is retried, and how long to wait first: jittered exponential
-//! backoff, or the upstream's own `Retry-After` / `retry-after-ms` when it sends one.
+//! When an outbound attempt (an upstream call, a gateway tool call) is retried, and how long to
+//! wait first: jittered exponential backoff, or the server's own `Retry-After` /
+//! `retry-after-ms` when it sends one.
 
 use std::time::Duration;
 

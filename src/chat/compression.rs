@@ -1,0 +1,330 @@
+//! Compression wired to a chat request, the one copy of it: the policy for the request's model,
+//! where the conversation's state lives (a session's checkpoint, or for a stateless client the
+//! store keyed by the caller and the conversation's first messages), the plan, the rebuilt
+//! body, the response headers and metrics, and the state-sheet calls made in the background.
+//!
+//! [`crate::compress`] decides (pure); this module does the I/O around it.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{header, HeaderMap, HeaderValue};
+use serde_json::value::RawValue;
+
+use super::context::ChatContext;
+use crate::compress::{self, Active, Plan, State, Summary, SummaryRequest};
+use crate::config::CompressionMode;
+use crate::error::GatewayError;
+use crate::headers;
+use crate::openai::{request, ChatRequest};
+use crate::session::BlobKind;
+use crate::telemetry::{ModelStage, ReasonLabel};
+use crate::AppState;
+
+/// State sheets being written in this process: conversation key → messages and request tokens
+/// when it was asked for.
+#[derive(Debug, Default)]
+pub(crate) struct Sheets {
+    writing: Mutex<HashMap<String, (usize, u64)>>,
+}
+
+impl Sheets {
+    fn writing(&self, key: &str) -> bool {
+        self.writing.lock().is_ok_and(|w| w.contains_key(key))
+    }
+
+    fn writing_since(&self, key: &str) -> Option<(usize, u64)> {
+        self.writing.lock().ok()?.get(key).copied()
+    }
+}
+
+/// One request's compression: its policy, its conversation, and a sheet ready to place.
+pub(crate) struct Compaction<'a> {
+    active: Active<'a>,
+    /// The model as a metric label.
+    label: String,
+    /// The conversation's key for its state and sheets.
+    key: String,
+    ready: Option<Summary>,
+    /// `prompt_cache_key` for upstreams that take one.
+    cache_key: Option<String>,
+}
+
+impl<'a> Compaction<'a> {
+    /// The compression `ctx` runs under (`None` when it is off for the model or the request
+    /// opts out), with the sheet written for `key` since the last request when `look_up`.
+    pub(crate) async fn begin(
+        app: &'a AppState,
+        ctx: &ChatContext,
+        key: String,
+        messages: &[Box<RawValue>],
+        look_up: bool,
+    ) -> Option<Self> {
+        if ctx.compression_opted_out() {
+            return None;
+        }
+        let active = app.compressor.active(&ctx.request.model)?;
+        let ready = if look_up { ready_sheet(app, &active, &key, messages).await } else { None };
+        let cache_key =
+            ctx.route(app).first().filter(|u| u.prompt_cache_key).map(|_| compress::cache_key(&key));
+        let label = app.model_labels.label(&ctx.request.model);
+        Some(Self { active, label, key, ready, cache_key })
+    }
+
+    /// Plans `conversation` (as it will be recorded, without the goal block) under `previous`,
+    /// the state an earlier epoch froze, and rebuilds `request` around the planned messages.
+    pub(crate) fn plan(
+        &self,
+        app: &AppState,
+        request: &ChatRequest,
+        conversation: &[Box<RawValue>],
+        goal: Option<&RawValue>,
+        previous: Option<State>,
+    ) -> Result<(ChatRequest, Plan), GatewayError> {
+        let analysed = compress::analyse(self.active.counter, conversation);
+        let mut plan = compress::run(
+            &app.compressor,
+            &self.active,
+            conversation,
+            &analysed,
+            goal,
+            request.tools(),
+            previous,
+            self.ready.as_ref(),
+        );
+        // The planned messages move into the request; `plan.messages` is left empty.
+        let messages = std::mem::take(&mut plan.messages);
+        let upstream = request.rebuild(messages, self.cache_key.as_deref())?;
+        Ok((upstream, plan))
+    }
+
+    /// What follows a decided plan: metrics, the response headers, and the state sheet it asks
+    /// for, started in the background.
+    pub(crate) fn finish(
+        &self,
+        app: &Arc<AppState>,
+        ctx: &mut ChatContext,
+        plan: &mut Plan,
+        conversation_len: usize,
+    ) {
+        compress::record(&app.metrics, &self.label, plan);
+        let headers = &mut ctx.annotations;
+        headers.insert(headers::TOKENS_BEFORE, HeaderValue::from(plan.tokens_before));
+        headers.insert(headers::TOKENS_AFTER, HeaderValue::from(plan.tokens_after));
+        headers.insert(headers::COMPRESSION, HeaderValue::from_static(plan.acted.as_str()));
+        if let Some(sheet) = plan.summarize.take() {
+            let call = SheetCall {
+                model: app
+                    .compressor
+                    .config
+                    .summarizer
+                    .model
+                    .clone()
+                    .unwrap_or_else(|| ctx.request.model.clone()),
+                upstream: app.compressor.config.summarizer.upstream.clone(),
+                authorization: ctx.headers().get(header::AUTHORIZATION).cloned(),
+                tools: ctx.request.tools().and_then(|t| request::canonical(t.get())),
+            };
+            start_sheet(app, &self.key, sheet, call, conversation_len, plan.tokens_after);
+        }
+    }
+
+    /// Counts how much of the previous request a session request shares as a prefix.
+    pub(crate) fn count_prefix(&self, app: &AppState, (previous, shared): (u64, u64)) {
+        let stage = |stage| ModelStage { model: self.label.clone(), stage };
+        app.metrics.compression_prefix_bytes.get_or_create(&stage("previous")).inc_by(previous);
+        app.metrics.compression_prefix_bytes.get_or_create(&stage("shared")).inc_by(shared);
+    }
+}
+
+/// Compression without a session: the conversation's state is stored under a key derived from
+/// the caller and its first messages, so a client that resends the same history gets the same
+/// bytes upstream. Returns the request to send when it is not the client's as sent.
+pub(crate) async fn stateless(
+    app: &Arc<AppState>,
+    ctx: &mut ChatContext,
+) -> Result<Option<ChatRequest>, GatewayError> {
+    if ctx.compression_opted_out() || app.compressor.active(&ctx.request.model).is_none() {
+        return Ok(None);
+    }
+    let scope = crate::session::SessionKey::new(&ctx.scope_credential(), "").scope;
+    let messages = ctx.request.messages();
+    let Some(active) = app.compressor.active(&ctx.request.model) else { return Ok(None) };
+    let analysed = compress::analyse(active.counter, messages);
+    let total = compress::fixed_tokens(active.counter, ctx.request.tools(), None)
+        + analysed.tokens.iter().map(|&t| u64::from(t)).sum::<u64>();
+    let key = compress::conversation_key(&scope, messages, &analysed.infos);
+    // Under the first mark nothing was ever compacted: no state to look up.
+    let first_mark = active.policy.pre_tokens().min(active.policy.high_tokens());
+    let past_mark = total > first_mark;
+    let Some(compaction) = Compaction::begin(app, ctx, key, messages, past_mark).await else {
+        return Ok(None);
+    };
+    let previous = if past_mark { load_state(app, &compaction.key).await } else { None };
+    let (upstream, mut plan) = compaction.plan(app, &ctx.request, messages, None, previous)?;
+    if plan.epoch.is_some() || plan.reset {
+        if let Some(state) = &plan.state {
+            if let Err(err) = save_state(app, &compaction.key, state).await {
+                // The request still goes out; the next one recomputes the epoch.
+                tracing::warn!(error = %err, "cannot store compression state");
+            }
+        }
+    }
+    let len = messages.len();
+    compaction.finish(app, ctx, &mut plan, len);
+    Ok(Some(upstream))
+}
+
+async fn load_state(app: &AppState, key: &str) -> Option<State> {
+    let bytes = app.sessions.get_blob(BlobKind::CompressionState, key).await.ok()??;
+    serde_json::from_slice(&bytes).ok()
+}
+
+async fn save_state(app: &AppState, key: &str, state: &State) -> Result<(), GatewayError> {
+    let bytes = serde_json::to_vec(state).map_err(|e| GatewayError::Internal(e.into()))?;
+    Ok(app.sessions.put_blob(BlobKind::CompressionState, key, Bytes::from(bytes)).await?)
+}
+
+// === state sheets ===
+
+/// Where and as whom a sheet call goes.
+struct SheetCall {
+    model: String,
+    /// `summarizer.upstream`, else the model's route.
+    upstream: Option<String>,
+    /// The client's `Authorization`, for upstreams that take the caller's key.
+    authorization: Option<HeaderValue>,
+    /// The request's `tools`, canonical, so the call's prefix matches the conversation's.
+    tools: Option<Box<RawValue>>,
+}
+
+/// The sheet waiting for `key`, if any. When one is still being written and this request may
+/// reach the high-water mark, waits for it up to `summarizer.max_wait`.
+async fn ready_sheet(
+    app: &AppState,
+    active: &Active<'_>,
+    key: &str,
+    messages: &[Box<RawValue>],
+) -> Option<Summary> {
+    if active.policy.mode != CompressionMode::Hybrid {
+        return None;
+    }
+    let bound = match app.sheets.writing_since(key) {
+        Some((len, view)) => {
+            let added: u64 =
+                messages.iter().skip(len).map(|m| u64::from(active.counter.message(m.get()))).sum();
+            if view + added > active.policy.high_tokens() {
+                app.compressor.config.summarizer.max_wait
+            } else {
+                Duration::ZERO
+            }
+        }
+        None => Duration::ZERO,
+    };
+    let deadline = Instant::now() + bound;
+    loop {
+        if let Ok(Some(bytes)) = app.sessions.get_blob(BlobKind::Sheet, key).await {
+            if let Ok(summary) = serde_json::from_slice::<Summary>(&bytes) {
+                return Some(summary);
+            }
+        }
+        if Instant::now() >= deadline || !app.sheets.writing(key) {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(20).min(bound)).await;
+    }
+}
+
+/// Starts writing the sheet a plan asks for, unless one is already being written for `key`.
+fn start_sheet(
+    app: &Arc<AppState>,
+    key: &str,
+    request: SummaryRequest,
+    call: SheetCall,
+    conversation_len: usize,
+    tokens_after: u64,
+) {
+    {
+        let Ok(mut writing) = app.sheets.writing.lock() else { return };
+        if writing.contains_key(key) {
+            return;
+        }
+        writing.insert(key.to_string(), (conversation_len, tokens_after));
+    }
+    let app2 = app.clone();
+    let key = key.to_string();
+    app.spawn(async move {
+        write_sheet(&app2, &key, request, call).await;
+        if let Ok(mut writing) = app2.sheets.writing.lock() {
+            writing.remove(&key);
+        }
+    });
+}
+
+/// Writes the sheet for `request` and stores it for the epoch that places it. Failures are
+/// counted and logged; the conversation keeps going on rules.
+async fn write_sheet(app: &AppState, key: &str, request: SummaryRequest, call: SheetCall) {
+    let config = &app.compressor.config.summarizer;
+    let metrics = &app.metrics;
+    let failed = |reason| metrics.summarizer_failures.get_or_create(&ReasonLabel { reason }).inc();
+    let started = Instant::now();
+    let outcome = tokio::time::timeout(config.timeout, summarize(app, &request, &call)).await;
+    metrics.summarizer_duration.observe(started.elapsed().as_secs_f64());
+    let message = match outcome {
+        Ok(Ok(message)) => message,
+        Ok(Err(reason)) => {
+            failed(reason);
+            tracing::warn!(reason, "state sheet not written");
+            return;
+        }
+        Err(_) => {
+            failed("timeout");
+            tracing::warn!(timeout = ?config.timeout, "state sheet not written in time");
+            return;
+        }
+    };
+    let summary = Summary { start: request.start, end: request.end, covered: request.covered, message };
+    let Ok(bytes) = serde_json::to_vec(&summary) else { return };
+    if let Err(err) = app.sessions.put_blob(BlobKind::Sheet, key, Bytes::from(bytes)).await {
+        failed("store");
+        tracing::warn!(error = %err, "cannot store a state sheet");
+    }
+}
+
+async fn summarize(
+    app: &AppState,
+    request: &SummaryRequest,
+    call: &SheetCall,
+) -> Result<Box<RawValue>, &'static str> {
+    let config = &app.compressor.config.summarizer;
+    let body =
+        compress::summary::request_body(request, &call.model, call.tools.as_deref(), config.max_tokens)
+            .map_err(|_| "encode")?;
+    let mut headers = HeaderMap::new();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    if let Some(auth) = &call.authorization {
+        headers.insert(header::AUTHORIZATION, auth.clone());
+    }
+    let route = match &call.upstream {
+        Some(name) => app.upstreams.router.named(name).ok_or("no_upstream")?,
+        None => app.upstreams.router.route(Some(&call.model)),
+    };
+    let outgoing = crate::upstream::Outgoing {
+        method: http::Method::POST,
+        path_and_query: "/v1/chat/completions".into(),
+        headers,
+        body: crate::upstream::OutgoingBody::Replayable(body),
+    };
+    let forwarded = app.upstreams.forward(route, outgoing).await.map_err(|_| "upstream")?;
+    let response = forwarded.into_response();
+    if !response.status().is_success() {
+        return Err("upstream_status");
+    }
+    let bytes =
+        http_body_util::BodyExt::collect(response.into_body()).await.map_err(|_| "upstream_body")?.to_bytes();
+    let text = compress::summary::answer_text(&bytes).ok_or("no_text")?;
+    let replaced = request.end - request.start;
+    compress::summary::sheet_message(&text, &config.role, request.epoch, replaced).ok_or("unusable")
+}

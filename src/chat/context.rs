@@ -1,0 +1,168 @@
+//! [`ChatContext`]: one chat request as every phase of the pipeline sees it, built once. It
+//! holds the request parsed once, the caller and its token charge, the route's model, where
+//! the answer's `usage` goes, and the response headers the phases add.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{header, request, HeaderMap, Method};
+
+use crate::auth::{self, scope_credential, Caller};
+use crate::body::Body;
+use crate::error::GatewayError;
+use crate::headers;
+use crate::http_util::{read_body, require_json};
+use crate::openai::ChatRequest;
+use crate::session::SessionKey;
+use crate::upstream::{Forwarded, Outgoing, OutgoingBody, Upstream, UsageSink};
+use crate::AppState;
+
+pub(crate) struct ChatContext {
+    /// Method, path, the headers that go upstream, and the extensions the stack set (the
+    /// [`Caller`]).
+    pub(crate) parts: request::Parts,
+    /// The body parsed once (after gateway tools were injected).
+    pub(crate) request: ChatRequest,
+    /// The session the request names, if any.
+    pub(crate) session_id: Option<String>,
+    /// Who learns each upstream answer's `usage`: the per-model counters, the caller's charge.
+    pub(crate) usage: UsageSink,
+    /// Response headers the phases add (what compression did).
+    pub(crate) annotations: HeaderMap,
+    /// The turn runs the gateway's tool loop.
+    pub(crate) tools_engaged: bool,
+}
+
+impl ChatContext {
+    /// Reads, validates and parses the request once, injects gateway tools, checks the session
+    /// id, and charges the caller.
+    pub(crate) async fn read(app: &AppState, request: http::Request<Body>) -> Result<Self, GatewayError> {
+        let (mut parts, body) = request.into_parts();
+        require_json(&parts.headers)?;
+        let bytes = read_body(body).await?;
+        let request = app.tools.inject(ChatRequest::parse(bytes)?)?;
+        let session_id = app.sessions.id_of(&parts.headers)?;
+        let caller = parts.extensions.get::<Caller>();
+        let counter = app.compressor.counter_for(&request.model);
+        let charge =
+            app.auth.charge(caller, &request.model, || auth::count_prompt_tokens(counter, &request)).await?;
+        let usage = usage_sink(app, &request.model, charge);
+        // The body is rewritten on most paths; the client's framing never goes upstream.
+        parts.headers.remove(header::CONTENT_LENGTH);
+        let tools_engaged = app.tools.engaged_by(&request);
+        Ok(Self { parts, request, session_id, usage, annotations: HeaderMap::new(), tools_engaged })
+    }
+
+    /// A context for re-issuing a stored upstream request (a turn resumed after its owner
+    /// died): no charge, no annotations, the resuming caller's headers.
+    pub(crate) fn resumed(
+        app: &AppState,
+        headers: HeaderMap,
+        path: &str,
+        request: ChatRequest,
+    ) -> Result<Self, GatewayError> {
+        let mut builder = http::Request::builder().method(Method::POST).uri(path);
+        if let Some(h) = builder.headers_mut() {
+            *h = headers;
+        }
+        let (parts, ()) = builder.body(()).map_err(|e| GatewayError::Internal(e.into()))?.into_parts();
+        let tools_engaged = app.tools.engaged_by(&request);
+        Ok(Self {
+            usage: usage_sink(app, &request.model, None),
+            parts,
+            request,
+            session_id: None,
+            annotations: HeaderMap::new(),
+            tools_engaged,
+        })
+    }
+
+    pub(crate) fn path(&self) -> &str {
+        self.parts.uri.path_and_query().map_or("/v1/chat/completions", |p| p.as_str())
+    }
+
+    pub(crate) fn headers(&self) -> &HeaderMap {
+        &self.parts.headers
+    }
+
+    /// The session key for `id`: under the caller's gateway key when keys are on, else under
+    /// its `Authorization` header.
+    pub(crate) fn session_key(&self, id: &str) -> SessionKey {
+        SessionKey::new(&self.scope_credential(), id)
+    }
+
+    /// What sessions and stateless conversation state are scoped by.
+    pub(crate) fn scope_credential(&self) -> Vec<u8> {
+        scope_credential(&self.parts.headers, &self.parts.extensions)
+    }
+
+    /// The headers that go upstream: the client's, without ctxgate's own request headers.
+    pub(crate) fn strip_gateway_headers(&mut self, session_header: &str) {
+        let headers = &mut self.parts.headers;
+        headers.remove(session_header);
+        headers.remove(&headers::SESSION_MODE);
+        headers.remove(&headers::COMPRESSION);
+    }
+
+    /// Whether the client opted this request out of compression.
+    pub(crate) fn compression_opted_out(&self) -> bool {
+        self.parts
+            .headers
+            .get(&headers::COMPRESSION)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"off"))
+    }
+
+    /// Whether the client sends only new messages (`X-Session-Mode: append`).
+    pub(crate) fn append_mode(&self) -> bool {
+        self.parts
+            .headers
+            .get(&headers::SESSION_MODE)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"append"))
+    }
+
+    pub(crate) fn request_id(&self) -> &str {
+        self.parts.headers.get(&headers::REQUEST_ID).and_then(|v| v.to_str().ok()).unwrap_or("")
+    }
+
+    /// The route of the request's model, in failover order.
+    pub(crate) fn route<'a>(&self, app: &'a AppState) -> &'a [Arc<Upstream>] {
+        app.upstreams.router.route(Some(&self.request.model))
+    }
+
+    /// Sends `body` upstream along the model's route (retries and failover before the first
+    /// byte); the answer's `usage` goes to this context's sink.
+    pub(crate) async fn send(&self, app: &AppState, body: Bytes) -> Result<Forwarded, GatewayError> {
+        self.send_with(app, body, self.parts.headers.clone()).await
+    }
+
+    /// [`Self::send`] with `headers` (the context's, taken when nothing sends again).
+    pub(crate) async fn send_with(
+        &self,
+        app: &AppState,
+        body: Bytes,
+        headers: HeaderMap,
+    ) -> Result<Forwarded, GatewayError> {
+        let outgoing = Outgoing {
+            method: Method::POST,
+            path_and_query: self.path().to_string(),
+            headers,
+            body: OutgoingBody::Replayable(body),
+        };
+        let mut forwarded = app.upstreams.forward(self.route(app), outgoing).await?;
+        forwarded.usage_sink = self.usage.clone();
+        Ok(forwarded)
+    }
+}
+
+/// Who learns the `usage` of a request's answers: the per-model counters on compressed routes,
+/// and the caller's token charge.
+fn usage_sink(app: &AppState, model: &str, charge: Option<auth::TokenCharge>) -> UsageSink {
+    let mut usage = UsageSink::default();
+    if app.compressor.active(model).is_some() {
+        usage = usage.with(Arc::new(app.metrics.for_model(&app.model_labels.label(model))));
+    }
+    if let Some(charge) = charge {
+        usage = usage.with(Arc::new(charge));
+    }
+    usage
+}

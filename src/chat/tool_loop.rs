@@ -1,0 +1,350 @@
+//! The gateway's tool loop around the upstream: when the model's answer calls gateway tools,
+//! they run (all at once, see [`crate::tools::call`]), their results are appended as `tool`
+//! messages in call order, and the model is asked again, for up to `tool_loop.max_rounds`
+//! rounds; the request after the last round carries `tool_choice: "none"`.
+//!
+//! - Non-streamed answers gain a `ctxgate` object: `tool_runs` (tool, timing, attempts,
+//!   outcome) and `rounds`.
+//! - Streamed answers flow live until the first tool-call delta; from there the [`Relay`] holds
+//!   events until the round ends. A round that only called gateway tools never reaches the
+//!   client, and keep-alive comments cover the time the tools run.
+//! - An answer that also calls client tools: on a session, the gateway's calls run and are
+//!   removed from what the client sees (their results are owed to the next turn, see
+//!   [`crate::tools::record`]); without a session nothing runs and the answer passes through.
+//!
+//! Without gateway tools the loop is one round: the same code reads every answer.
+
+use std::borrow::Cow;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Response};
+use http_body_util::BodyExt;
+use indexmap::IndexMap;
+use serde_json::value::RawValue;
+use serde_json::{json, Value};
+
+use super::context::ChatContext;
+use super::relay::{Relay, Rest, Round};
+use crate::body::{self, Body};
+use crate::error::GatewayError;
+use crate::headers;
+use crate::openai::answer::Answer;
+use crate::openai::events::only_tool_calls;
+use crate::openai::{request, ChatRequest};
+use crate::tools::record::Expansion;
+use crate::tools::tasks::TaskLog;
+use crate::tools::{Call, ToolRun};
+use crate::upstream::UpstreamWait;
+use crate::AppState;
+
+/// What the loop did.
+#[derive(Debug, Default)]
+pub(crate) struct Outcome {
+    pub(crate) rounds: u32,
+    pub(crate) runs: Vec<ToolRun>,
+    /// Messages added before the final answer: each round's assistant message and results.
+    pub(crate) added: Vec<Box<RawValue>>,
+    /// The final answer: the model's message as it wrote it and its round's usage; `None` when
+    /// the answer was cut short or was an error.
+    pub(crate) answer: Option<Answer>,
+    /// The final answer mixed gateway and client calls (sessions only).
+    pub(crate) held: Option<Expansion>,
+}
+
+impl Outcome {
+    /// The transcript the turn commits after `conversation`: the rounds' messages, then the
+    /// final answer (for an answer that also called client tools: the whole answer and the
+    /// gateway's results; the client got only its own calls, and the next turn restores the
+    /// rest). `None` when there is no answer to commit.
+    pub(crate) fn transcript(&self, mut conversation: Vec<Box<RawValue>>) -> Option<Vec<Box<RawValue>>> {
+        let answer = self.answer.as_ref()?;
+        conversation.extend(self.added.iter().cloned());
+        match &self.held {
+            Some(held) => {
+                conversation.push(held.full.clone());
+                conversation.extend(held.results.iter().cloned());
+            }
+            None => conversation.push(answer.message.clone()),
+        }
+        Some(conversation)
+    }
+}
+
+/// The loop over one turn's rounds.
+pub(crate) struct ToolLoop<'a> {
+    app: &'a AppState,
+    ctx: &'a ChatContext,
+    /// The request as last sent upstream: each round appends to its messages.
+    sent: Cow<'a, ChatRequest>,
+    /// Whether to run gateway calls at all (a context with gateway tools).
+    engaged: bool,
+    /// On a session: an answer mixing gateway and client calls runs the gateway's.
+    session: bool,
+    /// Where tasks are recorded (on a session).
+    tasks: Option<Arc<TaskLog>>,
+    pub(crate) outcome: Outcome,
+}
+
+/// What to do with a round's answer.
+enum Step {
+    /// The final answer: deliver it.
+    Deliver,
+    /// Run the gateway's calls; `client` are the positions of the client's own calls.
+    Run { calls: Vec<Call>, client: Vec<(usize, String)> },
+}
+
+impl<'a> ToolLoop<'a> {
+    pub(crate) fn new(
+        app: &'a AppState,
+        ctx: &'a ChatContext,
+        sent: &'a ChatRequest,
+        session: bool,
+        tasks: Option<Arc<TaskLog>>,
+    ) -> Self {
+        let sent = Cow::Borrowed(sent);
+        Self { app, ctx, sent, engaged: ctx.tools_engaged, session, tasks, outcome: Outcome::default() }
+    }
+
+    /// What the loop did (its rounds are counted in the metrics when gateway tools were in play).
+    pub(crate) fn finish(self) -> Outcome {
+        if self.engaged {
+            self.app.metrics.tools.rounds.observe(f64::from(self.outcome.rounds));
+        }
+        self.outcome
+    }
+
+    fn decide(&self, message: &RawValue) -> Step {
+        if !self.engaged || self.outcome.rounds >= self.app.tools.limits.max_rounds {
+            return Step::Deliver;
+        }
+        let Ok(value) = serde_json::from_str::<Value>(message.get()) else { return Step::Deliver };
+        let Some(calls) = value.get("tool_calls").and_then(Value::as_array) else { return Step::Deliver };
+        let (mut gateway, mut client) = (Vec::new(), Vec::new());
+        for (i, call) in calls.iter().enumerate() {
+            let text = |pointer| call.pointer(pointer).and_then(Value::as_str).unwrap_or("").to_string();
+            let call = Call {
+                id: text("/id"),
+                name: text("/function/name"),
+                arguments: text("/function/arguments"),
+            };
+            if self.app.tools.get(&call.name).is_some() {
+                gateway.push(call);
+            } else {
+                client.push((i, call.id));
+            }
+        }
+        if gateway.is_empty() || (!client.is_empty() && !self.session) {
+            return Step::Deliver;
+        }
+        Step::Run { calls: gateway, client }
+    }
+
+    /// Runs the gateway calls of a round; returns their `tool` messages in call order.
+    async fn run_round(&mut self, calls: Vec<Call>) -> Vec<Box<RawValue>> {
+        let outcomes = self.app.tools.run_all(calls, self.tasks.clone()).await;
+        self.outcome.rounds += 1;
+        let messages = outcomes.iter().map(crate::tools::Outcome::message).collect();
+        self.outcome.runs.extend(outcomes.into_iter().map(|o| o.run));
+        messages
+    }
+
+    /// Appends a round that only called gateway tools, and asks the model again.
+    async fn next_round(
+        &mut self,
+        message: Box<RawValue>,
+        results: Vec<Box<RawValue>>,
+    ) -> Result<Response<Body>, GatewayError> {
+        let mut messages = self.sent.messages().to_vec();
+        messages.push(message.clone());
+        messages.extend(results.iter().cloned());
+        self.outcome.added.push(message);
+        self.outcome.added.extend(results);
+        self.sent = Cow::Owned(self.sent.with_messages(messages));
+        let mut body = self.sent.body().clone();
+        if self.outcome.rounds >= self.app.tools.limits.max_rounds {
+            body = request::with_field(&body, "tool_choice", &raw(&json!("none")))?;
+        }
+        Ok(self.ctx.send(self.app, body).await?.into_response())
+    }
+
+    /// Reads a JSON answer, running rounds until the final one; returns the client's response.
+    pub(crate) async fn json(&mut self, response: Response<Body>) -> Result<Response<Body>, GatewayError> {
+        let mut response = self.json_rounds(response).await?;
+        if self.outcome.rounds > 0 {
+            response.headers_mut().insert(headers::TOOL_ROUNDS, HeaderValue::from(self.outcome.rounds));
+        }
+        Ok(response)
+    }
+
+    async fn json_rounds(&mut self, mut response: Response<Body>) -> Result<Response<Body>, GatewayError> {
+        let mut relay = Relay::Json;
+        // Time spent on others' work before the client's headers: every model call (to its
+        // headers and its body) and every tool round. The overhead metric subtracts it.
+        let mut waited = Duration::ZERO;
+        loop {
+            waited += response.extensions().get::<UpstreamWait>().map_or(Duration::ZERO, |w| w.0);
+            let reading = Instant::now();
+            let body = std::mem::replace(response.body_mut(), body::empty());
+            let round = relay.read(body, false).await.map_err(|source| self.unreachable(source))?;
+            waited += reading.elapsed();
+            response.extensions_mut().insert(UpstreamWait(waited));
+            let Round { answer, rest: Rest::Body(bytes) } = round else {
+                return Err(GatewayError::Internal("a JSON round held stream events".into()));
+            };
+            let Some(answer) = answer else {
+                *response.body_mut() = body::full(bytes);
+                return Ok(response);
+            };
+            let (calls, client) = match self.decide(&answer.message) {
+                Step::Deliver => {
+                    let bytes =
+                        if self.outcome.rounds > 0 { self.with_extension(&bytes, None) } else { bytes };
+                    self.outcome.answer = Some(answer);
+                    return Ok(replace_body(response, bytes));
+                }
+                Step::Run { calls, client } => (calls, client),
+            };
+            let running = Instant::now();
+            let results = self.run_round(calls).await;
+            waited += running.elapsed();
+            if !client.is_empty() {
+                response.extensions_mut().insert(UpstreamWait(waited));
+                let visible = only_calls(&answer.message, &client);
+                let bytes = self.with_extension(&bytes, Some(&visible));
+                self.hold(answer, client, results);
+                return Ok(replace_body(response, bytes));
+            }
+            response = self.next_round(answer.message, results).await?;
+            if !response.status().is_success() {
+                let own = response.extensions().get::<UpstreamWait>().map_or(Duration::ZERO, |w| w.0);
+                response.extensions_mut().insert(UpstreamWait(waited + own));
+                return Ok(response);
+            }
+        }
+    }
+
+    /// Relays a streamed answer, running rounds until the final one.
+    pub(crate) async fn stream(&mut self, mut upstream: Body, relay: &mut Relay) {
+        let keepalive = self.app.tools.limits.keepalive_interval;
+        loop {
+            let Ok(round) = relay.read(upstream, self.engaged).await else {
+                // Cut mid-stream: the client's body has ended with the error already.
+                return;
+            };
+            let held = match round.rest {
+                Rest::Held(held) => held,
+                Rest::Body(bytes) => vec![bytes],
+            };
+            let Some(answer) = round.answer else {
+                relay.flush(held).await;
+                return;
+            };
+            let (calls, client) = match self.decide(&answer.message) {
+                Step::Deliver => {
+                    self.outcome.answer = Some(answer);
+                    relay.flush(held).await;
+                    return;
+                }
+                Step::Run { calls, client } => (calls, client),
+            };
+            let results = relay.keep_alive(keepalive, self.run_round(calls)).await;
+            if !client.is_empty() {
+                let positions: Vec<usize> = client.iter().map(|(i, _)| *i).collect();
+                let visible = held.into_iter().map(|e| only_tool_calls(&e, &positions)).collect();
+                self.hold(answer, client, results);
+                relay.flush(visible).await;
+                return;
+            }
+            if !self.continues(relay) {
+                return;
+            }
+            let response = match self.next_round(answer.message, results).await {
+                Ok(response) => response,
+                Err(err) => return relay.fail_with(&err).await,
+            };
+            if !response.status().is_success() {
+                // The upstream's own error, as one event (it is its error, not ctxgate's).
+                let status = response.status();
+                let bytes = response.into_body().collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+                let event = match serde_json::from_slice::<Value>(&bytes) {
+                    Ok(error) => crate::openai::sse::data_event(&error.to_string()),
+                    Err(_) => {
+                        let upstream =
+                            self.ctx.route(self.app).first().map_or_else(String::new, |u| u.name.clone());
+                        GatewayError::UpstreamStatus { upstream, status }.to_sse_event()
+                    }
+                };
+                return relay.fail(event).await;
+            }
+            upstream = response.into_body();
+        }
+    }
+
+    /// Whether another round is worth asking for: a detached turn (a session) is read to its
+    /// end for its commit; without a session a client that left wants nothing more.
+    fn continues(&self, relay: &Relay) -> bool {
+        self.session || !relay.client_gone()
+    }
+
+    fn hold(&mut self, answer: Answer, client: Vec<(usize, String)>, results: Vec<Box<RawValue>>) {
+        self.outcome.held = Some(Expansion {
+            client_call_ids: client.into_iter().map(|(_, id)| id).collect(),
+            full: answer.message.clone(),
+            results,
+        });
+        self.outcome.answer = Some(answer);
+    }
+
+    fn unreachable(&self, source: crate::body::BoxError) -> GatewayError {
+        let upstream = self.ctx.route(self.app).first().map_or_else(String::new, |u| u.name.clone());
+        GatewayError::UpstreamUnreachable { upstream, source }
+    }
+
+    /// The completion with the `ctxgate` object added and, when given, its first choice's
+    /// message replaced.
+    fn with_extension(&self, bytes: &Bytes, message: Option<&RawValue>) -> Bytes {
+        let Ok(mut fields) = serde_json::from_slice::<IndexMap<String, Value>>(bytes) else {
+            return bytes.clone();
+        };
+        if let Some(message) = message {
+            if let (Some(slot), Ok(value)) = (
+                fields.get_mut("choices").and_then(|c| c.get_mut(0)),
+                serde_json::from_str::<Value>(message.get()),
+            ) {
+                slot["message"] = value;
+            }
+        }
+        let report = json!({"rounds": self.outcome.rounds, "tool_runs": self.outcome.runs});
+        fields.insert("ctxgate".into(), report);
+        serde_json::to_vec(&fields).map(Bytes::from).unwrap_or_else(|_| bytes.clone())
+    }
+}
+
+fn replace_body(mut response: Response<Body>, bytes: Bytes) -> Response<Body> {
+    response.headers_mut().remove(header::CONTENT_LENGTH);
+    *response.body_mut() = body::full(bytes);
+    response
+}
+
+/// The assistant message with only the client's calls (positions `keep`).
+fn only_calls(message: &RawValue, keep: &[(usize, String)]) -> Box<RawValue> {
+    let Ok(mut value) = serde_json::from_str::<IndexMap<String, Value>>(message.get()) else {
+        return message.to_owned();
+    };
+    if let Some(Value::Array(calls)) = value.get_mut("tool_calls") {
+        let kept: Vec<Value> = calls
+            .drain(..)
+            .enumerate()
+            .filter(|(i, _)| keep.iter().any(|(k, _)| k == i))
+            .map(|(_, c)| c)
+            .collect();
+        *calls = kept;
+    }
+    serde_json::value::to_raw_value(&value).unwrap_or_else(|_| message.to_owned())
+}
+
+fn raw(value: &Value) -> Box<RawValue> {
+    serde_json::value::to_raw_value(value).unwrap_or_else(|_| RawValue::NULL.to_owned())
+}

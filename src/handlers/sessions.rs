@@ -1,0 +1,220 @@
+//! The sessions API: inspect and delete sessions, lock goals, replay a turn's stream, resume an
+//! interrupted turn. The session protocol itself is [`crate::session`]'s; this module maps it
+//! to HTTP.
+
+use std::sync::Arc;
+
+use http::{header, HeaderMap, HeaderValue, Method, Response};
+use serde_json::{json, Value};
+
+use crate::auth::scope_credential;
+use crate::body::{Body, ChannelBody};
+use crate::chat::resume;
+use crate::error::GatewayError;
+use crate::headers;
+use crate::http_util::{json_response, read_body};
+use crate::session::checkpoint::now_ms;
+use crate::session::events::{follow, parse_event_id};
+use crate::session::{Admitted, GoalLock, Lease, OnGoalConflict, SessionKey};
+use crate::tools::record::ToolRecord;
+use crate::AppState;
+
+/// `GET`/`DELETE /v1/sessions/{id}`, `GET /v1/sessions/{id}/messages`, `.../tasks`,
+/// `GET`/`PUT`/`DELETE /v1/sessions/{id}/goal`, `GET /v1/sessions/{id}/stream` and
+/// `POST /v1/sessions/{id}/resume`.
+pub(crate) async fn api(
+    state: Arc<AppState>,
+    request: http::Request<Body>,
+) -> Result<Response<Body>, GatewayError> {
+    let (parts, body) = request.into_parts();
+    let path = parts.uri.path();
+    let rest = path.trim_start_matches("/v1/sessions/");
+    let (id, sub) = match rest.split_once('/') {
+        Some((id, sub)) => (id, Some(sub)),
+        None => (rest, None),
+    };
+    let not_found = || GatewayError::NotFound { method: parts.method.to_string(), path: path.to_string() };
+    if !crate::session::valid_id(id) {
+        return Err(not_found());
+    }
+    let key = SessionKey::new(&scope_credential(&parts.headers, &parts.extensions), id);
+    let store = &state.sessions.store;
+    let missing = || GatewayError::SessionNotFound { id: id.to_string() };
+    match (&parts.method, sub) {
+        (&Method::GET, None) => {
+            let stored = store.load(&key).await?.ok_or_else(missing)?;
+            let cp = &stored.checkpoint;
+            Ok(json_response(&json!({
+                "id": id,
+                "object": "session",
+                "version": stored.version,
+                "messages": cp.transcript.len(),
+                "usage": cp.usage,
+                "goal": cp.goal,
+                "in_flight": cp.in_flight,
+                "history_rewrites": cp.history_rewrites,
+                "created_at_ms": cp.created_ms,
+                "updated_at_ms": cp.updated_ms,
+            })))
+        }
+        (&Method::GET, Some("tasks")) => {
+            let stored = store.load(&key).await?.ok_or_else(missing)?;
+            let record = ToolRecord::from_raw(stored.checkpoint.tools.as_deref());
+            Ok(json_response(&json!({"object": "list", "data": record.tasks})))
+        }
+        (&Method::GET, Some("messages")) => {
+            let stored = store.load(&key).await?.ok_or_else(missing)?;
+            Ok(json_response(&json!({"object": "list", "data": stored.checkpoint.transcript})))
+        }
+        (&Method::DELETE, None) => {
+            if store.delete(&key).await? {
+                Ok(json_response(&json!({"id": id, "object": "session.deleted", "deleted": true})))
+            } else {
+                Err(missing())
+            }
+        }
+        (&Method::GET, Some("goal")) => {
+            let stored = store.load(&key).await?.ok_or_else(missing)?;
+            let goal = stored.checkpoint.goal.ok_or_else(missing)?;
+            Ok(json_response(&goal_json(id, &goal)))
+        }
+        (&Method::PUT, Some("goal")) => {
+            let request = read_goal(body).await?;
+            let mut lease = admit_for_update(&state, &key, &parts.headers).await?;
+            let goal = GoalLock {
+                goal: request.goal,
+                strategy: request.strategy,
+                constraints: request.constraints,
+                locked_ms: now_ms(),
+                on_conflict: request.on_conflict,
+                block: None,
+                system: None,
+            };
+            let goal = GoalLock { block: Some(goal.block()), ..goal };
+            let rendered = goal_json(id, &goal);
+            lease.set_goal(Some(goal));
+            lease.finish(None).await.ok_or_else(|| GatewayError::SessionBusy { id: id.to_string() })?;
+            Ok(json_response(&rendered))
+        }
+        (&Method::DELETE, Some("goal")) => {
+            let mut lease = admit_for_update(&state, &key, &parts.headers).await?;
+            let had = lease.set_goal(None).is_some();
+            lease.finish(None).await.ok_or_else(|| GatewayError::SessionBusy { id: id.to_string() })?;
+            if had {
+                Ok(json_response(&json!({"id": id, "object": "session.goal.deleted", "deleted": true})))
+            } else {
+                Err(missing())
+            }
+        }
+        (&Method::GET, Some("stream")) => {
+            let last = parts
+                .headers
+                .get(&headers::LAST_EVENT_ID)
+                .and_then(|v| v.to_str().ok())
+                .and_then(parse_event_id);
+            replay(state.clone(), key, id, last).await
+        }
+        (&Method::POST, Some("resume")) => {
+            let stored = store.load(&key).await?.ok_or_else(missing)?;
+            let now = now_ms();
+            let state_json = match &stored.checkpoint.in_flight {
+                None => json!({"id": id, "object": "session.resume", "resumed": false, "state": "idle"}),
+                Some(f) if f.lease_until_ms > now => {
+                    json!({"id": id, "object": "session.resume", "resumed": false, "state": "in_progress", "turn": f.turn})
+                }
+                Some(f) if f.request.is_none() => {
+                    json!({"id": id, "object": "session.resume", "resumed": false, "state": "abandoned", "turn": f.turn})
+                }
+                Some(_) => match resume(&state, key, parts.headers.clone(), stored).await {
+                    Some(turn) => {
+                        let mut response = json_response(
+                            &json!({"id": id, "object": "session.resume", "resumed": true, "state": "in_progress", "turn": turn}),
+                        );
+                        *response.status_mut() = http::StatusCode::ACCEPTED;
+                        return Ok(response);
+                    }
+                    None => {
+                        json!({"id": id, "object": "session.resume", "resumed": false, "state": "in_progress"})
+                    }
+                },
+            };
+            Ok(json_response(&state_json))
+        }
+        (_, None | Some("messages" | "goal" | "stream" | "resume" | "tasks")) => {
+            Err(GatewayError::MethodNotAllowed { method: parts.method.to_string(), path: path.to_string() })
+        }
+        _ => Err(not_found()),
+    }
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GoalRequest {
+    goal: String,
+    #[serde(default)]
+    strategy: Option<String>,
+    #[serde(default)]
+    constraints: Vec<String>,
+    #[serde(default)]
+    on_conflict: OnGoalConflict,
+}
+
+async fn read_goal(body: Body) -> Result<GoalRequest, GatewayError> {
+    let bytes = read_body(body).await?;
+    let request: GoalRequest = serde_json::from_slice(&bytes)
+        .map_err(|e| GatewayError::invalid(format!("Invalid goal: {e}"), Some("goal"), "invalid_goal"))?;
+    if request.goal.trim().is_empty() {
+        return Err(GatewayError::invalid("Invalid 'goal': empty string.", Some("goal"), "invalid_value"));
+    }
+    Ok(request)
+}
+
+fn goal_json(id: &str, goal: &GoalLock) -> Value {
+    json!({
+        "id": id,
+        "object": "session.goal",
+        "goal": goal.goal,
+        "strategy": goal.strategy,
+        "constraints": goal.constraints,
+        "on_conflict": goal.on_conflict,
+        "locked_at_ms": goal.locked_ms,
+    })
+}
+
+/// Admits a session for a change that is not a turn (a goal lock), resuming a dead owner's
+/// turn first if there is one.
+async fn admit_for_update(
+    state: &Arc<AppState>,
+    key: &SessionKey,
+    headers: &HeaderMap,
+) -> Result<Lease, GatewayError> {
+    loop {
+        match Lease::admit_update(state.sessions.clone(), key.clone()).await? {
+            Admitted::Turn(lease, ()) => return Ok(lease),
+            Admitted::Interrupted(stored) => {
+                resume(state, key.clone(), headers.clone(), stored).await;
+            }
+        }
+    }
+}
+
+/// Replays the session's last streamed turn after `last` (or from its start), then follows it
+/// live (see [`follow`]).
+async fn replay(
+    state: Arc<AppState>,
+    key: SessionKey,
+    id: &str,
+    last: Option<(u64, u64)>,
+) -> Result<Response<Body>, GatewayError> {
+    let stored = state.sessions.store.load(&key).await?;
+    let turn = stored
+        .and_then(|s| s.checkpoint.stream_turn)
+        .ok_or_else(|| GatewayError::SessionNotFound { id: format!("{id} (no streamed turn)") })?;
+    let (frames, body) = ChannelBody::channel(32);
+    state.spawn(follow(state.sessions.clone(), key, turn, last, frames));
+    let mut response = Response::new(body);
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    Ok(response)
+}
