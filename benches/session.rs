@@ -321,7 +321,7 @@ async fn start_gateway(store: String) -> Gateway {
     config.sessions.store = store;
     config.sessions.key_prefix = "ctxgate-bench-e2e:".into();
     let env = std::collections::BTreeMap::<String, String>::new();
-    let state = AppState::new(config, &env).await.unwrap();
+    let state = AppState::new(config.validated(&env).unwrap(), &env).await.unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}/v1/chat/completions", listener.local_addr().unwrap());
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();

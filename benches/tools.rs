@@ -175,7 +175,7 @@ async fn start_gateway(tools: &ToolServer, global_concurrency: usize) -> Gateway
     config.tools = tools.paths.iter().map(|(path, _)| http_tool(&path[1..], tools.url(path), 256)).collect();
     config.tool_loop.max_concurrency = global_concurrency;
     let env = BTreeMap::<String, String>::new();
-    let state = AppState::new(config, &env).await.unwrap();
+    let state = AppState::new(config.validated(&env).unwrap(), &env).await.unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}/v1/chat/completions", listener.local_addr().unwrap());
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();

@@ -46,7 +46,7 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{Config, EnvSource};
+use crate::config::{Config, EnvSource, ValidConfig};
 use crate::session::Sessions;
 use crate::telemetry::{Metrics, ModelLabels};
 use crate::upstream::Upstreams;
@@ -74,12 +74,10 @@ pub struct AppState {
 pub enum StartupError {
     #[error("invalid configuration:\n{0}")]
     Config(#[from] config::ConfigError),
-    #[error("{0}")]
-    Upstream(String),
     #[error("cannot open the session store: {0}")]
     Store(#[from] session::StoreError),
     #[error("cannot set up gateway keys and limits: {0}")]
-    Auth(String),
+    Auth(#[from] auth::OpenError),
     #[error("cannot bind {addr}: {source}")]
     Bind {
         addr: std::net::SocketAddr,
@@ -89,20 +87,19 @@ pub enum StartupError {
 }
 
 impl AppState {
-    /// Validates `config`, builds the upstream clients and opens the session store.
-    pub async fn new(config: Config, env: &dyn EnvSource) -> Result<Arc<Self>, StartupError> {
-        config.validate(env)?;
+    /// Builds the upstream clients and tools and opens the session store, from a config
+    /// validated once before.
+    pub async fn new(config: ValidConfig, env: &dyn EnvSource) -> Result<Arc<Self>, StartupError> {
+        let config = config.into_inner();
         // MCP's HTTP client (reqwest) takes rustls's process-wide provider: the same ring
         // provider the upstream clients use. Installing it twice (tests) is harmless.
         let _ = rustls::crypto::ring::default_provider().install_default();
         let metrics = Arc::new(Metrics::new());
-        let upstreams =
-            Upstreams::from_config(&config, env, metrics.clone()).map_err(StartupError::Upstream)?;
+        let upstreams = Upstreams::from_config(&config, env, metrics.clone())?;
         let sessions = Arc::new(Sessions::open(&config.sessions, metrics.clone()).await?);
         let compressor = compress::Compressor::new(&config);
-        let tools =
-            tools::Registry::from_config(&config, env, metrics.clone()).map_err(StartupError::Upstream)?;
-        let auth = Arc::new(auth::Auth::open(&config, metrics.clone()).await.map_err(StartupError::Auth)?);
+        let tools = tools::Registry::from_config(&config, env, metrics.clone())?;
+        let auth = Arc::new(auth::Auth::open(&config, metrics.clone()).await?);
         let model_labels = ModelLabels::new(&config);
         Ok(Arc::new(Self {
             config,

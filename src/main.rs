@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use ctxgate::config::{Config, ConfigError, EnvSource, ProcessEnv};
+use ctxgate::config::{Config, ConfigError, EnvSource, ProcessEnv, ValidConfig};
 use ctxgate::{AppState, StartupError};
 
 const DEFAULT_CONFIG: &str = "config/ctxgate.toml";
@@ -86,7 +86,7 @@ fn main() -> ExitCode {
 }
 
 fn check_config(path: &Path) -> ExitCode {
-    match Config::load(Some(path), &ProcessEnv) {
+    match Config::read(Some(path), &ProcessEnv).and_then(|c| c.validate(&ProcessEnv)) {
         Ok(_) => {
             let _ = writeln!(std::io::stdout(), "{}: ok", path.display());
             ExitCode::SUCCESS
@@ -195,10 +195,7 @@ fn serve(args: ServeArgs) -> ExitCode {
         .config
         .clone()
         .or_else(|| Path::new(DEFAULT_CONFIG).exists().then(|| PathBuf::from(DEFAULT_CONFIG)));
-    let mut config = match path.as_deref() {
-        Some(path) => Config::parse_file(path, &env),
-        None => Config::parse("", &env),
-    };
+    let mut config = Config::read(path.as_deref(), &env);
     if let Ok(config) = &mut config {
         if let Some(listen) = args.listen {
             config.server.listen = listen;
@@ -210,7 +207,7 @@ fn serve(args: ServeArgs) -> ExitCode {
             config.sessions.store = store;
         }
     }
-    let config = match config.and_then(|c| c.validate(&env).map(|()| c)) {
+    let config = match config.and_then(|c| c.validated(&env)) {
         Ok(config) => config,
         Err(err) => {
             report(path.as_deref().unwrap_or(Path::new("<defaults>")), &err);
@@ -235,7 +232,7 @@ fn serve(args: ServeArgs) -> ExitCode {
     }
 }
 
-async fn run(config: Config, env: &dyn EnvSource) -> Result<(), StartupError> {
+async fn run(config: ValidConfig, env: &dyn EnvSource) -> Result<(), StartupError> {
     let addr = config.server.listen;
     let state = AppState::new(config, env).await?;
     let listener =

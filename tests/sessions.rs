@@ -471,8 +471,10 @@ async fn ctxgate_does_not_start_without_its_redis_store() {
     config.sessions.store = format!("redis://127.0.0.1:{port}/");
     config.sessions.store_timeout = Duration::from_millis(300);
 
+    let env = std::collections::BTreeMap::new();
+    let config = config.validated(&env).unwrap();
     let started = tokio::time::Instant::now();
-    let result = ctxgate::AppState::new(config, &std::collections::BTreeMap::new()).await;
+    let result = ctxgate::AppState::new(config, &env).await;
 
     assert!(matches!(result, Err(ctxgate::StartupError::Store(_))), "{result:?}");
     assert!(started.elapsed() < Duration::from_secs(5), "bounded by store_timeout");

@@ -12,7 +12,7 @@ use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 
 use crate::body::BoxError;
-use crate::config::{check_key, AuthConfig, KeyConfig, KeyLimits};
+use crate::config::{AuthConfig, ConfigError, Issues, KeyConfig, KeyLimits};
 use crate::error::GatewayError;
 
 /// One key's identity and policy; the secret itself is never held.
@@ -26,9 +26,10 @@ pub struct KeyPolicy {
 
 impl KeyPolicy {
     pub fn from_config(key: &KeyConfig) -> Result<Self, String> {
-        let problems = check_key(key);
-        if let Some((field, message)) = problems.first() {
-            return Err(format!("{field}: {message}"));
+        let mut issues = Issues::default();
+        key.validate("", &mut issues);
+        if let Some(issue) = issues.first() {
+            return Err(issue.to_string().trim_start_matches('.').to_string());
         }
         let models = if key.models.is_empty() {
             None
@@ -91,14 +92,21 @@ impl std::fmt::Debug for RedisKeys {
 impl KeyRing {
     /// Keys from config and `keys_file`; `redis` is the connection for Redis-held keys when
     /// `auth.redis` is set.
-    pub fn new(config: &AuthConfig, redis: Option<(RedisConn, String, Duration)>) -> Result<Self, String> {
+    pub fn new(
+        config: &AuthConfig,
+        redis: Option<(RedisConn, String, Duration)>,
+    ) -> Result<Self, ConfigError> {
         let mut keys = config.keys.clone();
         if let Some(path) = &config.keys_file {
-            keys.extend(crate::config::read_keys_file(path).map_err(|e| format!("auth.keys_file: {e}"))?);
+            // Read again at start-up: the file is a mounted Secret that may change.
+            keys.extend(
+                crate::config::read_keys_file(path).map_err(|e| ConfigError::single("auth.keys_file", e))?,
+            );
         }
         let mut configured = HashMap::new();
         for key in &keys {
-            let policy = KeyPolicy::from_config(key).map_err(|e| format!("key {}: {e}", key.name))?;
+            let policy = KeyPolicy::from_config(key)
+                .map_err(|e| ConfigError::single("auth.keys", format!("key `{}`: {e}", key.name)))?;
             configured.insert(key.sha256.clone(), Arc::new(policy));
         }
         let redis = redis.filter(|_| config.redis).map(|(conn, prefix, timeout)| RedisKeys {

@@ -52,6 +52,15 @@ pub fn scope_credential(headers: &HeaderMap, extensions: &http::Extensions) -> V
     }
 }
 
+/// Why gateway keys and limits could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("cannot reach the Redis that holds keys and limits: {0}")]
+    Redis(#[source] redis::RedisError),
+    #[error("invalid gateway keys:\n{0}")]
+    Keys(#[from] crate::config::ConfigError),
+}
+
 #[derive(Debug)]
 pub struct Auth {
     pub keys: KeyRing,
@@ -67,14 +76,12 @@ impl Auth {
 
     /// Keys from config, and the shared Redis (when one is configured) for Redis-held keys and
     /// limits across replicas.
-    pub async fn open(config: &Config, metrics: Arc<Metrics>) -> Result<Self, String> {
+    pub async fn open(config: &Config, metrics: Arc<Metrics>) -> Result<Self, OpenError> {
         let timeout = config.rate_limits.timeout.max(config.sessions.store_timeout);
         let redis = match config.shared_redis_url() {
-            Some(url) if config.auth.enabled() => Some(
-                redis_conn::connect(url, timeout)
-                    .await
-                    .map_err(|e| format!("cannot reach the limits' Redis: {e}"))?,
-            ),
+            Some(url) if config.auth.enabled() => {
+                Some(redis_conn::connect(url, timeout).await.map_err(OpenError::Redis)?)
+            }
             _ => None,
         };
         let prefix = config.sessions.key_prefix.clone();

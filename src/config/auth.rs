@@ -7,8 +7,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::validate::Issue;
-use super::Config;
+use super::{Config, Issues};
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -127,49 +126,65 @@ impl Config {
             url => Some(url),
         }
     }
+}
 
-    pub(super) fn validate_auth(&self, issues: &mut Vec<Issue>) {
-        let auth = &self.auth;
+impl AuthConfig {
+    /// Every key, inline and in `keys_file`, each checked; names must be unique across both.
+    pub(super) fn validate(&self, issues: &mut Issues) {
         let mut names = std::collections::HashSet::new();
-        let mut check = |at: &str, key: &KeyConfig, issues: &mut Vec<Issue>| {
+        let mut check = |at: &str, key: &KeyConfig, issues: &mut Issues| {
             if !valid_key_name(&key.name) {
-                issues.push(Issue::new(
-                    &format!("{at}.name"),
-                    "must be 1 to 64 letters, digits, `.`, `_` or `-`",
-                ));
+                issues.push(format!("{at}.name"), "must be 1 to 64 letters, digits, `.`, `_` or `-`");
             } else if !names.insert(key.name.clone()) {
-                issues.push(Issue::new(&format!("{at}.name"), format!("duplicate key name `{}`", key.name)));
+                issues.push(format!("{at}.name"), format!("duplicate key name `{}`", key.name));
             }
-            issues.extend(check_key(key).into_iter().map(|(k, m)| Issue::new(&format!("{at}.{k}"), m)));
+            key.validate(at, issues);
         };
-        for (i, key) in auth.keys.iter().enumerate() {
+        for (i, key) in self.keys.iter().enumerate() {
             check(&format!("auth.keys[{i}]"), key, issues);
         }
-        if let Some(path) = &auth.keys_file {
+        if let Some(path) = &self.keys_file {
             match read_keys_file(path) {
                 Ok(keys) => {
                     for (i, key) in keys.iter().enumerate() {
                         check(&format!("auth.keys_file({}).keys[{i}]", path.display()), key, issues);
                     }
                 }
-                Err(message) => issues.push(Issue::new("auth.keys_file", message)),
+                Err(message) => issues.push("auth.keys_file", message),
             }
         }
-        if auth.redis && self.shared_redis_url().is_none() {
-            issues.push(Issue::new(
-                "auth.redis",
-                "needs Redis: sessions.store or rate_limits.store must be a Redis URL",
-            ));
-        }
-        if auth.cache_ttl.is_zero() {
-            issues.push(Issue::new("auth.cache_ttl", "must be greater than zero"));
-        }
-        let store = &self.rate_limits.store;
+        issues.positive("auth.cache_ttl", self.cache_ttl);
+    }
+}
+
+impl RateLimitConfig {
+    pub(super) fn validate(&self, issues: &mut Issues) {
+        let store = &self.store;
         if !matches!(store.as_str(), "local" | "sessions") && !crate::redis_conn::is_redis_url(store) {
-            issues.push(Issue::new("rate_limits.store", "must be `sessions`, `local` or a Redis URL"));
+            issues.push("rate_limits.store", "must be `sessions`, `local` or a Redis URL");
         }
-        if self.rate_limits.timeout.is_zero() {
-            issues.push(Issue::new("rate_limits.timeout", "must be greater than zero"));
+        issues.positive("rate_limits.timeout", self.timeout);
+    }
+}
+
+impl KeyConfig {
+    /// The key's fields other than its name (keys read from Redis are checked the same way when
+    /// they are loaded).
+    pub fn validate(&self, at: &str, issues: &mut Issues) {
+        let hex = |b: u8| b.is_ascii_digit() || (b'a'..=b'f').contains(&b);
+        if self.sha256.len() != 64 || !self.sha256.bytes().all(hex) {
+            issues.push(
+                format!("{at}.sha256"),
+                "must be 64 lower-case hex digits (`ctxgate hash-key` prints them)",
+            );
+        }
+        for pattern in &self.models {
+            if let Err(e) = globset::Glob::new(pattern) {
+                issues.push(format!("{at}.models"), format!("invalid glob `{pattern}`: {e}"));
+            }
+        }
+        if self.burst.is_some() && self.requests_per_minute.is_none() {
+            issues.push(format!("{at}.burst"), "needs requests_per_minute");
         }
     }
 }
@@ -177,25 +192,6 @@ impl Config {
 fn valid_key_name(name: &str) -> bool {
     (1..=64).contains(&name.len())
         && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-}
-
-/// Problems with one key's fields other than its name, as `(field, message)`. Shared with keys
-/// read from Redis, which are checked the same way when they are loaded.
-pub fn check_key(key: &KeyConfig) -> Vec<(&'static str, String)> {
-    let mut problems = Vec::new();
-    if key.sha256.len() != 64 || !key.sha256.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-    {
-        problems.push(("sha256", "must be 64 lower-case hex digits (`ctxgate hash-key` prints them)".into()));
-    }
-    for pattern in &key.models {
-        if let Err(e) = globset::Glob::new(pattern) {
-            problems.push(("models", format!("invalid glob `{pattern}`: {e}")));
-        }
-    }
-    if key.burst.is_some() && key.requests_per_minute.is_none() {
-        problems.push(("burst", "needs requests_per_minute".into()));
-    }
-    problems
 }
 
 #[cfg(test)]
@@ -206,6 +202,20 @@ mod tests {
 
     fn config(text: &str) -> Config {
         Config::parse(text, &BTreeMap::new()).unwrap()
+    }
+
+    /// The paths of the problems `validate` finds in `[auth]` and `[rate_limits]`.
+    fn auth_issues(c: &Config) -> Vec<String> {
+        let with_upstream = Config { upstreams: vec![super::super::UpstreamConfig::default()], ..c.clone() };
+        match with_upstream.validate(&BTreeMap::new()) {
+            Ok(()) => Vec::new(),
+            Err(e) => {
+                e.0.into_iter()
+                    .map(|i| i.path)
+                    .filter(|p| p.starts_with("auth") || p.starts_with("rate_limits"))
+                    .collect()
+            }
+        }
     }
 
     const HASH: &str = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
@@ -221,9 +231,7 @@ mod tests {
         assert_eq!(key.requests_per_minute.map(NonZeroU32::get), Some(60));
         assert_eq!(key.burst.map(NonZeroU32::get), Some(5));
         assert_eq!(key.max_concurrent.map(NonZeroU32::get), Some(2));
-        let mut issues = Vec::new();
-        c.validate_auth(&mut issues);
-        assert!(issues.is_empty(), "{issues:?}");
+        assert!(auth_issues(&c).is_empty());
     }
 
     #[test]
@@ -235,9 +243,8 @@ mod tests {
              [auth]\nredis = true\n[sessions]\nstore = \"embedded:x.redb\"\n",
             HASH.to_uppercase()
         ));
-        let mut issues = Vec::new();
-        c.validate_auth(&mut issues);
-        let paths: Vec<&str> = issues.iter().map(|i| i.path.as_str()).collect();
+        let issues = auth_issues(&c);
+        let paths: Vec<&str> = issues.iter().map(String::as_str).collect();
         for expected in [
             "auth.keys[0].name",
             "auth.keys[0].sha256",
@@ -249,10 +256,8 @@ mod tests {
         ] {
             assert!(paths.contains(&expected), "{expected} missing from {paths:?}");
         }
-        let mut issues = Vec::new();
-        config("[rate_limits]\nstore = \"nope\"\ntimeout = \"0s\"\n").validate_auth(&mut issues);
-        let paths: Vec<&str> = issues.iter().map(|i| i.path.as_str()).collect();
-        assert_eq!(paths, ["rate_limits.store", "rate_limits.timeout"]);
+        let issues = auth_issues(&config("[rate_limits]\nstore = \"nope\"\ntimeout = \"0s\"\n"));
+        assert_eq!(issues, ["rate_limits.store", "rate_limits.timeout"]);
     }
 
     #[test]
@@ -267,9 +272,7 @@ mod tests {
         let err = read_keys_file(&path).unwrap_err();
         assert!(err.contains("sha"), "{err}");
         let c = config(&format!("[auth]\nkeys_file = \"{}\"\n", dir.path().join("missing").display()));
-        let mut issues = Vec::new();
-        c.validate_auth(&mut issues);
-        assert_eq!(issues[0].path, "auth.keys_file");
+        assert_eq!(auth_issues(&c), ["auth.keys_file"]);
     }
 
     #[test]

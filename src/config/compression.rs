@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use super::Issues;
+
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
@@ -50,6 +52,50 @@ pub struct CompressionConfig {
     /// Encoding for models tiktoken does not know (local and non-OpenAI models).
     pub default_encoding: Encoding,
     pub summarizer: SummarizerConfig,
+}
+
+impl CompressionConfig {
+    /// The section's fields; `upstream_exists` answers for the summarizer's upstream.
+    pub(super) fn validate(&self, upstream_exists: &dyn Fn(&str) -> bool, issues: &mut Issues) {
+        let mut policies = vec![("compression".to_string(), self.policy.clone())];
+        for (i, model) in self.models.iter().enumerate() {
+            let at = format!("compression.models[{i}]");
+            if model.matches.is_empty() {
+                issues.push(format!("{at}.match"), "must name at least one model or glob");
+            }
+            for (j, pattern) in model.matches.iter().enumerate() {
+                issues.glob(format!("{at}.match[{j}]"), pattern);
+            }
+            policies.push((at, model.apply(&self.policy)));
+        }
+        for (at, policy) in &policies {
+            if policy.context_window == 0 {
+                issues.push(format!("{at}.context_window"), "must be greater than zero");
+            }
+            let marks = [policy.low_water, policy.pre_compaction, policy.high_water];
+            if !marks.iter().all(|m| *m > 0.0 && *m <= 1.0)
+                || policy.low_water >= policy.high_water
+                || policy.pre_compaction > policy.high_water
+            {
+                issues.push(
+                    at,
+                    "marks must satisfy 0 < low_water < high_water <= 1 and pre_compaction <= high_water",
+                );
+            }
+        }
+        for (j, pattern) in self.policy.rules.read_functions.iter().enumerate() {
+            issues.glob(format!("compression.rules.read_functions[{j}]"), pattern);
+        }
+        if let Some(name) = &self.summarizer.upstream {
+            if !upstream_exists(name) {
+                issues.push("compression.summarizer.upstream", format!("no upstream is named `{name}`"));
+            }
+        }
+        if !matches!(self.summarizer.role.as_str(), "system" | "user") {
+            issues.push("compression.summarizer.role", "must be `system` or `user`");
+        }
+        issues.positive("compression.summarizer.timeout", self.summarizer.timeout);
+    }
 }
 
 impl Default for CompressionConfig {

@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use super::{ConfigError, ENV_PREFIX};
+use super::{Issues, ENV_PREFIX};
 
 /// Where overrides and `api_key_env` values are read from.
 pub trait EnvSource: Send + Sync {
@@ -41,17 +41,25 @@ impl EnvSource for BTreeMap<String, String> {
     }
 }
 
-pub(super) fn apply_overrides(root: &mut toml::Value, env: &dyn EnvSource) -> Result<(), ConfigError> {
+/// Applies every `CTXGATE__...` variable to `root`; returns the key path each one set, so a
+/// later problem at that key can name its variable. A variable that cannot be applied is an
+/// issue.
+pub(super) fn apply_overrides(
+    root: &mut toml::Value,
+    env: &dyn EnvSource,
+    issues: &mut Issues,
+) -> Vec<(Vec<String>, String)> {
     let mut vars = env.vars_with_prefix(ENV_PREFIX);
     vars.sort();
-    let mut issues = Vec::new();
+    let mut applied = Vec::new();
     for (name, raw) in vars {
         let path: Vec<String> = name[ENV_PREFIX.len()..].split("__").map(str::to_ascii_lowercase).collect();
-        if let Err(message) = set_path(root, &path, parse_scalar(&raw)) {
-            issues.push(super::Issue::new(&path.join("."), format!("from {name}: {message}")));
+        match set_path(root, &path, parse_scalar(&raw)) {
+            Ok(()) => applied.push((path, name)),
+            Err(message) => issues.push(path.join("."), format!("from {name}: {message}")),
         }
     }
-    ConfigError::from_issues(issues)
+    applied
 }
 
 /// A TOML literal when the value is one (`5`, `true`, `["a"]`), else the raw string.

@@ -16,15 +16,16 @@ use std::num::NonZeroUsize;
 use std::path::Path;
 use std::time::Duration;
 
+use http::{HeaderName, HeaderValue};
 use serde::Deserialize;
 
-pub use auth::{check_key, read_keys_file, AuthConfig, KeyConfig, KeyLimits, RateLimitConfig};
+pub use auth::{read_keys_file, AuthConfig, KeyConfig, KeyLimits, RateLimitConfig};
 pub use compression::{
     CompressionConfig, Encoding, Mode as CompressionMode, ModelPolicy, Policy, RulesConfig, SummarizerConfig,
 };
 pub use env::{EnvSource, ProcessEnv};
 pub use tools::{HttpBackend, McpBackend, ToolConfig, ToolLoopConfig};
-pub use validate::{ConfigError, Issue};
+pub use validate::{ConfigError, Issue, Issues, ValidConfig};
 
 /// Prefix of environment overrides: `CTXGATE__SERVER__LISTEN=0.0.0.0:8080`.
 pub const ENV_PREFIX: &str = "CTXGATE__";
@@ -47,7 +48,32 @@ pub struct Config {
     /// Gateway keys; none configured: clients are not authenticated.
     pub auth: AuthConfig,
     pub rate_limits: RateLimitConfig,
+    /// Keys set by environment overrides, as key path segments and the variable that set them.
+    #[serde(skip)]
+    overrides: Vec<(Vec<String>, String)>,
+    /// Top-level sections that did not parse (their parse error is reported; they hold
+    /// defaults, whose own checks are left out).
+    #[serde(skip)]
+    unparsed: Vec<String>,
+    /// Problems found while parsing, reported by [`Config::validate`].
+    #[serde(skip)]
+    parse_issues: Issues,
 }
+
+/// The top-level sections, as they are spelled in TOML.
+const SECTIONS: [&str; 11] = [
+    "server",
+    "telemetry",
+    "retry",
+    "upstreams",
+    "routes",
+    "sessions",
+    "compression",
+    "tools",
+    "tool_loop",
+    "auth",
+    "rate_limits",
+];
 
 /// What a request gets when the session store is unreachable.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
@@ -85,6 +111,36 @@ pub struct SessionConfig {
     pub on_store_error: OnStoreError,
 }
 
+impl SessionConfig {
+    fn validate(&self, issues: &mut Issues) {
+        let store = &self.store;
+        if store.starts_with("rediss+cluster://") {
+            issues.push(
+                "sessions.store",
+                "TLS to a Redis Cluster (`rediss+cluster://`) is not supported; use `redis+cluster://`",
+            );
+        } else if !(store.starts_with("embedded:") && store.len() > "embedded:".len()
+            || crate::redis_conn::is_redis_url(store))
+        {
+            issues.push(
+                "sessions.store",
+                "must be `embedded:PATH`, `redis://...`, `rediss://...` or `redis+cluster://HOST:PORT,HOST:PORT`",
+            );
+        }
+        // A brace in the prefix would move (or empty) the hash tag that keeps a session's keys
+        // on one Cluster slot.
+        if store.starts_with("redis+cluster://") && self.key_prefix.contains(['{', '}']) {
+            issues.push("sessions.key_prefix", "must not contain `{` or `}` on a Redis Cluster");
+        }
+        if HeaderName::try_from(self.header.as_str()).is_err() {
+            issues.push("sessions.header", format!("`{}` is not a valid header name", self.header));
+        }
+        issues.positive("sessions.ttl", self.ttl);
+        issues.positive("sessions.lease", self.lease);
+        issues.positive("sessions.store_timeout", self.store_timeout);
+    }
+}
+
 impl Default for SessionConfig {
     fn default() -> Self {
         Self {
@@ -116,6 +172,12 @@ pub struct ServerConfig {
     pub shutdown_timeout: Duration,
 }
 
+impl ServerConfig {
+    fn validate(&self, issues: &mut Issues) {
+        issues.positive("server.request_timeout", self.request_timeout);
+    }
+}
+
 impl Default for ServerConfig {
     fn default() -> Self {
         Self {
@@ -144,6 +206,14 @@ pub struct TelemetryConfig {
     pub log_level: String,
 }
 
+impl TelemetryConfig {
+    fn validate(&self, issues: &mut Issues) {
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log_level) {
+            issues.push("telemetry.log_level", format!("invalid filter: {e}"));
+        }
+    }
+}
+
 impl Default for TelemetryConfig {
     fn default() -> Self {
         Self { log_format: LogFormat::Pretty, log_level: "info".into() }
@@ -163,6 +233,14 @@ pub struct RetryConfig {
     /// client the upstream's 429) instead of holding the request.
     #[serde(with = "humantime_serde")]
     pub max_retry_after: Duration,
+}
+
+impl RetryConfig {
+    fn validate(&self, issues: &mut Issues) {
+        if self.base_delay > self.max_delay {
+            issues.push("retry.base_delay", "must not exceed retry.max_delay");
+        }
+    }
 }
 
 impl Default for RetryConfig {
@@ -202,6 +280,32 @@ pub struct UpstreamConfig {
     pub prompt_cache_key: bool,
 }
 
+impl UpstreamConfig {
+    fn validate(&self, at: &str, env: &dyn EnvSource, issues: &mut Issues) {
+        if self.name.is_empty() {
+            issues.push(format!("{at}.name"), "must not be empty");
+        }
+        issues.url(format!("{at}.base_url"), &self.base_url);
+        if let Some(var) = &self.api_key_env {
+            issues.env_set(format!("{at}.api_key_env"), env, var);
+        }
+        for (name, value) in &self.headers {
+            if HeaderName::try_from(name.as_str()).is_err() {
+                issues.push(format!("{at}.headers"), format!("`{name}` is not a valid header name"));
+            }
+            if HeaderValue::try_from(value.as_str()).is_err() {
+                issues.push(
+                    format!("{at}.headers"),
+                    format!("the value of `{name}` is not a valid header value"),
+                );
+            }
+        }
+        issues.positive(format!("{at}.connect_timeout"), self.connect_timeout);
+        issues.positive(format!("{at}.first_byte_timeout"), self.first_byte_timeout);
+        issues.positive(format!("{at}.idle_timeout"), self.idle_timeout);
+    }
+}
+
 impl Default for UpstreamConfig {
     fn default() -> Self {
         Self {
@@ -227,15 +331,44 @@ pub struct RouteConfig {
     pub upstreams: Vec<String>,
 }
 
+impl RouteConfig {
+    /// The route's own fields; the upstreams it names are checked against the config's.
+    fn validate(&self, at: &str, issues: &mut Issues) {
+        if self.models.is_empty() {
+            issues.push(format!("{at}.models"), "must name at least one model or glob");
+        }
+        for (j, pattern) in self.models.iter().enumerate() {
+            issues.glob(format!("{at}.models[{j}]"), pattern);
+        }
+        if self.upstreams.is_empty() {
+            issues.push(format!("{at}.upstreams"), "must name at least one upstream");
+        }
+    }
+}
+
 impl Config {
-    /// Loads `path` (if given), applies environment overrides from `env`, then validates.
+    /// Loads `path` (if given), applies environment overrides from `env`, then validates:
+    /// every problem, parse errors included, in one error.
     pub fn load(path: Option<&Path>, env: &dyn EnvSource) -> Result<Config, ConfigError> {
-        let config = match path {
-            Some(path) => Self::parse_file(path, env)?,
-            None => Self::parse("", env)?,
-        };
+        let config = Self::read(path, env)?;
         config.validate(env)?;
         Ok(config)
+    }
+
+    /// Reads `path` (if given) with environment overrides, keeping what parsed (see
+    /// [`Self::validate`], which reports the rest).
+    pub fn read(path: Option<&Path>, env: &dyn EnvSource) -> Result<Config, ConfigError> {
+        let text = match path {
+            Some(path) => std::fs::read_to_string(path)
+                .map_err(|e| ConfigError::single("", format!("cannot read {}: {e}", path.display())))?,
+            None => String::new(),
+        };
+        Self::parse_partial(&text, env)
+    }
+
+    /// [`Self::read`] of TOML text.
+    pub fn read_text(text: &str, env: &dyn EnvSource) -> Result<Config, ConfigError> {
+        Self::parse_partial(text, env)
     }
 
     /// Reads and parses a file, with environment overrides, without semantic validation.
@@ -245,15 +378,53 @@ impl Config {
         Self::parse(&text, env)
     }
 
-    /// Parses TOML text with environment overrides applied, without semantic validation.
+    /// Parses TOML text with environment overrides applied, without semantic validation. A
+    /// section that does not parse is reported and the others are still read, so one pass lists
+    /// a problem per broken section; the config is returned only when every section parsed.
     pub fn parse(text: &str, env: &dyn EnvSource) -> Result<Config, ConfigError> {
+        let config = Self::parse_partial(text, env)?;
+        config.parse_issues.clone().into_result()?;
+        Ok(config)
+    }
+
+    /// [`Self::parse`], keeping what parsed: broken sections hold defaults and are named in
+    /// `unparsed`, and [`Self::validate`] reports their parse errors with everything else.
+    fn parse_partial(text: &str, env: &dyn EnvSource) -> Result<Config, ConfigError> {
         let mut value: toml::Value = toml::from_str(text)
             .map_err(|e| ConfigError::single("", format!("invalid TOML: {}", e.message())))?;
-        env::apply_overrides(&mut value, env)?;
-        serde_path_to_error::deserialize(value).map_err(|e| {
-            let path = e.path().to_string();
-            ConfigError::single(if path == "." { "" } else { &path }, e.into_inner().to_string())
-        })
+        let mut issues = Issues::default();
+        let overrides = env::apply_overrides(&mut value, env, &mut issues);
+        let Some(table) = value.as_table_mut() else {
+            return Err(ConfigError::single("", "the configuration must be a TOML table"));
+        };
+        let mut unparsed = Vec::new();
+        let unknown: Vec<String> =
+            table.keys().filter(|k| !SECTIONS.contains(&k.as_str())).cloned().collect();
+        for key in unknown {
+            table.remove(&key);
+            issues.push(&key, format!("unknown section `{key}`, expected one of {}", SECTIONS.join(", ")));
+        }
+        let mut config = loop {
+            match serde_path_to_error::deserialize::<_, Config>(toml::Value::Table(table.clone())) {
+                Ok(config) => break config,
+                Err(e) => {
+                    let path = e.path().to_string();
+                    let section = path.split(['.', '[']).next().unwrap_or("").to_string();
+                    issues.push(if path == "." { "" } else { &path }, e.into_inner().to_string());
+                    if table.remove(&section).is_none() {
+                        // Not inside a section: nothing left to isolate.
+                        issues.attribute(&overrides);
+                        return issues.into_result().map(|()| Config::default());
+                    }
+                    unparsed.push(section);
+                }
+            }
+        };
+        issues.attribute(&overrides);
+        config.overrides = overrides;
+        config.unparsed = unparsed;
+        config.parse_issues = issues;
+        Ok(config)
     }
 
     /// Overrides the default (first) upstream's base URL, as `--upstream` does.

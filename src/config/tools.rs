@@ -4,7 +4,10 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use http::{HeaderName, HeaderValue};
 use serde::Deserialize;
+
+use super::{EnvSource, Issues};
 
 /// One gateway tool: what the model sees (`name`, `description`, `parameters`) and where a
 /// call goes (`http` or `mcp`, exactly one).
@@ -85,6 +88,16 @@ pub struct ToolLoopConfig {
     pub task_poll_interval: Duration,
 }
 
+impl ToolLoopConfig {
+    pub(super) fn validate(&self, issues: &mut Issues) {
+        if self.max_concurrency == 0 {
+            issues.push("tool_loop.max_concurrency", "must be at least 1");
+        }
+        issues.positive("tool_loop.keepalive_interval", self.keepalive_interval);
+        issues.positive("tool_loop.task_poll_interval", self.task_poll_interval);
+    }
+}
+
 impl Default for ToolLoopConfig {
     fn default() -> Self {
         Self {
@@ -98,6 +111,60 @@ impl Default for ToolLoopConfig {
 }
 
 impl ToolConfig {
+    /// 1 to 64 letters, digits, `_` or `-`, as OpenAI's function names.
+    pub(super) fn has_valid_name(&self) -> bool {
+        !self.name.is_empty()
+            && self.name.len() <= 64
+            && self.name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    }
+
+    /// The tool's own fields; names are checked for duplicates across tools by the caller.
+    pub(super) fn validate(&self, at: &str, env: &dyn EnvSource, issues: &mut Issues) {
+        if !self.has_valid_name() {
+            issues.push(format!("{at}.name"), "must be 1 to 64 letters, digits, `_` or `-`");
+        }
+        if !self.parameters.is_object() {
+            issues.push(format!("{at}.parameters"), "must be a JSON Schema object");
+        } else if let Err(e) = jsonschema::validator_for(&self.parameters) {
+            issues.push(format!("{at}.parameters"), format!("invalid JSON Schema: {e}"));
+        }
+        issues.positive(format!("{at}.timeout"), self.timeout);
+        if self.max_concurrency == 0 {
+            issues.push(format!("{at}.max_concurrency"), "must be at least 1");
+        }
+        match (&self.http, &self.mcp) {
+            (Some(http), None) => {
+                issues.url(format!("{at}.http.url"), &http.url);
+                if !["GET", "POST", "PUT"].contains(&http.method.as_str()) {
+                    issues.push(format!("{at}.http.method"), "must be GET, POST or PUT");
+                }
+                for (name, value) in &http.headers {
+                    if HeaderName::try_from(name.as_str()).is_err()
+                        || HeaderValue::try_from(value.as_str()).is_err()
+                    {
+                        issues.push(format!("{at}.http.headers"), format!("`{name}` is not a valid header"));
+                    }
+                }
+                for (name, var) in &http.headers_env {
+                    if HeaderName::try_from(name.as_str()).is_err() {
+                        issues.push(
+                            format!("{at}.http.headers_env"),
+                            format!("`{name}` is not a valid header name"),
+                        );
+                    }
+                    issues.env_set(format!("{at}.http.headers_env"), env, var);
+                }
+            }
+            (None, Some(mcp)) => {
+                issues.url(format!("{at}.mcp.url"), &mcp.url);
+                if let Some(var) = &mcp.bearer_env {
+                    issues.env_set(format!("{at}.mcp.bearer_env"), env, var);
+                }
+            }
+            _ => issues.push(at, "needs exactly one backend: `http` or `mcp`"),
+        }
+    }
+
     /// The name on the backend: the MCP tool name, else the gateway name.
     pub fn remote_name(&self) -> &str {
         self.mcp.as_ref().and_then(|m| m.tool.as_deref()).unwrap_or(&self.name)

@@ -1,10 +1,14 @@
-//! Semantic checks over a parsed [`Config`]: every problem is collected with its key path and
-//! reported at once, so an operator fixes a file in one pass.
+//! Semantic checks over a parsed [`Config`], in one collector: [`Issues`]. Each section checks
+//! itself next to its type (its `validate` method); this file composes them, checks what crosses
+//! sections (a route naming an upstream, the summarizer's upstream, Redis-held keys needing a
+//! Redis), and reports every problem at once with its key path, and with the environment
+//! variable that set the value when one did, so an operator fixes a file in one pass.
 
 use std::collections::HashSet;
 use std::fmt;
+use std::time::Duration;
 
-use http::{HeaderName, HeaderValue, Uri};
+use http::Uri;
 
 use super::{Config, EnvSource};
 
@@ -13,20 +17,103 @@ use super::{Config, EnvSource};
 pub struct Issue {
     pub path: String,
     pub message: String,
+    /// The environment variable that set the value (`CTXGATE__...`), when one did.
+    pub origin: Option<String>,
 }
 
 impl Issue {
     pub fn new(path: &str, message: impl Into<String>) -> Self {
-        Self { path: path.to_string(), message: message.into() }
+        Self { path: path.to_string(), message: message.into(), origin: None }
+    }
+
+    /// The key path as segments: `upstreams[1].base_url` → `upstreams`, `1`, `base_url`.
+    fn segments(&self) -> impl Iterator<Item = &str> {
+        self.path.split(['.', '[', ']']).filter(|s| !s.is_empty())
     }
 }
 
 impl fmt::Display for Issue {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.path.is_empty() {
-            f.write_str(&self.message)
+            f.write_str(&self.message)?;
         } else {
-            write!(f, "{}: {}", self.path, self.message)
+            write!(f, "{}: {}", self.path, self.message)?;
+        }
+        if let Some(origin) = &self.origin {
+            write!(f, " (set by {origin})")?;
+        }
+        Ok(())
+    }
+}
+
+/// The collector every check writes to.
+#[derive(Clone, Debug, Default)]
+pub struct Issues(Vec<Issue>);
+
+impl Issues {
+    pub fn push(&mut self, path: impl AsRef<str>, message: impl Into<String>) {
+        self.0.push(Issue::new(path.as_ref(), message));
+    }
+
+    /// A duration that must not be zero.
+    pub fn positive(&mut self, path: impl AsRef<str>, value: Duration) {
+        if value.is_zero() {
+            self.push(path, "must be greater than zero");
+        }
+    }
+
+    /// A glob that must compile.
+    pub fn glob(&mut self, path: impl AsRef<str>, pattern: &str) {
+        if let Err(e) = globset::Glob::new(pattern) {
+            self.push(path, format!("invalid glob: {e}"));
+        }
+    }
+
+    /// A URL that must be `http(s)://host[/path]`.
+    pub fn url(&mut self, path: impl AsRef<str>, url: &str) {
+        if let Err(message) = check_base_url(url) {
+            self.push(path, message);
+        }
+    }
+
+    /// An environment variable that must be set (a secret).
+    pub fn env_set(&mut self, path: impl AsRef<str>, env: &dyn EnvSource, var: &str) {
+        if env.var(var).is_none_or(|v| v.is_empty()) {
+            self.push(path, format!("environment variable {var} is not set"));
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn first(&self) -> Option<&Issue> {
+        self.0.first()
+    }
+
+    /// Names the environment variable behind each issue whose key one of `overrides` set.
+    pub(super) fn attribute(&mut self, overrides: &[(Vec<String>, String)]) {
+        for issue in &mut self.0 {
+            let segments: Vec<&str> = issue.segments().collect();
+            let by = overrides.iter().filter(|(path, _)| path.iter().zip(&segments).all(|(a, b)| a == b));
+            if let Some((_, var)) = by.max_by_key(|(path, _)| path.len()) {
+                issue.origin = Some(var.clone());
+            }
+        }
+    }
+
+    /// Drops the issues under `sections`: sections that did not parse hold defaults, and their
+    /// parse error is the one to fix first.
+    pub(super) fn without(&mut self, sections: &[String]) {
+        self.0
+            .retain(|issue| issue.segments().next().is_none_or(|first| !sections.iter().any(|s| s == first)));
+    }
+
+    pub(super) fn into_result(self) -> Result<(), ConfigError> {
+        if self.0.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError(self.0))
         }
     }
 }
@@ -38,14 +125,6 @@ pub struct ConfigError(pub Vec<Issue>);
 impl ConfigError {
     pub fn single(path: &str, message: impl Into<String>) -> Self {
         Self(vec![Issue::new(path, message)])
-    }
-
-    pub(super) fn from_issues(issues: Vec<Issue>) -> Result<(), Self> {
-        if issues.is_empty() {
-            Ok(())
-        } else {
-            Err(Self(issues))
-        }
     }
 }
 
@@ -61,245 +140,91 @@ impl fmt::Display for ConfigError {
     }
 }
 
-impl Config {
-    /// Checks what serde cannot: references, URLs, header syntax, secrets present.
-    pub fn validate(&self, env: &dyn EnvSource) -> Result<(), ConfigError> {
-        let mut issues = Vec::new();
-        let mut push = |path: String, message: String| issues.push(Issue { path, message });
+/// A configuration that passed [`Config::validate`]: what the gateway is built from, so it is
+/// validated once, at start-up.
+#[derive(Clone, Debug)]
+pub struct ValidConfig(Config);
 
-        if self.upstreams.is_empty() {
-            push("upstreams".into(), "at least one upstream is required".into());
-        }
-        let mut names = HashSet::new();
-        for (i, upstream) in self.upstreams.iter().enumerate() {
-            let at = |key: &str| format!("upstreams[{i}].{key}");
-            if upstream.name.is_empty() {
-                push(at("name"), "must not be empty".into());
-            } else if !names.insert(upstream.name.as_str()) {
-                push(at("name"), format!("duplicate upstream name `{}`", upstream.name));
-            }
-            if let Err(message) = check_base_url(&upstream.base_url) {
-                push(at("base_url"), message);
-            }
-            if let Some(var) = &upstream.api_key_env {
-                if env.var(var).is_none_or(|v| v.is_empty()) {
-                    push(at("api_key_env"), format!("environment variable {var} is not set"));
-                }
-            }
-            for (name, value) in &upstream.headers {
-                if HeaderName::try_from(name.as_str()).is_err() {
-                    push(at("headers"), format!("`{name}` is not a valid header name"));
-                }
-                if HeaderValue::try_from(value.as_str()).is_err() {
-                    push(at("headers"), format!("the value of `{name}` is not a valid header value"));
-                }
-            }
-            for (key, value) in [
-                ("connect_timeout", upstream.connect_timeout),
-                ("first_byte_timeout", upstream.first_byte_timeout),
-                ("idle_timeout", upstream.idle_timeout),
-            ] {
-                if value.is_zero() {
-                    push(at(key), "must be greater than zero".into());
-                }
-            }
-        }
+impl ValidConfig {
+    pub fn into_inner(self) -> Config {
+        self.0
+    }
+}
 
-        for (i, route) in self.routes.iter().enumerate() {
-            if route.models.is_empty() {
-                push(format!("routes[{i}].models"), "must name at least one model or glob".into());
-            }
-            for (j, pattern) in route.models.iter().enumerate() {
-                if let Err(e) = globset::Glob::new(pattern) {
-                    push(format!("routes[{i}].models[{j}]"), format!("invalid glob: {e}"));
-                }
-            }
-            if route.upstreams.is_empty() {
-                push(format!("routes[{i}].upstreams"), "must name at least one upstream".into());
-            }
-            for (j, name) in route.upstreams.iter().enumerate() {
-                if !self.upstreams.iter().any(|u| &u.name == name) {
-                    push(format!("routes[{i}].upstreams[{j}]"), format!("no upstream is named `{name}`"));
-                }
-            }
-        }
-
-        let store = &self.sessions.store;
-        if store.starts_with("rediss+cluster://") {
-            push(
-                "sessions.store".into(),
-                "TLS to a Redis Cluster (`rediss+cluster://`) is not supported; use `redis+cluster://`"
-                    .into(),
-            );
-        } else if !(store.starts_with("embedded:") && store.len() > "embedded:".len()
-            || crate::redis_conn::is_redis_url(store))
-        {
-            push(
-                "sessions.store".into(),
-                "must be `embedded:PATH`, `redis://...`, `rediss://...` or `redis+cluster://HOST:PORT,HOST:PORT`"
-                    .into(),
-            );
-        }
-        // A brace in the prefix would move (or empty) the hash tag that keeps a session's keys
-        // on one Cluster slot.
-        if store.starts_with("redis+cluster://") && self.sessions.key_prefix.contains(['{', '}']) {
-            push("sessions.key_prefix".into(), "must not contain `{` or `}` on a Redis Cluster".into());
-        }
-        if HeaderName::try_from(self.sessions.header.as_str()).is_err() {
-            push("sessions.header".into(), format!("`{}` is not a valid header name", self.sessions.header));
-        }
-        for (key, value) in [
-            ("sessions.ttl", self.sessions.ttl),
-            ("sessions.lease", self.sessions.lease),
-            ("sessions.store_timeout", self.sessions.store_timeout),
-        ] {
-            if value.is_zero() {
-                push(key.into(), "must be greater than zero".into());
-            }
-        }
-        self.validate_compression(&mut push);
-        self.validate_tools(env, &mut push);
-        let mut auth_issues = Vec::new();
-        self.validate_auth(&mut auth_issues);
-        for issue in auth_issues {
-            push(issue.path, issue.message);
-        }
-        if self.server.request_timeout.is_zero() {
-            push("server.request_timeout".into(), "must be greater than zero".into());
-        }
-        if self.retry.base_delay > self.retry.max_delay {
-            push("retry.base_delay".into(), "must not exceed retry.max_delay".into());
-        }
-        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.telemetry.log_level) {
-            push("telemetry.log_level".into(), format!("invalid filter: {e}"));
-        }
-        ConfigError::from_issues(issues)
+impl std::ops::Deref for ValidConfig {
+    type Target = Config;
+    fn deref(&self) -> &Config {
+        &self.0
     }
 }
 
 impl Config {
-    fn validate_tools(&self, env: &dyn EnvSource, push: &mut impl FnMut(String, String)) {
-        let mut names = HashSet::new();
-        for (i, tool) in self.tools.iter().enumerate() {
-            let at = |key: &str| format!("tools[{i}].{key}");
-            let valid_name = !tool.name.is_empty()
-                && tool.name.len() <= 64
-                && tool.name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
-            if !valid_name {
-                push(at("name"), "must be 1 to 64 letters, digits, `_` or `-`".into());
-            } else if !names.insert(tool.name.as_str()) {
-                push(at("name"), format!("duplicate tool name `{}`", tool.name));
-            }
-            if !tool.parameters.is_object() {
-                push(at("parameters"), "must be a JSON Schema object".into());
-            } else if let Err(e) = jsonschema::validator_for(&tool.parameters) {
-                push(at("parameters"), format!("invalid JSON Schema: {e}"));
-            }
-            if tool.timeout.is_zero() {
-                push(at("timeout"), "must be greater than zero".into());
-            }
-            if tool.max_concurrency == 0 {
-                push(at("max_concurrency"), "must be at least 1".into());
-            }
-            match (&tool.http, &tool.mcp) {
-                (Some(http), None) => {
-                    if let Err(message) = check_base_url(&http.url) {
-                        push(at("http.url"), message);
-                    }
-                    if !["GET", "POST", "PUT"].contains(&http.method.as_str()) {
-                        push(at("http.method"), "must be GET, POST or PUT".into());
-                    }
-                    for (name, value) in &http.headers {
-                        if HeaderName::try_from(name.as_str()).is_err()
-                            || HeaderValue::try_from(value.as_str()).is_err()
-                        {
-                            push(at("http.headers"), format!("`{name}` is not a valid header"));
-                        }
-                    }
-                    for (name, var) in &http.headers_env {
-                        if HeaderName::try_from(name.as_str()).is_err() {
-                            push(at("http.headers_env"), format!("`{name}` is not a valid header name"));
-                        }
-                        if env.var(var).is_none_or(|v| v.is_empty()) {
-                            push(at("http.headers_env"), format!("environment variable {var} is not set"));
-                        }
-                    }
-                }
-                (None, Some(mcp)) => {
-                    if let Err(message) = check_base_url(&mcp.url) {
-                        push(at("mcp.url"), message);
-                    }
-                    if let Some(var) = &mcp.bearer_env {
-                        if env.var(var).is_none_or(|v| v.is_empty()) {
-                            push(at("mcp.bearer_env"), format!("environment variable {var} is not set"));
-                        }
-                    }
-                }
-                _ => push(format!("tools[{i}]"), "needs exactly one backend: `http` or `mcp`".into()),
-            }
-        }
-        let limits = &self.tool_loop;
-        if limits.max_concurrency == 0 {
-            push("tool_loop.max_concurrency".into(), "must be at least 1".into());
-        }
-        for (key, value) in [
-            ("tool_loop.keepalive_interval", limits.keepalive_interval),
-            ("tool_loop.task_poll_interval", limits.task_poll_interval),
-        ] {
-            if value.is_zero() {
-                push(key.into(), "must be greater than zero".into());
-            }
-        }
+    /// [`Self::validate`], keeping the proof: the gateway starts only from a [`ValidConfig`].
+    pub fn validated(self, env: &dyn EnvSource) -> Result<ValidConfig, ConfigError> {
+        self.validate(env)?;
+        Ok(ValidConfig(self))
     }
 
-    fn validate_compression(&self, push: &mut impl FnMut(String, String)) {
-        let compression = &self.compression;
-        let mut policies = vec![("compression".to_string(), compression.policy.clone())];
-        for (i, model) in compression.models.iter().enumerate() {
-            let at = format!("compression.models[{i}]");
-            if model.matches.is_empty() {
-                push(format!("{at}.match"), "must name at least one model or glob".into());
+    /// Checks what serde cannot: references, URLs, header syntax, secrets present. Every
+    /// problem is reported, each with its key path.
+    pub fn validate(&self, env: &dyn EnvSource) -> Result<(), ConfigError> {
+        let mut issues = Issues::default();
+        if self.upstreams.is_empty() {
+            issues.push(
+                "upstreams",
+                "at least one upstream is required (config/ctxgate.toml is read from the working \
+                 directory; `--config PATH` names another file, `--upstream URL` alone is enough)",
+            );
+        }
+        let mut names = HashSet::new();
+        for (i, upstream) in self.upstreams.iter().enumerate() {
+            let at = format!("upstreams[{i}]");
+            if !upstream.name.is_empty() && !names.insert(upstream.name.as_str()) {
+                issues.push(format!("{at}.name"), format!("duplicate upstream name `{}`", upstream.name));
             }
-            for (j, pattern) in model.matches.iter().enumerate() {
-                if let Err(e) = globset::Glob::new(pattern) {
-                    push(format!("{at}.match[{j}]"), format!("invalid glob: {e}"));
+            upstream.validate(&at, env, &mut issues);
+        }
+        for (i, route) in self.routes.iter().enumerate() {
+            let at = format!("routes[{i}]");
+            route.validate(&at, &mut issues);
+            if self.parsed("upstreams") {
+                for (j, name) in route.upstreams.iter().enumerate() {
+                    if !names.contains(name.as_str()) {
+                        issues.push(format!("{at}.upstreams[{j}]"), format!("no upstream is named `{name}`"));
+                    }
                 }
             }
-            policies.push((at, model.apply(&compression.policy)));
         }
-        for (at, policy) in &policies {
-            if policy.context_window == 0 {
-                push(format!("{at}.context_window"), "must be greater than zero".into());
-            }
-            let marks = [policy.low_water, policy.pre_compaction, policy.high_water];
-            if !marks.iter().all(|m| *m > 0.0 && *m <= 1.0)
-                || policy.low_water >= policy.high_water
-                || policy.pre_compaction > policy.high_water
-            {
-                push(
-                    at.clone(),
-                    "marks must satisfy 0 < low_water < high_water <= 1 and pre_compaction <= high_water"
-                        .into(),
-                );
+        self.sessions.validate(&mut issues);
+        let upstreams_parsed = self.parsed("upstreams");
+        self.compression.validate(&|name| !upstreams_parsed || names.contains(name), &mut issues);
+        let mut tool_names = HashSet::new();
+        for (i, tool) in self.tools.iter().enumerate() {
+            let at = format!("tools[{i}]");
+            tool.validate(&at, env, &mut issues);
+            if tool.has_valid_name() && !tool_names.insert(tool.name.as_str()) {
+                issues.push(format!("{at}.name"), format!("duplicate tool name `{}`", tool.name));
             }
         }
-        for (j, pattern) in compression.policy.rules.read_functions.iter().enumerate() {
-            if let Err(e) = globset::Glob::new(pattern) {
-                push(format!("compression.rules.read_functions[{j}]"), format!("invalid glob: {e}"));
-            }
+        self.tool_loop.validate(&mut issues);
+        self.auth.validate(&mut issues);
+        if self.auth.redis && self.shared_redis_url().is_none() {
+            issues.push("auth.redis", "needs Redis: sessions.store or rate_limits.store must be a Redis URL");
         }
-        let summarizer = &compression.summarizer;
-        if let Some(name) = &summarizer.upstream {
-            if !self.upstreams.iter().any(|u| &u.name == name) {
-                push("compression.summarizer.upstream".into(), format!("no upstream is named `{name}`"));
-            }
-        }
-        if !matches!(summarizer.role.as_str(), "system" | "user") {
-            push("compression.summarizer.role".into(), "must be `system` or `user`".into());
-        }
-        if summarizer.timeout.is_zero() {
-            push("compression.summarizer.timeout".into(), "must be greater than zero".into());
-        }
+        self.rate_limits.validate(&mut issues);
+        self.server.validate(&mut issues);
+        self.retry.validate(&mut issues);
+        self.telemetry.validate(&mut issues);
+        issues.without(&self.unparsed);
+        issues.attribute(&self.overrides);
+        let mut all = self.parse_issues.clone();
+        all.0.extend(issues.0);
+        all.into_result()
+    }
+
+    /// Whether `section` parsed (one that did not holds defaults).
+    fn parsed(&self, section: &str) -> bool {
+        !self.unparsed.iter().any(|s| s == section)
     }
 }
 
@@ -490,5 +415,55 @@ context_window = 0
             ],
             "{err}"
         );
+    }
+
+    #[test]
+    fn parse_errors_of_every_section_come_with_the_other_problems() {
+        // Given two sections that do not parse, an unknown one, and a semantic problem elsewhere
+        let text = r#"
+[server]
+max_concurrent_requests = 0
+
+[[upstreams]]
+name = "a"
+base_url = "ftp://x"
+
+[sessions]
+lease = "soon"
+
+[telemetri]
+log_level = "debug"
+"#;
+        let env = BTreeMap::new();
+        // When the file is read and checked in one pass
+        let err = Config::read_text(text, &env).unwrap().validate(&env).unwrap_err();
+        // Then every problem is listed once, with its key path
+        let paths: Vec<&str> = err.0.iter().map(|i| i.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            ["telemetri", "server.max_concurrent_requests", "sessions.lease", "upstreams[0].base_url"],
+            "{err}"
+        );
+        // And `parse` alone still refuses the file
+        assert!(Config::parse(text, &env).is_err());
+    }
+
+    #[test]
+    fn a_problem_set_by_an_environment_variable_names_it() {
+        let text = "[[upstreams]]\nname = \"a\"\nbase_url = \"http://ok/v1\"\n";
+        let env: BTreeMap<String, String> = [
+            ("CTXGATE__UPSTREAMS__0__BASE_URL".to_string(), "ftp://nope".to_string()),
+            ("CTXGATE__SERVER__MAX_BODY_BYTES".to_string(), "0".to_string()),
+        ]
+        .into();
+        let err = Config::read_text(text, &env).unwrap().validate(&env).unwrap_err();
+        let lines: Vec<String> = err.0.iter().map(ToString::to_string).collect();
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        assert!(
+            lines[0].starts_with("server.max_body_bytes")
+                && lines[0].ends_with("(set by CTXGATE__SERVER__MAX_BODY_BYTES)"),
+            "{lines:?}"
+        );
+        assert_eq!(lines[1], "upstreams[0].base_url: must start with http:// or https:// (set by CTXGATE__UPSTREAMS__0__BASE_URL)");
     }
 }

@@ -27,7 +27,7 @@ use tokio::sync::Semaphore;
 
 pub use call::{Call, Outcome, ToolRun};
 
-use crate::config::{Config, EnvSource, ToolConfig, ToolLoopConfig};
+use crate::config::{Config, ConfigError, EnvSource, ToolConfig, ToolLoopConfig};
 use crate::error::GatewayError;
 use crate::openai::ChatRequest;
 use crate::telemetry::Metrics;
@@ -65,21 +65,28 @@ pub struct Registry {
 }
 
 impl Registry {
-    pub fn from_config(config: &Config, env: &dyn EnvSource, metrics: Arc<Metrics>) -> Result<Self, String> {
+    /// The tools of a validated config. The checks are `check-config`'s; a failure here names
+    /// its key all the same.
+    pub fn from_config(
+        config: &Config,
+        env: &dyn EnvSource,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, ConfigError> {
         let client = http::client();
         let mut servers = mcp::Servers::default();
         let mut tools = HashMap::new();
         let mut injected = Vec::new();
-        for tool in &config.tools {
+        for (i, tool) in config.tools.iter().enumerate() {
+            let at = |key: &str| format!("tools[{i}]{key}");
             let validator = jsonschema::validator_for(&tool.parameters)
-                .map_err(|e| format!("tools: `{}` parameters: {e}", tool.name))?;
+                .map_err(|e| ConfigError::single(&at(".parameters"), format!("invalid JSON Schema: {e}")))?;
             let backend = match (&tool.http, &tool.mcp) {
                 (Some(backend), None) => Backend::Http(Box::new(
                     http::HttpTool::new(backend, env, client.clone(), config.tool_loop.max_response_bytes)
-                        .map_err(|e| format!("tools: `{}`: {e}", tool.name))?,
+                        .map_err(|e| ConfigError::single(&at(".http"), e))?,
                 )),
                 (None, Some(backend)) => Backend::Mcp(servers.tool(backend, env, tool.remote_name())),
-                _ => return Err(format!("tools: `{}` needs exactly one backend", tool.name)),
+                _ => return Err(ConfigError::single(&at(""), "needs exactly one backend: `http` or `mcp`")),
             };
             if tool.inject {
                 injected.push((tool.name.clone(), definition(tool)));

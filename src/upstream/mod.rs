@@ -24,7 +24,7 @@ pub use body::UpstreamBody;
 pub use route::ModelRouter;
 
 use crate::body::{self as gw_body, Body, BoxError};
-use crate::config::{Config, EnvSource, RetryConfig, UpstreamConfig};
+use crate::config::{Config, ConfigError, EnvSource, RetryConfig, UpstreamConfig};
 use crate::error::GatewayError;
 use crate::openai::UsageObserver;
 use crate::retry;
@@ -191,18 +191,26 @@ pub struct Upstreams {
 }
 
 impl Upstreams {
-    pub fn from_config(config: &Config, env: &dyn EnvSource, metrics: Arc<Metrics>) -> Result<Self, String> {
+    /// The upstreams and routes of a validated config. The checks are `check-config`'s; a
+    /// failure here names its key all the same.
+    pub fn from_config(
+        config: &Config,
+        env: &dyn EnvSource,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, ConfigError> {
         let upstreams = config
             .upstreams
             .iter()
-            .map(|u| {
+            .enumerate()
+            .map(|(i, u)| {
                 let key = u.api_key_env.as_deref().and_then(|var| env.var(var));
                 Upstream::new(u, key, metrics.for_upstream(&u.name))
                     .map(Arc::new)
-                    .map_err(|e| format!("upstream {}: {e}", u.name))
+                    .map_err(|e| ConfigError::single(&format!("upstreams[{i}]"), e))
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let router = ModelRouter::new(&config.routes, &upstreams).map_err(|e| e.to_string())?;
+        let router = ModelRouter::new(&config.routes, &upstreams)
+            .map_err(|e| ConfigError::single("routes", e.to_string()))?;
         Ok(Self { router, retry: config.retry.clone(), metrics })
     }
 

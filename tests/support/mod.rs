@@ -172,7 +172,7 @@ impl HarnessBuilder {
             f(&mut config);
         }
 
-        let state = AppState::new(config, &env).await.unwrap();
+        let state = AppState::new(config.validated(&env).unwrap(), &env).await.unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = oneshot::channel::<()>();
