@@ -11,7 +11,7 @@ use hyper_util::rt::TokioExecutor;
 
 /// A pooled HTTP/1.1 + HTTP/2 client over rustls (ring, webpki roots), for upstreams and for
 /// gateway tools.
-pub fn pooled<B>(connect_timeout: Duration) -> Client<HttpsConnector<HttpConnector>, B>
+pub(crate) fn pooled<B>(connect_timeout: Duration) -> Client<HttpsConnector<HttpConnector>, B>
 where
     B: http_body::Body + Send + 'static,
     B::Data: Send,

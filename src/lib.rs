@@ -23,18 +23,18 @@ pub mod compress;
 pub mod config;
 pub mod error;
 mod handlers;
-pub mod headers;
-pub mod http_client;
+mod headers;
+mod http_client;
 mod http_util;
-pub mod limit;
-pub mod observe;
+mod limit;
+mod observe;
 pub mod openai;
 pub mod redis_conn;
-pub mod retry;
-pub mod router;
-pub mod server;
+mod retry;
+mod router;
+mod server;
 pub mod session;
-pub mod stack;
+mod stack;
 pub mod telemetry;
 pub mod tokens;
 pub mod tools;
@@ -55,13 +55,14 @@ use crate::upstream::Upstreams;
 /// below the handlers get the parts they need, never this.
 #[derive(Debug)]
 pub struct AppState {
-    pub config: Config,
-    pub upstreams: Upstreams,
-    pub sessions: Arc<Sessions>,
-    pub compressor: compress::Compressor,
+    pub(crate) config: Config,
+    pub(crate) upstreams: Upstreams,
+    pub(crate) sessions: Arc<Sessions>,
+    pub(crate) compressor: compress::Compressor,
+    /// Public for the tool fan-out bench, which runs calls without a model in between.
     pub tools: tools::Registry,
-    pub auth: Arc<auth::Auth>,
-    pub metrics: Arc<Metrics>,
+    pub(crate) auth: Arc<auth::Auth>,
+    pub(crate) metrics: Arc<Metrics>,
     model_labels: ModelLabels,
     sheets: chat::compression::Sheets,
     /// Work that outlives its request (session turns, stream relays, state sheets, replays),
@@ -124,7 +125,7 @@ impl AppState {
     }
 
     /// Every model named in config: upstreams' `models` and exact route names, deduplicated.
-    pub fn configured_models(&self) -> Vec<String> {
+    pub(crate) fn configured_models(&self) -> Vec<String> {
         let mut models: Vec<String> = self
             .config
             .upstreams

@@ -33,12 +33,12 @@ where
 // === impl BodyLimit ===
 
 #[derive(Clone, Copy, Debug)]
-pub struct BodyLimitLayer {
+pub(crate) struct BodyLimitLayer {
     limit: usize,
 }
 
 impl BodyLimitLayer {
-    pub fn new(limit: usize) -> Self {
+    pub(crate) fn new(limit: usize) -> Self {
         Self { limit }
     }
 }
@@ -53,7 +53,7 @@ impl<S> Layer<S> for BodyLimitLayer {
 /// Rejects a declared-too-large body up front and caps a streamed one; the inner service sees
 /// a [`Body`] whose error is [`BodyTooLarge`] past the limit.
 #[derive(Clone, Debug)]
-pub struct BodyLimit<S> {
+pub(crate) struct BodyLimit<S> {
     inner: S,
     limit: usize,
 }
@@ -102,12 +102,12 @@ where
 // === impl ConcurrencyLimit ===
 
 #[derive(Clone, Debug)]
-pub struct ConcurrencyLimitLayer {
+pub(crate) struct ConcurrencyLimitLayer {
     permits: Arc<Semaphore>,
 }
 
 impl ConcurrencyLimitLayer {
-    pub fn new(max: usize) -> Self {
+    pub(crate) fn new(max: usize) -> Self {
         Self { permits: Arc::new(Semaphore::new(max)) }
     }
 }
@@ -121,7 +121,7 @@ impl<S> Layer<S> for ConcurrencyLimitLayer {
 
 /// Holds a permit from the call until the response body ends or is dropped.
 #[derive(Clone, Debug)]
-pub struct ConcurrencyLimit<S> {
+pub(crate) struct ConcurrencyLimit<S> {
     inner: S,
     permits: Arc<Semaphore>,
 }

@@ -234,11 +234,12 @@ fn serve(args: ServeArgs) -> ExitCode {
 
 async fn run(config: ValidConfig, env: &dyn EnvSource) -> Result<(), StartupError> {
     let addr = config.server.listen;
+    let upstreams = config.upstreams.len();
     let state = AppState::new(config, env).await?;
     let listener =
         tokio::net::TcpListener::bind(addr).await.map_err(|source| StartupError::Bind { addr, source })?;
     let local = listener.local_addr().unwrap_or(addr);
-    tracing::info!(listen = %local, upstreams = state.config.upstreams.len(), "ctxgate listening");
+    tracing::info!(listen = %local, upstreams, "ctxgate listening");
     ctxgate::serve(listener, state, shutdown_signal()).await;
     Ok(())
 }

@@ -19,12 +19,12 @@ use crate::telemetry::{ErrorKind, Metrics, RouteLabel, RouteStatus};
 use crate::upstream::UpstreamWait;
 
 #[derive(Clone, Debug)]
-pub struct MetricsLayer {
+pub(crate) struct MetricsLayer {
     metrics: Arc<Metrics>,
 }
 
 impl MetricsLayer {
-    pub fn new(metrics: Arc<Metrics>) -> Self {
+    pub(crate) fn new(metrics: Arc<Metrics>) -> Self {
         Self { metrics }
     }
 }
@@ -37,7 +37,7 @@ impl<S> Layer<S> for MetricsLayer {
 }
 
 #[derive(Clone, Debug)]
-pub struct RecordMetrics<S> {
+pub(crate) struct RecordMetrics<S> {
     inner: S,
     metrics: Arc<Metrics>,
 }

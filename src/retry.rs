@@ -9,7 +9,7 @@ use http::{HeaderMap, StatusCode};
 use crate::config::RetryConfig;
 
 /// 429 and the 5xx statuses that signal a transient fault. 501 and 505 will not change on retry.
-pub fn is_retryable_status(status: StatusCode) -> bool {
+pub(crate) fn is_retryable_status(status: StatusCode) -> bool {
     status == StatusCode::TOO_MANY_REQUESTS
         || (status.is_server_error()
             && status != StatusCode::NOT_IMPLEMENTED
@@ -18,7 +18,7 @@ pub fn is_retryable_status(status: StatusCode) -> bool {
 
 /// Delay before retry number `retry` (0-based): "equal jitter", half fixed and half random, so
 /// replicas retrying together spread out but never retry immediately.
-pub fn backoff(config: &RetryConfig, retry: u32) -> Duration {
+pub(crate) fn backoff(config: &RetryConfig, retry: u32) -> Duration {
     let exp = config.base_delay.saturating_mul(2u32.saturating_pow(retry)).min(config.max_delay);
     let half = exp / 2;
     half + half.mul_f64(fastrand::f64())
@@ -26,7 +26,7 @@ pub fn backoff(config: &RetryConfig, retry: u32) -> Duration {
 
 /// The upstream's requested wait: OpenAI's `retry-after-ms`, else `Retry-After` in seconds.
 /// (The HTTP-date form is not used by LLM APIs and is ignored.)
-pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+pub(crate) fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     let read = |name: &str| headers.get(name)?.to_str().ok()?.trim().parse::<f64>().ok();
     if let Some(ms) = read("retry-after-ms").filter(|v| v.is_finite() && *v >= 0.0) {
         return Some(Duration::from_secs_f64(ms / 1000.0));

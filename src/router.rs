@@ -16,7 +16,7 @@ use crate::{chat, AppState};
 
 /// The routes ctxgate serves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Route {
+pub(crate) enum Route {
     ChatCompletions,
     Models,
     Sessions,
@@ -28,7 +28,7 @@ pub enum Route {
 }
 
 impl Route {
-    pub fn of(path: &str) -> Self {
+    pub(crate) fn of(path: &str) -> Self {
         match path {
             "/v1/chat/completions" => Self::ChatCompletions,
             "/v1/models" => Self::Models,
@@ -42,7 +42,7 @@ impl Route {
     }
 
     /// The route as a low-cardinality metric label.
-    pub fn label(self) -> &'static str {
+    pub(crate) fn label(self) -> &'static str {
         match self {
             Self::ChatCompletions => "chat_completions",
             Self::Models => "models",
@@ -57,12 +57,12 @@ impl Route {
 }
 
 #[derive(Clone, Debug)]
-pub struct Router {
+pub(crate) struct Router {
     state: Arc<AppState>,
 }
 
 impl Router {
-    pub fn new(state: Arc<AppState>) -> Self {
+    pub(crate) fn new(state: Arc<AppState>) -> Self {
         Self { state }
     }
 }

@@ -14,7 +14,7 @@ use tokio::net::TcpListener;
 use crate::stack::GatewayService;
 
 /// Serves until `shutdown` resolves, then drains for at most `drain`.
-pub async fn run(
+pub(crate) async fn run(
     listener: TcpListener,
     service: GatewayService,
     shutdown: impl Future<Output = ()>,

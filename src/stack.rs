@@ -50,14 +50,14 @@ use crate::router::Router;
 use crate::AppState;
 
 /// The response body hyper sends: catch-panic's box around ctxgate's [`crate::body::Body`].
-pub type ResponseBody = tower_http::body::UnsyncBoxBody<Bytes, BoxError>;
+pub(crate) type ResponseBody = tower_http::body::UnsyncBoxBody<Bytes, BoxError>;
 
 /// The complete gateway as one cloneable service.
-pub type GatewayService = BoxCloneSyncService<Request<Incoming>, Response<ResponseBody>, Infallible>;
+pub(crate) type GatewayService = BoxCloneSyncService<Request<Incoming>, Response<ResponseBody>, Infallible>;
 
 use crate::headers::REQUEST_ID;
 
-pub fn build(state: Arc<AppState>) -> GatewayService {
+pub(crate) fn build(state: Arc<AppState>) -> GatewayService {
     let server = &state.config.server;
     let service = ServiceBuilder::new()
         .layer(CatchPanicLayer::custom(panic_response))

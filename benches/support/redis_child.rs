@@ -1,6 +1,8 @@
 //! A private `redis-server` on an ephemeral loopback port (never 6379), killed on drop; shared
 //! by the benches that measure Redis (included with `#[path]`: benches cannot share a crate).
 
+#![allow(unreachable_pub)]
+
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};

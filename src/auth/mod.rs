@@ -6,8 +6,8 @@
 //!
 //! Without keys, nothing here runs and the client's `Authorization` passes through as before.
 
-pub mod keys;
-pub mod limits;
+mod keys;
+mod limits;
 
 use std::future::Future;
 use std::pin::Pin;

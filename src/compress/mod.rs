@@ -12,8 +12,8 @@
 
 pub mod plan;
 pub mod rules;
-pub mod summary;
-pub mod text;
+pub(crate) mod summary;
+mod text;
 
 use std::hash::{DefaultHasher, Hash, Hasher};
 

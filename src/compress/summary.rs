@@ -12,7 +12,7 @@ use serde_json::value::RawValue;
 use super::plan::SummaryRequest;
 
 /// The sheet's headings, in order.
-pub const HEADINGS: [&str; 9] = [
+pub(crate) const HEADINGS: [&str; 9] = [
     "Active Task",
     "Goal",
     "Constraints",
@@ -33,7 +33,7 @@ Do not call tools; answer with the sheet only.";
 
 /// The request body of a summary call to `model`, with the conversation's `tools` (canonical,
 /// so the call's prefix matches the conversation's).
-pub fn request_body(
+pub(crate) fn request_body(
     request: &SummaryRequest,
     model: &str,
     tools: Option<&RawValue>,
@@ -57,7 +57,7 @@ pub fn request_body(
 
 /// The sheet message from the model's answer: every heading present, in order, and a first
 /// line saying what it replaces.
-pub fn sheet_message(answer: &str, role: &str, epoch: u32, replaced: usize) -> Option<Box<RawValue>> {
+pub(crate) fn sheet_message(answer: &str, role: &str, epoch: u32, replaced: usize) -> Option<Box<RawValue>> {
     let answer = answer.trim();
     if answer.is_empty() || repetitive(answer) {
         return None;
@@ -81,7 +81,7 @@ fn repetitive(answer: &str) -> bool {
 }
 
 /// The text of a non-streamed chat answer.
-pub fn answer_text(body: &[u8]) -> Option<String> {
+pub(crate) fn answer_text(body: &[u8]) -> Option<String> {
     let value: serde_json::Value = serde_json::from_slice(body).ok()?;
     value.pointer("/choices/0/message/content")?.as_str().map(str::to_string)
 }

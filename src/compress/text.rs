@@ -3,7 +3,7 @@
 
 /// Trailing blanks, runs of blanks inside a line, and runs of blank lines (kept to one),
 /// outside fenced code blocks, whose layout is meaning.
-pub fn whitespace(text: &str) -> Option<String> {
+pub(super) fn whitespace(text: &str) -> Option<String> {
     let mut out = String::with_capacity(text.len());
     let mut in_fence = false;
     let mut blank_run = 0;
@@ -47,7 +47,7 @@ pub fn whitespace(text: &str) -> Option<String> {
 }
 
 /// ANSI escape sequences: CSI (`ESC [ … final`), OSC (`ESC ] … BEL|ESC \`) and two-byte escapes.
-pub fn ansi(text: &str) -> Option<String> {
+pub(super) fn ansi(text: &str) -> Option<String> {
     if !text.contains('\u{1b}') {
         return None;
     }
@@ -88,7 +88,7 @@ pub fn ansi(text: &str) -> Option<String> {
 }
 
 /// Runs of base64 (or hex) of at least `min` bytes, replaced by a marker with their size.
-pub fn blobs(text: &str, min: usize) -> Option<String> {
+pub(super) fn blobs(text: &str, min: usize) -> Option<String> {
     let bytes = text.as_bytes();
     let is_blob_byte = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'=' | b'-' | b'_');
     let mut out: Option<String> = None;
@@ -125,7 +125,7 @@ pub fn blobs(text: &str, min: usize) -> Option<String> {
 
 /// Keeps the head (about two thirds of `max_bytes`) and tail of a long text, on line
 /// boundaries where there are lines, with a marker saying what was omitted.
-pub fn head_and_tail(text: &str, max_bytes: usize) -> Option<String> {
+pub(super) fn head_and_tail(text: &str, max_bytes: usize) -> Option<String> {
     if text.len() <= max_bytes {
         return None;
     }

@@ -145,7 +145,7 @@ impl Default for SessionConfig {
     fn default() -> Self {
         Self {
             store: "embedded:data/ctxgate.redb".into(),
-            header: "x-session-id".into(),
+            header: crate::headers::SESSION_ID.into(),
             key_prefix: "ctxgate:".into(),
             ttl: Duration::from_secs(7 * 24 * 3600),
             busy_timeout: Duration::from_secs(5),

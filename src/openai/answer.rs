@@ -14,19 +14,19 @@ use super::usage::Usage;
 
 /// The answer to one request: the message to append, and the usage reported with it.
 #[derive(Debug)]
-pub struct Answer {
+pub(crate) struct Answer {
     pub message: Box<RawValue>,
     pub usage: Option<Usage>,
 }
 
 #[derive(Debug)]
-pub enum AnswerBuilder {
+pub(crate) enum AnswerBuilder {
     Json(Vec<Bytes>),
     Sse(LineSplitter, Box<StreamState>),
 }
 
 #[derive(Debug, Default)]
-pub struct StreamState {
+pub(crate) struct StreamState {
     role: Option<String>,
     content: String,
     refusal: String,
@@ -97,7 +97,7 @@ struct FunctionDelta {
 }
 
 impl AnswerBuilder {
-    pub fn new(stream: bool) -> Self {
+    pub(crate) fn new(stream: bool) -> Self {
         if stream {
             Self::Sse(LineSplitter::default(), Box::default())
         } else {
@@ -105,7 +105,7 @@ impl AnswerBuilder {
         }
     }
 
-    pub fn observe(&mut self, chunk: &Bytes) {
+    pub(crate) fn observe(&mut self, chunk: &Bytes) {
         match self {
             Self::Json(frames) => frames.push(chunk.clone()),
             Self::Sse(lines, state) => lines.feed(
@@ -121,7 +121,7 @@ impl AnswerBuilder {
     }
 
     /// The message, or `None` when the body held no answer (an error body, a cut stream).
-    pub fn finish(self) -> Option<Answer> {
+    pub(crate) fn finish(self) -> Option<Answer> {
         match self {
             Self::Json(frames) => {
                 let body = frames.concat();

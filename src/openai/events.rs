@@ -9,13 +9,13 @@ use serde_json::{json, Value};
 use super::sse;
 
 #[derive(Debug, Default)]
-pub struct EventSplitter {
+pub(crate) struct EventSplitter {
     buffer: BytesMut,
 }
 
 impl EventSplitter {
     /// The events `chunk` completes, each with its terminating blank line.
-    pub fn feed(&mut self, chunk: &[u8]) -> Vec<Bytes> {
+    pub(crate) fn feed(&mut self, chunk: &[u8]) -> Vec<Bytes> {
         self.buffer.extend_from_slice(chunk);
         let mut events = Vec::new();
         while let Some(end) = event_end(&self.buffer) {
@@ -25,7 +25,7 @@ impl EventSplitter {
     }
 
     /// What is left when the body ends (an unterminated last event), if anything.
-    pub fn finish(self) -> Option<Bytes> {
+    pub(crate) fn finish(self) -> Option<Bytes> {
         (!self.buffer.is_empty()).then(|| self.buffer.freeze())
     }
 }
@@ -41,12 +41,12 @@ fn event_end(buffer: &[u8]) -> Option<usize> {
 }
 
 /// Whether an event is the stream's `data: [DONE]`.
-pub fn is_done(event: &[u8]) -> bool {
+pub(crate) fn is_done(event: &[u8]) -> bool {
     event.split(|b| *b == b'\n').any(|line| super::sse::data(line) == Some(b"[DONE]"))
 }
 
 /// Whether an event carries a tool-call delta (a non-null `delta.tool_calls`).
-pub fn has_tool_call_delta(event: &[u8]) -> bool {
+pub(crate) fn has_tool_call_delta(event: &[u8]) -> bool {
     memchr::memmem::find(event, b"\"tool_calls\"").is_some()
         && event.split(|b| *b == b'\n').filter_map(sse::data).any(|data| {
             serde_json::from_slice::<Value>(data).is_ok_and(|v| {
@@ -59,7 +59,7 @@ pub fn has_tool_call_delta(event: &[u8]) -> bool {
 
 /// The event with only the tool-call deltas at positions `keep`, renumbered from 0 as a client
 /// that sees only those calls expects. Events without tool-call deltas are returned as they are.
-pub fn only_tool_calls(event: &Bytes, keep: &[usize]) -> Bytes {
+pub(crate) fn only_tool_calls(event: &Bytes, keep: &[usize]) -> Bytes {
     if !has_tool_call_delta(event) {
         return event.clone();
     }

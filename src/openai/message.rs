@@ -101,7 +101,7 @@ fn content_text(content: &RawValue) -> Option<String> {
 }
 
 /// The text a message's tokens are counted over: content plus tool-call names and arguments.
-pub fn countable_text(json: &str) -> String {
+pub(crate) fn countable_text(json: &str) -> String {
     let info = Info::parse(json);
     let mut text = info.text.unwrap_or_default();
     for call in &info.calls {
@@ -115,7 +115,7 @@ pub fn countable_text(json: &str) -> String {
 
 /// The message with its text passed through `edit` (each text part of an array on its own).
 /// `None` when nothing changed, so an untouched message keeps its exact bytes.
-pub fn edit_text(json: &str, mut edit: impl FnMut(&str) -> Option<String>) -> Option<Box<RawValue>> {
+pub(crate) fn edit_text(json: &str, mut edit: impl FnMut(&str) -> Option<String>) -> Option<Box<RawValue>> {
     let mut fields: IndexMap<String, Box<RawValue>> = serde_json::from_str(json).ok()?;
     let content = fields.get("content")?;
     let new = match serde_json::from_str::<Value>(content.get()).ok()? {
@@ -142,7 +142,7 @@ pub fn edit_text(json: &str, mut edit: impl FnMut(&str) -> Option<String>) -> Op
 }
 
 /// The message with its whole content replaced by `text` (a string).
-pub fn replace_text(json: &str, text: &str) -> Option<Box<RawValue>> {
+pub(crate) fn replace_text(json: &str, text: &str) -> Option<Box<RawValue>> {
     let mut fields: IndexMap<String, Box<RawValue>> = serde_json::from_str(json).ok()?;
     fields.insert("content".into(), serde_json::value::to_raw_value(text).ok()?);
     serde_json::value::to_raw_value(&fields).ok()

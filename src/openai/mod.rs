@@ -4,12 +4,12 @@
 //! ctxgate forwards the client's bytes, never a re-serialisation of these types, so unknown
 //! fields and key order survive untouched.
 
-pub mod answer;
-pub mod events;
-pub mod message;
-pub mod request;
-pub mod sse;
-pub mod usage;
+pub(crate) mod answer;
+pub(crate) mod events;
+pub(crate) mod message;
+pub(crate) mod request;
+pub(crate) mod sse;
+mod usage;
 
 pub use request::ChatRequest;
 pub use request::ChatRequestHead;

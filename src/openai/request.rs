@@ -328,7 +328,7 @@ fn json_array(items: &[Box<RawValue>]) -> String {
 }
 
 /// Replaces the `messages` array at `span` with `messages`, leaving every other byte as sent.
-pub fn splice_messages(body: &[u8], span: Range<usize>, messages: &[Box<RawValue>]) -> Bytes {
+pub(crate) fn splice_messages(body: &[u8], span: Range<usize>, messages: &[Box<RawValue>]) -> Bytes {
     let array = json_array(messages);
     let mut out = Vec::with_capacity(body.len() - span.len() + array.len());
     out.extend_from_slice(&body[..span.start]);
@@ -338,7 +338,7 @@ pub fn splice_messages(body: &[u8], span: Range<usize>, messages: &[Box<RawValue
 }
 
 /// The body with top-level `field` set to `value` (added at the end when absent).
-pub fn with_field(body: &[u8], field: &str, value: &RawValue) -> Result<Bytes, GatewayError> {
+pub(crate) fn with_field(body: &[u8], field: &str, value: &RawValue) -> Result<Bytes, GatewayError> {
     let mut fields: IndexMap<String, Box<RawValue>> =
         serde_json::from_slice(body).map_err(|e| GatewayError::Internal(e.into()))?;
     fields.insert(field.into(), value.to_owned());
@@ -347,14 +347,14 @@ pub fn with_field(body: &[u8], field: &str, value: &RawValue) -> Result<Bytes, G
 
 /// JSON with object keys sorted and no insignificant whitespace (serde_json's `Value` keeps
 /// keys in a sorted map).
-pub fn canonical(json: &str) -> Option<Box<RawValue>> {
+pub(crate) fn canonical(json: &str) -> Option<Box<RawValue>> {
     let value: serde_json::Value = serde_json::from_str(json).ok()?;
     serde_json::value::to_raw_value(&value).ok()
 }
 
 /// Reads only a top-level `"model"` string, for routing pass-through requests (embeddings,
 /// completions) that ctxgate does not otherwise validate.
-pub fn peek_model(body: &[u8]) -> Option<String> {
+pub(crate) fn peek_model(body: &[u8]) -> Option<String> {
     #[derive(Deserialize)]
     struct ModelOnly {
         model: Option<String>,

@@ -58,12 +58,12 @@ impl LineSplitter {
 }
 
 /// The payload of a `data:` line, trimmed.
-pub fn data(line: &[u8]) -> Option<&[u8]> {
+pub(crate) fn data(line: &[u8]) -> Option<&[u8]> {
     line.strip_prefix(b"data:").map(<[u8]>::trim_ascii)
 }
 
 /// `id: TURN-SEQ` followed by the event as the upstream sent it.
-pub fn with_id(turn: u64, seq: u64, event: &[u8]) -> Bytes {
+pub(crate) fn with_id(turn: u64, seq: u64, event: &[u8]) -> Bytes {
     use std::fmt::Write;
     let mut out = BytesMut::with_capacity(event.len() + 48);
     // Writing into a BytesMut cannot fail.
@@ -73,7 +73,7 @@ pub fn with_id(turn: u64, seq: u64, event: &[u8]) -> Bytes {
 }
 
 /// One `data:` event carrying `json`.
-pub fn data_event(json: &str) -> Bytes {
+pub(crate) fn data_event(json: &str) -> Bytes {
     let mut out = BytesMut::with_capacity(json.len() + 8);
     out.extend_from_slice(b"data: ");
     out.extend_from_slice(json.as_bytes());
@@ -82,12 +82,12 @@ pub fn data_event(json: &str) -> Bytes {
 }
 
 /// A comment line, which clients ignore: a keep-alive.
-pub fn comment(text: &'static str) -> Bytes {
+pub(crate) fn comment(text: &'static str) -> Bytes {
     Bytes::from(format!(": {text}\n\n"))
 }
 
 /// The end of an OpenAI stream.
-pub const DONE: &[u8] = b"data: [DONE]\n\n";
+pub(crate) const DONE: &[u8] = b"data: [DONE]\n\n";
 
 #[cfg(test)]
 mod tests {

@@ -120,7 +120,7 @@ fn has_usage_object(bytes: &[u8]) -> bool {
 }
 
 /// The `usage` of a JSON body held as frames.
-pub fn parse_json_usage(frames: &[Bytes]) -> Option<Usage> {
+pub(super) fn parse_json_usage(frames: &[Bytes]) -> Option<Usage> {
     let parsed = if let [single] = frames {
         serde_json::from_slice::<Envelope>(single)
     } else {

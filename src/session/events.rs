@@ -56,7 +56,7 @@ impl EventLog {
 
 /// Where a follower starts: the turn whose events the log holds, and the last event the
 /// client has (`TURN-SEQ` from `Last-Event-ID`).
-pub fn parse_event_id(id: &str) -> Option<(u64, u64)> {
+pub(crate) fn parse_event_id(id: &str) -> Option<(u64, u64)> {
     let (turn, seq) = id.trim().split_once('-')?;
     Some((turn.parse().ok()?, seq.parse().ok()?))
 }
@@ -64,7 +64,7 @@ pub fn parse_event_id(id: &str) -> Option<(u64, u64)> {
 /// Replays turn `turn`'s events after `last` (or from its start) into `frames`, each with its
 /// `id:` line, then follows the live turn until `[DONE]`, the turn's end, or its owner's
 /// lease having run out for a lease period.
-pub async fn follow(
+pub(crate) async fn follow(
     sessions: Arc<Sessions>,
     key: SessionKey,
     turn: u64,

@@ -20,7 +20,7 @@ use crate::telemetry::OutcomeLabel;
 
 /// A change to the checkpoint made while the turn runs (a tool task's new state), written with
 /// the next lease renewal or the commit.
-pub type Amendment = Box<dyn FnOnce(&mut Checkpoint) + Send>;
+pub(crate) type Amendment = Box<dyn FnOnce(&mut Checkpoint) + Send>;
 
 pub struct Lease {
     sessions: Arc<Sessions>,

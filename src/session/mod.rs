@@ -10,8 +10,8 @@
 
 pub mod checkpoint;
 pub mod embedded;
-pub mod events;
-pub mod lease;
+pub(crate) mod events;
+pub(crate) mod lease;
 pub mod redis;
 pub mod store;
 mod timed;

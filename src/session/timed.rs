@@ -13,13 +13,13 @@ use super::store::{BoxFuture, Commit, SessionKey, SessionStore, StoreError, Stor
 use crate::telemetry::{Metrics, OpLabel};
 
 #[derive(Debug)]
-pub struct TimedStore {
+pub(super) struct TimedStore {
     inner: Arc<dyn SessionStore>,
     metrics: Arc<Metrics>,
 }
 
 impl TimedStore {
-    pub fn new(inner: Arc<dyn SessionStore>, metrics: Arc<Metrics>) -> Self {
+    pub(super) fn new(inner: Arc<dyn SessionStore>, metrics: Arc<Metrics>) -> Self {
         Self { inner, metrics }
     }
 

@@ -48,20 +48,20 @@ pub struct ToolRun {
 
 /// Why a call produced no result.
 #[derive(Debug)]
-pub struct Failure {
+pub(super) struct Failure {
     pub kind: Kind,
     pub message: String,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Kind {
+pub(super) enum Kind {
     Timeout,
     InvalidArguments,
     Upstream,
 }
 
 impl Kind {
-    pub fn as_str(self) -> &'static str {
+    pub(super) fn as_str(self) -> &'static str {
         match self {
             Kind::Timeout => "timeout",
             Kind::InvalidArguments => "invalid_arguments",
@@ -71,7 +71,7 @@ impl Kind {
 }
 
 /// One attempt's result, as the backends report it.
-pub enum Attempt {
+pub(super) enum Attempt {
     /// The tool's answer. `is_error` marks an answer the tool itself flagged as an error (MCP
     /// `isError`): returned to the model as it is, but counted as `tool_error`.
     Done { content: String, is_error: bool },
@@ -136,7 +136,7 @@ impl Registry {
 }
 
 /// A structured error as a tool message's content.
-pub fn error_content(kind: Kind, message: &str) -> String {
+pub(super) fn error_content(kind: Kind, message: &str) -> String {
     serde_json::json!({"error": message, "kind": kind.as_str()}).to_string()
 }
 

@@ -16,14 +16,14 @@ use super::call::Attempt;
 use crate::config::{EnvSource, HttpBackend};
 use crate::retry::{is_retryable_status, retry_after};
 
-pub type ToolClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+pub(super) type ToolClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
 
 /// One pooled client shared by every HTTP tool.
-pub fn client() -> ToolClient {
+pub(super) fn client() -> ToolClient {
     crate::http_client::pooled(Duration::from_secs(5))
 }
 
-pub struct HttpTool {
+pub(super) struct HttpTool {
     uri: Uri,
     method: Method,
     headers: Vec<(HeaderName, HeaderValue)>,
@@ -32,7 +32,7 @@ pub struct HttpTool {
 }
 
 impl HttpTool {
-    pub fn new(
+    pub(super) fn new(
         config: &HttpBackend,
         env: &dyn EnvSource,
         client: ToolClient,
@@ -53,7 +53,7 @@ impl HttpTool {
         Ok(Self { uri, method, headers, max_response_bytes, client })
     }
 
-    pub async fn call(&self, arguments: &Value) -> Attempt {
+    pub(super) async fn call(&self, arguments: &Value) -> Attempt {
         let request = match self.request(arguments) {
             Ok(request) => request,
             Err(message) => return Attempt::Fail(message),

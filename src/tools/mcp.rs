@@ -25,12 +25,12 @@ type Session = RunningService<RoleClient, ClientInfo>;
 
 /// MCP servers by URL, so tools on one server share its session.
 #[derive(Default)]
-pub struct Servers {
+pub(super) struct Servers {
     by_url: HashMap<String, Arc<Server>>,
 }
 
 impl Servers {
-    pub fn tool(&mut self, config: &McpBackend, env: &dyn EnvSource, remote: &str) -> McpTool {
+    pub(super) fn tool(&mut self, config: &McpBackend, env: &dyn EnvSource, remote: &str) -> McpTool {
         let bearer = config.bearer_env.as_deref().and_then(|var| env.var(var));
         let server = self
             .by_url
@@ -48,7 +48,7 @@ impl Servers {
     }
 }
 
-pub struct Server {
+pub(super) struct Server {
     url: String,
     bearer: Option<String>,
     session: Mutex<Option<Arc<Session>>>,
@@ -112,13 +112,13 @@ fn client_info() -> ClientInfo {
 }
 
 /// A tool on an MCP server.
-pub struct McpTool {
+pub(super) struct McpTool {
     server: Arc<Server>,
     name: String,
 }
 
 impl McpTool {
-    pub async fn call(&self, arguments: &Value) -> Attempt {
+    pub(super) async fn call(&self, arguments: &Value) -> Attempt {
         let session = match self.server.session().await {
             Ok(session) => session,
             Err(message) => return Attempt::Retry { message, retry_after: None },
@@ -135,7 +135,7 @@ impl McpTool {
 
     /// Whether the server runs this tool as a task (`execution.taskSupport` optional or
     /// required). A server that cannot say is treated as not supporting tasks.
-    pub async fn supports_tasks(&self) -> bool {
+    pub(super) async fn supports_tasks(&self) -> bool {
         let Ok(session) = self.server.session().await else { return false };
         matches!(
             self.server.task_support(&session, &self.name).await,
@@ -144,7 +144,7 @@ impl McpTool {
     }
 
     /// Starts the call as a task; returns the server's task id.
-    pub async fn start_task(&self, arguments: &Value, ttl: Duration) -> Result<String, Attempt> {
+    pub(super) async fn start_task(&self, arguments: &Value, ttl: Duration) -> Result<String, Attempt> {
         let session =
             self.server.session().await.map_err(|message| Attempt::Retry { message, retry_after: None })?;
         let mut params = CallToolRequestParams::new(self.name.clone())
@@ -162,7 +162,7 @@ impl McpTool {
 
     /// Polls a task until it ends, then fetches its result. Runs until cancelled by the
     /// caller's deadline. `on_status` sees every status polled.
-    pub async fn finish_task(
+    pub(super) async fn finish_task(
         &self,
         task_id: &str,
         poll: Duration,
@@ -218,7 +218,7 @@ impl McpTool {
 
 /// A tool result as the `tool` message's content: its text blocks joined, else its structured
 /// content as JSON.
-pub fn done(result: CallToolResult) -> Attempt {
+pub(super) fn done(result: CallToolResult) -> Attempt {
     let texts: Vec<&str> =
         result.content.iter().filter_map(|c| c.as_text()).map(|t| t.text.as_str()).collect();
     let content = if texts.is_empty() {
@@ -229,7 +229,7 @@ pub fn done(result: CallToolResult) -> Attempt {
     Attempt::Done { content, is_error: result.is_error.unwrap_or(false) }
 }
 
-pub fn status_name(status: &TaskStatus) -> &'static str {
+pub(super) fn status_name(status: &TaskStatus) -> &'static str {
     match status {
         TaskStatus::Working => "working",
         TaskStatus::InputRequired => "input_required",

@@ -12,11 +12,11 @@
 //! chat pipeline (`chat::tool_loop`); this module runs calls and knows nothing of upstreams,
 //! sessions or the client.
 
-pub mod call;
+mod call;
 mod http;
-pub mod mcp;
-pub mod record;
-pub mod tasks;
+mod mcp;
+pub(crate) mod record;
+pub(crate) mod tasks;
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -8,7 +8,7 @@ use serde_json::value::RawValue;
 const MAX_EXPANSIONS: usize = 32;
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
-pub struct ToolRecord {
+pub(crate) struct ToolRecord {
     /// Answers that mixed gateway and client calls: the client got only its own calls; the
     /// next turn sends the model the whole answer with the gateway's results first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -56,7 +56,7 @@ impl TaskEntry {
 const MAX_TASKS: usize = 64;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Expansion {
+pub(crate) struct Expansion {
     /// The ids of the calls the client got, in order: how its echo of the answer is found.
     pub client_call_ids: Vec<String>,
     /// The assistant message as the model wrote it.
@@ -66,12 +66,12 @@ pub struct Expansion {
 }
 
 impl ToolRecord {
-    pub fn from_raw(raw: Option<&RawValue>) -> Self {
+    pub(crate) fn from_raw(raw: Option<&RawValue>) -> Self {
         raw.and_then(|r| serde_json::from_str(r.get()).ok()).unwrap_or_default()
     }
 
     /// Keeps an expansion; the oldest go first past [`MAX_EXPANSIONS`].
-    pub fn remember(&mut self, expansion: Expansion) {
+    pub(crate) fn remember(&mut self, expansion: Expansion) {
         self.expansions.push(expansion);
         if self.expansions.len() > MAX_EXPANSIONS {
             self.expansions.remove(0);
@@ -79,7 +79,7 @@ impl ToolRecord {
     }
 
     /// Records a task's new state (by tool call id, tool and arguments).
-    pub fn upsert(&mut self, entry: TaskEntry) {
+    pub(crate) fn upsert(&mut self, entry: TaskEntry) {
         let same = |t: &TaskEntry| {
             t.tool == entry.tool && t.arguments == entry.arguments && t.created_ms == entry.created_ms
         };
@@ -99,7 +99,7 @@ impl ToolRecord {
 
     /// The client's messages with each echoed partial answer replaced by the whole answer and
     /// the gateway's results; `None` when none is found.
-    pub fn expand(&self, messages: &[Box<RawValue>]) -> Option<Vec<Box<RawValue>>> {
+    pub(crate) fn expand(&self, messages: &[Box<RawValue>]) -> Option<Vec<Box<RawValue>>> {
         if self.expansions.is_empty() {
             return None;
         }
@@ -120,7 +120,7 @@ impl ToolRecord {
         changed.then_some(out)
     }
 
-    pub fn to_raw(&self) -> Option<Box<RawValue>> {
+    pub(crate) fn to_raw(&self) -> Option<Box<RawValue>> {
         if self.expansions.is_empty() && self.tasks.is_empty() {
             return None;
         }

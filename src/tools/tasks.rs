@@ -7,7 +7,7 @@ use std::sync::Mutex;
 use super::record::TaskEntry;
 
 /// Where a task's state changes go (the session's checkpoint).
-pub type TaskSink = Box<dyn Fn(TaskEntry) + Send + Sync>;
+pub(crate) type TaskSink = Box<dyn Fn(TaskEntry) + Send + Sync>;
 
 pub struct TaskLog {
     pub request_id: String,

@@ -21,7 +21,7 @@ use crate::openai::UsageScanner;
 /// The upstream went silent for longer than its `idle_timeout` mid-body.
 #[derive(Debug, thiserror::Error)]
 #[error("upstream {upstream} sent nothing for {}", humantime::format_duration(*.after))]
-pub struct IdleTimeout {
+pub(super) struct IdleTimeout {
     upstream: String,
     after: Duration,
 }

@@ -1,7 +1,7 @@
 //! Test harness: a real ctxgate bound on `127.0.0.1:0` through [`ctxgate::serve`], in front of
 //! one or more real `mock-upstream` servers, each on its own ephemeral port. Nothing is shared
 //! between tests, so they run in parallel.
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+#![allow(dead_code, unreachable_pub, clippy::unwrap_used, clippy::expect_used)]
 
 pub mod cluster;
 pub mod gateway;
