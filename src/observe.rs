@@ -1,4 +1,4 @@
-//! [`MetricsLayer`]: per-request metrics recorded at the edge of the stack, above error
+//! [`layer`]: per-request metrics recorded at the edge of the stack, above error
 //! rendering, so shed, timed-out and rejected requests are counted with their real status.
 //! Durations and the in-flight gauge cover a stream until its last byte.
 
@@ -18,22 +18,9 @@ use crate::router::Route;
 use crate::telemetry::{ErrorKind, Metrics, RouteLabel, RouteStatus};
 use crate::upstream::UpstreamWait;
 
-#[derive(Clone, Debug)]
-pub(crate) struct MetricsLayer {
-    metrics: Arc<Metrics>,
-}
-
-impl MetricsLayer {
-    pub(crate) fn new(metrics: Arc<Metrics>) -> Self {
-        Self { metrics }
-    }
-}
-
-impl<S> Layer<S> for MetricsLayer {
-    type Service = RecordMetrics<S>;
-    fn layer(&self, inner: S) -> RecordMetrics<S> {
-        RecordMetrics { inner, metrics: self.metrics.clone() }
-    }
+/// The layer that records `metrics` for every request.
+pub(crate) fn layer<S>(metrics: Arc<Metrics>) -> impl Layer<S, Service = RecordMetrics<S>> + Clone {
+    tower::layer::layer_fn(move |inner| RecordMetrics { inner, metrics: metrics.clone() })
 }
 
 #[derive(Clone, Debug)]

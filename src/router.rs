@@ -92,7 +92,7 @@ impl tower::Service<Request<Body>> for Router {
             Route::Readyz if get => Box::pin(async move {
                 // Ready when the session store answers: a replica that cannot reach Redis
                 // should leave the load balancer rather than fail requests.
-                state.sessions.store.ping().await?;
+                state.sessions.ping().await?;
                 Ok(text("ready\n", "text/plain"))
             }),
             Route::Metrics if get => {

@@ -41,11 +41,9 @@ use tower_http::request_id::{MakeRequestId, PropagateRequestIdLayer, RequestId, 
 use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 use tower_http::trace::TraceLayer;
 
-use crate::auth::AuthLayer;
 use crate::body::BoxError;
 use crate::error::{ErrorResponseLayer, GatewayError};
 use crate::limit::{BodyLimitLayer, ConcurrencyLimitLayer};
-use crate::observe::MetricsLayer;
 use crate::router::Router;
 use crate::AppState;
 
@@ -75,12 +73,12 @@ pub(crate) fn build(state: Arc<AppState>) -> GatewayService {
             tracing::info_span!("request", method = %request.method(), path = request.uri().path(), request_id = id)
         }))
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
-        .layer(MetricsLayer::new(state.metrics.clone()))
+        .layer(crate::observe::layer(state.metrics.clone()))
         .layer(ErrorResponseLayer)
         .timeout(server.request_timeout)
         .layer(BodyLimitLayer::new(server.max_body_bytes.get()))
         .layer(ConcurrencyLimitLayer::new(server.max_concurrent_requests.get()))
-        .layer(AuthLayer::new(state.auth.clone()))
+        .layer(crate::auth::layer(state.auth.clone()))
         .service(Router::new(state.clone()));
     BoxCloneSyncService::new(service)
 }

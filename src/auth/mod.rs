@@ -1,5 +1,5 @@
 //! Gateway keys and their limits. With keys configured, every `/v1/*` request must present one
-//! as `Authorization: Bearer <key>`; [`AuthLayer`] finds its policy, admits the request against
+//! as `Authorization: Bearer <key>`; [`layer`] finds its policy, admits the request against
 //! the key's request rate and in-flight limit, removes the header (the gateway key never goes
 //! upstream: the upstream's own key comes from the gateway's environment) and hands the handlers
 //! a [`Caller`]. Handlers check the model and take the prompt tokens ([`Auth::charge`]).
@@ -160,24 +160,34 @@ fn bearer(headers: &HeaderMap) -> Option<&[u8]> {
     (scheme.eq_ignore_ascii_case(b"bearer ") && !key.is_empty()).then_some(key)
 }
 
-// === impl AuthLayer ===
+// === the layer ===
 
-#[derive(Clone, Debug)]
-pub struct AuthLayer {
-    auth: Arc<Auth>,
+/// The gateway-key layer over `inner` services (the router, or anything answering like it).
+pub fn layer<S>(auth: Arc<Auth>) -> impl Layer<S, Service = Authenticate<S>> + Clone {
+    tower::layer::layer_fn(move |inner| Authenticate { inner, auth: auth.clone() })
 }
 
-impl AuthLayer {
-    pub fn new(auth: Arc<Auth>) -> Self {
-        Self { auth }
-    }
+/// What the layer wraps: a service answering chat-style requests with a boxed future. With an
+/// opaque future, rustc cannot prove `Send` for the admission's async block over every
+/// lifetime of the body's boxed error.
+pub trait Inner:
+    Service<
+    Request<Body>,
+    Response = Response<Body>,
+    Error = GatewayError,
+    Future = BoxFuture<Result<Response<Body>, GatewayError>>,
+>
+{
 }
 
-impl<S> Layer<S> for AuthLayer {
-    type Service = Authenticate<S>;
-    fn layer(&self, inner: S) -> Authenticate<S> {
-        Authenticate { inner, auth: self.auth.clone() }
-    }
+impl<S> Inner for S where
+    S: Service<
+        Request<Body>,
+        Response = Response<Body>,
+        Error = GatewayError,
+        Future = BoxFuture<Result<Response<Body>, GatewayError>>,
+    >
+{
 }
 
 /// Authenticates `/v1/*` requests and admits them against their key's limits; health and
@@ -190,19 +200,7 @@ pub struct Authenticate<S> {
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
-// The inner future is asked to be boxed: with an opaque one, rustc cannot prove `Send` for
-// the async block over every lifetime of the body's boxed error.
-impl<S> Service<Request<Body>> for Authenticate<S>
-where
-    S: Service<
-            Request<Body>,
-            Response = Response<Body>,
-            Error = GatewayError,
-            Future = BoxFuture<Result<Response<Body>, GatewayError>>,
-        > + Clone
-        + Send
-        + 'static,
-{
+impl<S: Inner + Clone + Send + 'static> Service<Request<Body>> for Authenticate<S> {
     type Response = Response<Body>;
     type Error = GatewayError;
     type Future = BoxFuture<Result<Response<Body>, GatewayError>>;
@@ -213,7 +211,7 @@ where
 
     fn call(&mut self, request: Request<Body>) -> Self::Future {
         if !self.auth.enabled() || !request.uri().path().starts_with("/v1/") {
-            return Box::pin(self.inner.call(request));
+            return self.inner.call(request);
         }
         // The inner service was driven ready for this call: take it, leave a clone (tower's
         // `call` contract).
@@ -224,19 +222,11 @@ where
 }
 
 /// The key check and admission, then the inner call with the key's permit tied to the body.
-async fn admit<S>(
+async fn admit<S: Inner>(
     auth: Arc<Auth>,
     mut inner: S,
     request: Request<Body>,
-) -> Result<Response<Body>, GatewayError>
-where
-    S: Service<
-        Request<Body>,
-        Response = Response<Body>,
-        Error = GatewayError,
-        Future = BoxFuture<Result<Response<Body>, GatewayError>>,
-    >,
-{
+) -> Result<Response<Body>, GatewayError> {
     let (mut parts, body) = request.into_parts();
     let key = auth.authenticate(&parts.headers).await?;
     let permit = auth.limiter.admit(&key).await?;

@@ -38,11 +38,11 @@ pub(crate) async fn api(
         return Err(not_found());
     }
     let key = SessionKey::new(&scope_credential(&parts.headers, &parts.extensions), id);
-    let store = &state.sessions.store;
+    let sessions = &state.sessions;
     let missing = || GatewayError::SessionNotFound { id: id.to_string() };
     match (&parts.method, sub) {
         (&Method::GET, None) => {
-            let stored = store.load(&key).await?.ok_or_else(missing)?;
+            let stored = sessions.load(&key).await?.ok_or_else(missing)?;
             let cp = &stored.checkpoint;
             Ok(json_response(&json!({
                 "id": id,
@@ -58,23 +58,23 @@ pub(crate) async fn api(
             })))
         }
         (&Method::GET, Some("tasks")) => {
-            let stored = store.load(&key).await?.ok_or_else(missing)?;
+            let stored = sessions.load(&key).await?.ok_or_else(missing)?;
             let record = ToolRecord::from_raw(stored.checkpoint.tools.as_deref());
             Ok(json_response(&json!({"object": "list", "data": record.tasks})))
         }
         (&Method::GET, Some("messages")) => {
-            let stored = store.load(&key).await?.ok_or_else(missing)?;
+            let stored = sessions.load(&key).await?.ok_or_else(missing)?;
             Ok(json_response(&json!({"object": "list", "data": stored.checkpoint.transcript})))
         }
         (&Method::DELETE, None) => {
-            if store.delete(&key).await? {
+            if sessions.delete(&key).await? {
                 Ok(json_response(&json!({"id": id, "object": "session.deleted", "deleted": true})))
             } else {
                 Err(missing())
             }
         }
         (&Method::GET, Some("goal")) => {
-            let stored = store.load(&key).await?.ok_or_else(missing)?;
+            let stored = sessions.load(&key).await?.ok_or_else(missing)?;
             let goal = stored.checkpoint.goal.ok_or_else(missing)?;
             Ok(json_response(&goal_json(id, &goal)))
         }
@@ -115,7 +115,7 @@ pub(crate) async fn api(
             replay(state.clone(), key, id, last).await
         }
         (&Method::POST, Some("resume")) => {
-            let stored = store.load(&key).await?.ok_or_else(missing)?;
+            let stored = sessions.load(&key).await?.ok_or_else(missing)?;
             let now = now_ms();
             let state_json = match &stored.checkpoint.in_flight {
                 None => json!({"id": id, "object": "session.resume", "resumed": false, "state": "idle"}),
@@ -206,7 +206,7 @@ async fn replay(
     id: &str,
     last: Option<(u64, u64)>,
 ) -> Result<Response<Body>, GatewayError> {
-    let stored = state.sessions.store.load(&key).await?;
+    let stored = state.sessions.load(&key).await?;
     let turn = stored
         .and_then(|s| s.checkpoint.stream_turn)
         .ok_or_else(|| GatewayError::SessionNotFound { id: format!("{id} (no streamed turn)") })?;

@@ -22,6 +22,7 @@ pub enum Role {
 pub struct Call {
     pub id: String,
     pub name: String,
+    /// The JSON text of the arguments, as the model wrote it.
     pub arguments: String,
 }
 

@@ -33,7 +33,7 @@ impl EventLog {
             let mut next = 1;
             let mut batch = Vec::with_capacity(64);
             while rx.recv_many(&mut batch, 64).await > 0 {
-                if let Err(err) = sessions.store.append_events(&key, turn, next, &batch).await {
+                if let Err(err) = sessions.log_events(&key, turn, next, &batch).await {
                     tracing::warn!(session = ?key, error = %err, "cannot log stream events for replay");
                 }
                 next += batch.len() as u64;
@@ -71,7 +71,6 @@ pub(crate) async fn follow(
     last: Option<(u64, u64)>,
     tx: FrameSender,
 ) {
-    let store = &sessions.store;
     let mut after = match last {
         Some((t, seq)) if t == turn => seq,
         _ => 0,
@@ -81,7 +80,7 @@ pub(crate) async fn follow(
     // gets a new turn number anyway, which ends this follower at once).
     let grace = sessions.config.lease.as_millis() as u64;
     loop {
-        let events = match store.read_events(&key, turn, after, 256).await {
+        let events = match sessions.events_after(&key, turn, after, 256).await {
             Ok(events) => events,
             Err(err) => {
                 let _ = tx.send(Err(Box::new(err))).await;
@@ -101,7 +100,7 @@ pub(crate) async fn follow(
             continue;
         }
         // Caught up: go on only while the turn is still being served.
-        let live = match store.load(&key).await {
+        let live = match sessions.load(&key).await {
             Ok(Some(s)) => {
                 s.checkpoint.stream_turn == Some(turn)
                     && s.checkpoint
@@ -113,7 +112,7 @@ pub(crate) async fn follow(
         };
         if !live {
             // One last read: events written between the read and the load.
-            if let Ok(rest) = store.read_events(&key, turn, after, 256).await {
+            if let Ok(rest) = sessions.events_after(&key, turn, after, 256).await {
                 for (seq, event) in rest {
                     if tx.send(Ok(Frame::data(with_id(turn, seq, &event)))).await.is_err() {
                         return;

@@ -66,7 +66,7 @@ impl Lease {
     ) -> Result<Admitted<T>, GatewayError> {
         let deadline = Instant::now() + sessions.config.busy_timeout;
         loop {
-            let loaded = sessions.store.load(&key).await?;
+            let loaded = sessions.load(&key).await?;
             let now = now_ms();
             let (version, mut checkpoint) = match loaded {
                 Some(stored) => {
@@ -100,7 +100,7 @@ impl Lease {
                 turn,
                 request,
             });
-            match sessions.store.commit(&key, version, &checkpoint.encode()).await? {
+            match sessions.commit(&key, version, &checkpoint.encode()).await? {
                 Commit::Committed(version) => {
                     let lease = Self::new(sessions, key, version, turn, checkpoint);
                     return Ok(Admitted::Turn(lease, prepared));
@@ -139,7 +139,7 @@ impl Lease {
             checkpoint.stream_turn = Some(turn);
         }
         checkpoint.in_flight = Some(in_flight);
-        match sessions.store.commit(&key, version, &checkpoint.encode()).await? {
+        match sessions.commit(&key, version, &checkpoint.encode()).await? {
             Commit::Committed(version) => {
                 Ok(Some((Self::new(sessions, key, version, turn, checkpoint), request)))
             }
@@ -198,7 +198,7 @@ impl Lease {
         let Some(in_flight) = self.checkpoint.in_flight.as_mut() else { return };
         in_flight.lease_until_ms = now_ms() + self.sessions.config.lease.as_millis() as u64;
         let encoded = self.checkpoint.encode();
-        match self.sessions.store.commit(&self.key, self.version, &encoded).await {
+        match self.sessions.commit(&self.key, self.version, &encoded).await {
             Ok(Commit::Committed(version)) => self.version = version,
             Ok(Commit::Conflict(_)) => {
                 tracing::warn!(session = ?self.key, "session lease lost to another request")
@@ -245,7 +245,7 @@ impl Lease {
         }
         let metrics = &self.sessions.metrics;
         let encoded = self.checkpoint.encode();
-        let outcome = match self.sessions.store.commit(&self.key, self.version, &encoded).await {
+        let outcome = match self.sessions.commit(&self.key, self.version, &encoded).await {
             Ok(Commit::Committed(version)) => {
                 metrics.checkpoint_bytes.observe(encoded.len() as f64);
                 metrics.session_commits.get_or_create(&OutcomeLabel { outcome: "committed" }).inc();

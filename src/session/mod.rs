@@ -2,9 +2,10 @@
 //! in a [`SessionStore`] (an embedded redb file by default, or Redis shared by replicas).
 //!
 //! This module owns the session protocol: identity ([`SessionKey`], scoped to the caller's
-//! credential), the checkpoint format, the stores behind a timing decorator ([`timed`]), the
-//! lease that admits, renews and commits a turn ([`lease`]), the stream event log and its
-//! replay ([`events`]), and the typed blobs kept beside the sessions ([`BlobKind`]). It does not
+//! credential), the checkpoint format, the stores (reached only through [`Sessions`], which
+//! times every operation), the lease that admits, renews and commits a turn ([`lease`]), the
+//! stream event log and its replay ([`events`]), and the typed blobs kept beside the sessions
+//! ([`BlobKind`]). It does not
 //! speak HTTP, and it knows nothing of compression or tools: their parts of a checkpoint are
 //! opaque JSON here.
 
@@ -14,10 +15,11 @@ pub(crate) mod events;
 pub(crate) mod lease;
 pub mod redis;
 pub mod store;
-mod timed;
 
+use std::future::Future;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::Bytes;
 use http::HeaderMap;
@@ -28,13 +30,14 @@ pub use store::{Commit, SessionKey, SessionStore, StoreError, Stored};
 
 use crate::config::SessionConfig;
 use crate::error::GatewayError;
-use crate::telemetry::Metrics;
+use crate::telemetry::{Metrics, OpLabel};
 
-/// The session store in use and the settings around it.
+/// The session store in use and the settings around it. The store is reached only through
+/// this type's methods, each timed into `ctxgate_session_store_duration_seconds{op}` (failures
+/// into `ctxgate_session_store_errors_total`), so no call site can skip the instrumentation.
 #[derive(Debug)]
 pub struct Sessions {
-    /// The store, behind the timing decorator.
-    pub store: Arc<dyn SessionStore>,
+    store: Arc<dyn SessionStore>,
     pub config: SessionConfig,
     /// This process's identity in in-flight markers: random per start, so a restarted process
     /// never mistakes a dead predecessor's marker for its own.
@@ -76,7 +79,6 @@ impl Sessions {
                 .await?,
             ),
         };
-        let store = Arc::new(timed::TimedStore::new(store, metrics.clone()));
         let owner = format!("{:016x}", fastrand::u64(..));
         Ok(Self { store, config: config.clone(), owner, metrics })
     }
@@ -97,11 +99,71 @@ impl Sessions {
     }
 
     pub async fn get_blob(&self, kind: BlobKind, key: &str) -> Result<Option<Bytes>, StoreError> {
-        self.store.get_blob(&format!("{}{key}", kind.prefix())).await
+        self.timed("get_blob", self.store.get_blob(&format!("{}{key}", kind.prefix()))).await
     }
 
     pub async fn put_blob(&self, kind: BlobKind, key: &str, value: Bytes) -> Result<(), StoreError> {
-        self.store.put_blob(&format!("{}{key}", kind.prefix()), value).await
+        self.timed("put_blob", self.store.put_blob(&format!("{}{key}", kind.prefix()), value)).await
+    }
+
+    pub async fn load(&self, key: &SessionKey) -> Result<Option<Stored>, StoreError> {
+        self.timed("load", self.store.load(key)).await
+    }
+
+    pub async fn delete(&self, key: &SessionKey) -> Result<bool, StoreError> {
+        self.timed("delete", self.store.delete(key)).await
+    }
+
+    /// Reachability, for `/readyz`.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        self.timed("ping", self.store.ping()).await
+    }
+
+    /// Up to `limit` events of `turn` after `after`, in order.
+    pub(crate) async fn events_after(
+        &self,
+        key: &SessionKey,
+        turn: u64,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, Bytes)>, StoreError> {
+        self.timed("read_events", self.store.read_events(key, turn, after, limit)).await
+    }
+
+    /// Appends `batch` as events `first..` of `turn`.
+    pub(crate) async fn log_events(
+        &self,
+        key: &SessionKey,
+        turn: u64,
+        first: u64,
+        batch: &[Bytes],
+    ) -> Result<(), StoreError> {
+        self.timed("append_events", self.store.append_events(key, turn, first, batch)).await
+    }
+
+    /// The compare-and-set behind every checkpoint write ([`Lease`] is its only caller).
+    async fn commit(
+        &self,
+        key: &SessionKey,
+        expected: u64,
+        checkpoint: &checkpoint::Encoded,
+    ) -> Result<Commit, StoreError> {
+        self.timed("commit", self.store.commit(key, expected, checkpoint)).await
+    }
+
+    async fn timed<T>(
+        &self,
+        op: &'static str,
+        operation: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        let started = Instant::now();
+        let result = operation.await;
+        let duration = self.metrics.session_store_duration.get_or_create(&OpLabel { op }).clone();
+        duration.observe(started.elapsed().as_secs_f64());
+        if result.is_err() {
+            self.metrics.session_store_errors.inc();
+        }
+        result
     }
 }
 

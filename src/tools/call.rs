@@ -12,17 +12,8 @@ use tokio::task::JoinSet;
 
 use super::record::TaskEntry;
 use super::tasks::TaskLog;
-use super::{Backend, Registry, Tool};
+use super::{Backend, Call, Registry, Tool};
 use crate::telemetry::{ToolLabel, ToolOutcomeLabel};
-
-/// A tool call as the model made it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Call {
-    pub id: String,
-    pub name: String,
-    /// The JSON text of the arguments, as the model wrote it.
-    pub arguments: String,
-}
 
 /// What a call produced: the content of its `tool` message, and how it ran.
 #[derive(Clone, Debug)]

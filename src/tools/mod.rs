@@ -25,7 +25,8 @@ use serde_json::value::RawValue;
 use serde_json::Value;
 use tokio::sync::Semaphore;
 
-pub use call::{Call, Outcome, ToolRun};
+pub use crate::openai::message::Call;
+pub use call::{Outcome, ToolRun};
 
 use crate::config::{Config, ConfigError, EnvSource, ToolConfig, ToolLoopConfig};
 use crate::error::GatewayError;
