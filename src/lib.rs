@@ -1,20 +1,32 @@
 //! ctxgate: an OpenAI-compatible gateway in front of LLM APIs.
 //!
-//! Layout, request path first:
+//! Layout, request path first. Dependencies point down this list: handlers → features →
+//! foundations; a feature never names [`AppState`] or another layer above it.
+//!
+//! The edge:
 //! - [`server`]: accept loop, HTTP/1 + HTTP/2, graceful shutdown.
-//! - [`stack`]: the tower layers, in their one documented order.
-//! - [`router`]: `(method, path)` → handler; [`proxy`]: the handlers that call upstreams;
-//!   [`conversation`]: chat on a session and the sessions API.
-//! - [`compress`]: token counting, rule passes, compaction epochs and the prefix-stable layout.
-//! - [`tools`]: gateway tools (HTTP, MCP), run concurrently when the model calls them.
-//! - [`session`]: checkpoints and their stores (redb, Redis).
-//! - [`redis_conn`]: one connection type for a Redis server or a Redis Cluster.
+//! - [`stack`]: the tower layers, in their one documented order, and the extension contract.
+//! - [`router`]: the route table, `(method, path)` → handler, and the routes' metric labels.
+//! - [`observe`], [`limit`]: per-request metrics; body and concurrency limits.
+//!
+//! Handlers:
+//! - [`chat`]: `POST /v1/chat/completions`, the one pipeline (read → prepare → send → relay →
+//!   finish); stateless, session and degraded turns differ in its `Mode` only.
+//! - [`handlers`]: the model list and passthrough routes; the sessions API.
+//!
+//! Features (each gets plain values or narrow handles, never the application):
+//! - [`compress`]: rule passes, compaction epochs and the prefix-stable layout; pure.
+//! - [`tools`]: gateway tools (HTTP, MCP), run concurrently; what a session keeps of them.
+//! - [`session`]: the session protocol: checkpoints, stores, the lease, the event log.
 //! - [`upstream`]: pooled clients, routing by model, retries and failover, streamed bodies.
-//! - [`openai`]: wire types (request validation, `usage`); no I/O.
-//! - [`auth`]: gateway keys and per-key limits (requests, tokens, in flight), local or in Redis.
-//! - [`limit`], [`observe`]: body and concurrency limits; per-request metrics.
-//! - [`error`]: `GatewayError` and its single mapping to statuses and OpenAI error bodies.
-//! - [`config`]: loading, env overrides, validation; [`telemetry`]: logs and metric names.
+//! - [`auth`]: gateway keys and per-key limits (requests, tokens, in flight), local or Redis.
+//!
+//! Foundations:
+//! - [`openai`]: wire types: the chat request parsed once, messages, answers, SSE, `usage`.
+//! - [`body`], [`error`], [`headers`]: the body type, `GatewayError` and its one mapping, the
+//!   public header names; [`http_util`], [`http_client`], [`retry`], [`redis_conn`], [`tokens`].
+//! - [`config`]: loading, env overrides, validation in one collector; [`telemetry`]: logs and
+//!   metric names.
 
 pub mod auth;
 pub mod body;

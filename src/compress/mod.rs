@@ -1,7 +1,7 @@
 //! Context compression: shrink what goes upstream while keeping the front of the prompt
 //! byte-identical from turn to turn, so prompt and KV caches keep hitting.
 //!
-//! - [`rules`] (over [`text`] and [`message`]): the named rule passes.
+//! - [`rules`] (over [`text`] and [`crate::openai::message`]): the named rule passes.
 //! - [`plan`]: compaction epochs and the prefix-stable layout.
 //! - [`summary`]: the hybrid state sheet's request and the message made from its answer.
 //!

@@ -1,5 +1,6 @@
-//! OpenAI wire types ctxgate reads: just enough of a chat request to validate and route it, and
-//! the `usage` object of responses and stream chunks. No I/O here.
+//! OpenAI wire types ctxgate reads and writes: the chat request parsed once ([`ChatRequest`]),
+//! a message's role, text and tool calls, the answer assembled from a body or a stream, SSE
+//! lines and events, and `usage`. No I/O here, and nothing of ctxgate's features.
 //!
 //! ctxgate forwards the client's bytes, never a re-serialisation of these types, so unknown
 //! fields and key order survive untouched.

@@ -3,7 +3,9 @@
 //! route, and response bodies streamed back without buffering.
 //!
 //! Retries and failover happen only before any response byte has gone to the client: once
-//! [`Forwarded`] is turned into a response, the stream belongs to the client.
+//! [`Forwarded`] is turned into a response, the stream belongs to the client. The transport
+//! reports each answer's `usage` to whoever the caller named ([`UsageSink`]); it knows nothing
+//! of sessions, billing or the chat pipeline.
 
 mod body;
 mod route;
