@@ -422,6 +422,7 @@ impl Pipeline {
             rules: &self.rules,
             counter,
             force: true,
+            cold: false,
         };
         plan(&input, None, None)
     }
@@ -480,6 +481,7 @@ fn rules_128k(c: &mut Criterion) {
                 rules: &pipeline.rules,
                 counter: &counter,
                 force: true,
+                cold: false,
             };
             plan(&input, None, None)
         })
@@ -499,7 +501,7 @@ fn rules_128k(c: &mut Criterion) {
         let request = ChatRequest::parse(conversation.body.clone().into()).unwrap();
         b.iter_batched(
             || first.messages.clone(),
-            |messages| request.rebuild(black_box(messages), None).unwrap(),
+            |messages| request.rebuild(black_box(messages), None, None).unwrap(),
             BatchSize::SmallInput,
         )
     });

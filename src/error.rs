@@ -55,6 +55,9 @@ pub enum GatewayError {
     /// No such session for this caller (sessions of other callers are invisible).
     #[error("No session {id}")]
     SessionNotFound { id: String },
+    /// No original with this id for this caller (a marker of another caller, or expired).
+    #[error("No original {id} is kept for this caller")]
+    OriginalNotFound { id: String },
     /// The session store is unreachable and `sessions.on_store_error` is `fail_closed`.
     #[error("The session store is unavailable")]
     SessionStore(#[source] BoxError),
@@ -108,7 +111,9 @@ impl GatewayError {
     pub fn status(&self) -> StatusCode {
         match self {
             Self::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
-            Self::NotFound { .. } | Self::SessionNotFound { .. } => StatusCode::NOT_FOUND,
+            Self::NotFound { .. } | Self::SessionNotFound { .. } | Self::OriginalNotFound { .. } => {
+                StatusCode::NOT_FOUND
+            }
             Self::SessionBusy { .. } | Self::GoalLocked { .. } => StatusCode::CONFLICT,
             Self::SessionStore(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
@@ -136,6 +141,7 @@ impl GatewayError {
             | Self::SessionBusy { .. }
             | Self::GoalLocked { .. }
             | Self::SessionNotFound { .. }
+            | Self::OriginalNotFound { .. }
             | Self::Unauthorized(_)
             | Self::ModelNotAllowed { .. } => "invalid_request_error",
             // OpenAI names the exhausted resource in `type`.
@@ -163,6 +169,7 @@ impl GatewayError {
             Self::SessionBusy { .. } => "session_busy",
             Self::GoalLocked { .. } => "goal_locked",
             Self::SessionNotFound { .. } => "session_not_found",
+            Self::OriginalNotFound { .. } => "original_not_found",
             Self::SessionStore(_) => "session_store_unavailable",
             Self::UpstreamUnreachable { .. } => "upstream_unreachable",
             Self::UpstreamStatus { .. } => "upstream_error",

@@ -39,6 +39,7 @@ mod headers;
 mod http_client;
 mod http_util;
 mod limit;
+mod memo;
 mod observe;
 pub mod openai;
 pub mod redis_conn;

@@ -11,7 +11,7 @@ use http::{header, HeaderValue, Method, Request, Response};
 
 use crate::body::{self, Body};
 use crate::error::GatewayError;
-use crate::handlers::{passthrough, sessions};
+use crate::handlers::{originals, passthrough, sessions};
 use crate::{chat, AppState};
 
 /// The routes ctxgate serves.
@@ -20,6 +20,7 @@ pub(crate) enum Route {
     ChatCompletions,
     Models,
     Sessions,
+    Originals,
     Passthrough,
     Healthz,
     Readyz,
@@ -33,6 +34,7 @@ impl Route {
             "/v1/chat/completions" => Self::ChatCompletions,
             "/v1/models" => Self::Models,
             p if p.starts_with("/v1/sessions/") => Self::Sessions,
+            p if p.starts_with("/v1/ctxgate/originals/") => Self::Originals,
             p if p.starts_with("/v1/") => Self::Passthrough,
             "/healthz" => Self::Healthz,
             "/readyz" => Self::Readyz,
@@ -47,6 +49,7 @@ impl Route {
             Self::ChatCompletions => "chat_completions",
             Self::Models => "models",
             Self::Sessions => "sessions",
+            Self::Originals => "originals",
             Self::Passthrough => "passthrough",
             Self::Healthz => "healthz",
             Self::Readyz => "readyz",
@@ -87,6 +90,7 @@ impl tower::Service<Request<Body>> for Router {
             Route::ChatCompletions if method == Method::POST => Box::pin(chat::completions(state, request)),
             Route::Models if get => Box::pin(passthrough::models(state, request)),
             Route::Sessions => Box::pin(sessions::api(state, request)),
+            Route::Originals if get => Box::pin(originals::original(state, request)),
             Route::Models | Route::Passthrough => Box::pin(passthrough::passthrough(state, request)),
             Route::Healthz if get => ready(Ok(text("ok\n", "text/plain"))),
             Route::Readyz if get => Box::pin(async move {
@@ -98,7 +102,7 @@ impl tower::Service<Request<Body>> for Router {
             Route::Metrics if get => {
                 ready(Ok(text(state.metrics.encode(), "text/plain; version=0.0.4; charset=utf-8")))
             }
-            Route::ChatCompletions | Route::Healthz | Route::Readyz | Route::Metrics => {
+            Route::ChatCompletions | Route::Originals | Route::Healthz | Route::Readyz | Route::Metrics => {
                 ready(Err(GatewayError::MethodNotAllowed {
                     method: method.to_string(),
                     path: path.to_string(),

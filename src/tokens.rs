@@ -1,13 +1,10 @@
 //! Token counting with tiktoken's vocabularies, cached per message so a long session is not
 //! re-tokenised on every turn: a turn pays only for the messages it adds.
 
-use std::collections::HashMap;
-use std::hash::{DefaultHasher, Hash, Hasher};
-use std::sync::Mutex;
-
 use tiktoken_rs::CoreBPE;
 
 use crate::config::Encoding;
+use crate::memo::Memo;
 
 /// Tokens OpenAI's chat format adds around each message (role and separators).
 const PER_MESSAGE: u32 = 4;
@@ -17,7 +14,7 @@ const GENERATION: usize = 200_000;
 /// A vocabulary and the per-message count cache.
 pub struct TokenCounter {
     encoding: Encoding,
-    cache: Mutex<Generations>,
+    cache: Memo<u32>,
 }
 
 impl std::fmt::Debug for TokenCounter {
@@ -26,36 +23,10 @@ impl std::fmt::Debug for TokenCounter {
     }
 }
 
-/// Two maps: lookups promote from the old one, and when the young one fills the old one is
-/// dropped. A cheap bound that keeps what the live sessions use.
-#[derive(Default)]
-struct Generations {
-    young: HashMap<(u64, usize), u32>,
-    old: HashMap<(u64, usize), u32>,
-}
-
-impl Generations {
-    fn get(&mut self, key: (u64, usize)) -> Option<u32> {
-        if let Some(n) = self.young.get(&key) {
-            return Some(*n);
-        }
-        let n = self.old.remove(&key)?;
-        self.insert(key, n);
-        Some(n)
-    }
-
-    fn insert(&mut self, key: (u64, usize), n: u32) {
-        if self.young.len() >= GENERATION {
-            self.old = std::mem::take(&mut self.young);
-        }
-        self.young.insert(key, n);
-    }
-}
-
 impl TokenCounter {
     /// The counter for `encoding`; `Auto` is resolved by the caller with [`Self::encoding_for`].
     pub fn new(encoding: Encoding) -> Self {
-        Self { encoding, cache: Mutex::new(Generations::default()) }
+        Self { encoding, cache: Memo::new(GENERATION, usize::MAX) }
     }
 
     /// The tokenizer, built on first use: its tables take tens of MB, which a gateway with
@@ -93,22 +64,8 @@ impl TokenCounter {
     }
 
     fn cached(&self, json: &str, kind: u64, count: impl FnOnce(&str) -> u32) -> u32 {
-        let key = (hash(json) ^ kind, json.len());
-        if let Some(n) = self.cache.lock().ok().and_then(|mut c| c.get(key)) {
-            return n;
-        }
-        let n = count(json);
-        if let Ok(mut cache) = self.cache.lock() {
-            cache.insert(key, n);
-        }
-        n
+        self.cache.get_or(json, kind, || count(json), |_| 0)
     }
-}
-
-fn hash(text: &str) -> u64 {
-    let mut hasher = DefaultHasher::new();
-    text.hash(&mut hasher);
-    hasher.finish()
 }
 
 #[cfg(test)]
@@ -129,7 +86,7 @@ mod tests {
         assert_eq!(counter.message(user), PER_MESSAGE + counter.text("hello world"));
         let call = r#"{"role":"assistant","content":null,"tool_calls":[{"id":"c1","type":"function","function":{"name":"ls","arguments":"{\"a\":true}"}}]}"#;
         assert!(counter.message(call) > PER_MESSAGE + counter.text("ls"));
-        assert_eq!(counter.cache.lock().unwrap().young.len(), 2);
+        assert_eq!(counter.cache.len(), 2);
         assert_eq!(counter.message(user), PER_MESSAGE + 2);
     }
 }

@@ -14,7 +14,7 @@ use http::{header, HeaderMap, HeaderValue};
 use serde_json::value::RawValue;
 
 use super::context::ChatContext;
-use crate::compress::{self, Active, Plan, State, Summary, SummaryRequest};
+use crate::compress::{self, marker, Active, Plan, State, Summary, SummaryRequest};
 use crate::config::CompressionMode;
 use crate::error::GatewayError;
 use crate::headers;
@@ -82,21 +82,24 @@ impl<'a> Compaction<'a> {
         conversation: &[Box<RawValue>],
         goal: Option<&RawValue>,
         previous: Option<State>,
+        cold: bool,
     ) -> Result<(ChatRequest, Plan), GatewayError> {
         let analysed = compress::analyse(self.active.counter, conversation);
-        let mut plan = compress::run(
-            &app.compressor,
-            &self.active,
-            conversation,
-            &analysed,
+        let turn = compress::Turn {
+            messages: conversation,
+            analysed: &analysed,
             goal,
-            request.tools(),
+            tools: request.tools(),
             previous,
-            self.ready.as_ref(),
-        );
+            ready: self.ready.as_ref(),
+            cold,
+            force: false,
+        };
+        let mut plan = compress::run(&app.compressor, &self.active, turn);
         // The planned messages move into the request; `plan.messages` is left empty.
         let messages = std::mem::take(&mut plan.messages);
-        let upstream = request.rebuild(messages, self.cache_key.as_deref())?;
+        let expand = (plan.markers && app.compressor.config.expand).then(compress::expand::definition);
+        let upstream = request.rebuild(messages, self.cache_key.as_deref(), expand.as_deref())?;
         Ok((upstream, plan))
     }
 
@@ -114,6 +117,9 @@ impl<'a> Compaction<'a> {
         headers.insert(headers::TOKENS_BEFORE, HeaderValue::from(plan.tokens_before));
         headers.insert(headers::TOKENS_AFTER, HeaderValue::from(plan.tokens_after));
         headers.insert(headers::COMPRESSION, HeaderValue::from_static(plan.acted.as_str()));
+        if plan.markers && app.compressor.config.expand {
+            ctx.offer_expand();
+        }
         if let Some(sheet) = plan.summarize.take() {
             let call = SheetCall {
                 model: app
@@ -149,7 +155,7 @@ pub(crate) async fn stateless(
     if ctx.compression_opted_out() || app.compressor.active(&ctx.request.model).is_none() {
         return Ok(None);
     }
-    let scope = crate::session::SessionKey::new(&ctx.scope_credential(), "").scope;
+    let scope = ctx.scope();
     let messages = ctx.request.messages();
     let Some(active) = app.compressor.active(&ctx.request.model) else { return Ok(None) };
     let analysed = compress::analyse(active.counter, messages);
@@ -163,18 +169,50 @@ pub(crate) async fn stateless(
         return Ok(None);
     };
     let previous = if past_mark { load_state(app, &compaction.key).await } else { None };
-    let (upstream, mut plan) = compaction.plan(app, &ctx.request, messages, None, previous)?;
+    let (upstream, mut plan) = compaction.plan(app, &ctx.request, messages, None, previous, false)?;
     if plan.epoch.is_some() || plan.reset {
-        if let Some(state) = &plan.state {
-            if let Err(err) = save_state(app, &compaction.key, state).await {
-                // The request still goes out; the next one recomputes the epoch.
-                tracing::warn!(error = %err, "cannot store compression state");
-            }
+        // The originals first: a state whose markers name nothing recoverable must not land.
+        let mut originals: Vec<(String, Bytes)> = plan
+            .elided
+            .iter()
+            .map(|&i| {
+                (
+                    original_key(&scope, &marker::id_of(&messages[i])),
+                    Bytes::copy_from_slice(messages[i].get().as_bytes()),
+                )
+            })
+            .collect();
+        if let Some(state) = plan.state.as_ref().filter(|s| s.summary.is_some()) {
+            // The sheet's range id names an index of what it replaced.
+            let replaced = &messages[state.lead..state.summarized_upto];
+            let index = serde_json::json!({"role": "index", "content": marker::index(replaced)}).to_string();
+            let range = marker::range_id(messages, state.lead, state.summarized_upto);
+            originals.push((original_key(&scope, &range), Bytes::from(index)));
+        }
+        let stored = match originals.is_empty() {
+            true => Ok(()),
+            false => app.sessions.put_blobs(BlobKind::Original, originals).await,
+        };
+        let saved = match (&plan.state, stored) {
+            (Some(state), Ok(())) => save_state(app, &compaction.key, state).await,
+            (_, Err(err)) => Err(err.into()),
+            (None, Ok(())) => Ok(()),
+        };
+        if let Err(err) = saved {
+            // The request still goes out (its markers name originals it carries itself); the
+            // next one recomputes the epoch.
+            tracing::warn!(error = %err, "cannot store compression state");
         }
     }
     let len = messages.len();
     compaction.finish(app, ctx, &mut plan, len);
     Ok(Some(upstream))
+}
+
+/// Where a stateless caller's original is kept: under its scope as a hash tag, so a batch
+/// lands on one Redis Cluster slot.
+pub(crate) fn original_key(scope: &str, id: &str) -> String {
+    format!("{{{scope}}}:{id}")
 }
 
 async fn load_state(app: &AppState, key: &str) -> Option<State> {
@@ -325,6 +363,12 @@ async fn summarize(
     let bytes =
         http_body_util::BodyExt::collect(response.into_body()).await.map_err(|_| "upstream_body")?.to_bytes();
     let text = compress::summary::answer_text(&bytes).ok_or("no_text")?;
-    let replaced = request.end - request.start;
-    compress::summary::sheet_message(&text, &config.role, request.epoch, replaced).ok_or("unusable")
+    compress::summary::sheet_message(
+        &text,
+        &config.role,
+        request.epoch,
+        &request.range,
+        request.end - request.start,
+    )
+    .ok_or("unusable")
 }

@@ -9,6 +9,7 @@ use http::{header, request, HeaderMap, Method};
 
 use crate::auth::{self, scope_credential, Caller};
 use crate::body::Body;
+use crate::compress::marker::EXPAND_TOOL;
 use crate::error::GatewayError;
 use crate::headers;
 use crate::http_util::{read_body, require_json};
@@ -31,6 +32,8 @@ pub(crate) struct ChatContext {
     pub(crate) annotations: HeaderMap,
     /// The turn runs the gateway's tool loop.
     pub(crate) tools_engaged: bool,
+    /// The upstream request offers `ctxgate_expand` (its messages carry markers).
+    pub(crate) expand: bool,
 }
 
 impl ChatContext {
@@ -50,7 +53,15 @@ impl ChatContext {
         // The body is rewritten on most paths; the client's framing never goes upstream.
         parts.headers.remove(header::CONTENT_LENGTH);
         let tools_engaged = app.tools.engaged_by(&request);
-        Ok(Self { parts, request, session_id, usage, annotations: HeaderMap::new(), tools_engaged })
+        Ok(Self {
+            parts,
+            request,
+            session_id,
+            usage,
+            annotations: HeaderMap::new(),
+            tools_engaged,
+            expand: false,
+        })
     }
 
     /// A context for re-issuing a stored upstream request (a turn resumed after its owner
@@ -66,8 +77,11 @@ impl ChatContext {
             *h = headers;
         }
         let (parts, ()) = builder.body(()).map_err(|e| GatewayError::Internal(e.into()))?.into_parts();
-        let tools_engaged = app.tools.engaged_by(&request);
+        // A stored request that offered `ctxgate_expand` still answers it.
+        let expand = request.tools().is_some_and(|t| t.get().contains(&format!("\"{EXPAND_TOOL}\"")));
+        let tools_engaged = app.tools.engaged_by(&request) || expand;
         Ok(Self {
+            expand,
             usage: usage_sink(app, &request.model, None),
             parts,
             request,
@@ -94,6 +108,18 @@ impl ChatContext {
     /// What sessions and stateless conversation state are scoped by.
     pub(crate) fn scope_credential(&self) -> Vec<u8> {
         scope_credential(&self.parts.headers, &self.parts.extensions)
+    }
+
+    /// Marks the request as offering `ctxgate_expand`, answered in the gateway's tool loop.
+    pub(crate) fn offer_expand(&mut self) {
+        self.expand = true;
+        self.tools_engaged = true;
+    }
+
+    /// The stateless scope: what sessions and conversation state are keyed under without a
+    /// session id.
+    pub(crate) fn scope(&self) -> String {
+        SessionKey::new(&self.scope_credential(), "").scope
     }
 
     /// The headers that go upstream: the client's, without ctxgate's own request headers.

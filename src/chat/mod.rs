@@ -36,7 +36,7 @@ use self::compose::GoalConflict;
 use self::compression::Compaction;
 pub(crate) use self::context::ChatContext;
 use self::relay::Relay;
-use self::tool_loop::{Outcome, ToolLoop};
+use self::tool_loop::{Originals, Outcome, ToolLoop};
 use crate::body::{Body, ChannelBody};
 use crate::compress::{Plan, SessionRecord};
 use crate::config::OnStoreError;
@@ -185,7 +185,9 @@ impl Turn {
                 let numbered = mode.lease().map(|lease| (lease.turn(), lease.event_log()));
                 let mut relay = Relay::stream(frames, numbered);
                 let sent = upstream.as_ref().unwrap_or(&ctx.request);
-                let mut rounds = ToolLoop::new(&task, &ctx, sent, mode.is_session(), mode.tasks());
+                let originals = originals(&ctx, &mode, &conversation);
+                let mut rounds = ToolLoop::new(&task, &ctx, sent, mode.is_session(), mode.tasks())
+                    .with_originals(originals);
                 mode.guard(rounds.stream(upstream_body, &mut relay)).await;
                 relay.close_log().await;
                 let outcome = rounds.finish();
@@ -197,7 +199,9 @@ impl Turn {
             return Ok(response);
         }
         let sent = upstream.as_ref().unwrap_or(&ctx.request);
-        let mut rounds = ToolLoop::new(&app, &ctx, sent, mode.is_session(), mode.tasks());
+        let originals = originals(&ctx, &mode, &conversation);
+        let mut rounds =
+            ToolLoop::new(&app, &ctx, sent, mode.is_session(), mode.tasks()).with_originals(originals);
         let answered = mode.guard(rounds.json(response)).await;
         let outcome = rounds.finish();
         let mut response = match answered {
@@ -281,6 +285,23 @@ impl Mode {
     }
 }
 
+/// Where `ctxgate_expand` finds a turn's originals, when the request offers it: a session's
+/// conversation (its transcript with this turn's messages), or a stateless request's own
+/// messages and the caller's store of originals.
+fn originals<'a>(
+    ctx: &'a ChatContext,
+    mode: &Mode,
+    conversation: &'a [Box<RawValue>],
+) -> Option<Originals<'a>> {
+    if !ctx.expand {
+        return None;
+    }
+    Some(match mode {
+        Mode::Session(_) => Originals { messages: conversation, scope: None },
+        _ => Originals { messages: ctx.request.messages(), scope: Some(ctx.scope()) },
+    })
+}
+
 /// What admission prepared inside its compare-and-set.
 struct Prepared {
     conversation: Vec<Box<RawValue>>,
@@ -314,6 +335,7 @@ fn prepare(
                 &composed.conversation,
                 goal.as_deref(),
                 record.state.take(),
+                cold_cache(app, checkpoint),
             )?;
             let shared = record.shared_prefix(upstream.messages());
             record.state = plan.state.clone();
@@ -341,6 +363,15 @@ fn prepare(
         plan,
     };
     Ok((prepared, Some(stored)))
+}
+
+/// Whether the session's previous request is older than the provider's cache lifetime.
+fn cold_cache(app: &AppState, checkpoint: &Checkpoint) -> bool {
+    let lifetime = app.compressor.config.cache_lifetime;
+    !lifetime.is_zero()
+        && !checkpoint.transcript.is_empty()
+        && crate::session::checkpoint::now_ms().saturating_sub(checkpoint.updated_ms)
+            > lifetime.as_millis() as u64
 }
 
 fn raw_json(body: &Bytes) -> Result<Box<RawValue>, GatewayError> {

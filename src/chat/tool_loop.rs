@@ -28,14 +28,18 @@ use serde_json::{json, Value};
 use super::context::ChatContext;
 use super::relay::{Relay, Rest, Round};
 use crate::body::{self, Body};
+use crate::compress::expand;
+use crate::compress::marker::EXPAND_TOOL;
 use crate::error::GatewayError;
 use crate::headers;
 use crate::openai::answer::Answer;
 use crate::openai::events::only_tool_calls;
 use crate::openai::{request, ChatRequest};
+use crate::session::BlobKind;
+use crate::telemetry::ToolOutcomeLabel;
 use crate::tools::record::Expansion;
 use crate::tools::tasks::TaskLog;
-use crate::tools::{Call, ToolRun};
+use crate::tools::{Call, Outcome as ToolOutcome, ToolRun};
 use crate::upstream::UpstreamWait;
 use crate::AppState;
 
@@ -72,6 +76,28 @@ impl Outcome {
     }
 }
 
+/// Where `ctxgate_expand` finds the originals markers name.
+pub(crate) struct Originals<'a> {
+    /// The turn's whole conversation (as the client sent it, or the session's transcript).
+    pub(crate) messages: &'a [Box<RawValue>],
+    /// A stateless caller's scope in the store of originals, for those the request no longer
+    /// carries.
+    pub(crate) scope: Option<String>,
+}
+
+impl Originals<'_> {
+    /// The original named `id`, from the conversation or else the store.
+    async fn find(&self, app: &AppState, id: &str) -> Option<Box<RawValue>> {
+        if let Some(found) = expand::resolve(self.messages, id) {
+            return Some(found);
+        }
+        let scope = self.scope.as_deref()?;
+        let key = super::compression::original_key(scope, id);
+        let bytes = app.sessions.get_blob(BlobKind::Original, &key).await.ok()??;
+        RawValue::from_string(String::from_utf8(bytes.to_vec()).ok()?).ok()
+    }
+}
+
 /// The loop over one turn's rounds.
 pub(crate) struct ToolLoop<'a> {
     app: &'a AppState,
@@ -84,6 +110,8 @@ pub(crate) struct ToolLoop<'a> {
     session: bool,
     /// Where tasks are recorded (on a session).
     tasks: Option<Arc<TaskLog>>,
+    /// The request offers `ctxgate_expand`: its calls are the gateway's, answered from here.
+    originals: Option<Originals<'a>>,
     pub(crate) outcome: Outcome,
 }
 
@@ -104,7 +132,27 @@ impl<'a> ToolLoop<'a> {
         tasks: Option<Arc<TaskLog>>,
     ) -> Self {
         let sent = Cow::Borrowed(sent);
-        Self { app, ctx, sent, engaged: ctx.tools_engaged, session, tasks, outcome: Outcome::default() }
+        Self {
+            app,
+            ctx,
+            sent,
+            engaged: ctx.tools_engaged,
+            session,
+            tasks,
+            originals: None,
+            outcome: Outcome::default(),
+        }
+    }
+
+    /// Answers `ctxgate_expand` calls from `originals`.
+    pub(crate) fn with_originals(mut self, originals: Option<Originals<'a>>) -> Self {
+        self.originals = originals;
+        self
+    }
+
+    /// Whether the gateway runs a call to `name` itself.
+    fn runs(&self, name: &str) -> bool {
+        self.app.tools.get(name).is_some() || (name == EXPAND_TOOL && self.originals.is_some())
     }
 
     /// What the loop did (its rounds are counted in the metrics when gateway tools were in play).
@@ -129,7 +177,7 @@ impl<'a> ToolLoop<'a> {
                 name: text("/function/name"),
                 arguments: text("/function/arguments"),
             };
-            if self.app.tools.get(&call.name).is_some() {
+            if self.runs(&call.name) {
                 gateway.push(call);
             } else {
                 client.push((i, call.id));
@@ -143,11 +191,60 @@ impl<'a> ToolLoop<'a> {
 
     /// Runs the gateway calls of a round; returns their `tool` messages in call order.
     async fn run_round(&mut self, calls: Vec<Call>) -> Vec<Box<RawValue>> {
-        let outcomes = self.app.tools.run_all(calls, self.tasks.clone()).await;
+        type Numbered = Vec<(usize, Call)>;
+        let (expands, tools): (Numbered, Numbered) = calls
+            .into_iter()
+            .enumerate()
+            .partition(|(_, c)| c.name == EXPAND_TOOL && self.originals.is_some());
+        let order: Vec<usize> = tools.iter().map(|(i, _)| *i).collect();
+        let mut outcomes: Vec<(usize, ToolOutcome)> = match tools.is_empty() {
+            true => Vec::new(),
+            false => {
+                let ran = self
+                    .app
+                    .tools
+                    .run_all(tools.into_iter().map(|(_, c)| c).collect(), self.tasks.clone())
+                    .await;
+                order.into_iter().zip(ran).collect()
+            }
+        };
+        for (i, call) in expands {
+            outcomes.push((i, self.expand(call).await));
+        }
+        outcomes.sort_by_key(|(i, _)| *i);
         self.outcome.rounds += 1;
-        let messages = outcomes.iter().map(crate::tools::Outcome::message).collect();
-        self.outcome.runs.extend(outcomes.into_iter().map(|o| o.run));
+        let messages = outcomes.iter().map(|(_, o)| o.message()).collect();
+        self.outcome.runs.extend(outcomes.into_iter().map(|(_, o)| o.run));
         messages
+    }
+
+    /// Answers one `ctxgate_expand` call: the original its id names, or the passages of it a
+    /// query asks for.
+    async fn expand(&self, call: Call) -> ToolOutcome {
+        let started = Instant::now();
+        let id = serde_json::from_str::<Value>(&call.arguments).ok().and_then(|v| {
+            v.get("id").and_then(Value::as_str).map(|id| id.trim().trim_start_matches("id=").to_string())
+        });
+        let found = match (&self.originals, id) {
+            (Some(originals), Some(id)) => originals.find(self.app, &id).await.map(|m| (id, m)),
+            _ => None,
+        };
+        let max = self.app.compressor.config.expand_max_bytes;
+        let content = expand::answer(&call.arguments, max, |want| {
+            found.as_ref().filter(|(id, _)| id == want).map(|(_, m)| m.clone())
+        });
+        let outcome = if found.is_some() { "ok" } else { "tool_error" };
+        let label = ToolOutcomeLabel { tool: EXPAND_TOOL.to_string(), outcome };
+        self.app.metrics.tools.calls.get_or_create(&label).inc();
+        let run = ToolRun {
+            tool: EXPAND_TOOL.to_string(),
+            tool_call_id: call.id.clone(),
+            started_after_ms: 0,
+            duration_ms: started.elapsed().as_millis() as u64,
+            attempts: 1,
+            outcome,
+        };
+        ToolOutcome { call, content, run }
     }
 
     /// Appends a round that only called gateway tools, and asks the model again.

@@ -10,6 +10,8 @@
 //! state-sheet calls belong to the chat pipeline (`chat::compression`), which hands this
 //! module plain values. It never touches the store, an upstream or a request's HTTP parts.
 
+pub(crate) mod expand;
+pub mod marker;
 pub mod plan;
 pub mod rules;
 pub(crate) mod summary;
@@ -22,6 +24,7 @@ use globset::{Glob, GlobMatcher};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
+pub use self::plan::Input;
 pub use self::plan::{Acted, Plan, State, Summary, SummaryRequest};
 use self::rules::{Rule, Rules};
 use crate::config::{CompressionConfig, CompressionMode, Config, Encoding, Policy};
@@ -121,30 +124,37 @@ pub fn fixed_tokens(counter: &TokenCounter, tools: Option<&RawValue>, goal: Opti
         + goal.map_or(0, |g| u64::from(counter.message(g.get())))
 }
 
+/// One request's conversation, as the plan takes it.
+pub struct Turn<'a> {
+    pub messages: &'a [Box<RawValue>],
+    pub analysed: &'a Analysed,
+    pub goal: Option<&'a RawValue>,
+    pub tools: Option<&'a RawValue>,
+    /// The state an earlier epoch froze.
+    pub previous: Option<State>,
+    /// A state sheet written since.
+    pub ready: Option<&'a Summary>,
+    /// The provider's cache has expired since the previous request.
+    pub cold: bool,
+    /// Compact whatever the marks say.
+    pub force: bool,
+}
+
 /// Runs the plan for one request.
-#[allow(clippy::too_many_arguments)]
-pub fn run(
-    compressor: &Compressor,
-    active: &Active<'_>,
-    messages: &[Box<RawValue>],
-    analysed: &Analysed,
-    goal: Option<&RawValue>,
-    tools: Option<&RawValue>,
-    previous: Option<State>,
-    ready: Option<&Summary>,
-) -> Plan {
+pub fn run(compressor: &Compressor, active: &Active<'_>, turn: Turn<'_>) -> Plan {
     let input = plan::Input {
-        messages,
-        infos: &analysed.infos,
-        tokens: &analysed.tokens,
-        goal,
-        fixed_tokens: fixed_tokens(active.counter, tools, goal),
+        messages: turn.messages,
+        infos: &turn.analysed.infos,
+        tokens: &turn.analysed.tokens,
+        goal: turn.goal,
+        fixed_tokens: fixed_tokens(active.counter, turn.tools, turn.goal),
         policy: active.policy,
         rules: &compressor.rules,
         counter: active.counter,
-        force: false,
+        force: turn.force,
+        cold: turn.cold,
     };
-    plan::plan(&input, previous, ready)
+    plan::plan(&input, turn.previous, turn.ready)
 }
 
 /// Metrics for one planned request.
@@ -161,6 +171,9 @@ pub fn record(metrics: &Metrics, label: &str, plan: &Plan) {
     }
     if plan.fell_back {
         metrics.compression_epochs.get_or_create(&stage("fallback")).inc();
+    }
+    if plan.cold_epoch {
+        metrics.compression_epochs.get_or_create(&stage("cold")).inc();
     }
     for rule in Rule::ALL {
         let saved = plan.stats.get(rule);
@@ -179,46 +192,33 @@ pub fn compress_offline(
     force: bool,
 ) -> Result<(Bytes, Plan), GatewayError> {
     let request = ChatRequest::parse(Bytes::copy_from_slice(body))?;
-    let messages = request.messages();
     let mut config = config.clone();
     if let Some(mode) = mode {
         config.compression.policy.mode = mode;
         config.compression.models.iter_mut().for_each(|m| m.mode = Some(mode));
     }
     let compressor = Compressor::new(&config);
-    let Some(active) = compressor.active(&request.model) else {
-        let counter = &compressor.o200k;
-        let analysed = analyse(counter, messages);
-        let tokens = fixed_tokens(counter, request.tools(), None)
-            + analysed.tokens.iter().map(|&t| u64::from(t)).sum::<u64>();
-        let plan = Plan {
-            messages: messages.to_vec(),
-            state: None,
-            tokens_before: tokens,
-            tokens_after: tokens,
-            acted: Acted::Off,
-            epoch: None,
-            reset: false,
-            fell_back: false,
-            stats: rules::RuleStats::default(),
-            summarize: None,
-        };
-        return Ok((request.body().clone(), plan));
-    };
-    let analysed = analyse(active.counter, messages);
-    let input = plan::Input {
-        messages,
-        infos: &analysed.infos,
-        tokens: &analysed.tokens,
+    let active = compressor
+        .active(&request.model)
+        .unwrap_or(Active { policy: &config.compression.policy, counter: &compressor.o200k });
+    let analysed = analyse(active.counter, request.messages());
+    let turn = Turn {
+        messages: request.messages(),
+        analysed: &analysed,
         goal: None,
-        fixed_tokens: fixed_tokens(active.counter, request.tools(), None),
-        policy: active.policy,
-        rules: &compressor.rules,
-        counter: active.counter,
+        tools: request.tools(),
+        previous: None,
+        ready: None,
+        cold: false,
         force,
     };
-    let plan = plan::plan(&input, None, None);
-    let body = request.rebuild(plan.messages.clone(), None)?.body().clone();
+    let mut plan = run(&compressor, &active, turn);
+    if plan.acted == Acted::Off {
+        return Ok((request.body().clone(), plan));
+    }
+    let messages = std::mem::take(&mut plan.messages);
+    let extra = (plan.markers && config.compression.expand).then(expand::definition);
+    let body = request.rebuild(messages, None, extra.as_deref())?.body().clone();
     Ok((body, plan))
 }
 

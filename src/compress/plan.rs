@@ -3,24 +3,33 @@
 //! The upstream request is laid out as
 //!
 //! ```text
-//! [client system messages] [goal block] [state sheet] [pinned user message] [compacted span] [recent, verbatim]
+//! [client system messages] [goal block] [state sheet] [pinned user message] [compacted span] [recent turns]
 //! ```
 //!
-//! Nothing before the verbatim tail changes between two compaction epochs: a request only
-//! appends to the tail, so request N+1's messages begin with request N's, byte for byte, and
-//! the provider's prompt cache (or the server's KV cache) keeps hitting. An epoch starts when
-//! the request's tokens pass the high-water mark: the span before the recent turns is
-//! compacted by the rules (and, in hybrid mode, replaced by the state sheet when one is ready)
-//! down towards the low-water mark, and that result is frozen in [`State`] until the next epoch.
+//! Nothing before the recent turns changes between two compaction epochs: a request only
+//! appends to them, so request N+1's messages begin with request N's, byte for byte, and the
+//! provider's prompt cache (or the server's KV cache) keeps hitting. Once a conversation has a
+//! state, every recent message gets the lossless passes (whitespace, ANSI) as it first
+//! appears; they are deterministic per message, so they never move the prefix.
+//!
+//! An epoch starts when the request's tokens pass the high-water mark (or the pre-compaction
+//! mark when the cache is cold anyway, see [`Input::cold`]): the span before the recent turns
+//! is compacted down to the low-water mark and no further ([`rules::compact`]: lossless passes
+//! first, each lossy one stopping as soon as the request fits, the recent turns only when the
+//! older span cannot reach the budget alone, user messages last), and in hybrid mode replaced
+//! by the state sheet when one is ready and the rules would have to cut. That result is frozen
+//! in [`State`] until the next epoch.
 //!
 //! Pure: no I/O. The caller stores [`State`] (in the checkpoint, or keyed by the conversation
-//! for stateless clients) and runs the summary calls the plan asks for.
+//! for stateless clients), keeps the originals [`Plan::elided`] names, and runs the summary
+//! calls the plan asks for.
 
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
 
-use super::rules::{self, Conversation, Rule, RuleStats, Rules};
+use super::marker;
+use super::rules::{self, Compacted, Conversation, Rule, RuleStats, Rules};
 use crate::config::{CompressionMode, Policy};
 use crate::openai::message::{Info, Role};
 use crate::tokens::TokenCounter;
@@ -42,10 +51,13 @@ pub struct State {
     /// The latest user message when the sheet replaced it, kept verbatim after the sheet.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pinned: Option<Box<RawValue>>,
-    /// `conversation[summarized_upto..upto]` after the rules (oldest turns possibly dropped).
+    /// `conversation[summarized_upto..upto]` after the rules.
     pub frozen: Vec<Box<RawValue>>,
     /// Tokens of `summary`, `pinned` and `frozen`.
     pub tokens: u64,
+    /// Whether the frozen part carries markers (so requests offer `ctxgate_expand`).
+    #[serde(default)]
+    pub markers: bool,
 }
 
 /// A state sheet, ready to be placed.
@@ -69,6 +81,9 @@ pub struct SummaryRequest {
     /// summary call hits the same cache.
     pub messages: Vec<Box<RawValue>>,
     pub epoch: u32,
+    /// The id that names everything the sheet will replace (`conversation[lead..end]`), for its
+    /// header: `ctxgate_expand` of it lists those originals by id.
+    pub range: String,
 }
 
 /// What shaped the request.
@@ -106,6 +121,9 @@ pub struct Input<'a> {
     pub counter: &'a TokenCounter,
     /// Compact now whatever the marks say (the CLI's `--force`).
     pub force: bool,
+    /// The provider's cache has expired since the conversation's previous request: an epoch
+    /// now breaks no warm prefix, so it starts from the pre-compaction mark.
+    pub cold: bool,
 }
 
 #[derive(Debug)]
@@ -121,8 +139,66 @@ pub struct Plan {
     pub reset: bool,
     /// An epoch wanted a sheet that was not ready and used rules only.
     pub fell_back: bool,
+    /// The epoch started early because the cache was cold.
+    pub cold_epoch: bool,
     pub stats: RuleStats,
     pub summarize: Option<SummaryRequest>,
+    /// Conversation indices of the originals this epoch's markers and sheet name (empty
+    /// without an epoch): what a stateless caller must keep for `ctxgate_expand`.
+    pub elided: Vec<usize>,
+    /// The messages carry markers: the request should offer `ctxgate_expand`.
+    pub markers: bool,
+}
+
+/// The messages from `from` on with the lossless passes applied, and their tokens.
+struct Tail<'a> {
+    input: &'a Input<'a>,
+    messages: Vec<Option<Box<RawValue>>>,
+    tokens: Vec<u64>,
+    from: usize,
+}
+
+impl<'a> Tail<'a> {
+    fn new(input: &'a Input<'a>, from: usize) -> Self {
+        let mut tail = Self { input, messages: Vec::new(), tokens: Vec::new(), from: input.messages.len() };
+        tail.extend_to(from);
+        tail
+    }
+
+    /// Normalises down to `from` (work is done once per message).
+    fn extend_to(&mut self, from: usize) {
+        if from >= self.from {
+            return;
+        }
+        let input = self.input;
+        let (mut messages, mut tokens) = (Vec::new(), Vec::new());
+        for i in from..self.from {
+            let normal = rules::normalize(input.rules, &input.infos[i], input.messages[i].get());
+            tokens.push(
+                normal
+                    .as_ref()
+                    .map_or(u64::from(input.tokens[i]), |m| u64::from(input.counter.message(m.get()))),
+            );
+            messages.push(normal);
+        }
+        messages.append(&mut self.messages);
+        tokens.append(&mut self.tokens);
+        (self.messages, self.tokens, self.from) = (messages, tokens, from);
+    }
+
+    fn tokens(&mut self, from: usize) -> u64 {
+        self.extend_to(from);
+        self.tokens[from - self.from..].iter().sum()
+    }
+
+    fn messages(&mut self, from: usize) -> impl Iterator<Item = Box<RawValue>> + '_ {
+        self.extend_to(from);
+        let originals = &self.input.messages[from..];
+        self.messages[from - self.from..]
+            .iter()
+            .zip(originals)
+            .map(|(n, o)| n.clone().unwrap_or_else(|| o.clone()))
+    }
 }
 
 pub fn plan(input: &Input<'_>, previous: Option<State>, ready: Option<&Summary>) -> Plan {
@@ -131,20 +207,24 @@ pub fn plan(input: &Input<'_>, previous: Option<State>, ready: Option<&Summary>)
     let all: u64 = input.tokens.iter().map(|&t| u64::from(t)).sum();
     let tokens_before = input.fixed_tokens + all;
     let policy = input.policy;
-
+    let mut plan = Plan {
+        messages: Vec::new(),
+        state: None,
+        tokens_before,
+        tokens_after: tokens_before,
+        acted: Acted::Off,
+        epoch: None,
+        reset: false,
+        fell_back: false,
+        cold_epoch: false,
+        stats: RuleStats::default(),
+        summarize: None,
+        elided: Vec::new(),
+        markers: false,
+    };
     if policy.mode == CompressionMode::Off {
-        return Plan {
-            messages: layout(input, lead, None),
-            state: None,
-            tokens_before,
-            tokens_after: tokens_before,
-            acted: Acted::Off,
-            epoch: None,
-            reset: false,
-            fell_back: false,
-            stats: RuleStats::default(),
-            summarize: None,
-        };
+        plan.messages = layout(input, lead, None, None);
+        return plan;
     }
 
     let had_state = previous.is_some();
@@ -154,87 +234,42 @@ pub fn plan(input: &Input<'_>, previous: Option<State>, ready: Option<&Summary>)
             && s.upto <= n
             && s.covered == covered(input.messages, lead, s.upto)
     });
-    let reset = had_state && state.is_none();
+    plan.reset = had_state && state.is_none();
     let base = input.fixed_tokens + input.tokens[..lead].iter().map(|&t| u64::from(t)).sum::<u64>();
-    let tail = |from: usize| input.tokens[from..].iter().map(|&t| u64::from(t)).sum::<u64>();
-    let view = |state: &Option<State>| match state {
-        Some(s) => base + s.tokens + tail(s.upto),
+    let mut tail = Tail::new(input, state.as_ref().map_or(n, |s| s.upto));
+    let view = |state: &Option<State>, tail: &mut Tail<'_>| match state {
+        Some(s) => base + s.tokens + tail.tokens(s.upto),
         None => tokens_before,
     };
 
     let conversation = Conversation { messages: input.messages, infos: input.infos, tokens: input.tokens };
     let starts = conversation.turn_starts(lead);
+    // The last turn (the question, or the tool results the model is to read) is never compacted.
+    let limit = starts.last().copied().unwrap_or(lead).max(lead);
     let keep = policy.keep_recent_turns;
     let cut = match keep {
-        0 => n,
-        keep if starts.len() > keep => starts[starts.len() - keep],
+        0 => limit,
+        keep if starts.len() > keep => starts[starts.len() - keep].min(limit),
         _ => lead,
     };
 
-    let mut stats = RuleStats::default();
-    let mut epoch = None;
-    let mut fell_back = false;
-    let mut summarize = None;
-    let upto = state.as_ref().map_or(lead, |s| s.upto);
-    if (view(&state) > policy.high_tokens() || input.force) && cut > upto {
-        let mut next = state.clone().unwrap_or_else(|| State {
-            epoch: 0,
-            lead,
-            upto: lead,
-            covered: String::new(),
-            summarized_upto: lead,
-            summary: None,
-            pinned: None,
-            frozen: Vec::new(),
-            tokens: 0,
-        });
-        next.epoch += 1;
-        next.upto = cut;
-        let mut placed = Acted::Rules;
-        compact(input, &conversation, &starts, &mut next, &mut stats);
-        if policy.mode == CompressionMode::Hybrid && base + next.tokens + tail(cut) > policy.low_tokens() {
-            let usable = ready.filter(|s| {
-                s.start == next.summarized_upto
-                    && s.end > s.start
-                    && s.end <= cut
-                    && s.covered == covered(input.messages, lead, s.end)
-            });
-            match usable {
-                Some(summary) => {
-                    let mut with_sheet = next.clone();
-                    let mut sheet_stats = RuleStats::default();
-                    with_sheet.summary = Some(summary.message.clone());
-                    with_sheet.summarized_upto = summary.end;
-                    with_sheet.pinned = conversation
-                        .latest_user()
-                        .filter(|&l| l >= lead && l < summary.end)
-                        .map(|l| input.messages[l].clone());
-                    compact(input, &conversation, &starts, &mut with_sheet, &mut sheet_stats);
-                    // A sheet longer than what the rules leave of its span saves nothing.
-                    if with_sheet.tokens < next.tokens {
-                        next = with_sheet;
-                        stats = sheet_stats;
-                        placed = Acted::Hybrid;
-                    } else {
-                        fell_back = true;
-                    }
-                }
-                None => fell_back = true,
-            }
-        }
-        // Still past the high-water mark: without dropping, every following request would
-        // start another epoch (and miss the cache).
-        if policy.rules.drop_oldest && base + next.tokens + tail(cut) > policy.high_tokens() {
-            drop_oldest(input, &starts, &mut next, base + tail(cut), &mut stats);
-        }
-        next.covered = covered(input.messages, lead, cut);
-        epoch = Some(placed);
-        state = Some(next);
+    let current = view(&state, &mut tail);
+    let cold = input.cold && current > policy.pre_tokens();
+    let from = state.as_ref().map_or(lead, |s| s.summarized_upto);
+    if (current > policy.high_tokens() || input.force || cold) && limit > from {
+        plan.cold_epoch = cold && current <= policy.high_tokens() && !input.force;
+        let epoch = epoch(input, &conversation, &starts, state.clone(), ready, lead, (cut, limit), &mut tail);
+        plan.stats = epoch.stats;
+        plan.fell_back = epoch.fell_back;
+        plan.elided = epoch.elided;
+        plan.epoch = Some(epoch.placed);
+        state = Some(epoch.state);
     }
 
-    let messages = layout(input, lead, state.as_ref());
-    let tokens_after = view(&state);
-    if policy.mode == CompressionMode::Hybrid && (tokens_after > policy.pre_tokens() || fell_back) {
+    plan.messages = layout(input, lead, state.as_ref(), Some(&mut tail));
+    plan.tokens_after = view(&state, &mut tail);
+    plan.markers = state.as_ref().is_some_and(|s| s.markers);
+    if policy.mode == CompressionMode::Hybrid && (plan.tokens_after > policy.pre_tokens() || plan.fell_back) {
         let start = state.as_ref().map_or(lead, |s| s.summarized_upto);
         // One sheet per span start: a sheet that is ready (even if it stops short of `cut`)
         // is placed at the next epoch, the rest of the span compacted by rules. Asking again
@@ -243,99 +278,157 @@ pub fn plan(input: &Input<'_>, previous: Option<State>, ready: Option<&Summary>)
             s.start == start && s.end <= n && s.covered == covered(input.messages, lead, s.end)
         });
         if cut > start && !already {
-            // The layout up to `cut`: everything but the recent turns, which are verbatim.
+            // The layout up to `cut`: everything but the recent turns.
             let keep_tail = n - cut.max(state.as_ref().map_or(lead, |s| s.upto));
-            summarize = Some(SummaryRequest {
+            plan.summarize = Some(SummaryRequest {
                 start,
                 end: cut,
                 covered: covered(input.messages, lead, cut),
-                messages: messages[..messages.len() - keep_tail].to_vec(),
+                messages: plan.messages[..plan.messages.len() - keep_tail].to_vec(),
                 epoch: state.as_ref().map_or(1, |s| s.epoch + 1),
+                range: marker::range_id(input.messages, lead, cut),
             });
         }
     }
-    let acted = match &state {
+    plan.acted = match &state {
         Some(s) if s.summary.is_some() => Acted::Hybrid,
         Some(_) => Acted::Rules,
         None => Acted::None,
     };
-    Plan { messages, state, tokens_before, tokens_after, acted, epoch, reset, fell_back, stats, summarize }
+    plan.state = state;
+    plan
 }
 
-/// Re-derives `frozen` from the conversation: the rules over `summarized_upto..upto`.
-fn compact(
+/// What one epoch decided.
+struct Decided {
+    state: State,
+    placed: Acted,
+    stats: RuleStats,
+    fell_back: bool,
+    elided: Vec<usize>,
+}
+
+/// Compacts `conversation[from..limit]` (the recent turns from `cut` on only if it must) to
+/// the low-water mark, with the ready sheet in hybrid mode when the rules would have to cut.
+#[allow(clippy::too_many_arguments)]
+fn epoch(
     input: &Input<'_>,
     conversation: &Conversation<'_>,
     starts: &[usize],
-    state: &mut State,
-    stats: &mut RuleStats,
-) {
-    let (frozen, saved) =
-        rules::apply(input.rules, conversation, state.summarized_upto..state.upto, starts, input.counter);
-    stats.merge(&saved);
-    state.frozen = frozen;
-    state.tokens = state_tokens(input.counter, state);
-}
-
-/// Drops the oldest whole turns of `frozen` (a user message, or a model step with its tool
-/// results, so pairs stay whole; never the latest user message) until the request is back
-/// under the low-water mark.
-fn drop_oldest(input: &Input<'_>, starts: &[usize], state: &mut State, outside: u64, stats: &mut RuleStats) {
-    let target = input.policy.low_tokens();
-    let latest_user = input.infos.iter().rposition(|i| i.role == Role::User);
-    let from = state.summarized_upto;
-    let tokens: Vec<u64> = state.frozen.iter().map(|m| u64::from(input.counter.message(m.get()))).collect();
-    let mut total = state.tokens;
-    let mut dropped = vec![false; state.frozen.len()];
-    let bounds = starts.iter().copied().chain(std::iter::once(state.upto));
-    let turns: Vec<(usize, usize)> = bounds.clone().zip(bounds.skip(1)).collect();
-    for (start, end) in turns {
-        if outside + total <= target {
-            break;
+    previous: Option<State>,
+    ready: Option<&Summary>,
+    lead: usize,
+    (cut, limit): (usize, usize),
+    tail: &mut Tail<'_>,
+) -> Decided {
+    let policy = input.policy;
+    let base = input.fixed_tokens + input.tokens[..lead].iter().map(|&t| u64::from(t)).sum::<u64>();
+    let outside = base + tail.tokens(limit);
+    let mut next = previous.unwrap_or_else(|| State {
+        epoch: 0,
+        lead,
+        upto: lead,
+        covered: String::new(),
+        summarized_upto: lead,
+        summary: None,
+        pinned: None,
+        frozen: Vec::new(),
+        tokens: 0,
+        markers: false,
+    });
+    next.epoch += 1;
+    let run = |state: &State| {
+        let sheet = state
+            .summary
+            .iter()
+            .chain(&state.pinned)
+            .map(|m| u64::from(input.counter.message(m.get())))
+            .sum::<u64>();
+        let epoch = rules::Epoch {
+            conversation,
+            turn_starts: starts,
+            from: state.summarized_upto,
+            protect_from: cut.max(state.summarized_upto),
+            limit,
+            outside: outside + sheet,
+            target: policy.low_tokens(),
+        };
+        (rules::compact(input.rules, &epoch, input.counter), sheet)
+    };
+    let (mut compacted, mut sheet_tokens) = run(&next);
+    let mut placed = Acted::Rules;
+    let mut fell_back = false;
+    let lossy =
+        [Rule::MaskOldToolResults, Rule::MaskAssistantMessages, Rule::DropOldest, Rule::ElideUserMessages];
+    // The rules alone would leave the request over budget, or reach it only by cutting.
+    let cuts = lossy.iter().any(|r| compacted.stats.get(*r) > 0);
+    let over = outside + sheet_tokens + compacted.tokens > policy.low_tokens();
+    if policy.mode == CompressionMode::Hybrid && (over || cuts) {
+        let usable = ready.filter(|s| {
+            s.start == next.summarized_upto
+                && s.end > s.start
+                && s.end <= limit
+                && s.covered == covered(input.messages, lead, s.end)
+        });
+        match usable {
+            Some(summary) => {
+                let mut with_sheet = next.clone();
+                with_sheet.summary = Some(summary.message.clone());
+                with_sheet.summarized_upto = summary.end;
+                with_sheet.pinned = conversation
+                    .latest_user()
+                    .filter(|&l| l >= lead && l < summary.end)
+                    .map(|l| input.messages[l].clone());
+                let (sheet_compacted, tokens) = run(&with_sheet);
+                // A sheet longer than what the rules leave of its span saves nothing.
+                if tokens + sheet_compacted.tokens < sheet_tokens + compacted.tokens {
+                    let mut elided: Vec<usize> = (next.summarized_upto..summary.end).collect();
+                    elided.extend(&sheet_compacted.elided);
+                    next = with_sheet;
+                    compacted = Compacted { elided, ..sheet_compacted };
+                    sheet_tokens = tokens;
+                    placed = Acted::Hybrid;
+                } else {
+                    fell_back = true;
+                }
+            }
+            None => fell_back = true,
         }
-        if start < from
-            || end <= start
-            || end > state.upto
-            || latest_user.is_some_and(|l| (start..end).contains(&l))
-        {
-            continue;
-        }
-        total -= tokens[start - from..end - from].iter().sum::<u64>();
-        dropped[start - from..end - from].iter_mut().for_each(|d| *d = true);
     }
-    if total < state.tokens {
-        let mut keep = dropped.iter().map(|d| !d);
-        state.frozen.retain(|_| keep.next().unwrap_or(true));
-        stats.add(Rule::DropOldest, state.tokens - total);
-        state.tokens = total;
-    }
+    next.upto = compacted.upto;
+    next.covered = covered(input.messages, lead, compacted.upto);
+    next.markers = next.summary.is_some() || compacted.messages.iter().any(|m| marker::carries(m));
+    next.tokens = sheet_tokens + compacted.tokens;
+    next.frozen = compacted.messages;
+    Decided { state: next, placed, stats: compacted.stats, fell_back, elided: compacted.elided }
 }
 
-fn state_tokens(counter: &TokenCounter, state: &State) -> u64 {
-    state
-        .summary
-        .iter()
-        .chain(&state.pinned)
-        .chain(&state.frozen)
-        .map(|m| u64::from(counter.message(m.get())))
-        .sum()
-}
-
-fn layout(input: &Input<'_>, lead: usize, state: Option<&State>) -> Vec<Box<RawValue>> {
+fn layout(
+    input: &Input<'_>,
+    lead: usize,
+    state: Option<&State>,
+    tail: Option<&mut Tail<'_>>,
+) -> Vec<Box<RawValue>> {
     let messages = input.messages;
     let mut out = Vec::with_capacity(messages.len() + 2);
     out.extend_from_slice(&messages[..lead]);
     if let Some(goal) = input.goal {
         out.push(goal.to_owned());
     }
-    match state {
-        Some(s) => {
+    match (state, tail) {
+        (Some(s), Some(tail)) => {
+            out.extend(s.summary.iter().cloned());
+            out.extend(s.pinned.iter().cloned());
+            out.extend(s.frozen.iter().cloned());
+            out.extend(tail.messages(s.upto));
+        }
+        (Some(s), None) => {
             out.extend(s.summary.iter().cloned());
             out.extend(s.pinned.iter().cloned());
             out.extend(s.frozen.iter().cloned());
             out.extend_from_slice(&messages[s.upto..]);
         }
-        None => out.extend_from_slice(&messages[lead..]),
+        (None, _) => out.extend_from_slice(&messages[lead..]),
     }
     out
 }
@@ -447,6 +540,7 @@ mod tests {
                 rules: &self.rules,
                 counter: &self.counter,
                 force: false,
+                cold: false,
             };
             plan(&input, state, ready)
         }
@@ -460,9 +554,14 @@ mod tests {
     fn sheet_for(request: &SummaryRequest) -> Summary {
         let text =
             format!("## Active Task\nepoch {} covering {}..{}", request.epoch, request.start, request.end);
-        let message =
-            super::super::summary::sheet_message(&text, "system", request.epoch, request.end - request.start)
-                .unwrap();
+        let message = super::super::summary::sheet_message(
+            &text,
+            "system",
+            request.epoch,
+            &request.range,
+            request.end - 1,
+        )
+        .unwrap();
         Summary { start: request.start, end: request.end, covered: request.covered.clone(), message }
     }
 
@@ -535,8 +634,18 @@ mod tests {
         prefix_is_stable_between_epochs(CompressionMode::Hybrid);
     }
 
-    /// Checks a compressed request: tool messages follow the call they answer; system
-    /// messages, the latest user message and the recent turns are as sent.
+    /// `message` as the lossless passes leave it.
+    fn normalized(h: &Harness, message: &RawValue) -> String {
+        let info = Info::parse(message.get());
+        rules::normalize(&h.rules, &info, message.get())
+            .map_or_else(|| message.get().to_string(), |m| m.get().to_string())
+    }
+
+    /// Checks a compressed request: tool messages follow the call they answer; system messages
+    /// are as sent; the latest user message and the recent turns are as sent but for the
+    /// lossless passes (unless the epoch had to compact recent turns to reach its budget);
+    /// every original tool result is present whole or named by a marker; a reference points at
+    /// a result that is present whole.
     fn assert_valid(h: &Harness, sent: &[Box<RawValue>], plan: &Plan) {
         let out = &plan.messages;
         let infos: Vec<Info> = out.iter().map(|m| Info::parse(m.get())).collect();
@@ -551,6 +660,7 @@ mod tests {
                 _ => open_calls.clear(),
             }
         }
+        let out_texts: Vec<String> = out.iter().map(|m| m.get().to_string()).collect();
         let sent_infos: Vec<Info> = sent.iter().map(|m| Info::parse(m.get())).collect();
         for (m, info) in sent.iter().zip(&sent_infos) {
             if info.role == Role::System {
@@ -558,14 +668,65 @@ mod tests {
             }
         }
         if let Some(latest) = sent_infos.iter().rposition(|i| i.role == Role::User) {
-            assert!(texts(out).contains(&sent[latest].get()), "the latest user message was changed");
+            // As sent, or as the lossless passes leave it (a pinned message is kept as sent).
+            let latest = &sent[latest];
+            let kept = texts(out).contains(&latest.get()) || out_texts.contains(&normalized(h, latest));
+            assert!(kept, "the latest user message was changed");
         }
         let conversation = Conversation { messages: sent, infos: &sent_infos, tokens: &[] };
         let starts = conversation.turn_starts(1);
-        let keep = h.policy.keep_recent_turns;
-        if keep > 0 && starts.len() > keep {
-            let recent = &sent[starts[starts.len() - keep]..];
-            assert_eq!(texts(&out[out.len() - recent.len()..]), texts(recent), "recent turns were changed");
+        let last = starts.last().copied().unwrap_or(sent.len());
+        let from = match (h.policy.keep_recent_turns, &plan.state) {
+            (_, Some(state)) => state.upto.max(last.min(state.upto)),
+            (keep, None) if keep > 0 && starts.len() > keep => starts[starts.len() - keep],
+            _ => last,
+        };
+        let recent: Vec<String> = sent[from..]
+            .iter()
+            .map(|m| match &plan.state {
+                Some(_) => normalized(h, m),
+                None => m.get().to_string(),
+            })
+            .collect();
+        assert_eq!(&out_texts[out.len() - recent.len()..], &recent[..], "recent turns were changed");
+        // Named by a marker, or listed in the index a marked range id (a state sheet's) resolves to.
+        let mut marked: std::collections::HashSet<String> =
+            out.iter().flat_map(|m| marker::ids_in(m.get()).into_iter().map(str::to_string)).collect();
+        let message_ids: Vec<String> = sent.iter().map(|m| marker::id_of(m)).collect();
+        for id in marked.clone() {
+            if message_ids.contains(&id) {
+                continue;
+            }
+            let index = super::super::expand::resolve(sent, &id);
+            assert!(index.is_some(), "a marker names {id}, which is no original");
+            marked.extend(index.iter().flat_map(|i| marker::ids_in(i.get())).map(str::to_string));
+        }
+        let whole_results: Vec<&str> = infos
+            .iter()
+            .filter(|i| i.role == Role::Tool && !i.text.as_deref().unwrap_or("").contains(marker::PREFIX))
+            .filter_map(|i| i.tool_call_id.as_deref())
+            .collect();
+        for ((m, info), id) in sent.iter().zip(&sent_infos).zip(&message_ids) {
+            if info.role != Role::Tool {
+                continue;
+            }
+            let present = texts(out).contains(&m.get()) || out_texts.contains(&normalized(h, m));
+            assert!(present || marked.contains(id), "a tool result vanished without a marker: {}", m.get());
+        }
+        for text in &out_texts {
+            if let Some(at) = text
+                .find("same output as call ")
+                .or_else(|| text.find(" call ").filter(|_| text.contains("superseded by")))
+            {
+                let target = text[at..].split_whitespace().find(|w| w.starts_with("call_")).unwrap_or("");
+                let target = target.trim_end_matches(|c: char| !c.is_alphanumeric() && c != '_');
+                if !target.is_empty() {
+                    assert!(
+                        whole_results.contains(&target),
+                        "a reference points at {target}, which is not whole"
+                    );
+                }
+            }
         }
     }
 
@@ -584,8 +745,11 @@ mod tests {
                 truncate_tool_outputs: rng.bool(),
                 elide_blobs: rng.bool(),
                 mask_old_tool_results: rng.bool(),
+                mask_by_age: rng.bool(),
                 mask_after_turns: rng.usize(0..12),
+                mask_assistant_messages: rng.bool(),
                 drop_oldest: rng.bool(),
+                elide_user_messages: rng.bool(),
                 max_tool_output_tokens: rng.u64(50..3000),
                 ..RulesConfig::default()
             };
@@ -667,7 +831,14 @@ mod tests {
                 let mut sheet = sheet_for(request);
                 let filler: String = (0..20_000).map(|i| format!("fact {i} of no use\n")).collect();
                 let bloated = format!("## Active Task\n{filler}");
-                sheet.message = super::super::summary::sheet_message(&bloated, "system", 1, 1).unwrap();
+                sheet.message = super::super::summary::sheet_message(
+                    &bloated,
+                    "system",
+                    1,
+                    &request.range,
+                    request.end - 1,
+                )
+                .unwrap();
                 ready = Some(sheet);
             }
             if plan.epoch.is_some() && ready.is_some() {

@@ -1,19 +1,36 @@
-//! The rule passes. Each is named, can be switched off, and reports the tokens it saved.
+//! The rule passes of a compaction epoch, run against a token budget.
 //!
-//! Rules rewrite message *content* only, one message for one message, so every tool message
-//! still follows the assistant message whose `tool_calls` it answers. They never touch system
-//! messages or the latest user message; the caller passes only the span before the recent
-//! turns, and the goal block and summaries are not part of the conversation at all.
+//! An epoch compacts the span before the recent turns down to the low-water mark and stops
+//! there. Passes run in order of increasing loss, and every lossy one stops as soon as the
+//! request fits:
+//!
+//! 1. lossless: whitespace and ANSI on every message (recent turns too, from the moment a
+//!    message first appears: see [`normalize`]), and exact duplicates of a tool result, which
+//!    point at the newest copy, kept verbatim;
+//! 2. blobs elided and oversized tool outputs cut to their head and tail;
+//! 3. superseded reads, then tool results masked, largest first (oldest first among equals);
+//! 4. old assistant prose masked;
+//! 5. whole model steps (an assistant message and its tool results) dropped, oldest first.
+//!
+//! When that is not enough, the same passes run on the protected recent turns, oldest first
+//! (never on the last turn); only then are user messages elided, oldest first, so the facts a
+//! user states are kept longest.
+//!
+//! Every lossy rewrite leaves a marker naming its original ([`super::marker`]), and no marker
+//! points at a message that is itself rewritten: a reference to a copy that a later pass cut
+//! becomes a marker of its own. Rules rewrite messages in place, one for one, except dropped
+//! steps, whose messages become one marker message; every remaining tool result still follows
+//! the assistant message that called it.
 
 use std::collections::HashMap;
-use std::ops::Range;
 
 use globset::{Glob, GlobSet, GlobSetBuilder};
 use serde_json::value::RawValue;
 
-use super::text;
+use super::{marker, text};
 use crate::config::RulesConfig;
-use crate::openai::message::{self, Info, Role};
+use crate::memo::Memo;
+use crate::openai::message::{self, Call, Info, Role};
 use crate::tokens::TokenCounter;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -25,11 +42,13 @@ pub enum Rule {
     TruncateToolOutputs,
     ElideBlobs,
     MaskOldToolResults,
+    MaskAssistantMessages,
     DropOldest,
+    ElideUserMessages,
 }
 
 impl Rule {
-    pub const ALL: [Rule; 8] = [
+    pub const ALL: [Rule; 10] = [
         Rule::Whitespace,
         Rule::Ansi,
         Rule::DuplicateToolResults,
@@ -37,7 +56,9 @@ impl Rule {
         Rule::TruncateToolOutputs,
         Rule::ElideBlobs,
         Rule::MaskOldToolResults,
+        Rule::MaskAssistantMessages,
         Rule::DropOldest,
+        Rule::ElideUserMessages,
     ];
 
     pub fn name(self) -> &'static str {
@@ -49,7 +70,9 @@ impl Rule {
             Rule::TruncateToolOutputs => "truncate_tool_outputs",
             Rule::ElideBlobs => "elide_blobs",
             Rule::MaskOldToolResults => "mask_old_tool_results",
+            Rule::MaskAssistantMessages => "mask_assistant_messages",
             Rule::DropOldest => "drop_oldest",
+            Rule::ElideUserMessages => "elide_user_messages",
         }
     }
 }
@@ -81,10 +104,18 @@ impl RuleStats {
 }
 
 /// The configured rules, compiled once.
-#[derive(Debug)]
 pub struct Rules {
     pub config: RulesConfig,
     reads: GlobSet,
+    /// Lossless rewrites by message, so a conversation's recent messages are normalised once,
+    /// not on every request.
+    normalized: Memo<Option<Box<RawValue>>>,
+}
+
+impl std::fmt::Debug for Rules {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Rules").field("config", &self.config).finish_non_exhaustive()
+    }
 }
 
 impl Rules {
@@ -97,7 +128,9 @@ impl Rules {
             }
         }
         let reads = builder.build().unwrap_or_else(|_| GlobSet::empty());
-        Self { config: config.clone(), reads }
+        // Most messages need nothing (an entry without bytes); the rewritten ones are bounded.
+        let normalized = Memo::new(100_000, 32 * 1024 * 1024);
+        Self { config: config.clone(), reads, normalized }
     }
 }
 
@@ -126,178 +159,450 @@ impl Conversation<'_> {
         starts
     }
 
-    /// The latest user message, which no rule may touch.
+    /// The latest user message: the question being asked, kept verbatim.
     pub fn latest_user(&self) -> Option<usize> {
         self.infos.iter().rposition(|i| i.role == Role::User)
     }
 }
 
-/// The span `range` with the rules applied, one message for each message, and what each
-/// rule saved. `turn_starts` is of the whole conversation (ages count from its end).
-pub fn apply(
-    rules: &Rules,
-    conversation: &Conversation<'_>,
-    range: Range<usize>,
-    turn_starts: &[usize],
-    counter: &TokenCounter,
-) -> (Vec<Box<RawValue>>, RuleStats) {
+/// The message with the lossless passes applied (whitespace, ANSI), or `None` when they change
+/// nothing. Deterministic per message, so a message normalised when it first appears is the
+/// same bytes in every later request: normalising never moves the prefix.
+pub fn normalize(rules: &Rules, info: &Info, json: &str) -> Option<Box<RawValue>> {
     let config = &rules.config;
-    let infos = conversation.infos;
-    let latest_user = conversation.latest_user();
-    let turns = turn_starts.len();
-    let turn_of = |i: usize| turn_starts.partition_point(|&s| s <= i);
+    if info.role == Role::System || !(config.whitespace || config.ansi) || info.text.is_none() {
+        return None;
+    }
+    let change = |text: &str| {
+        let ansi = if config.ansi { text::ansi(text) } else { None };
+        let current = ansi.as_deref().unwrap_or(text);
+        let spaces = if config.whitespace && text::may_need_whitespace(current) {
+            text::whitespace(current)
+        } else {
+            None
+        };
+        spaces.or(ansi)
+    };
+    let weigh = |m: &Option<Box<RawValue>>| m.as_ref().map_or(0, |m| m.get().len());
+    rules.normalized.get_or(json, 0, || message::edit_text(json, change), weigh)
+}
 
-    // Which assistant call each tool message answers.
-    let mut calls = HashMap::new();
-    // The last call of each (function, arguments), for superseded reads.
-    let mut last_read = HashMap::new();
-    for (i, info) in infos.iter().enumerate() {
-        for call in &info.calls {
-            calls.insert(call.id.as_str(), call);
-            if config.superseded_reads && rules.reads.is_match(&call.name) {
-                last_read.insert((call.name.as_str(), canonical_arguments(&call.arguments)), (i, &call.id));
-            }
+/// One epoch's span and budget.
+pub struct Epoch<'a> {
+    pub conversation: &'a Conversation<'a>,
+    pub turn_starts: &'a [usize],
+    /// The span starts here (after the leading system messages, or what a state sheet covers).
+    pub from: usize,
+    /// The protected recent turns start here: compacted only when the older span cannot
+    /// reach the budget alone.
+    pub protect_from: usize,
+    /// The last turn starts here: never compacted.
+    pub limit: usize,
+    /// Tokens of everything outside `from..limit`, as it will be sent.
+    pub outside: u64,
+    /// The budget: the low-water mark.
+    pub target: u64,
+}
+
+/// What an epoch made of its span.
+#[derive(Debug)]
+pub struct Compacted {
+    /// `from..upto`, compacted.
+    pub messages: Vec<Box<RawValue>>,
+    /// Where the compacted span ends: the protected turns' start, or past the ones compacted.
+    pub upto: usize,
+    pub tokens: u64,
+    pub stats: RuleStats,
+    /// Conversation indices of the originals the span's markers name.
+    pub elided: Vec<usize>,
+}
+
+/// What happened to one message of the span.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Fate {
+    Kept,
+    /// Lossless rewrites only.
+    Normalized,
+    /// Parts cut (a blob, the middle of a long output), with an inline marker.
+    Cut,
+    /// Replaced whole by a marker.
+    Elided,
+    /// Replaced by a marker that refers to another message with the same (or newer) content.
+    Reference(usize),
+    /// Part of a dropped run: the run's first message carries its marker, the rest are gone.
+    Dropped,
+}
+
+struct Slot {
+    message: Box<RawValue>,
+    tokens: u64,
+    fate: Fate,
+}
+
+/// Compacts `epoch`'s span: see the module docs for the order of the passes.
+pub fn compact(rules: &Rules, epoch: &Epoch<'_>, counter: &TokenCounter) -> Compacted {
+    let mut work = Work::new(rules, epoch, counter);
+    let config = &rules.config;
+    let regions = [(epoch.from, epoch.protect_from), (epoch.protect_from, epoch.limit)];
+    for (r, &(start, end)) in regions.iter().enumerate() {
+        if r == 1 && !work.over() {
+            break;
+        }
+        if r == 0 && config.mask_old_tool_results && config.mask_by_age {
+            work.mask_by_age(start, end);
+        }
+        if config.duplicate_tool_results {
+            work.duplicates(start, end);
+        }
+        if config.elide_blobs || config.truncate_tool_outputs {
+            work.cut_large(start, end);
+        }
+        if config.superseded_reads {
+            work.superseded(start, end);
+        }
+        if config.mask_old_tool_results {
+            work.mask(start, end, Role::Tool, Rule::MaskOldToolResults);
+        }
+        if config.mask_assistant_messages {
+            work.mask(start, end, Role::Assistant, Rule::MaskAssistantMessages);
+        }
+        if config.drop_oldest {
+            work.drop_steps(start, end);
         }
     }
-    // The first tool message with each text, for duplicates.
-    let mut first_with_text: HashMap<&str, &str> = HashMap::new();
+    if config.elide_user_messages {
+        work.mask(epoch.from, epoch.limit, Role::User, Rule::ElideUserMessages);
+    }
+    work.fix_references();
+    work.finish()
+}
 
-    let mut stats = RuleStats::default();
-    let mut out = Vec::with_capacity(range.len());
-    for (i, info) in infos.iter().enumerate().take(range.end) {
-        let original = &conversation.messages[i];
-        if info.role == Role::Tool {
-            if let (Some(text), Some(id)) = (&info.text, &info.tool_call_id) {
-                let first = *first_with_text.entry(text.as_str()).or_insert(id.as_str());
-                if i < range.start {
-                    continue;
-                }
-                let call = calls.get(id.as_str());
-                let (rule, marker) = marker_for(rules, i, text, id, first, call.copied(), &last_read, || {
-                    turns.saturating_sub(turn_of(i))
-                });
-                if let Some(new) = marker.and_then(|m| message::replace_text(original.get(), &m)) {
-                    let after = counter.message(new.get());
-                    // A marker longer than what it replaces saves nothing.
-                    if after < conversation.tokens[i] {
-                        stats.add(rule, saved(conversation.tokens[i], after));
-                        out.push(new);
-                        continue;
+struct Work<'a> {
+    rules: &'a Rules,
+    epoch: &'a Epoch<'a>,
+    counter: &'a TokenCounter,
+    slots: Vec<Slot>,
+    total: u64,
+    stats: RuleStats,
+    /// Which call each tool result answers, by call id.
+    calls: HashMap<&'a str, &'a Call>,
+    latest_user: Option<usize>,
+}
+
+impl<'a> Work<'a> {
+    fn new(rules: &'a Rules, epoch: &'a Epoch<'a>, counter: &'a TokenCounter) -> Self {
+        let conversation = epoch.conversation;
+        let mut stats = RuleStats::default();
+        let slots: Vec<Slot> = (epoch.from..epoch.limit)
+            .map(|i| {
+                let original = &conversation.messages[i];
+                let tokens = u64::from(conversation.tokens[i]);
+                let info = &conversation.infos[i];
+                match normalize(rules, info, original.get()) {
+                    Some(message) => {
+                        let after = u64::from(counter.message(message.get()));
+                        // Saved tokens split between the two passes by the bytes each removed.
+                        let text = info.text.as_deref().unwrap_or("");
+                        let ansi = rules.config.ansi.then(|| text::ansi(text)).flatten();
+                        let ansi_bytes = ansi.map_or(0, |a| text.len() - a.len());
+                        let saved = tokens.saturating_sub(after);
+                        let removed = text
+                            .len()
+                            .saturating_sub(Info::parse(message.get()).text.map_or(0, |t| t.len()))
+                            .max(1);
+                        let by_ansi = saved * ansi_bytes.min(removed) as u64 / removed as u64;
+                        stats.add(Rule::Ansi, by_ansi);
+                        stats.add(Rule::Whitespace, saved - by_ansi);
+                        Slot { message, tokens: after, fate: Fate::Normalized }
                     }
+                    None => Slot { message: original.clone(), tokens, fate: Fate::Kept },
+                }
+            })
+            .collect();
+        let total = epoch.outside + slots.iter().map(|s| s.tokens).sum::<u64>();
+        let calls = conversation.infos.iter().flat_map(|i| &i.calls).map(|c| (c.id.as_str(), c)).collect();
+        Self { rules, epoch, counter, slots, total, stats, calls, latest_user: conversation.latest_user() }
+    }
+
+    fn over(&self) -> bool {
+        self.total > self.epoch.target
+    }
+
+    fn info(&self, i: usize) -> &'a Info {
+        &self.epoch.conversation.infos[i]
+    }
+
+    fn slot(&self, i: usize) -> &Slot {
+        &self.slots[i - self.epoch.from]
+    }
+
+    /// Whether the message at `i` is still whole (lossless rewrites aside).
+    fn whole(&self, i: usize) -> bool {
+        matches!(self.slot(i).fate, Fate::Kept | Fate::Normalized)
+    }
+
+    /// Puts `message` in place of the message at `i`, if it is smaller; counts what it saved.
+    fn replace(&mut self, i: usize, message: Box<RawValue>, fate: Fate, rule: Rule) -> bool {
+        let tokens = u64::from(self.counter.message(message.get()));
+        let slot = &mut self.slots[i - self.epoch.from];
+        if tokens >= slot.tokens {
+            return false;
+        }
+        self.stats.add(rule, slot.tokens - tokens);
+        self.total -= slot.tokens - tokens;
+        *slot = Slot { message, tokens, fate };
+        true
+    }
+
+    /// Replaces the text of the message at `i` by a marker of the whole original, `note`
+    /// appended to its description.
+    fn elide(&mut self, i: usize, note: &str, fate: Fate, rule: Rule) -> bool {
+        let info = self.info(i);
+        let original = &self.epoch.conversation.messages[i];
+        let call = info.tool_call_id.as_deref().and_then(|id| self.calls.get(id).copied());
+        let what = format!("{}{note}", marker::describe(info, call));
+        let tokens = u64::from(self.epoch.conversation.tokens[i]);
+        let text = marker::whole(&[marker::id_of(original)], &what, tokens);
+        match message::replace_text(original.get(), &text) {
+            Some(new) => self.replace(i, new, fate, rule),
+            None => false,
+        }
+    }
+
+    /// Tool results older than `mask_after_turns` turns, masked whatever the budget (the
+    /// `mask_by_age` switch).
+    fn mask_by_age(&mut self, start: usize, end: usize) {
+        let starts = self.epoch.turn_starts;
+        let turns = starts.len();
+        for i in start..end {
+            let age = turns.saturating_sub(starts.partition_point(|&s| s <= i));
+            if self.info(i).role == Role::Tool && self.whole(i) && age > self.rules.config.mask_after_turns {
+                self.elide(i, "", Fate::Elided, Rule::MaskOldToolResults);
+            }
+        }
+    }
+
+    /// A tool result whose text a later one repeats becomes a reference to the newest copy.
+    fn duplicates(&mut self, start: usize, end: usize) {
+        let conversation = self.epoch.conversation;
+        let mut newest: HashMap<&str, usize> = HashMap::new();
+        for (i, info) in conversation.infos.iter().enumerate().skip(start) {
+            if let (Role::Tool, Some(text)) = (info.role, &info.text) {
+                if text.len() >= 64 {
+                    newest.insert(text.as_str(), i);
                 }
             }
         }
-        if i < range.start {
-            continue;
-        }
-        if info.role == Role::System || Some(i) == latest_user {
-            out.push(original.clone());
-            continue;
-        }
-        match rewrite_content(rules, info, original.get(), conversation.tokens[i]) {
-            Some((new, removed)) => {
-                let after = counter.message(new.get());
-                attribute(&mut stats, &removed, saved(conversation.tokens[i], after));
-                out.push(new);
-            }
-            None => out.push(original.clone()),
+        for i in start..end {
+            let info = self.info(i);
+            let Some(text) = info.text.as_deref().filter(|_| info.role == Role::Tool && self.whole(i)) else {
+                continue;
+            };
+            let Some(&copy) = newest.get(text).filter(|&&j| j > i) else { continue };
+            let Some(copy_id) = conversation.infos[copy].tool_call_id.as_deref() else { continue };
+            let note = format!(" — same output as call {copy_id} below");
+            self.elide(i, &note, Fate::Reference(copy), Rule::DuplicateToolResults);
         }
     }
-    (out, stats)
-}
 
-/// A replacement for a whole tool result, if a rule calls for one: masked for age,
-/// superseded by a later read, or a duplicate of an earlier result.
-#[allow(clippy::too_many_arguments)]
-fn marker_for(
-    rules: &Rules,
-    i: usize,
-    text: &str,
-    id: &str,
-    first: &str,
-    call: Option<&message::Call>,
-    last_read: &HashMap<(&str, String), (usize, &String)>,
-    age: impl Fn() -> usize,
-) -> (Rule, Option<String>) {
-    let config = &rules.config;
-    let name = call.map_or("unknown", |c| c.name.as_str());
-    if config.mask_old_tool_results && age() > config.mask_after_turns && text.len() > 64 {
-        let marker =
-            format!("[ctxgate: result of {name} from {} turns ago masked ({} bytes)]", age(), text.len());
-        return (Rule::MaskOldToolResults, Some(marker));
-    }
-    if let Some(call) = call.filter(|_| config.superseded_reads) {
-        if rules.reads.is_match(&call.name) {
-            let key = (call.name.as_str(), canonical_arguments(&call.arguments));
-            if let Some((later, later_id)) = last_read.get(&key) {
-                if *later > i && text.len() > 64 {
-                    let marker = format!("[ctxgate: superseded by a later {name} call ({later_id})]");
-                    return (Rule::SupersededReads, Some(marker));
-                }
-            }
-        }
-    }
-    if config.duplicate_tool_results && first != id && text.len() >= 64 {
-        return (Rule::DuplicateToolResults, Some(format!("[ctxgate: same output as tool call {first}]")));
-    }
-    (Rule::DuplicateToolResults, None)
-}
-
-/// Bytes each rule removed from one message.
-type Removed = Vec<(Rule, usize)>;
-
-/// The content transforms, in order; returns the new message and the bytes each removed.
-fn rewrite_content(rules: &Rules, info: &Info, json: &str, tokens: u32) -> Option<(Box<RawValue>, Removed)> {
-    let config = &rules.config;
-    let text = info.text.as_ref()?;
-    let max_bytes = (config.max_tool_output_tokens as usize * text.len()) / (tokens.max(1) as usize);
-    let truncate = config.truncate_tool_outputs
-        && info.role == Role::Tool
-        && u64::from(tokens) > config.max_tool_output_tokens;
-    let transform = |text: &str, removed: &mut Removed| -> Option<String> {
-        let mut current = std::borrow::Cow::Borrowed(text);
-        let mut step = |rule: Rule, on: bool, f: &dyn Fn(&str) -> Option<String>| {
-            if !on {
+    /// Blobs elided from any message but a user's, and tool outputs over
+    /// `max_tool_output_tokens` cut to their head and tail, oldest first, while over budget.
+    fn cut_large(&mut self, start: usize, end: usize) {
+        let config = &self.rules.config;
+        for i in start..end {
+            if !self.over() {
                 return;
             }
-            if let Some(next) = f(&current) {
-                removed.push((rule, current.len().saturating_sub(next.len())));
-                current = std::borrow::Cow::Owned(next);
+            let info = self.info(i);
+            if !self.whole(i) || matches!(info.role, Role::User | Role::System) || info.text.is_none() {
+                continue;
             }
-        };
-        step(Rule::Ansi, config.ansi, &text::ansi);
-        step(Rule::ElideBlobs, config.elide_blobs, &|t| text::blobs(t, config.min_blob_bytes));
-        step(Rule::Whitespace, config.whitespace, &text::whitespace);
-        step(Rule::TruncateToolOutputs, truncate, &|t| text::head_and_tail(t, max_bytes));
-        match current {
-            std::borrow::Cow::Owned(text) => Some(text),
-            std::borrow::Cow::Borrowed(_) => None,
+            let id = marker::id_of(&self.epoch.conversation.messages[i]);
+            let slot = self.slot(i);
+            let truncate = config.truncate_tool_outputs
+                && info.role == Role::Tool
+                && slot.tokens > config.max_tool_output_tokens;
+            let max_bytes = info.text.as_ref().map_or(0, |t| {
+                (config.max_tool_output_tokens as usize * t.len()) / (slot.tokens.max(1) as usize)
+            });
+            let mut rule = Rule::ElideBlobs;
+            let edited = message::edit_text(slot.message.get(), |text| {
+                let blobs = if config.elide_blobs {
+                    text::blobs(text, config.min_blob_bytes, |n| {
+                        marker::partial(&id, &format!("{n}-byte encoded blob"))
+                    })
+                } else {
+                    None
+                };
+                let current = blobs.as_deref().unwrap_or(text);
+                let cut = if truncate {
+                    text::head_and_tail(current, max_bytes, |bytes, lines| {
+                        marker::partial(
+                            &id,
+                            &format!("{bytes} bytes ({lines} lines) from the middle of this output"),
+                        )
+                    })
+                } else {
+                    None
+                };
+                if cut.is_some() {
+                    rule = Rule::TruncateToolOutputs;
+                }
+                cut.or(blobs)
+            });
+            if let Some(new) = edited {
+                self.replace(i, new, Fate::Cut, rule);
+            }
         }
-    };
-    // Most old messages need nothing: find that out on the text already parsed, before
-    // re-parsing the message to rewrite it.
-    transform(text, &mut Vec::new())?;
-    let mut removed = Vec::new();
-    let new = message::edit_text(json, |text| transform(text, &mut removed))?;
-    Some((new, removed))
-}
-
-/// Splits a message's saved tokens between the rules that changed it, by bytes removed.
-fn attribute(stats: &mut RuleStats, removed: &[(Rule, usize)], tokens: u64) {
-    let bytes: usize = removed.iter().map(|(_, n)| n).sum();
-    if bytes == 0 {
-        return;
     }
-    let mut left = tokens;
-    for (k, (rule, n)) in removed.iter().enumerate() {
-        let share = if k + 1 == removed.len() { left } else { tokens * *n as u64 / bytes as u64 };
-        stats.add(*rule, share.min(left));
-        left -= share.min(left);
-    }
-}
 
-fn saved(before: u32, after: u32) -> u64 {
-    u64::from(before.saturating_sub(after))
+    /// An older read of the same resource (a read-like function, the same arguments) becomes
+    /// a marker pointing at the newer read, while over budget.
+    fn superseded(&mut self, start: usize, end: usize) {
+        let conversation = self.epoch.conversation;
+        let mut last_read: HashMap<(&str, String), usize> = HashMap::new();
+        for (i, info) in conversation.infos.iter().enumerate().skip(start) {
+            let Some(call) = info.tool_call_id.as_deref().and_then(|id| self.calls.get(id)) else { continue };
+            if info.role == Role::Tool && self.rules.reads.is_match(&call.name) {
+                last_read.insert((call.name.as_str(), canonical_arguments(&call.arguments)), i);
+            }
+        }
+        for i in start..end {
+            if !self.over() {
+                return;
+            }
+            let info = self.info(i);
+            if info.role != Role::Tool || !self.whole(i) {
+                continue;
+            }
+            let Some(call) = info.tool_call_id.as_deref().and_then(|id| self.calls.get(id)) else { continue };
+            let Some(&later) = last_read.get(&(call.name.as_str(), canonical_arguments(&call.arguments)))
+            else {
+                continue;
+            };
+            if later > i {
+                let later_id = conversation.infos[later].tool_call_id.as_deref().unwrap_or("");
+                let note = format!(" — superseded by the later {} call {later_id}", call.name);
+                self.elide(i, &note, Fate::Reference(later), Rule::SupersededReads);
+            }
+        }
+    }
+
+    /// Messages of `role` (never the latest user message), largest first and oldest first
+    /// among equals, each replaced by a marker, while over budget.
+    fn mask(&mut self, start: usize, end: usize, role: Role, rule: Rule) {
+        let mut candidates: Vec<usize> = (start..end)
+            .filter(|&i| {
+                let info = self.info(i);
+                info.role == role
+                    && Some(i) != self.latest_user
+                    && self.whole(i)
+                    && info.text.as_ref().is_some_and(|t| t.len() >= 64)
+            })
+            .collect();
+        candidates.sort_by_key(|&i| (std::cmp::Reverse(self.slot(i).tokens), i));
+        for i in candidates {
+            if !self.over() {
+                return;
+            }
+            self.elide(i, "", Fate::Elided, rule);
+        }
+    }
+
+    /// Runs of model steps (assistant messages and their tool results, between user
+    /// messages), oldest first, each replaced by one assistant message with a marker naming
+    /// every original, while over budget.
+    fn drop_steps(&mut self, start: usize, end: usize) {
+        let mut i = start;
+        while i < end && self.over() {
+            if self.info(i).role == Role::User || self.slot(i).fate == Fate::Dropped {
+                i += 1;
+                continue;
+            }
+            let run_end = (i..end).find(|&j| self.info(j).role == Role::User).unwrap_or(end);
+            self.drop_run(i, run_end);
+            i = run_end;
+        }
+    }
+
+    fn drop_run(&mut self, start: usize, end: usize) {
+        let conversation = self.epoch.conversation;
+        let ids: Vec<String> = (start..end).map(|i| marker::id_of(&conversation.messages[i])).collect();
+        let names: Vec<&str> =
+            (start..end).flat_map(|i| &conversation.infos[i].calls).map(|c| c.name.as_str()).collect();
+        let original: u64 = (start..end).map(|i| u64::from(conversation.tokens[i])).sum();
+        let what = match names.is_empty() {
+            true => format!("{} assistant messages", end - start),
+            false => format!("model steps calling {}", names.join(", ")),
+        };
+        let text = marker::whole(&ids, &what, original);
+        let Ok(message) =
+            serde_json::value::to_raw_value(&serde_json::json!({"role": "assistant", "content": text}))
+        else {
+            return;
+        };
+        let tokens = u64::from(self.counter.message(message.get()));
+        let current: u64 = (start..end).map(|i| self.slot(i).tokens).sum();
+        if tokens >= current {
+            return;
+        }
+        self.stats.add(Rule::DropOldest, current - tokens);
+        self.total -= current - tokens;
+        let from = self.epoch.from;
+        self.slots[start - from] = Slot { message, tokens, fate: Fate::Dropped };
+        for slot in &mut self.slots[start - from + 1..end - from] {
+            *slot = Slot { message: RawValue::NULL.to_owned(), tokens: 0, fate: Fate::Dropped };
+        }
+    }
+
+    /// A reference whose target a later pass cut becomes a marker of its own original.
+    fn fix_references(&mut self) {
+        loop {
+            let stale: Vec<usize> = (self.epoch.from..self.epoch.limit)
+                .filter(|&i| match self.slot(i).fate {
+                    Fate::Reference(target) => target < self.epoch.limit && !self.whole(target),
+                    _ => false,
+                })
+                .collect();
+            if stale.is_empty() {
+                return;
+            }
+            for i in stale {
+                // Its own marker is smaller than its content, so this always applies: force it.
+                let info = self.info(i);
+                let original = &self.epoch.conversation.messages[i];
+                let call = info.tool_call_id.as_deref().and_then(|id| self.calls.get(id).copied());
+                let tokens = u64::from(self.epoch.conversation.tokens[i]);
+                let text = marker::whole(&[marker::id_of(original)], &marker::describe(info, call), tokens);
+                if let Some(message) = message::replace_text(original.get(), &text) {
+                    let tokens = u64::from(self.counter.message(message.get()));
+                    let slot = &mut self.slots[i - self.epoch.from];
+                    self.total = self.total + tokens - slot.tokens.min(self.total);
+                    *slot = Slot { message, tokens, fate: Fate::Elided };
+                }
+            }
+        }
+    }
+
+    fn finish(self) -> Compacted {
+        let epoch = self.epoch;
+        // The protected turns join the compacted span up to the last one a lossy pass touched.
+        let touched = (epoch.protect_from..epoch.limit).rev().find(|&i| !self.whole(i));
+        let upto = match touched {
+            Some(i) => {
+                epoch.turn_starts.iter().copied().find(|&s| s > i).unwrap_or(epoch.limit).min(epoch.limit)
+            }
+            None => epoch.protect_from,
+        };
+        let span = &self.slots[..upto - epoch.from];
+        let elided =
+            span.iter().enumerate().filter(|(_, s)| !matches!(s.fate, Fate::Kept | Fate::Normalized));
+        let elided = elided.map(|(k, _)| epoch.from + k).collect();
+        let kept = span.iter().filter(|s| !(s.fate == Fate::Dropped && s.tokens == 0));
+        let messages: Vec<Box<RawValue>> = kept.map(|s| s.message.clone()).collect();
+        let tokens = span.iter().map(|s| s.tokens).sum();
+        Compacted { messages, upto, tokens, stats: self.stats, elided }
+    }
 }
 
 /// Arguments with their keys sorted and spacing removed, so two calls with the same arguments
@@ -309,11 +614,33 @@ fn canonical_arguments(arguments: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    use serde_json::{json, Value};
+
     use super::*;
     use crate::config::Encoding;
 
-    fn raw(s: String) -> Box<RawValue> {
-        RawValue::from_string(s).unwrap()
+    fn raw(value: Value) -> Box<RawValue> {
+        serde_json::value::to_raw_value(&value).unwrap()
+    }
+
+    fn call(id: &str, name: &str, args: &str) -> Value {
+        json!({"role":"assistant","content":null,"tool_calls":[{"id":id,"type":"function","function":{"name":name,"arguments":args}}]})
+    }
+
+    fn result(id: &str, text: &str) -> Value {
+        json!({"role":"tool","tool_call_id":id,"content":text})
+    }
+
+    fn user(text: &str) -> Value {
+        json!({"role":"user","content":text})
+    }
+
+    fn said(text: &str) -> Value {
+        json!({"role":"assistant","content":text})
+    }
+
+    fn content(message: &RawValue) -> String {
+        serde_json::from_str::<Value>(message.get()).unwrap()["content"].as_str().unwrap_or("").to_string()
     }
 
     struct Fixture {
@@ -324,181 +651,271 @@ mod tests {
     }
 
     impl Fixture {
-        fn new(messages: Vec<serde_json::Value>) -> Self {
+        fn new(messages: Vec<Value>) -> Self {
             let counter = TokenCounter::new(Encoding::O200kBase);
-            let messages: Vec<_> = messages.into_iter().map(|m| raw(m.to_string())).collect();
-            let infos = messages.iter().map(|m| Info::parse(m.get())).collect();
-            let tokens = messages.iter().map(|m| counter.message(m.get())).collect();
-            Self { messages, infos, tokens, counter }
+            let mut all = vec![raw(json!({"role":"system","content":"You   are   helpful.\n\n\n\n"}))];
+            all.extend(messages.into_iter().map(raw));
+            let infos = all.iter().map(|m| Info::parse(m.get())).collect();
+            let tokens = all.iter().map(|m| counter.message(m.get())).collect();
+            Self { messages: all, infos, tokens, counter }
         }
 
-        fn run(&self, config: &RulesConfig, range: Range<usize>) -> (Vec<String>, RuleStats) {
+        fn total(&self) -> u64 {
+            self.tokens.iter().map(|&t| u64::from(t)).sum()
+        }
+
+        /// Compacts everything but the last turn, protecting the last `keep` turns before it,
+        /// down to `target` tokens.
+        fn run(&self, config: &RulesConfig, keep: usize, target: u64) -> Compacted {
             let conversation =
                 Conversation { messages: &self.messages, infos: &self.infos, tokens: &self.tokens };
             let starts = conversation.turn_starts(1);
-            let (out, stats) = apply(&Rules::new(config), &conversation, range, &starts, &self.counter);
-            (out.iter().map(|m| m.get().to_string()).collect(), stats)
+            let limit = *starts.last().unwrap();
+            let protect_from = starts[starts.len().saturating_sub(keep + 1)];
+            let outside = self.tokens[..1].iter().chain(&self.tokens[limit..]).map(|&t| u64::from(t)).sum();
+            let epoch = Epoch {
+                conversation: &conversation,
+                turn_starts: &starts,
+                from: 1,
+                protect_from,
+                limit,
+                outside,
+                target,
+            };
+            compact(&Rules::new(config), &epoch, &self.counter)
         }
     }
 
-    fn only(rule: Rule) -> RulesConfig {
+    fn only(set: impl Fn(&mut RulesConfig)) -> RulesConfig {
         let mut config = RulesConfig::none();
-        let switch = match rule {
-            Rule::Whitespace => &mut config.whitespace,
-            Rule::Ansi => &mut config.ansi,
-            Rule::DuplicateToolResults => &mut config.duplicate_tool_results,
-            Rule::SupersededReads => &mut config.superseded_reads,
-            Rule::TruncateToolOutputs => &mut config.truncate_tool_outputs,
-            Rule::ElideBlobs => &mut config.elide_blobs,
-            Rule::MaskOldToolResults => &mut config.mask_old_tool_results,
-            Rule::DropOldest => &mut config.drop_oldest,
-        };
-        *switch = true;
+        set(&mut config);
         config
     }
 
-    fn call(id: &str, name: &str, args: &str) -> serde_json::Value {
-        serde_json::json!({"role":"assistant","content":null,"tool_calls":[{"id":id,"type":"function","function":{"name":name,"arguments":args}}]})
-    }
-
-    fn result(id: &str, text: &str) -> serde_json::Value {
-        serde_json::json!({"role":"tool","tool_call_id":id,"content":text})
-    }
-
-    fn content(json: &str) -> String {
-        serde_json::from_str::<serde_json::Value>(json).unwrap()["content"].as_str().unwrap_or("").to_string()
-    }
-
-    fn sys() -> serde_json::Value {
-        serde_json::json!({"role":"system","content":"You   are   helpful.\n\n\n\n"})
-    }
-
-    fn user(text: &str) -> serde_json::Value {
-        serde_json::json!({"role":"user","content":text})
+    fn lines(tag: &str, n: usize) -> String {
+        (0..n).map(|i| format!("{tag} line {i}: a value worth reading\n")).collect()
     }
 
     #[test]
-    fn whitespace_and_ansi_rewrite_only_old_non_system_text() {
+    fn lossless_passes_rewrite_content_only_and_never_system_messages() {
         let f = Fixture::new(vec![
-            sys(),
             user("please   look\n\n\n\nhere"),
             call("c1", "run", "{}"),
             result("c1", "\u{1b}[32mok\u{1b}[0m   done"),
-            user("latest    message   stays"),
+            user("latest    message"),
         ]);
-        let (out, stats) = f.run(&RulesConfig::default(), 1..5);
-        assert_eq!(content(&out[0]), "please look\n\nhere");
-        assert_eq!(out[1], f.messages[2].get(), "untouched messages keep their bytes");
-        assert_eq!(content(&out[2]), "ok done");
-        assert_eq!(out[3], f.messages[4].get(), "the latest user message is protected");
-        assert!(stats.get(Rule::Whitespace) > 0);
-        assert!(stats.get(Rule::Ansi) > 0);
-        let (unchanged, _) = f.run(&RulesConfig::default(), 0..1);
-        assert_eq!(unchanged[0], f.messages[0].get(), "system messages are never rewritten");
+        let out = f.run(&RulesConfig::default(), 0, u64::MAX);
+        assert_eq!(content(&out.messages[0]), "please look\n\nhere");
+        assert_eq!(out.messages[1].get(), f.messages[2].get(), "untouched messages keep their bytes");
+        assert_eq!(content(&out.messages[2]), "ok done");
+        assert!(out.stats.get(Rule::Whitespace) > 0 && out.stats.get(Rule::Ansi) > 0);
+        assert!(out.elided.is_empty(), "lossless passes leave no marker");
+        let info = Info::parse(f.messages[0].get());
+        assert!(normalize(&Rules::new(&RulesConfig::default()), &info, f.messages[0].get()).is_none());
     }
 
     #[test]
-    fn duplicate_tool_results_point_at_the_first() {
-        let listing = "file_a.txt\nfile_b.txt\nfile_c.txt\nfile_d.txt\nfile_e.txt\nfile_f.txt\n";
+    fn the_newest_copy_of_a_result_is_kept_and_the_older_points_at_it() {
+        // The reported case: one page fetched twice in a row.
+        let page = lines("page", 20);
         let f = Fixture::new(vec![
-            sys(),
-            user("list"),
-            call("c1", "run_ls", "{}"),
-            result("c1", listing),
-            call("c2", "run_ls", "{}"),
-            result("c2", listing),
+            user("read the page twice"),
+            call("c1", "fetch_page", r#"{"url":"https://a.test"}"#),
+            result("c1", &page),
+            call("c2", "fetch_page", r#"{"url":"https://a.test"}"#),
+            result("c2", &page),
             user("next"),
         ]);
-        let (out, stats) = f.run(&only(Rule::DuplicateToolResults), 1..7);
-        assert_eq!(content(&out[2]), listing);
-        assert_eq!(content(&out[4]), "[ctxgate: same output as tool call c1]");
-        assert!(stats.get(Rule::DuplicateToolResults) > 0);
-        // The reference still answers its own call.
-        assert!(out[4].contains(r#""tool_call_id":"c2""#));
+        // Lossless passes only (a budget already met): the reference is one of them.
+        let out = f.run(&RulesConfig::default(), 0, u64::MAX);
+        let older = content(&out.messages[2]);
+        assert!(older.starts_with(marker::PREFIX) && older.contains("same output as call c2"), "{older}");
+        assert_eq!(marker::ids_in(&older), [marker::id_of(&f.messages[3])]);
+        assert_eq!(content(&out.messages[4]), page, "the newest copy stays whole");
     }
 
     #[test]
-    fn older_reads_of_the_same_resource_are_superseded() {
-        let body = "line of the file that is long enough to matter for the rule\n".repeat(3);
+    fn a_reference_whose_copy_is_cut_becomes_a_marker_of_its_own() {
+        // The newest copy is itself over budget and gets masked: nothing may point at it.
+        let page = lines("page", 400);
         let f = Fixture::new(vec![
-            sys(),
-            user("read it"),
-            call("c1", "cat", r#"{"file_name":"a.txt"}"#),
-            result("c1", &format!("v1 {body}")),
-            call("c2", "cat", r#"{ "file_name": "b.txt" }"#),
-            result("c2", &format!("other {body}")),
-            call("c3", "cat", r#"{ "file_name" : "a.txt" }"#),
-            result("c3", &format!("v2 {body}")),
+            user("go"),
+            call("c1", "fetch_page", r#"{"u":1}"#),
+            result("c1", &page),
+            call("c2", "fetch_page", r#"{"u":1}"#),
+            result("c2", &page),
             user("next"),
         ]);
-        let (out, stats) = f.run(&only(Rule::SupersededReads), 1..7);
-        assert_eq!(content(&out[2]), "[ctxgate: superseded by a later cat call (c3)]");
-        assert!(content(&out[4]).starts_with("other"), "another file is not superseded");
-        assert!(stats.get(Rule::SupersededReads) > 0);
-        // Writes are not reads: the same call to a non-read function is kept.
-        let f = Fixture::new(vec![
-            sys(),
-            call("c1", "write_file", r#"{"f":"a"}"#),
-            result("c1", &body),
-            call("c2", "write_file", r#"{"f":"a"}"#),
-            result("c2", &format!("x{body}")),
-        ]);
-        let (out, _) = f.run(&only(Rule::SupersededReads), 1..5);
-        assert_eq!(content(&out[1]), body);
+        let config = only(|c| {
+            c.duplicate_tool_results = true;
+            c.mask_old_tool_results = true;
+        });
+        let out = f.run(&config, 0, 300);
+        for (k, i) in [(2, 3), (4, 5)] {
+            let text = content(&out.messages[k]);
+            assert!(text.starts_with(marker::PREFIX), "{text}");
+            assert!(!text.contains("same output as"), "a reference to a cut copy: {text}");
+            assert_eq!(marker::ids_in(&text), [marker::id_of(&f.messages[i])]);
+        }
     }
 
     #[test]
-    fn oversized_tool_outputs_keep_head_and_tail() {
+    fn masking_stops_at_the_budget_and_takes_the_largest_first() {
+        let f = Fixture::new(vec![
+            user("go"),
+            call("c1", "search", r#"{"q":1}"#),
+            result("c1", &lines("small", 10)),
+            call("c2", "search", r#"{"q":2}"#),
+            result("c2", &lines("big", 200)),
+            call("c3", "search", r#"{"q":3}"#),
+            result("c3", &lines("medium", 40)),
+            user("next"),
+        ]);
+        let config = only(|c| c.mask_old_tool_results = true);
+        let big = u64::from(f.tokens[5]);
+        // Enough to drop only the big one.
+        let out = f.run(&config, 0, f.total() - big + 100);
+        assert!(content(&out.messages[4]).starts_with(marker::PREFIX), "the largest goes first");
+        assert_eq!(out.messages[2].get(), f.messages[3].get(), "under budget: the rest is whole");
+        assert_eq!(out.messages[6].get(), f.messages[7].get());
+        assert_eq!(out.elided, [5]);
+        assert!(out.stats.get(Rule::MaskOldToolResults) > 0);
+    }
+
+    #[test]
+    fn user_messages_go_last_and_leave_markers() {
+        let fact = "Remember: the launch code is 7-4-1-9, and the meeting moved to Thursday at 10. \
+            Bring the signed forms, the blue folder with the budget figures for the third quarter, and \
+            the list of everyone who confirmed; Maria will host, and the room is 4.12 on the fourth floor.";
+        let f = Fixture::new(vec![
+            user(fact),
+            said(&lines("long assistant explanation", 30)),
+            call("c1", "search", "{}"),
+            result("c1", &lines("result", 60)),
+            user("what was the launch code? answer in full, please, with every digit."),
+            said("ok"),
+            user("latest"),
+        ]);
+        let config = RulesConfig::default();
+        // A budget the assistant prose and the tool output can meet: the user's fact stays.
+        let out = f.run(&config, 0, f.total() / 3);
+        assert!(out.messages.iter().any(|m| content(m) == fact), "the user fact was cut first");
+        // A budget nothing but the user messages can meet: they become markers, oldest first.
+        let out = f.run(&config, 0, 0);
+        let first = content(&out.messages[0]);
+        assert!(
+            first.starts_with(marker::PREFIX) && first.contains("user message \"Remember: the launch code")
+        );
+        assert!(out.stats.get(Rule::ElideUserMessages) > 0);
+        assert!(out.elided.contains(&1));
+    }
+
+    #[test]
+    fn protected_turns_yield_to_the_budget_oldest_first_but_never_the_last_turn() {
+        let f = Fixture::new(vec![
+            user("go"),
+            call("c1", "logs", "{}"),
+            result("c1", &lines("old log", 20)),
+            user("more"),
+            call("c2", "logs", "{}"),
+            result("c2", &lines("recent log", 300)),
+            call("c3", "logs", "{}"),
+            result("c3", &lines("newest log", 300)),
+        ]);
+        let config = only(|c| c.mask_old_tool_results = true);
+        // Protect the two turns before the last: the old span alone cannot reach this budget.
+        let out = f.run(&config, 2, f.total() - u64::from(f.tokens[6]) / 2);
+        assert_eq!(out.upto, 7, "the protected turns up to the last were compacted");
+        assert!(content(&out.messages[5]).starts_with(marker::PREFIX), "the protected result went");
+        assert_eq!(out.elided, [3, 6], "the older span first, then the protected turns");
+        // Never the last turn, whatever the budget.
+        let out = f.run(&config, 2, 0);
+        assert_eq!(out.upto, 7);
+        assert_eq!(out.messages.len(), 6);
+    }
+
+    #[test]
+    fn oversized_outputs_keep_head_and_tail_with_a_marker_naming_the_original() {
         let big: String = (0..3000).map(|i| format!("row {i}: value\n")).collect();
-        let f = Fixture::new(vec![sys(), call("c1", "query", "{}"), result("c1", &big), user("next")]);
-        let config = RulesConfig { max_tool_output_tokens: 500, ..only(Rule::TruncateToolOutputs) };
-        let (out, stats) = f.run(&config, 1..4);
-        let text = content(&out[1]);
+        let f = Fixture::new(vec![user("go"), call("c1", "query", "{}"), result("c1", &big), user("next")]);
+        let config = RulesConfig { max_tool_output_tokens: 500, ..only(|c| c.truncate_tool_outputs = true) };
+        let out = f.run(&config, 0, 0);
+        let text = content(&out.messages[2]);
         assert!(text.starts_with("row 0: value\n") && text.ends_with("row 2999: value\n"));
-        assert!(text.contains("[ctxgate: omitted "));
-        let after = f.counter.text(&text) as u64;
-        assert!(after <= 560, "{after} tokens");
-        assert!(stats.get(Rule::TruncateToolOutputs) > 10_000);
+        assert_eq!(marker::ids_in(&text), [marker::id_of(&f.messages[3])]);
+        assert!(f.counter.text(&text) <= 600, "{}", f.counter.text(&text));
+        assert!(out.stats.get(Rule::TruncateToolOutputs) > 10_000);
     }
 
     #[test]
-    fn blobs_are_elided_in_any_message() {
+    fn blobs_are_elided_but_not_from_user_messages() {
         let blob = "QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVo0NTY3ODkw".repeat(10);
-        let f = Fixture::new(vec![sys(), user(&format!("see {blob}")), user("next")]);
-        let (out, stats) = f.run(&only(Rule::ElideBlobs), 1..3);
-        assert!(content(&out[0]).starts_with("see [ctxgate: elided a 440-byte encoded blob]"));
-        assert!(stats.get(Rule::ElideBlobs) > 50);
+        let f = Fixture::new(vec![
+            user(&format!("my key: {blob}")),
+            call("c1", "screenshot", "{}"),
+            result("c1", &format!("png {blob}")),
+            user("next"),
+        ]);
+        let out = f.run(&only(|c| c.elide_blobs = true), 0, 0);
+        assert!(content(&out.messages[0]).contains(&blob), "a user's text is a fact");
+        let text = content(&out.messages[2]);
+        assert!(text.starts_with("png [ctxgate:elided id=") && !text.contains(&blob));
     }
 
     #[test]
-    fn old_tool_results_are_masked_by_age() {
-        let mut messages = vec![sys()];
+    fn dropped_steps_become_one_marker_naming_every_original() {
+        let f = Fixture::new(vec![
+            user("go"),
+            call("c1", "a", "{}"),
+            result("c1", &lines("a", 30)),
+            call("c2", "b", "{}"),
+            result("c2", &lines("b", 30)),
+            user("next"),
+        ]);
+        let out = f.run(&only(|c| c.drop_oldest = true), 0, 0);
+        assert_eq!(out.messages.len(), 2, "user + one marker message");
+        let text = content(&out.messages[1]);
+        let ids: Vec<String> = (2..6).map(|i| marker::id_of(&f.messages[i])).collect();
+        assert_eq!(marker::ids_in(&text), ids.iter().map(String::as_str).collect::<Vec<_>>());
+        assert!(text.contains("model steps calling a, b"), "{text}");
+    }
+
+    #[test]
+    fn masking_by_age_is_a_switch() {
+        let mut messages = vec![user("go")];
         for n in 0..6 {
             messages.push(call(&format!("c{n}"), "search", &format!(r#"{{"q":{n}}}"#)));
-            messages.push(result(
-                &format!("c{n}"),
-                &format!("{n} result: {}", "a line of tool output that is worth masking\n".repeat(5)),
-            ));
+            messages.push(result(&format!("c{n}"), &lines(&n.to_string(), 5)));
         }
+        messages.push(user("next"));
         let f = Fixture::new(messages);
-        let config = RulesConfig { mask_after_turns: 3, ..only(Rule::MaskOldToolResults) };
-        let (out, stats) = f.run(&config, 1..13);
-        // Six steps: the first two are more than three turns old.
-        let masked: Vec<bool> = out
-            .iter()
-            .skip(1)
-            .step_by(2)
-            .map(|m| content(m).starts_with("[ctxgate: result of search"))
-            .collect();
-        assert_eq!(masked, [true, true, false, false, false, false]);
-        assert!(stats.get(Rule::MaskOldToolResults) > 0);
+        let config = only(|c| {
+            c.mask_old_tool_results = true;
+            c.mask_by_age = true;
+            c.mask_after_turns = 3;
+        });
+        // A budget already met: only the age switch masks anything.
+        let out = f.run(&config, 0, u64::MAX);
+        let masked: Vec<bool> =
+            (0..6).map(|n| content(&out.messages[2 + 2 * n]).starts_with(marker::PREFIX)).collect();
+        assert_eq!(masked, [true, true, true, false, false, false]);
+        let out = f.run(&only(|c| c.mask_old_tool_results = true), 0, u64::MAX);
+        assert!(out.elided.is_empty(), "without the switch masking is a budget choice");
     }
 
     #[test]
     fn every_switch_off_changes_nothing() {
-        let f = Fixture::new(vec![sys(), user("a    b\n\n\n\n\u{1b}[1mc"), user("x")]);
-        let (out, stats) = f.run(&RulesConfig::none(), 0..3);
-        assert_eq!(out, f.messages.iter().map(|m| m.get().to_string()).collect::<Vec<_>>());
-        assert_eq!(stats.total(), 0);
+        let f = Fixture::new(vec![
+            user("a    b\n\n\n\n\u{1b}[1mc"),
+            call("c1", "x", "{}"),
+            result("c1", &lines("x", 100)),
+            user("x"),
+        ]);
+        let out = f.run(&RulesConfig::none(), 0, 0);
+        assert_eq!(
+            out.messages.iter().map(|m| m.get()).collect::<Vec<_>>(),
+            f.messages[1..4].iter().map(|m| m.get()).collect::<Vec<_>>()
+        );
+        assert_eq!(out.stats.total(), 0);
     }
 }

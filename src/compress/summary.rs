@@ -57,12 +57,22 @@ pub(crate) fn request_body(
 
 /// The sheet message from the model's answer: every heading present, in order, and a first
 /// line saying what it replaces.
-pub(crate) fn sheet_message(answer: &str, role: &str, epoch: u32, replaced: usize) -> Option<Box<RawValue>> {
+pub(crate) fn sheet_message(
+    answer: &str,
+    role: &str,
+    epoch: u32,
+    range: &str,
+    replaced: usize,
+) -> Option<Box<RawValue>> {
     let answer = answer.trim();
     if answer.is_empty() || repetitive(answer) {
         return None;
     }
-    let mut content = format!("[ctxgate state sheet, epoch {epoch}: replaces {replaced} earlier messages]\n");
+    // The replaced originals stay recoverable: the header names their index as a marker does.
+    let mut content = format!(
+        "[ctxgate state sheet, epoch {epoch}: replaces {replaced} earlier messages] {}\n",
+        super::marker::naming(&[range.to_string()], "an index of the messages this sheet replaces")
+    );
     content.push_str(answer);
     for heading in HEADINGS {
         if !answer.contains(&format!("## {heading}")) {
@@ -93,17 +103,26 @@ mod tests {
     #[test]
     fn the_sheet_always_has_every_heading_in_order() {
         let answer = "## Active Task\nfix the build\n## Goal\nship v2\n## Key Decisions\nuse redb";
-        let message = sheet_message(answer, "system", 2, 30).unwrap();
+        let message = sheet_message(answer, "system", 2, "0123456789", 30).unwrap();
         let value: serde_json::Value = serde_json::from_str(message.get()).unwrap();
         let content = value["content"].as_str().unwrap();
         assert!(content
-            .starts_with("[ctxgate state sheet, epoch 2: replaces 30 earlier messages]\n## Active Task"));
+            .starts_with("[ctxgate state sheet, epoch 2: replaces 30 earlier messages] [ctxgate:elided id="));
+        assert_eq!(
+            super::super::marker::ids_in(content),
+            ["0123456789"],
+            "the replaced originals' index is named"
+        );
+        assert!(content.contains("]\n## Active Task"));
         let positions: Vec<usize> =
             HEADINGS.iter().map(|h| content.find(&format!("## {h}")).unwrap()).collect();
         assert!(positions.iter().all(|p| *p > 0));
         assert!(content.contains("use redb"));
-        assert!(sheet_message("  ", "system", 1, 1).is_none());
+        assert!(sheet_message("  ", "system", 1, "0123456789", 1).is_none());
         let looping = "## Active Task\nx\n".to_string() + &"## Constraints\n".repeat(40);
-        assert!(sheet_message(&looping, "system", 1, 1).is_none(), "a repetition loop is no sheet");
+        assert!(
+            sheet_message(&looping, "system", 1, "0123456789", 1).is_none(),
+            "a repetition loop is no sheet"
+        );
     }
 }

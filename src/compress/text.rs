@@ -46,6 +46,19 @@ pub(super) fn whitespace(text: &str) -> Option<String> {
     (out != text).then_some(out)
 }
 
+/// Whether [`whitespace`] may change `text`: a cheap scan that skips the rewrite of the many
+/// texts it would leave alone.
+pub(super) fn may_need_whitespace(text: &str) -> bool {
+    let bytes = text.as_bytes();
+    let finder = |needle: &[u8]| memchr::memmem::find(bytes, needle).is_some();
+    finder(b"  ")
+        || finder(b"\t")
+        || finder(b" \n")
+        || finder(b"\n\n\n")
+        || finder(b"\r")
+        || bytes.last() == Some(&b' ')
+}
+
 /// ANSI escape sequences: CSI (`ESC [ … final`), OSC (`ESC ] … BEL|ESC \`) and two-byte escapes.
 pub(super) fn ansi(text: &str) -> Option<String> {
     if !text.contains('\u{1b}') {
@@ -87,8 +100,8 @@ pub(super) fn ansi(text: &str) -> Option<String> {
     Some(out)
 }
 
-/// Runs of base64 (or hex) of at least `min` bytes, replaced by a marker with their size.
-pub(super) fn blobs(text: &str, min: usize) -> Option<String> {
+/// Runs of base64 (or hex) of at least `min` bytes, each replaced by `marker(its length)`.
+pub(super) fn blobs(text: &str, min: usize, marker: impl Fn(usize) -> String) -> Option<String> {
     let bytes = text.as_bytes();
     let is_blob_byte = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'=' | b'-' | b'_');
     let mut out: Option<String> = None;
@@ -113,7 +126,7 @@ pub(super) fn blobs(text: &str, min: usize) -> Option<String> {
         if run.len() >= min && looks_encoded {
             let out = out.get_or_insert_with(|| String::with_capacity(text.len() / 2));
             out.push_str(&text[copied..start]);
-            out.push_str(&format!("[ctxgate: elided a {}-byte encoded blob]", run.len()));
+            out.push_str(&marker(run.len()));
             copied = i;
         }
     }
@@ -124,8 +137,13 @@ pub(super) fn blobs(text: &str, min: usize) -> Option<String> {
 }
 
 /// Keeps the head (about two thirds of `max_bytes`) and tail of a long text, on line
-/// boundaries where there are lines, with a marker saying what was omitted.
-pub(super) fn head_and_tail(text: &str, max_bytes: usize) -> Option<String> {
+/// boundaries where there are lines, with `marker(bytes, lines)` on its own line for what was
+/// omitted.
+pub(super) fn head_and_tail(
+    text: &str,
+    max_bytes: usize,
+    marker: impl Fn(usize, usize) -> String,
+) -> Option<String> {
     if text.len() <= max_bytes {
         return None;
     }
@@ -143,7 +161,8 @@ pub(super) fn head_and_tail(text: &str, max_bytes: usize) -> Option<String> {
     let lines = omitted.matches('\n').count();
     let mut out = String::with_capacity(max_bytes + 96);
     out.push_str(&text[..head_end]);
-    out.push_str(&format!("[ctxgate: omitted {} bytes ({lines} lines) of tool output]\n", omitted.len()));
+    out.push_str(&marker(omitted.len(), lines));
+    out.push('\n');
     out.push_str(&text[tail_start..]);
     Some(out)
 }
@@ -186,29 +205,31 @@ mod tests {
             "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kgAAAABJRU5ErkJggg"
                 .repeat(4);
         let text = format!("image: data:image/png;base64,{blob} end");
-        let out = blobs(&text, 256).unwrap();
+        let mark = |n: usize| format!("[ctxgate: elided a {n}-byte encoded blob]");
+        let out = blobs(&text, 256, mark).unwrap();
         assert_eq!(
             out,
             format!("image: data:image/png;base64,[ctxgate: elided a {}-byte encoded blob] end", blob.len())
         );
         let hex = "deadbeef0123456789".repeat(20);
-        assert!(blobs(&hex, 256).is_some());
+        assert!(blobs(&hex, 256, mark).is_some());
         let identifier = "a_very_long_identifier_".repeat(20);
-        assert_eq!(blobs(&identifier, 256), None);
+        assert_eq!(blobs(&identifier, 256, mark), None);
     }
 
     #[test]
     fn head_and_tail_keep_both_ends_and_say_what_was_cut() {
         let text: String = (0..1000).map(|i| format!("line {i}\n")).collect();
-        let out = head_and_tail(&text, 600).unwrap();
+        let mark = |bytes: usize, lines: usize| format!("[ctxgate: omitted {bytes} bytes ({lines} lines)]");
+        let out = head_and_tail(&text, 600, mark).unwrap();
         assert!(out.starts_with("line 0\n"));
         assert!(out.ends_with("line 999\n"));
         assert!(out.len() < 800, "{}", out.len());
         let marker = out.lines().find(|l| l.starts_with("[ctxgate: omitted")).unwrap();
         let omitted: usize = marker.split(' ').nth(2).unwrap().parse().unwrap();
         assert_eq!(out.len() - marker.len() - 1 + omitted, text.len());
-        assert_eq!(head_and_tail("short", 600), None);
+        assert_eq!(head_and_tail("short", 600, mark), None);
         let wide = "é".repeat(1000);
-        assert!(head_and_tail(&wide, 301).is_some());
+        assert!(head_and_tail(&wide, 301, mark).is_some());
     }
 }

@@ -52,6 +52,15 @@ pub struct CompressionConfig {
     /// Encoding for models tiktoken does not know (local and non-OpenAI models).
     pub default_encoding: Encoding,
     pub summarizer: SummarizerConfig,
+    /// Offer the `ctxgate_expand` tool to requests whose messages carry markers, and answer it
+    /// in the gateway's tool loop.
+    pub expand: bool,
+    /// The longest answer `ctxgate_expand` gives, in bytes (past it: ask with a query).
+    pub expand_max_bytes: usize,
+    /// How long a provider keeps a prompt cached. A session whose previous request is older
+    /// compacts from the pre-compaction mark: its cache is cold anyway. `0s` turns this off.
+    #[serde(with = "humantime_serde")]
+    pub cache_lifetime: Duration,
 }
 
 impl CompressionConfig {
@@ -95,6 +104,9 @@ impl CompressionConfig {
             issues.push("compression.summarizer.role", "must be `system` or `user`");
         }
         issues.positive("compression.summarizer.timeout", self.summarizer.timeout);
+        if self.expand_max_bytes < 256 {
+            issues.push("compression.expand_max_bytes", "must be at least 256");
+        }
     }
 }
 
@@ -105,6 +117,9 @@ impl Default for CompressionConfig {
             models: Vec::new(),
             default_encoding: Encoding::O200kBase,
             summarizer: SummarizerConfig::default(),
+            expand: true,
+            expand_max_bytes: 32 * 1024,
+            cache_lifetime: Duration::from_secs(300),
         }
     }
 }
@@ -209,11 +224,19 @@ pub struct RulesConfig {
     /// Runs of base64 or hex longer than `min_blob_bytes` are elided.
     pub elide_blobs: bool,
     pub min_blob_bytes: usize,
-    /// Tool results more than `mask_after_turns` turns old are replaced by a short marker.
+    /// Tool results are replaced by a marker when the budget needs it, largest first.
     pub mask_old_tool_results: bool,
+    /// Also mask every tool result more than `mask_after_turns` turns old at each epoch,
+    /// whatever the budget (off by default: masking is a budget choice).
+    pub mask_by_age: bool,
     pub mask_after_turns: usize,
-    /// Past the context window after every other rule, the oldest compacted turns are dropped.
+    /// Old assistant prose is replaced by a marker when the budget needs it.
+    pub mask_assistant_messages: bool,
+    /// Whole old model steps (an assistant message and its tool results) become one marker
+    /// message when the budget needs it.
     pub drop_oldest: bool,
+    /// Last resort: old user messages become markers, oldest first.
+    pub elide_user_messages: bool,
 }
 
 impl Default for RulesConfig {
@@ -231,8 +254,11 @@ impl Default for RulesConfig {
             elide_blobs: true,
             min_blob_bytes: 256,
             mask_old_tool_results: true,
+            mask_by_age: false,
             mask_after_turns: 10,
+            mask_assistant_messages: true,
             drop_oldest: true,
+            elide_user_messages: true,
         }
     }
 }
@@ -248,7 +274,9 @@ impl RulesConfig {
             truncate_tool_outputs: false,
             elide_blobs: false,
             mask_old_tool_results: false,
+            mask_assistant_messages: false,
             drop_oldest: false,
+            elide_user_messages: false,
             ..Self::default()
         }
     }

@@ -258,12 +258,14 @@ impl ChatRequest {
 
     /// The request rebuilt around `messages` for a compacted request: every other top-level
     /// field keeps its bytes and its place, `tools` is serialised canonically (a client that
-    /// rebuilds its tool list each turn still sends the same prefix bytes), and
-    /// `prompt_cache_key` is set to `cache_key` when given and the client set none.
+    /// rebuilds its tool list each turn still sends the same prefix bytes) with `extra_tool`
+    /// after the client's own, and `prompt_cache_key` is set to `cache_key` when given and the
+    /// client set none.
     pub fn rebuild(
         &self,
         messages: Vec<Box<RawValue>>,
         cache_key: Option<&str>,
+        extra_tool: Option<&RawValue>,
     ) -> Result<Self, GatewayError> {
         let internal = |e: serde_json::Error| GatewayError::Internal(e.into());
         let mut fields: IndexMap<String, &RawValue> = serde_json::from_slice(&self.body).map_err(internal)?;
@@ -271,7 +273,17 @@ impl ChatRequest {
         if let Some(key) = &key {
             fields.entry("prompt_cache_key".to_string()).or_insert(key);
         }
-        let canonical_tools = fields.get("tools").and_then(|t| canonical(t.get()));
+        let mut canonical_tools = fields.get("tools").and_then(|t| canonical(t.get()));
+        if let Some(extra) = extra_tool {
+            let mut tools: Vec<Box<RawValue>> = match canonical_tools.as_deref().filter(|t| t.get() != "null")
+            {
+                Some(tools) => serde_json::from_str(tools.get()).map_err(internal)?,
+                None => Vec::new(),
+            };
+            tools.push(extra.to_owned());
+            canonical_tools = Some(RawValue::from_string(json_array(&tools)).map_err(internal)?);
+            fields.entry("tools".to_string()).or_insert(RawValue::NULL);
+        }
         // Written by hand, as serde_json would (compact), to know where the arrays land.
         let mut body = Vec::with_capacity(self.body.len());
         let (mut messages_span, mut tools_span) = (0..0, None);
@@ -523,7 +535,7 @@ mod tests {
         let messages = [RawValue::from_string(r#"{"role":"user","content":"b"}"#.into()).unwrap()];
         let out = ChatRequest::parse(Bytes::from_static(body))
             .unwrap()
-            .rebuild(messages.to_vec(), Some("k1"))
+            .rebuild(messages.to_vec(), Some("k1"), None)
             .unwrap();
         let out = out.body();
         assert_eq!(
@@ -533,7 +545,7 @@ mod tests {
         let own = br#"{"model":"m","messages":[{"role":"user"}],"prompt_cache_key":"mine"}"#;
         let out = ChatRequest::parse(Bytes::from_static(own))
             .unwrap()
-            .rebuild(messages.to_vec(), Some("k1"))
+            .rebuild(messages.to_vec(), Some("k1"), None)
             .unwrap();
         let out = out.body();
         assert!(std::str::from_utf8(out).unwrap().ends_with(r#""prompt_cache_key":"mine"}"#));

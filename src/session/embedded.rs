@@ -109,6 +109,23 @@ impl SessionStore for EmbeddedStore {
         }))
     }
 
+    /// One write transaction.
+    fn put_blobs<'a>(&'a self, items: &'a [(String, Bytes)]) -> BoxFuture<'a, Result<(), StoreError>> {
+        let items = items.to_vec();
+        Box::pin(self.blocking(move |db| {
+            let now = now_ms().to_be_bytes();
+            let txn = db.begin_write().map_err(unavailable)?;
+            {
+                let mut table = txn.open_table(BLOBS).map_err(unavailable)?;
+                for (key, value) in &items {
+                    let record = [now.as_slice(), value.as_ref()].concat();
+                    table.insert(key.as_str(), record.as_slice()).map_err(unavailable)?;
+                }
+            }
+            txn.commit().map_err(unavailable)
+        }))
+    }
+
     fn load<'a>(&'a self, key: &'a SessionKey) -> BoxFuture<'a, Result<Option<Stored>, StoreError>> {
         let k = key.storage_key();
         let ttl = self.ttl;

@@ -53,6 +53,9 @@ pub enum BlobKind {
     CompressionState,
     /// A state sheet written in the background, waiting for the epoch that places it.
     Sheet,
+    /// An original a marker names, kept for `ctxgate_expand` (stateless callers; a session's
+    /// transcript holds its own).
+    Original,
 }
 
 impl BlobKind {
@@ -60,6 +63,7 @@ impl BlobKind {
         match self {
             Self::CompressionState => "cmp:",
             Self::Sheet => "sum:",
+            Self::Original => "orig:",
         }
     }
 }
@@ -104,6 +108,13 @@ impl Sessions {
 
     pub async fn put_blob(&self, kind: BlobKind, key: &str, value: Bytes) -> Result<(), StoreError> {
         self.timed("put_blob", self.store.put_blob(&format!("{}{key}", kind.prefix()), value)).await
+    }
+
+    /// Writes several values of one kind at once (one transaction or pipeline).
+    pub async fn put_blobs(&self, kind: BlobKind, items: Vec<(String, Bytes)>) -> Result<(), StoreError> {
+        let items: Vec<(String, Bytes)> =
+            items.into_iter().map(|(k, v)| (format!("{}{k}", kind.prefix()), v)).collect();
+        self.timed("put_blob", self.store.put_blobs(&items)).await
     }
 
     pub async fn load(&self, key: &SessionKey) -> Result<Option<Stored>, StoreError> {

@@ -108,6 +108,24 @@ impl SessionStore for RedisStore {
         })
     }
 
+    /// One pipeline. Callers keep a batch in one hash tag (one Cluster slot).
+    fn put_blobs<'a>(&'a self, items: &'a [(String, Bytes)]) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            let mut conn = self.conn.clone();
+            let ttl_ms = self.ttl.as_millis() as u64;
+            let mut pipe = redis::pipe();
+            for (key, value) in items {
+                pipe.cmd("SET")
+                    .arg(format!("{}blob:{key}", self.prefix))
+                    .arg(value.as_ref())
+                    .arg("PX")
+                    .arg(ttl_ms)
+                    .ignore();
+            }
+            self.bounded(pipe.query_async::<()>(&mut conn)).await
+        })
+    }
+
     fn load<'a>(&'a self, key: &'a SessionKey) -> BoxFuture<'a, Result<Option<Stored>, StoreError>> {
         Box::pin(async move {
             let mut conn = self.conn.clone();

@@ -115,6 +115,16 @@ pub trait SessionStore: Send + Sync + fmt::Debug {
     /// Writes `value` under `key`, replacing any previous value, in one atomic write.
     fn put_blob<'a>(&'a self, key: &'a str, value: Bytes) -> BoxFuture<'a, Result<(), StoreError>>;
 
+    /// Writes several blobs; a store that can batches them (one transaction, one pipeline).
+    fn put_blobs<'a>(&'a self, items: &'a [(String, Bytes)]) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            for (key, value) in items {
+                self.put_blob(key, value.clone()).await?;
+            }
+            Ok(())
+        })
+    }
+
     /// Reachability, for `/readyz`.
     fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>>;
 }
