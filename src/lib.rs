@@ -111,7 +111,7 @@ impl AppState {
         let metrics = Arc::new(Metrics::new());
         let upstreams = Upstreams::from_config(&config, env, metrics.clone())?;
         let sessions = Arc::new(Sessions::open(&config.sessions, metrics.clone()).await?);
-        let compressor = compress::Compressor::new(&config);
+        let compressor = compress::Compressor::new(&config)?;
         let tools = tools::Registry::from_config(&config, env, metrics.clone())?;
         let auth = Arc::new(auth::Auth::open(&config, metrics.clone()).await?);
         let model_labels = ModelLabels::new(&config);

@@ -1,5 +1,9 @@
-//! Token counting with tiktoken's vocabularies, cached per message so a long session is not
-//! re-tokenised on every turn: a turn pays only for the messages it adds.
+//! Token counting, cached per message so a long session is not re-tokenised on every turn: a
+//! turn pays only for the messages it adds. Two kinds of vocabulary: tiktoken's (OpenAI's
+//! models) and a model's own Hugging Face `tokenizer.json` (through the `tokenizers` crate),
+//! for a local model whose count of the same text is 10-20% higher than tiktoken's.
+
+use std::path::Path;
 
 use tiktoken_rs::CoreBPE;
 
@@ -13,26 +17,45 @@ const GENERATION: usize = 200_000;
 
 /// A vocabulary and the per-message count cache.
 pub struct TokenCounter {
-    encoding: Encoding,
+    vocabulary: Vocabulary,
     cache: Memo<u32>,
+}
+
+enum Vocabulary {
+    Tiktoken(Encoding),
+    Model(Box<tokenizers::Tokenizer>),
 }
 
 impl std::fmt::Debug for TokenCounter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TokenCounter").field("encoding", &self.encoding).finish_non_exhaustive()
+        let vocabulary = match &self.vocabulary {
+            Vocabulary::Tiktoken(encoding) => format!("{encoding:?}"),
+            Vocabulary::Model(_) => "tokenizer.json".into(),
+        };
+        f.debug_struct("TokenCounter").field("vocabulary", &vocabulary).finish_non_exhaustive()
     }
 }
 
 impl TokenCounter {
     /// The counter for `encoding`; `Auto` is resolved by the caller with [`Self::encoding_for`].
     pub fn new(encoding: Encoding) -> Self {
-        Self { encoding, cache: Memo::new(GENERATION, usize::MAX) }
+        Self { vocabulary: Vocabulary::Tiktoken(encoding), cache: Memo::new(GENERATION, usize::MAX) }
+    }
+
+    /// A counter with a model's own tokenizer (a Hugging Face `tokenizer.json`).
+    pub fn from_tokenizer_file(path: &Path) -> Result<Self, String> {
+        let tokenizer = tokenizers::Tokenizer::from_file(path)
+            .map_err(|e| format!("cannot load {}: {e}", path.display()))?;
+        Ok(Self {
+            vocabulary: Vocabulary::Model(Box::new(tokenizer)),
+            cache: Memo::new(GENERATION, usize::MAX),
+        })
     }
 
     /// The tokenizer, built on first use: its tables take tens of MB, which a gateway with
     /// compression off and no token limits never needs.
-    fn bpe(&self) -> &'static CoreBPE {
-        match self.encoding {
+    fn bpe(encoding: Encoding) -> &'static CoreBPE {
+        match encoding {
             Encoding::Cl100kBase => tiktoken_rs::cl100k_base_singleton(),
             Encoding::O200kBase | Encoding::Auto => tiktoken_rs::o200k_base_singleton(),
         }
@@ -50,7 +73,13 @@ impl TokenCounter {
 
     /// Tokens of a text.
     pub fn text(&self, text: &str) -> u32 {
-        self.bpe().encode_ordinary(text).len() as u32
+        match &self.vocabulary {
+            Vocabulary::Tiktoken(encoding) => Self::bpe(*encoding).encode_ordinary(text).len() as u32,
+            // A text the tokenizer refuses is counted at a byte per token: never under.
+            Vocabulary::Model(tokenizer) => {
+                tokenizer.encode_fast(text, false).map_or(text.len(), |e| e.len()) as u32
+            }
+        }
     }
 
     /// Tokens of one message (its JSON as sent), cached by its bytes.
@@ -89,4 +118,17 @@ mod tests {
         assert_eq!(counter.cache.len(), 2);
         assert_eq!(counter.message(user), PER_MESSAGE + 2);
     }
+
+    #[test]
+    fn a_models_own_tokenizer_counts_its_way() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokenizer.json");
+        std::fs::write(&path, CHARACTERS).unwrap();
+        let counter = TokenCounter::from_tokenizer_file(&path).unwrap();
+        assert_eq!(counter.text("hello world"), 11, "one token per character");
+        assert!(TokenCounter::from_tokenizer_file(&dir.path().join("missing.json")).is_err());
+    }
+
+    /// A tokenizer that makes every character a token.
+    pub(crate) const CHARACTERS: &str = r#"{"version":"1.0","truncation":null,"padding":null,"added_tokens":[],"normalizer":null,"pre_tokenizer":{"type":"Split","pattern":{"Regex":"."},"behavior":"Isolated","invert":false},"post_processor":null,"decoder":null,"model":{"type":"WordLevel","vocab":{"[UNK]":0},"unk_token":"[UNK]"}}"#;
 }

@@ -402,3 +402,63 @@ on_both_stores!(
     hybrid_places_a_sheet_written_in_the_background,
     stateless_hybrid_replays_the_same_sheet,
 );
+
+/// A tokenizer that makes every character a token: a model whose count of the same text is
+/// about four times tiktoken's.
+const CHARACTER_TOKENIZER: &str = r#"{"version":"1.0","truncation":null,"padding":null,"added_tokens":[],"normalizer":null,"pre_tokenizer":{"type":"Split","pattern":{"Regex":"."},"behavior":"Isolated","invert":false},"post_processor":null,"decoder":null,"model":{"type":"WordLevel","vocab":{"[UNK]":0},"unk_token":"[UNK]"}}"#;
+
+/// A request's size as the one-token-per-character model counts it: each message's text and
+/// calls plus four tokens of framing, and the `tools` array.
+fn characters(body: &Value) -> usize {
+    let messages = body["messages"].as_array().unwrap();
+    let text = |m: &Value| match &m["content"] {
+        Value::String(s) => s.chars().count(),
+        Value::Array(parts) => {
+            parts.iter().filter_map(|p| p["text"].as_str()).map(|t| t.chars().count()).sum()
+        }
+        _ => 0,
+    };
+    let calls = |m: &Value| {
+        m["tool_calls"].as_array().map_or(0, |calls| {
+            calls
+                .iter()
+                .map(|c| {
+                    2 + c["function"]["name"].as_str().unwrap_or("").chars().count()
+                        + c["function"]["arguments"].as_str().unwrap_or("").chars().count()
+                })
+                .sum()
+        })
+    };
+    messages.iter().map(|m| 4 + text(m) + calls(m)).sum::<usize>() + body["tools"].to_string().chars().count()
+}
+
+#[tokio::test]
+async fn counted_with_the_models_own_tokenizer_no_request_exceeds_its_context() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokenizer = dir.path().join("tokenizer.json");
+    std::fs::write(&tokenizer, CHARACTER_TOKENIZER).unwrap();
+    const CONTEXT: u64 = 24_000;
+    let mut largest = Vec::new();
+    for own in [false, true] {
+        // Given a model whose context is 24,000 of its own tokens
+        let path = own.then(|| tokenizer.clone());
+        let h = Harness::builder()
+            .config(move |c| {
+                policy(c, CompressionMode::Rules, CONTEXT);
+                c.compression.policy.tokenizer = path;
+            })
+            .start()
+            .await;
+        // When an agent's history grows well past it
+        let mut messages = conversation(0);
+        for n in 0..30 {
+            messages.extend(step(n));
+            assert_eq!(h.chat().json(&request(&messages)).send().await.unwrap().status(), 200);
+        }
+        // Then counted as that model counts, the largest request sent
+        let sent = h.upstream(0).requests().iter().map(|r| characters(&r.json())).max().unwrap();
+        largest.push(sent as u64);
+    }
+    assert!(largest[0] > CONTEXT, "counted with tiktoken a request overflows: {}", largest[0]);
+    assert!(largest[1] <= CONTEXT, "counted with the model's tokenizer none does: {}", largest[1]);
+}

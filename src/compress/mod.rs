@@ -17,7 +17,9 @@ pub mod rules;
 pub(crate) mod summary;
 mod text;
 
+use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
+use std::path::PathBuf;
 
 use bytes::Bytes;
 use globset::{Glob, GlobMatcher};
@@ -27,7 +29,7 @@ use serde_json::value::RawValue;
 pub use self::plan::Input;
 pub use self::plan::{Acted, Plan, State, Summary, SummaryRequest};
 use self::rules::{Rule, Rules};
-use crate::config::{CompressionConfig, CompressionMode, Config, Encoding, Policy};
+use crate::config::{CompressionConfig, CompressionMode, Config, ConfigError, Encoding, Policy};
 use crate::error::GatewayError;
 use crate::openai::message::{self, Info};
 use crate::openai::ChatRequest;
@@ -41,6 +43,8 @@ pub struct Compressor {
     models: Vec<(GlobMatcher, Policy)>,
     o200k: TokenCounter,
     cl100k: TokenCounter,
+    /// Models' own tokenizers, by the path config names.
+    tokenizers: HashMap<PathBuf, TokenCounter>,
 }
 
 impl std::fmt::Debug for Compressor {
@@ -56,8 +60,23 @@ pub struct Active<'a> {
 }
 
 impl Compressor {
-    pub fn new(config: &Config) -> Self {
+    /// The compressor of a validated config (its tokenizer files load); a file that fails to
+    /// load now is reported with its key.
+    pub fn new(config: &Config) -> Result<Self, ConfigError> {
         let compression = &config.compression;
+        let mut tokenizers = HashMap::new();
+        let paths = compression
+            .policy
+            .tokenizer
+            .iter()
+            .chain(compression.models.iter().filter_map(|m| m.tokenizer.as_ref()));
+        for path in paths.cloned() {
+            if !tokenizers.contains_key(&path) {
+                let counter = TokenCounter::from_tokenizer_file(&path)
+                    .map_err(|e| ConfigError::single("compression.tokenizer", e))?;
+                tokenizers.insert(path, counter);
+            }
+        }
         let models = compression
             .models
             .iter()
@@ -68,13 +87,14 @@ impl Compressor {
                 })
             })
             .collect();
-        Self {
+        Ok(Self {
             config: compression.clone(),
             rules: Rules::new(&compression.policy.rules),
             models,
             o200k: TokenCounter::new(Encoding::O200kBase),
             cl100k: TokenCounter::new(Encoding::Cl100kBase),
-        }
+            tokenizers,
+        })
     }
 
     /// The policy for `model`, or `None` when compression is off for it.
@@ -88,7 +108,11 @@ impl Compressor {
             Encoding::Auto => TokenCounter::encoding_for(model, self.config.default_encoding),
             other => other,
         };
-        let counter = if encoding == Encoding::Cl100kBase { &self.cl100k } else { &self.o200k };
+        let counter = match &policy.tokenizer {
+            Some(path) => self.tokenizers.get(path).unwrap_or(&self.o200k),
+            None if encoding == Encoding::Cl100kBase => &self.cl100k,
+            None => &self.o200k,
+        };
         Some(Active { policy, counter })
     }
 
@@ -197,7 +221,7 @@ pub fn compress_offline(
         config.compression.policy.mode = mode;
         config.compression.models.iter_mut().for_each(|m| m.mode = Some(mode));
     }
-    let compressor = Compressor::new(&config);
+    let compressor = Compressor::new(&config).map_err(|e| GatewayError::Internal(e.into()))?;
     let active = compressor
         .active(&request.model)
         .unwrap_or(Active { policy: &config.compression.policy, counter: &compressor.o200k });

@@ -466,4 +466,18 @@ log_level = "debug"
         );
         assert_eq!(lines[1], "upstreams[0].base_url: must start with http:// or https:// (set by CTXGATE__UPSTREAMS__0__BASE_URL)");
     }
+
+    #[test]
+    fn a_tokenizer_that_does_not_load_and_a_margin_out_of_range_are_issues() {
+        let text = "[[upstreams]]\nname = \"a\"\nbase_url = \"http://ok/v1\"\n\n[compression]\nmode = \"rules\"\ntokenizer = \"/nonexistent/tokenizer.json\"\ntoken_margin = 1.5\n";
+        let env = BTreeMap::new();
+        let err = Config::parse(text, &env).unwrap().validate(&env).unwrap_err();
+        let paths: Vec<&str> = err.0.iter().map(|i| i.path.as_str()).collect();
+        assert_eq!(paths, ["compression.token_margin", "compression.tokenizer"], "{err}");
+        let mut policy =
+            super::super::Policy { context_window: 10_000, token_margin: 0.25, ..Default::default() };
+        assert_eq!(policy.high_tokens(), 6_400, "0.8 of the window, counted 25% short");
+        policy.token_margin = 0.0;
+        assert_eq!(policy.high_tokens(), 8_000);
+    }
 }
