@@ -71,10 +71,10 @@ impl Compressor {
             .iter()
             .chain(compression.models.iter().filter_map(|m| m.tokenizer.as_ref()));
         for path in paths.cloned() {
-            if !tokenizers.contains_key(&path) {
-                let counter = TokenCounter::from_tokenizer_file(&path)
+            if let std::collections::hash_map::Entry::Vacant(slot) = tokenizers.entry(path) {
+                let counter = TokenCounter::from_tokenizer_file(slot.key())
                     .map_err(|e| ConfigError::single("compression.tokenizer", e))?;
-                tokenizers.insert(path, counter);
+                slot.insert(counter);
             }
         }
         let models = compression
