@@ -7,6 +7,7 @@
 mod auth;
 mod compression;
 mod env;
+mod pool;
 mod tools;
 mod validate;
 
@@ -23,6 +24,7 @@ pub use compression::{
     CompressionConfig, Encoding, Mode as CompressionMode, ModelPolicy, Policy, RulesConfig, SummarizerConfig,
 };
 pub use env::{EnvSource, ProcessEnv};
+pub use pool::{BalanceMode, PoolConfig, PoolHealthConfig};
 pub use tools::{HttpBackend, McpBackend, ToolConfig, ToolLoopConfig};
 pub use validate::{ConfigError, Issue};
 
@@ -200,6 +202,8 @@ pub struct UpstreamConfig {
     /// Set OpenAI's `prompt_cache_key` from the session (or conversation) when the client did
     /// not, so one conversation's requests land on the same prompt cache.
     pub prompt_cache_key: bool,
+    /// Several endpoints instead of `base_url`: see [`PoolConfig`].
+    pub pool: Option<PoolConfig>,
 }
 
 impl Default for UpstreamConfig {
@@ -214,6 +218,7 @@ impl Default for UpstreamConfig {
             headers: BTreeMap::new(),
             models: Vec::new(),
             prompt_cache_key: false,
+            pool: None,
         }
     }
 }

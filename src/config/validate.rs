@@ -105,6 +105,8 @@ impl Config {
             }
         }
 
+        super::pool::validate_pools(&self.upstreams).into_iter().for_each(|i| push(i.path, i.message));
+
         for (i, route) in self.routes.iter().enumerate() {
             if route.models.is_empty() {
                 push(format!("routes[{i}].models"), "must name at least one model or glob".into());
