@@ -100,6 +100,7 @@ pub async fn chat_completions(
             path_and_query: path_and_query(&parts.uri),
             headers: parts.headers,
             body: OutgoingBody::Replayable(bytes),
+            affinity: None,
         };
         let mut forwarded = state.upstreams.forward(route, outgoing).await?;
         forwarded.usage_sink = usage_sink;
@@ -176,6 +177,7 @@ pub async fn models(state: Arc<AppState>, request: Request<Body>) -> Result<Resp
         path_and_query: path_and_query(&parts.uri),
         headers: parts.headers,
         body: OutgoingBody::Replayable(Bytes::new()),
+        affinity: None,
     };
     let route = state.upstreams.router.route(None);
     let result = state.upstreams.forward(route, outgoing).await;
@@ -216,6 +218,7 @@ pub async fn passthrough(
         path_and_query: path_and_query(&parts.uri),
         headers: parts.headers,
         body,
+        affinity: None,
     };
     let forwarded = state.upstreams.forward(route, outgoing).await?;
     Ok(forwarded.into_response())

@@ -153,6 +153,7 @@ async fn summarize(
         path_and_query: "/v1/chat/completions".into(),
         headers,
         body: OutgoingBody::Replayable(body),
+        affinity: None,
     };
     let forwarded = state.upstreams.forward(route, outgoing).await.map_err(|_| "upstream")?;
     let response = forwarded.into_response();

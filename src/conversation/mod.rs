@@ -336,6 +336,7 @@ async fn execute(
             path_and_query: request.path.clone(),
             headers,
             body: OutgoingBody::Replayable(body),
+            affinity: None,
         };
         holder.while_renewing(state.upstreams.forward(route, outgoing)).await.map(|mut forwarded| {
             forwarded.usage_sink = usage_sink;
@@ -443,6 +444,7 @@ async fn degraded(state: &AppState, turn: Turn) -> Result<Response<Body>, Gatewa
             .to_string(),
         headers: turn.parts.headers,
         body: OutgoingBody::Replayable(turn.body),
+        affinity: None,
     };
     let mut response = state.upstreams.forward(route, outgoing).await?.into_response();
     response.headers_mut().insert(DEGRADED_HEADER, HeaderValue::from_static("degraded"));

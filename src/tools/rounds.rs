@@ -169,6 +169,7 @@ async fn send_parts(
         path_and_query: path.to_string(),
         headers,
         body: OutgoingBody::Replayable(body),
+        affinity: None,
     };
     let mut forwarded = state.upstreams.forward(route, outgoing).await?;
     forwarded.usage_sink = usage_sink;
