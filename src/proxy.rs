@@ -81,6 +81,7 @@ pub async fn chat_completions(
     let mut response = if state.tools.engaged_by(&bytes) {
         let request = tools::rounds::Request {
             route,
+            affinity: crate::upstream::AffinityKey::for_stateless(route, &bytes),
             path: path_and_query(&parts.uri),
             headers: parts.headers,
             body: bytes,
@@ -99,8 +100,8 @@ pub async fn chat_completions(
             method: parts.method,
             path_and_query: path_and_query(&parts.uri),
             headers: parts.headers,
+            affinity: crate::upstream::AffinityKey::for_stateless(route, &bytes),
             body: OutgoingBody::Replayable(bytes),
-            affinity: None,
         };
         let mut forwarded = state.upstreams.forward(route, outgoing).await?;
         forwarded.usage_sink = usage_sink;

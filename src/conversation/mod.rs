@@ -325,6 +325,7 @@ async fn execute(
             session: true,
             usage_sink,
             tasks: Some(holder.task_log()),
+            affinity: Some(crate::upstream::AffinityKey::session(&holder.key.scope, &holder.key.id)),
         };
         holder
             .while_renewing(tools::rounds::forward(&state, loop_request))
@@ -336,7 +337,7 @@ async fn execute(
             path_and_query: request.path.clone(),
             headers,
             body: OutgoingBody::Replayable(body),
-            affinity: None,
+            affinity: Some(crate::upstream::AffinityKey::session(&holder.key.scope, &holder.key.id)),
         };
         holder.while_renewing(state.upstreams.forward(route, outgoing)).await.map(|mut forwarded| {
             forwarded.usage_sink = usage_sink;
@@ -444,7 +445,7 @@ async fn degraded(state: &AppState, turn: Turn) -> Result<Response<Body>, Gatewa
             .to_string(),
         headers: turn.parts.headers,
         body: OutgoingBody::Replayable(turn.body),
-        affinity: None,
+        affinity: Some(crate::upstream::AffinityKey::session(&turn.key.scope, &turn.key.id)),
     };
     let mut response = state.upstreams.forward(route, outgoing).await?.into_response();
     response.headers_mut().insert(DEGRADED_HEADER, HeaderValue::from_static("degraded"));

@@ -48,6 +48,8 @@ pub struct Request<'a> {
     pub usage_sink: UsageSink,
     /// Where tasks are recorded (on a session).
     pub tasks: Option<Arc<TaskLog>>,
+    /// Every round goes to the same pool endpoint (see `upstream::affinity`).
+    pub affinity: Option<crate::upstream::AffinityKey>,
 }
 
 /// What the loop did, ready once the response body has ended.
@@ -135,6 +137,7 @@ struct OwnedRequest {
     session: bool,
     usage_sink: UsageSink,
     tasks: Option<Arc<TaskLog>>,
+    affinity: Option<crate::upstream::AffinityKey>,
 }
 
 impl From<&Request<'_>> for OwnedRequest {
@@ -146,12 +149,14 @@ impl From<&Request<'_>> for OwnedRequest {
             session: r.session,
             usage_sink: r.usage_sink.clone(),
             tasks: r.tasks.clone(),
+            affinity: r.affinity,
         }
     }
 }
 
 async fn send(state: &AppState, request: &Request<'_>, body: Bytes) -> Result<Response<Body>, GatewayError> {
-    send_parts(state, request.route, &request.path, &request.headers, request.usage_sink.clone(), body).await
+    let sink = request.usage_sink.clone();
+    send_parts(state, request.route, &request.path, &request.headers, sink, request.affinity, body).await
 }
 
 async fn send_parts(
@@ -160,6 +165,7 @@ async fn send_parts(
     path: &str,
     headers: &HeaderMap,
     usage_sink: UsageSink,
+    affinity: Option<crate::upstream::AffinityKey>,
     body: Bytes,
 ) -> Result<Response<Body>, GatewayError> {
     let mut headers = headers.clone();
@@ -169,7 +175,7 @@ async fn send_parts(
         path_and_query: path.to_string(),
         headers,
         body: OutgoingBody::Replayable(body),
-        affinity: None,
+        affinity,
     };
     let mut forwarded = state.upstreams.forward(route, outgoing).await?;
     forwarded.usage_sink = usage_sink;
@@ -382,6 +388,7 @@ async fn stream_rounds(
                     &request.path,
                     &request.headers,
                     request.usage_sink.clone(),
+                    request.affinity,
                     body,
                 )
                 .await
