@@ -35,7 +35,8 @@ use crate::telemetry::{EndpointChoiceLabel, EndpointLabel, EndpointReasonLabel, 
 /// The latency estimate a new endpoint starts from: LLM first bytes take about this long.
 const INITIAL_LATENCY: Duration = Duration::from_secs(1);
 
-/// Why an attempt counts against an endpoint's health.
+/// Why an attempt counts against an endpoint's health; the discriminant indexes
+/// [`Failure::ALL`] (and an endpoint's failure counters).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Failure {
     /// No connection.
@@ -62,6 +63,16 @@ impl Failure {
 }
 
 const CHOICES: [Choice; 4] = [Choice::Home, Choice::Spill, Choice::Moved, Choice::Balanced];
+
+/// A choice's place in [`CHOICES`] (and in an endpoint's request counters).
+fn choice_index(choice: Choice) -> usize {
+    match choice {
+        Choice::Home => 0,
+        Choice::Spill => 1,
+        Choice::Moved => 2,
+        Choice::Balanced => 3,
+    }
+}
 
 /// One replica.
 #[derive(Debug)]
@@ -174,7 +185,7 @@ impl Lease {
     fn new(endpoint: Arc<Endpoint>, choice: Choice) -> Self {
         endpoint.in_flight.fetch_add(1, Ordering::Relaxed);
         endpoint.metrics.in_flight.inc();
-        endpoint.metrics.requests[CHOICES.iter().position(|c| *c == choice).unwrap_or(3)].inc();
+        endpoint.metrics.requests[choice_index(choice)].inc();
         Self { endpoint, choice }
     }
 }
@@ -356,7 +367,7 @@ impl Pool {
         match failure {
             None => lock(&endpoint.health).record_success(),
             Some(failure) => {
-                endpoint.metrics.failures[Failure::ALL.iter().position(|f| *f == failure).unwrap_or(0)].inc();
+                endpoint.metrics.failures[failure as usize].inc();
                 if let Some(period) = lock(&endpoint.health).record_failure(now, &self.health) {
                     tracing::warn!(
                         upstream = %self.upstream,
