@@ -381,13 +381,23 @@ impl Pool {
         self.sync_health(endpoint, now);
     }
 
-    /// Records an active check's result.
+    /// Records an active check's result; logs only when it takes the endpoint out, not on every
+    /// failed check of an endpoint that is already out.
     pub(super) fn record_check(&self, endpoint: &Endpoint, passed: bool) {
-        lock(&endpoint.health).record_check(passed);
-        if !passed {
-            tracing::warn!(upstream = %self.upstream, endpoint = %endpoint.name, "pool endpoint failed its health check");
+        let now = Instant::now();
+        let mut health = lock(&endpoint.health);
+        let was_available = health.available(now);
+        health.record_check(passed);
+        let taken_out = was_available && !health.available(now);
+        drop(health);
+        if taken_out {
+            tracing::warn!(
+                upstream = %self.upstream,
+                endpoint = %endpoint.name,
+                "pool endpoint failed its health check; out until a check passes"
+            );
         }
-        self.sync_health(endpoint, Instant::now());
+        self.sync_health(endpoint, now);
     }
 
     /// Brings the endpoint's availability metric (and the ejection count) up to date.
