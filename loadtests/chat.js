@@ -14,6 +14,9 @@
 //   P99_MS     http_req_duration p99 threshold in ms (default 250 in rate mode, 2000 in MAX mode)
 //   TTFB_P99_MS  stream mode: ttfb p99 threshold in ms (default P99_MS)
 //   SUMMARY    path to write the full k6 summary JSON (default: none; text goes to stdout)
+//   MODEL      the request's model (default mock-model); ctxgate routes by it
+//   PREFIXES   distinct conversations (system prompts) spread over the requests (default 1),
+//              so a pool with affinity sees many prefixes rather than one
 //
 // Thresholds (a breach makes k6 exit 99): http_req_failed < 1%, checks > 99%, p99 < P99_MS, and
 // for streams ttfb p99 < TTFB_P99_MS.
@@ -104,12 +107,20 @@ const MESSAGES = [
       'longer-term one?',
   },
 ];
-const BODY = JSON.stringify(
-  Object.assign(
-    { model: 'mock-model', messages: MESSAGES, temperature: 0.2, max_tokens: 256, user: 'k6-loadtest' },
-    STREAM ? { stream: true, stream_options: { include_usage: true } } : {},
-  ),
-);
+const MODEL = __ENV.MODEL || 'mock-model';
+const PREFIXES = Math.max(1, parseInt(__ENV.PREFIXES || '1', 10));
+function body(i) {
+  // Conversation 0 is the plain one; the others differ in their system prompt only.
+  const messages =
+    i === 0 ? MESSAGES : [{ role: 'system', content: `${SYSTEM_PROMPT} (team ${i})` }].concat(MESSAGES.slice(1));
+  return JSON.stringify(
+    Object.assign(
+      { model: MODEL, messages, temperature: 0.2, max_tokens: 256, user: 'k6-loadtest' },
+      STREAM ? { stream: true, stream_options: { include_usage: true } } : {},
+    ),
+  );
+}
+const BODIES = Array.from({ length: PREFIXES }, (_, i) => body(i));
 const PARAMS = {
   headers: {
     'Content-Type': 'application/json',
@@ -122,7 +133,7 @@ const PARAMS = {
 const URL = `${BASE_URL}/chat/completions`;
 
 export default function () {
-  const res = http.post(URL, BODY, PARAMS);
+  const res = http.post(URL, BODIES[(__VU * 7919 + __ITER) % PREFIXES], PARAMS);
   ttfb.add(res.timings.waiting);
   const body = typeof res.body === 'string' ? res.body : '';
   if (STREAM) {

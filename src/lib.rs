@@ -18,7 +18,8 @@
 //! - [`compress`]: rule passes, compaction epochs and the prefix-stable layout; pure.
 //! - [`tools`]: gateway tools (HTTP, MCP), run concurrently; what a session keeps of them.
 //! - [`session`]: the session protocol: checkpoints, stores, the lease, the event log.
-//! - [`upstream`]: pooled clients, routing by model, retries and failover, streamed bodies.
+//! - [`upstream`]: routing by model, endpoint pools (balancing, affinity, ejection, DNS),
+//!   retries and failover, streamed bodies.
 //! - [`auth`]: gateway keys and per-key limits (requests, tokens, in flight), local or Redis.
 //!
 //! Foundations:
@@ -127,6 +128,11 @@ impl AppState {
             sheets: chat::compression::Sheets::default(),
             tasks: TaskTracker::new(),
         }))
+    }
+
+    /// The upstreams (a test scripts a DNS pool's resolver through them).
+    pub fn upstreams(&self) -> &Upstreams {
+        &self.upstreams
     }
 
     /// Runs `task` detached from the request that started it, tracked so shutdown waits for it.

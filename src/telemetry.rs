@@ -131,6 +131,7 @@ pub struct Metrics {
     pub summarizer_failures: Family<ReasonLabel, Counter>,
     pub tools: ToolMetrics,
     pub limits: LimitMetrics,
+    pub pools: PoolMetrics,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -243,6 +244,90 @@ impl LimitMetrics {
             tokens.clone(),
         );
         Self { auth_failures, rate_limited, fallbacks, degraded, prechecked, tokens }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointLabel {
+    pub upstream: String,
+    pub endpoint: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointChoiceLabel {
+    pub upstream: String,
+    pub endpoint: String,
+    pub choice: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointReasonLabel {
+    pub upstream: String,
+    pub endpoint: String,
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpstreamOutcomeLabel {
+    pub upstream: String,
+    pub outcome: &'static str,
+}
+
+/// Upstream pools, by endpoint. Endpoint labels are `host:port` of configured endpoints or of
+/// addresses found in DNS; an endpoint that leaves the pool has its series removed, so the
+/// label set follows the pool's membership.
+#[derive(Clone, Debug)]
+pub struct PoolMetrics {
+    pub requests: Family<EndpointChoiceLabel, Counter>,
+    pub in_flight: Family<EndpointLabel, Gauge<i64, std::sync::atomic::AtomicI64>>,
+    pub failures: Family<EndpointReasonLabel, Counter>,
+    pub ejections: Family<EndpointLabel, Counter>,
+    pub available: Family<EndpointLabel, Gauge<i64, std::sync::atomic::AtomicI64>>,
+    pub endpoints: Family<UpstreamLabel, Gauge<i64, std::sync::atomic::AtomicI64>>,
+    pub resolutions: Family<UpstreamOutcomeLabel, Counter>,
+}
+
+impl PoolMetrics {
+    fn register(registry: &mut Registry) -> Self {
+        let requests = Family::<EndpointChoiceLabel, Counter>::default();
+        registry.register(
+            "upstream_endpoint_requests",
+            "Attempts sent to a pool endpoint, by how it was chosen (home, spill, moved, balanced)",
+            requests.clone(),
+        );
+        let in_flight = Family::default();
+        registry.register(
+            "upstream_endpoint_in_flight",
+            "Requests (and their streams, until the last byte) in flight on a pool endpoint",
+            in_flight.clone(),
+        );
+        let failures = Family::<EndpointReasonLabel, Counter>::default();
+        registry.register(
+            "upstream_endpoint_failures",
+            "Attempts on a pool endpoint that count against its health, by reason (connect, transport, timeout, status)",
+            failures.clone(),
+        );
+        let ejections = Family::<EndpointLabel, Counter>::default();
+        registry.register(
+            "upstream_endpoint_ejections",
+            "Times a pool endpoint was taken out after consecutive failures or a failed check",
+            ejections.clone(),
+        );
+        let available = Family::default();
+        registry.register(
+            "upstream_endpoint_available",
+            "1 while a pool endpoint takes requests, 0 while it is ejected",
+            available.clone(),
+        );
+        let endpoints = Family::default();
+        registry.register("upstream_pool_endpoints", "Endpoints in a pool", endpoints.clone());
+        let resolutions = Family::<UpstreamOutcomeLabel, Counter>::default();
+        registry.register(
+            "upstream_pool_resolutions",
+            "DNS resolutions of a pool's name, by outcome (ok, error)",
+            resolutions.clone(),
+        );
+        Self { requests, in_flight, failures, ejections, available, endpoints, resolutions }
     }
 }
 
@@ -451,9 +536,11 @@ impl Metrics {
         );
         let tools = ToolMetrics::register(&mut registry);
         let limits = LimitMetrics::register(&mut registry);
+        let pools = PoolMetrics::register(&mut registry);
         Self {
             tools,
             limits,
+            pools,
             compression_tokens,
             compression_requests,
             compression_saved_tokens,
@@ -508,6 +595,7 @@ impl Metrics {
         let tokens =
             |kind| self.tokens.get_or_create(&TokenLabel { upstream: name.to_string(), kind }).clone();
         UpstreamMetrics {
+            pool: self.pools.clone(),
             duration: self.upstream_duration.get_or_create(&label).clone(),
             stream_aborts: self.upstream_stream_aborts.get_or_create(&label).clone(),
             failovers: self.upstream_failovers.get_or_create(&label).clone(),
@@ -522,6 +610,8 @@ impl Metrics {
 /// neither allocates label strings nor looks up label families.
 #[derive(Clone, Debug)]
 pub struct UpstreamMetrics {
+    /// The pool families, for an upstream that is a pool (its endpoints resolve their own).
+    pub pool: PoolMetrics,
     pub duration: Histogram,
     pub stream_aborts: Counter,
     pub failovers: Counter,

@@ -5,10 +5,22 @@
 
 use std::path::Path;
 
+use serde::Deserialize;
 use tiktoken_rs::CoreBPE;
 
-use crate::config::Encoding;
 use crate::memo::Memo;
+
+/// The tokenizer a model's tokens are counted with.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Encoding {
+    /// Chosen from the model name: o200k for current OpenAI models, cl100k for older ones,
+    /// `default_encoding` for everything else.
+    #[default]
+    Auto,
+    O200kBase,
+    Cl100kBase,
+}
 
 /// Tokens OpenAI's chat format adds around each message (role and separators).
 const PER_MESSAGE: u32 = 4;

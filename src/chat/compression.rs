@@ -132,6 +132,7 @@ impl<'a> Compaction<'a> {
                 upstream: app.compressor.config.summarizer.upstream.clone(),
                 authorization: ctx.headers().get(header::AUTHORIZATION).cloned(),
                 tools: ctx.request.tools().and_then(|t| request::canonical(t.get())),
+                affinity: ctx.affinity,
             };
             start_sheet(app, &self.key, sheet, call, conversation_len, plan.tokens_after);
         }
@@ -236,6 +237,7 @@ struct SheetCall {
     authorization: Option<HeaderValue>,
     /// The request's `tools`, canonical, so the call's prefix matches the conversation's.
     tools: Option<Box<RawValue>>,
+    affinity: Option<crate::upstream::AffinityKey>,
 }
 
 /// The sheet waiting for `key`, if any. When one is still being written and this request may
@@ -354,6 +356,8 @@ async fn summarize(
         path_and_query: "/v1/chat/completions".into(),
         headers,
         body: crate::upstream::OutgoingBody::Replayable(body),
+        // The conversation's endpoint: the sheet call shares its prefix, so its cache.
+        affinity: call.affinity,
     };
     let forwarded = app.upstreams.forward(route, outgoing).await.map_err(|_| "upstream")?;
     let response = forwarded.into_response();

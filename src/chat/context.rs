@@ -13,9 +13,10 @@ use crate::compress::marker::EXPAND_TOOL;
 use crate::error::GatewayError;
 use crate::headers;
 use crate::http_util::{read_body, require_json};
+use crate::openai::message::{Info, Role};
 use crate::openai::ChatRequest;
 use crate::session::SessionKey;
-use crate::upstream::{Forwarded, Outgoing, OutgoingBody, Upstream, UsageSink};
+use crate::upstream::{AffinityKey, Forwarded, Outgoing, OutgoingBody, Upstream, UsageSink};
 use crate::AppState;
 
 pub(crate) struct ChatContext {
@@ -34,6 +35,9 @@ pub(crate) struct ChatContext {
     pub(crate) tools_engaged: bool,
     /// The upstream request offers `ctxgate_expand` (its messages carry markers).
     pub(crate) expand: bool,
+    /// Which pool endpoint the conversation belongs on (its session, or its stable prefix),
+    /// for every upstream call of the turn.
+    pub(crate) affinity: Option<AffinityKey>,
 }
 
 impl ChatContext {
@@ -53,7 +57,7 @@ impl ChatContext {
         // The body is rewritten on most paths; the client's framing never goes upstream.
         parts.headers.remove(header::CONTENT_LENGTH);
         let tools_engaged = app.tools.engaged_by(&request);
-        Ok(Self {
+        let mut ctx = Self {
             parts,
             request,
             session_id,
@@ -61,7 +65,10 @@ impl ChatContext {
             annotations: HeaderMap::new(),
             tools_engaged,
             expand: false,
-        })
+            affinity: None,
+        };
+        ctx.affinity = ctx.affinity_key(app);
+        Ok(ctx)
     }
 
     /// A context for re-issuing a stored upstream request (a turn resumed after its owner
@@ -81,6 +88,7 @@ impl ChatContext {
         let expand = request.tools().is_some_and(|t| t.get().contains(&format!("\"{EXPAND_TOOL}\"")));
         let tools_engaged = app.tools.engaged_by(&request) || expand;
         Ok(Self {
+            affinity: None,
             expand,
             usage: usage_sink(app, &request.model, None),
             parts,
@@ -89,6 +97,33 @@ impl ChatContext {
             annotations: HeaderMap::new(),
             tools_engaged,
         })
+    }
+
+    /// The conversation's affinity key, when its route has a pool that keeps conversations on
+    /// one endpoint: the session's (its scope and id), else the hash of its stable prefix (the
+    /// leading system messages, the tools and the first other message, as sent).
+    fn affinity_key(&self, app: &AppState) -> Option<AffinityKey> {
+        if !self.route(app).iter().any(|u| u.wants_affinity()) {
+            return None;
+        }
+        if let Some(id) = &self.session_id {
+            let key = self.session_key(id);
+            return Some(AffinityKey::session(&key.scope, &key.id));
+        }
+        let messages = self.request.messages();
+        let lead = messages.iter().take_while(|m| Info::parse(m.get()).role == Role::System).count();
+        let system: Vec<&[u8]> = messages[..lead].iter().map(|m| m.get().as_bytes()).collect();
+        let tools = self.request.tools().map(|t| t.get().as_bytes());
+        let first = messages.get(lead).map(|m| m.get().as_bytes());
+        Some(AffinityKey::prefix(&system, tools, None, first))
+    }
+
+    /// Keeps a resumed turn on its session's endpoint.
+    pub(crate) fn with_session_affinity(mut self, app: &AppState, key: &SessionKey) -> Self {
+        if self.route(app).iter().any(|u| u.wants_affinity()) {
+            self.affinity = Some(AffinityKey::session(&key.scope, &key.id));
+        }
+        self
     }
 
     pub(crate) fn path(&self) -> &str {
@@ -173,6 +208,7 @@ impl ChatContext {
             path_and_query: self.path().to_string(),
             headers,
             body: OutgoingBody::Replayable(body),
+            affinity: self.affinity,
         };
         let mut forwarded = app.upstreams.forward(self.route(app), outgoing).await?;
         forwarded.usage_sink = self.usage.clone();

@@ -419,7 +419,8 @@ pub(crate) async fn resume(
         }
     };
     let parsed = ChatRequest::parse(Bytes::from(request.body.get().to_string()))
-        .and_then(|upstream| ChatContext::resumed(app, headers, &request.path, upstream));
+        .and_then(|upstream| ChatContext::resumed(app, headers, &request.path, upstream))
+        .map(|ctx| ctx.with_session_affinity(app, lease.key()));
     let ctx = match parsed {
         Ok(ctx) => ctx,
         Err(_) => {

@@ -7,6 +7,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::Issues;
+pub use crate::tokens::Encoding;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -28,18 +29,6 @@ impl Mode {
             Mode::Hybrid => "hybrid",
         }
     }
-}
-
-/// The tokenizer a model's tokens are counted with.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Encoding {
-    /// Chosen from the model name: o200k for current OpenAI models, cl100k for older ones,
-    /// `default_encoding` for everything else.
-    #[default]
-    Auto,
-    O200kBase,
-    Cl100kBase,
 }
 
 #[derive(Clone, Debug, Deserialize)]

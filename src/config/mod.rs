@@ -7,6 +7,7 @@
 mod auth;
 mod compression;
 mod env;
+mod pool;
 mod tools;
 mod validate;
 
@@ -24,6 +25,7 @@ pub use compression::{
     CompressionConfig, Encoding, Mode as CompressionMode, ModelPolicy, Policy, RulesConfig, SummarizerConfig,
 };
 pub use env::{EnvSource, ProcessEnv};
+pub use pool::{BalanceMode, PoolConfig, PoolHealthConfig};
 pub use tools::{HttpBackend, McpBackend, ToolConfig, ToolLoopConfig};
 pub use validate::{ConfigError, Issue, Issues, ValidConfig};
 
@@ -278,6 +280,8 @@ pub struct UpstreamConfig {
     /// Set OpenAI's `prompt_cache_key` from the session (or conversation) when the client did
     /// not, so one conversation's requests land on the same prompt cache.
     pub prompt_cache_key: bool,
+    /// Several endpoints instead of `base_url`: see [`PoolConfig`].
+    pub pool: Option<PoolConfig>,
 }
 
 impl UpstreamConfig {
@@ -286,6 +290,15 @@ impl UpstreamConfig {
             issues.push(format!("{at}.name"), "must not be empty");
         }
         issues.url(format!("{at}.base_url"), &self.base_url);
+        if let Some(pool) = &self.pool {
+            if self.base_url != UpstreamConfig::default().base_url {
+                issues.push(
+                    format!("{at}.base_url"),
+                    "a pooled upstream takes its URLs from `pool`; remove base_url",
+                );
+            }
+            pool.validate(&format!("{at}.pool"), issues);
+        }
         if let Some(var) = &self.api_key_env {
             issues.env_set(format!("{at}.api_key_env"), env, var);
         }
@@ -318,6 +331,7 @@ impl Default for UpstreamConfig {
             headers: BTreeMap::new(),
             models: Vec::new(),
             prompt_cache_key: false,
+            pool: None,
         }
     }
 }

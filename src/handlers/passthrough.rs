@@ -33,6 +33,7 @@ pub(crate) async fn models(
         path_and_query: path_and_query(&parts.uri),
         headers: parts.headers,
         body: OutgoingBody::Replayable(Bytes::new()),
+        affinity: None,
     };
     let route = app.upstreams.router.route(None);
     let result = app.upstreams.forward(route, outgoing).await;
@@ -73,6 +74,7 @@ pub(crate) async fn passthrough(
         path_and_query: path_and_query(&parts.uri),
         headers: parts.headers,
         body,
+        affinity: None,
     };
     let forwarded = app.upstreams.forward(route, outgoing).await?;
     Ok(forwarded.into_response())

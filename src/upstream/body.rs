@@ -1,6 +1,7 @@
 //! [`UpstreamBody`]: an upstream response body on its way to the client. Frames pass through
 //! as they arrive; around them it enforces the idle timeout, reads `usage` for the token
-//! metrics and records the upstream's duration when the body ends.
+//! metrics and records the upstream's duration when the body ends; a pool endpoint's lease (its
+//! in-flight count) is released then too.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -13,8 +14,7 @@ use http_body::{Body as HttpBody, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::time::Sleep;
 
-use super::Upstream;
-use super::UsageSink;
+use super::{Lease, Upstream, UsageSink};
 use crate::body::BoxError;
 use crate::openai::UsageScanner;
 
@@ -40,6 +40,7 @@ pin_project_lite::pin_project! {
         scanner: UsageScanner,
         upstream: Arc<Upstream>,
         usage_sink: UsageSink,
+        endpoint: Option<Lease>,
         sent_at: Instant,
         ended: bool,
     }
@@ -52,6 +53,7 @@ impl UpstreamBody {
         sent_at: Instant,
         scanner: UsageScanner,
         usage_sink: UsageSink,
+        endpoint: Option<Lease>,
     ) -> Self {
         let idle_timeout = upstream.idle_timeout;
         Self {
@@ -62,6 +64,7 @@ impl UpstreamBody {
             scanner,
             upstream,
             usage_sink,
+            endpoint,
             sent_at,
             ended: false,
         }
@@ -93,6 +96,7 @@ impl HttpBody for UpstreamBody {
             }
             Poll::Ready(Some(Err(err))) => {
                 *this.ended = true;
+                this.endpoint.take();
                 this.upstream.metrics.stream_aborts.inc();
                 Poll::Ready(Some(Err(err.into())))
             }
@@ -111,6 +115,7 @@ impl HttpBody for UpstreamBody {
                     continue;
                 }
                 *this.ended = true;
+                this.endpoint.take();
                 this.upstream.metrics.stream_aborts.inc();
                 tracing::warn!(upstream = %this.upstream.name, "upstream body idle timeout");
                 return Poll::Ready(Some(Err(Box::new(IdleTimeout {
@@ -134,6 +139,7 @@ fn finish(this: &mut UpstreamBodyProj<'_>) {
     if std::mem::replace(this.ended, true) {
         return;
     }
+    this.endpoint.take();
     this.upstream.metrics.duration.observe(this.sent_at.elapsed().as_secs_f64());
     let scanner = std::mem::replace(this.scanner, UsageScanner::Off);
     if let Some(usage) = scanner.finish() {

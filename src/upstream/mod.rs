@@ -2,12 +2,21 @@
 //! mapping, auth, hop-by-hop filtering), retries with backoff and failover along a model's
 //! route, and response bodies streamed back without buffering.
 //!
+//! An upstream is one base URL or a [`Pool`] of endpoints (replicas): each attempt on a pool
+//! leases one endpoint (by affinity key or balancer), and an attempt that fails on one endpoint
+//! moves to another of the pool at once, before the route's next upstream.
+//!
 //! Retries and failover happen only before any response byte has gone to the client: once
 //! [`Forwarded`] is turned into a response, the stream belongs to the client. The transport
 //! reports each answer's `usage` to whoever the caller named ([`UsageSink`]); it knows nothing
 //! of sessions, billing or the chat pipeline.
 
+pub mod affinity;
+mod balance;
 mod body;
+pub mod discovery;
+mod health;
+pub mod pool;
 mod route;
 
 use std::sync::Arc;
@@ -21,8 +30,13 @@ use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
+use tokio::sync::watch;
+use tokio::time::error::Elapsed;
 
+pub use affinity::{AffinityKey, Choice};
 pub use body::UpstreamBody;
+pub use discovery::{Resolver, SystemResolver};
+pub use pool::{Endpoint, Lease, Pool};
 pub use route::ModelRouter;
 
 use crate::body::{self as gw_body, Body, BoxError};
@@ -32,16 +46,111 @@ use crate::openai::UsageObserver;
 use crate::retry;
 use crate::telemetry::{Metrics, RetryLabel, UpstreamMetrics};
 
-type HttpClient = Client<HttpsConnector<HttpConnector>, Body>;
+pub(crate) type HttpClient = Client<HttpsConnector<HttpConnector>, Body>;
 
-/// One configured upstream and its connection pool.
-#[derive(Debug)]
-pub struct Upstream {
-    pub name: String,
+/// The response header naming the pool endpoint that answered.
+pub const ENDPOINT_HEADER: HeaderName = HeaderName::from_static("x-ctxgate-upstream-endpoint");
+
+/// Where a base URL points: scheme, `host:port` and path prefix.
+#[derive(Clone, Debug)]
+pub struct Origin {
     scheme: Scheme,
     authority: Authority,
     /// The base URL's path without a trailing slash, e.g. `/v1`.
     base_path: String,
+}
+
+impl Origin {
+    fn parse(base_url: &str) -> Result<Self, String> {
+        let uri: Uri = base_url.parse().map_err(|e| format!("base_url: {e}"))?;
+        let parts = uri.into_parts();
+        let scheme = parts.scheme.ok_or("base_url has no scheme")?;
+        let authority = parts.authority.ok_or("base_url has no host")?;
+        let base_path =
+            parts.path_and_query.map(|p| p.path().trim_end_matches('/').to_string()).unwrap_or_default();
+        Ok(Self { scheme, authority, base_path })
+    }
+
+    /// Maps a client path under `/v1` onto this base URL, keeping the query.
+    fn uri_for(&self, path_and_query: &str) -> Result<Uri, http::Error> {
+        let rest = path_and_query.strip_prefix("/v1").unwrap_or(path_and_query);
+        Uri::builder()
+            .scheme(self.scheme.clone())
+            .authority(self.authority.clone())
+            .path_and_query(format!("{}{}", self.base_path, rest))
+            .build()
+    }
+
+    /// A path from the server's root (health checks), ignoring the base path.
+    fn root_uri(&self, path: &str) -> Result<Uri, http::Error> {
+        Uri::builder()
+            .scheme(self.scheme.clone())
+            .authority(self.authority.clone())
+            .path_and_query(path)
+            .build()
+    }
+}
+
+/// Where an upstream's requests go.
+#[derive(Debug)]
+enum Target {
+    Url(Origin),
+    Pool(Arc<Pool>),
+}
+
+/// The endpoint an attempt goes to.
+enum Attempt<'a> {
+    Url(&'a Origin),
+    Pool(&'a Pool, Lease),
+}
+
+impl Attempt<'_> {
+    fn origin(&self) -> &Origin {
+        match self {
+            Attempt::Url(origin) => origin,
+            Attempt::Pool(_, lease) => &lease.endpoint.origin,
+        }
+    }
+
+    /// Feeds the attempt's outcome to the endpoint's latency estimate and health.
+    fn record<T>(
+        &self,
+        outcome: &Result<Result<Response<T>, hyper_util::client::legacy::Error>, Elapsed>,
+        latency: Duration,
+    ) {
+        let Attempt::Pool(pool, lease) = self else { return };
+        let (latency, failure) = match outcome {
+            Err(_) => (None, Some(pool::Failure::Timeout)),
+            Ok(Err(err)) if err.is_connect() => (None, Some(pool::Failure::Connect)),
+            Ok(Err(_)) => (None, Some(pool::Failure::Transport)),
+            Ok(Ok(response)) if response.status().is_server_error() => {
+                (Some(latency), Some(pool::Failure::Status))
+            }
+            Ok(Ok(_)) => (Some(latency), None),
+        };
+        pool.record(lease, latency, failure);
+    }
+
+    /// Another endpoint of the pool to try at once, after this one failed.
+    fn another_endpoint(&self, tried: &mut Vec<u64>) -> bool {
+        let Attempt::Pool(pool, lease) = self else { return false };
+        tried.push(lease.endpoint.hash);
+        pool.has_untried(tried)
+    }
+
+    fn into_lease(self) -> Option<Lease> {
+        match self {
+            Attempt::Url(_) => None,
+            Attempt::Pool(_, lease) => Some(lease),
+        }
+    }
+}
+
+/// One configured upstream: a base URL or a pool of endpoints, and its connection pool.
+#[derive(Debug)]
+pub struct Upstream {
+    pub name: String,
+    target: Target,
     /// `Bearer <key>` when the gateway holds the key; `None` passes the client's through.
     authorization: Option<HeaderValue>,
     extra_headers: Vec<(HeaderName, HeaderValue)>,
@@ -55,17 +164,27 @@ pub struct Upstream {
 }
 
 impl Upstream {
+    /// An upstream whose DNS pool (if any) resolves through the system resolver.
     pub fn new(
         config: &UpstreamConfig,
         api_key: Option<String>,
         metrics: UpstreamMetrics,
     ) -> Result<Self, String> {
-        let uri: Uri = config.base_url.parse().map_err(|e| format!("base_url: {e}"))?;
-        let parts = uri.into_parts();
-        let scheme = parts.scheme.ok_or("base_url has no scheme")?;
-        let authority = parts.authority.ok_or("base_url has no host")?;
-        let base_path =
-            parts.path_and_query.map(|p| p.path().trim_end_matches('/').to_string()).unwrap_or_default();
+        let (_never_replaced, resolvers) = watch::channel(Arc::new(SystemResolver) as Arc<dyn Resolver>);
+        Self::build(config, api_key, metrics, &resolvers)
+    }
+
+    /// The upstream; a pool's DNS refresh and health checks start here.
+    fn build(
+        config: &UpstreamConfig,
+        api_key: Option<String>,
+        metrics: UpstreamMetrics,
+        resolvers: &discovery::Resolvers,
+    ) -> Result<Self, String> {
+        let target = match &config.pool {
+            None => Target::Url(Origin::parse(&config.base_url)?),
+            Some(pool) => Target::Pool(Arc::new(Pool::new(&config.name, pool, metrics.pool.clone())?)),
+        };
         let authorization = api_key
             .map(|key| {
                 let mut value = HeaderValue::try_from(format!("Bearer {key}"))
@@ -83,11 +202,9 @@ impl Upstream {
 
         let client = crate::http_client::pooled(config.connect_timeout);
 
-        Ok(Self {
+        let upstream = Self {
             name: config.name.clone(),
-            scheme,
-            authority,
-            base_path,
+            target,
             authorization,
             extra_headers,
             first_byte_timeout: config.first_byte_timeout,
@@ -96,27 +213,72 @@ impl Upstream {
             prompt_cache_key: config.prompt_cache_key,
             metrics,
             client,
-        })
+        };
+        upstream.start_pool_tasks(resolvers)?;
+        Ok(upstream)
     }
 
-    /// Maps a client path under `/v1` onto this upstream's base URL, keeping the query.
-    fn uri_for(&self, path_and_query: &str) -> Result<Uri, http::Error> {
-        let rest = path_and_query.strip_prefix("/v1").unwrap_or(path_and_query);
-        Uri::builder()
-            .scheme(self.scheme.clone())
-            .authority(self.authority.clone())
-            .path_and_query(format!("{}{}", self.base_path, rest))
-            .build()
+    /// Spawns a pool's DNS refresh and active checks; they stop when the pool is dropped.
+    fn start_pool_tasks(&self, resolvers: &discovery::Resolvers) -> Result<(), String> {
+        let Target::Pool(pool) = &self.target else { return Ok(()) };
+        let checks = pool.health.check_path.clone();
+        if pool.dns.is_none() && checks.is_none() {
+            return Ok(());
+        }
+        let runtime = tokio::runtime::Handle::try_current()
+            .map_err(|_| "a pool with dns or health checks needs the async runtime".to_string())?;
+        if pool.dns.is_some() {
+            let task = runtime.spawn(discovery::run(Arc::downgrade(pool), resolvers.clone()));
+            pool.add_task(task.abort_handle());
+        }
+        if let Some(path) = checks {
+            let mut headers = HeaderMap::new();
+            if let Some(auth) = &self.authorization {
+                headers.insert(header::AUTHORIZATION, auth.clone());
+            }
+            for (name, value) in &self.extra_headers {
+                headers.insert(name.clone(), value.clone());
+            }
+            let check = health::Check { path, headers, client: self.client.clone() };
+            let task = runtime.spawn(health::run_checks(Arc::downgrade(pool), check));
+            pool.add_task(task.abort_handle());
+        }
+        Ok(())
+    }
+
+    /// The pool behind this upstream, if it is one.
+    pub fn pool(&self) -> Option<&Arc<Pool>> {
+        match &self.target {
+            Target::Pool(pool) => Some(pool),
+            Target::Url(_) => None,
+        }
+    }
+
+    /// Whether requests routed here should carry an affinity key.
+    pub fn wants_affinity(&self) -> bool {
+        self.pool().is_some_and(|p| p.wants_affinity())
+    }
+
+    /// The endpoint for the next attempt; `None` when a pool has no endpoint.
+    async fn attempt(&self, affinity: Option<AffinityKey>, tried: &[u64]) -> Option<Attempt<'_>> {
+        match &self.target {
+            Target::Url(origin) => Some(Attempt::Url(origin)),
+            Target::Pool(pool) => {
+                let lease = pool.lease(affinity, tried, self.first_byte_timeout).await?;
+                Some(Attempt::Pool(pool, lease))
+            }
+        }
     }
 
     fn build_request(
         &self,
+        origin: &Origin,
         method: &Method,
         path_and_query: &str,
         client_headers: &HeaderMap,
         body: Body,
     ) -> Result<Request<Body>, GatewayError> {
-        let uri = self.uri_for(path_and_query).map_err(|e| GatewayError::Internal(e.into()))?;
+        let uri = origin.uri_for(path_and_query).map_err(|e| GatewayError::Internal(e.into()))?;
         let mut request = Request::new(body);
         *request.method_mut() = method.clone();
         *request.uri_mut() = uri;
@@ -139,6 +301,9 @@ pub struct Outgoing {
     pub path_and_query: String,
     pub headers: HeaderMap,
     pub body: OutgoingBody,
+    /// Which pool endpoint the request belongs on (a session, or a stateless prefix); ignored
+    /// by single-URL upstreams and by pools without affinity.
+    pub affinity: Option<AffinityKey>,
 }
 
 pub enum OutgoingBody {
@@ -176,6 +341,8 @@ pub struct Forwarded {
     pub upstream_wait: Duration,
     /// Per-model token counters to update from the response's `usage`.
     pub usage_sink: UsageSink,
+    /// The pool endpoint that answered, held as in flight until the body ends.
+    pub endpoint: Option<Lease>,
     sent_at: Instant,
 }
 
@@ -190,6 +357,8 @@ pub struct Upstreams {
     pub router: ModelRouter,
     retry: RetryConfig,
     metrics: Arc<Metrics>,
+    /// How DNS pools resolve their names.
+    resolver: watch::Sender<Arc<dyn Resolver>>,
 }
 
 impl Upstreams {
@@ -200,31 +369,40 @@ impl Upstreams {
         env: &dyn EnvSource,
         metrics: Arc<Metrics>,
     ) -> Result<Self, ConfigError> {
+        let resolver = watch::Sender::new(Arc::new(SystemResolver) as Arc<dyn Resolver>);
         let upstreams = config
             .upstreams
             .iter()
             .enumerate()
             .map(|(i, u)| {
                 let key = u.api_key_env.as_deref().and_then(|var| env.var(var));
-                Upstream::new(u, key, metrics.for_upstream(&u.name))
+                Upstream::build(u, key, metrics.for_upstream(&u.name), &resolver.subscribe())
                     .map(Arc::new)
                     .map_err(|e| ConfigError::single(&format!("upstreams[{i}]"), e))
             })
             .collect::<Result<Vec<_>, _>>()?;
         let router = ModelRouter::new(&config.routes, &upstreams)
             .map_err(|e| ConfigError::single("routes", e.to_string()))?;
-        Ok(Self { router, retry: config.retry.clone(), metrics })
+        Ok(Self { router, retry: config.retry.clone(), metrics, resolver })
+    }
+
+    /// Resolves DNS pools' names with `resolver` from now on (each resolves again at once).
+    /// The gateway uses the system resolver; tests script one.
+    pub fn set_resolver(&self, resolver: Arc<dyn Resolver>) {
+        self.resolver.send_replace(resolver);
     }
 
     /// Sends `outgoing` along `route`: retries each upstream on connect errors, 429 and 5xx,
-    /// then fails over to the next. The last upstream's error response, if every attempt
-    /// failed with one, is returned as the upstream sent it.
+    /// then fails over to the next. On a pool, a failed attempt moves to another endpoint at
+    /// once while one is left untried; the retries (with backoff) come after. The last
+    /// upstream's error response, if every attempt failed with one, is returned as the upstream
+    /// sent it.
     pub async fn forward(
         &self,
         route: &[Arc<Upstream>],
         outgoing: Outgoing,
     ) -> Result<Forwarded, GatewayError> {
-        let Outgoing { method, path_and_query, headers, body } = outgoing;
+        let Outgoing { method, path_and_query, headers, body, affinity } = outgoing;
         // A buffered body can be sent as often as the policy allows; a streamed one only once.
         let (replay, mut once) = match body {
             OutgoingBody::Replayable(bytes) => (Some(bytes), None),
@@ -235,27 +413,41 @@ impl Upstreams {
 
         for (u, upstream) in route.iter().enumerate() {
             let last_upstream = u + 1 == route.len();
-            for retry in 0.. {
+            // Pool endpoints this request failed on since its last backoff.
+            let mut tried = Vec::new();
+            let mut retry = 0;
+            loop {
                 let body = match (&replay, once.take()) {
                     (Some(bytes), _) => gw_body::full(bytes.clone()),
                     (None, Some(body)) => body,
                     (None, None) => break,
                 };
-                let request = upstream.build_request(&method, &path_and_query, &headers, body)?;
+                let Some(attempt) = upstream.attempt(affinity, &tried).await else {
+                    last_error = Some(GatewayError::UpstreamUnreachable {
+                        upstream: upstream.name.clone(),
+                        source: "the pool has no endpoints".into(),
+                    });
+                    break;
+                };
+                let request =
+                    upstream.build_request(attempt.origin(), &method, &path_and_query, &headers, body)?;
                 let sent_at = Instant::now();
-                let attempt =
+                let outcome =
                     tokio::time::timeout(upstream.first_byte_timeout, upstream.client.request(request)).await;
-                waited += sent_at.elapsed();
+                let elapsed = sent_at.elapsed();
+                waited += elapsed;
+                attempt.record(&outcome, elapsed);
                 let may_retry = replay.is_some() && retry < self.retry.max_retries;
-                let forwarded = |response| Forwarded {
+                let forwarded = |response, attempt: Attempt<'_>| Forwarded {
                     response,
                     upstream: upstream.clone(),
                     upstream_wait: waited,
                     usage_sink: UsageSink::default(),
+                    endpoint: attempt.into_lease(),
                     sent_at,
                 };
 
-                let (reason, delay) = match attempt {
+                let (reason, delay, next_endpoint) = match outcome {
                     // A slow upstream is not retried: another attempt would double the wait.
                     Err(_elapsed) => {
                         return Err(GatewayError::UpstreamTimeout {
@@ -273,19 +465,21 @@ impl Upstreams {
                             return Err(err);
                         }
                         last_error = Some(err);
-                        ("connect_error", Some(retry::backoff(&self.retry, retry)))
+                        let next = attempt.another_endpoint(&mut tried);
+                        ("connect_error", Some(retry::backoff(&self.retry, retry)), next)
                     }
                     Ok(Ok(response))
                         if replay.is_none() || !retry::is_retryable_status(response.status()) =>
                     {
-                        return Ok(forwarded(response))
+                        return Ok(forwarded(response, attempt))
                     }
                     Ok(Ok(response)) => {
                         let wanted = retry::retry_after(response.headers());
                         let too_long = wanted.is_some_and(|d| d > self.retry.max_retry_after);
-                        if last_upstream && (!may_retry || too_long) {
+                        let next = attempt.another_endpoint(&mut tried);
+                        if last_upstream && (!may_retry || too_long) && !next {
                             // Nowhere left to go: the client gets the upstream's own answer.
-                            return Ok(forwarded(response));
+                            return Ok(forwarded(response, attempt));
                         }
                         let reason = if response.status() == StatusCode::TOO_MANY_REQUESTS {
                             "rate_limited"
@@ -295,18 +489,26 @@ impl Upstreams {
                         (
                             reason,
                             (!too_long).then(|| wanted.unwrap_or_else(|| retry::backoff(&self.retry, retry))),
+                            next,
                         )
                     }
                 };
+                drop(attempt);
 
+                let retried = RetryLabel { upstream: upstream.name.clone(), reason };
+                // Another endpoint of the pool is another server: no backoff, no retry spent.
+                if next_endpoint {
+                    self.metrics.upstream_retries.get_or_create(&retried).inc();
+                    tracing::debug!(upstream = %upstream.name, reason, "trying another endpoint of the pool");
+                    continue;
+                }
                 let Some(delay) = delay.filter(|_| may_retry) else { break };
-                self.metrics
-                    .upstream_retries
-                    .get_or_create(&RetryLabel { upstream: upstream.name.clone(), reason })
-                    .inc();
+                self.metrics.upstream_retries.get_or_create(&retried).inc();
                 tracing::debug!(upstream = %upstream.name, reason, ?delay, "retrying upstream");
                 tokio::time::sleep(delay).await;
                 waited += delay;
+                retry += 1;
+                tried.clear();
             }
             if !last_upstream {
                 upstream.metrics.failovers.inc();
@@ -327,10 +529,15 @@ impl Forwarded {
             content_type,
             parts.headers.contains_key(header::CONTENT_ENCODING),
         );
-        let body = UpstreamBody::new(incoming, self.upstream, self.sent_at, scanner, self.usage_sink);
+        let endpoint = self.endpoint.as_ref().map(|lease| lease.endpoint.header.clone());
+        let body =
+            UpstreamBody::new(incoming, self.upstream, self.sent_at, scanner, self.usage_sink, self.endpoint);
         let mut response = Response::new(http_body_util::BodyExt::boxed_unsync(body));
         *response.status_mut() = parts.status;
         copy_end_to_end(&parts.headers, response.headers_mut());
+        if let Some(endpoint) = endpoint {
+            response.headers_mut().insert(ENDPOINT_HEADER, endpoint);
+        }
         response.extensions_mut().insert(UpstreamWait(self.upstream_wait));
         response
     }
@@ -387,8 +594,9 @@ mod tests {
         let config =
             UpstreamConfig { base_url: "http://up.test:9000/openai/v1/".into(), ..UpstreamConfig::default() };
         let upstream = Upstream::new(&config, None, Metrics::new().for_upstream("t")).unwrap();
+        let Target::Url(origin) = &upstream.target else { panic!("a base URL is not a pool") };
         assert_eq!(
-            upstream.uri_for("/v1/chat/completions?x=1").unwrap().to_string(),
+            origin.uri_for("/v1/chat/completions?x=1").unwrap().to_string(),
             "http://up.test:9000/openai/v1/chat/completions?x=1"
         );
     }
@@ -422,9 +630,17 @@ mod tests {
             path_and_query: "/v1/chat/completions".into(),
             headers,
             body: OutgoingBody::Replayable(Bytes::new()),
+            affinity: None,
         };
+        let Target::Url(origin) = &upstream.target else { panic!("a base URL is not a pool") };
         let request = upstream
-            .build_request(&outgoing.method, &outgoing.path_and_query, &outgoing.headers, gw_body::empty())
+            .build_request(
+                origin,
+                &outgoing.method,
+                &outgoing.path_and_query,
+                &outgoing.headers,
+                gw_body::empty(),
+            )
             .unwrap();
         assert_eq!(request.headers()[header::AUTHORIZATION], "Bearer sk-gateway");
         assert!(request.headers()[header::AUTHORIZATION].is_sensitive());

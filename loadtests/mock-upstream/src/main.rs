@@ -12,7 +12,8 @@ use mock_upstream::Server;
 
 const USAGE: &str = "usage: mock-upstream [--listen ADDR] [--latency MS] [--chunks N] [--chunk-delay MS]
                      [--tool-calls N] [--tool-name NAME]
-  --listen ADDR      address to bind (default 127.0.0.1:9000)
+  --listen ADDR      address to bind (default 127.0.0.1:9000); repeat it to serve the same
+                     replies on several addresses from one process
   --latency MS       delay before response headers (default 0)
   --chunks N         content chunks per streamed completion (default 8)
   --chunk-delay MS   delay between streamed content chunks (default 0)
@@ -23,7 +24,7 @@ POST /tools/... answers {\"ok\":true,...}: a stand-in HTTP tool.";
 
 #[derive(Debug, PartialEq)]
 struct Options {
-    listen: SocketAddr,
+    listen: Vec<SocketAddr>,
     latency: Duration,
     chunks: usize,
     chunk_delay: Duration,
@@ -34,7 +35,7 @@ struct Options {
 impl Default for Options {
     fn default() -> Self {
         Options {
-            listen: SocketAddr::from(([127, 0, 0, 1], 9000)),
+            listen: vec![SocketAddr::from(([127, 0, 0, 1], 9000))],
             latency: Duration::ZERO,
             chunks: 8,
             chunk_delay: Duration::ZERO,
@@ -47,10 +48,11 @@ impl Default for Options {
 /// `Ok(None)` means `--help` was asked for.
 fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Options>, String> {
     let mut opts = Options::default();
+    let mut listen = Vec::new();
     while let Some(flag) = args.next() {
         match flag.as_str() {
             "-h" | "--help" => return Ok(None),
-            "--listen" => opts.listen = value(&flag, args.next())?,
+            "--listen" => listen.push(value(&flag, args.next())?),
             "--latency" => opts.latency = Duration::from_millis(value(&flag, args.next())?),
             "--chunks" => opts.chunks = value(&flag, args.next())?,
             "--chunk-delay" => opts.chunk_delay = Duration::from_millis(value(&flag, args.next())?),
@@ -58,6 +60,9 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Options>,
             "--tool-name" => opts.tool_name = value(&flag, args.next())?,
             _ => return Err(format!("unknown argument: {flag}")),
         }
+    }
+    if !listen.is_empty() {
+        opts.listen = listen;
     }
     Ok(Some(opts))
 }
@@ -83,32 +88,36 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let server = Server::builder()
-        .record(false)
-        .latency(opts.latency)
-        .stream_chunks(opts.chunks)
-        .chunk_delay(opts.chunk_delay)
-        .tool_calls(&opts.tool_name, opts.tool_calls)
-        .start_on(opts.listen)
-        .await;
-    let server = match server {
-        Ok(server) => server,
-        Err(e) => {
-            eprintln!("mock-upstream: cannot listen on {}: {e}", opts.listen);
-            return ExitCode::FAILURE;
+    let mut servers = Vec::new();
+    for addr in &opts.listen {
+        let server = Server::builder()
+            .record(false)
+            .latency(opts.latency)
+            .stream_chunks(opts.chunks)
+            .chunk_delay(opts.chunk_delay)
+            .tool_calls(&opts.tool_name, opts.tool_calls)
+            .start_on(*addr)
+            .await;
+        match server {
+            Ok(server) => servers.push(server),
+            Err(e) => {
+                eprintln!("mock-upstream: cannot listen on {addr}: {e}");
+                return ExitCode::FAILURE;
+            }
         }
-    };
+    }
     // Scripts wait for this line before starting load, so flush it past any pipe buffering.
     // A closed stdout is no reason to stop serving, hence the ignored results.
     let mut out = std::io::stdout();
-    let _ = writeln!(out, "mock-upstream listening on {}", server.base_url());
+    let urls: Vec<String> = servers.iter().map(Server::base_url).collect();
+    let _ = writeln!(out, "mock-upstream listening on {}", urls.join(" "));
     let _ = out.flush();
 
     if let Err(e) = shutdown_signal().await {
         eprintln!("mock-upstream: cannot listen for signals: {e}");
         return ExitCode::FAILURE;
     }
-    drop(server);
+    drop(servers);
     ExitCode::SUCCESS
 }
 
@@ -139,7 +148,7 @@ mod tests {
     fn parses_flags_and_defaults() {
         assert_eq!(parse(&[]), Ok(Some(Options::default())));
         let expected = Options {
-            listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            listen: vec![SocketAddr::from(([0, 0, 0, 0], 8080))],
             latency: Duration::from_millis(5),
             chunks: 3,
             chunk_delay: Duration::from_millis(7),
@@ -162,6 +171,15 @@ mod tests {
         ];
         assert_eq!(parse(&args), Ok(Some(expected)));
         assert_eq!(parse(&["--help"]), Ok(None));
+    }
+
+    #[test]
+    fn listen_repeats_for_several_addresses() {
+        let opts = parse(&["--listen", "127.0.0.1:9001", "--listen", "127.0.0.1:9002"]).unwrap().unwrap();
+        assert_eq!(
+            opts.listen,
+            [SocketAddr::from(([127, 0, 0, 1], 9001)), SocketAddr::from(([127, 0, 0, 1], 9002))]
+        );
     }
 
     #[test]
