@@ -51,8 +51,10 @@ pub(crate) async fn read_body(body: Body) -> Result<Bytes, GatewayError> {
     }
 }
 
-pub(crate) fn json_response(value: &serde_json::Value) -> Response<Body> {
-    let mut response = Response::new(body::full(value.to_string()));
+pub(crate) fn json_response(value: &impl serde::Serialize) -> Response<Body> {
+    // Only maps with non-string keys fail to serialize; no response type here has one.
+    let json = serde_json::to_vec(value).unwrap_or_default();
+    let mut response = Response::new(body::full(json));
     response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     response
 }

@@ -214,14 +214,21 @@ async fn a_session_expands_from_its_transcript(store: Store) {
 /// The original of a marker, byte for byte, for its caller only; a session's from its transcript.
 async fn originals_are_returned_to_their_caller_only(store: Store) {
     let messages = conversation();
-    let id = big_id(&messages);
+    // The big result as a client might send it: its own key order and spacing.
+    let sent = format!(r#"{{"tool_call_id": "call_big",  "role": "tool", "content": {}}}"#, messages[3]["content"]);
+    let body = request(&messages, false).to_string().replace(&messages[3].to_string(), &sent);
+    let id = marker::id_of(&RawValue::from_string(sent.clone()).unwrap());
     let upstream = Server::builder().chat(fixtures::completion("a")).chat(fixtures::completion("b"));
     let (h, _store) = start(Some(store), upstream).await;
-    assert_eq!(h.chat().json(&request(&messages, false)).send().await.unwrap().status(), 200);
-    assert_eq!(
-        h.chat().header("x-session-id", "s1").json(&request(&messages, false)).send().await.unwrap().status(),
-        200
-    );
+    let send = |session: Option<&'static str>| {
+        let mut chat = h.chat().header("content-type", "application/json").body(body.clone());
+        if let Some(session) = session {
+            chat = chat.header("x-session-id", session);
+        }
+        chat.send()
+    };
+    assert_eq!(send(None).await.unwrap().status(), 200);
+    assert_eq!(send(Some("s1")).await.unwrap().status(), 200);
     let get = |key: &'static str, session: Option<&'static str>| {
         let mut request =
             h.client.get(h.v1(&format!("/ctxgate/originals/{id}"))).header("authorization", key);
@@ -234,8 +241,8 @@ async fn originals_are_returned_to_their_caller_only(store: Store) {
         let response = get("Bearer sk-test-client", session).await.unwrap();
         assert_eq!(response.status(), 200, "{session:?}");
         let body = response.text().await.unwrap();
-        let original = format!(r#""message":{}"#, messages[3]);
-        assert!(body.contains(&original), "not byte for byte ({session:?})");
+        let original = format!(r#""message":{sent}"#);
+        assert!(body.contains(&original), "not byte for byte ({session:?}): {body:.200}");
         let other = get("Bearer sk-someone-else", session).await.unwrap();
         assert_eq!(other.status(), 404, "another caller sees nothing ({session:?})");
         let error: Value = other.json().await.unwrap();

@@ -40,5 +40,12 @@ pub(crate) async fn original(
         }
     };
     let message = found.ok_or_else(missing)?;
-    Ok(json_response(&serde_json::json!({"id": id, "object": "ctxgate.original", "message": message})))
+    // Serialized around the raw message: `json!` would re-encode it (key order, spacing).
+    #[derive(serde::Serialize)]
+    struct Original<'a> {
+        id: &'a str,
+        object: &'static str,
+        message: &'a RawValue,
+    }
+    Ok(json_response(&Original { id, object: "ctxgate.original", message: &message }))
 }
