@@ -179,7 +179,7 @@ def _window(rng, turn_tokens, fixed, target, tol, tries=400):
 
 
 def _unique_atom(rng, text, texts, tries=60):
-    cands = list({m.group(0) for m in ATOM.finditer(text)})
+    cands = sorted({m.group(0) for m in ATOM.finditer(text)})  # sorted: set order varies per process
     rng.shuffle(cands)
     for c in cands[:tries]:
         if occurrences(texts, c) == 1:

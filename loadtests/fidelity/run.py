@@ -286,6 +286,9 @@ def run_case(case, counter, port, recorder, window, run_id):
             marker_ids.extend(x[3:] for x in m.group(1).split())
     stripped = [MARKER.sub("", t) for t in up_texts]
     r["markers"] = sum(len(MARKER.findall(t)) for t in up_texts)
+    marker_tokens = [counter.text(mk) for t in up_texts for mk in MARKER.findall(t)]
+    r["marker_tokens"] = sum(marker_tokens)
+    r["marker_tokens_max"] = max(marker_tokens, default=0)
     # our count of what went upstream (the client's tools, not ctxgate_expand), against the header
     client_tools = [t for t in up_tools if t.get("function", {}).get("name") != "ctxgate_expand"]
     r["ours_after_msgs"] = sum(counter.message(m, key=x) for m, x in zip(up, up_raw))
@@ -507,6 +510,8 @@ def summarize(results, window):
                 "expand_hidden": sum(r.get("expand_hidden_from_client", False) for r in rs),
                 "expand_headers": sum(r.get("expand_headers_present", False) for r in rs if r["expand_asked"]),
                 "broken_references": sum(r["broken_references"] for r in rs),
+                "marker_tokens_mean": statistics.mean(r["marker_tokens"] for r in rs),
+                "marker_tokens_max": max(r["marker_tokens_max"] for r in rs),
                 "marker_kinds": {k: sum(r["marker_kinds"].get(k, 0) for r in rs) for k in MARKER_KINDS},
                 "gold_fate": {k: sum(1 for r in not_verb if gold_fate(r) == k) for k in GOLD_FATES},
                 "rules_saved": {k: sum(r["rules_saved"].get(k, 0) for r in rs) for k in RULES},
@@ -533,7 +538,8 @@ def report(summary, meta, window):
     L = []
     L.append(f"# Fidelity benchmark — {meta['date']}")
     L.append("")
-    L.append(f"ctxgate `{meta['commit']}`{' (uncommitted changes under src/)' if meta['dirty'] else ''}, release binary "
+    source = meta["source"] or f"`{meta['commit']}`{' (uncommitted changes under src/ at the end of the run)' if meta['dirty'] else ''}"
+    L.append(f"ctxgate built from {source}, release binary "
              f"sha256 `{meta['binary_sha256'][:16]}…`, `[compression] mode = \"rules\"`, `context_window = {window}` "
              f"(high-water {int(window * 0.8)}, low-water {low} tokens), every other compression setting at its default. "
              f"Seed {meta['seed']}, {meta['cases']} cases per size and data set, sizes within ±{meta['tolerance'] * 100:.0f}% "
@@ -542,12 +548,21 @@ def report(summary, meta, window):
     L.append(f"Machine: {meta['machine']}. Load average at start {meta['load_start']}, at end {meta['load_end']}. "
              f"Busy processes at start: {meta['busy_start'] or 'none over 5% CPU'}; at end: {meta['busy_end'] or 'none over 5% CPU'}.")
     L.append("")
+    L.append("Definitions (method and data in loadtests/README.md, section \"Fidelity\"): **verbatim**: every gold string is in "
+             "the text of a message of the request ctxgate sent upstream, markers' own text taken out. **naive**: the client "
+             "drops its oldest whole turns (a user message, or an assistant message with its tool results; never the system "
+             "prompt or the question) until the request fits ctxgate's `x-ctxgate-tokens-after` (same tokens) or the "
+             "low-water mark, counted as ctxgate counts. **recoverable**: a marker in the upstream request names the gold "
+             "message's id and `GET /v1/ctxgate/originals/{id}` returns that message byte for byte as sent. **lost without a "
+             "marker**: an original tool result neither in the upstream request (modulo whitespace and ANSI) nor named by a "
+             "marker. **budget allows**: tools + system prompt + question ≤ the low-water mark.")
+    L.append("")
     L.append("## Per size")
     L.append("")
     L.append("| data set | size | cases | tokens before (mean) | after (mean) | after / window: p50 [min–max] | in 0.45–0.55 (budget allows) "
              "| **verbatim** | naive, same tokens | naive, low-water | ctxgate ÷ naive (same) | not verbatim: marker named / original byte-exact "
-             "| **verbatim or recoverable** | tool results lost without a marker |")
-    L.append("|---|---|---:|---:|---:|---|---|---:|---:|---:|---:|---|---:|---:|")
+             "| **verbatim or recoverable** | same, counting a JSON-equal original as recovered | tool results lost without a marker |")
+    L.append("|---|---|---:|---:|---:|---|---|---:|---:|---:|---:|---|---:|---:|---:|")
     for (ds, f), s in summary.items():
         n = s["cases"]
         L.append(
@@ -558,7 +573,7 @@ def report(summary, meta, window):
             f"| **{pct(s['verbatim'], n)}** ({s['verbatim']}) | {pct(s['naive_same'], n)} ({s['naive_same']}) "
             f"| {pct(s['naive_low'], n)} ({s['naive_low']}) | {ratio_text(s['verbatim'], s['naive_same'])} "
             f"| {s['named_when_not_verbatim']}/{s['not_verbatim']} / {s['recoverable_when_not_verbatim']}/{s['not_verbatim']} "
-            f"| **{pct(s['retained'], n)}** | {s['tool_lost']} of {s['tool_results']} |")
+            f"| **{pct(s['retained'], n)}** | {pct(s['retained_json'], n)} | {s['tool_lost']} of {s['tool_results']} |")
     L.append("")
     mem = [(f, s) for (ds, f), s in summary.items() if ds == "bfcl-mem"]
     if mem:
@@ -590,12 +605,12 @@ def report(summary, meta, window):
              "call is not whole in the request; what became of gold messages that are not verbatim; and the gateway's "
              "tool loop, where the fake model called `ctxgate_expand` with the gold message's id whenever a marker named it.")
     L.append("")
-    L.append("| data set | size | " + " | ".join(MARKER_KINDS) + " | broken references | gold not verbatim: "
+    L.append("| data set | size | " + " | ".join(MARKER_KINDS) + " | marker tokens per request (mean) | largest marker (tokens) | broken references | gold not verbatim: "
              + " / ".join(GOLD_FATES) + " | expand called | answer holds the gold | answer = whole original text | answer capped at expand_max_bytes | call hidden from client | x-ctxgate-tokens-* headers on that response |")
-    L.append("|---|---|" + "---:|" * len(MARKER_KINDS) + "---:|---|---:|---:|---:|---:|---:|---:|")
+    L.append("|---|---|" + "---:|" * len(MARKER_KINDS) + "---:|---:|---:|---|---:|---:|---:|---:|---:|---:|")
     for (ds, f), s in summary.items():
         L.append(f"| {ds} | {f}× | " + " | ".join(str(s["marker_kinds"][k]) for k in MARKER_KINDS)
-                 + f" | {s['broken_references']} | " + " / ".join(str(s["gold_fate"][k]) for k in GOLD_FATES)
+                 + f" | {s['marker_tokens_mean']:.0f} | {s['marker_tokens_max']} | {s['broken_references']} | " + " / ".join(str(s["gold_fate"][k]) for k in GOLD_FATES)
                  + f" | {s['expand_asked']} | {s['expand_has_gold']} | {s['expand_whole']} | {s['expand_capped']} | {s['expand_hidden']} | {s['expand_headers']} |")
     L.append("")
     L.append("## Tokens saved per rule (sum over the cases; in how many cases the rule saved anything)")
@@ -650,6 +665,7 @@ def main():
     ap.add_argument("--tag", default="")
     ap.add_argument("--keep-work", action="store_true")
     ap.add_argument("--command", default="")
+    ap.add_argument("--source", default="", help="what the binary was built from (run.sh says)")
     args = ap.parse_args()
     t_start = time.time()
     load_start, busy_start = load(), busy_processes()
@@ -706,7 +722,7 @@ def main():
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
     mem_gib = int(open("/proc/meminfo").readline().split()[1]) / 1024 / 1024
     date = datetime.date.today().isoformat()
-    meta = {"date": date, "commit": commit, "dirty": dirty, "binary_sha256": sha, "seed": args.seed, "cases": args.cases,
+    meta = {"date": date, "commit": commit, "dirty": dirty, "source": args.source, "binary_sha256": sha, "seed": args.seed, "cases": args.cases,
             "tolerance": args.tolerance, "window": args.window, "sizes": sizes, "sets": sets,
             "wall_s": time.time() - t_start, "command": args.command or " ".join(sys.argv),
             "machine": f"{os.cpu_count()} cores ({cpu}), {mem_gib:.0f} GiB, {platform.system()} {platform.release()}",

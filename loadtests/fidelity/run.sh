@@ -4,7 +4,8 @@
 # section "Fidelity". Everything it installs goes under loadtests/fidelity/.work/ (gitignored).
 #
 #   bash loadtests/fidelity/run.sh                      # build, then the full run (~3-5 min once built)
-#   SKIP_BUILD=1 bash loadtests/fidelity/run.sh         # use target/release/ctxgate as it is
+#   REV=HEAD bash loadtests/fidelity/run.sh             # build a clean export of a commit instead of the work tree
+#   SKIP_BUILD=1 bash loadtests/fidelity/run.sh         # use the binary already built
 #   bash loadtests/fidelity/run.sh --cases 10 --tag quick   # any run.py option (--window, --sizes, --seed, --sets)
 set -euo pipefail
 
@@ -29,14 +30,38 @@ if ! "$VENV/bin/python" -c "import tiktoken, sys; sys.exit(tiktoken.__version__ 
   "$VENV/bin/pip" install --disable-pip-version-check -q "tiktoken==$TIKTOKEN_VERSION"
 fi
 
-# 2. ctxgate, built and copied away so a concurrent rebuild cannot swap it mid-run.
-if [[ "${SKIP_BUILD:-0}" != 1 ]]; then
-  log "cargo build --release -p ctxgate"
-  (cd "$REPO" && cargo build --release -p ctxgate)
+# 2. ctxgate, built and copied away so a concurrent rebuild cannot swap it mid-run. By default
+#    from the work tree (as it is, other people's uncommitted changes included: the report says
+#    so); with REV=<commit> from a clean `git archive` of that commit under .work/src, with its
+#    own target dir (.work/target: a full release build the first time, ~6+ min on 2 cores).
+if [[ -n "${REV:-}" ]]; then
+  sha="$(git -C "$REPO" rev-parse --verify "$REV^{commit}")"
+  SRC="$WORK/src"
+  if [[ "$(cat "$SRC/.rev" 2>/dev/null)" != "$sha" ]]; then
+    rm -rf "$SRC" && mkdir -p "$SRC"
+    git -C "$REPO" archive "$sha" | tar -x -C "$SRC"
+    echo "$sha" >"$SRC/.rev"
+  fi
+  if [[ "${SKIP_BUILD:-0}" != 1 ]]; then
+    log "cargo build --release -p ctxgate (git archive of ${sha:0:12})"
+    (cd "$SRC" && CARGO_TARGET_DIR="$WORK/target" cargo build --release -p ctxgate)
+  fi
+  BUILT="$WORK/target/release/ctxgate"
+  SOURCE="commit ${sha:0:12} (clean git archive)"
+else
+  dirty="$(git -C "$REPO" status --porcelain -- src Cargo.toml Cargo.lock)"
+  if [[ "${SKIP_BUILD:-0}" != 1 ]]; then
+    log "cargo build --release -p ctxgate"
+    (cd "$REPO" && cargo build --release -p ctxgate)
+  fi
+  BUILT="$REPO/target/release/ctxgate"
+  SOURCE="work tree at $(git -C "$REPO" rev-parse --short HEAD)"
+  [[ -n "$dirty" ]] && SOURCE="$SOURCE with uncommitted changes under src/ or Cargo.* when built"
+  [[ "${SKIP_BUILD:-0}" == 1 ]] && SOURCE="target/release/ctxgate as found (not rebuilt; work tree at $(git -C "$REPO" rev-parse --short HEAD))"
 fi
 BIN_DIR="$(mktemp -d /tmp/ctxgate-fidelity-bin.XXXXXX)"
 trap 'rm -rf "$BIN_DIR"' EXIT
-cp "$REPO/target/release/ctxgate" "$BIN_DIR/ctxgate"
+cp "$BUILT" "$BIN_DIR/ctxgate"
 
 # 3. tiktoken's o200k vocabulary, offline: the same file ctxgate's tiktoken-rs crate embeds,
 #    placed in tiktoken's cache under the name tiktoken looks for (sha1 of its URL); tiktoken
@@ -61,5 +86,6 @@ if [[ ! -s "$BFCL/long_context.jsonl" || ! -f "$BFCL/memory/possible_answer/BFCL
 fi
 
 cmd="bash loadtests/fidelity/run.sh${*:+ $*}"
+[[ -n "${REV:-}" ]] && cmd="REV=$REV $cmd"
 [[ "${SKIP_BUILD:-0}" == 1 ]] && cmd="SKIP_BUILD=1 $cmd"
-"$VENV/bin/python" "$HERE/run.py" --binary "$BIN_DIR/ctxgate" --command "$cmd" "$@"
+"$VENV/bin/python" "$HERE/run.py" --binary "$BIN_DIR/ctxgate" --source "$SOURCE" --command "$cmd" "$@"
