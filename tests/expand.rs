@@ -143,6 +143,8 @@ async fn the_model_expands_a_marker_and_the_client_never_sees_the_call() {
 
     assert_eq!(response.status(), 200);
     assert_eq!(response.headers()["x-ctxgate-tool-rounds"], "1");
+    assert_eq!(response.headers()["x-ctxgate-compression"], "rules", "the turn's headers survive its rounds");
+    assert!(response.headers().contains_key("x-ctxgate-tokens-after"));
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["choices"][0]["message"]["content"], "4417-ALPHA");
     assert!(body["choices"][0]["message"]["tool_calls"].is_null());
@@ -215,7 +217,8 @@ async fn a_session_expands_from_its_transcript(store: Store) {
 async fn originals_are_returned_to_their_caller_only(store: Store) {
     let messages = conversation();
     // The big result as a client might send it: its own key order and spacing.
-    let sent = format!(r#"{{"tool_call_id": "call_big",  "role": "tool", "content": {}}}"#, messages[3]["content"]);
+    let sent =
+        format!(r#"{{"tool_call_id": "call_big",  "role": "tool", "content": {}}}"#, messages[3]["content"]);
     let body = request(&messages, false).to_string().replace(&messages[3].to_string(), &sent);
     let id = marker::id_of(&RawValue::from_string(sent.clone()).unwrap());
     let upstream = Server::builder().chat(fixtures::completion("a")).chat(fixtures::completion("b"));
@@ -254,7 +257,77 @@ async fn originals_are_returned_to_their_caller_only(store: Store) {
     assert_eq!(bad.status(), 404);
 }
 
-on_both_stores!(a_session_expands_from_its_transcript, originals_are_returned_to_their_caller_only);
+/// Dropped steps become one marker naming the run by its first and last ids; the originals
+/// endpoint returns every message of the run, in order, byte for byte.
+async fn a_dropped_run_is_named_by_one_id_and_returned_whole(store: Store) {
+    let mut messages = vec![
+        json!({"role": "system", "content": "You are an agent."}),
+        json!({"role": "user", "content": "Check every host."}),
+    ];
+    for n in 0..60 {
+        let id = format!("call_{n}");
+        messages.push(json!({"role": "assistant", "content": null, "tool_calls": [{"id": id, "type": "function", "function": {"name": "ping", "arguments": format!("{{\"host\":{n}}}")}}]}));
+        messages.push(
+            json!({"role": "tool", "tool_call_id": id, "content": format!("host {n} answered in {n} ms")}),
+        );
+    }
+    messages.push(json!({"role": "user", "content": "Which host was slowest?"}));
+    let store = store.url().await;
+    let url = store.url.clone();
+    let upstream = Server::builder().chat(fixtures::completion("a")).chat(fixtures::completion("b"));
+    let h = Harness::builder()
+        .upstream(upstream)
+        .config(move |c| {
+            c.compression.policy.mode = CompressionMode::Rules;
+            c.compression.policy.context_window = 1_500;
+            c.compression.policy.keep_recent_turns = 1;
+            c.compression.policy.rules = RulesConfig { drop_oldest: true, ..RulesConfig::none() };
+            c.sessions.store = url;
+        })
+        .start()
+        .await;
+    let body = request(&messages, false);
+    assert_eq!(h.chat().json(&body).send().await.unwrap().status(), 200);
+    assert_eq!(h.chat().header("x-session-id", "hosts").json(&body).send().await.unwrap().status(), 200);
+
+    let sent = h.upstream(0).requests()[0].json();
+    let text = sent["messages"].to_string();
+    let runs: Vec<&str> = marker::ids_in(&text).into_iter().filter(|id| id.contains("..")).collect();
+    assert_eq!(runs.len(), 1, "one marker for the dropped steps: {text:.600}");
+    let marker_text = sent["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find_map(|m| m["content"].as_str().filter(|c| c.starts_with("[ctxgate:elided")));
+    assert!(marker_text.unwrap().contains("ping ×"), "{marker_text:?}");
+    let (first, last) = runs[0].split_once("..").unwrap();
+    let ids: Vec<String> =
+        messages.iter().map(|m| marker::id_of(&RawValue::from_string(m.to_string()).unwrap())).collect();
+    let start = ids.iter().position(|id| id == first).unwrap();
+    let end = ids.iter().position(|id| id == last).unwrap();
+    assert!(end > start + 10, "a run of many steps ({start}..={end})");
+    let want = format!(
+        r#""messages":[{}]"#,
+        messages[start..=end].iter().map(Value::to_string).collect::<Vec<_>>().join(",")
+    );
+    for session in [None, Some("hosts")] {
+        let mut get = h.client.get(h.v1(&format!("/ctxgate/originals/{}", runs[0])));
+        get = get.header("authorization", "Bearer sk-test-client");
+        if let Some(session) = session {
+            get = get.header("x-session-id", session);
+        }
+        let response = get.send().await.unwrap();
+        assert_eq!(response.status(), 200, "{session:?}");
+        let got = response.text().await.unwrap();
+        assert!(got.contains(&want), "every message of the run, in order ({session:?}): {got:.300}");
+    }
+}
+
+on_both_stores!(
+    a_session_expands_from_its_transcript,
+    originals_are_returned_to_their_caller_only,
+    a_dropped_run_is_named_by_one_id_and_returned_whole
+);
 
 #[tokio::test]
 async fn expansion_can_be_switched_off() {

@@ -14,7 +14,7 @@ use http::{header, HeaderMap, HeaderValue};
 use serde_json::value::RawValue;
 
 use super::context::ChatContext;
-use crate::compress::{self, marker, Active, Plan, State, Summary, SummaryRequest};
+use crate::compress::{self, expand, marker, Active, Plan, State, Summary, SummaryRequest};
 use crate::config::CompressionMode;
 use crate::error::GatewayError;
 use crate::headers;
@@ -183,6 +183,15 @@ pub(crate) async fn stateless(
                 )
             })
             .collect();
+        // A dropped run's id names its messages in order: kept as the list of their ids.
+        let runs = upstream.messages().iter().flat_map(|m| marker::ids_in(m.get()));
+        for run in runs.filter(|id| id.contains(marker::RUN)) {
+            if let Some(members) = expand::run(messages, run) {
+                let ids: Vec<String> = members.iter().map(|m| marker::id_of(m)).collect();
+                let list = serde_json::to_vec(&ids).unwrap_or_default();
+                originals.push((original_key(&scope, run), Bytes::from(list)));
+            }
+        }
         if let Some(state) = plan.state.as_ref().filter(|s| s.summary.is_some()) {
             // The sheet's range id names an index of what it replaced.
             let replaced = &messages[state.lead..state.summarized_upto];
@@ -214,6 +223,24 @@ pub(crate) async fn stateless(
 /// lands on one Redis Cluster slot.
 pub(crate) fn original_key(scope: &str, id: &str) -> String {
     format!("{{{scope}}}:{id}")
+}
+
+/// A stateless caller's stored original: one message, or a dropped run's messages in order.
+pub(crate) async fn stored_original(app: &AppState, scope: &str, id: &str) -> Option<Vec<Box<RawValue>>> {
+    let get = |id: String| async move {
+        let bytes = app.sessions.get_blob(BlobKind::Original, &original_key(scope, &id)).await.ok()??;
+        RawValue::from_string(String::from_utf8(bytes.to_vec()).ok()?).ok()
+    };
+    if !id.contains(marker::RUN) {
+        return Some(vec![get(id.to_string()).await?]);
+    }
+    let bytes = app.sessions.get_blob(BlobKind::Original, &original_key(scope, id)).await.ok()??;
+    let ids: Vec<String> = serde_json::from_slice(&bytes).ok()?;
+    let mut messages = Vec::with_capacity(ids.len());
+    for id in ids {
+        messages.push(get(id).await?);
+    }
+    Some(messages)
 }
 
 async fn load_state(app: &AppState, key: &str) -> Option<State> {

@@ -167,7 +167,7 @@ impl Turn {
                 return Err(err);
             }
         };
-        mode.annotate(&mut ctx, response.headers_mut());
+        mode.annotate(&ctx, response.headers_mut());
         if !response.status().is_success() {
             // The upstream's error passes through; the turn did not happen.
             mode.finish(conversation, None).await;
@@ -211,6 +211,9 @@ impl Turn {
                 return Err(err);
             }
         };
+        // The tool loop's rounds answer with responses of their own: the turn's headers go on
+        // the one the client gets.
+        mode.annotate(&ctx, response.headers_mut());
         let committed = mode.finish(conversation, Some(&outcome)).await;
         if let Some(version) = committed {
             response.headers_mut().insert(headers::SESSION_VERSION, HeaderValue::from(version));
@@ -253,8 +256,8 @@ impl Mode {
     }
 
     /// The response headers of the turn: what compression did, and the session's state.
-    fn annotate(&self, ctx: &mut ChatContext, headers: &mut HeaderMap) {
-        headers.extend(std::mem::take(&mut ctx.annotations));
+    fn annotate(&self, ctx: &ChatContext, headers: &mut HeaderMap) {
+        headers.extend(ctx.annotations.clone());
         match self {
             Self::Degraded => {
                 headers.insert(headers::SESSION_STATE, HeaderValue::from_static("degraded"));

@@ -29,13 +29,12 @@ use super::context::ChatContext;
 use super::relay::{Relay, Rest, Round};
 use crate::body::{self, Body};
 use crate::compress::expand;
-use crate::compress::marker::EXPAND_TOOL;
+use crate::compress::marker::{self, EXPAND_TOOL};
 use crate::error::GatewayError;
 use crate::headers;
 use crate::openai::answer::Answer;
 use crate::openai::events::only_tool_calls;
 use crate::openai::{request, ChatRequest};
-use crate::session::BlobKind;
 use crate::telemetry::ToolOutcomeLabel;
 use crate::tools::record::Expansion;
 use crate::tools::tasks::TaskLog;
@@ -92,9 +91,11 @@ impl Originals<'_> {
             return Some(found);
         }
         let scope = self.scope.as_deref()?;
-        let key = super::compression::original_key(scope, id);
-        let bytes = app.sessions.get_blob(BlobKind::Original, &key).await.ok()??;
-        RawValue::from_string(String::from_utf8(bytes.to_vec()).ok()?).ok()
+        let mut stored = super::compression::stored_original(app, scope, id).await?;
+        match id.contains(marker::RUN) {
+            true => Some(expand::joined(&stored)),
+            false => stored.pop(),
+        }
     }
 }
 

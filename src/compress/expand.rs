@@ -45,6 +45,9 @@ struct Arguments {
 /// or for a state sheet's range id, the index of the messages it replaced (as a message whose
 /// content is the index).
 pub(crate) fn resolve(conversation: &[Box<RawValue>], id: &str) -> Option<Box<RawValue>> {
+    if id.contains(marker::RUN) {
+        return run(conversation, id).map(joined);
+    }
     if let Some(found) = conversation.iter().find(|m| marker::id_of(m) == id) {
         return Some(found.clone());
     }
@@ -68,6 +71,34 @@ pub(crate) fn resolve(conversation: &[Box<RawValue>], id: &str) -> Option<Box<Ra
     None
 }
 
+/// The messages a run id (`first..last`) names in `conversation`, in order.
+pub(crate) fn run<'a>(conversation: &'a [Box<RawValue>], id: &str) -> Option<&'a [Box<RawValue>]> {
+    let (first, last) = id.split_once(marker::RUN)?;
+    let start = conversation.iter().position(|m| marker::id_of(m) == first)?;
+    let len = conversation[start..].iter().position(|m| marker::id_of(m) == last)?;
+    Some(&conversation[start..=start + len])
+}
+
+/// A run's messages as one message to answer from: each one's id and what it is, then its text.
+pub(crate) fn joined(run: &[Box<RawValue>]) -> Box<RawValue> {
+    let infos: Vec<Info> = run.iter().map(|m| Info::parse(m.get())).collect();
+    let mut text = String::new();
+    for (m, info) in run.iter().zip(&infos) {
+        let call = info
+            .tool_call_id
+            .as_deref()
+            .and_then(|id| infos.iter().flat_map(|i| &i.calls).find(|c| c.id == id));
+        text.push_str(&format!("[id={} {}]\n", marker::id_of(m), marker::describe(info, call)));
+        if let Some(own) = info.text.as_deref().filter(|t| !t.is_empty()) {
+            text.push_str(own);
+            text.push('\n');
+        }
+    }
+    let value = serde_json::json!({"role": "run", "content": text});
+    // A literal object always serialises.
+    serde_json::value::to_raw_value(&value).unwrap_or_else(|_| RawValue::NULL.to_owned())
+}
+
 /// The tool's answer to `arguments`: the original's text (or the passages matching the query),
 /// within `max_bytes`. `find` looks an original up by its id.
 pub(crate) fn answer(
@@ -86,7 +117,10 @@ pub(crate) fn answer(
     };
     let info = Info::parse(original.get());
     let text = info.text.unwrap_or_else(|| original.get().to_string());
-    let what = marker::describe(&Info::parse(original.get()), None);
+    let what = match id.contains(marker::RUN) {
+        true => format!("{} messages", text.matches("\n[id=").count() + 1),
+        false => marker::describe(&Info::parse(original.get()), None),
+    };
     let body = match args.query.as_deref().map(str::trim).filter(|q| !q.is_empty()) {
         Some(query) => passages(&text, query),
         None => text,
@@ -127,11 +161,23 @@ fn passages(text: &str, query: &str) -> String {
     }
     let mut out = String::new();
     let mut gap = false;
+    // A run's text has one section per message, each under its `[id=…]` line: a passage
+    // comes with the line of the message it is in.
+    let mut section: Option<usize> = None;
+    let mut shown: Option<usize> = None;
     for (i, line) in lines.iter().enumerate() {
+        if line.starts_with("[id=") {
+            section = Some(i);
+        }
         if keep[i] {
             if gap && !out.is_empty() {
                 out.push_str("…\n");
             }
+            if let Some(head) = section.filter(|&h| h < i && shown != Some(h) && !keep[h]) {
+                out.push_str(lines[head]);
+                out.push('\n');
+            }
+            shown = section;
             out.push_str(line);
             out.push('\n');
             gap = false;
@@ -169,6 +215,36 @@ mod tests {
         assert!(capped.len() <= 300 && capped.contains("more bytes"), "{capped}");
         assert!(answer(r#"{"id":"0000000000"}"#, 1000, find).contains("not_found"));
         assert!(answer("nope", 1000, find).contains("invalid_arguments"));
+    }
+
+    #[test]
+    fn a_run_answers_with_every_message_or_the_passages_under_their_ids() {
+        let messages: Vec<Box<RawValue>> = [
+            serde_json::json!({"role": "assistant", "content": null, "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "ping", "arguments": "{}"}}]}),
+            serde_json::json!({"role": "tool", "tool_call_id": "c1", "content": "host a up\nhost b down\nhost c up"}),
+            serde_json::json!({"role": "assistant", "content": "all checked"}),
+        ]
+        .iter()
+        .map(|v| serde_json::value::to_raw_value(v).unwrap())
+        .collect();
+        let ids: Vec<String> = messages.iter().map(|m| marker::id_of(m)).collect();
+        let id = format!("{}..{}", ids[0], ids[2]);
+        assert_eq!(run(&messages, &id).map(<[_]>::len), Some(3));
+        assert!(
+            run(&messages, &format!("{}..{}", ids[2], ids[0])).is_none(),
+            "the last comes after the first"
+        );
+        let find = |want: &str| resolve(&messages, want);
+        let all = answer(&format!(r#"{{"id":"{id}"}}"#), 100_000, find);
+        assert!(all.contains("3 messages"), "{all}");
+        assert!(all.contains(&format!("[id={} result of ping({{}})]\nhost a up", ids[1])), "{all}");
+        assert!(all.contains("all checked"));
+        let some = answer(&format!(r#"{{"id":"{id}","query":"down"}}"#), 100_000, find);
+        assert!(
+            some.contains(&format!("[id={} result of ping", ids[1])) && some.contains("host b down"),
+            "{some}"
+        );
+        assert!(!some.contains("all checked"), "{some}");
     }
 
     #[test]

@@ -61,6 +61,15 @@ pub fn naming(ids: &[String], what: &str) -> String {
     out
 }
 
+/// Joins the first and last ids of a run of consecutive messages into the run's id.
+pub const RUN: &str = "..";
+
+/// A marker replacing a run of consecutive messages, from `first` to `last` (by id), whatever
+/// its length: one id, so a long run costs no more than a short one.
+pub fn run(first: &str, last: &str, what: &str, tokens: u64) -> String {
+    format!("{PREFIX}id={first}{RUN}{last} {what}; {tokens} tokens; {EXPAND_TOOL} restores them]")
+}
+
 /// A marker inside a kept text, for a part of it removed (the middle of a long output, a blob).
 pub fn partial(id: &str, what: &str) -> String {
     format!("{PREFIX}id={id} {what}; {EXPAND_TOOL} restores the whole]")
@@ -74,7 +83,11 @@ pub fn ids_in(text: &str) -> Vec<&str> {
         rest = &rest[at + PREFIX.len()..];
         let mut words = rest;
         while let Some(id) = words.strip_prefix("id=") {
-            let end = id.find(|c: char| !c.is_ascii_hexdigit()).unwrap_or(id.len());
+            let hex = |s: &str| s.find(|c: char| !c.is_ascii_hexdigit()).unwrap_or(s.len());
+            let mut end = hex(id);
+            if let Some(last) = id[end..].strip_prefix(RUN) {
+                end += RUN.len() + hex(last);
+            }
             ids.push(&id[..end]);
             words = id[end..].trim_start_matches(' ');
         }
@@ -135,6 +148,8 @@ mod tests {
             whole(&["0123456789".into(), "abcdefabcd".into()], "model step", 40)
         );
         assert_eq!(ids_in(&text), [id.as_str(), "0123456789", "abcdefabcd"]);
+        let text = run("0123456789", "abcdefabcd", "model steps calling ping ×40", 900);
+        assert_eq!(ids_in(&text), ["0123456789..abcdefabcd"]);
         assert!(ids_in("[ctxgate: something else]").is_empty());
     }
 

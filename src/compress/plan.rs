@@ -689,12 +689,17 @@ mod tests {
             })
             .collect();
         assert_eq!(&out_texts[out.len() - recent.len()..], &recent[..], "recent turns were changed");
-        // Named by a marker, or listed in the index a marked range id (a state sheet's) resolves to.
+        // Named by a marker, in a dropped run a marker names, or listed in the index a marked range
+        // id (a state sheet's) resolves to.
         let mut marked: std::collections::HashSet<String> =
             out.iter().flat_map(|m| marker::ids_in(m.get()).into_iter().map(str::to_string)).collect();
         let message_ids: Vec<String> = sent.iter().map(|m| marker::id_of(m)).collect();
         for id in marked.clone() {
             if message_ids.contains(&id) {
+                continue;
+            }
+            if let Some(run) = super::super::expand::run(sent, &id) {
+                marked.extend(run.iter().map(|m| marker::id_of(m)));
                 continue;
             }
             let index = super::super::expand::resolve(sent, &id);

@@ -7,10 +7,13 @@
 //! 1. lossless: whitespace and ANSI on every message (recent turns too, from the moment a
 //!    message first appears: see [`normalize`]), and exact duplicates of a tool result, which
 //!    point at the newest copy, kept verbatim;
-//! 2. blobs elided and oversized tool outputs cut to their head and tail;
-//! 3. superseded reads, then tool results masked, largest first (oldest first among equals);
+//! 2. blobs elided and oversized tool outputs cut to their head and tail (no shorter than the
+//!    budget needs);
+//! 3. superseded reads, then tool results masked, largest first (oldest first among equals;
+//!    the smallest that meets the budget alone, when one does);
 //! 4. old assistant prose masked;
-//! 5. whole model steps (an assistant message and its tool results) dropped, oldest first.
+//! 5. model steps (an assistant message and its tool results) dropped one at a time, oldest
+//!    first; a run of dropped steps shares one marker, named by its first and last ids.
 //!
 //! When that is not enough, the same passes run on the protected recent turns, oldest first
 //! (never on the last turn); only then are user messages elided, oldest first, so the facts a
@@ -32,6 +35,9 @@ use crate::config::RulesConfig;
 use crate::memo::Memo;
 use crate::openai::message::{self, Call, Info, Role};
 use crate::tokens::TokenCounter;
+
+/// About what a marker costs, in tokens: a cut that must meet the budget removes this much more.
+const MARKER_TOKENS: u64 = 32;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Rule {
@@ -418,13 +424,15 @@ impl<'a> Work<'a> {
                 continue;
             }
             let id = marker::id_of(&self.epoch.conversation.messages[i]);
+            let excess = self.total - self.epoch.target;
             let slot = self.slot(i);
             let truncate = config.truncate_tool_outputs
                 && info.role == Role::Tool
                 && slot.tokens > config.max_tool_output_tokens;
-            let max_bytes = info.text.as_ref().map_or(0, |t| {
-                (config.max_tool_output_tokens as usize * t.len()) / (slot.tokens.max(1) as usize)
-            });
+            // Cut no more than the budget needs: the last cut of an epoch keeps what it can.
+            let keep = slot.tokens.saturating_sub(excess + MARKER_TOKENS).max(config.max_tool_output_tokens);
+            let max_bytes =
+                info.text.as_ref().map_or(0, |t| (keep as usize * t.len()) / (slot.tokens.max(1) as usize));
             let mut rule = Rule::ElideBlobs;
             let edited = message::edit_text(slot.message.get(), |text| {
                 let blobs = if config.elide_blobs {
@@ -489,7 +497,9 @@ impl<'a> Work<'a> {
     }
 
     /// Messages of `role` (never the latest user message), largest first and oldest first
-    /// among equals, each replaced by a marker, while over budget.
+    /// among equals, each replaced by a marker, while over budget. When one message is enough
+    /// to meet the budget, the smallest such goes instead of the largest, so an epoch does not
+    /// mask far more than it needs.
     fn mask(&mut self, start: usize, end: usize, role: Role, rule: Rule) {
         let mut candidates: Vec<usize> = (start..end)
             .filter(|&i| {
@@ -501,50 +511,77 @@ impl<'a> Work<'a> {
             })
             .collect();
         candidates.sort_by_key(|&i| (std::cmp::Reverse(self.slot(i).tokens), i));
-        for i in candidates {
-            if !self.over() {
-                return;
-            }
+        while self.over() && !candidates.is_empty() {
+            let need = self.total - self.epoch.target + MARKER_TOKENS;
+            // Sorted largest first: those that meet the budget alone are a prefix.
+            let enough = candidates.partition_point(|&i| self.slot(i).tokens >= need);
+            let pick = match enough {
+                0 => 0,
+                n => {
+                    let smallest = self.slot(candidates[n - 1]).tokens;
+                    candidates.partition_point(|&i| self.slot(i).tokens > smallest)
+                }
+            };
+            let i = candidates.remove(pick);
             self.elide(i, "", Fate::Elided, rule);
         }
     }
 
-    /// Runs of model steps (assistant messages and their tool results, between user
-    /// messages), oldest first, each replaced by one assistant message with a marker naming
-    /// every original, while over budget.
+    /// Model steps (an assistant message and the tool results that follow it), oldest first,
+    /// while over budget. Consecutive dropped steps become one assistant message whose marker
+    /// names every original; user and system messages stay and end a run.
     fn drop_steps(&mut self, start: usize, end: usize) {
+        let mut run = None;
         let mut i = start;
         while i < end && self.over() {
-            if self.info(i).role == Role::User || self.slot(i).fate == Fate::Dropped {
+            if !matches!(self.info(i).role, Role::Assistant | Role::Tool)
+                || self.slot(i).fate == Fate::Dropped
+            {
+                run = None;
                 i += 1;
                 continue;
             }
-            let run_end = (i..end).find(|&j| self.info(j).role == Role::User).unwrap_or(end);
-            self.drop_run(i, run_end);
-            i = run_end;
+            let step_end = (i + 1..end).find(|&j| self.info(j).role != Role::Tool).unwrap_or(end);
+            // A step smaller than a marker goes with the steps after it, once they pay for one.
+            let from = *run.get_or_insert(i);
+            self.drop_run(from, step_end);
+            i = step_end;
         }
     }
 
-    fn drop_run(&mut self, start: usize, end: usize) {
+    /// Replaces `start..end` by one marker message; false when that would not be smaller.
+    fn drop_run(&mut self, start: usize, end: usize) -> bool {
         let conversation = self.epoch.conversation;
-        let ids: Vec<String> = (start..end).map(|i| marker::id_of(&conversation.messages[i])).collect();
-        let names: Vec<&str> =
-            (start..end).flat_map(|i| &conversation.infos[i].calls).map(|c| c.name.as_str()).collect();
+        let mut names: Vec<(&str, usize)> = Vec::new();
+        for call in (start..end).flat_map(|i| &conversation.infos[i].calls) {
+            match names.iter_mut().find(|(name, _)| *name == call.name) {
+                Some((_, n)) => *n += 1,
+                None => names.push((&call.name, 1)),
+            }
+        }
+        let names: Vec<String> = names
+            .into_iter()
+            .map(|(name, n)| if n > 1 { format!("{name} ×{n}") } else { name.to_string() })
+            .collect();
         let original: u64 = (start..end).map(|i| u64::from(conversation.tokens[i])).sum();
         let what = match names.is_empty() {
             true => format!("{} assistant messages", end - start),
             false => format!("model steps calling {}", names.join(", ")),
         };
-        let text = marker::whole(&ids, &what, original);
+        let first = marker::id_of(&conversation.messages[start]);
+        let text = match end - start {
+            1 => marker::whole(&[first], &what, original),
+            _ => marker::run(&first, &marker::id_of(&conversation.messages[end - 1]), &what, original),
+        };
         let Ok(message) =
             serde_json::value::to_raw_value(&serde_json::json!({"role": "assistant", "content": text}))
         else {
-            return;
+            return false;
         };
         let tokens = u64::from(self.counter.message(message.get()));
         let current: u64 = (start..end).map(|i| self.slot(i).tokens).sum();
         if tokens >= current {
-            return;
+            return false;
         }
         self.stats.add(Rule::DropOldest, current - tokens);
         self.total -= current - tokens;
@@ -553,6 +590,7 @@ impl<'a> Work<'a> {
         for slot in &mut self.slots[start - from + 1..end - from] {
             *slot = Slot { message: RawValue::NULL.to_owned(), tokens: 0, fate: Fate::Dropped };
         }
+        true
     }
 
     /// A reference whose target a later pass cut becomes a marker of its own original.
@@ -875,9 +913,34 @@ mod tests {
         let out = f.run(&only(|c| c.drop_oldest = true), 0, 0);
         assert_eq!(out.messages.len(), 2, "user + one marker message");
         let text = content(&out.messages[1]);
-        let ids: Vec<String> = (2..6).map(|i| marker::id_of(&f.messages[i])).collect();
-        assert_eq!(marker::ids_in(&text), ids.iter().map(String::as_str).collect::<Vec<_>>());
+        let run = format!("{}..{}", marker::id_of(&f.messages[2]), marker::id_of(&f.messages[5]));
+        assert_eq!(marker::ids_in(&text), [run.as_str()], "one id for the run: {text}");
         assert!(text.contains("model steps calling a, b"), "{text}");
+    }
+
+    #[test]
+    fn steps_are_dropped_one_at_a_time_and_a_long_run_keeps_a_small_marker() {
+        let mut messages = vec![user("go")];
+        for n in 0..120 {
+            messages.push(call(&format!("c{n}"), "ping", "{}"));
+            messages.push(result(&format!("c{n}"), &format!("host {n} up 3ms")));
+        }
+        messages.push(user("which hosts answered?"));
+        let f = Fixture::new(messages);
+        let config = only(|c| c.drop_oldest = true);
+        // A budget a few steps meet: only the first few go (each is smaller than a marker).
+        let out = f.run(&config, 0, f.total() - 10);
+        let whole = out.messages.len() - 2;
+        assert!((2 * 112..2 * 120).contains(&whole), "user, one marker, then {whole} whole messages");
+        assert!(content(&out.messages[1]).starts_with(marker::PREFIX));
+        assert_eq!(content(&out.messages[2]), "", "a whole step follows: {}", out.messages[2].get());
+        // Most of the run: its one marker stays the size of a marker, whatever the run's length.
+        let out = f.run(&config, 0, f.total() / 4);
+        let tokens = f.counter.text(&content(&out.messages[1]));
+        assert!(tokens < 60, "{tokens} tokens: {}", content(&out.messages[1]));
+        assert!(content(&out.messages[1]).contains("ping ×"));
+        let total = f.tokens[0] as u64 + f.tokens[f.tokens.len() - 1] as u64 + out.tokens;
+        assert!(total <= f.total() / 4, "the budget is met: {total} > {}", f.total() / 4);
     }
 
     #[test]
