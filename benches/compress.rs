@@ -12,6 +12,8 @@
 //! - `cold`: the same with a fresh [`TokenCounter`] each iteration, so every message (and every
 //!   rewritten one) is tokenised: the first request of a session, or one after a restart.
 //! - `rebuild`: [`ChatRequest::rebuild`] of the (parsed) request around the planned messages.
+//! - `count/tiktoken-rs` and `count/bpe-openai`: the request body tokenised whole by each
+//!   library (the gateway counts with `bpe-openai`; the counts are the same).
 //!
 //! The target is `warm` at or below 5 ms for 128k tokens.
 //!
@@ -497,6 +499,13 @@ fn rules_128k(c: &mut Criterion) {
             BatchSize::PerIteration,
         )
     });
+    // The tokeniser alone, both libraries side by side on the same text: most of what `cold`
+    // pays over `warm`.
+    let body = std::str::from_utf8(&conversation.body).unwrap();
+    group.bench_function("count/tiktoken-rs", |b| {
+        b.iter(|| tiktoken_rs::o200k_base_singleton().encode_ordinary(black_box(body)).len())
+    });
+    group.bench_function("count/bpe-openai", |b| b.iter(|| bpe_openai::o200k_base().count(black_box(body))));
     group.bench_function("rebuild", |b| {
         let request = ChatRequest::parse(conversation.body.clone().into()).unwrap();
         b.iter_batched(

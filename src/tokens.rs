@@ -6,7 +6,6 @@
 use std::path::Path;
 
 use serde::Deserialize;
-use tiktoken_rs::CoreBPE;
 
 use crate::memo::Memo;
 
@@ -65,11 +64,13 @@ impl TokenCounter {
     }
 
     /// The tokenizer, built on first use: its tables take tens of MB, which a gateway with
-    /// compression off and no token limits never needs.
-    fn bpe(encoding: Encoding) -> &'static CoreBPE {
+    /// compression off and no token limits never needs. `bpe-openai` counts exactly as tiktoken
+    /// does (same vocabularies, same pre-tokenisation), several times faster on long texts,
+    /// which is what a first-seen long conversation costs.
+    fn bpe(encoding: Encoding) -> &'static bpe_openai::Tokenizer {
         match encoding {
-            Encoding::Cl100kBase => tiktoken_rs::cl100k_base_singleton(),
-            Encoding::O200kBase | Encoding::Auto => tiktoken_rs::o200k_base_singleton(),
+            Encoding::Cl100kBase => bpe_openai::cl100k_base(),
+            Encoding::O200kBase | Encoding::Auto => bpe_openai::o200k_base(),
         }
     }
 
@@ -86,7 +87,7 @@ impl TokenCounter {
     /// Tokens of a text.
     pub fn text(&self, text: &str) -> u32 {
         match &self.vocabulary {
-            Vocabulary::Tiktoken(encoding) => Self::bpe(*encoding).encode_ordinary(text).len() as u32,
+            Vocabulary::Tiktoken(encoding) => Self::bpe(*encoding).count(text) as u32,
             // A text the tokenizer refuses is counted at a byte per token: never under.
             Vocabulary::Model(tokenizer) => {
                 tokenizer.encode_fast(text, false).map_or(text.len(), |e| e.len()) as u32
@@ -118,6 +119,42 @@ mod tests {
         assert_eq!(TokenCounter::encoding_for("gpt-4o-mini", Encoding::Cl100kBase), Encoding::O200kBase);
         assert_eq!(TokenCounter::encoding_for("gpt-4-0613", Encoding::O200kBase), Encoding::Cl100kBase);
         assert_eq!(TokenCounter::encoding_for("qwen2.5-coder", Encoding::Cl100kBase), Encoding::Cl100kBase);
+    }
+
+    #[test]
+    fn counts_match_tiktoken_on_every_kind_of_text() {
+        let blob = "QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVo0NTY3ODkw".repeat(20);
+        let (spaces, newlines) = (" ".repeat(100), "\n".repeat(50));
+        let texts = [
+            "hello world",
+            "It's the user's job; they'll see what we've done, I'd say. DON'T SHOUT",
+            "fn main() {\n    let x = vec![1, 2, 3];\n    println!(\"{x:?}\");\n}\n",
+            r#"{"role":"tool","content":"{\"ok\":true,\"items\":[1,2,3]}","tool_call_id":"call_9"}"#,
+            "1234567890 3.14159 -42 1e10 0x1F 2026-12-06T04:21:48Z",
+            "   leading spaces\n\n\n   and blank lines   \n\t\ttabs\r\nwindows\r\n",
+            "trailing spaces at the end     ",
+            "\u{1b}[32mINFO\u{1b}[0m auth.thunder: started in 12ms",
+            "中文文本，日本語のテキスト、한국어 텍스트",
+            "emoji 🎉🚀 and ZWJ 👩‍💻 and flags 🇩🇪",
+            "Ünïcödé àccents, Ελληνικά, русский, العربية, עברית",
+            "HTTPServer XMLHttpRequest camelCaseWords snake_case_words SCREAMING_CASE",
+            "path/to/file.rs:120:5 https://example.test/a?b=c&d=e#f",
+            &blob,
+            &spaces,
+            &newlines,
+        ];
+        for (encoding, reference) in [
+            (Encoding::O200kBase, tiktoken_rs::o200k_base_singleton()),
+            (Encoding::Cl100kBase, tiktoken_rs::cl100k_base_singleton()),
+        ] {
+            let counter = TokenCounter::new(encoding);
+            for text in texts {
+                let want = reference.encode_ordinary(text).len() as u32;
+                assert_eq!(counter.text(text), want, "{encoding:?}: {text:?}");
+            }
+            let all = texts.concat();
+            assert_eq!(counter.text(&all), reference.encode_ordinary(&all).len() as u32, "{encoding:?}: all");
+        }
     }
 
     #[test]
