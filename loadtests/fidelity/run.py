@@ -36,8 +36,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.abspath(os.path.join(HERE, "..", ".."))
 BFCL = os.path.join(REPO, "loadtests", "kv-cache", ".work", "bfcl")
 MODEL = "gpt-4o-mini"  # tiktoken maps it to o200k, so ctxgate counts with o200k too
-MARKER = re.compile(r"\[ctxgate:elided .*?; ctxgate_expand restores (?:it|each|the whole)\]", re.S)
-MARKER_IDS = re.compile(r"\[ctxgate:elided ((?:id=[0-9a-f]{10} )+)")
+MARKER = re.compile(r"\[ctxgate:elided .*?; ctxgate_expand restores (?:it|each|them|the whole)\]", re.S)
+# a message id, or a dropped run's: its first and last message ids joined by ".."
+MARKER_IDS = re.compile(r"\[ctxgate:elided ((?:id=[0-9a-f]{10}(?:\.\.[0-9a-f]{10})? )+)")
 REF = re.compile(r"(?:same output as call|superseded by the later \S+ call) ([^\s;]+)")
 ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[@-Z\\-_]")
 MARKER_KINDS = ["duplicate", "superseded", "truncated", "blob", "tool_masked", "assistant_prose", "dropped_steps", "user"]
@@ -284,6 +285,14 @@ def run_case(case, counter, port, recorder, window, run_id):
     for t in up_texts:
         for m in MARKER_IDS.finditer(t):
             marker_ids.extend(x[3:] for x in m.group(1).split())
+    # a run id covers every message from its first id to its last, in the request as sent
+    covered = {}
+    for mid in marker_ids:
+        if ".." in mid:
+            first, last = mid.split("..")
+            if first in ids and last in ids:
+                for raw in raws[ids[first]:ids[last] + 1]:
+                    covered.setdefault(data.message_id(raw), mid)
     stripped = [MARKER.sub("", t) for t in up_texts]
     r["markers"] = sum(len(MARKER.findall(t)) for t in up_texts)
     marker_tokens = [counter.text(mk) for t in up_texts for mk in MARKER.findall(t)]
@@ -299,14 +308,31 @@ def run_case(case, counter, port, recorder, window, run_id):
     r["verbatim"] = all(any(g in t for t in stripped) for g in case.gold)
     r["gold_only_in_marker"] = not r["verbatim"] and all(any(g in t for t in up_texts) for g in case.gold)
     r["gold_whole"] = gold_raw in up_raw
-    r["gold_named"] = gold_id in marker_ids
+    r["gold_named"] = gold_id in marker_ids or gold_id in covered
+    gold_ref = gold_id if gold_id in marker_ids else covered.get(gold_id, gold_id)
+    r["gold_in_run"] = gold_ref != gold_id
 
     # every marker id: the originals endpoint, byte for byte
     resolved = {}
     for mid in dict.fromkeys(marker_ids):
         st, _, got = http("GET", f"http://127.0.0.1:{port}/v1/ctxgate/originals/{mid}",
                           headers={"authorization": auth})
-        if mid not in ids:
+        if ".." in mid:
+            first, last = mid.split("..")
+            if first not in ids or last not in ids:
+                resolved[mid] = "unknown-id"
+            elif st != 200:
+                resolved[mid] = f"http-{st}"
+            else:
+                got_msgs = raw_elements(raw_members(got.decode())["messages"])
+                want_msgs = raws[ids[first]:ids[last] + 1]
+                if got_msgs == want_msgs:
+                    resolved[mid] = "exact"
+                elif [json.loads(x) for x in got_msgs] == [json.loads(x) for x in want_msgs]:
+                    resolved[mid] = "json-equal"
+                else:
+                    resolved[mid] = "different"
+        elif mid not in ids:
             resolved[mid] = "unknown-id"
         elif st != 200:
             resolved[mid] = f"http-{st}"
@@ -321,9 +347,9 @@ def run_case(case, counter, port, recorder, window, run_id):
                 resolved[mid] = "different"
     r["marker_ids"] = len(resolved)
     r["marker_resolution"] = {k: sum(1 for v in resolved.values() if v == k) for k in set(resolved.values())}
-    r["gold_resolution"] = resolved.get(gold_id)
-    r["recoverable"] = r["gold_named"] and resolved.get(gold_id) == "exact"
-    r["recoverable_json"] = r["gold_named"] and resolved.get(gold_id) in ("exact", "json-equal")
+    r["gold_resolution"] = resolved.get(gold_ref)
+    r["recoverable"] = r["gold_named"] and resolved.get(gold_ref) == "exact"
+    r["recoverable_json"] = r["gold_named"] and resolved.get(gold_ref) in ("exact", "json-equal")
     r["retained"] = r["verbatim"] or r["recoverable"]
 
     # The gateway's tool loop, in a second request (its own Authorization, so its own stored
@@ -332,7 +358,7 @@ def run_case(case, counter, port, recorder, window, run_id):
     if r["gold_named"]:
         auth2 = auth + "-expand"
         with recorder.lock:
-            recorder.expand[auth2] = gold_id
+            recorder.expand[auth2] = gold_ref
         st2, h2, resp2 = http("POST", f"http://127.0.0.1:{port}/v1/chat/completions", body.encode(),
                               {"content-type": "application/json", "authorization": auth2})
         with recorder.lock:
@@ -348,7 +374,9 @@ def run_case(case, counter, port, recorder, window, run_id):
         original_text = data.message_text(case.messages[case.gold_index])
         r["expand_answered"] = answer is not None
         r["expand_has_gold"] = answer is not None and all(g in answer for g in case.gold)
-        r["expand_whole"] = answer is not None and answer.split("\n", 1)[-1] == original_text
+        # a run's answer holds each message's text under its id line
+        r["expand_whole"] = answer is not None and (
+            original_text in answer if r["gold_in_run"] else answer.split("\n", 1)[-1] == original_text)
         r["expand_capped"] = answer is not None and "more bytes; ask again with a query" in answer
         client = json.loads(resp2)
         r["expand_hidden_from_client"] = not client["choices"][0]["message"].get("tool_calls")
@@ -378,7 +406,7 @@ def run_case(case, counter, port, recorder, window, run_id):
             else:
                 k = "tool_masked"
             kinds[k] = kinds.get(k, 0) + 1
-            if f"id={gold_id}" in mk:
+            if f"id={gold_ref}" in mk:
                 r["gold_marker_kind"] = k
             ref = REF.search(mk)
             if ref and ref.group(1) not in whole_calls:
@@ -393,7 +421,7 @@ def run_case(case, counter, port, recorder, window, run_id):
             by_call.setdefault(m.get("tool_call_id"), []).append(norm(t))
     up_plain = {norm(t) for m, t in zip(up, up_texts) if "[ctxgate:elided " not in t}
     lost = {"tool": 0, "user": 0, "assistant": 0}
-    named = set(marker_ids)
+    named = set(marker_ids) | set(covered)
     for i, (m, raw) in enumerate(zip(case.messages, raws)):
         role = m["role"]
         if role not in lost or data.message_id(raw) in named:

@@ -38,6 +38,8 @@ use crate::tokens::TokenCounter;
 
 /// About what a marker costs, in tokens: a cut that must meet the budget removes this much more.
 const MARKER_TOKENS: u64 = 32;
+/// A cut keeps at least this much of an output; below it the output is masked whole.
+const MIN_KEPT: u64 = 256;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Rule {
@@ -423,43 +425,27 @@ impl<'a> Work<'a> {
             if !self.whole(i) || matches!(info.role, Role::User | Role::System) || info.text.is_none() {
                 continue;
             }
-            let id = marker::id_of(&self.epoch.conversation.messages[i]);
-            let excess = self.total - self.epoch.target;
-            let slot = self.slot(i);
-            let truncate = config.truncate_tool_outputs
-                && info.role == Role::Tool
-                && slot.tokens > config.max_tool_output_tokens;
-            // Cut no more than the budget needs: the last cut of an epoch keeps what it can.
-            let keep = slot.tokens.saturating_sub(excess + MARKER_TOKENS).max(config.max_tool_output_tokens);
-            let max_bytes =
-                info.text.as_ref().map_or(0, |t| (keep as usize * t.len()) / (slot.tokens.max(1) as usize));
-            let mut rule = Rule::ElideBlobs;
-            let edited = message::edit_text(slot.message.get(), |text| {
-                let blobs = if config.elide_blobs {
+            if config.elide_blobs {
+                let id = marker::id_of(&self.epoch.conversation.messages[i]);
+                let edited = message::edit_text(self.slot(i).message.get(), |text| {
                     text::blobs(text, config.min_blob_bytes, |n| {
                         marker::partial(&id, &format!("{n}-byte encoded blob"))
                     })
-                } else {
-                    None
-                };
-                let current = blobs.as_deref().unwrap_or(text);
-                let cut = if truncate {
-                    text::head_and_tail(current, max_bytes, |bytes, lines| {
-                        marker::partial(
-                            &id,
-                            &format!("{bytes} bytes ({lines} lines) from the middle of this output"),
-                        )
-                    })
-                } else {
-                    None
-                };
-                if cut.is_some() {
-                    rule = Rule::TruncateToolOutputs;
+                });
+                if let Some(new) = edited {
+                    self.replace(i, new, Fate::Cut, Rule::ElideBlobs);
                 }
-                cut.or(blobs)
-            });
-            if let Some(new) = edited {
-                self.replace(i, new, Fate::Cut, rule);
+            }
+            let tokens = self.slot(i).tokens;
+            if config.truncate_tool_outputs
+                && self.over()
+                && info.role == Role::Tool
+                && tokens > config.max_tool_output_tokens
+            {
+                // Cut no more than the budget needs: the last cut of an epoch keeps what it can.
+                let excess = self.total - self.epoch.target;
+                let keep = tokens.saturating_sub(excess + MARKER_TOKENS).max(config.max_tool_output_tokens);
+                self.cut_middle(i, keep);
             }
         }
     }
@@ -504,9 +490,10 @@ impl<'a> Work<'a> {
         let mut candidates: Vec<usize> = (start..end)
             .filter(|&i| {
                 let info = self.info(i);
+                // A cut output may still be masked: its marker names the whole original.
                 info.role == role
                     && Some(i) != self.latest_user
-                    && self.whole(i)
+                    && (self.whole(i) || self.slot(i).fate == Fate::Cut)
                     && info.text.as_ref().is_some_and(|t| t.len() >= 64)
             })
             .collect();
@@ -523,8 +510,30 @@ impl<'a> Work<'a> {
                 }
             };
             let i = candidates.remove(pick);
+            // The last result the budget needs, much larger than the need: keep its head and
+            // tail rather than mask all of it.
+            let spare = self.slot(i).tokens.saturating_sub(need);
+            let cuttable = role == Role::Tool && self.rules.config.truncate_tool_outputs && self.whole(i);
+            if cuttable && spare >= MIN_KEPT && self.cut_middle(i, spare) {
+                continue;
+            }
             self.elide(i, "", Fate::Elided, rule);
         }
+    }
+
+    /// Cuts the middle of the text at `i` so that about `keep` tokens remain.
+    fn cut_middle(&mut self, i: usize, keep: u64) -> bool {
+        let id = marker::id_of(&self.epoch.conversation.messages[i]);
+        let slot = self.slot(i);
+        // Bytes per token of the text as it stands (whitespace and ANSI already gone).
+        let current = Info::parse(slot.message.get()).text.map_or(0, |t| t.len());
+        let max_bytes = (keep as usize * current) / (slot.tokens.max(1) as usize);
+        let edited = message::edit_text(slot.message.get(), |text| {
+            text::head_and_tail(text, max_bytes, |bytes, lines| {
+                marker::partial(&id, &format!("{bytes} bytes ({lines} lines) from the middle of this output"))
+            })
+        });
+        edited.is_some_and(|new| self.replace(i, new, Fate::Cut, Rule::TruncateToolOutputs))
     }
 
     /// Model steps (an assistant message and the tool results that follow it), oldest first,
@@ -883,6 +892,60 @@ mod tests {
         assert_eq!(marker::ids_in(&text), [marker::id_of(&f.messages[3])]);
         assert!(f.counter.text(&text) <= 600, "{}", f.counter.text(&text));
         assert!(out.stats.get(Rule::TruncateToolOutputs) > 10_000);
+    }
+
+    #[test]
+    fn a_cut_keeps_what_the_budget_allows_and_a_cut_output_can_still_be_masked() {
+        // Half of each line's bytes are colour codes, gone before any cut.
+        let big: String = (0..3000).map(|i| format!("\u{1b}[32mrow {i}\u{1b}[0m: \u{1b}[1mvalue\u{1b}[0m\n")).collect();
+        let f = Fixture::new(vec![user("go"), call("c1", "query", "{}"), result("c1", &big), user("next")]);
+        let config = RulesConfig {
+            max_tool_output_tokens: 500,
+            ..only(|c| {
+                c.ansi = true;
+                c.truncate_tool_outputs = true;
+                c.mask_old_tool_results = true;
+            })
+        };
+        let outside = u64::from(f.tokens[0] + f.tokens[f.tokens.len() - 1]);
+        let lossless = outside + f.run(&config, 0, u64::MAX).tokens;
+        // A budget a cut meets: the output keeps all the budget leaves it, not 500 tokens.
+        let target = lossless - 2_000;
+        let out = f.run(&config, 0, target);
+        let total = outside + out.tokens;
+        assert!(total <= target && total > target - 200, "{total} for a budget of {target}");
+        assert!(content(&out.messages[2]).contains("from the middle of this output"));
+        // A budget no cut can meet: the cut output is masked whole.
+        let out = f.run(&config, 0, outside + 200);
+        let text = content(&out.messages[2]);
+        assert!(text.starts_with(marker::PREFIX) && !text.contains("row 0"), "{text:.200}");
+    }
+
+    #[test]
+    fn the_last_result_the_budget_needs_is_cut_rather_than_masked_when_much_larger() {
+        let f = Fixture::new(vec![
+            user("go"),
+            call("c1", "read", r#"{"f":1}"#),
+            result("c1", &lines("a", 120)),
+            call("c2", "read", r#"{"f":2}"#),
+            result("c2", &lines("b", 120)),
+            user("next"),
+        ]);
+        let config = only(|c| {
+            c.mask_old_tool_results = true;
+            c.truncate_tool_outputs = true;
+        });
+        let one = u64::from(f.tokens[3]);
+        assert!(one < 2_000, "under max_tool_output_tokens: only the budget cuts it");
+        let outside = u64::from(f.tokens[0] + f.tokens[f.tokens.len() - 1]);
+        // One and a half results over the budget: one masked, the other keeps about half.
+        let target = f.total() - one - one / 2;
+        let out = f.run(&config, 0, target);
+        let total = outside + out.tokens;
+        assert!(total <= target && total + 150 > target, "{total} for a budget of {target}");
+        let texts = [content(&out.messages[2]), content(&out.messages[4])];
+        assert!(texts.iter().any(|t| t.starts_with(marker::PREFIX)), "one masked");
+        assert!(texts.iter().any(|t| t.contains("line 0:") && t.contains("from the middle of this output")));
     }
 
     #[test]
