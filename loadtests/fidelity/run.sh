@@ -78,11 +78,11 @@ if [[ ! -f "$CACHE/$KEY" ]]; then
 fi
 export TIKTOKEN_CACHE_DIR="$CACHE"
 
-# 4. BFCL data, extracted by the KV-cache benchmark's setup (which also builds llama-server and
-#    installs two GGUF models when they are missing: ~20 min the first time).
+# 4. BFCL data, extracted by the KV-cache benchmark's setup (only its data step: no llama-server
+#    build, no models).
 if [[ ! -s "$BFCL/long_context.jsonl" || ! -f "$BFCL/memory/possible_answer/BFCL_v4_memory.json" ]]; then
   log "BFCL data missing: running loadtests/kv-cache/setup.sh"
-  bash "$REPO/loadtests/kv-cache/setup.sh"
+  bash "$REPO/loadtests/kv-cache/setup.sh" data
 fi
 
 cmd="bash loadtests/fidelity/run.sh${*:+ $*}"

