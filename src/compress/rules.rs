@@ -525,15 +525,40 @@ impl<'a> Work<'a> {
     fn cut_middle(&mut self, i: usize, keep: u64) -> bool {
         let id = marker::id_of(&self.epoch.conversation.messages[i]);
         let slot = self.slot(i);
+        let source = slot.message.clone();
         // Bytes per token of the text as it stands (whitespace and ANSI already gone).
-        let current = Info::parse(slot.message.get()).text.map_or(0, |t| t.len());
-        let max_bytes = (keep as usize * current) / (slot.tokens.max(1) as usize);
-        let edited = message::edit_text(slot.message.get(), |text| {
-            text::head_and_tail(text, max_bytes, |bytes, lines| {
-                marker::partial(&id, &format!("{bytes} bytes ({lines} lines) from the middle of this output"))
-            })
-        });
-        edited.is_some_and(|new| self.replace(i, new, Fate::Cut, Rule::TruncateToolOutputs))
+        let current = Info::parse(source.get()).text.map_or(0, |t| t.len());
+        let mut max_bytes = (keep as usize * current) / (slot.tokens.max(1) as usize);
+        // Tokens per byte differ between the parts of an output (numbers, JSON, prose), so the
+        // average misses: measure the cut and correct it, a few times at most. A cut that keeps
+        // far more than asked leaves the epoch over budget, and the next pass then masks the
+        // whole output.
+        let want = keep + MARKER_TOKENS;
+        let (mut best, mut best_fits): (Option<Box<RawValue>>, bool) = (None, false);
+        for _ in 0..4 {
+            let edited = message::edit_text(source.get(), |text| {
+                text::head_and_tail(text, max_bytes, |bytes, lines| {
+                    marker::partial(
+                        &id,
+                        &format!("{bytes} bytes ({lines} lines) from the middle of this output"),
+                    )
+                })
+            });
+            let Some(new) = edited else { break };
+            let tokens = u64::from(self.counter.message(new.get()));
+            // Over the ask is over the budget; a little under is fine.
+            let fits = tokens <= want;
+            if fits || !best_fits {
+                (best, best_fits) = (Some(new), fits);
+            }
+            if fits && tokens + want / 20 >= want {
+                break;
+            }
+            // Aim a little under the ask, scaled by what this try measured.
+            let aim = (want - want / 40).saturating_sub(MARKER_TOKENS).max(1);
+            max_bytes = (max_bytes as u64 * aim / tokens.saturating_sub(MARKER_TOKENS).max(1)) as usize;
+        }
+        best.is_some_and(|new| self.replace(i, new, Fate::Cut, Rule::TruncateToolOutputs))
     }
 
     /// Model steps (an assistant message and the tool results that follow it), oldest first,
@@ -897,7 +922,8 @@ mod tests {
     #[test]
     fn a_cut_keeps_what_the_budget_allows_and_a_cut_output_can_still_be_masked() {
         // Half of each line's bytes are colour codes, gone before any cut.
-        let big: String = (0..3000).map(|i| format!("\u{1b}[32mrow {i}\u{1b}[0m: \u{1b}[1mvalue\u{1b}[0m\n")).collect();
+        let big: String =
+            (0..3000).map(|i| format!("\u{1b}[32mrow {i}\u{1b}[0m: \u{1b}[1mvalue\u{1b}[0m\n")).collect();
         let f = Fixture::new(vec![user("go"), call("c1", "query", "{}"), result("c1", &big), user("next")]);
         let config = RulesConfig {
             max_tool_output_tokens: 500,
@@ -919,6 +945,46 @@ mod tests {
         let out = f.run(&config, 0, outside + 200);
         let text = content(&out.messages[2]);
         assert!(text.starts_with(marker::PREFIX) && !text.contains("row 0"), "{text:.200}");
+    }
+
+    #[test]
+    fn a_cut_lands_on_the_budget_when_tokens_per_byte_vary_along_the_output() {
+        // Prose at the head (several bytes per token), digits at the tail (about one): the
+        // average ratio alone would keep far more tokens than the budget leaves.
+        let prose = "the quick brown fox jumps over the lazy dog again and again\n".repeat(1500);
+        let digits: String = (0..1500)
+            .map(|i| format!("{};{};{};{};{};{}\n", i % 7, i % 3, i % 9, i % 5, i % 2, i % 8))
+            .collect();
+        let f = Fixture::new(vec![
+            user("go"),
+            call("c1", "query", "{}"),
+            result("c1", &(prose + &digits)),
+            user("next"),
+        ]);
+        let config = RulesConfig {
+            max_tool_output_tokens: 500,
+            ..only(|c| {
+                c.truncate_tool_outputs = true;
+                c.mask_old_tool_results = true;
+            })
+        };
+        let outside = u64::from(f.tokens[0] + f.tokens[f.tokens.len() - 1]);
+        let whole = outside + f.run(&config, 0, u64::MAX).tokens;
+        for keep in [1_000, 4_000, 9_000] {
+            let target = outside + keep;
+            assert!(target < whole);
+            let out = f.run(&config, 0, target);
+            let total = outside + out.tokens;
+            let text = content(&out.messages[2]);
+            assert!(
+                text.contains("from the middle of this output"),
+                "{keep}: masked instead of cut: {text:.200}"
+            );
+            assert!(
+                total <= target && total + target / 10 >= target,
+                "{total} for a budget of {target} (whole {whole})"
+            );
+        }
     }
 
     #[test]
