@@ -1,6 +1,6 @@
 //! The edge holds against slow and greedy clients: stalled heads and idle connections are
-//! closed, open connections are capped, and oversized heads are refused before they reach an
-//! upstream. Raw
+//! closed, open connections are capped, trickled bodies time out, probes stay outside the
+//! data plane's limits, and oversized heads are refused before they reach an upstream. Raw
 //! sockets, so the test controls every byte and its timing.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -66,6 +66,13 @@ fn openai_error(body: &str) -> Value {
         assert!(json["error"].get(key).is_some(), "missing {key} in {json}");
     }
     json["error"].clone()
+}
+
+/// A chat request head declaring `length` body bytes, of which `sent` are sent.
+fn chat_head(length: usize) -> String {
+    format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: ctxgate\r\ncontent-type: application/json\r\nauthorization: Bearer sk-test-client\r\ncontent-length: {length}\r\n\r\n"
+    )
 }
 
 #[tokio::test]
@@ -154,6 +161,54 @@ async fn connections_past_the_cap_get_503_and_healthz_answers_once_one_frees() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(h.metric(r#"ctxgate_connections_closed_total{reason="refused"}"#).await >= 1.0);
+}
+
+#[tokio::test]
+async fn a_body_that_does_not_arrive_in_time_gets_408() {
+    // Given a 1 s body read timeout
+    let h = Harness::builder().config(|c| c.server.body_read_timeout = Duration::from_secs(1)).start().await;
+
+    // When a client declares a 100-byte body and sends 10 bytes of it
+    let mut stream = TcpStream::connect(h.addr).await.unwrap();
+    stream.write_all(format!("{}{{\"model\":", chat_head(100)).as_bytes()).await.unwrap();
+    let started = Instant::now();
+
+    // Then it gets a 408 in the OpenAI shape after about a second
+    let (status, body) = read_response(&mut stream).await;
+    assert_eq!(status, 408, "{body}");
+    assert!(started.elapsed() >= Duration::from_millis(800), "{:?}", started.elapsed());
+    let error = openai_error(&body);
+    assert_eq!(error["code"], "request_body_timeout");
+    assert_eq!(error["type"], "invalid_request_error");
+    // And nothing reached the upstream
+    assert!(h.upstream(0).requests().is_empty());
+}
+
+#[tokio::test]
+async fn probes_and_metrics_answer_while_trickled_bodies_hold_every_slot() {
+    // Given two concurrency slots, each held by a client trickling a declared body
+    let h =
+        Harness::builder().config(|c| c.server.max_concurrent_requests = 2.try_into().unwrap()).start().await;
+    let mut trickling = Vec::new();
+    for _ in 0..2 {
+        let mut stream = TcpStream::connect(h.addr).await.unwrap();
+        stream.write_all(format!("{}{{", chat_head(1000)).as_bytes()).await.unwrap();
+        trickling.push(stream);
+    }
+    // (the data plane is full once a request there is shed)
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while h.client.get(h.v1("/models")).send().await.unwrap().status() != 503 {
+        assert!(Instant::now() < deadline, "the trickling clients never filled the slots");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // When the probes and the scraper call meanwhile
+    // Then they answer 200
+    for path in ["/healthz", "/readyz", "/metrics"] {
+        let response = h.client.get(format!("{}{path}", h.url)).send().await.unwrap();
+        assert_eq!(response.status(), 200, "{path}");
+    }
+    drop(trickling);
 }
 
 #[tokio::test]

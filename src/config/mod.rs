@@ -179,6 +179,10 @@ pub struct ServerConfig {
     /// A connection with no request in flight and nothing sent is closed after this long.
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
+    /// A request body must arrive in full this long after the handler starts reading it; 408
+    /// after.
+    #[serde(with = "humantime_serde")]
+    pub body_read_timeout: Duration,
     /// Largest request head (request line and headers) accepted, in bytes; larger gets 431.
     pub max_header_bytes: NonZeroUsize,
     /// Client connections open at once; more are refused with 503 and closed. Unset: half the
@@ -196,6 +200,7 @@ impl ServerConfig {
         issues.positive("server.request_timeout", self.request_timeout);
         issues.positive("server.header_read_timeout", self.header_read_timeout);
         issues.positive("server.idle_timeout", self.idle_timeout);
+        issues.positive("server.body_read_timeout", self.body_read_timeout);
         if !(MIN_HEADER_BYTES..=MAX_HEADER_BYTES).contains(&self.max_header_bytes.get()) {
             issues.push(
                 "server.max_header_bytes",
@@ -215,6 +220,7 @@ impl Default for ServerConfig {
             shutdown_timeout: Duration::from_secs(30),
             header_read_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
+            body_read_timeout: Duration::from_secs(60),
             max_header_bytes: NonZeroUsize::new(64 * 1024).unwrap_or(NonZeroUsize::MIN),
             max_connections: None,
         }

@@ -469,7 +469,7 @@ log_level = "debug"
 
     #[test]
     fn connection_limits_out_of_range_are_issues() {
-        let text = "[server]\nheader_read_timeout = \"0s\"\nidle_timeout = \"0s\"\nmax_header_bytes = 4096\nmax_connections = 10\n\n[[upstreams]]\nname = \"a\"\nbase_url = \"http://ok/v1\"\n";
+        let text = "[server]\nheader_read_timeout = \"0s\"\nidle_timeout = \"0s\"\nbody_read_timeout = \"0s\"\nmax_header_bytes = 4096\nmax_connections = 10\n\n[[upstreams]]\nname = \"a\"\nbase_url = \"http://ok/v1\"\n";
         let env = BTreeMap::new();
         let err = Config::parse(text, &env).unwrap().validate(&env).unwrap_err();
         let paths: Vec<&str> = err.0.iter().map(|i| i.path.as_str()).collect();
@@ -478,6 +478,7 @@ log_level = "debug"
             [
                 "server.header_read_timeout",
                 "server.idle_timeout",
+                "server.body_read_timeout",
                 "server.max_header_bytes"
             ],
             "{err}"
