@@ -52,7 +52,16 @@ pub(crate) async fn run(
     config: &ServerConfig,
     metrics: Arc<Metrics>,
 ) {
-    let max_connections = config.max_connections.map_or_else(default_max_connections, |n| n.get());
+    let open_files = open_files_limit();
+    let max_connections =
+        config.max_connections.map_or_else(|| default_max_connections(open_files), |n| n.get());
+    if open_files.is_some_and(|limit| max_connections as u64 >= limit) {
+        tracing::warn!(
+            max_connections,
+            open_files,
+            "server.max_connections is not below the open-files limit: descriptors run out before the cap"
+        );
+    }
     tracing::info!(max_connections, "accepting connections");
     let builder = builder(config);
     let timeouts = Timeouts { header_read: config.header_read_timeout, idle: config.idle_timeout };
@@ -253,13 +262,39 @@ fn overloaded_response() -> Vec<u8> {
 
 /// Half the soft open-files limit: the other half stays for upstream connections (about one per
 /// request in flight), the session store, tools and logs.
-fn default_max_connections() -> usize {
+fn default_max_connections(open_files: Option<u64>) -> usize {
     const UNLIMITED: usize = 65_536;
+    open_files.map_or(UNLIMITED, |n| usize::try_from(n / 2).unwrap_or(UNLIMITED).clamp(16, UNLIMITED))
+}
+
+/// The soft `RLIMIT_NOFILE`; `None` when unlimited or unknown.
+fn open_files_limit() -> Option<u64> {
     #[cfg(unix)]
     {
-        let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile);
-        limit.current.map_or(UNLIMITED, |n| usize::try_from(n / 2).unwrap_or(UNLIMITED).clamp(16, UNLIMITED))
+        rustix::process::getrlimit(rustix::process::Resource::Nofile).current
     }
     #[cfg(not(unix))]
-    UNLIMITED
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_cap_leaves_half_the_descriptors() {
+        assert_eq!(default_max_connections(Some(1024)), 512);
+        assert_eq!(default_max_connections(Some(10)), 16);
+        assert_eq!(default_max_connections(None), 65_536);
+    }
+
+    #[test]
+    fn the_refusal_is_an_openai_error_over_http_1_1() {
+        let response = String::from_utf8(overloaded_response()).unwrap();
+        let (head, body) = response.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.1 503 "), "{head}");
+        assert!(head.contains(&format!("content-length: {}", body.len())), "{head}");
+        let json: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(json["error"]["code"], "overloaded");
+    }
 }
