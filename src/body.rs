@@ -26,6 +26,12 @@ pub type Body = UnsyncBoxBody<Bytes, BoxError>;
 #[error("request body is larger than {0} bytes")]
 pub struct BodyTooLarge(pub usize);
 
+/// A request body did not arrive in full within `server.body_read_timeout` (the deadline's own
+/// error, so whoever reads the body can answer 408 rather than blame the connection).
+#[derive(Debug, thiserror::Error)]
+#[error("request body did not arrive within {}", humantime::format_duration(*.0))]
+pub struct BodyTimedOut(pub Duration);
+
 /// The sending half of a [`ChannelBody`].
 pub type FrameSender = mpsc::Sender<Result<Frame<Bytes>, BoxError>>;
 

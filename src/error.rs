@@ -26,6 +26,9 @@ pub enum GatewayError {
     MethodNotAllowed { method: String, path: String },
     #[error("Request body is larger than the limit of {limit} bytes")]
     PayloadTooLarge { limit: usize },
+    /// The client did not send its whole body within `server.body_read_timeout`.
+    #[error("The request body did not arrive within {}", humantime::format_duration(*.after))]
+    RequestBodyTimeout { after: Duration },
     #[error("Unsupported Content-Type {content_type:?}: this endpoint takes application/json")]
     UnsupportedMediaType { content_type: String },
     /// The concurrency limit is reached; the request was shed rather than queued.
@@ -118,6 +121,7 @@ impl GatewayError {
             Self::SessionStore(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::RequestBodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             Self::UnsupportedMediaType { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
             Self::UpstreamUnreachable { .. } | Self::UpstreamStatus { .. } => StatusCode::BAD_GATEWAY,
@@ -137,6 +141,7 @@ impl GatewayError {
             | Self::NotFound { .. }
             | Self::MethodNotAllowed { .. }
             | Self::PayloadTooLarge { .. }
+            | Self::RequestBodyTimeout { .. }
             | Self::UnsupportedMediaType { .. }
             | Self::SessionBusy { .. }
             | Self::GoalLocked { .. }
@@ -164,6 +169,7 @@ impl GatewayError {
             Self::NotFound { .. } => "unknown_url",
             Self::MethodNotAllowed { .. } => "method_not_allowed",
             Self::PayloadTooLarge { .. } => "request_too_large",
+            Self::RequestBodyTimeout { .. } => "request_body_timeout",
             Self::UnsupportedMediaType { .. } => "unsupported_media_type",
             Self::Overloaded => "overloaded",
             Self::SessionBusy { .. } => "session_busy",

@@ -5,7 +5,7 @@ use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Response};
 use http_body_util::BodyExt;
 
-use crate::body::{self, Body, BodyTooLarge};
+use crate::body::{self, Body, BodyTimedOut, BodyTooLarge, BoxError};
 use crate::error::GatewayError;
 
 /// The request target as sent: path and query.
@@ -36,19 +36,24 @@ pub(crate) fn require_json(headers: &HeaderMap) -> Result<(), GatewayError> {
     }
 }
 
-/// The whole request body; 413 past the body limit.
+/// The whole request body; 413 past the body limit, 408 past the body read timeout.
 pub(crate) async fn read_body(body: Body) -> Result<Bytes, GatewayError> {
     match body.collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
-        Err(err) => match err.downcast::<BodyTooLarge>() {
-            Ok(too_large) => Err(GatewayError::PayloadTooLarge { limit: too_large.0 }),
-            Err(err) => Err(GatewayError::invalid(
-                format!("Could not read the request body: {err}"),
-                None,
-                "invalid_body",
-            )),
-        },
+        Err(err) => Err(body_error(err)),
     }
+}
+
+/// What a failed request body means for the client: the limits' own errors get their status,
+/// anything else (a broken connection) is a 400.
+fn body_error(err: BoxError) -> GatewayError {
+    if let Some(too_large) = err.downcast_ref::<BodyTooLarge>() {
+        return GatewayError::PayloadTooLarge { limit: too_large.0 };
+    }
+    if let Some(timed_out) = err.downcast_ref::<BodyTimedOut>() {
+        return GatewayError::RequestBodyTimeout { after: timed_out.0 };
+    }
+    GatewayError::invalid(format!("Could not read the request body: {err}"), None, "invalid_body")
 }
 
 pub(crate) fn json_response(value: &impl serde::Serialize) -> Response<Body> {

@@ -4,7 +4,8 @@
 //! foundations; a feature never names [`AppState`] or another layer above it.
 //!
 //! The edge:
-//! - [`server`]: accept loop, HTTP/1 + HTTP/2, graceful shutdown.
+//! - [`server`]: accept loop, HTTP/1 + HTTP/2, connection limits (count, head size and time,
+//!   idle), graceful shutdown.
 //! - [`stack`]: the tower layers, in their one documented order, and the extension contract.
 //! - [`router`]: the route table, `(method, path)` → handler, and the routes' metric labels.
 //! - [`observe`], [`limit`]: per-request metrics; body and concurrency limits.
@@ -173,7 +174,7 @@ pub async fn serve(listener: TcpListener, state: Arc<AppState>, shutdown: impl F
         let _ = signaled.send(tokio::time::Instant::now());
     };
     let service = stack::build(state.clone());
-    server::run(listener, service, shutdown, drain).await;
+    server::run(listener, service, shutdown, &state.config.server, state.metrics.clone()).await;
     let deadline = at.await.unwrap_or_else(|_| tokio::time::Instant::now()) + drain;
     state.tasks.close();
     if tokio::time::timeout_at(deadline, state.tasks.wait()).await.is_err() {

@@ -1,13 +1,16 @@
-//! Admission limits: [`BodyLimitLayer`] (request body size, checked on `Content-Length` and
-//! again while streaming) and [`ConcurrencyLimitLayer`] (requests served at once, streams
-//! included until their last byte; excess load is shed with 503 rather than queued, so a
-//! saturated gateway answers fast instead of building latency).
+//! Admission limits: [`BodyTimeoutLayer`] (a request body must arrive within a deadline, so a
+//! client trickling its body cannot hold a concurrency slot for minutes), [`BodyLimitLayer`]
+//! (request body size, checked on `Content-Length` and again while streaming) and
+//! [`ConcurrencyLimitLayer`] (requests served at once, streams included until their last byte;
+//! excess load is shed with 503 rather than queued, so a saturated gateway answers fast instead
+//! of building latency). Connection-level limits (heads, idle connections, open connections)
+//! belong to [`crate::server`].
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use http::{header, Request, Response};
 use http_body::Body as HttpBody;
@@ -15,7 +18,7 @@ use http_body_util::{BodyExt, LengthLimitError, Limited};
 use tokio::sync::Semaphore;
 use tower::{Layer, Service};
 
-use crate::body::{Body, BodyTooLarge, BoxError, Tracked};
+use crate::body::{Body, BodyTimedOut, BodyTooLarge, BoxError, Tracked};
 use crate::error::GatewayError;
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
@@ -28,6 +31,96 @@ where
     E: Into<BoxError>,
 {
     Box::pin(async move { future.await.map_err(Into::into) })
+}
+
+// === impl BodyTimeout ===
+
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct BodyTimeoutLayer {
+    timeout: Duration,
+}
+
+impl BodyTimeoutLayer {
+    pub(crate) fn new(timeout: Duration) -> Self {
+        Self { timeout }
+    }
+}
+
+impl<S> Layer<S> for BodyTimeoutLayer {
+    type Service = BodyTimeout<S>;
+    fn layer(&self, inner: S) -> BodyTimeout<S> {
+        BodyTimeout { inner, timeout: self.timeout }
+    }
+}
+
+/// Gives the request body a deadline: it errors with [`BodyTimedOut`] when it is still
+/// incomplete `timeout` after its first read. The clock starts at the first read, not at the
+/// head, so a handler that waits (for a session, say) before reading does not eat the budget.
+#[derive(Clone, Debug)]
+pub(crate) struct BodyTimeout<S> {
+    inner: S,
+    timeout: Duration,
+}
+
+impl<S, B> Service<Request<B>> for BodyTimeout<S>
+where
+    S: Service<Request<TimedBody<B>>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        let timeout = self.timeout;
+        self.inner.call(request.map(|inner| TimedBody { inner, timeout, deadline: None }))
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A request body with a deadline, armed on its first poll.
+    pub(crate) struct TimedBody<B> {
+        #[pin]
+        inner: B,
+        timeout: Duration,
+        deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    }
+}
+
+impl<B> HttpBody for TimedBody<B>
+where
+    B: HttpBody,
+    B::Error: Into<BoxError>,
+{
+    type Data = B::Data;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<B::Data>, BoxError>>> {
+        let this = self.project();
+        let timeout = *this.timeout;
+        let deadline = this.deadline.get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+        if let Poll::Ready(frame) = this.inner.poll_frame(cx) {
+            return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
+        }
+        match deadline.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(BodyTimedOut(timeout))))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 // === impl BodyLimit ===
@@ -180,6 +273,26 @@ mod tests {
             Ok::<_, Infallible>(Response::new(body::empty()))
         }));
         svc.oneshot(Request::new(body::full("12345"))).await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_still_incomplete_at_its_deadline_errors_with_body_timed_out() {
+        // Given a body whose first frame arrives and whose rest never does
+        let (sender, body) = body::ChannelBody::channel(1);
+        sender.send(Ok(http_body::Frame::data(bytes::Bytes::from_static(b"{")))).await.unwrap();
+        let svc = BodyTimeoutLayer::new(Duration::from_secs(5)).layer(service_fn(
+            |req: Request<TimedBody<Body>>| async move {
+                let started = tokio::time::Instant::now();
+                let err = req.into_body().collect().await.unwrap_err();
+                Ok::<_, Infallible>((err.downcast_ref::<BodyTimedOut>().map(|t| t.0), started.elapsed()))
+            },
+        ));
+        // When it is read
+        let (timed_out, after) = svc.oneshot(Request::new(body)).await.unwrap();
+        // Then reading fails with the deadline's own error, at the deadline
+        assert_eq!(timed_out, Some(Duration::from_secs(5)));
+        assert_eq!(after, Duration::from_secs(5));
+        drop(sender);
     }
 
     #[tokio::test]

@@ -43,6 +43,11 @@ impl Route {
         }
     }
 
+    /// Probes and metrics: served outside the data plane's limits (see [`crate::stack`]).
+    pub(crate) fn is_operational(self) -> bool {
+        matches!(self, Self::Healthz | Self::Readyz | Self::Metrics)
+    }
+
     /// The route as a low-cardinality metric label.
     pub(crate) fn label(self) -> &'static str {
         match self {

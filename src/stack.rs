@@ -13,11 +13,20 @@
 //!    errors, not responses.
 //! 6. **timeout**: `server.request_timeout` to response headers (a stream, once started, is
 //!    bounded by each upstream's idle timeout instead).
-//! 7. **body limit**: 413 on a declared-too-large body before anything is read.
-//! 8. **concurrency limit with load shedding**: at the limit, 503 at once rather than a queue.
-//! 9. **gateway keys and per-key limits** (only with `[auth]` keys): 401/403/429 before any
-//!    handler runs; the key itself is removed from the request here.
-//! 10. **router**.
+//! 7. **body read timeout**: the body must arrive within `server.body_read_timeout` of its
+//!    first read, or reading it fails and the handler answers 408; a client trickling its body
+//!    holds a concurrency slot for that long at most.
+//! 8. **body limit**: 413 on a declared-too-large body before anything is read.
+//! 9. **the operations split** ([`OpsBypass`]): `/healthz`, `/readyz` and `/metrics` go straight
+//!    to the router, so probes and scrapes answer while the data plane is saturated (and are
+//!    never shed into a restart loop).
+//! 10. **concurrency limit with load shedding**: at the limit, 503 at once rather than a queue.
+//! 11. **gateway keys and per-key limits** (only with `[auth]` keys): 401/403/429 before any
+//!     handler runs; the key itself is removed from the request here.
+//! 12. **router**.
+//!
+//! Limits on connections rather than requests (request heads, idle connections, open
+//! connections) live in [`crate::server`], below any request.
 //!
 //! Request and response extensions are the contract between these layers and the handlers:
 //!
@@ -41,10 +50,10 @@ use tower_http::request_id::{MakeRequestId, PropagateRequestIdLayer, RequestId, 
 use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 use tower_http::trace::TraceLayer;
 
-use crate::body::BoxError;
+use crate::body::{Body, BoxError};
 use crate::error::{ErrorResponseLayer, GatewayError};
-use crate::limit::{BodyLimitLayer, ConcurrencyLimitLayer};
-use crate::router::Router;
+use crate::limit::{BodyLimitLayer, BodyTimeoutLayer, ConcurrencyLimitLayer};
+use crate::router::{Route, Router};
 use crate::AppState;
 
 /// The response body hyper sends: catch-panic's box around ctxgate's [`crate::body::Body`].
@@ -57,6 +66,10 @@ use crate::headers::REQUEST_ID;
 
 pub(crate) fn build(state: Arc<AppState>) -> GatewayService {
     let server = &state.config.server;
+    let data_plane = ServiceBuilder::new()
+        .layer(ConcurrencyLimitLayer::new(server.max_concurrent_requests.get()))
+        .layer(crate::auth::layer(state.auth.clone()))
+        .service(Router::new(state.clone()));
     let service = ServiceBuilder::new()
         .layer(CatchPanicLayer::custom(panic_response))
         .layer(SetSensitiveRequestHeadersLayer::new([
@@ -76,11 +89,43 @@ pub(crate) fn build(state: Arc<AppState>) -> GatewayService {
         .layer(crate::observe::layer(state.metrics.clone()))
         .layer(ErrorResponseLayer)
         .timeout(server.request_timeout)
+        .layer(BodyTimeoutLayer::new(server.body_read_timeout))
         .layer(BodyLimitLayer::new(server.max_body_bytes.get()))
-        .layer(ConcurrencyLimitLayer::new(server.max_concurrent_requests.get()))
-        .layer(crate::auth::layer(state.auth.clone()))
-        .service(Router::new(state.clone()));
+        .service(OpsBypass { ops: Router::new(state.clone()), data: data_plane });
     BoxCloneSyncService::new(service)
+}
+
+/// Routes the operations endpoints around the data plane's limits (step 9 above). Hand-written
+/// because tower's `Steer` is `Sync` only for a `Sync` request, and our request body is not.
+#[derive(Clone, Debug)]
+struct OpsBypass<D> {
+    ops: Router,
+    data: D,
+}
+
+impl<D> tower::Service<Request<Body>> for OpsBypass<D>
+where
+    D: tower::Service<Request<Body>, Response = Response<Body>, Error = BoxError>,
+    D::Future: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = BoxError;
+    type Future =
+        std::pin::Pin<Box<dyn std::future::Future<Output = Result<Response<Body>, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), BoxError>> {
+        // The router is always ready, and the limits reject in `call`, not by backpressure.
+        self.data.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<Body>) -> Self::Future {
+        if Route::of(request.uri().path()).is_operational() {
+            let future = tower::Service::call(&mut self.ops, request);
+            Box::pin(async move { future.await.map_err(Into::into) })
+        } else {
+            Box::pin(self.data.call(request))
+        }
+    }
 }
 
 fn panic_response(_panic: Box<dyn std::any::Any + Send + 'static>) -> Response<crate::body::Body> {

@@ -132,6 +132,7 @@ pub struct Metrics {
     pub tools: ToolMetrics,
     pub limits: LimitMetrics,
     pub pools: PoolMetrics,
+    pub connections: ConnectionMetrics,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -271,6 +272,29 @@ pub struct EndpointReasonLabel {
 pub struct UpstreamOutcomeLabel {
     pub upstream: String,
     pub outcome: &'static str,
+}
+
+/// Client connections.
+#[derive(Clone, Debug)]
+pub struct ConnectionMetrics {
+    pub open: Gauge<i64, std::sync::atomic::AtomicI64>,
+    /// Connections ctxgate closed itself, by reason: `refused` (over `server.max_connections`),
+    /// `header_timeout`, `idle_timeout`.
+    pub closed: Family<ReasonLabel, Counter>,
+}
+
+impl ConnectionMetrics {
+    fn register(registry: &mut Registry) -> Self {
+        let open = Gauge::default();
+        registry.register("connections_open", "Client connections open", open.clone());
+        let closed = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "connections_closed",
+            "Client connections ctxgate closed itself, by reason (refused, header_timeout, idle_timeout)",
+            closed.clone(),
+        );
+        Self { open, closed }
+    }
 }
 
 /// Upstream pools, by endpoint. Endpoint labels are `host:port` of configured endpoints or of
@@ -537,10 +561,12 @@ impl Metrics {
         let tools = ToolMetrics::register(&mut registry);
         let limits = LimitMetrics::register(&mut registry);
         let pools = PoolMetrics::register(&mut registry);
+        let connections = ConnectionMetrics::register(&mut registry);
         Self {
             tools,
             limits,
             pools,
+            connections,
             compression_tokens,
             compression_requests,
             compression_saved_tokens,

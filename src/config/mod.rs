@@ -172,11 +172,41 @@ pub struct ServerConfig {
     /// How long in-flight requests and streams may run after SIGTERM/SIGINT.
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
+    /// A request head must be complete this long after its first byte, or the connection is
+    /// closed (slow-loris heads).
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// A connection with no request in flight and nothing sent is closed after this long.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// A request body must arrive in full this long after the handler starts reading it; 408
+    /// after.
+    #[serde(with = "humantime_serde")]
+    pub body_read_timeout: Duration,
+    /// Largest request head (request line and headers) accepted, in bytes; larger gets 431.
+    pub max_header_bytes: NonZeroUsize,
+    /// Client connections open at once; more are refused with 503 and closed. Unset: half the
+    /// process's soft open-files limit (`ulimit -n`), leaving the rest for upstream connections.
+    pub max_connections: Option<NonZeroUsize>,
 }
+
+/// hyper's HTTP/1 read buffer cannot be smaller than this, and the buffer is what bounds a head.
+pub(crate) const MIN_HEADER_BYTES: usize = 8 * 1024;
+/// Above hyper's own default buffer (about 400 KiB); no client needs a head this large.
+const MAX_HEADER_BYTES: usize = 1024 * 1024;
 
 impl ServerConfig {
     fn validate(&self, issues: &mut Issues) {
         issues.positive("server.request_timeout", self.request_timeout);
+        issues.positive("server.header_read_timeout", self.header_read_timeout);
+        issues.positive("server.idle_timeout", self.idle_timeout);
+        issues.positive("server.body_read_timeout", self.body_read_timeout);
+        if !(MIN_HEADER_BYTES..=MAX_HEADER_BYTES).contains(&self.max_header_bytes.get()) {
+            issues.push(
+                "server.max_header_bytes",
+                format!("must be between {MIN_HEADER_BYTES} and {MAX_HEADER_BYTES}"),
+            );
+        }
     }
 }
 
@@ -188,6 +218,11 @@ impl Default for ServerConfig {
             request_timeout: Duration::from_secs(600),
             max_concurrent_requests: NonZeroUsize::new(1024).unwrap_or(NonZeroUsize::MIN),
             shutdown_timeout: Duration::from_secs(30),
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            body_read_timeout: Duration::from_secs(60),
+            max_header_bytes: NonZeroUsize::new(64 * 1024).unwrap_or(NonZeroUsize::MIN),
+            max_connections: None,
         }
     }
 }

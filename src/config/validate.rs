@@ -468,6 +468,28 @@ log_level = "debug"
     }
 
     #[test]
+    fn connection_limits_out_of_range_are_issues() {
+        let text = "[server]\nheader_read_timeout = \"0s\"\nidle_timeout = \"0s\"\nbody_read_timeout = \"0s\"\nmax_header_bytes = 4096\nmax_connections = 10\n\n[[upstreams]]\nname = \"a\"\nbase_url = \"http://ok/v1\"\n";
+        let env = BTreeMap::new();
+        let err = Config::parse(text, &env).unwrap().validate(&env).unwrap_err();
+        let paths: Vec<&str> = err.0.iter().map(|i| i.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "server.header_read_timeout",
+                "server.idle_timeout",
+                "server.body_read_timeout",
+                "server.max_header_bytes"
+            ],
+            "{err}"
+        );
+        assert!(
+            Config::parse("[server]\nmax_connections = 0\n", &env).is_err(),
+            "zero connections does not parse"
+        );
+    }
+
+    #[test]
     fn a_tokenizer_that_does_not_load_and_a_margin_out_of_range_are_issues() {
         let text = "[[upstreams]]\nname = \"a\"\nbase_url = \"http://ok/v1\"\n\n[compression]\nmode = \"rules\"\ntokenizer = \"/nonexistent/tokenizer.json\"\ntoken_margin = 1.5\n";
         let env = BTreeMap::new();

@@ -543,12 +543,16 @@ impl Forwarded {
     }
 }
 
-/// Splits out the one send failure that is the client's fault: a streamed body over the limit.
+/// Splits out the send failures that are the client's fault: a streamed body over the limit,
+/// or one that did not arrive within the body read timeout.
 fn classify_send_error(err: hyper_util::client::legacy::Error) -> Result<BoxError, GatewayError> {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&err);
     while let Some(e) = source {
         if let Some(limit) = e.downcast_ref::<crate::body::BodyTooLarge>() {
             return Err(GatewayError::PayloadTooLarge { limit: limit.0 });
+        }
+        if let Some(timed_out) = e.downcast_ref::<crate::body::BodyTimedOut>() {
+            return Err(GatewayError::RequestBodyTimeout { after: timed_out.0 });
         }
         source = e.source();
     }
