@@ -91,6 +91,24 @@ def build_session(path, conv_ids):
     return tools, messages, points
 
 
+def gen_session(seed, tokens):
+    """A generated agent session (the fidelity benchmark's generator): fresh, repeated (exact duplicate) and
+    log-noisy (ANSI colours, heartbeat runs, blank-line runs) tool results, about `tokens` tokens long."""
+    sys.path.insert(0, os.path.join(HERE, "..", "fidelity"))
+    import random
+    import data
+
+    class Approx:  # sizing only (whole turns until the stream is long enough): ~4 bytes per token
+        def message(self, m):
+            return len(json.dumps(m)) // 4
+
+    stream = data.Generator(random.Random(seed)).turns(tokens, Approx())
+    messages = [{"role": "system", "content": data.GEN_SYSTEM}] + [m for t in stream for m in t]
+    points = [i + 1 for i, m in enumerate(messages)
+              if m["role"] in ("user", "tool") and (i + 1 == len(messages) or messages[i + 1]["role"] != "tool")]
+    return data.gen_tools(), messages, points
+
+
 def turn_units(msgs):
     """Non-system messages grouped into droppable units: a user message, or an assistant message with its tool results."""
     units, i = [], 0
@@ -180,6 +198,7 @@ high_water = 0.8
 low_water = 0.5
 pre_compaction = 0.6
 keep_recent_turns = {args.keep_recent_turns}
+token_margin = {args.token_margin}
 
 [compression.summarizer]
 timeout = "10m"
@@ -356,6 +375,10 @@ def main():
     ap.add_argument("--high-water", type=float, default=0.8)
     ap.add_argument("--keep-recent-turns", type=int, default=2)
     ap.add_argument("--server-ctx", type=int, default=16384, help="llama-server -c (must hold the direct session)")
+    ap.add_argument("--token-margin", type=float, default=0.0, help="ctxgate compression.token_margin (the model's "
+                    "tokenizer counts this much more than o200k)")
+    ap.add_argument("--session", default="bfcl", help="bfcl (the --convs conversations) or gen:SEED:TOKENS (a generated "
+                    "session with repeated and log-noisy tool results, ~TOKENS o200k tokens)")
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--modes", default="direct,rules,hybrid,sliding")
     ap.add_argument("--port", type=int, default=18100)
@@ -365,7 +388,11 @@ def main():
                     "merged into this report (e.g. to rerun one mode)")
     args = ap.parse_args()
     convs = args.convs.split(",")
-    tools, messages, points = build_session(args.data, convs)
+    if args.session.startswith("gen:"):
+        _, seed, tokens = args.session.split(":")
+        tools, messages, points = gen_session(int(seed), int(tokens))
+    else:
+        tools, messages, points = build_session(args.data, convs)
     if args.max_turns:
         points = points[:args.max_turns]
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
@@ -390,7 +417,7 @@ def main():
             results[m] = dict(reused[m], reused_from=args.reuse)
     results = {m: results[m] for m in MODES if m in results}
     summary, new = summarize(results, len(points))
-    meta = {"model": args.model, "convs": convs, "n_turns": len(points), "context_window": args.context_window,
+    meta = {"model": args.model, "session": args.session, "convs": convs, "token_margin": args.token_margin, "n_turns": len(points), "context_window": args.context_window,
             "high_water": args.high_water, "keep_recent_turns": args.keep_recent_turns, "server_ctx": args.server_ctx,
             "max_tokens": args.max_tokens, "sliding_estimate": "llama-server /tokenize of json.dumps(tools) + "
             "json.dumps(message) per message, summed", "date": stamp, "logs": logdir, "reused": {m: args.reuse for m in reused},
@@ -398,7 +425,7 @@ def main():
             if os.path.exists(args.ctxgate_bin) else None}
     md = table(summary, meta)
     print("\n" + md)
-    base = os.path.join(args.out, f"{stamp}-{args.model}")
+    base = os.path.join(args.out, f"{stamp}-{args.model}" + ("" if args.session == "bfcl" else "-" + args.session.replace(":", "-")))
     json.dump({"meta": meta, "summary": summary, "new_tokens_per_turn": new, "results": results},
               open(base + ".json", "w"), indent=1)
     open(base + ".md", "w").write(md + "\n")
