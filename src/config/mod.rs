@@ -151,7 +151,7 @@ impl Default for SessionConfig {
             key_prefix: "ctxgate:".into(),
             ttl: Duration::from_secs(7 * 24 * 3600),
             busy_timeout: Duration::from_secs(5),
-            lease: Duration::from_secs(30),
+            lease: Duration::from_secs(5),
             store_timeout: Duration::from_secs(2),
             on_store_error: OnStoreError::FailClosed,
         }

@@ -254,6 +254,13 @@ impl Upstream {
         }
     }
 
+    /// Whether the gateway holds this upstream's credential (`api_key_env`, or a credential
+    /// header in `headers`), so a request needs none of the caller's.
+    pub fn holds_credential(&self) -> bool {
+        self.authorization.is_some()
+            || self.extra_headers.iter().any(|(name, _)| CREDENTIAL_HEADERS.contains(&name.as_str()))
+    }
+
     /// Whether requests routed here should carry an affinity key.
     pub fn wants_affinity(&self) -> bool {
         self.pool().is_some_and(|p| p.wants_affinity())
@@ -553,6 +560,14 @@ fn classify_send_error(err: hyper_util::client::legacy::Error) -> Result<BoxErro
         source = e.source();
     }
     Ok(Box::new(err))
+}
+
+/// Headers that carry a provider credential: OpenAI's, Azure OpenAI's, Anthropic's.
+pub const CREDENTIAL_HEADERS: [&str; 3] = ["authorization", "api-key", "x-api-key"];
+
+/// Whether `headers` carry a credential an upstream could take.
+pub fn carries_credential(headers: &HeaderMap) -> bool {
+    CREDENTIAL_HEADERS.iter().any(|name| headers.contains_key(*name))
 }
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1) belong to one connection and are never forwarded.
