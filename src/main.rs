@@ -210,7 +210,13 @@ fn serve(args: ServeArgs) -> ExitCode {
     let config = match config.and_then(|c| c.validated(&env)) {
         Ok(config) => config,
         Err(err) => {
-            report(path.as_deref().unwrap_or(Path::new("<defaults>")), &err);
+            // Without a file, say where the default one was looked for: a start outside the
+            // repository's root is the usual reason none was found.
+            let label = path.clone().unwrap_or_else(|| {
+                let cwd = std::env::current_dir().map_or_else(|_| ".".into(), |d| d.display().to_string());
+                PathBuf::from(format!("<defaults: no {DEFAULT_CONFIG} in {cwd}>"))
+            });
+            report(&label, &err);
             return ExitCode::FAILURE;
         }
     };

@@ -282,6 +282,21 @@ pub struct UpstreamConfig {
     pub prompt_cache_key: bool,
     /// Several endpoints instead of `base_url`: see [`PoolConfig`].
     pub pool: Option<PoolConfig>,
+    /// The upstream takes no credential (a local model server). With gateway keys on, an
+    /// upstream must hold a credential (`api_key_env`, a credential header) or say this.
+    pub keyless: bool,
+}
+
+/// Headers that carry a provider credential: OpenAI's, Azure OpenAI's, Anthropic's.
+pub const CREDENTIAL_HEADERS: [&str; 3] = ["authorization", "api-key", "x-api-key"];
+
+impl UpstreamConfig {
+    /// Whether the gateway holds this upstream's credential (`api_key_env`, or a credential
+    /// header in `headers`).
+    pub fn holds_credential(&self) -> bool {
+        self.api_key_env.is_some()
+            || self.headers.keys().any(|k| CREDENTIAL_HEADERS.contains(&k.to_ascii_lowercase().as_str()))
+    }
 }
 
 impl UpstreamConfig {
@@ -332,6 +347,7 @@ impl Default for UpstreamConfig {
             models: Vec::new(),
             prompt_cache_key: false,
             pool: None,
+            keyless: false,
         }
     }
 }

@@ -39,7 +39,20 @@ impl EmbeddedStore {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(unavailable)?;
         }
-        let db = Database::create(path).map_err(unavailable)?;
+        let db = Database::create(path).map_err(|err| match err {
+            redb::DatabaseError::DatabaseAlreadyOpen => StoreError::Unavailable(
+                format!(
+                    "{} is already open in another process (the embedded store is single-process \
+                     and locks its file). Stop that process, or give this one another file \
+                     (`--store embedded:PATH`, or `sessions.store` in the config, env \
+                     CTXGATE__SESSIONS__STORE), or share sessions between processes through \
+                     Redis (`--store redis://HOST:PORT`)",
+                    path.display()
+                )
+                .into(),
+            ),
+            other => unavailable(other),
+        })?;
         // Create the table up front so readers never see it missing.
         let txn = db.begin_write().map_err(unavailable)?;
         txn.open_table(CHECKPOINTS).map_err(unavailable)?;
@@ -285,5 +298,23 @@ impl SessionStore for EmbeddedStore {
             txn.open_table(IN_FLIGHT).map_err(unavailable)?.remove(k.as_str()).map_err(unavailable)?;
             txn.commit().map_err(unavailable)
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_second_open_names_the_file_and_the_ways_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sessions.redb");
+        let _first = EmbeddedStore::open(&path, Duration::from_secs(60)).unwrap();
+        let err = EmbeddedStore::open(&path, Duration::from_secs(60)).unwrap_err().to_string();
+        assert!(err.contains(&path.display().to_string()), "{err}");
+        assert!(
+            err.contains("--store") && err.contains("sessions.store") && err.contains("redis://"),
+            "{err}"
+        );
     }
 }

@@ -40,7 +40,7 @@ pub use pool::{Endpoint, Lease, Pool};
 pub use route::ModelRouter;
 
 use crate::body::{self as gw_body, Body, BoxError};
-use crate::config::{Config, ConfigError, EnvSource, RetryConfig, UpstreamConfig};
+use crate::config::{Config, ConfigError, EnvSource, RetryConfig, UpstreamConfig, CREDENTIAL_HEADERS};
 use crate::error::GatewayError;
 use crate::openai::UsageObserver;
 use crate::retry;
@@ -561,9 +561,6 @@ fn classify_send_error(err: hyper_util::client::legacy::Error) -> Result<BoxErro
     }
     Ok(Box::new(err))
 }
-
-/// Headers that carry a provider credential: OpenAI's, Azure OpenAI's, Anthropic's.
-pub const CREDENTIAL_HEADERS: [&str; 3] = ["authorization", "api-key", "x-api-key"];
 
 /// Whether `headers` carry a credential an upstream could take.
 pub fn carries_credential(headers: &HeaderMap) -> bool {
