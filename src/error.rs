@@ -55,6 +55,9 @@ pub enum GatewayError {
     /// No such session for this caller (sessions of other callers are invisible).
     #[error("No session {id}")]
     SessionNotFound { id: String },
+    /// The session exists but has no locked goal.
+    #[error("Session {id} has no locked goal")]
+    GoalNotSet { id: String },
     /// A followed turn stopped without its answer and could not be taken over.
     #[error("The turn on session {id} did not complete: {reason}; POST /v1/sessions/{id}/resume or send the request again")]
     TurnIncomplete { id: String, reason: &'static str },
@@ -116,6 +119,7 @@ impl GatewayError {
             Self::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
             Self::NotFound { .. }
             | Self::SessionNotFound { .. }
+            | Self::GoalNotSet { .. }
             | Self::OriginalNotFound { .. } => StatusCode::NOT_FOUND,
             Self::TurnIncomplete { .. } => StatusCode::BAD_GATEWAY,
             Self::SessionBusy { .. } | Self::GoalLocked { .. } => StatusCode::CONFLICT,
@@ -145,6 +149,7 @@ impl GatewayError {
             | Self::SessionBusy { .. }
             | Self::GoalLocked { .. }
             | Self::SessionNotFound { .. }
+            | Self::GoalNotSet { .. }
             | Self::OriginalNotFound { .. }
             | Self::Unauthorized(_)
             | Self::ModelNotAllowed { .. } => "invalid_request_error",
@@ -174,6 +179,7 @@ impl GatewayError {
             Self::SessionBusy { .. } => "session_busy",
             Self::GoalLocked { .. } => "goal_locked",
             Self::SessionNotFound { .. } => "session_not_found",
+            Self::GoalNotSet { .. } => "goal_not_set",
             Self::TurnIncomplete { .. } => "turn_incomplete",
             Self::OriginalNotFound { .. } => "original_not_found",
             Self::SessionStore(_) => "session_store_unavailable",

@@ -44,6 +44,7 @@ pub(crate) async fn api(
     let key = SessionKey::new(&scope_credential(&parts.headers, &parts.extensions), id);
     let sessions = &state.sessions;
     let missing = || GatewayError::SessionNotFound { id: id.to_string() };
+    let no_goal = || GatewayError::GoalNotSet { id: id.to_string() };
     match (&parts.method, sub) {
         (&Method::GET, None) => {
             let stored = sessions.load(&key).await?.ok_or_else(missing)?;
@@ -79,7 +80,7 @@ pub(crate) async fn api(
         }
         (&Method::GET, Some("goal")) => {
             let stored = sessions.load(&key).await?.ok_or_else(missing)?;
-            let goal = stored.checkpoint.goal.ok_or_else(missing)?;
+            let goal = stored.checkpoint.goal.ok_or_else(no_goal)?;
             Ok(json_response(&goal_json(id, &goal)))
         }
         (&Method::PUT, Some("goal")) => {
@@ -107,7 +108,7 @@ pub(crate) async fn api(
             if had {
                 Ok(json_response(&json!({"id": id, "object": "session.goal.deleted", "deleted": true})))
             } else {
-                Err(missing())
+                Err(no_goal())
             }
         }
         (&Method::GET, Some("stream")) => {
