@@ -10,15 +10,14 @@ use http_body::Frame;
 use serde_json::{json, Value};
 
 use crate::auth::scope_credential;
-use crate::body::FrameSender;
-use crate::body::{Body, ChannelBody};
+use crate::body::{Body, ChannelBody, FrameSender};
 use crate::chat::resume;
 use crate::error::GatewayError;
 use crate::headers;
 use crate::http_util::{json_response, read_body};
 use crate::openai::sse;
 use crate::session::checkpoint::now_ms;
-use crate::session::events::{follow, parse_event_id, Followed};
+use crate::session::events::{follow, parse_event_id, start_of, Followed};
 use crate::session::{Admitted, GoalLock, Lease, OnGoalConflict, SessionKey};
 use crate::tools::record::ToolRecord;
 use crate::AppState;
@@ -243,25 +242,25 @@ async fn follow_to_end(
     key: &SessionKey,
     id: &str,
     mut turn: u64,
-    mut last: Option<(u64, u64)>,
+    last: Option<(u64, u64)>,
     headers: HeaderMap,
     frames: &FrameSender,
 ) -> Result<(), GatewayError> {
     let incomplete = |reason| GatewayError::TurnIncomplete { id: id.to_string(), reason };
+    let mut after = start_of(turn, last);
     for _ in 0..MAX_MOVES {
-        match follow(&app.sessions, key, turn, last, frames).await {
+        let next = match follow(&app.sessions, key, turn, &mut after, frames).await {
             Followed::Done | Followed::Gone => return Ok(()),
             Followed::Ended(reason) => return Err(incomplete(reason)),
-            Followed::Moved(next) => turn = next,
-            Followed::Lapsed(stored) => {
-                // `None`: someone else took it over (or it moved on); the next look finds where.
-                if let Some(next) = resume(app, key.clone(), headers.clone(), *stored).await {
-                    turn = next;
-                }
-            }
+            Followed::Moved(next) => Some(next),
+            // `None`: someone else took it over (or it moved on); the next look finds where.
+            Followed::Lapsed(stored) => resume(app, key.clone(), headers.clone(), *stored).await,
+        };
+        if let Some(next) = next {
+            // The re-issued turn is followed from its start: its events carry the new number.
+            turn = next;
+            after = 0;
         }
-        // The re-issued turn is followed from its start: its events carry the new number.
-        last = None;
     }
     Err(incomplete("it was interrupted too many times"))
 }

@@ -77,34 +77,41 @@ pub(crate) enum Followed {
     Ended(&'static str),
 }
 
-/// Replays turn `turn`'s events after `last` (or from its start) into `frames`, each with its
-/// `id:` line, then follows the live turn until `[DONE]` or until it stops being served.
+/// Where a follower of `turn` starts: after the client's last event of that turn (from
+/// `Last-Event-ID`), else at the turn's start.
+pub(crate) fn start_of(turn: u64, last: Option<(u64, u64)>) -> u64 {
+    match last {
+        Some((t, seq)) if t == turn => seq,
+        _ => 0,
+    }
+}
+
+/// Replays turn `turn`'s events after `after` into `tx`, each with its `id:` line, then follows
+/// the live turn until `[DONE]` or until it stops being served. `after` moves with each event
+/// sent, so a caller that follows the same turn again sends nothing twice.
 pub(crate) async fn follow(
     sessions: &Arc<Sessions>,
     key: &SessionKey,
     turn: u64,
-    last: Option<(u64, u64)>,
+    after: &mut u64,
     tx: &FrameSender,
 ) -> Followed {
-    let mut after = match last {
-        Some((t, seq)) if t == turn => seq,
-        _ => 0,
-    };
+    let start = *after;
     // A client whose last event was `[DONE]` has the whole turn already.
-    if let Some(before) = after.checked_sub(1) {
+    if let Some(before) = start.checked_sub(1) {
         if let Ok(last) = sessions.events_after(key, turn, before, 1).await {
-            if last.first().is_some_and(|(seq, event)| *seq == after && is_done(event)) {
+            if last.first().is_some_and(|(seq, event)| *seq == start && is_done(event)) {
                 return Followed::Done;
             }
         }
     }
     loop {
-        let events = match sessions.events_after(key, turn, after, 256).await {
+        let events = match sessions.events_after(key, turn, *after, 256).await {
             Ok(events) => events,
             Err(_) => return Followed::Ended("the session store is unavailable"),
         };
         for (seq, event) in &events {
-            after = *seq;
+            *after = *seq;
             if tx.send(Ok(Frame::data(with_id(turn, *seq, event)))).await.is_err() {
                 return Followed::Gone;
             }
@@ -129,7 +136,7 @@ pub(crate) async fn follow(
         match serving {
             Some(f) if sessions.lapsed(f, now_ms()) => {
                 // Events written between the read and the load come first.
-                if let Some(end) = catch_up(sessions, key, turn, &mut after, tx).await {
+                if let Some(end) = catch_up(sessions, key, turn, after, tx).await {
                     return end;
                 }
                 if f.request.is_none() {
@@ -139,7 +146,7 @@ pub(crate) async fn follow(
             }
             Some(_) => {}
             None => {
-                return catch_up(sessions, key, turn, &mut after, tx)
+                return catch_up(sessions, key, turn, after, tx)
                     .await
                     .unwrap_or(Followed::Ended("the turn ended without completing its answer"));
             }
