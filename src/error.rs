@@ -58,6 +58,12 @@ pub enum GatewayError {
     /// No such session for this caller (sessions of other callers are invisible).
     #[error("No session {id}")]
     SessionNotFound { id: String },
+    /// The session exists but has no locked goal.
+    #[error("Session {id} has no locked goal")]
+    GoalNotSet { id: String },
+    /// A followed turn stopped without its answer and could not be taken over.
+    #[error("The turn on session {id} did not complete: {reason}; POST /v1/sessions/{id}/resume or send the request again")]
+    TurnIncomplete { id: String, reason: &'static str },
     /// No original with this id for this caller (a marker of another caller, or expired).
     #[error("No original {id} is kept for this caller")]
     OriginalNotFound { id: String },
@@ -114,9 +120,11 @@ impl GatewayError {
     pub fn status(&self) -> StatusCode {
         match self {
             Self::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
-            Self::NotFound { .. } | Self::SessionNotFound { .. } | Self::OriginalNotFound { .. } => {
-                StatusCode::NOT_FOUND
-            }
+            Self::NotFound { .. }
+            | Self::SessionNotFound { .. }
+            | Self::GoalNotSet { .. }
+            | Self::OriginalNotFound { .. } => StatusCode::NOT_FOUND,
+            Self::TurnIncomplete { .. } => StatusCode::BAD_GATEWAY,
             Self::SessionBusy { .. } | Self::GoalLocked { .. } => StatusCode::CONFLICT,
             Self::SessionStore(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
@@ -146,6 +154,7 @@ impl GatewayError {
             | Self::SessionBusy { .. }
             | Self::GoalLocked { .. }
             | Self::SessionNotFound { .. }
+            | Self::GoalNotSet { .. }
             | Self::OriginalNotFound { .. }
             | Self::Unauthorized(_)
             | Self::ModelNotAllowed { .. } => "invalid_request_error",
@@ -157,6 +166,7 @@ impl GatewayError {
             | Self::UpstreamUnreachable { .. }
             | Self::UpstreamStatus { .. }
             | Self::UpstreamTimeout { .. }
+            | Self::TurnIncomplete { .. }
             | Self::RequestTimeout
             | Self::KeyStore(_)
             | Self::Internal(_) => "server_error",
@@ -175,6 +185,8 @@ impl GatewayError {
             Self::SessionBusy { .. } => "session_busy",
             Self::GoalLocked { .. } => "goal_locked",
             Self::SessionNotFound { .. } => "session_not_found",
+            Self::GoalNotSet { .. } => "goal_not_set",
+            Self::TurnIncomplete { .. } => "turn_incomplete",
             Self::OriginalNotFound { .. } => "original_not_found",
             Self::SessionStore(_) => "session_store_unavailable",
             Self::UpstreamUnreachable { .. } => "upstream_unreachable",

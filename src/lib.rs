@@ -12,7 +12,8 @@
 //!
 //! Handlers:
 //! - [`chat`]: `POST /v1/chat/completions`, the one pipeline (read → prepare → send → relay →
-//!   finish); stateless, session and degraded turns differ in its `Mode` only.
+//!   finish); stateless, session and degraded turns differ in its `Mode` only; the takeover
+//!   sweep that re-issues turns whose process died.
 //! - [`handlers`]: the model list and passthrough routes; the sessions API.
 //!
 //! Features (each gets plain values or narrow handles, never the application):
@@ -169,8 +170,12 @@ impl AppState {
 pub async fn serve(listener: TcpListener, state: Arc<AppState>, shutdown: impl Future<Output = ()>) {
     let drain = state.config.server.shutdown_timeout;
     let (signaled, at) = tokio::sync::oneshot::channel();
+    let stop = tokio_util::sync::CancellationToken::new();
+    // Interrupted turns are taken over now, not when a client next asks.
+    state.spawn(chat::takeover::sweep(state.clone(), stop.clone()));
     let shutdown = async move {
         shutdown.await;
+        stop.cancel();
         let _ = signaled.send(tokio::time::Instant::now());
     };
     let service = stack::build(state.clone());

@@ -118,6 +118,7 @@ fn compress(args: CompressArgs) -> ExitCode {
     use std::io::Read;
 
     use ctxgate::compress::rules::Rule;
+    use ctxgate::compress::Acted;
     use ctxgate::config::CompressionMode;
 
     let env = ProcessEnv;
@@ -162,6 +163,19 @@ fn compress(args: CompressArgs) -> ExitCode {
     let _ = stdout.write_all(&body).and_then(|()| stdout.write_all(b"\n"));
     let rules: serde_json::Map<String, serde_json::Value> =
         Rule::ALL.iter().map(|r| (r.name().to_string(), plan.stats.get(*r).into())).collect();
+    // Say why the output is the input, so "nothing happened" is never a puzzle.
+    let note = match plan.acted {
+        Acted::Off => Some(format!(
+            "nothing done: compression is off for this model in {} (compression.mode); pass --mode rules or --mode hybrid",
+            path.as_deref().map_or_else(|| "the defaults".to_string(), |p| p.display().to_string())
+        )),
+        Acted::None => Some(
+            "nothing done: the request is under the compaction mark (compression.high_water of \
+             compression.context_window); pass --force to compact anyway"
+                .to_string(),
+        ),
+        Acted::Rules | Acted::Hybrid => None,
+    };
     let mut stderr = std::io::stderr().lock();
     if args.stats == "json" {
         let stats = serde_json::json!({
@@ -169,6 +183,7 @@ fn compress(args: CompressArgs) -> ExitCode {
             "tokens_after": plan.tokens_after,
             "acted": plan.acted.as_str(),
             "saved_by_rule": rules,
+            "note": note,
         });
         let _ = writeln!(stderr, "{stats}");
     } else {
@@ -176,6 +191,9 @@ fn compress(args: CompressArgs) -> ExitCode {
         let _ = writeln!(stderr, "tokens after   {:>8}  ({})", plan.tokens_after, plan.acted.as_str());
         for (name, saved) in &rules {
             let _ = writeln!(stderr, "  {name:<24}{saved:>8}");
+        }
+        if let Some(note) = note {
+            let _ = writeln!(stderr, "{note}");
         }
     }
     ExitCode::SUCCESS
@@ -210,7 +228,13 @@ fn serve(args: ServeArgs) -> ExitCode {
     let config = match config.and_then(|c| c.validated(&env)) {
         Ok(config) => config,
         Err(err) => {
-            report(path.as_deref().unwrap_or(Path::new("<defaults>")), &err);
+            // Without a file, say where the default one was looked for: a start outside the
+            // repository's root is the usual reason none was found.
+            let label = path.clone().unwrap_or_else(|| {
+                let cwd = std::env::current_dir().map_or_else(|_| ".".into(), |d| d.display().to_string());
+                PathBuf::from(format!("<defaults: no {DEFAULT_CONFIG} in {cwd}>"))
+            });
+            report(&label, &err);
             return ExitCode::FAILURE;
         }
     };

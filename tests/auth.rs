@@ -41,6 +41,8 @@ fn keys(a: impl FnOnce(&mut KeyConfig) + Send + 'static) -> impl FnOnce(&mut Con
         let mut team_b = key("team-b", TEAM_B);
         team_b.models = vec!["gpt-4o*".into()];
         config.auth.keys = vec![team_a, team_b];
+        // The mock takes no credential.
+        config.upstreams.iter_mut().for_each(|u| u.keyless = true);
     }
 }
 
@@ -277,6 +279,7 @@ async fn keys_held_in_redis_change_without_a_restart() {
         .config(move |c| {
             c.sessions.store = url;
             c.auth.redis = true;
+            c.upstreams[0].keyless = true;
             c.auth.cache_ttl = Duration::from_millis(200);
         })
         .start()

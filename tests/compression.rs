@@ -165,7 +165,7 @@ async fn a_request_can_opt_out() {
         .await
         .unwrap();
     assert_eq!(response.status(), 200);
-    assert_eq!(header(&response, "x-ctxgate-compression"), "");
+    assert_eq!(header(&response, "x-ctxgate-compression"), "off", "the opt-out is said back");
     let sent = h.upstream(0).requests().pop().unwrap();
     assert_eq!(sent.body.as_ref(), body.as_slice(), "sent byte for byte");
     assert!(!sent.headers.contains_key("x-ctxgate-compression"), "the gateway's own header stays here");
@@ -461,4 +461,31 @@ async fn counted_with_the_models_own_tokenizer_no_request_exceeds_its_context() 
     }
     assert!(largest[0] > CONTEXT, "counted with tiktoken a request overflows: {}", largest[0]);
     assert!(largest[1] <= CONTEXT, "counted with the model's tokenizer none does: {}", largest[1]);
+}
+
+#[test]
+fn the_compress_command_says_why_it_did_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("request.json");
+    std::fs::write(&file, serde_json::to_vec(&request(&conversation(3))).unwrap()).unwrap();
+    let run = |args: &[&str]| {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_ctxgate"))
+            .arg("compress")
+            .args(args)
+            .arg(&file)
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        assert!(output.status.success());
+        String::from_utf8(output.stderr).unwrap()
+    };
+    // With the defaults compression is off, and the command says so and what to pass
+    let off = run(&[]);
+    assert!(off.contains("compression is off") && off.contains("--mode rules"), "{off}");
+    // With rules, a short request is under the mark: it says --force would compact it
+    let under = run(&["--mode", "rules"]);
+    assert!(under.contains("under the compaction mark") && under.contains("--force"), "{under}");
+    // And with --force it acts, with nothing to explain
+    let forced = run(&["--mode", "rules", "--force"]);
+    assert!(!forced.contains("nothing done"), "{forced}");
 }

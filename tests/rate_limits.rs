@@ -125,7 +125,7 @@ async fn a_limit_holds_within_five_percent_across_three_gateways(store: Store) {
     // 20 requests a second with a burst of 20, offered far faster through three replicas. The
     // check timeout is generous so a loaded test machine does not trigger the fallback.
     let extra = format!(
-        "[rate_limits]\ntimeout = \"5s\"\n\
+        "keyless = true\n[rate_limits]\ntimeout = \"5s\"\n\
          [[auth.keys]]\nname = \"team-a\"\nsha256 = \"{}\"\nrequests_per_minute = 1200\nburst = 20\n",
         hash_key(b"sk-team-a")
     );

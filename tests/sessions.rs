@@ -384,6 +384,28 @@ async fn changing_the_system_prompt_under_a_goal_is_409_or_kept(store: Store) {
     assert_eq!(deleted.status(), 200);
     send(&h, "c", &request(&[system("Changed!"), user("z")], false)).await;
     assert!(upstream_messages(&h, 3).iter().all(|m| !m.contains("Stay on task")));
+
+    // And the session, still there, says it has no goal (not that it does not exist)
+    for method in [reqwest::Method::GET, reqwest::Method::DELETE] {
+        let gone = h
+            .client
+            .request(method, h.v1("/sessions/c/goal"))
+            .header("authorization", "Bearer sk-test-client")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(gone.status(), 404);
+        let body: Value = gone.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "goal_not_set", "{body}");
+    }
+    let session = h
+        .client
+        .get(h.v1("/sessions/c"))
+        .header("authorization", "Bearer sk-test-client")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(session.status(), 200);
 }
 
 async fn the_goal_lock_survives_a_restart_byte_for_byte(store: Store) {

@@ -68,6 +68,10 @@ impl ChatContext {
             affinity: None,
         };
         ctx.affinity = ctx.affinity_key(app);
+        if ctx.compression_opted_out() {
+            // Said back, so a client can tell its opt-out was seen.
+            ctx.annotations.insert(headers::COMPRESSION, http::HeaderValue::from_static("off"));
+        }
         Ok(ctx)
     }
 

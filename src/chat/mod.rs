@@ -23,6 +23,7 @@ mod compose;
 pub(crate) mod compression;
 mod context;
 mod relay;
+pub(crate) mod takeover;
 mod tool_loop;
 
 use std::sync::Arc;
@@ -358,6 +359,8 @@ fn prepare(
             .as_ref()
             .filter(|(plan, _)| plan.state.is_some())
             .map(|_| composed.conversation.clone()),
+        caller_credential: crate::upstream::carries_credential(ctx.headers())
+            && ctx.route(app).iter().any(|u| !u.holds_credential()),
     };
     let prepared = Prepared {
         conversation: composed.conversation,

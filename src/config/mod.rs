@@ -151,7 +151,7 @@ impl Default for SessionConfig {
             key_prefix: "ctxgate:".into(),
             ttl: Duration::from_secs(7 * 24 * 3600),
             busy_timeout: Duration::from_secs(5),
-            lease: Duration::from_secs(30),
+            lease: Duration::from_secs(5),
             store_timeout: Duration::from_secs(2),
             on_store_error: OnStoreError::FailClosed,
         }
@@ -317,6 +317,21 @@ pub struct UpstreamConfig {
     pub prompt_cache_key: bool,
     /// Several endpoints instead of `base_url`: see [`PoolConfig`].
     pub pool: Option<PoolConfig>,
+    /// The upstream takes no credential (a local model server). With gateway keys on, an
+    /// upstream must hold a credential (`api_key_env`, a credential header) or say this.
+    pub keyless: bool,
+}
+
+/// Headers that carry a provider credential: OpenAI's, Azure OpenAI's, Anthropic's.
+pub const CREDENTIAL_HEADERS: [&str; 3] = ["authorization", "api-key", "x-api-key"];
+
+impl UpstreamConfig {
+    /// Whether the gateway holds this upstream's credential (`api_key_env`, or a credential
+    /// header in `headers`).
+    pub fn holds_credential(&self) -> bool {
+        self.api_key_env.is_some()
+            || self.headers.keys().any(|k| CREDENTIAL_HEADERS.contains(&k.to_ascii_lowercase().as_str()))
+    }
 }
 
 impl UpstreamConfig {
@@ -367,6 +382,7 @@ impl Default for UpstreamConfig {
             models: Vec::new(),
             prompt_cache_key: false,
             pool: None,
+            keyless: false,
         }
     }
 }

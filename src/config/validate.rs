@@ -208,6 +208,23 @@ impl Config {
         }
         self.tool_loop.validate(&mut issues);
         self.auth.validate(&mut issues);
+        // With gateway keys on, the client's Authorization is its gateway key and is never
+        // forwarded: an upstream without a credential of its own gets none, and its 401 would
+        // reach the client looking like a rejected gateway key. An error, not a warning: such
+        // a gateway cannot serve that upstream at all, and `keyless` says so when intended.
+        if self.auth.enabled() {
+            for (i, upstream) in self.upstreams.iter().enumerate() {
+                if !upstream.holds_credential() && !upstream.keyless {
+                    issues.push(
+                        format!("upstreams[{i}].api_key_env"),
+                        "gateway keys are on ([auth]), so clients' Authorization headers (their gateway \
+                         keys) are not passed upstream and this upstream would get no credential: set \
+                         api_key_env (or a credential header in `headers`), or `keyless = true` for an \
+                         upstream that takes none",
+                    );
+                }
+            }
+        }
         if self.auth.redis && self.shared_redis_url().is_none() {
             issues.push("auth.redis", "needs Redis: sessions.store or rate_limits.store must be a Redis URL");
         }
@@ -248,6 +265,30 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
+
+    #[test]
+    fn gateway_keys_need_upstreams_that_hold_a_credential() {
+        let env = BTreeMap::from([("KEY".to_string(), "sk".to_string())]);
+        let config = |upstreams: &str| {
+            let text = format!("[[auth.keys]]\nname = \"a\"\nsha256 = \"{}\"\n{upstreams}", "0".repeat(64));
+            Config::parse(&text, &env).unwrap().validate(&env)
+        };
+        // Given gateway keys, an upstream without a credential of its own is an error
+        let err =
+            config("[[upstreams]]\nname = \"u\"\nbase_url = \"https://api.example.com/v1\"\n").unwrap_err();
+        assert_eq!(err.0.len(), 1, "{err}");
+        assert_eq!(err.0[0].path, "upstreams[0].api_key_env");
+        assert!(err.0[0].message.contains("keyless = true"), "{err}");
+        // And a key, a credential header, or `keyless` each answer it
+        for fix in ["api_key_env = \"KEY\"", "headers = { \"Api-Key\" = \"k\" }", "keyless = true"] {
+            let upstream =
+                format!("[[upstreams]]\nname = \"u\"\nbase_url = \"http://127.0.0.1:1/v1\"\n{fix}\n");
+            assert!(config(&upstream).is_ok(), "{fix}");
+        }
+        // Without gateway keys the client's Authorization goes through: nothing to say
+        let plain = "[[upstreams]]\nname = \"u\"\nbase_url = \"https://api.example.com/v1\"\n";
+        assert!(Config::parse(plain, &env).unwrap().validate(&env).is_ok());
+    }
 
     #[test]
     fn reports_every_problem_at_once() {

@@ -4,17 +4,20 @@
 
 use std::sync::Arc;
 
+use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Method, Response};
+use http_body::Frame;
 use serde_json::{json, Value};
 
 use crate::auth::scope_credential;
-use crate::body::{Body, ChannelBody};
+use crate::body::{Body, ChannelBody, FrameSender};
 use crate::chat::resume;
 use crate::error::GatewayError;
 use crate::headers;
 use crate::http_util::{json_response, read_body};
+use crate::openai::sse;
 use crate::session::checkpoint::now_ms;
-use crate::session::events::{follow, parse_event_id};
+use crate::session::events::{follow, parse_event_id, start_of, Followed};
 use crate::session::{Admitted, GoalLock, Lease, OnGoalConflict, SessionKey};
 use crate::tools::record::ToolRecord;
 use crate::AppState;
@@ -40,6 +43,7 @@ pub(crate) async fn api(
     let key = SessionKey::new(&scope_credential(&parts.headers, &parts.extensions), id);
     let sessions = &state.sessions;
     let missing = || GatewayError::SessionNotFound { id: id.to_string() };
+    let no_goal = || GatewayError::GoalNotSet { id: id.to_string() };
     match (&parts.method, sub) {
         (&Method::GET, None) => {
             let stored = sessions.load(&key).await?.ok_or_else(missing)?;
@@ -75,7 +79,7 @@ pub(crate) async fn api(
         }
         (&Method::GET, Some("goal")) => {
             let stored = sessions.load(&key).await?.ok_or_else(missing)?;
-            let goal = stored.checkpoint.goal.ok_or_else(missing)?;
+            let goal = stored.checkpoint.goal.ok_or_else(no_goal)?;
             Ok(json_response(&goal_json(id, &goal)))
         }
         (&Method::PUT, Some("goal")) => {
@@ -103,7 +107,7 @@ pub(crate) async fn api(
             if had {
                 Ok(json_response(&json!({"id": id, "object": "session.goal.deleted", "deleted": true})))
             } else {
-                Err(missing())
+                Err(no_goal())
             }
         }
         (&Method::GET, Some("stream")) => {
@@ -112,14 +116,14 @@ pub(crate) async fn api(
                 .get(&headers::LAST_EVENT_ID)
                 .and_then(|v| v.to_str().ok())
                 .and_then(parse_event_id);
-            replay(state.clone(), key, id, last).await
+            replay(state.clone(), key, id, last, parts.headers.clone()).await
         }
         (&Method::POST, Some("resume")) => {
             let stored = sessions.load(&key).await?.ok_or_else(missing)?;
             let now = now_ms();
             let state_json = match &stored.checkpoint.in_flight {
                 None => json!({"id": id, "object": "session.resume", "resumed": false, "state": "idle"}),
-                Some(f) if f.lease_until_ms > now => {
+                Some(f) if !sessions.lapsed(f, now) => {
                     json!({"id": id, "object": "session.resume", "resumed": false, "state": "in_progress", "turn": f.turn})
                 }
                 Some(f) if f.request.is_none() => {
@@ -199,22 +203,64 @@ async fn admit_for_update(
 }
 
 /// Replays the session's last streamed turn after `last` (or from its start), then follows it
-/// live (see [`follow`]).
+/// live (see [`follow`]) to `[DONE]`. A turn whose owner is gone is taken over here, with the
+/// follower's credential, and followed on under its new number; a turn that cannot complete
+/// ends the stream with an error event. The stream never ends without one or the other.
 async fn replay(
     state: Arc<AppState>,
     key: SessionKey,
     id: &str,
     last: Option<(u64, u64)>,
+    headers: HeaderMap,
 ) -> Result<Response<Body>, GatewayError> {
     let stored = state.sessions.load(&key).await?;
     let turn = stored
         .and_then(|s| s.checkpoint.stream_turn)
         .ok_or_else(|| GatewayError::SessionNotFound { id: format!("{id} (no streamed turn)") })?;
     let (frames, body) = ChannelBody::channel(32);
-    state.spawn(follow(state.sessions.clone(), key, turn, last, frames));
+    let app = state.clone();
+    let id = id.to_string();
+    state.spawn(async move {
+        if let Err(err) = follow_to_end(&app, &key, &id, turn, last, headers, &frames).await {
+            let _ = frames.send(Ok(Frame::data(err.to_sse_event()))).await;
+            let _ = frames.send(Ok(Frame::data(Bytes::from_static(sse::DONE)))).await;
+        }
+    });
     let mut response = Response::new(body);
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     Ok(response)
+}
+
+/// How many times one follower moves on to a re-issued turn before giving up (each move is a
+/// takeover: a dead owner, or a re-issue that died too).
+const MAX_MOVES: usize = 8;
+
+async fn follow_to_end(
+    app: &Arc<AppState>,
+    key: &SessionKey,
+    id: &str,
+    mut turn: u64,
+    last: Option<(u64, u64)>,
+    headers: HeaderMap,
+    frames: &FrameSender,
+) -> Result<(), GatewayError> {
+    let incomplete = |reason| GatewayError::TurnIncomplete { id: id.to_string(), reason };
+    let mut after = start_of(turn, last);
+    for _ in 0..MAX_MOVES {
+        let next = match follow(&app.sessions, key, turn, &mut after, frames).await {
+            Followed::Done | Followed::Gone => return Ok(()),
+            Followed::Ended(reason) => return Err(incomplete(reason)),
+            Followed::Moved(next) => Some(next),
+            // `None`: someone else took it over (or it moved on); the next look finds where.
+            Followed::Lapsed(stored) => resume(app, key.clone(), headers.clone(), *stored).await,
+        };
+        if let Some(next) = next {
+            // The re-issued turn is followed from its start: its events carry the new number.
+            turn = next;
+            after = 0;
+        }
+    }
+    Err(incomplete("it was interrupted too many times"))
 }

@@ -130,6 +130,15 @@ pub struct StoredRequest {
     /// The conversation the turn commits, when compression made `body` carry less of it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub conversation: Option<Vec<Box<RawValue>>>,
+    /// The upstream takes the caller's own credential, which is never stored: only a caller
+    /// (a follower, a resume call, the next request) can re-issue the turn, not the sweep.
+    /// Markers written before this field existed are treated as needing it.
+    #[serde(default = "needs_caller")]
+    pub caller_credential: bool,
+}
+
+fn needs_caller() -> bool {
+    true
 }
 
 impl Checkpoint {
@@ -156,7 +165,12 @@ impl Checkpoint {
 
     /// Serialises once for a store's commit; the caller keeps the size for its metrics.
     pub fn encode(&self) -> Encoded {
-        Encoded(self.to_bytes().into())
+        let sweepable = self
+            .in_flight
+            .as_ref()
+            .filter(|f| f.request.as_ref().is_some_and(|r| !r.caller_credential))
+            .map(|f| f.lease_until_ms);
+        Encoded { doc: self.to_bytes().into(), sweepable }
     }
 
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, serde_json::Error> {
@@ -167,19 +181,30 @@ impl Checkpoint {
 /// A checkpoint serialised for a store; cheap to clone (a blocking-pool write takes its own
 /// handle without copying).
 #[derive(Clone, Debug)]
-pub struct Encoded(bytes::Bytes);
+pub struct Encoded {
+    doc: bytes::Bytes,
+    /// The lease end of a turn in flight that any process can re-issue: the store keeps such
+    /// sessions in its in-flight index, for the takeover sweep.
+    sweepable: Option<u64>,
+}
 
 impl Encoded {
     pub fn as_bytes(&self) -> &[u8] {
-        &self.0
+        &self.doc
     }
 
     pub fn len(&self) -> usize {
-        self.0.len()
+        self.doc.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.doc.is_empty()
+    }
+
+    /// Where the in-flight index should place this session: its lease end, or `None` to
+    /// drop it from the index.
+    pub fn sweepable_until(&self) -> Option<u64> {
+        self.sweepable
     }
 }
 

@@ -18,6 +18,8 @@ const CHECKPOINTS: TableDefinition<&str, &[u8]> = TableDefinition::new("checkpoi
 const EVENTS: TableDefinition<(&str, u64, u64), &[u8]> = TableDefinition::new("events");
 /// Blob key → 8-byte big-endian write time (ms) followed by the value.
 const BLOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("blobs");
+/// The in-flight index: `scope:id` → lease end (ms) of a turn any process may re-issue.
+const IN_FLIGHT: TableDefinition<&str, u64> = TableDefinition::new("in_flight");
 
 #[derive(Clone)]
 pub struct EmbeddedStore {
@@ -37,12 +39,26 @@ impl EmbeddedStore {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(unavailable)?;
         }
-        let db = Database::create(path).map_err(unavailable)?;
+        let db = Database::create(path).map_err(|err| match err {
+            redb::DatabaseError::DatabaseAlreadyOpen => StoreError::Unavailable(
+                format!(
+                    "{} is already open in another process (the embedded store is single-process \
+                     and locks its file). Stop that process, or give this one another file \
+                     (`--store embedded:PATH`, or `sessions.store` in the config, env \
+                     CTXGATE__SESSIONS__STORE), or share sessions between processes through \
+                     Redis (`--store redis://HOST:PORT`)",
+                    path.display()
+                )
+                .into(),
+            ),
+            other => unavailable(other),
+        })?;
         // Create the table up front so readers never see it missing.
         let txn = db.begin_write().map_err(unavailable)?;
         txn.open_table(CHECKPOINTS).map_err(unavailable)?;
         txn.open_table(EVENTS).map_err(unavailable)?;
         txn.open_table(BLOBS).map_err(unavailable)?;
+        txn.open_table(IN_FLIGHT).map_err(unavailable)?;
         txn.commit().map_err(unavailable)?;
         Ok(Self { db: Arc::new(db), ttl })
     }
@@ -149,6 +165,7 @@ impl SessionStore for EmbeddedStore {
         let k = key.storage_key();
         let doc = checkpoint.clone();
         let ttl = self.ttl;
+        let sweepable = checkpoint.sweepable_until();
         Box::pin(self.blocking(move |db| {
             let txn = db.begin_write().map_err(unavailable)?;
             let outcome = {
@@ -171,6 +188,15 @@ impl SessionStore for EmbeddedStore {
                     Commit::Committed(version)
                 }
             };
+            if let Commit::Committed(_) = outcome {
+                // In the same transaction: the index never disagrees with the checkpoints.
+                let mut index = txn.open_table(IN_FLIGHT).map_err(unavailable)?;
+                match sweepable {
+                    Some(until) => index.insert(k.as_str(), until).map(drop),
+                    None => index.remove(k.as_str()).map(drop),
+                }
+                .map_err(unavailable)?;
+            }
             match outcome {
                 Commit::Committed(_) => txn.commit().map_err(unavailable)?,
                 Commit::Conflict(_) => txn.abort().map_err(unavailable)?,
@@ -233,6 +259,7 @@ impl SessionStore for EmbeddedStore {
         Box::pin(self.blocking(move |db| {
             let txn = db.begin_write().map_err(unavailable)?;
             clear_events(&mut txn.open_table(EVENTS).map_err(unavailable)?, &k)?;
+            txn.open_table(IN_FLIGHT).map_err(unavailable)?.remove(k.as_str()).map_err(unavailable)?;
             let removed = txn
                 .open_table(CHECKPOINTS)
                 .map_err(unavailable)?
@@ -246,5 +273,48 @@ impl SessionStore for EmbeddedStore {
 
     fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>> {
         Box::pin(async { Ok(()) })
+    }
+
+    fn lapsed(&self, now_ms: u64, limit: usize) -> BoxFuture<'_, Result<Vec<SessionKey>, StoreError>> {
+        Box::pin(self.blocking(move |db| {
+            let txn = db.begin_read().map_err(unavailable)?;
+            let table = txn.open_table(IN_FLIGHT).map_err(unavailable)?;
+            let mut lapsed = Vec::new();
+            for entry in table.iter().map_err(unavailable)? {
+                let (key, until) = entry.map_err(unavailable)?;
+                if until.value() <= now_ms {
+                    lapsed.extend(SessionKey::from_storage_key(key.value()).map(|k| (until.value(), k)));
+                }
+            }
+            lapsed.sort_by_key(|(until, _)| *until);
+            Ok(lapsed.into_iter().take(limit).map(|(_, key)| key).collect())
+        }))
+    }
+
+    fn unindex<'a>(&'a self, key: &'a SessionKey) -> BoxFuture<'a, Result<(), StoreError>> {
+        let k = key.storage_key();
+        Box::pin(self.blocking(move |db| {
+            let txn = db.begin_write().map_err(unavailable)?;
+            txn.open_table(IN_FLIGHT).map_err(unavailable)?.remove(k.as_str()).map_err(unavailable)?;
+            txn.commit().map_err(unavailable)
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_second_open_names_the_file_and_the_ways_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sessions.redb");
+        let _first = EmbeddedStore::open(&path, Duration::from_secs(60)).unwrap();
+        let err = EmbeddedStore::open(&path, Duration::from_secs(60)).unwrap_err().to_string();
+        assert!(err.contains(&path.display().to_string()), "{err}");
+        assert!(
+            err.contains("--store") && err.contains("sessions.store") && err.contains("redis://"),
+            "{err}"
+        );
     }
 }

@@ -1,7 +1,8 @@
 //! A session's event log: the SSE events of its last streamed turn, each numbered `TURN-SEQ`,
 //! written as the turn streams ([`EventLog`]) and read back by a follower that replays them and
 //! then follows the live turn ([`follow`]), so a client that lost its connection picks up
-//! where it stopped.
+//! where it stopped. A follower never takes a turn over itself (that needs the chat pipeline):
+//! it reports why it stopped, and the sessions API decides.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,7 +12,7 @@ use http_body::Frame;
 use tokio::sync::mpsc;
 
 use super::checkpoint::now_ms;
-use super::{SessionKey, Sessions};
+use super::{SessionKey, Sessions, Stored};
 use crate::body::FrameSender;
 use crate::openai::events::is_done;
 use crate::openai::sse::with_id;
@@ -61,69 +62,124 @@ pub(crate) fn parse_event_id(id: &str) -> Option<(u64, u64)> {
     Some((turn.parse().ok()?, seq.parse().ok()?))
 }
 
-/// Replays turn `turn`'s events after `last` (or from its start) into `frames`, each with its
-/// `id:` line, then follows the live turn until `[DONE]`, the turn's end, or its owner's
-/// lease having run out for a lease period.
-pub(crate) async fn follow(
-    sessions: Arc<Sessions>,
-    key: SessionKey,
-    turn: u64,
-    last: Option<(u64, u64)>,
-    tx: FrameSender,
-) {
-    let mut after = match last {
+/// How a [`follow`] ended.
+pub(crate) enum Followed {
+    /// `[DONE]` was sent.
+    Done,
+    /// The client went away.
+    Gone,
+    /// The turn's owner is gone (see [`Sessions::lapsed`]) and its request is stored: the
+    /// caller may take it over.
+    Lapsed(Box<Stored>),
+    /// The log now holds another turn (the interrupted one, re-issued under a new number).
+    Moved(u64),
+    /// The turn ended, or cannot go on, without `[DONE]`: the caller owes the client an error.
+    Ended(&'static str),
+}
+
+/// Where a follower of `turn` starts: after the client's last event of that turn (from
+/// `Last-Event-ID`), else at the turn's start.
+pub(crate) fn start_of(turn: u64, last: Option<(u64, u64)>) -> u64 {
+    match last {
         Some((t, seq)) if t == turn => seq,
         _ => 0,
-    };
-    // A lease a moment past its end is more often a busy owner about to renew than a dead one:
-    // the follower gives up only one more lease period after it (a dead owner's turn, resumed,
-    // gets a new turn number anyway, which ends this follower at once).
-    let grace = sessions.config.lease.as_millis() as u64;
-    loop {
-        let events = match sessions.events_after(&key, turn, after, 256).await {
-            Ok(events) => events,
-            Err(err) => {
-                let _ = tx.send(Err(Box::new(err))).await;
-                return;
+    }
+}
+
+/// Replays turn `turn`'s events after `after` into `tx`, each with its `id:` line, then follows
+/// the live turn until `[DONE]` or until it stops being served. `after` moves with each event
+/// sent, so a caller that follows the same turn again sends nothing twice.
+pub(crate) async fn follow(
+    sessions: &Arc<Sessions>,
+    key: &SessionKey,
+    turn: u64,
+    after: &mut u64,
+    tx: &FrameSender,
+) -> Followed {
+    let start = *after;
+    // A client whose last event was `[DONE]` has the whole turn already.
+    if let Some(before) = start.checked_sub(1) {
+        if let Ok(last) = sessions.events_after(key, turn, before, 1).await {
+            if last.first().is_some_and(|(seq, event)| *seq == start && is_done(event)) {
+                return Followed::Done;
             }
+        }
+    }
+    loop {
+        let events = match sessions.events_after(key, turn, *after, 256).await {
+            Ok(events) => events,
+            Err(_) => return Followed::Ended("the session store is unavailable"),
         };
         for (seq, event) in &events {
-            after = *seq;
+            *after = *seq;
             if tx.send(Ok(Frame::data(with_id(turn, *seq, event)))).await.is_err() {
-                return;
+                return Followed::Gone;
             }
             if is_done(event) {
-                return;
+                return Followed::Done;
             }
         }
         if !events.is_empty() {
             continue;
         }
         // Caught up: go on only while the turn is still being served.
-        let live = match sessions.load(&key).await {
-            Ok(Some(s)) => {
-                s.checkpoint.stream_turn == Some(turn)
-                    && s.checkpoint
-                        .in_flight
-                        .as_ref()
-                        .is_some_and(|f| f.turn == turn && f.lease_until_ms + grace > now_ms())
-            }
-            _ => false,
+        let stored = match sessions.load(key).await {
+            Ok(Some(stored)) => stored,
+            Ok(None) => return Followed::Ended("the session no longer exists"),
+            Err(_) => return Followed::Ended("the session store is unavailable"),
         };
-        if !live {
-            // One last read: events written between the read and the load.
-            if let Ok(rest) = sessions.events_after(&key, turn, after, 256).await {
-                for (seq, event) in rest {
-                    if tx.send(Ok(Frame::data(with_id(turn, seq, &event)))).await.is_err() {
-                        return;
-                    }
+        match stored.checkpoint.stream_turn {
+            Some(t) if t != turn => return Followed::Moved(t),
+            _ => {}
+        }
+        let serving = stored.checkpoint.in_flight.as_ref().filter(|f| f.turn == turn);
+        match serving {
+            Some(f) if sessions.lapsed(f, now_ms()) => {
+                // Events written between the read and the load come first.
+                if let Some(end) = catch_up(sessions, key, turn, after, tx).await {
+                    return end;
                 }
+                if f.request.is_none() {
+                    return Followed::Ended("the gateway serving the turn stopped");
+                }
+                return Followed::Lapsed(Box::new(stored));
             }
-            return;
+            Some(_) => {}
+            None => {
+                return catch_up(sessions, key, turn, after, tx)
+                    .await
+                    .unwrap_or(Followed::Ended("the turn ended without completing its answer"));
+            }
         }
         tokio::select! {
             () = tokio::time::sleep(FOLLOW_POLL) => {}
-            () = tx.closed() => return,
+            () = tx.closed() => return Followed::Gone,
+        }
+    }
+}
+
+/// Sends the events logged after `after`; `Some` when that ended the follow (`[DONE]`, the
+/// client gone).
+async fn catch_up(
+    sessions: &Arc<Sessions>,
+    key: &SessionKey,
+    turn: u64,
+    after: &mut u64,
+    tx: &FrameSender,
+) -> Option<Followed> {
+    loop {
+        let rest = sessions.events_after(key, turn, *after, 256).await.ok()?;
+        if rest.is_empty() {
+            return None;
+        }
+        for (seq, event) in rest {
+            *after = seq;
+            if tx.send(Ok(Frame::data(with_id(turn, seq, &event)))).await.is_err() {
+                return Some(Followed::Gone);
+            }
+            if is_done(&event) {
+                return Some(Followed::Done);
+            }
         }
     }
 }

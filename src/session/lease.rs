@@ -71,7 +71,7 @@ impl Lease {
             let (version, mut checkpoint) = match loaded {
                 Some(stored) => {
                     if let Some(in_flight) = &stored.checkpoint.in_flight {
-                        if in_flight.lease_until_ms <= now && in_flight.request.is_some() {
+                        if sessions.lapsed(in_flight, now) && in_flight.request.is_some() {
                             return Ok(Admitted::Interrupted(stored));
                         }
                     }
@@ -79,7 +79,7 @@ impl Lease {
                 }
                 None => (0, Checkpoint::new(now)),
             };
-            if checkpoint.in_flight.as_ref().is_some_and(|f| f.lease_until_ms > now) {
+            if checkpoint.in_flight.as_ref().is_some_and(|f| !sessions.lapsed(f, now)) {
                 if Instant::now() >= deadline {
                     sessions.metrics.session_busy.inc();
                     return Err(GatewayError::SessionBusy { id: key.id.clone() });

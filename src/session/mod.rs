@@ -42,6 +42,9 @@ pub struct Sessions {
     /// This process's identity in in-flight markers: random per start, so a restarted process
     /// never mistakes a dead predecessor's marker for its own.
     pub owner: String,
+    /// The store is this process's alone (the embedded file, locked while open): every
+    /// marker another process wrote is a dead one's, lapsed whatever its lease says.
+    exclusive: bool,
     metrics: Arc<Metrics>,
 }
 
@@ -71,6 +74,7 @@ impl BlobKind {
 impl Sessions {
     /// Opens the configured store: `embedded:PATH` or a Redis URL.
     pub async fn open(config: &SessionConfig, metrics: Arc<Metrics>) -> Result<Self, StoreError> {
+        let exclusive = config.store.starts_with("embedded:");
         let store: Arc<dyn SessionStore> = match config.store.strip_prefix("embedded:") {
             Some(path) => Arc::new(embedded::EmbeddedStore::open(Path::new(path), config.ttl)?),
             None => Arc::new(
@@ -84,7 +88,32 @@ impl Sessions {
             ),
         };
         let owner = format!("{:016x}", fastrand::u64(..));
-        Ok(Self { store, config: config.clone(), owner, metrics })
+        Ok(Self { store, config: config.clone(), owner, exclusive, metrics })
+    }
+
+    /// Whether a turn's owner is gone: its lease ran out, or (on a store only this process
+    /// opens) another process wrote the marker. A lapsed turn may be taken over.
+    pub fn lapsed(&self, in_flight: &InFlight, now_ms: u64) -> bool {
+        in_flight.lease_until_ms <= now_ms || (self.exclusive && in_flight.owner != self.owner)
+    }
+
+    /// Whether the takeover sweep should keep looking (Redis, where replicas die while this
+    /// process runs) or look once at start-up (the embedded store, whose only writer is this
+    /// process from then on).
+    pub fn shared(&self) -> bool {
+        !self.exclusive
+    }
+
+    /// Sessions whose turn any process may re-issue and whose owner is gone, up to `limit`.
+    pub(crate) async fn lapsed_turns(&self, limit: usize) -> Result<Vec<SessionKey>, StoreError> {
+        // On an exclusive store every marker present at start-up is a dead process's.
+        let now = if self.exclusive { u64::MAX } else { checkpoint::now_ms() };
+        self.timed("lapsed", self.store.lapsed(now, limit)).await
+    }
+
+    /// Drops a session the sweep found not in flight from the in-flight index.
+    pub(crate) async fn unindex(&self, key: &SessionKey) -> Result<(), StoreError> {
+        self.timed("unindex", self.store.unindex(key)).await
     }
 
     /// The session id a request names in `sessions.header`, if any; 400 when it is malformed.

@@ -5,6 +5,11 @@
 //! On a Redis Cluster every command, pipeline, transaction and script here touches one session
 //! (its hash and its `:events` stream, both under the same hash tag) or one blob key, so each
 //! runs on the one master owning that slot; different sessions spread over the masters.
+//!
+//! The in-flight index (`{prefix}in_flight`, a sorted set of `scope:id` scored by lease end)
+//! lives on one slot of its own, so it is written beside the commit, not inside its script:
+//! added before a commit that marks a turn in flight and removed after the one that clears it,
+//! it holds every such session and a few stale ones, which the sweep drops.
 
 use std::time::Duration;
 
@@ -66,6 +71,10 @@ impl RedisStore {
 
     fn key(&self, key: &SessionKey) -> String {
         format!("{}{{{}}}", self.prefix, key.storage_key())
+    }
+
+    fn index_key(&self) -> String {
+        format!("{}in_flight", self.prefix)
     }
 
     /// The session's event log: a Redis Stream whose entry ids are `turn-seq`.
@@ -161,6 +170,10 @@ impl SessionStore for RedisStore {
     ) -> BoxFuture<'a, Result<Commit, StoreError>> {
         Box::pin(async move {
             let mut conn = self.conn.clone();
+            let member = key.storage_key();
+            if let Some(until) = checkpoint.sweepable_until() {
+                self.bounded(conn.zadd::<_, _, _, ()>(self.index_key(), &member, until)).await?;
+            }
             let (written, version): (u8, u64) = self
                 .bounded(
                     self.commit
@@ -171,6 +184,9 @@ impl SessionStore for RedisStore {
                         .invoke_async(&mut conn),
                 )
                 .await?;
+            if written == 1 && checkpoint.sweepable_until().is_none() {
+                self.bounded(conn.zrem::<_, _, ()>(self.index_key(), &member)).await?;
+            }
             Ok(if written == 1 { Commit::Committed(version) } else { Commit::Conflict(version) })
         })
     }
@@ -233,6 +249,7 @@ impl SessionStore for RedisStore {
         Box::pin(async move {
             let mut conn = self.conn.clone();
             let removed: u64 = self.bounded(conn.del(&[self.key(key), self.events_key(key)])).await?;
+            self.bounded(conn.zrem::<_, _, ()>(self.index_key(), key.storage_key())).await?;
             Ok(removed > 0)
         })
     }
@@ -245,6 +262,23 @@ impl SessionStore for RedisStore {
             let mut conn = self.conn.clone();
             let _: String = self.bounded(redis::cmd("PING").query_async(&mut conn)).await?;
             Ok(())
+        })
+    }
+
+    fn lapsed(&self, now_ms: u64, limit: usize) -> BoxFuture<'_, Result<Vec<SessionKey>, StoreError>> {
+        Box::pin(async move {
+            let mut conn = self.conn.clone();
+            let members: Vec<String> = self
+                .bounded(conn.zrangebyscore_limit(self.index_key(), "-inf", now_ms, 0, limit as isize))
+                .await?;
+            Ok(members.iter().filter_map(|m| SessionKey::from_storage_key(m)).collect())
+        })
+    }
+
+    fn unindex<'a>(&'a self, key: &'a SessionKey) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            let mut conn = self.conn.clone();
+            self.bounded(conn.zrem::<_, _, ()>(self.index_key(), key.storage_key())).await
         })
     }
 }

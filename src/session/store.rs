@@ -34,6 +34,12 @@ impl SessionKey {
     pub fn storage_key(&self) -> String {
         format!("{}:{}", self.scope, self.id)
     }
+
+    /// The key back from its [`Self::storage_key`] (the scope is hex: the first `:` splits).
+    pub fn from_storage_key(key: &str) -> Option<Self> {
+        let (scope, id) = key.split_once(':')?;
+        Some(Self { scope: scope.to_string(), id: id.to_string() })
+    }
 }
 
 impl fmt::Debug for SessionKey {
@@ -127,6 +133,15 @@ pub trait SessionStore: Send + Sync + fmt::Debug {
 
     /// Reachability, for `/readyz`.
     fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>>;
+
+    /// Up to `limit` sessions of the in-flight index whose lease ended by `now_ms`, oldest
+    /// first. A commit places a session there while a turn any process may re-issue is in
+    /// flight (see [`Encoded::sweepable_until`]) and drops it at the turn's end; the index may
+    /// hold a few stale entries (a commit that lost its race), which the sweep drops.
+    fn lapsed(&self, now_ms: u64, limit: usize) -> BoxFuture<'_, Result<Vec<SessionKey>, StoreError>>;
+
+    /// Drops a session from the in-flight index.
+    fn unindex<'a>(&'a self, key: &'a SessionKey) -> BoxFuture<'a, Result<(), StoreError>>;
 }
 
 #[cfg(test)]
@@ -141,5 +156,8 @@ mod tests {
         assert_eq!(a, SessionKey::new(b"Bearer sk-a", "s1"));
         assert_eq!(a.scope.len(), 32);
         assert!(!format!("{a:?}").contains(&a.scope));
+        assert_eq!(SessionKey::from_storage_key(&a.storage_key()), Some(a));
+        let odd = SessionKey::new(b"k", "a:b");
+        assert_eq!(SessionKey::from_storage_key(&odd.storage_key()), Some(odd));
     }
 }

@@ -40,7 +40,7 @@ pub use pool::{Endpoint, Lease, Pool};
 pub use route::ModelRouter;
 
 use crate::body::{self as gw_body, Body, BoxError};
-use crate::config::{Config, ConfigError, EnvSource, RetryConfig, UpstreamConfig};
+use crate::config::{Config, ConfigError, EnvSource, RetryConfig, UpstreamConfig, CREDENTIAL_HEADERS};
 use crate::error::GatewayError;
 use crate::openai::UsageObserver;
 use crate::retry;
@@ -252,6 +252,13 @@ impl Upstream {
             Target::Pool(pool) => Some(pool),
             Target::Url(_) => None,
         }
+    }
+
+    /// Whether the gateway holds this upstream's credential (`api_key_env`, or a credential
+    /// header in `headers`), so a request needs none of the caller's.
+    pub fn holds_credential(&self) -> bool {
+        self.authorization.is_some()
+            || self.extra_headers.iter().any(|(name, _)| CREDENTIAL_HEADERS.contains(&name.as_str()))
     }
 
     /// Whether requests routed here should carry an affinity key.
@@ -557,6 +564,11 @@ fn classify_send_error(err: hyper_util::client::legacy::Error) -> Result<BoxErro
         source = e.source();
     }
     Ok(Box::new(err))
+}
+
+/// Whether `headers` carry a credential an upstream could take.
+pub fn carries_credential(headers: &HeaderMap) -> bool {
+    CREDENTIAL_HEADERS.iter().any(|name| headers.contains_key(*name))
 }
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1) belong to one connection and are never forwarded.

@@ -13,6 +13,22 @@ pub struct Gateway {
     _config: tempfile::NamedTempFile,
 }
 
+/// How a [`Gateway`] is started beyond its upstream and store.
+pub struct Options<'a> {
+    /// `sessions.lease`.
+    pub lease: &'a str,
+    /// TOML appended to the config.
+    pub extra: &'a str,
+    /// Environment variables of the process (an upstream's `api_key_env`).
+    pub env: &'a [(&'a str, &'a str)],
+}
+
+impl Default for Options<'_> {
+    fn default() -> Self {
+        Self { lease: "1s", extra: "", env: &[] }
+    }
+}
+
 impl Gateway {
     pub async fn start(upstream: &str, store: &str) -> Gateway {
         Self::start_with(upstream, store, "").await
@@ -20,18 +36,24 @@ impl Gateway {
 
     /// With `extra` TOML appended to the config.
     pub async fn start_with(upstream: &str, store: &str, extra: &str) -> Gateway {
+        Self::start_opts(upstream, store, Options { extra, ..Options::default() }).await
+    }
+
+    pub async fn start_opts(upstream: &str, store: &str, options: Options<'_>) -> Gateway {
+        let Options { lease, extra, env } = options;
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let mut config = tempfile::NamedTempFile::new().unwrap();
         use std::io::Write;
         write!(
             config,
-            "[telemetry]\nlog_level = \"warn\"\n[sessions]\nstore = {store:?}\nlease = \"1s\"\nbusy_timeout = \"10s\"\n[[upstreams]]\nname = \"mock\"\nbase_url = {upstream:?}\n{extra}"
+            "[telemetry]\nlog_level = \"warn\"\n[sessions]\nstore = {store:?}\nlease = {lease:?}\nbusy_timeout = \"10s\"\n[[upstreams]]\nname = \"mock\"\nbase_url = {upstream:?}\n{extra}"
         )
         .unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_ctxgate"))
             .args(["serve", "--config"])
             .arg(config.path())
             .args(["--listen", &format!("127.0.0.1:{port}")])
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
