@@ -120,4 +120,143 @@ async fn a_checkpoint_already_holding_deep_json_reads_without_a_panic() {
     assert!(body.contains(&deep) && body.ends_with(r#"{"content":"next","role":"user"},{"content":"Hello from mock-upstream.","role":"assistant"}]}"#), "{}", &body[body.len() - 200..]);
 }
 
-on_both_stores!(a_deeply_nested_message_is_refused_and_the_session_stays_readable);
+// === item: a delete ends the session's incarnation ===
+
+/// Reads an SSE response until `pred` holds for the body so far, or the stream ends.
+async fn read_until(response: &mut reqwest::Response, body: &mut String, pred: impl Fn(&str) -> bool) {
+    while !pred(body) {
+        match tokio::time::timeout(Duration::from_secs(10), response.chunk()).await.unwrap().unwrap() {
+            Some(bytes) => body.push_str(std::str::from_utf8(&bytes).unwrap()),
+            None => return,
+        }
+    }
+}
+
+async fn read_to_end(mut response: reqwest::Response) -> String {
+    let mut body = String::new();
+    read_until(&mut response, &mut body, |_| false).await;
+    body
+}
+
+fn streamed(text: &str) -> Value {
+    json!({"model": "mock-model", "messages": [user(text)], "stream": true})
+}
+
+async fn a_turn_in_flight_during_a_delete_never_commits_into_the_next_session(store: Store) {
+    // Given a streamed turn held mid-answer by the upstream, and a second one queued after it
+    let (first_gate, second_gate) = (support::Gate::new(), support::Gate::new());
+    let upstream = Server::builder()
+        .reply(support::Reply::sse(support::chunks(&["old", "answer"], Some((1, &first_gate)))))
+        .reply(support::Reply::sse(support::chunks(&["new", "answer"], Some((1, &second_gate)))));
+    let (h, _store) = start(store, Harness::builder().upstream(upstream)).await;
+    let mut first = h.chat().header("x-session-id", "d").json(&streamed("first")).send().await.unwrap();
+    let mut first_body = String::new();
+    read_until(&mut first, &mut first_body, |b| b.contains("old")).await;
+
+    // When the session is deleted, and a new conversation starts on its id while the old turn
+    // still runs
+    let deleted = h.client.delete(h.v1("/sessions/d")).header("authorization", AUTH).send().await.unwrap();
+    assert_eq!(deleted.status(), 200);
+    let mut second = h.chat().header("x-session-id", "d").json(&streamed("second")).send().await.unwrap();
+    let mut second_body = String::new();
+    read_until(&mut second, &mut second_body, |b| b.contains("new")).await;
+    first_gate.open();
+    read_until(&mut first, &mut first_body, |_| false).await;
+    second_gate.open();
+    let second_body = second_body + &read_to_end(second).await;
+
+    // Then the old turn's client got its answer, then an error in place of `[DONE]`
+    let events = support::sse_data(&first_body);
+    assert!(first_body.contains("answer"), "{first_body}");
+    assert!(!events.iter().any(|e| e == "[DONE]"), "{first_body}");
+    let error: Value = serde_json::from_str(events.last().unwrap()).unwrap();
+    assert_eq!(error["error"]["code"], "session_conflict", "{error}");
+    // And the new conversation holds its own turn only, committed
+    assert_eq!(support::sse_data(&second_body).last().unwrap(), "[DONE]");
+    let messages = stores::transcript(&h.client, &h.url, "d", AUTH).await;
+    assert_eq!(messages.len(), 2, "{messages:?}");
+    assert_eq!(messages[0], user("second"));
+    assert_eq!(messages[1]["content"], "newanswer");
+    let (_, info) = get(&h, "/sessions/d").await;
+    let info: Value = serde_json::from_str(&info).unwrap();
+    assert_eq!(info["in_flight"], Value::Null);
+}
+
+async fn a_non_streamed_turn_across_a_delete_gets_its_answer_marked_not_saved(store: Store) {
+    // Given a JSON turn whose upstream answers slowly
+    let upstream = Server::builder()
+        .reply(support::Reply::json(200, fixtures::completion("late")).delay(Duration::from_millis(600)));
+    let (h, _store) = start(store, Harness::builder().upstream(upstream)).await;
+    let body = json!({"model": "mock-model", "messages": [user("q")]});
+    let turn = tokio::spawn(h.chat().header("x-session-id", "j").json(&body).send());
+    while h.upstream(0).requests().is_empty() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    // When the session is deleted meanwhile
+    let deleted = h.client.delete(h.v1("/sessions/j")).header("authorization", AUTH).send().await.unwrap();
+    assert_eq!(deleted.status(), 200);
+
+    // Then the client gets its answer, marked as not saved, and the session stays deleted
+    let response = turn.await.unwrap().unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-ctxgate-session"], "not_saved");
+    assert!(response.headers().get("x-ctxgate-session-version").is_none());
+    let answer: Value = response.json().await.unwrap();
+    assert_eq!(answer["choices"][0]["message"]["content"], "late");
+    assert_eq!(get(&h, "/sessions/j").await.0, 404);
+}
+
+on_both_stores!(
+    a_deeply_nested_message_is_refused_and_the_session_stays_readable,
+    a_turn_in_flight_during_a_delete_never_commits_into_the_next_session,
+    a_non_streamed_turn_across_a_delete_gets_its_answer_marked_not_saved,
+);
+
+// === item: `[DONE]` only after the commit ===
+
+#[tokio::test]
+async fn redis_killed_mid_stream_ends_the_stream_with_an_error_not_done() {
+    // Given a streamed session turn on Redis, held mid-answer by the upstream
+    let gate = support::Gate::new();
+    let upstream = Server::builder()
+        .reply(support::Reply::sse(support::chunks(&["partial", "answer"], Some((1, &gate)))));
+    let (h, mut store) = start(Store::Redis, Harness::builder().upstream(upstream)).await;
+    let mut response = h.chat().header("x-session-id", "k").json(&streamed("q")).send().await.unwrap();
+    let mut body = String::new();
+    read_until(&mut response, &mut body, |b| b.contains("partial")).await;
+
+    // When Redis dies before the turn ends
+    store.redis.as_mut().unwrap().kill().await;
+    gate.open();
+    read_until(&mut response, &mut body, |_| false).await;
+
+    // Then the client has the answer, then an error event, and no `[DONE]`
+    let events = support::sse_data(&body);
+    assert!(body.contains("answer"), "{body}");
+    assert!(!events.iter().any(|e| e == "[DONE]"), "{body}");
+    let error: Value = serde_json::from_str(events.last().unwrap()).unwrap();
+    assert_eq!(error["error"]["code"], "session_store_unavailable", "{error}");
+}
+
+#[tokio::test]
+async fn redis_killed_during_a_json_turn_is_503_not_an_unsaved_200() {
+    // Given a JSON session turn on Redis whose upstream answers slowly
+    let upstream = Server::builder()
+        .reply(support::Reply::json(200, fixtures::completion("unsaved")).delay(Duration::from_millis(500)));
+    let (h, mut store) = start(Store::Redis, Harness::builder().upstream(upstream)).await;
+    let body = json!({"model": "mock-model", "messages": [user("q")]});
+    let turn = tokio::spawn(h.chat().header("x-session-id", "k").json(&body).send());
+    while h.upstream(0).requests().is_empty() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    // When Redis dies before the answer comes back
+    store.redis.as_mut().unwrap().kill().await;
+
+    // Then the client is told the turn was not saved
+    let response = turn.await.unwrap().unwrap();
+    assert_eq!(response.status(), 503);
+    let error: Value = response.json().await.unwrap();
+    assert_eq!(error["error"]["code"], "session_store_unavailable", "{error}");
+}

@@ -8,7 +8,9 @@
 //! - when the loop asks it to, holds events back from the first tool-call delta on, so a round
 //!   the gateway answers itself never reaches the client;
 //! - sends keep-alive comments while the gateway's tools run, and failures after the first
-//!   byte as one error event ([`GatewayError::to_sse_event`]).
+//!   byte as one error event ([`GatewayError::to_sse_event`]);
+//! - on a session, holds `[DONE]` until the turn is committed, and sends an error event in its
+//!   place when the commit fails ([`Relay::end`]).
 //!
 //! A client that goes away is noted, not fatal: on a session the turn is still read to its
 //! end and committed.
@@ -35,6 +37,9 @@ pub(crate) struct StreamRelay {
     client: Option<FrameSender>,
     /// On a session: the turn's id and the last event number, and its log.
     numbered: Option<(u64, u64, EventLog)>,
+    /// On a session: the `[DONE]` event, numbered and logged, held from the client until the
+    /// turn is committed ([`Relay::end`]).
+    done: Option<Bytes>,
 }
 
 /// One upstream answer, read to its end.
@@ -58,6 +63,7 @@ impl Relay {
         Self::Stream(StreamRelay {
             client: Some(client),
             numbered: numbered.map(|(turn, log)| (turn, 0, log)),
+            done: None,
         })
     }
 
@@ -154,6 +160,20 @@ impl Relay {
         matches!(self, Self::Stream(StreamRelay { client: None, .. }))
     }
 
+    /// Ends a session's stream once its commit is known: the held `[DONE]` when it
+    /// succeeded, else the failure as one error event and no `[DONE]`, so a client that saw
+    /// `[DONE]` can rely on the turn being saved.
+    pub(crate) async fn end(&mut self, committed: Result<(), &GatewayError>) {
+        let Self::Stream(relay) = self else { return };
+        let last = match committed {
+            Ok(()) => relay.done.take(),
+            Err(err) => Some(err.to_sse_event()),
+        };
+        if let (Some(client), Some(last)) = (&relay.client, last) {
+            let _ = client.send(Ok(Frame::data(last))).await;
+        }
+    }
+
     /// Waits until every logged event is written. The client's body stays open until the relay
     /// is dropped, so a caller that commits first and drops after keeps its promise: a client
     /// that read to the end can rely on the commit.
@@ -173,7 +193,12 @@ impl StreamRelay {
             Some((turn, seq, log)) => {
                 *seq += 1;
                 log.push(event.clone());
-                sse::with_id(*turn, *seq, &event)
+                let numbered = sse::with_id(*turn, *seq, &event);
+                if is_done(&event) {
+                    self.done = Some(numbered);
+                    return;
+                }
+                numbered
             }
             None => event,
         };

@@ -93,13 +93,13 @@ pub(crate) async fn api(
             let goal = GoalLock { block: Some(goal.block()), ..goal };
             let rendered = goal_json(id, &goal);
             lease.set_goal(Some(goal));
-            lease.finish(None).await.ok_or_else(|| GatewayError::SessionBusy { id: id.to_string() })?;
+            lease.finish(None).await.map_err(|_| GatewayError::SessionBusy { id: id.to_string() })?;
             Ok(json_response(&rendered))
         }
         (&Method::DELETE, Some("goal")) => {
             let mut lease = admit_for_update(&state, &key, &parts.headers).await?;
             let had = lease.set_goal(None).is_some();
-            lease.finish(None).await.ok_or_else(|| GatewayError::SessionBusy { id: id.to_string() })?;
+            lease.finish(None).await.map_err(|_| GatewayError::SessionBusy { id: id.to_string() })?;
             if had {
                 Ok(json_response(&json!({"id": id, "object": "session.goal.deleted", "deleted": true})))
             } else {
