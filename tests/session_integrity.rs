@@ -207,12 +207,6 @@ async fn a_non_streamed_turn_across_a_delete_gets_its_answer_marked_not_saved(st
     assert_eq!(get(&h, "/sessions/j").await.0, 404);
 }
 
-on_both_stores!(
-    a_deeply_nested_message_is_refused_and_the_session_stays_readable,
-    a_turn_in_flight_during_a_delete_never_commits_into_the_next_session,
-    a_non_streamed_turn_across_a_delete_gets_its_answer_marked_not_saved,
-);
-
 // === item: `[DONE]` only after the commit ===
 
 #[tokio::test]
@@ -260,3 +254,73 @@ async fn redis_killed_during_a_json_turn_is_503_not_an_unsaved_200() {
     let error: Value = response.json().await.unwrap();
     assert_eq!(error["error"]["code"], "session_store_unavailable", "{error}");
 }
+
+// === item: no stale framing on a rewritten body ===
+
+/// An SSE reply of `words` whose upstream declares its exact `Content-Length`.
+fn sse_with_length(words: &[&str]) -> support::Reply {
+    let chunks = support::chunks(words, None);
+    let length: usize = chunks
+        .iter()
+        .map(|c| match c {
+            support::Chunk::Data(s) => format!("data: {s}\n\n").len(),
+            _ => 0,
+        })
+        .sum();
+    support::Reply::sse(chunks).header("content-length", &length.to_string())
+}
+
+async fn a_session_stream_whose_upstream_sends_a_content_length_arrives_whole(store: Store) {
+    // Given an upstream that frames its SSE answer with a Content-Length
+    let upstream = Server::builder().reply(sse_with_length(&["framed", "answer"]));
+    let (h, _store) = start(store, Harness::builder().upstream(upstream)).await;
+
+    // When a session turn streams it (the gateway adds `id:` lines)
+    let response = h.chat().header("x-session-id", "cl").json(&streamed("q")).send().await.unwrap();
+
+    // Then the client gets no stale length and the whole stream, `[DONE]` included
+    assert_eq!(response.status(), 200);
+    assert!(response.headers().get("content-length").is_none(), "{:?}", response.headers());
+    let body = read_to_end(response).await;
+    assert!(body.contains("id: "), "{body}");
+    assert_eq!(support::sse_data(&body).last().unwrap(), "[DONE]", "{body}");
+    let messages = stores::transcript(&h.client, &h.url, "cl", AUTH).await;
+    assert_eq!(messages[1]["content"], "framedanswer");
+}
+
+async fn a_session_turn_asks_the_upstream_for_an_unencoded_answer(store: Store) {
+    // Given a client that accepts gzip
+    let (h, _store) = start(store, Harness::builder()).await;
+
+    // When it takes a session turn (whose answer the gateway reads and rewrites), streamed and not
+    for stream in [false, true] {
+        let body = json!({"model": "mock-model", "messages": [user("q")], "stream": stream});
+        let response = h
+            .chat()
+            .header("x-session-id", format!("enc-{stream}"))
+            .header("accept-encoding", "gzip")
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        read_to_end(response).await;
+    }
+    // And a stateless request the gateway passes straight through
+    let body = json!({"model": "mock-model", "messages": [user("q")]});
+    h.chat().header("accept-encoding", "gzip").json(&body).send().await.unwrap();
+
+    // Then the session turns' upstream requests ask for no encoding (an encoded answer could
+    // be neither numbered nor committed); the straight one keeps the client's preference
+    let encodings: Vec<bool> =
+        h.upstream(0).requests().iter().map(|r| r.headers.contains_key("accept-encoding")).collect();
+    assert_eq!(encodings, [false, false, true]);
+}
+
+on_both_stores!(
+    a_deeply_nested_message_is_refused_and_the_session_stays_readable,
+    a_turn_in_flight_during_a_delete_never_commits_into_the_next_session,
+    a_non_streamed_turn_across_a_delete_gets_its_answer_marked_not_saved,
+    a_session_stream_whose_upstream_sends_a_content_length_arrives_whole,
+    a_session_turn_asks_the_upstream_for_an_unencoded_answer,
+);

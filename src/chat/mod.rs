@@ -157,6 +157,9 @@ impl Turn {
             // Nothing reads this request again: its headers go as they are.
             std::mem::take(&mut ctx.parts.headers)
         } else {
+            // The gateway reads and rewrites this answer (events numbered, tool rounds, the
+            // transcript): it must come unencoded, for every round. Identity is always acceptable.
+            ctx.parts.headers.remove(header::ACCEPT_ENCODING);
             ctx.parts.headers.clone()
         };
         let forwarded = mode.guard(ctx.send_with(&app, sent, headers)).await;
