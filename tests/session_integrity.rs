@@ -317,6 +317,130 @@ async fn a_session_turn_asks_the_upstream_for_an_unencoded_answer(store: Store) 
     assert_eq!(encodings, [false, false, true]);
 }
 
+// === item: a client that left a stateless tool loop stops it ===
+
+fn http_tool(name: &str, url: String) -> ctxgate::config::ToolConfig {
+    ctxgate::config::ToolConfig {
+        name: name.into(),
+        description: format!("The {name} tool."),
+        parameters: json!({"type": "object", "properties": {"q": {"type": "string"}}}),
+        inject: false,
+        timeout: Duration::from_secs(10),
+        retries: 0,
+        max_concurrency: 16,
+        run_as_task: false,
+        http: Some(ctxgate::config::HttpBackend {
+            url,
+            method: "POST".into(),
+            headers: Default::default(),
+            headers_env: Default::default(),
+        }),
+        mcp: None,
+    }
+}
+
+/// A streamed answer calling the gateway tool `look` once, with `usage` of (10, 5).
+fn streamed_tool_call() -> Vec<support::Chunk> {
+    let chunk = |delta: Value, finish: Value| {
+        support::Chunk::json(
+            json!({"id":"chatcmpl-s","object":"chat.completion.chunk","created":1,"model":"mock-model",
+            "choices":[{"index":0,"delta":delta,"finish_reason":finish}]}),
+        )
+    };
+    let call =
+        json!({"index":0,"id":"c0","type":"function","function":{"name":"look","arguments":"{\"q\":\"x\"}"}});
+    vec![
+        chunk(json!({"role":"assistant","content":null,"tool_calls":[call]}), Value::Null),
+        chunk(json!({}), json!("tool_calls")),
+        support::Chunk::json(
+            json!({"id":"chatcmpl-s","object":"chat.completion.chunk","created":1,"model":"mock-model","choices":[],
+            "usage":{"prompt_tokens":10,"completion_tokens":5,"total_tokens":15,"prompt_tokens_details":{"cached_tokens":2}}}),
+        ),
+        support::Chunk::done(),
+    ]
+}
+
+/// A gateway whose model calls `look` (taking `tool_delay`) then answers; keep-alives every 5 s.
+async fn tool_gateway(
+    store: Option<Store>,
+    tool_delay: Duration,
+) -> (Harness, support::tool_server::ToolServer, Option<StoreUrl>) {
+    let tools = support::tool_server::ToolServer::start().await;
+    tools.set("/look", support::tool_server::Behaviour { delay: tool_delay, ..Default::default() });
+    let upstream = Server::builder()
+        .reply(support::Reply::sse(streamed_tool_call()))
+        .reply(support::Reply::sse(support::chunks(&["looked"], None)));
+    let url = tools.url("/look");
+    let builder = Harness::builder().upstream(upstream).config(move |c| {
+        c.tool_loop.keepalive_interval = Duration::from_secs(5);
+        c.tools = vec![http_tool("look", url)];
+    });
+    match store {
+        Some(store) => {
+            let (h, store) = start(store, builder).await;
+            (h, tools, Some(store))
+        }
+        None => (builder.start().await, tools, None),
+    }
+}
+
+fn tool_request() -> Value {
+    json!({"model": "mock-model", "messages": [user("look")], "stream": true,
+        "stream_options": {"include_usage": true},
+        "tools": [{"type": "function", "function": {"name": "look", "parameters": {"type": "object"}}}]})
+}
+
+/// Starts a streamed tool turn, reads until the tools run, and hangs up.
+async fn leave_while_tools_run(h: &Harness, session: Option<&str>) {
+    let mut request = h.chat().json(&tool_request());
+    if let Some(id) = session {
+        request = request.header("x-session-id", id);
+    }
+    let mut response = request.send().await.unwrap();
+    let mut body = String::new();
+    read_until(&mut response, &mut body, |b| b.contains("running tools")).await;
+    drop(response);
+}
+
+#[tokio::test]
+async fn a_stateless_client_that_leaves_while_tools_run_gets_no_further_model_call() {
+    // Given a stateless streamed turn whose model calls a gateway tool taking 800 ms
+    let (h, tools, _) = tool_gateway(None, Duration::from_millis(800)).await;
+
+    // When the client hangs up while the tool runs
+    leave_while_tools_run(&h, None).await;
+
+    // Then the tool finishes, and the model is not asked again (well past the tool's end)
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while tools.hits_on("/look").is_empty() {
+        assert!(tokio::time::Instant::now() < deadline, "the tool never ran");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(h.upstream(0).requests().len(), 1, "a model call for a client that left");
+}
+
+#[tokio::test]
+async fn a_session_client_that_leaves_while_tools_run_still_gets_its_turn_committed() {
+    // Given the same turn on a session
+    let (h, _tools, _store) = tool_gateway(Some(Store::Embedded), Duration::from_millis(300)).await;
+
+    // When the client hangs up while the tool runs
+    leave_while_tools_run(&h, Some("left")).await;
+
+    // Then the turn goes on, by design: the model is asked again and the answer committed
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, body) = get(&h, "/sessions/left/messages").await;
+        if status == 200 && body.contains("looked") {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the turn was not committed: {body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(h.upstream(0).requests().len(), 2);
+}
+
 on_both_stores!(
     a_deeply_nested_message_is_refused_and_the_session_stays_readable,
     a_turn_in_flight_during_a_delete_never_commits_into_the_next_session,

@@ -155,9 +155,14 @@ impl Relay {
         self.fail(error.to_sse_event()).await;
     }
 
-    /// Whether the stream's client is gone (a JSON client is never known to be).
+    /// Whether the stream's client is gone (a JSON client is never known to be): a send
+    /// failed, or its connection closed since (seen without sending: a client that leaves while
+    /// the tools run, between keep-alives, is known gone when they finish).
     pub(crate) fn client_gone(&self) -> bool {
-        matches!(self, Self::Stream(StreamRelay { client: None, .. }))
+        match self {
+            Self::Stream(relay) => relay.client.as_ref().is_none_or(|client| client.is_closed()),
+            Self::Json => false,
+        }
     }
 
     /// Ends a session's stream once its commit is known: the held `[DONE]` when it
