@@ -458,7 +458,8 @@ mod tests {
         assert!(check_nesting(nested(3).as_bytes(), 3).is_ok());
         let err = check_nesting(nested(4).as_bytes(), 3).unwrap_err().to_json();
         assert_eq!(err["error"]["code"], "json_too_deep");
-        assert!(check_nesting(br#"{"a":[[1],[2],{"b":{}}]}"#, 3).is_ok());
+        assert!(check_nesting(br#"{"a":[[1],[2],{"b":2}]}"#, 3).is_ok());
+        assert!(check_nesting(br#"{"a":[[1],[2],{"b":{}}]}"#, 3).is_err());
         assert!(check_nesting(br#"{"unterminated":"\"#, 1).is_ok());
     }
 
