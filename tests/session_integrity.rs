@@ -360,16 +360,21 @@ fn streamed_tool_call() -> Vec<support::Chunk> {
     ]
 }
 
-/// A gateway whose model calls `look` (taking `tool_delay`) then answers; keep-alives every 5 s.
+/// A gateway whose model calls `look` (taking `tool_delay`) then answers, each call with its
+/// `usage`; keep-alives every 5 s.
 async fn tool_gateway(
     store: Option<Store>,
     tool_delay: Duration,
 ) -> (Harness, support::tool_server::ToolServer, Option<StoreUrl>) {
     let tools = support::tool_server::ToolServer::start().await;
     tools.set("/look", support::tool_server::Behaviour { delay: tool_delay, ..Default::default() });
-    let upstream = Server::builder()
-        .reply(support::Reply::sse(streamed_tool_call()))
-        .reply(support::Reply::sse(support::chunks(&["looked"], None)));
+    let upstream =
+        Server::builder().reply(support::Reply::sse(streamed_tool_call())).reply(support::Reply::sse(vec![
+            support::Chunk::json(fixtures::content_chunk(0, "looked")),
+            support::Chunk::json(fixtures::finish_chunk("stop")),
+            support::Chunk::json(fixtures::usage_chunk()),
+            support::Chunk::done(),
+        ]));
     let url = tools.url("/look");
     let builder = Harness::builder().upstream(upstream).config(move |c| {
         c.tool_loop.keepalive_interval = Duration::from_secs(5);
@@ -439,6 +444,66 @@ async fn a_session_client_that_leaves_while_tools_run_still_gets_its_turn_commit
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(h.upstream(0).requests().len(), 2);
+}
+
+// === item: a turn's usage covers all its model calls ===
+
+/// The turn's two calls: the tool call (10 + 5 = 15, 2 cached) and the answer (the mock's
+/// 12 + 5 = 17, 4 cached).
+fn turn_usage() -> Value {
+    json!({"prompt_tokens": 22, "completion_tokens": 10, "total_tokens": 32, "prompt_tokens_details": {"cached_tokens": 6}})
+}
+
+#[tokio::test]
+async fn a_streamed_tool_turn_reports_the_usage_of_all_its_model_calls() {
+    // Given a streamed turn with one gateway tool round, on a session
+    let (h, _tools, _store) = tool_gateway(Some(Store::Embedded), Duration::from_millis(10)).await;
+
+    // When the client reads it
+    let response = h.chat().header("x-session-id", "u").json(&tool_request()).send().await.unwrap();
+    let body = read_to_end(response).await;
+
+    // Then its one usage chunk is the turn's, and the session counts the same
+    let usages: Vec<Value> = support::sse_data(&body)
+        .iter()
+        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+        .filter(|v| v["usage"].is_object())
+        .map(|v| v["usage"].clone())
+        .collect();
+    assert_eq!(usages, [turn_usage()], "{body}");
+    let (_, info) = get(&h, "/sessions/u").await;
+    let info: Value = serde_json::from_str(&info).unwrap();
+    assert_eq!(info["usage"]["prompt_tokens"], 22);
+    assert_eq!(info["usage"]["completion_tokens"], 10);
+    assert_eq!(info["usage"]["cached_tokens"], 6);
+}
+
+#[tokio::test]
+async fn a_json_tool_turn_reports_the_usage_of_all_its_model_calls() {
+    // Given a non-streamed stateless turn with one gateway tool round
+    let tools = support::tool_server::ToolServer::start().await;
+    let call = json!({"id": "c0", "type": "function", "function": {"name": "look", "arguments": "{}"}});
+    let calling = json!({"id": "chatcmpl-t", "object": "chat.completion", "created": 1, "model": "mock-model",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": null, "tool_calls": [call]}, "finish_reason": "tool_calls"}],
+        "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15, "prompt_tokens_details": {"cached_tokens": 2}}});
+    let upstream = Server::builder().chat(calling).chat(fixtures::completion("done"));
+    let url = tools.url("/look");
+    let h = Harness::builder()
+        .upstream(upstream)
+        .config(move |c| c.tools = vec![http_tool("look", url)])
+        .start()
+        .await;
+
+    // When the client reads it
+    let mut body = tool_request();
+    body["stream"] = json!(false);
+    let response = h.chat().json(&body).send().await.unwrap();
+
+    // Then its usage is the sum of both calls
+    assert_eq!(response.status(), 200);
+    let answer: Value = response.json().await.unwrap();
+    assert_eq!(answer["choices"][0]["message"]["content"], "done");
+    assert_eq!(answer["usage"], turn_usage());
 }
 
 on_both_stores!(

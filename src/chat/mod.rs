@@ -295,7 +295,7 @@ impl Mode {
         let SessionTurn { mut lease, .. } = *turn;
         let commit = outcome.and_then(|outcome| {
             let transcript = outcome.transcript(conversation)?;
-            let usage = outcome.answer.as_ref().and_then(|a| a.usage);
+            let usage = outcome.usage;
             if let Some(held) = &outcome.held {
                 let mut record = ToolRecord::from_raw(lease.checkpoint().tools.as_deref());
                 record.remember(held.clone());

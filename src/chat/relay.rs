@@ -3,6 +3,7 @@
 //!
 //! - splits an SSE body into whole events and assembles the answer from them (content, tool-call
 //!   fragments, `usage`), or collects a JSON body and reads its message;
+//! - rewrites the answer's `usage` to the whole turn's ([`TurnUsage`]) after tool rounds;
 //! - on a session, numbers each event it sends (`id: TURN-SEQ`) and writes it to the session's
 //!   event log for replay;
 //! - when the loop asks it to, holds events back from the first tool-call delta on, so a round
@@ -24,6 +25,7 @@ use crate::error::GatewayError;
 use crate::openai::answer::{Answer, AnswerBuilder};
 use crate::openai::events::{has_tool_call_delta, is_done, EventSplitter};
 use crate::openai::sse;
+use crate::openai::usage::TurnUsage;
 use crate::session::events::EventLog;
 
 pub(crate) enum Relay {
@@ -70,12 +72,19 @@ impl Relay {
     /// Reads one upstream body to its end. A stream's events go to the client as they arrive,
     /// except, with `hold_tool_calls`, those from the first tool-call delta on, and `[DONE]`.
     /// A body that fails mid-way is an error; the stream's client gets that error too.
-    pub(crate) async fn read(&mut self, mut body: Body, hold_tool_calls: bool) -> Result<Round, BoxError> {
+    /// A `usage` the answer carries reaches the client as the turn's so far (`usage`).
+    pub(crate) async fn read(
+        &mut self,
+        mut body: Body,
+        hold_tool_calls: bool,
+        usage: &mut TurnUsage,
+    ) -> Result<Round, BoxError> {
         match self {
             Self::Json => {
                 let bytes = body.collect().await?.to_bytes();
                 let mut answer = AnswerBuilder::new(false);
                 answer.observe(&bytes);
+                let bytes = usage.json(&bytes);
                 Ok(Round { answer: answer.finish(), rest: Rest::Body(bytes) })
             }
             Self::Stream(relay) => {
@@ -94,6 +103,7 @@ impl Relay {
                     let Some(data) = frame.data_ref() else { continue };
                     for event in splitter.feed(data) {
                         answer.observe(&event);
+                        let event = usage.event(&event);
                         holding = holding || (hold_tool_calls && has_tool_call_delta(&event));
                         if holding || (hold_tool_calls && is_done(&event)) {
                             held.push(event);
@@ -104,12 +114,14 @@ impl Relay {
                 }
                 if let Some(rest) = splitter.finish() {
                     answer.observe(&rest);
+                    let rest = usage.event(&rest);
                     if hold_tool_calls {
                         held.push(rest);
                     } else {
                         relay.send(rest).await;
                     }
                 }
+                usage.end_round();
                 Ok(Round { answer: answer.finish(), rest: Rest::Held(held) })
             }
         }
