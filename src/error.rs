@@ -52,6 +52,10 @@ pub enum GatewayError {
     /// Another request on the same session held it for longer than `sessions.busy_timeout`.
     #[error("Session {id} is busy with another request; retry when it completes")]
     SessionBusy { id: String },
+    /// The session moved on while the turn ran (deleted, or the turn taken over by another
+    /// replica): the answer was not saved.
+    #[error("Session {id} changed during this turn (deleted, or taken over by another replica); the turn was not saved")]
+    SessionConflict { id: String },
     /// The request changes the system prompt of a session whose goal is locked.
     #[error("Session {id} has a locked goal; its system prompt cannot change (unlock with DELETE /v1/sessions/{id}/goal)")]
     GoalLocked { id: String },
@@ -125,7 +129,9 @@ impl GatewayError {
             | Self::GoalNotSet { .. }
             | Self::OriginalNotFound { .. } => StatusCode::NOT_FOUND,
             Self::TurnIncomplete { .. } => StatusCode::BAD_GATEWAY,
-            Self::SessionBusy { .. } | Self::GoalLocked { .. } => StatusCode::CONFLICT,
+            Self::SessionBusy { .. } | Self::SessionConflict { .. } | Self::GoalLocked { .. } => {
+                StatusCode::CONFLICT
+            }
             Self::SessionStore(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
@@ -152,6 +158,7 @@ impl GatewayError {
             | Self::RequestBodyTimeout { .. }
             | Self::UnsupportedMediaType { .. }
             | Self::SessionBusy { .. }
+            | Self::SessionConflict { .. }
             | Self::GoalLocked { .. }
             | Self::SessionNotFound { .. }
             | Self::GoalNotSet { .. }
@@ -183,6 +190,7 @@ impl GatewayError {
             Self::UnsupportedMediaType { .. } => "unsupported_media_type",
             Self::Overloaded => "overloaded",
             Self::SessionBusy { .. } => "session_busy",
+            Self::SessionConflict { .. } => "session_conflict",
             Self::GoalLocked { .. } => "goal_locked",
             Self::SessionNotFound { .. } => "session_not_found",
             Self::GoalNotSet { .. } => "goal_not_set",

@@ -119,7 +119,12 @@ async fn contract(backend: Backend) {
     assert!(store.load(&key("s1")).await.unwrap().is_none());
     assert!(store.read_events(&key("s1"), 7, 0, 100).await.unwrap().is_empty());
     assert!(!store.delete(&key("s1")).await.unwrap());
-    assert_eq!(store.commit(&key("s1"), 0, &checkpoint(&[user])).await.unwrap(), Commit::Committed(1));
+    // A writer from before the delete (at version 3) conflicts; a new session numbers on past
+    // the deleted one's versions, so that writer can never match it either
+    assert_eq!(store.commit(&key("s1"), 3, &checkpoint(&["{}"])).await.unwrap(), Commit::Conflict(4));
+    assert_eq!(store.commit(&key("s1"), 0, &checkpoint(&[user])).await.unwrap(), Commit::Committed(5));
+    assert_eq!(store.commit(&key("s1"), 3, &checkpoint(&["{}"])).await.unwrap(), Commit::Conflict(5));
+    assert_eq!(store.load(&key("s1")).await.unwrap().unwrap().checkpoint.transcript[0].get(), user);
     drop(backend);
 }
 
@@ -219,9 +224,11 @@ async fn on_a_cluster_a_session_keeps_one_slot_and_sessions_spread_over_the_mast
     // And different sessions land on every master
     assert_eq!(masters.len(), 3, "sessions all landed on {masters:?}");
 
-    // And a delete of both keys (one multi-key DEL) works within the slot
+    // And a delete touching both keys (one script) works within the slot: the log is gone, the
+    // session reads as absent (its hash keeps only its version, as a tombstone)
     assert!(backend.store.delete(&key("spread-0")).await.unwrap());
-    assert_eq!(cluster.holder(&format!("ctxgate:{{{}}}", key("spread-0").storage_key())).await, None);
+    assert!(backend.store.load(&key("spread-0")).await.unwrap().is_none());
+    assert_eq!(cluster.holder(&format!("ctxgate:{{{}}}:events", key("spread-0").storage_key())).await, None);
 }
 
 #[tokio::test]

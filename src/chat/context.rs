@@ -14,6 +14,7 @@ use crate::error::GatewayError;
 use crate::headers;
 use crate::http_util::{read_body, require_json};
 use crate::openai::message::{Info, Role};
+use crate::openai::request::check_nesting;
 use crate::openai::ChatRequest;
 use crate::session::SessionKey;
 use crate::upstream::{AffinityKey, Forwarded, Outgoing, OutgoingBody, Upstream, UsageSink};
@@ -47,6 +48,7 @@ impl ChatContext {
         let (mut parts, body) = request.into_parts();
         require_json(&parts.headers)?;
         let bytes = read_body(body).await?;
+        check_nesting(&bytes, app.config.server.max_json_depth.get())?;
         let request = app.tools.inject(ChatRequest::parse(bytes)?)?;
         let session_id = app.sessions.id_of(&parts.headers)?;
         let caller = parts.extensions.get::<Caller>();

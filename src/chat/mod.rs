@@ -158,20 +158,23 @@ impl Turn {
             // Nothing reads this request again: its headers go as they are.
             std::mem::take(&mut ctx.parts.headers)
         } else {
+            // The gateway reads and rewrites this answer (events numbered, tool rounds, the
+            // transcript): it must come unencoded, for every round. Identity is always acceptable.
+            ctx.parts.headers.remove(header::ACCEPT_ENCODING);
             ctx.parts.headers.clone()
         };
         let forwarded = mode.guard(ctx.send_with(&app, sent, headers)).await;
         let mut response = match forwarded {
             Ok(forwarded) => forwarded.into_response(),
             Err(err) => {
-                mode.finish(conversation, None).await;
+                let _ = mode.finish(conversation, None).await;
                 return Err(err);
             }
         };
         mode.annotate(&ctx, response.headers_mut());
         if !response.status().is_success() {
             // The upstream's error passes through; the turn did not happen.
-            mode.finish(conversation, None).await;
+            let _ = mode.finish(conversation, None).await;
             return Ok(response);
         }
         if mode.streams_straight(&ctx) {
@@ -192,9 +195,10 @@ impl Turn {
                 mode.guard(rounds.stream(upstream_body, &mut relay)).await;
                 relay.close_log().await;
                 let outcome = rounds.finish();
-                mode.finish(conversation, Some(&outcome)).await;
-                // The client's body ends only now, so a client that has read to the end can
-                // rely on the turn being committed.
+                let committed = mode.finish(conversation, Some(&outcome)).await;
+                // `[DONE]`, or the commit's failure, and the end of the client's body come only
+                // now: a client that read `[DONE]` can rely on the turn being committed.
+                relay.end(committed.as_ref().map(|_| ())).await;
                 drop(relay);
             });
             return Ok(response);
@@ -208,16 +212,26 @@ impl Turn {
         let mut response = match answered {
             Ok(response) => response,
             Err(err) => {
-                mode.finish(conversation, None).await;
+                let _ = mode.finish(conversation, None).await;
                 return Err(err);
             }
         };
         // The tool loop's rounds answer with responses of their own: the turn's headers go on
         // the one the client gets.
         mode.annotate(&ctx, response.headers_mut());
-        let committed = mode.finish(conversation, Some(&outcome)).await;
-        if let Some(version) = committed {
-            response.headers_mut().insert(headers::SESSION_VERSION, HeaderValue::from(version));
+        match mode.finish(conversation, Some(&outcome)).await {
+            Ok(Some(version)) => {
+                response.headers_mut().insert(headers::SESSION_VERSION, HeaderValue::from(version));
+            }
+            Ok(None) => {}
+            // The session moved on without this turn (deleted, or taken over): the answer is
+            // still the client's, marked as not saved.
+            Err(GatewayError::SessionConflict { .. }) => {
+                response.headers_mut().insert(headers::SESSION_STATE, HeaderValue::from_static("not_saved"));
+            }
+            // The store failed: a 200 would claim a turn that may not be saved; the client
+            // retries, and the session resumes or re-runs the turn.
+            Err(err) => return Err(err),
         }
         Ok(response)
     }
@@ -271,13 +285,18 @@ impl Mode {
     }
 
     /// Ends the turn: on a session, commits the conversation and the answer (or only releases
-    /// the session when there is none). Returns the committed version.
-    async fn finish(&mut self, conversation: Vec<Box<RawValue>>, outcome: Option<&Outcome>) -> Option<u64> {
-        let Self::Session(turn) = std::mem::replace(self, Self::Stateless) else { return None };
+    /// the session when there is none). Returns the committed version (`None` off a session),
+    /// or why it was not committed.
+    async fn finish(
+        &mut self,
+        conversation: Vec<Box<RawValue>>,
+        outcome: Option<&Outcome>,
+    ) -> Result<Option<u64>, GatewayError> {
+        let Self::Session(turn) = std::mem::replace(self, Self::Stateless) else { return Ok(None) };
         let SessionTurn { mut lease, .. } = *turn;
         let commit = outcome.and_then(|outcome| {
             let transcript = outcome.transcript(conversation)?;
-            let usage = outcome.answer.as_ref().and_then(|a| a.usage);
+            let usage = outcome.usage;
             if let Some(held) = &outcome.held {
                 let mut record = ToolRecord::from_raw(lease.checkpoint().tools.as_deref());
                 record.remember(held.clone());
@@ -285,7 +304,8 @@ impl Mode {
             }
             Some((transcript, usage))
         });
-        lease.finish(commit).await
+        let id = lease.key().id.clone();
+        lease.finish(commit).await.map(Some).map_err(|failure| failure.into_error(&id))
     }
 }
 
@@ -431,7 +451,7 @@ pub(crate) async fn resume(
         Ok(ctx) => ctx,
         Err(_) => {
             resumes.get_or_create(&label("unreadable")).inc();
-            lease.finish(None).await;
+            let _ = lease.finish(None).await;
             return None;
         }
     };

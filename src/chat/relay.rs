@@ -3,12 +3,15 @@
 //!
 //! - splits an SSE body into whole events and assembles the answer from them (content, tool-call
 //!   fragments, `usage`), or collects a JSON body and reads its message;
+//! - rewrites the answer's `usage` to the whole turn's ([`TurnUsage`]) after tool rounds;
 //! - on a session, numbers each event it sends (`id: TURN-SEQ`) and writes it to the session's
 //!   event log for replay;
 //! - when the loop asks it to, holds events back from the first tool-call delta on, so a round
 //!   the gateway answers itself never reaches the client;
 //! - sends keep-alive comments while the gateway's tools run, and failures after the first
-//!   byte as one error event ([`GatewayError::to_sse_event`]).
+//!   byte as one error event ([`GatewayError::to_sse_event`]);
+//! - on a session, holds `[DONE]` until the turn is committed, and sends an error event in its
+//!   place when the commit fails ([`Relay::end`]).
 //!
 //! A client that goes away is noted, not fatal: on a session the turn is still read to its
 //! end and committed.
@@ -22,6 +25,7 @@ use crate::error::GatewayError;
 use crate::openai::answer::{Answer, AnswerBuilder};
 use crate::openai::events::{has_tool_call_delta, is_done, EventSplitter};
 use crate::openai::sse;
+use crate::openai::usage::TurnUsage;
 use crate::session::events::EventLog;
 
 pub(crate) enum Relay {
@@ -35,6 +39,9 @@ pub(crate) struct StreamRelay {
     client: Option<FrameSender>,
     /// On a session: the turn's id and the last event number, and its log.
     numbered: Option<(u64, u64, EventLog)>,
+    /// On a session: the `[DONE]` event, numbered and logged, held from the client until the
+    /// turn is committed ([`Relay::end`]).
+    done: Option<Bytes>,
 }
 
 /// One upstream answer, read to its end.
@@ -58,18 +65,26 @@ impl Relay {
         Self::Stream(StreamRelay {
             client: Some(client),
             numbered: numbered.map(|(turn, log)| (turn, 0, log)),
+            done: None,
         })
     }
 
     /// Reads one upstream body to its end. A stream's events go to the client as they arrive,
     /// except, with `hold_tool_calls`, those from the first tool-call delta on, and `[DONE]`.
     /// A body that fails mid-way is an error; the stream's client gets that error too.
-    pub(crate) async fn read(&mut self, mut body: Body, hold_tool_calls: bool) -> Result<Round, BoxError> {
+    /// A `usage` the answer carries reaches the client as the turn's so far (`usage`).
+    pub(crate) async fn read(
+        &mut self,
+        mut body: Body,
+        hold_tool_calls: bool,
+        usage: &mut TurnUsage,
+    ) -> Result<Round, BoxError> {
         match self {
             Self::Json => {
                 let bytes = body.collect().await?.to_bytes();
                 let mut answer = AnswerBuilder::new(false);
                 answer.observe(&bytes);
+                let bytes = usage.json(&bytes);
                 Ok(Round { answer: answer.finish(), rest: Rest::Body(bytes) })
             }
             Self::Stream(relay) => {
@@ -88,6 +103,7 @@ impl Relay {
                     let Some(data) = frame.data_ref() else { continue };
                     for event in splitter.feed(data) {
                         answer.observe(&event);
+                        let event = usage.event(&event);
                         holding = holding || (hold_tool_calls && has_tool_call_delta(&event));
                         if holding || (hold_tool_calls && is_done(&event)) {
                             held.push(event);
@@ -98,12 +114,14 @@ impl Relay {
                 }
                 if let Some(rest) = splitter.finish() {
                     answer.observe(&rest);
+                    let rest = usage.event(&rest);
                     if hold_tool_calls {
                         held.push(rest);
                     } else {
                         relay.send(rest).await;
                     }
                 }
+                usage.end_round();
                 Ok(Round { answer: answer.finish(), rest: Rest::Held(held) })
             }
         }
@@ -149,9 +167,28 @@ impl Relay {
         self.fail(error.to_sse_event()).await;
     }
 
-    /// Whether the stream's client is gone (a JSON client is never known to be).
+    /// Whether the stream's client is gone (a JSON client is never known to be): a send
+    /// failed, or its connection closed since (seen without sending: a client that leaves while
+    /// the tools run, between keep-alives, is known gone when they finish).
     pub(crate) fn client_gone(&self) -> bool {
-        matches!(self, Self::Stream(StreamRelay { client: None, .. }))
+        match self {
+            Self::Stream(relay) => relay.client.as_ref().is_none_or(|client| client.is_closed()),
+            Self::Json => false,
+        }
+    }
+
+    /// Ends a session's stream once its commit is known: the held `[DONE]` when it
+    /// succeeded, else the failure as one error event and no `[DONE]`, so a client that saw
+    /// `[DONE]` can rely on the turn being saved.
+    pub(crate) async fn end(&mut self, committed: Result<(), &GatewayError>) {
+        let Self::Stream(relay) = self else { return };
+        let last = match committed {
+            Ok(()) => relay.done.take(),
+            Err(err) => Some(err.to_sse_event()),
+        };
+        if let (Some(client), Some(last)) = (&relay.client, last) {
+            let _ = client.send(Ok(Frame::data(last))).await;
+        }
     }
 
     /// Waits until every logged event is written. The client's body stays open until the relay
@@ -173,7 +210,12 @@ impl StreamRelay {
             Some((turn, seq, log)) => {
                 *seq += 1;
                 log.push(event.clone());
-                sse::with_id(*turn, *seq, &event)
+                let numbered = sse::with_id(*turn, *seq, &event);
+                if is_done(&event) {
+                    self.done = Some(numbered);
+                    return;
+                }
+                numbered
             }
             None => event,
         };

@@ -34,6 +34,8 @@ use crate::error::GatewayError;
 use crate::headers;
 use crate::openai::answer::Answer;
 use crate::openai::events::only_tool_calls;
+use crate::openai::usage::TurnUsage;
+use crate::openai::Usage;
 use crate::openai::{request, ChatRequest};
 use crate::telemetry::ToolOutcomeLabel;
 use crate::tools::record::Expansion;
@@ -54,6 +56,8 @@ pub(crate) struct Outcome {
     pub(crate) answer: Option<Answer>,
     /// The final answer mixed gateway and client calls (sessions only).
     pub(crate) held: Option<Expansion>,
+    /// What the turn's model calls used, summed (the session's totals count this).
+    pub(crate) usage: Option<Usage>,
 }
 
 impl Outcome {
@@ -114,6 +118,8 @@ pub(crate) struct ToolLoop<'a> {
     /// The request offers `ctxgate_expand`: its calls are the gateway's, answered from here.
     originals: Option<Originals<'a>>,
     pub(crate) outcome: Outcome,
+    /// The rounds' `usage`, summed: the client gets the turn's, not the last call's.
+    usage: TurnUsage,
 }
 
 /// What to do with a round's answer.
@@ -142,6 +148,7 @@ impl<'a> ToolLoop<'a> {
             tasks,
             originals: None,
             outcome: Outcome::default(),
+            usage: TurnUsage::default(),
         }
     }
 
@@ -157,10 +164,13 @@ impl<'a> ToolLoop<'a> {
     }
 
     /// What the loop did (its rounds are counted in the metrics when gateway tools were in play).
-    pub(crate) fn finish(self) -> Outcome {
+    pub(crate) fn finish(mut self) -> Outcome {
         if self.engaged {
             self.app.metrics.tools.rounds.observe(f64::from(self.outcome.rounds));
         }
+        // The answer's own, when no round's usage could be summed (not a JSON object there).
+        let last = self.outcome.answer.as_ref().and_then(|a| a.usage);
+        self.outcome.usage = self.usage.total().or(last);
         self.outcome
     }
 
@@ -285,7 +295,8 @@ impl<'a> ToolLoop<'a> {
             waited += response.extensions().get::<UpstreamWait>().map_or(Duration::ZERO, |w| w.0);
             let reading = Instant::now();
             let body = std::mem::replace(response.body_mut(), body::empty());
-            let round = relay.read(body, false).await.map_err(|source| self.unreachable(source))?;
+            let round =
+                relay.read(body, false, &mut self.usage).await.map_err(|source| self.unreachable(source))?;
             waited += reading.elapsed();
             response.extensions_mut().insert(UpstreamWait(waited));
             let Round { answer, rest: Rest::Body(bytes) } = round else {
@@ -327,7 +338,7 @@ impl<'a> ToolLoop<'a> {
     pub(crate) async fn stream(&mut self, mut upstream: Body, relay: &mut Relay) {
         let keepalive = self.app.tools.limits.keepalive_interval;
         loop {
-            let Ok(round) = relay.read(upstream, self.engaged).await else {
+            let Ok(round) = relay.read(upstream, self.engaged, &mut self.usage).await else {
                 // Cut mid-stream: the client's body has ended with the error already.
                 return;
             };

@@ -158,12 +158,20 @@ impl Default for SessionConfig {
     }
 }
 
+/// The largest `server.max_json_depth`: a request's parts are parsed again later (a message
+/// into a `Value`, under serde_json's limit of 128) inside a few levels of the gateway's own.
+pub const MAX_JSON_DEPTH: usize = 120;
+
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
     pub listen: SocketAddr,
     /// Largest request body accepted, in bytes; larger ones get 413.
     pub max_body_bytes: NonZeroUsize,
+    /// Deepest JSON nesting a chat request may have (objects and arrays, the body itself
+    /// counting as 1); deeper ones get 400 `json_too_deep`. What a session stores stays under
+    /// serde_json's recursion limit (128) with room for the gateway's own wrapping.
+    pub max_json_depth: NonZeroUsize,
     /// Deadline for the response headers of one request, retries included.
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
@@ -207,6 +215,12 @@ impl ServerConfig {
                 format!("must be between {MIN_HEADER_BYTES} and {MAX_HEADER_BYTES}"),
             );
         }
+        if self.max_json_depth.get() > MAX_JSON_DEPTH {
+            issues.push(
+                "server.max_json_depth",
+                format!("must be at most {MAX_JSON_DEPTH} (parts of a stored request are parsed again)"),
+            );
+        }
     }
 }
 
@@ -215,6 +229,8 @@ impl Default for ServerConfig {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             max_body_bytes: NonZeroUsize::new(16 * 1024 * 1024).unwrap_or(NonZeroUsize::MIN),
+            // Deeply nested tool schemas reach 30-40; nothing real comes near 100.
+            max_json_depth: NonZeroUsize::new(100).unwrap_or(NonZeroUsize::MIN),
             request_timeout: Duration::from_secs(600),
             max_concurrent_requests: NonZeroUsize::new(1024).unwrap_or(NonZeroUsize::MIN),
             shutdown_timeout: Duration::from_secs(30),

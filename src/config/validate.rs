@@ -543,4 +543,16 @@ log_level = "debug"
         policy.token_margin = 0.0;
         assert_eq!(policy.high_tokens(), 8_000);
     }
+
+    #[test]
+    fn a_json_depth_past_what_stays_parseable_is_an_issue() {
+        let env = BTreeMap::new();
+        let upstream = "[[upstreams]]\nname = \"a\"\nbase_url = \"http://ok/v1\"\n";
+        let text = format!("[server]\nmax_json_depth = 121\n{upstream}");
+        let err = Config::parse(&text, &env).unwrap().validate(&env).unwrap_err();
+        assert_eq!(err.0[0].path, "server.max_json_depth", "{err}");
+        let text = format!("[server]\nmax_json_depth = 120\n{upstream}");
+        assert!(Config::parse(&text, &env).unwrap().validate(&env).is_ok());
+        assert!(Config::parse(&format!("[server]\nmax_json_depth = 0\n{upstream}"), &env).is_err());
+    }
 }

@@ -18,7 +18,7 @@ use crate::http_util::{json_response, read_body};
 use crate::openai::sse;
 use crate::session::checkpoint::now_ms;
 use crate::session::events::{follow, parse_event_id, start_of, Followed};
-use crate::session::{Admitted, GoalLock, Lease, OnGoalConflict, SessionKey};
+use crate::session::{Admitted, GoalLock, InFlight, Lease, OnGoalConflict, SessionKey, UsageTotals};
 use crate::tools::record::ToolRecord;
 use crate::AppState;
 
@@ -48,27 +48,27 @@ pub(crate) async fn api(
         (&Method::GET, None) => {
             let stored = sessions.load(&key).await?.ok_or_else(missing)?;
             let cp = &stored.checkpoint;
-            Ok(json_response(&json!({
-                "id": id,
-                "object": "session",
-                "version": stored.version,
-                "messages": cp.transcript.len(),
-                "usage": cp.usage,
-                "goal": cp.goal,
-                "in_flight": cp.in_flight,
-                "history_rewrites": cp.history_rewrites,
-                "created_at_ms": cp.created_ms,
-                "updated_at_ms": cp.updated_ms,
-            })))
+            Ok(json_response(&SessionView {
+                id,
+                object: "session",
+                version: stored.version,
+                messages: cp.transcript.len(),
+                usage: &cp.usage,
+                goal: cp.goal.as_ref(),
+                in_flight: cp.in_flight.as_ref(),
+                history_rewrites: cp.history_rewrites,
+                created_at_ms: cp.created_ms,
+                updated_at_ms: cp.updated_ms,
+            }))
         }
         (&Method::GET, Some("tasks")) => {
             let stored = sessions.load(&key).await?.ok_or_else(missing)?;
             let record = ToolRecord::from_raw(stored.checkpoint.tools.as_deref());
-            Ok(json_response(&json!({"object": "list", "data": record.tasks})))
+            Ok(json_response(&List { object: "list", data: &record.tasks }))
         }
         (&Method::GET, Some("messages")) => {
             let stored = sessions.load(&key).await?.ok_or_else(missing)?;
-            Ok(json_response(&json!({"object": "list", "data": stored.checkpoint.transcript})))
+            Ok(json_response(&List { object: "list", data: &stored.checkpoint.transcript }))
         }
         (&Method::DELETE, None) => {
             if sessions.delete(&key).await? {
@@ -97,13 +97,13 @@ pub(crate) async fn api(
             let goal = GoalLock { block: Some(goal.block()), ..goal };
             let rendered = goal_json(id, &goal);
             lease.set_goal(Some(goal));
-            lease.finish(None).await.ok_or_else(|| GatewayError::SessionBusy { id: id.to_string() })?;
+            lease.finish(None).await.map_err(|_| GatewayError::SessionBusy { id: id.to_string() })?;
             Ok(json_response(&rendered))
         }
         (&Method::DELETE, Some("goal")) => {
             let mut lease = admit_for_update(&state, &key, &parts.headers).await?;
             let had = lease.set_goal(None).is_some();
-            lease.finish(None).await.ok_or_else(|| GatewayError::SessionBusy { id: id.to_string() })?;
+            lease.finish(None).await.map_err(|_| GatewayError::SessionBusy { id: id.to_string() })?;
             if had {
                 Ok(json_response(&json!({"id": id, "object": "session.goal.deleted", "deleted": true})))
             } else {
@@ -149,6 +149,31 @@ pub(crate) async fn api(
         }
         _ => Err(not_found()),
     }
+}
+
+/// `GET /v1/sessions/{id}`. Stored JSON (messages, the in-flight request) is written out as
+/// stored: `json!` would re-parse it into a `Value`, which fails (and panics in the macro) on
+/// JSON nested past serde_json's recursion limit, so one deep message would make the session
+/// unreadable.
+#[derive(serde::Serialize)]
+struct SessionView<'a> {
+    id: &'a str,
+    object: &'static str,
+    version: u64,
+    messages: usize,
+    usage: &'a UsageTotals,
+    goal: Option<&'a GoalLock>,
+    in_flight: Option<&'a InFlight>,
+    history_rewrites: u64,
+    created_at_ms: u64,
+    updated_at_ms: u64,
+}
+
+/// `{"object":"list","data":[...]}`, its items serialised as they are (see [`SessionView`]).
+#[derive(serde::Serialize)]
+struct List<'a, T: serde::Serialize> {
+    object: &'static str,
+    data: &'a [T],
 }
 
 #[derive(serde::Deserialize)]

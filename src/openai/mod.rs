@@ -10,7 +10,7 @@ pub(crate) mod events;
 pub(crate) mod message;
 pub(crate) mod request;
 pub(crate) mod sse;
-mod usage;
+pub(crate) mod usage;
 
 pub use request::ChatRequest;
 pub use request::ChatRequestHead;

@@ -55,6 +55,48 @@ pub struct ChatMessages<'a> {
     pub tools: Option<(&'a RawValue, Range<usize>)>,
 }
 
+/// 400 `json_too_deep` when `body` nests objects and arrays more than `max` levels deep (the
+/// body itself is level 1). Checked before anything is stored: a message nested past
+/// serde_json's recursion limit parses as a `RawValue` but not as a `Value`, so a later reader
+/// would fail on it. One pass that skips string contents with memchr; malformed JSON is left
+/// to the parser.
+pub(crate) fn check_nesting(body: &[u8], max: usize) -> Result<(), GatewayError> {
+    let mut depth = 0usize;
+    let mut i = 0;
+    while i < body.len() {
+        match body[i] {
+            b'"' => {
+                // Skip to the closing quote, past escaped characters.
+                i += 1;
+                loop {
+                    match memchr::memchr2(b'"', b'\\', &body[i.min(body.len())..]) {
+                        Some(at) if body[i + at] == b'\\' => i += at + 2,
+                        Some(at) => {
+                            i += at;
+                            break;
+                        }
+                        None => return Ok(()),
+                    }
+                }
+            }
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > max {
+                    return Err(GatewayError::invalid(
+                        format!("The request body nests JSON more than {max} levels deep."),
+                        None,
+                        "json_too_deep",
+                    ));
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+        i += 1;
+    }
+    Ok(())
+}
+
 impl ChatRequestHead {
     pub fn parse(body: &[u8]) -> Result<Self, GatewayError> {
         Self::parse_with_messages(body).map(|(head, _)| head)
@@ -404,6 +446,22 @@ fn json_kind(raw: &str) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn nested(depth: usize) -> String {
+        format!(r#"{{"a":"[{{\\\"[","b":{}1{}}}"#, "[".repeat(depth - 1), "]".repeat(depth - 1))
+    }
+
+    #[test]
+    fn nesting_is_counted_outside_strings_only() {
+        // The body is level 1; brackets and escaped quotes inside strings do not count.
+        assert_eq!(nested(3), r#"{"a":"[{\\\"[","b":[[1]]}"#);
+        assert!(check_nesting(nested(3).as_bytes(), 3).is_ok());
+        let err = check_nesting(nested(4).as_bytes(), 3).unwrap_err().to_json();
+        assert_eq!(err["error"]["code"], "json_too_deep");
+        assert!(check_nesting(br#"{"a":[[1],[2],{"b":2}]}"#, 3).is_ok());
+        assert!(check_nesting(br#"{"a":[[1],[2],{"b":{}}]}"#, 3).is_err());
+        assert!(check_nesting(br#"{"unterminated":"\"#, 1).is_ok());
+    }
 
     fn err(body: &str) -> serde_json::Value {
         ChatRequestHead::parse(body.as_bytes()).unwrap_err().to_json()["error"].clone()

@@ -129,6 +129,114 @@ pub(super) fn parse_json_usage(frames: &[Bytes]) -> Option<Usage> {
     parsed.ok().and_then(|e| e.usage)
 }
 
+/// The `usage` of a turn that made several model calls (a tool loop's rounds): every call's
+/// usage object added field by field (each number, and nested objects such as
+/// `prompt_tokens_details` likewise), so the client is told what the whole turn used, not what
+/// its last call did. Each round's answer is passed through [`Self::json`] or, event by event,
+/// [`Self::event`] and then [`Self::end_round`]; a usage object it carries is rewritten to the
+/// sum of the rounds before and its own.
+#[derive(Debug, Default)]
+pub(crate) struct TurnUsage {
+    /// The rounds read so far, summed.
+    sum: Option<serde_json::Map<String, serde_json::Value>>,
+    /// The round being read.
+    own: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
+impl TurnUsage {
+    /// A JSON completion (a whole round): rewritten when earlier rounds used tokens.
+    pub(crate) fn json(&mut self, body: &Bytes) -> Bytes {
+        let out = self.rewrite(body).map_or_else(|| body.clone(), Bytes::from);
+        self.end_round();
+        out
+    }
+
+    /// One SSE event of the round being read: its `data:` rewritten when it carries a usage
+    /// object and earlier rounds used tokens.
+    pub(crate) fn event(&mut self, event: &Bytes) -> Bytes {
+        if !has_usage_object(event) {
+            return event.clone();
+        }
+        let mut out = bytes::BytesMut::with_capacity(event.len() + 64);
+        let mut rewritten = false;
+        for line in event.split_inclusive(|b| *b == b'\n') {
+            match sse::data(line).and_then(|data| self.rewrite(data)) {
+                Some(json) => {
+                    out.extend_from_slice(b"data: ");
+                    out.extend_from_slice(&json);
+                    out.extend_from_slice(b"\n");
+                    rewritten = true;
+                }
+                None => out.extend_from_slice(line),
+            }
+        }
+        if rewritten {
+            out.freeze()
+        } else {
+            event.clone()
+        }
+    }
+
+    /// Adds the round just read to the sum.
+    pub(crate) fn end_round(&mut self) {
+        if let Some(own) = self.own.take() {
+            add(self.sum.get_or_insert_with(Default::default), &own);
+        }
+    }
+
+    /// The turn's usage so far, in the fields ctxgate counts.
+    pub(crate) fn total(&self) -> Option<Usage> {
+        let sum = self.sum.as_ref()?;
+        serde_json::from_value(serde_json::Value::Object(sum.clone())).ok()
+    }
+
+    /// `doc` (a completion or a chunk) with its usage object replaced by the earlier rounds'
+    /// sum plus its own (kept as this round's); `None` when nothing changes.
+    fn rewrite(&mut self, doc: &[u8]) -> Option<Vec<u8>> {
+        if !has_usage_object(doc) {
+            return None;
+        }
+        let mut fields: indexmap::IndexMap<String, serde_json::Value> = serde_json::from_slice(doc).ok()?;
+        let serde_json::Value::Object(own) = fields.get("usage")? else { return None };
+        self.own = Some(own.clone());
+        let mut total = self.sum.clone()?;
+        add(&mut total, own);
+        fields.insert("usage".into(), serde_json::Value::Object(total));
+        serde_json::to_vec(&fields).ok()
+    }
+}
+
+/// Adds `from`'s numbers into `into`, recursively; fields `into` lacks are taken as they are.
+fn add(
+    into: &mut serde_json::Map<String, serde_json::Value>,
+    from: &serde_json::Map<String, serde_json::Value>,
+) {
+    use serde_json::Value;
+    for (key, value) in from {
+        if !into.contains_key(key) {
+            into.insert(key.clone(), value.clone());
+            continue;
+        }
+        match (into.get_mut(key), value) {
+            (Some(Value::Number(a)), Value::Number(b)) => {
+                let sum = match (a.as_u64(), b.as_u64()) {
+                    (Some(a), Some(b)) => serde_json::Number::from(a.saturating_add(b)),
+                    _ => match serde_json::Number::from_f64(
+                        a.as_f64().unwrap_or(0.0) + b.as_f64().unwrap_or(0.0),
+                    ) {
+                        Some(sum) => sum,
+                        None => continue,
+                    },
+                };
+                *a = sum;
+            }
+            (Some(Value::Object(a)), Value::Object(b)) => add(a, b),
+            (Some(slot), value) if slot.is_null() => *slot = value.clone(),
+            _ => {}
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -174,6 +282,28 @@ mod tests {
         assert!(!has_usage_object(br#"{"usage" : null, "x": ""usage""}"#));
         assert!(has_usage_object(br#"{"usage" : {"prompt_tokens":1}}"#));
         assert!(has_usage_object(br#"{"usage":null}{"usage":{}}"#));
+    }
+
+    #[test]
+    fn a_turn_reports_the_sum_of_its_rounds() {
+        let mut turn = TurnUsage::default();
+        let first = Bytes::from(format!(r#"{{"id":"a","usage":{USAGE}}}"#));
+        assert_eq!(turn.json(&first), first, "the first round is as sent");
+        let last = r#"data: {"choices":[],"usage":{"prompt_tokens":20,"completion_tokens":1,"total_tokens":21,"prompt_tokens_details":{"cached_tokens":6},"completion_tokens_details":{"reasoning_tokens":3}}}"#;
+        let event = turn.event(&Bytes::from(format!("{last}\n\n")));
+        turn.end_round();
+        let data: serde_json::Value =
+            serde_json::from_slice(sse::data(&event[..event.len() - 2]).unwrap()).unwrap();
+        assert_eq!(
+            data["usage"],
+            serde_json::json!({"prompt_tokens":32,"completion_tokens":6,"total_tokens":38,
+                "prompt_tokens_details":{"cached_tokens":10},"completion_tokens_details":{"reasoning_tokens":3}})
+        );
+        assert!(event.ends_with(b"\n\n"));
+        let total = turn.total().unwrap();
+        assert_eq!((total.prompt_tokens, total.completion_tokens, total.cached_tokens()), (32, 6, 10));
+        let plain = Bytes::from_static(b"data: {\"choices\":[],\"usage\":null}\n\n");
+        assert_eq!(turn.event(&plain), plain);
     }
 
     #[test]

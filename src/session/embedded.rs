@@ -12,7 +12,8 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use super::checkpoint::{now_ms, Checkpoint, Encoded};
 use super::store::{BoxFuture, Commit, SessionKey, SessionStore, StoreError, Stored};
 
-/// `scope:id` → 8-byte big-endian version followed by the checkpoint JSON.
+/// `scope:id` → 8-byte big-endian version followed by the checkpoint JSON; a deleted session
+/// is its version alone (a tombstone, see [`SessionStore::delete`]).
 const CHECKPOINTS: TableDefinition<&str, &[u8]> = TableDefinition::new("checkpoints");
 /// `(scope:id, turn, seq)` → one SSE event as sent to the client.
 const EVENTS: TableDefinition<(&str, u64, u64), &[u8]> = TableDefinition::new("events");
@@ -84,6 +85,15 @@ fn decode(bytes: &[u8]) -> Result<Stored, StoreError> {
     Ok(Stored { version: u64::from_be_bytes(*version), checkpoint })
 }
 
+/// The version a record holds, and whether it is a live session: not deleted (a tombstone),
+/// not expired, readable. A commit expecting 0 (a new session) may replace any record that is
+/// not live, and numbers on from its version.
+fn state(bytes: &[u8], ttl: Duration) -> (u64, bool) {
+    let Some((version, doc)) = bytes.split_first_chunk::<8>() else { return (0, false) };
+    let live = !doc.is_empty() && decode(bytes).is_ok_and(|s| !expired(&s, ttl));
+    (u64::from_be_bytes(*version), live)
+}
+
 fn clear_events(table: &mut redb::Table<'_, (&str, u64, u64), &[u8]>, key: &str) -> Result<(), StoreError> {
     table.retain_in((key, 0, 0)..=(key, u64::MAX, u64::MAX), |_, _| false).map_err(unavailable)
 }
@@ -151,6 +161,9 @@ impl SessionStore for EmbeddedStore {
             let Some(value) = table.get(k.as_str()).map_err(unavailable)? else {
                 return Ok(None);
             };
+            if value.value().len() <= 8 {
+                return Ok(None); // deleted
+            }
             let stored = decode(value.value())?;
             Ok((!expired(&stored, ttl)).then_some(stored))
         }))
@@ -170,14 +183,11 @@ impl SessionStore for EmbeddedStore {
             let txn = db.begin_write().map_err(unavailable)?;
             let outcome = {
                 let mut table = txn.open_table(CHECKPOINTS).map_err(unavailable)?;
-                let current = match table.get(k.as_str()).map_err(unavailable)? {
-                    // An expired session counts as absent, as `load` reports it.
-                    Some(value) => {
-                        decode(value.value()).map_or(0, |s| if expired(&s, ttl) { 0 } else { s.version })
-                    }
-                    None => 0,
-                };
-                if current != expected {
+                // A deleted or expired session counts as absent, as `load` reports it, but its
+                // version goes on: a lease from before can never match a later incarnation.
+                let (current, live) =
+                    table.get(k.as_str()).map_err(unavailable)?.map_or((0, false), |v| state(v.value(), ttl));
+                if current != expected && (expected != 0 || live) {
                     Commit::Conflict(current)
                 } else {
                     let version = current + 1;
@@ -254,18 +264,27 @@ impl SessionStore for EmbeddedStore {
         }))
     }
 
+    /// Leaves a tombstone one version on (see [`state`]).
     fn delete<'a>(&'a self, key: &'a SessionKey) -> BoxFuture<'a, Result<bool, StoreError>> {
         let k = key.storage_key();
+        let ttl = self.ttl;
         Box::pin(self.blocking(move |db| {
             let txn = db.begin_write().map_err(unavailable)?;
             clear_events(&mut txn.open_table(EVENTS).map_err(unavailable)?, &k)?;
             txn.open_table(IN_FLIGHT).map_err(unavailable)?.remove(k.as_str()).map_err(unavailable)?;
-            let removed = txn
-                .open_table(CHECKPOINTS)
-                .map_err(unavailable)?
-                .remove(k.as_str())
-                .map_err(unavailable)?
-                .is_some();
+            let removed = {
+                let mut table = txn.open_table(CHECKPOINTS).map_err(unavailable)?;
+                let found = table.get(k.as_str()).map_err(unavailable)?.map(|v| state(v.value(), ttl));
+                match found {
+                    Some((version, live)) if live => {
+                        table
+                            .insert(k.as_str(), (version + 1).to_be_bytes().as_slice())
+                            .map_err(unavailable)?;
+                        true
+                    }
+                    _ => false,
+                }
+            };
             txn.commit().map_err(unavailable)?;
             Ok(removed)
         }))

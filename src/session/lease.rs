@@ -226,8 +226,11 @@ impl Lease {
     }
 
     /// Clears the marker, and with a turn records it: the transcript it leaves (the
-    /// conversation and the answer) and the answer's usage. Returns the committed version.
-    pub async fn finish(mut self, turn: Option<(Vec<Box<RawValue>>, Option<Usage>)>) -> Option<u64> {
+    /// conversation and the answer) and the turn's usage. Returns the committed version.
+    pub async fn finish(
+        mut self,
+        turn: Option<(Vec<Box<RawValue>>, Option<Usage>)>,
+    ) -> Result<u64, NotCommitted> {
         while let Ok(amend) = self.amendments.try_recv() {
             amend(&mut self.checkpoint);
         }
@@ -245,17 +248,41 @@ impl Lease {
         }
         let metrics = &self.sessions.metrics;
         let encoded = self.checkpoint.encode();
-        let outcome = match self.sessions.commit(&self.key, self.version, &encoded).await {
+        let failure = match self.sessions.commit(&self.key, self.version, &encoded).await {
             Ok(Commit::Committed(version)) => {
                 metrics.checkpoint_bytes.observe(encoded.len() as f64);
                 metrics.session_commits.get_or_create(&OutcomeLabel { outcome: "committed" }).inc();
-                return Some(version);
+                return Ok(version);
             }
-            Ok(Commit::Conflict(_)) => "conflict",
-            Err(_) => "error",
+            Ok(Commit::Conflict(_)) => NotCommitted::Conflict,
+            Err(err) => NotCommitted::Store(err),
+        };
+        let outcome = match failure {
+            NotCommitted::Conflict => "conflict",
+            NotCommitted::Store(_) => "error",
         };
         tracing::warn!(session = ?self.key, outcome, "session turn was not committed");
         metrics.session_commits.get_or_create(&OutcomeLabel { outcome }).inc();
-        None
+        Err(failure)
+    }
+}
+
+/// Why a lease's final write did not happen.
+#[derive(Debug)]
+pub enum NotCommitted {
+    /// The session moved on without this turn: it was deleted, or another process took the
+    /// turn over after this one's lease ran out.
+    Conflict,
+    /// The store failed (or timed out): whether the session holds the turn is unknown.
+    Store(super::StoreError),
+}
+
+impl NotCommitted {
+    /// The error a client of session `id` gets for it.
+    pub(crate) fn into_error(self, id: &str) -> GatewayError {
+        match self {
+            Self::Conflict => GatewayError::SessionConflict { id: id.to_string() },
+            Self::Store(err) => err.into(),
+        }
     }
 }

@@ -25,7 +25,7 @@ use bytes::Bytes;
 use http::HeaderMap;
 
 pub use checkpoint::{Checkpoint, GoalLock, InFlight, OnGoalConflict, StoredRequest, UsageTotals};
-pub use lease::{Admitted, Lease};
+pub use lease::{Admitted, Lease, NotCommitted};
 pub use store::{Commit, SessionKey, SessionStore, StoreError, Stored};
 
 use crate::config::SessionConfig;

@@ -21,10 +21,11 @@ use super::store::{BoxFuture, Commit, SessionKey, SessionStore, StoreError, Stor
 use crate::redis_conn::{self, RedisConn};
 
 /// KEYS[1] session hash; ARGV[1] expected version, ARGV[2] document, ARGV[3] TTL in ms.
-/// Returns {1, new_version} or {0, current_version}.
+/// Returns {1, new_version} or {0, current_version}. Expecting 0 (a new session) also matches a
+/// deleted one (a hash without `doc`), numbering on from its version.
 const COMMIT: &str = r"
 local current = redis.call('HGET', KEYS[1], 'v') or '0'
-if current ~= ARGV[1] then
+if current ~= ARGV[1] and (ARGV[1] ~= '0' or redis.call('HEXISTS', KEYS[1], 'doc') == 1) then
   return {0, tonumber(current)}
 end
 local version = tonumber(current) + 1
@@ -33,12 +34,27 @@ redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return {1, version}
 ";
 
+/// KEYS[1] session hash, KEYS[2] its event log; ARGV[1] TTL in ms. Drops the document and
+/// the log and keeps the version, one on, as a tombstone for the TTL: a turn admitted before
+/// the delete can never commit into a session created after it. Returns 1 if there was one.
+const DELETE: &str = r"
+redis.call('DEL', KEYS[2])
+if redis.call('HEXISTS', KEYS[1], 'doc') == 0 then
+  return 0
+end
+redis.call('HDEL', KEYS[1], 'doc')
+redis.call('HINCRBY', KEYS[1], 'v', 1)
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+return 1
+";
+
 #[derive(Clone)]
 pub struct RedisStore {
     conn: RedisConn,
     prefix: String,
     ttl: Duration,
     commit: Script,
+    delete: Script,
     timeout: Duration,
 }
 
@@ -66,7 +82,14 @@ impl RedisStore {
         timeout: Duration,
     ) -> Result<Self, StoreError> {
         let conn = redis_conn::connect(url, timeout).await.map_err(unavailable)?;
-        Ok(Self { conn, prefix: prefix.to_string(), ttl, commit: Script::new(COMMIT), timeout })
+        Ok(Self {
+            conn,
+            prefix: prefix.to_string(),
+            ttl,
+            commit: Script::new(COMMIT),
+            delete: Script::new(DELETE),
+            timeout,
+        })
     }
 
     fn key(&self, key: &SessionKey) -> String {
@@ -248,9 +271,17 @@ impl SessionStore for RedisStore {
     fn delete<'a>(&'a self, key: &'a SessionKey) -> BoxFuture<'a, Result<bool, StoreError>> {
         Box::pin(async move {
             let mut conn = self.conn.clone();
-            let removed: u64 = self.bounded(conn.del(&[self.key(key), self.events_key(key)])).await?;
+            let removed: u8 = self
+                .bounded(
+                    self.delete
+                        .key(self.key(key))
+                        .key(self.events_key(key))
+                        .arg(self.ttl.as_millis() as u64)
+                        .invoke_async(&mut conn),
+                )
+                .await?;
             self.bounded(conn.zrem::<_, _, ()>(self.index_key(), key.storage_key())).await?;
-            Ok(removed > 0)
+            Ok(removed == 1)
         })
     }
 

@@ -91,7 +91,10 @@ pub trait SessionStore: Send + Sync + fmt::Debug {
         checkpoint: &'a Encoded,
     ) -> BoxFuture<'a, Result<Commit, StoreError>>;
 
-    /// Removes the session; false if there was none.
+    /// Removes the session; false if there was none. Its version is kept (a tombstone, for at
+    /// least the TTL) and a session created after it numbers on from there, so a version is
+    /// never reused: a turn admitted before the delete can only conflict at its commit, never
+    /// land in the new session.
     fn delete<'a>(&'a self, key: &'a SessionKey) -> BoxFuture<'a, Result<bool, StoreError>>;
 
     /// Appends events `first_seq..` of turn `turn` to the session's event log, for replay.
