@@ -11,13 +11,16 @@
 //! 5. **error rendering**: every error from below becomes an OpenAI error body; the service
 //!    hyper sees is `Infallible`. It sits above timeout and the limits because those fail with
 //!    errors, not responses.
-//! 6. **timeout**: `server.request_timeout` to response headers (a stream, once started, is
+//! 6. **path normalisation**: dot segments resolved (`/v1/../x` is `/x`), or 400 when one hides
+//!    behind an encoded separator, so keys, routes and the upstream read one path. Below error
+//!    rendering for its 400; metrics label the route by the same normal form.
+//! 7. **timeout**: `server.request_timeout` to response headers (a stream, once started, is
 //!    bounded by each upstream's idle timeout instead).
-//! 7. **body limit**: 413 on a declared-too-large body before anything is read.
-//! 8. **concurrency limit with load shedding**: at the limit, 503 at once rather than a queue.
-//! 9. **gateway keys and per-key limits** (only with `[auth]` keys): 401/403/429 before any
-//!    handler runs; the key itself is removed from the request here.
-//! 10. **router**.
+//! 8. **body limit**: 413 on a declared-too-large body before anything is read.
+//! 9. **concurrency limit with load shedding**: at the limit, 503 at once rather than a queue.
+//! 10. **gateway keys and per-key limits** (only with `[auth]` keys): 401/403/429 before any
+//!     handler runs; the key itself is removed from the request here.
+//! 11. **router**.
 //!
 //! Request and response extensions are the contract between these layers and the handlers:
 //!
@@ -44,6 +47,7 @@ use tower_http::trace::TraceLayer;
 use crate::body::BoxError;
 use crate::error::{ErrorResponseLayer, GatewayError};
 use crate::limit::{BodyLimitLayer, ConcurrencyLimitLayer};
+use crate::request_path::NormalizePathLayer;
 use crate::router::Router;
 use crate::AppState;
 
@@ -75,6 +79,7 @@ pub(crate) fn build(state: Arc<AppState>) -> GatewayService {
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
         .layer(crate::observe::layer(state.metrics.clone()))
         .layer(ErrorResponseLayer)
+        .layer(NormalizePathLayer)
         .timeout(server.request_timeout)
         .layer(BodyLimitLayer::new(server.max_body_bytes.get()))
         .layer(ConcurrencyLimitLayer::new(server.max_concurrent_requests.get()))
