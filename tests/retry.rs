@@ -156,6 +156,8 @@ async fn a_non_idempotent_request_the_upstream_answered_is_not_sent_again() {
     assert_eq!(image.status(), 502);
     assert_eq!(h.upstream(0).requests().len(), 2);
     assert!(h.upstream(1).requests().is_empty());
+    let withheld = r#"ctxgate_upstream_retries_withheld_total{upstream="u0",reason="not_idempotent"}"#;
+    assert_eq!(h.metric(withheld).await, 2.0);
 }
 
 #[tokio::test]
@@ -228,4 +230,6 @@ async fn retries_after_an_answer_stay_within_the_budget() {
     let attempts = h.upstream(0).requests().len();
     assert_eq!(attempts, 12, "10 requests and a fifth of them retried");
     assert_eq!(h.metric(r#"ctxgate_upstream_retries_total{upstream="u0",reason="server_error"}"#).await, 2.0);
+    let withheld = r#"ctxgate_upstream_retries_withheld_total{upstream="u0",reason="budget"}"#;
+    assert_eq!(h.metric(withheld).await, 10.0, "each request ends on a withheld retry");
 }

@@ -491,11 +491,18 @@ impl Upstreams {
                         let too_long = wanted.is_some_and(|d| d > self.retry.max_retry_after);
                         let next = attempt.another_endpoint(&mut tried);
                         let can_resend = next || (may_retry && !too_long) || !last_upstream;
-                        if !can_resend || !resend_on_status || !self.budget.withdraw() {
+                        let withheld = match (can_resend, resend_on_status) {
+                            (false, _) => None,
+                            (true, false) => Some("not_idempotent"),
+                            (true, true) => (!self.budget.withdraw()).then_some("budget"),
+                        };
+                        if !can_resend || withheld.is_some() {
                             // Nowhere left to go, not safe to send twice, or over the budget:
                             // the client gets the upstream's own answer.
-                            if can_resend && resend_on_status {
-                                tracing::debug!(upstream = %upstream.name, "retry budget exhausted");
+                            if let Some(reason) = withheld {
+                                let label = RetryLabel { upstream: upstream.name.clone(), reason };
+                                self.metrics.upstream_retries_withheld.get_or_create(&label).inc();
+                                tracing::debug!(upstream = %upstream.name, reason, "retry withheld");
                             }
                             return Ok(forwarded(response, attempt));
                         }
