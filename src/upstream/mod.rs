@@ -404,7 +404,7 @@ impl Upstreams {
     }
 
     /// Sends `outgoing` along `route`: retries each upstream on connect errors, and on 429 and
-    /// 5xx when [`Self::resends_on_status`] and the budget allow, then fails over to the next.
+    /// 5xx when [`retry::may_resend_answered`] and the budget allow, then fails over to the next.
     /// On a pool, a failed attempt moves to another endpoint at once while one is left
     /// untried; the retries (with backoff) come after. The last error response, when it may
     /// not or cannot be sent again, is returned as the upstream sent it.
@@ -414,7 +414,8 @@ impl Upstreams {
         outgoing: Outgoing,
     ) -> Result<Forwarded, GatewayError> {
         let Outgoing { method, path_and_query, headers, body, affinity } = outgoing;
-        let resend_on_status = self.resends_on_status(&method, &path_and_query);
+        let resend_on_status =
+            retry::may_resend_answered(&method, &path_and_query, &self.retry.inference_paths);
         self.budget.deposit();
         // A buffered body can be sent as often as the policy allows; a streamed one only once.
         let (replay, mut once) = match body {
@@ -542,15 +543,6 @@ impl Upstreams {
         }
         Err(last_error
             .unwrap_or_else(|| GatewayError::Internal("no upstream is configured for this route".into())))
-    }
-}
-
-impl Upstreams {
-    /// Whether a 429/5xx answer to this request may be followed by another attempt: the
-    /// upstream received it, so only a request that is harmless twice is sent again.
-    fn resends_on_status(&self, method: &Method, path_and_query: &str) -> bool {
-        let path = path_and_query.split('?').next().unwrap_or_default();
-        method.is_idempotent() || self.retry.inference_paths.iter().any(|p| p == path)
     }
 }
 
