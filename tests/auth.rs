@@ -432,3 +432,51 @@ async fn passthrough_bodies_count_against_tokens_per_minute() {
     }
     assert_eq!(send(600).await.unwrap().status(), 200, "the unused estimate came back");
 }
+
+/// A `multipart/form-data` body with these text fields and an audio file.
+fn form(fields: &[(&str, &str)]) -> (String, Vec<u8>) {
+    let boundary = "ctxgate-test-boundary";
+    let mut body = Vec::new();
+    for (name, value) in fields {
+        body.extend_from_slice(
+            format!("--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n")
+                .as_bytes(),
+        );
+    }
+    body.extend_from_slice(
+        format!("--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\nContent-Type: audio/wav\r\n\r\n").as_bytes(),
+    );
+    body.extend_from_slice(&[0x52, 0x49, 0x46, 0x46, 0x00, 0xff, 0x10]);
+    body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+    (format!("multipart/form-data; boundary={boundary}"), body)
+}
+
+#[tokio::test]
+async fn multipart_forms_are_checked_for_their_model() {
+    // Given team-b, which may only use gpt-4o*
+    let h = Harness::builder().config(keys(|_| {})).start().await;
+    let send = |(content_type, body): (String, Vec<u8>)| {
+        h.client
+            .post(h.v1("/audio/transcriptions"))
+            .bearer_auth(TEAM_B)
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+    };
+
+    // When a transcription names a forbidden model, repeats the field, or names none
+    let (forbidden, _) = error_of(send(form(&[("model", "whisper-1")])).await.unwrap()).await;
+    let (repeated, _) =
+        error_of(send(form(&[("model", "gpt-4o-transcribe"), ("model", "whisper-1")])).await.unwrap()).await;
+    let (missing, _) = error_of(send(form(&[("language", "en")])).await.unwrap()).await;
+
+    // Then it is refused before the upstream sees it
+    assert_eq!((forbidden, repeated, missing), (403, 400, 400));
+    assert!(h.upstream(0).requests().is_empty());
+
+    // And an allowed model goes through with the form as sent
+    let allowed = form(&[("model", "gpt-4o-transcribe")]);
+    let status = send(allowed.clone()).await.unwrap().status();
+    assert_ne!(status, 403);
+    assert_eq!(h.upstream(0).requests()[0].body, allowed.1);
+}

@@ -14,7 +14,7 @@ use http::{Method, Request, Response, StatusCode};
 use crate::auth::Caller;
 use crate::body::Body;
 use crate::error::GatewayError;
-use crate::http_util::{json_response, path_and_query, read_body};
+use crate::http_util::{form_fields, is_form, json_response, path_and_query, read_body};
 use crate::openai::request::{body_model, BodyModel};
 use crate::upstream::{Outgoing, OutgoingBody, UsageSink};
 use crate::AppState;
@@ -29,6 +29,28 @@ const MODEL_ROUTES: [&str; 6] = [
     "/v1/images/generations",
     "/v1/audio/speech",
 ];
+
+/// The routes whose `multipart/form-data` body names a model in a `model` field.
+const FORM_MODEL_ROUTES: [&str; 4] =
+    ["/v1/audio/transcriptions", "/v1/audio/translations", "/v1/images/edits", "/v1/images/variations"];
+
+/// The `model` field of a form: one at most, readable, UTF-8.
+fn form_model(headers: &http::HeaderMap, body: &[u8]) -> Result<Option<String>, GatewayError> {
+    let unreadable =
+        || GatewayError::invalid("The multipart/form-data body could not be read.", None, "invalid_form");
+    match form_fields(headers, body, "model").ok_or_else(unreadable)?.as_slice() {
+        [] => Ok(None),
+        [model] => {
+            let model = std::str::from_utf8(model).map_err(|_| unreadable())?.trim();
+            Ok((!model.is_empty()).then(|| model.to_string()))
+        }
+        _ => Err(GatewayError::invalid(
+            "The request body repeats the form field 'model'; each field may appear once.",
+            None,
+            "duplicate_key",
+        )),
+    }
+}
 
 /// `GET /v1/models` from the default upstream; when it has no such endpoint (or cannot be
 /// reached) and models are listed in config, the list is served from config instead.
@@ -69,9 +91,14 @@ pub(crate) async fn passthrough(
     let (parts, body) = request.into_parts();
     let bytes = read_body(body).await?;
     let on_model_route = MODEL_ROUTES.contains(&parts.uri.path());
+    let mut from_form = false;
     let model = match body_model(&bytes)? {
         BodyModel::Object(model) => model,
         BodyModel::NotAnObject if bytes.is_empty() => None,
+        BodyModel::NotAnObject if is_form(&parts.headers) => {
+            from_form = true;
+            form_model(&parts.headers, &bytes)?
+        }
         BodyModel::NotAnObject if on_model_route => {
             return Err(GatewayError::invalid(
                 format!("The body of {} must be a JSON object naming a model.", parts.uri.path()),
@@ -82,7 +109,8 @@ pub(crate) async fn passthrough(
         BodyModel::NotAnObject => None,
     };
     let caller = parts.extensions.get::<Caller>();
-    if model.is_none() && on_model_route && caller.is_some_and(|c| c.key.restricts_models()) {
+    let names_a_model = on_model_route || FORM_MODEL_ROUTES.contains(&parts.uri.path());
+    if model.is_none() && names_a_model && caller.is_some_and(|c| c.key.restricts_models()) {
         // An upstream may fall back to a default model: with an allowlist, say which.
         return Err(GatewayError::invalid(
             "Missing required parameter: 'model'.",
@@ -91,6 +119,11 @@ pub(crate) async fn passthrough(
         ));
     }
     let charge = match &model {
+        // A form's other fields are files (audio, images): not text to estimate tokens from.
+        Some(model) if from_form => {
+            app.auth.check_model(caller, model)?;
+            None
+        }
         Some(model) => {
             let counter = app.compressor.counter_for(model);
             // The body's text is the estimate (JSON syntax included: over, never under); the
