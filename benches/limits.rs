@@ -4,7 +4,7 @@
 //! async row; `count_prompt_tokens` is synchronous.
 //!
 //! - `auth/lookup`: SHA-256 of the presented key and the lookup among 100 configured keys.
-//! - `auth/admit_local`: the in-process request cell (governor) and in-flight slot of a key that
+//! - `auth/admit_local`: the in-process request cell (GCRA) and in-flight slot of a key that
 //!   is never over its limits.
 //! - `auth/admit_redis`: the same through the shared limiter: the local pre-check plus one Lua
 //!   GCRA script on a private `redis-server` (one loopback round trip).

@@ -7,6 +7,7 @@
 //! - [`server`]: accept loop, HTTP/1 + HTTP/2, connection limits (count, head size and time,
 //!   idle), graceful shutdown.
 //! - [`stack`]: the tower layers, in their one documented order, and the extension contract.
+//! - [`request_path`]: the path normalised once (dot segments), so keys, routes and upstreams agree.
 //! - [`router`]: the route table, `(method, path)` → handler, and the routes' metric labels.
 //! - [`observe`], [`limit`]: per-request metrics; body and concurrency limits.
 //!
@@ -46,6 +47,7 @@ mod memo;
 mod observe;
 pub mod openai;
 pub mod redis_conn;
+mod request_path;
 mod retry;
 mod router;
 mod server;

@@ -53,7 +53,10 @@ where
     }
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
-        let route = Route::of(request.uri().path()).label();
+        // The path as the router will see it (a refused one is unknown).
+        let route = crate::request_path::normalize(request.uri().path())
+            .map_or(Route::Unknown, |path| Route::of(&path))
+            .label();
         let metrics = self.metrics.clone();
         let started = Instant::now();
         metrics.in_flight.inc();

@@ -1,10 +1,10 @@
-//! When an outbound attempt (an upstream call, a gateway tool call) is retried, and how long to
-//! wait first: jittered exponential backoff, or the server's own `Retry-After` /
-//! `retry-after-ms` when it sends one.
+//! When an outbound attempt (an upstream call, a gateway tool call) is retried, which answered
+//! requests may be sent again at all, and how long to wait first: jittered exponential
+//! backoff, or the server's own `Retry-After` / `retry-after-ms` when it sends one.
 
 use std::time::Duration;
 
-use http::{HeaderMap, StatusCode};
+use http::{HeaderMap, Method, StatusCode};
 
 use crate::config::RetryConfig;
 
@@ -14,6 +14,15 @@ pub(crate) fn is_retryable_status(status: StatusCode) -> bool {
         || (status.is_server_error()
             && status != StatusCode::NOT_IMPLEMENTED
             && status != StatusCode::HTTP_VERSION_NOT_SUPPORTED)
+}
+
+/// Whether a request the upstream has answered (with a retryable status) may be sent again:
+/// it was received, so only a request that is harmless twice is. Idempotent methods are, and
+/// so are the `inference_paths` (client paths, no query), which create nothing upstream.
+/// A request that never reached the upstream (a connect error) may always be sent again.
+pub(crate) fn may_resend_answered(method: &Method, path_and_query: &str, inference_paths: &[String]) -> bool {
+    let path = path_and_query.split('?').next().unwrap_or_default();
+    method.is_idempotent() || inference_paths.iter().any(|p| p == path)
 }
 
 /// Delay before retry number `retry` (0-based): "equal jitter", half fixed and half random, so
@@ -46,6 +55,21 @@ mod tests {
         for s in [200, 400, 401, 404, 413, 501, 505] {
             assert!(!is_retryable_status(StatusCode::from_u16(s).unwrap()), "{s}");
         }
+    }
+
+    #[test]
+    fn answered_requests_are_resent_only_when_harmless_twice() {
+        let inference = RetryConfig::default().inference_paths;
+        let resend = |method: Method, path: &str| may_resend_answered(&method, path, &inference);
+        for method in [Method::GET, Method::HEAD, Method::OPTIONS, Method::PUT, Method::DELETE] {
+            assert!(resend(method.clone(), "/v1/files/f"), "{method}");
+        }
+        assert!(resend(Method::POST, "/v1/chat/completions"));
+        assert!(resend(Method::POST, "/v1/embeddings?api-version=1"));
+        assert!(!resend(Method::POST, "/v1/batches"));
+        assert!(!resend(Method::POST, "/v1/files"));
+        assert!(!resend(Method::PATCH, "/v1/chat/completions/x"));
+        assert!(!resend(Method::POST, "/v1/chat/completions/extra"));
     }
 
     #[test]

@@ -11,19 +11,22 @@
 //! 5. **error rendering**: every error from below becomes an OpenAI error body; the service
 //!    hyper sees is `Infallible`. It sits above timeout and the limits because those fail with
 //!    errors, not responses.
-//! 6. **timeout**: `server.request_timeout` to response headers (a stream, once started, is
+//! 6. **path normalisation**: dot segments resolved (`/v1/../x` is `/x`), or 400 when one hides
+//!    behind an encoded separator, so keys, routes and the upstream read one path. Below error
+//!    rendering for its 400; metrics label the route by the same normal form.
+//! 7. **timeout**: `server.request_timeout` to response headers (a stream, once started, is
 //!    bounded by each upstream's idle timeout instead).
-//! 7. **body read timeout**: the body must arrive within `server.body_read_timeout` of its
+//! 8. **body read timeout**: the body must arrive within `server.body_read_timeout` of its
 //!    first read, or reading it fails and the handler answers 408; a client trickling its body
 //!    holds a concurrency slot for that long at most.
-//! 8. **body limit**: 413 on a declared-too-large body before anything is read.
-//! 9. **the operations split** ([`OpsBypass`]): `/healthz`, `/readyz` and `/metrics` go straight
-//!    to the router, so probes and scrapes answer while the data plane is saturated (and are
-//!    never shed into a restart loop).
-//! 10. **concurrency limit with load shedding**: at the limit, 503 at once rather than a queue.
-//! 11. **gateway keys and per-key limits** (only with `[auth]` keys): 401/403/429 before any
+//! 9. **body limit**: 413 on a declared-too-large body before anything is read.
+//! 10. **the operations split** ([`OpsBypass`]): `/healthz`, `/readyz` and `/metrics` go straight
+//!     to the router, so probes and scrapes answer while the data plane is saturated (and are
+//!     never shed into a restart loop). It sees the normalised path.
+//! 11. **concurrency limit with load shedding**: at the limit, 503 at once rather than a queue.
+//! 12. **gateway keys and per-key limits** (only with `[auth]` keys): 401/403/429 before any
 //!     handler runs; the key itself is removed from the request here.
-//! 12. **router**.
+//! 13. **router**.
 //!
 //! Limits on connections rather than requests (request heads, idle connections, open
 //! connections) live in [`crate::server`], below any request.
@@ -53,6 +56,7 @@ use tower_http::trace::TraceLayer;
 use crate::body::{Body, BoxError};
 use crate::error::{ErrorResponseLayer, GatewayError};
 use crate::limit::{BodyLimitLayer, BodyTimeoutLayer, ConcurrencyLimitLayer};
+use crate::request_path::NormalizePathLayer;
 use crate::router::{Route, Router};
 use crate::AppState;
 
@@ -88,6 +92,7 @@ pub(crate) fn build(state: Arc<AppState>) -> GatewayService {
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
         .layer(crate::observe::layer(state.metrics.clone()))
         .layer(ErrorResponseLayer)
+        .layer(NormalizePathLayer)
         .timeout(server.request_timeout)
         .layer(BodyTimeoutLayer::new(server.body_read_timeout))
         .layer(BodyLimitLayer::new(server.max_body_bytes.get()))

@@ -114,6 +114,8 @@ pub struct Metrics {
     pub in_flight: Gauge<i64, std::sync::atomic::AtomicI64>,
     pub upstream_duration: Family<UpstreamLabel, Histogram>,
     pub upstream_retries: Family<RetryLabel, Counter>,
+    /// Error answers that could have been retried but were not: `not_idempotent`, `budget`.
+    pub upstream_retries_withheld: Family<RetryLabel, Counter>,
     pub upstream_failovers: Family<UpstreamLabel, Counter>,
     pub upstream_stream_aborts: Family<UpstreamLabel, Counter>,
     pub tokens: Family<TokenLabel, Counter<u64, AtomicU64>>,
@@ -458,6 +460,12 @@ impl Metrics {
             "Upstream attempts retried, by reason",
             upstream_retries.clone(),
         );
+        let upstream_retries_withheld = Family::<RetryLabel, Counter>::default();
+        registry.register(
+            "upstream_retries_withheld",
+            "Upstream error answers returned without the retry the policy would otherwise make, by reason",
+            upstream_retries_withheld.clone(),
+        );
         let upstream_failovers = Family::<UpstreamLabel, Counter>::default();
         registry.register(
             "upstream_failovers",
@@ -594,6 +602,7 @@ impl Metrics {
             in_flight,
             upstream_duration,
             upstream_retries,
+            upstream_retries_withheld,
             upstream_failovers,
             upstream_stream_aborts,
             tokens,

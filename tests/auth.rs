@@ -307,3 +307,179 @@ async fn keys_held_in_redis_change_without_a_restart() {
     redis.command(&["HDEL", "ctxgate:auth:keys", &hash]).await;
     until(false).await;
 }
+
+/// An embeddings request naming `model`, with `words` words of input.
+fn embeddings(model: &str, words: usize) -> String {
+    json!({"model": model, "input": "word ".repeat(words)}).to_string()
+}
+
+#[tokio::test]
+async fn passthrough_models_are_checked_whatever_the_framing() {
+    // Given team-b, which may only use gpt-4o*
+    let h = Harness::builder().config(keys(|_| {})).start().await;
+    let post = || h.client.post(h.v1("/embeddings")).bearer_auth(TEAM_B);
+    let forbidden = embeddings("text-embedding-3-small", 1);
+    let chunked = |body: String| {
+        let chunks: Vec<Result<String, std::io::Error>> =
+            body.as_bytes().chunks(7).map(|c| Ok(String::from_utf8(c.to_vec()).unwrap())).collect();
+        reqwest::Body::wrap_stream(futures_util::stream::iter(chunks))
+    };
+
+    // When a forbidden model comes chunked, untyped, as text/plain, or over 1 MiB
+    let over_a_mib = embeddings("text-embedding-3-small", 300_000);
+    assert!(over_a_mib.len() > 1024 * 1024);
+    let attempts = [
+        ("chunked", post().header("content-type", "application/json").body(chunked(forbidden.clone()))),
+        ("no content-type", post().body(forbidden.clone())),
+        ("text/plain", post().header("content-type", "text/plain").body(forbidden.clone())),
+        ("over 1 MiB", post().header("content-type", "application/json").body(over_a_mib)),
+        ("chunked, untyped", post().body(chunked(forbidden.clone()))),
+    ];
+    // Then each is a 403
+    for (framing, request) in attempts {
+        let (status, body) = error_of(request.send().await.unwrap()).await;
+        assert_eq!(status, 403, "{framing}: {body}");
+        assert_eq!(body["error"]["code"], "model_not_allowed", "{framing}");
+    }
+
+    // When the model key is repeated (an allowed one first), or the body is not JSON, or names
+    // no model on a route that needs one
+    let repeated = r#"{"model":"gpt-4o","input":"x","model":"text-embedding-3-small"}"#;
+    let escaped = r#"{"model":"gpt-4o","input":"x","mod\u0065l":"text-embedding-3-small"}"#;
+    let refused = [
+        (repeated.to_string(), "duplicate_key"),
+        (escaped.to_string(), "duplicate_key"),
+        ("model=text-embedding-3-small&input=x".to_string(), "invalid_json"),
+        (json!({"input": "x"}).to_string(), "missing_required_parameter"),
+    ];
+    // Then each is a clear 400
+    for (body, code) in refused {
+        let (status, error) = error_of(post().body(chunked(body.clone())).send().await.unwrap()).await;
+        assert_eq!(status, 400, "{body}: {error}");
+        assert_eq!(error["error"]["code"], code, "{body}");
+    }
+    assert!(h.upstream(0).requests().is_empty(), "a refused body reached the upstream");
+
+    // And an allowed model still passes, chunked and untyped
+    let response = post().body(chunked(embeddings("gpt-4o-embed", 1))).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(h.upstream(0).requests().len(), 1);
+}
+
+#[tokio::test]
+async fn a_forbidden_model_does_not_use_up_the_keys_rate() {
+    // Given team-b (gpt-4o* only) with a burst of two requests
+    let h = Harness::builder()
+        .config(keys(|_| {}))
+        .config(|c| {
+            c.auth.keys[1].requests_per_minute = n(60);
+            c.auth.keys[1].burst = n(2);
+        })
+        .start()
+        .await;
+
+    // When it asks several times for models it may not use, in chat and passed through
+    for _ in 0..3 {
+        let (status, _) = error_of(chat_as(&h, TEAM_B).send().await.unwrap()).await;
+        assert_eq!(status, 403);
+        let embeddings = h
+            .client
+            .post(h.v1("/embeddings"))
+            .bearer_auth(TEAM_B)
+            .header("content-type", "application/json")
+            .body(embeddings("emb", 1));
+        assert_eq!(embeddings.send().await.unwrap().status(), 403);
+    }
+
+    // Then its burst is still whole: two allowed requests pass, the third is over the rate
+    let mut allowed = chat_body(false);
+    allowed["model"] = "gpt-4o-mini".into();
+    let send = || h.client.post(h.v1("/chat/completions")).bearer_auth(TEAM_B).json(&allowed).send();
+    assert_eq!(send().await.unwrap().status(), 200);
+    assert_eq!(send().await.unwrap().status(), 200);
+    assert_eq!(send().await.unwrap().status(), 429);
+}
+
+#[tokio::test]
+async fn passthrough_bodies_count_against_tokens_per_minute() {
+    // Given team-a with 1000 tokens per minute
+    let h = Harness::builder().config(keys(|a| a.tokens_per_minute = n(1000))).start().await;
+    let send = |words| {
+        h.client
+            .post(h.v1("/embeddings"))
+            .bearer_auth(TEAM_A)
+            .header("content-type", "application/json")
+            .body(embeddings("text-embedding-3-small", words))
+            .send()
+    };
+
+    // When an embeddings input is larger than the whole budget
+    let (status, body) = error_of(send(1500).await.unwrap()).await;
+
+    // Then it is refused before the upstream sees it
+    assert_eq!(status, 429);
+    assert_eq!(body["error"]["type"], "tokens");
+    assert!(h.upstream(0).requests().is_empty());
+
+    // And a smaller one is charged its estimate, then corrected by the upstream's usage (3)
+    let response = send(600).await.unwrap();
+    assert_eq!(response.status(), 200);
+    response.bytes().await.unwrap();
+    let estimated = h.metric("ctxgate_rate_limit_tokens_total{key=\"team-a\",kind=\"estimated\"}").await;
+    assert!((600.0..700.0).contains(&estimated), "a ~600-token estimate, got {estimated}");
+    let used = "ctxgate_rate_limit_tokens_total{key=\"team-a\",kind=\"used\"}";
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    while h.metric(used).await < 3.0 {
+        assert!(tokio::time::Instant::now() < deadline, "the charge was never corrected by usage");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(send(600).await.unwrap().status(), 200, "the unused estimate came back");
+}
+
+/// A `multipart/form-data` body with these text fields and an audio file.
+fn form(fields: &[(&str, &str)]) -> (String, Vec<u8>) {
+    let boundary = "ctxgate-test-boundary";
+    let mut body = Vec::new();
+    for (name, value) in fields {
+        body.extend_from_slice(
+            format!("--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n")
+                .as_bytes(),
+        );
+    }
+    body.extend_from_slice(
+        format!("--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\nContent-Type: audio/wav\r\n\r\n").as_bytes(),
+    );
+    body.extend_from_slice(&[0x52, 0x49, 0x46, 0x46, 0x00, 0xff, 0x10]);
+    body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+    (format!("multipart/form-data; boundary={boundary}"), body)
+}
+
+#[tokio::test]
+async fn multipart_forms_are_checked_for_their_model() {
+    // Given team-b, which may only use gpt-4o*
+    let h = Harness::builder().config(keys(|_| {})).start().await;
+    let send = |(content_type, body): (String, Vec<u8>)| {
+        h.client
+            .post(h.v1("/audio/transcriptions"))
+            .bearer_auth(TEAM_B)
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+    };
+
+    // When a transcription names a forbidden model, repeats the field, or names none
+    let (forbidden, _) = error_of(send(form(&[("model", "whisper-1")])).await.unwrap()).await;
+    let (repeated, _) =
+        error_of(send(form(&[("model", "gpt-4o-transcribe"), ("model", "whisper-1")])).await.unwrap()).await;
+    let (missing, _) = error_of(send(form(&[("language", "en")])).await.unwrap()).await;
+
+    // Then it is refused before the upstream sees it
+    assert_eq!((forbidden, repeated, missing), (403, 400, 400));
+    assert!(h.upstream(0).requests().is_empty());
+
+    // And an allowed model goes through with the form as sent
+    let allowed = form(&[("model", "gpt-4o-transcribe")]);
+    let status = send(allowed.clone()).await.unwrap().status();
+    assert_ne!(status, 403);
+    assert_eq!(h.upstream(0).requests()[0].body, allowed.1);
+}

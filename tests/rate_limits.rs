@@ -186,3 +186,22 @@ async fn a_limit_holds_within_five_percent_across_three_gateways(store: Store) {
         assert_eq!(support::sample_value(&text, "ctxgate_rate_limit_fallbacks_total"), 0.0, "{base}");
     }
 }
+
+#[tokio::test]
+async fn a_refunded_request_is_given_back_in_redis_too() {
+    // Given two replicas sharing a key's burst of two in Redis, both spent
+    let redis = RedisServer::start().await;
+    let (a, _) = replica(&redis.url()).await;
+    let (b, _) = replica(&redis.url()).await;
+    let key = policy(Some(60), Some(2), None);
+    let refused_for_its_model = a.admit(&key).await.unwrap();
+    b.admit(&key).await.unwrap();
+    assert!(matches!(b.admit(&key).await, Err(GatewayError::RateLimited { .. })));
+
+    // When replica a gives its request back (the request was refused for its model)
+    a.refund(&key, &refused_for_its_model).await;
+
+    // Then the other replica may use that place, and no more
+    b.admit(&key).await.unwrap();
+    assert!(matches!(b.admit(&key).await, Err(GatewayError::RateLimited { .. })));
+}

@@ -43,6 +43,11 @@ impl KeyPolicy {
         Ok(Self { name: key.name.clone(), models, limits: key.limits() })
     }
 
+    /// Whether the key is limited to some models (a request naming none cannot be checked).
+    pub fn restricts_models(&self) -> bool {
+        self.models.is_some()
+    }
+
     pub fn allows(&self, model: &str) -> bool {
         self.models.as_ref().is_none_or(|set| set.is_match(model))
     }

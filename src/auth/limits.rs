@@ -1,8 +1,9 @@
 //! Per-key limits: requests per minute with a burst, tokens per minute, and requests in flight.
 //!
 //! Rates are GCRA (a theoretical arrival time per key and limit). On one replica they are
-//! counted in-process: `governor` for requests, [`Gcra`] for tokens, whose charge is corrected
-//! once the upstream's `usage` is known (governor can only take, never give back). Across
+//! counted in-process by [`Gcra`] cells, which can give back as well as take: a token charge is
+//! corrected once the upstream's `usage` is known, and a request refused for its model (403)
+//! is refunded, so a key cannot spend its rate on requests it may not make. Across
 //! replicas they are counted in Redis by one Lua script per check, atomic on the server and
 //! timed by the server's clock; each key's counters share a hash tag, so one Cluster slot. The
 //! local request limiter still runs first as a pre-check: a replica that alone is over a key's
@@ -20,10 +21,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::redis_conn::RedisConn;
-use governor::clock::Clock;
-use governor::middleware::NoOpMiddleware;
-use governor::state::{InMemoryState, NotKeyed};
-use governor::{Quota, RateLimiter};
 use redis::Script;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
@@ -36,19 +33,6 @@ use crate::telemetry::{KeyKindLabel, KeyLimitLabel, Metrics};
 
 /// While Redis is failing, it is tried again this often; checks in between are local.
 const REDIS_RETRY: Duration = Duration::from_secs(1);
-
-/// governor's clock on tokio's time, so tests can pause and advance it.
-#[derive(Clone, Copy, Debug, Default)]
-struct TokioClock;
-
-impl Clock for TokioClock {
-    type Instant = std::time::Instant;
-    fn now(&self) -> std::time::Instant {
-        Instant::now().into_std()
-    }
-}
-
-type RequestLimiter = RateLimiter<NotKeyed, InMemoryState, TokioClock, NoOpMiddleware<std::time::Instant>>;
 
 /// One GCRA cell that can also be credited: `cost` units at `per` each, at most `capacity`
 /// units ahead of now.
@@ -103,27 +87,22 @@ impl Gcra {
 #[derive(Debug)]
 struct LocalState {
     limits: KeyLimits,
-    requests: Option<RequestLimiter>,
+    requests: Option<Gcra>,
     tokens: Option<Gcra>,
     concurrent: Option<Arc<Semaphore>>,
 }
 
 impl LocalState {
     fn new(limits: KeyLimits) -> Self {
-        let requests = limits.requests_per_minute.map(|rpm| {
-            let quota = Quota::per_minute(rpm).allow_burst(limits.burst.unwrap_or(rpm));
-            RateLimiter::direct_with_clock(quota, TokioClock)
-        });
+        let requests =
+            limits.requests_per_minute.map(|rpm| Gcra::per_minute(rpm, limits.burst.unwrap_or(rpm)));
         let tokens = limits.tokens_per_minute.map(|tpm| Gcra::per_minute(tpm, tpm));
         let concurrent = limits.max_concurrent.map(|n| Arc::new(Semaphore::new(n.get() as usize)));
         Self { limits, requests, tokens, concurrent }
     }
 
     fn check_request(&self) -> Result<(), Duration> {
-        match &self.requests {
-            Some(limiter) => limiter.check().map_err(|not_until| not_until.wait_time_from(TokioClock.now())),
-            None => Ok(()),
-        }
+        self.requests.as_ref().map_or(Ok(()), |cell| cell.check(1))
     }
 }
 
@@ -230,7 +209,7 @@ impl Limiter {
 
     /// Admits a request of `key`: a slot among its requests in flight (held by the returned
     /// permit until the response ends) and one request of its rate.
-    pub async fn admit(&self, key: &KeyPolicy) -> Result<Option<OwnedSemaphorePermit>, GatewayError> {
+    pub async fn admit(&self, key: &KeyPolicy) -> Result<Admission, GatewayError> {
         let local = self.local(key);
         let permit = match &local.concurrent {
             Some(slots) => Some(
@@ -242,7 +221,7 @@ impl Limiter {
             None => None,
         };
         let Some(rpm) = key.limits.requests_per_minute else {
-            return Ok(permit);
+            return Ok(Admission { permit, rate: None });
         };
         if let Err(wait) = local.check_request() {
             if self.shared.is_some() {
@@ -251,11 +230,34 @@ impl Limiter {
             return Err(self.refuse(key, LimitKind::Requests, wait));
         }
         let burst = key.limits.burst.unwrap_or(rpm);
-        match self.check_shared(&key.name, Some((rpm, burst)), None).await {
-            Shared::Refused(kind, wait) => Err(self.refuse(key, kind, wait)),
-            // Local: the local limiter above has decided.
-            Shared::Admitted | Shared::Local => Ok(permit),
+        let shared = match self.check_shared(&key.name, Some((rpm, burst)), None).await {
+            Shared::Refused(kind, wait) => {
+                // Not admitted: the local pre-check's cell must not count it either.
+                if let Some(cell) = &local.requests {
+                    cell.adjust(-1);
+                }
+                return Err(self.refuse(key, kind, wait));
+            }
+            Shared::Admitted => true,
+            // Local: the local cell above has decided.
+            Shared::Local => false,
+        };
+        Ok(Admission { permit, rate: Some(RateTaken { local, shared, rpm }) })
+    }
+
+    /// Gives back the request `admission` took from `key`'s rate: the request was refused
+    /// before any work (a model outside the key's list).
+    pub async fn refund(&self, key: &KeyPolicy, admission: &Admission) {
+        let Some(taken) = &admission.rate else { return };
+        if let Some(cell) = &taken.local.requests {
+            cell.adjust(-1);
         }
+        let Some(shared) = self.shared.as_ref().filter(|_| taken.shared) else { return };
+        let mut conn = shared.conn.clone();
+        let mut invocation = shared.correct.prepare_invoke();
+        invocation.key(shared.keys(&key.name).0).arg(per_ms(taken.rpm)).arg(-1);
+        // Best effort: a lost refund leaves the request counted.
+        let _ = tokio::time::timeout(shared.timeout, invocation.invoke_async::<i64>(&mut conn)).await;
     }
 
     /// Takes `estimate` prompt tokens from `key`'s tokens per minute. The returned charge is
@@ -271,7 +273,13 @@ impl Limiter {
         let local = self.local(key);
         let shared = match self.check_shared(&key.name, None, Some((tpm, estimate))).await {
             Shared::Admitted => true,
-            Shared::Refused(kind, wait) => return Err(self.refuse(key, kind, wait)),
+            Shared::Refused(kind, wait) => {
+                // Not admitted: the local pre-check's cell must not count it either.
+                if let Some(cell) = &local.requests {
+                    cell.adjust(-1);
+                }
+                return Err(self.refuse(key, kind, wait));
+            }
             Shared::Local => {
                 if let Some(cell) = &local.tokens {
                     cell.check(estimate).map_err(|wait| self.refuse(key, LimitKind::Tokens, wait))?;
@@ -404,6 +412,22 @@ impl Limiter {
     }
 }
 
+/// What an admitted request holds: its slot among the key's requests in flight, and what it
+/// took from the key's request rate (so a refused request can give it back).
+#[derive(Debug)]
+pub struct Admission {
+    pub permit: Option<OwnedSemaphorePermit>,
+    rate: Option<RateTaken>,
+}
+
+#[derive(Debug)]
+struct RateTaken {
+    local: Arc<LocalState>,
+    /// Taken in Redis too.
+    shared: bool,
+    rpm: NonZeroU32,
+}
+
 /// Milliseconds between two units of a per-minute rate.
 fn per_ms(rate: NonZeroU32) -> f64 {
     60_000.0 / f64::from(rate.get())
@@ -511,6 +535,18 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_refunded_request_frees_its_place_in_the_rate() {
+        let limiter = local();
+        let key = key(KeyLimits { requests_per_minute: n(60), burst: n(2), ..KeyLimits::default() });
+        let first = limiter.admit(&key).await.unwrap();
+        limiter.admit(&key).await.unwrap();
+        assert!(limiter.admit(&key).await.is_err());
+        limiter.refund(&key, &first).await;
+        limiter.admit(&key).await.unwrap();
+        assert!(limiter.admit(&key).await.is_err(), "one refund gives back one request");
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn tokens_are_estimated_then_corrected_by_usage() {
         let limiter = local();
         let key = key(KeyLimits { tokens_per_minute: n(1000), ..KeyLimits::default() });
@@ -563,7 +599,7 @@ mod tests {
         let limiter = local();
         let key = key(KeyLimits::default());
         for _ in 0..1000 {
-            assert!(limiter.admit(&key).await.unwrap().is_none());
+            assert!(limiter.admit(&key).await.unwrap().permit.is_none());
         }
         assert!(limiter.charge_tokens(&key, u64::MAX).await.unwrap().is_none());
     }

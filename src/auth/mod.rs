@@ -19,7 +19,7 @@ use http_body_util::BodyExt;
 use tower::{Layer, Service};
 
 pub use keys::{hash_key, KeyPolicy, KeyRing};
-pub use limits::{Limiter, TokenCharge};
+pub use limits::{Admission, Limiter, TokenCharge};
 
 use crate::body::{Body, Tracked};
 use crate::config::Config;
@@ -229,11 +229,21 @@ async fn admit<S: Inner>(
 ) -> Result<Response<Body>, GatewayError> {
     let (mut parts, body) = request.into_parts();
     let key = auth.authenticate(&parts.headers).await?;
-    let permit = auth.limiter.admit(&key).await?;
+    let admission = auth.limiter.admit(&key).await?;
     parts.headers.remove(header::AUTHORIZATION);
-    parts.extensions.insert(Caller { key });
-    let response = inner.call(Request::from_parts(parts, body)).await?;
-    Ok(match permit {
+    parts.extensions.insert(Caller { key: key.clone() });
+    let response = match inner.call(Request::from_parts(parts, body)).await {
+        Ok(response) => response,
+        Err(err) => {
+            // A model outside the key's list is known only once the handler read the body;
+            // such a request must not use up the key's rate.
+            if matches!(err, GatewayError::ModelNotAllowed { .. }) {
+                auth.limiter.refund(&key, &admission).await;
+            }
+            return Err(err);
+        }
+    };
+    Ok(match admission.permit {
         Some(permit) => response.map(|body| {
             Tracked::new(body, tokio::time::Instant::now().into_std(), move |_| drop(permit)).boxed_unsync()
         }),

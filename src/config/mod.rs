@@ -286,12 +286,38 @@ pub struct RetryConfig {
     /// client the upstream's 429) instead of holding the request.
     #[serde(with = "humantime_serde")]
     pub max_retry_after: Duration,
+    /// Client paths (no query) whose 429/5xx answers are retried although they are `POST`s:
+    /// the inference endpoints, which create nothing upstream. Other non-idempotent requests
+    /// are retried only when they never reached the upstream (a connect error).
+    pub inference_paths: Vec<String>,
+    /// Retries after an upstream answer, as a share of requests over `budget_window`
+    /// (tower's `TpsBudget`): a failing upstream gets at most this much extra load.
+    pub budget_ratio: f32,
+    /// Retries per second allowed whatever the ratio, so a quiet gateway still retries.
+    pub budget_min_per_second: u32,
+    /// How long a request counts towards the budget (1s to 60s).
+    #[serde(with = "humantime_serde")]
+    pub budget_window: Duration,
 }
 
 impl RetryConfig {
     fn validate(&self, issues: &mut Issues) {
         if self.base_delay > self.max_delay {
             issues.push("retry.base_delay", "must not exceed retry.max_delay");
+        }
+        if !(0.0..=1000.0).contains(&self.budget_ratio) {
+            issues.push("retry.budget_ratio", "must be between 0 and 1000 (0.2 retries a fifth of requests)");
+        }
+        if !(Duration::from_secs(1)..=Duration::from_secs(60)).contains(&self.budget_window) {
+            issues.push("retry.budget_window", "must be between 1s and 60s");
+        }
+        if self.budget_min_per_second >= i32::MAX as u32 {
+            issues.push("retry.budget_min_per_second", "is too large");
+        }
+        for (i, path) in self.inference_paths.iter().enumerate() {
+            if !path.starts_with("/v1/") || path.contains('?') {
+                issues.push(format!("retry.inference_paths[{i}]"), "must be a /v1/ path without a query");
+            }
         }
     }
 }
@@ -303,6 +329,12 @@ impl Default for RetryConfig {
             base_delay: Duration::from_millis(100),
             max_delay: Duration::from_secs(2),
             max_retry_after: Duration::from_secs(5),
+            inference_paths: ["/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses"]
+                .map(String::from)
+                .to_vec(),
+            budget_ratio: 0.2,
+            budget_min_per_second: 1,
+            budget_window: Duration::from_secs(10),
         }
     }
 }

@@ -296,6 +296,9 @@ mod tests {
 [retry]
 base_delay = "5s"
 max_delay = "1s"
+budget_ratio = -0.5
+budget_window = "2m"
+inference_paths = ["/v1/embeddings", "chat/completions"]
 
 [[upstreams]]
 name = "a"
@@ -325,6 +328,9 @@ upstreams = ["nope"]
                 "routes[0].models[0]",
                 "routes[0].upstreams[0]",
                 "retry.base_delay",
+                "retry.budget_ratio",
+                "retry.budget_window",
+                "retry.inference_paths[1]",
             ],
             "{err}"
         );

@@ -1,24 +1,56 @@
 //! The routes ctxgate does not interpret: `GET /v1/models` (from the default upstream, or from
 //! config when it has none) and every other `/v1/*` route, passed through with method, path,
 //! query, headers and body.
+//!
+//! A passed-through body is read whole (up to `server.max_body_bytes`) whatever its framing or
+//! content type, so the model it names is always the one checked against the caller's key and
+//! charged to its tokens per minute: a chunked, untyped or large body is no way around them.
 
 use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
-use http_body::Body as _;
 
 use crate::auth::Caller;
 use crate::body::Body;
 use crate::error::GatewayError;
-use crate::http_util::{is_json, json_response, path_and_query, read_body};
-use crate::openai::request::peek_model;
-use crate::upstream::{Outgoing, OutgoingBody};
+use crate::http_util::{form_fields, is_form, json_response, path_and_query, read_body};
+use crate::openai::request::{body_model, BodyModel};
+use crate::upstream::{Outgoing, OutgoingBody, UsageSink};
 use crate::AppState;
 
-/// Pass-through bodies up to this size are buffered so they can be retried; larger or
-/// unsized ones (file uploads) stream to the upstream in one attempt.
-const REPLAY_BUFFER_LIMIT: u64 = 1024 * 1024;
+/// The routes whose body names a model (as a JSON object), so a body that is not one cannot
+/// be checked and is refused. Any other route's body is checked when it is a JSON object.
+const MODEL_ROUTES: [&str; 6] = [
+    "/v1/completions",
+    "/v1/embeddings",
+    "/v1/responses",
+    "/v1/moderations",
+    "/v1/images/generations",
+    "/v1/audio/speech",
+];
+
+/// The routes whose `multipart/form-data` body names a model in a `model` field.
+const FORM_MODEL_ROUTES: [&str; 4] =
+    ["/v1/audio/transcriptions", "/v1/audio/translations", "/v1/images/edits", "/v1/images/variations"];
+
+/// The `model` field of a form: one at most, readable, UTF-8.
+fn form_model(headers: &http::HeaderMap, body: &[u8]) -> Result<Option<String>, GatewayError> {
+    let unreadable =
+        || GatewayError::invalid("The multipart/form-data body could not be read.", None, "invalid_form");
+    match form_fields(headers, body, "model").ok_or_else(unreadable)?.as_slice() {
+        [] => Ok(None),
+        [model] => {
+            let model = std::str::from_utf8(model).map_err(|_| unreadable())?.trim();
+            Ok((!model.is_empty()).then(|| model.to_string()))
+        }
+        _ => Err(GatewayError::invalid(
+            "The request body repeats the form field 'model'; each field may appear once.",
+            None,
+            "duplicate_key",
+        )),
+    }
+}
 
 /// `GET /v1/models` from the default upstream; when it has no such endpoint (or cannot be
 /// reached) and models are listed in config, the list is served from config instead.
@@ -57,26 +89,63 @@ pub(crate) async fn passthrough(
     request: Request<Body>,
 ) -> Result<Response<Body>, GatewayError> {
     let (parts, body) = request.into_parts();
-    let small = body.size_hint().exact().is_some_and(|n| n <= REPLAY_BUFFER_LIMIT);
-    let (body, model) = if small {
-        let bytes = read_body(body).await?;
-        let model = is_json(&parts.headers).then(|| peek_model(&bytes)).flatten();
-        (OutgoingBody::Replayable(bytes), model)
-    } else {
-        (OutgoingBody::Stream(body), None)
+    let bytes = read_body(body).await?;
+    let on_model_route = MODEL_ROUTES.contains(&parts.uri.path());
+    let mut from_form = false;
+    let model = match body_model(&bytes)? {
+        BodyModel::Object(model) => model,
+        BodyModel::NotAnObject if bytes.is_empty() => None,
+        BodyModel::NotAnObject if is_form(&parts.headers) => {
+            from_form = true;
+            form_model(&parts.headers, &bytes)?
+        }
+        BodyModel::NotAnObject if on_model_route => {
+            return Err(GatewayError::invalid(
+                format!("The body of {} must be a JSON object naming a model.", parts.uri.path()),
+                None,
+                "invalid_json",
+            ));
+        }
+        BodyModel::NotAnObject => None,
     };
-    if let Some(model) = &model {
-        app.auth.check_model(parts.extensions.get::<Caller>(), model)?;
+    let caller = parts.extensions.get::<Caller>();
+    let names_a_model = on_model_route || FORM_MODEL_ROUTES.contains(&parts.uri.path());
+    if model.is_none() && names_a_model && caller.is_some_and(|c| c.key.restricts_models()) {
+        // An upstream may fall back to a default model: with an allowlist, say which.
+        return Err(GatewayError::invalid(
+            "Missing required parameter: 'model'.",
+            Some("model"),
+            "missing_required_parameter",
+        ));
     }
+    let charge = match &model {
+        // A form's other fields are files (audio, images): not text to estimate tokens from.
+        Some(model) if from_form => {
+            app.auth.check_model(caller, model)?;
+            None
+        }
+        Some(model) => {
+            let counter = app.compressor.counter_for(model);
+            // The body's text is the estimate (JSON syntax included: over, never under); the
+            // upstream's `usage`, when it reports one, corrects it.
+            app.auth
+                .charge(caller, model, || u64::from(counter.text(&String::from_utf8_lossy(&bytes))))
+                .await?
+        }
+        None => None,
+    };
     let route = app.upstreams.router.route(model.as_deref());
     let outgoing = Outgoing {
         method: parts.method,
         path_and_query: path_and_query(&parts.uri),
         headers: parts.headers,
-        body,
+        body: OutgoingBody::Replayable(bytes),
         affinity: None,
     };
-    let forwarded = app.upstreams.forward(route, outgoing).await?;
+    let mut forwarded = app.upstreams.forward(route, outgoing).await?;
+    if let Some(charge) = charge {
+        forwarded.usage_sink = UsageSink::default().with(Arc::new(charge));
+    }
     Ok(forwarded.into_response())
 }
 

@@ -408,12 +408,69 @@ pub(crate) fn canonical(json: &str) -> Option<Box<RawValue>> {
 
 /// Reads only a top-level `"model"` string, for routing pass-through requests (embeddings,
 /// completions) that ctxgate does not otherwise validate.
-pub(crate) fn peek_model(body: &[u8]) -> Option<String> {
-    #[derive(Deserialize)]
-    struct ModelOnly {
-        model: Option<String>,
+/// What a passed-through body says at its top level, for the model allowlist and routing.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum BodyModel {
+    /// A JSON object; `model` when it names one (a `null` model names none).
+    Object(Option<String>),
+    /// Not a JSON object (another content type, or malformed).
+    NotAnObject,
+}
+
+/// Reads the top-level `model` of a body. Every top-level key is read as serde unescapes it
+/// (`"mod\u0065l"` is `model`), and a key that appears twice is an error: parsers disagree on
+/// which one wins, so the gateway could check one model while the upstream uses the other.
+pub(crate) fn body_model(body: &[u8]) -> Result<BodyModel, GatewayError> {
+    use serde::de::{IgnoredAny, MapAccess, Visitor};
+
+    /// The model (or `Err` with the raw value when it is not a string) and the first repeated key.
+    type TopLevel = (Option<Result<String, String>>, Option<String>);
+
+    struct Keys;
+    impl<'de> Visitor<'de> for Keys {
+        type Value = TopLevel;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<TopLevel, A::Error> {
+            let mut seen = std::collections::HashSet::new();
+            let (mut model, mut repeated) = (None, None);
+            while let Some(key) = map.next_key::<String>()? {
+                if key == "model" {
+                    let raw = map.next_value::<Box<RawValue>>()?;
+                    model = match serde_json::from_str::<Option<String>>(raw.get()) {
+                        Ok(name) => name.map(Ok),
+                        Err(_) => Some(Err(raw.get().to_string())),
+                    };
+                } else {
+                    map.next_value::<IgnoredAny>()?;
+                }
+                if repeated.is_none() && !seen.insert(key.clone()) {
+                    repeated = Some(key);
+                }
+            }
+            Ok((model, repeated))
+        }
     }
-    serde_json::from_slice::<ModelOnly>(body).ok()?.model
+
+    let mut deserializer = serde_json::Deserializer::from_slice(body);
+    let parsed = serde::Deserializer::deserialize_map(&mut deserializer, Keys).and_then(|top| {
+        deserializer.end()?;
+        Ok(top)
+    });
+    match parsed {
+        Err(_) => Ok(BodyModel::NotAnObject),
+        Ok((_, Some(key))) => {
+            let named = if key.len() <= 64 { format!(" '{key}'") } else { String::new() };
+            Err(GatewayError::invalid(
+                format!("The request body repeats the top-level key{named}; each key may appear once."),
+                None,
+                "duplicate_key",
+            ))
+        }
+        Ok((Some(Err(raw)), None)) => Err(wrong_type("model", "a string", &raw)),
+        Ok((model, None)) => Ok(BodyModel::Object(model.and_then(Result::ok))),
+    }
 }
 
 fn missing(param: &'static str) -> GatewayError {
@@ -533,9 +590,26 @@ mod tests {
     }
 
     #[test]
-    fn peek_model_reads_only_the_model() {
-        assert_eq!(peek_model(br#"{"input":"x","model":"emb"}"#).as_deref(), Some("emb"));
-        assert_eq!(peek_model(b"not json"), None);
+    fn body_model_reads_the_top_level_model_once() {
+        let model = |b: &str| body_model(b.as_bytes());
+        assert_eq!(
+            model(r#"{"input":"x","model":"emb","nested":{"model":"other"}}"#).unwrap(),
+            BodyModel::Object(Some("emb".into()))
+        );
+        assert_eq!(model(r#"{"mod\u0065l":"emb"}"#).unwrap(), BodyModel::Object(Some("emb".into())));
+        assert_eq!(model(r#"{"input":"x"}"#).unwrap(), BodyModel::Object(None));
+        assert_eq!(model(r#"{"model":null}"#).unwrap(), BodyModel::Object(None));
+        assert_eq!(model("not json").unwrap(), BodyModel::NotAnObject);
+        assert_eq!(model(r#"["model"]"#).unwrap(), BodyModel::NotAnObject);
+        assert_eq!(model(r#"{"model":"a"} trailing"#).unwrap(), BodyModel::NotAnObject);
+        for repeated in
+            [r#"{"model":"a","model":"b"}"#, r#"{"model":"a","mod\u0065l":"b"}"#, r#"{"n":1,"n":2}"#]
+        {
+            let err = model(repeated).unwrap_err();
+            assert_eq!(err.status(), 400, "{repeated}");
+            assert_eq!(err.code(), Some("duplicate_key"));
+        }
+        assert_eq!(model(r#"{"model":["a"]}"#).unwrap_err().status(), 400);
     }
 
     #[test]

@@ -6,6 +6,12 @@
 //! leases one endpoint (by affinity key or balancer), and an attempt that fails on one endpoint
 //! moves to another of the pool at once, before the route's next upstream.
 //!
+//! What is sent again: a request that never reached an upstream (a connect error) always; one
+//! the upstream answered with 429/5xx only when sending it twice is harmless (an idempotent
+//! method, or an inference path of `retry.inference_paths`), and only within a retry budget
+//! (tower's [`TpsBudget`]: a share of recent requests plus a small floor), so a failing upstream
+//! is not hit with every request times the attempts.
+//!
 //! Retries and failover happen only before any response byte has gone to the client: once
 //! [`Forwarded`] is turned into a response, the stream belongs to the client. The transport
 //! reports each answer's `usage` to whoever the caller named ([`UsageSink`]); it knows nothing
@@ -32,6 +38,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use tokio::sync::watch;
 use tokio::time::error::Elapsed;
+use tower::retry::budget::{Budget, TpsBudget};
 
 pub use affinity::{AffinityKey, Choice};
 pub use body::UpstreamBody;
@@ -363,6 +370,8 @@ pub struct UpstreamWait(pub Duration);
 pub struct Upstreams {
     pub router: ModelRouter,
     retry: RetryConfig,
+    /// Shared by every request: re-sends after an upstream answer withdraw from it.
+    budget: TpsBudget,
     metrics: Arc<Metrics>,
     /// How DNS pools resolve their names.
     resolver: watch::Sender<Arc<dyn Resolver>>,
@@ -390,7 +399,9 @@ impl Upstreams {
             .collect::<Result<Vec<_>, _>>()?;
         let router = ModelRouter::new(&config.routes, &upstreams)
             .map_err(|e| ConfigError::single("routes", e.to_string()))?;
-        Ok(Self { router, retry: config.retry.clone(), metrics, resolver })
+        let retry = &config.retry;
+        let budget = TpsBudget::new(retry.budget_window, retry.budget_min_per_second, retry.budget_ratio);
+        Ok(Self { router, retry: retry.clone(), budget, metrics, resolver })
     }
 
     /// Resolves DNS pools' names with `resolver` from now on (each resolves again at once).
@@ -399,17 +410,20 @@ impl Upstreams {
         self.resolver.send_replace(resolver);
     }
 
-    /// Sends `outgoing` along `route`: retries each upstream on connect errors, 429 and 5xx,
-    /// then fails over to the next. On a pool, a failed attempt moves to another endpoint at
-    /// once while one is left untried; the retries (with backoff) come after. The last
-    /// upstream's error response, if every attempt failed with one, is returned as the upstream
-    /// sent it.
+    /// Sends `outgoing` along `route`: retries each upstream on connect errors, and on 429 and
+    /// 5xx when [`retry::may_resend_answered`] and the budget allow, then fails over to the next.
+    /// On a pool, a failed attempt moves to another endpoint at once while one is left
+    /// untried; the retries (with backoff) come after. The last error response, when it may
+    /// not or cannot be sent again, is returned as the upstream sent it.
     pub async fn forward(
         &self,
         route: &[Arc<Upstream>],
         outgoing: Outgoing,
     ) -> Result<Forwarded, GatewayError> {
         let Outgoing { method, path_and_query, headers, body, affinity } = outgoing;
+        let resend_on_status =
+            retry::may_resend_answered(&method, &path_and_query, &self.retry.inference_paths);
+        self.budget.deposit();
         // A buffered body can be sent as often as the policy allows; a streamed one only once.
         let (replay, mut once) = match body {
             OutgoingBody::Replayable(bytes) => (Some(bytes), None),
@@ -484,8 +498,20 @@ impl Upstreams {
                         let wanted = retry::retry_after(response.headers());
                         let too_long = wanted.is_some_and(|d| d > self.retry.max_retry_after);
                         let next = attempt.another_endpoint(&mut tried);
-                        if last_upstream && (!may_retry || too_long) && !next {
-                            // Nowhere left to go: the client gets the upstream's own answer.
+                        let can_resend = next || (may_retry && !too_long) || !last_upstream;
+                        let withheld = match (can_resend, resend_on_status) {
+                            (false, _) => None,
+                            (true, false) => Some("not_idempotent"),
+                            (true, true) => (!self.budget.withdraw()).then_some("budget"),
+                        };
+                        if !can_resend || withheld.is_some() {
+                            // Nowhere left to go, not safe to send twice, or over the budget:
+                            // the client gets the upstream's own answer.
+                            if let Some(reason) = withheld {
+                                let label = RetryLabel { upstream: upstream.name.clone(), reason };
+                                self.metrics.upstream_retries_withheld.get_or_create(&label).inc();
+                                tracing::debug!(upstream = %upstream.name, reason, "retry withheld");
+                            }
                             return Ok(forwarded(response, attempt));
                         }
                         let reason = if response.status() == StatusCode::TOO_MANY_REQUESTS {
