@@ -35,7 +35,7 @@ use tokio::sync::oneshot;
 use self::compose::GoalConflict;
 use self::compression::Compaction;
 pub(crate) use self::context::ChatContext;
-use self::relay::Relay;
+use self::relay::{Limits, Relay};
 use self::tool_loop::{Originals, Outcome, ToolLoop};
 use crate::body::{Body, ChannelBody};
 use crate::compress::{Plan, SessionRecord};
@@ -183,7 +183,7 @@ impl Turn {
             let task = app.clone();
             app.spawn(async move {
                 let numbered = mode.lease().map(|lease| (lease.turn(), lease.event_log()));
-                let mut relay = Relay::stream(frames, numbered);
+                let mut relay = Relay::stream(frames, numbered, Limits::of(&task.config.server));
                 let sent = upstream.as_ref().unwrap_or(&ctx.request);
                 let originals = originals(&ctx, &mode, &conversation);
                 let mut rounds = ToolLoop::new(&task, &ctx, sent, mode.is_session(), mode.tasks())
@@ -191,7 +191,7 @@ impl Turn {
                 mode.guard(rounds.stream(upstream_body, &mut relay)).await;
                 relay.close_log().await;
                 let outcome = rounds.finish();
-                mode.finish(conversation, Some(&outcome)).await;
+                mode.finish(conversation, Some(outcome)).await;
                 // The client's body ends only now, so a client that has read to the end can
                 // rely on the turn being committed.
                 drop(relay);
@@ -214,7 +214,7 @@ impl Turn {
         // The tool loop's rounds answer with responses of their own: the turn's headers go on
         // the one the client gets.
         mode.annotate(&ctx, response.headers_mut());
-        let committed = mode.finish(conversation, Some(&outcome)).await;
+        let committed = mode.finish(conversation, Some(outcome)).await;
         if let Some(version) = committed {
             response.headers_mut().insert(headers::SESSION_VERSION, HeaderValue::from(version));
         }
@@ -271,17 +271,18 @@ impl Mode {
 
     /// Ends the turn: on a session, commits the conversation and the answer (or only releases
     /// the session when there is none). Returns the committed version.
-    async fn finish(&mut self, conversation: Vec<Box<RawValue>>, outcome: Option<&Outcome>) -> Option<u64> {
+    async fn finish(&mut self, conversation: Vec<Box<RawValue>>, outcome: Option<Outcome>) -> Option<u64> {
         let Self::Session(turn) = std::mem::replace(self, Self::Stateless) else { return None };
         let SessionTurn { mut lease, .. } = *turn;
         let commit = outcome.and_then(|outcome| {
-            let transcript = outcome.transcript(conversation)?;
             let usage = outcome.answer.as_ref().and_then(|a| a.usage);
             if let Some(held) = &outcome.held {
                 let mut record = ToolRecord::from_raw(lease.checkpoint().tools.as_deref());
                 record.remember(held.clone());
                 lease.set_tools(record.to_raw());
             }
+            // The answer moves into the transcript: an answer is held once, not twice.
+            let transcript = outcome.into_transcript(conversation)?;
             Some((transcript, usage))
         });
         lease.finish(commit).await

@@ -111,6 +111,12 @@ pub struct SessionConfig {
     #[serde(with = "humantime_serde")]
     pub store_timeout: Duration,
     pub on_store_error: OnStoreError,
+    /// Largest locked goal (goal, strategy and constraints together), in bytes: it is sent
+    /// with every turn of the session.
+    pub max_goal_bytes: NonZeroUsize,
+    /// Stream events a turn may have waiting for the event log's writer, in bytes; past it
+    /// the stream waits for the store rather than buffering more.
+    pub max_event_backlog_bytes: NonZeroUsize,
 }
 
 impl SessionConfig {
@@ -154,6 +160,8 @@ impl Default for SessionConfig {
             lease: Duration::from_secs(30),
             store_timeout: Duration::from_secs(2),
             on_store_error: OnStoreError::FailClosed,
+            max_goal_bytes: NonZeroUsize::new(64 * 1024).unwrap_or(NonZeroUsize::MIN),
+            max_event_backlog_bytes: NonZeroUsize::new(8 * 1024 * 1024).unwrap_or(NonZeroUsize::MIN),
         }
     }
 }
@@ -164,6 +172,12 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     /// Largest request body accepted, in bytes; larger ones get 413.
     pub max_body_bytes: NonZeroUsize,
+    /// Largest upstream answer the gateway holds whole (a session turn's or the tool loop's):
+    /// a JSON body, or a streamed answer as assembled; a larger one fails the turn with 502.
+    pub max_answer_bytes: NonZeroUsize,
+    /// Largest single SSE event the gateway reads from an upstream stream it relays event by
+    /// event; a larger one ends the stream with an error event.
+    pub max_sse_event_bytes: NonZeroUsize,
     /// Deadline for the response headers of one request, retries included.
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
@@ -185,6 +199,8 @@ impl Default for ServerConfig {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             max_body_bytes: NonZeroUsize::new(16 * 1024 * 1024).unwrap_or(NonZeroUsize::MIN),
+            max_answer_bytes: NonZeroUsize::new(32 * 1024 * 1024).unwrap_or(NonZeroUsize::MIN),
+            max_sse_event_bytes: NonZeroUsize::new(4 * 1024 * 1024).unwrap_or(NonZeroUsize::MIN),
             request_timeout: Duration::from_secs(600),
             max_concurrent_requests: NonZeroUsize::new(1024).unwrap_or(NonZeroUsize::MIN),
             shutdown_timeout: Duration::from_secs(30),

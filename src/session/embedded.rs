@@ -164,10 +164,11 @@ impl SessionStore for EmbeddedStore {
                     Commit::Conflict(current)
                 } else {
                     let version = current + 1;
-                    let mut record = Vec::with_capacity(8 + doc.len());
-                    record.extend_from_slice(&version.to_be_bytes());
-                    record.extend_from_slice(doc.as_bytes());
-                    table.insert(k.as_str(), record.as_slice()).map_err(unavailable)?;
+                    // Written in place: a large checkpoint is not copied into a record first.
+                    let mut record = table.insert_reserve(k.as_str(), 8 + doc.len()).map_err(unavailable)?;
+                    let (head, body) = record.as_mut().split_at_mut(8);
+                    head.copy_from_slice(&version.to_be_bytes());
+                    body.copy_from_slice(doc.as_bytes());
                     Commit::Committed(version)
                 }
             };

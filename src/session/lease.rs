@@ -243,9 +243,11 @@ impl Lease {
                 usage.cached_tokens += u.cached_tokens();
             }
         }
-        let metrics = &self.sessions.metrics;
         let encoded = self.checkpoint.encode();
-        let outcome = match self.sessions.commit(&self.key, self.version, &encoded).await {
+        // The transcript can hold a large answer: free it before the store copies the document.
+        let Self { sessions, key, version, .. } = self;
+        let metrics = &sessions.metrics;
+        let outcome = match sessions.commit(&key, version, &encoded).await {
             Ok(Commit::Committed(version)) => {
                 metrics.checkpoint_bytes.observe(encoded.len() as f64);
                 metrics.session_commits.get_or_create(&OutcomeLabel { outcome: "committed" }).inc();
@@ -254,7 +256,7 @@ impl Lease {
             Ok(Commit::Conflict(_)) => "conflict",
             Err(_) => "error",
         };
-        tracing::warn!(session = ?self.key, outcome, "session turn was not committed");
+        tracing::warn!(session = ?key, outcome, "session turn was not committed");
         metrics.session_commits.get_or_create(&OutcomeLabel { outcome }).inc();
         None
     }
