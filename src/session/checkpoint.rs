@@ -156,7 +156,8 @@ impl Checkpoint {
 
     /// Serialises once for a store's commit; the caller keeps the size for its metrics.
     pub fn encode(&self) -> Encoded {
-        Encoded(self.to_bytes().into())
+        let lease_until_ms = self.in_flight.as_ref().map_or(0, |f| f.lease_until_ms);
+        Encoded { doc: self.to_bytes().into(), lease_until_ms }
     }
 
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, serde_json::Error> {
@@ -167,19 +168,28 @@ impl Checkpoint {
 /// A checkpoint serialised for a store; cheap to clone (a blocking-pool write takes its own
 /// handle without copying).
 #[derive(Clone, Debug)]
-pub struct Encoded(bytes::Bytes);
+pub struct Encoded {
+    doc: bytes::Bytes,
+    /// When the in-flight turn's lease ends (0: no turn), for a store that keeps it beside the
+    /// document so waiters can read it alone.
+    lease_until_ms: u64,
+}
 
 impl Encoded {
     pub fn as_bytes(&self) -> &[u8] {
-        &self.0
+        &self.doc
     }
 
     pub fn len(&self) -> usize {
-        self.0.len()
+        self.doc.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.doc.is_empty()
+    }
+
+    pub fn lease_until_ms(&self) -> u64 {
+        self.lease_until_ms
     }
 }
 

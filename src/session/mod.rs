@@ -15,6 +15,7 @@ pub(crate) mod events;
 pub(crate) mod lease;
 pub mod redis;
 pub mod store;
+mod waiters;
 
 use std::future::Future;
 use std::path::Path;
@@ -43,6 +44,8 @@ pub struct Sessions {
     /// never mistakes a dead predecessor's marker for its own.
     pub owner: String,
     metrics: Arc<Metrics>,
+    /// Requests waiting for busy sessions in this process.
+    waiters: waiters::Waiters,
 }
 
 /// What is kept beside the sessions, each kind under its own key namespace. Values expire with
@@ -84,7 +87,7 @@ impl Sessions {
             ),
         };
         let owner = format!("{:016x}", fastrand::u64(..));
-        Ok(Self { store, config: config.clone(), owner, metrics })
+        Ok(Self { store, config: config.clone(), owner, metrics, waiters: waiters::Waiters::default() })
     }
 
     /// The session id a request names in `sessions.header`, if any; 400 when it is malformed.
@@ -122,7 +125,15 @@ impl Sessions {
     }
 
     pub async fn delete(&self, key: &SessionKey) -> Result<bool, StoreError> {
-        self.timed("delete", self.store.delete(key)).await
+        let deleted = self.timed("delete", self.store.delete(key)).await;
+        self.waiters.release(key);
+        deleted
+    }
+
+    /// When the session's turn lease ends (0: free), without reading the checkpoint; `None`
+    /// when the store cannot tell cheaply.
+    async fn lease_until(&self, key: &SessionKey) -> Result<Option<u64>, StoreError> {
+        self.timed("lease", self.store.lease_until(key)).await
     }
 
     /// Reachability, for `/readyz`.
