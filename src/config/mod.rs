@@ -117,6 +117,10 @@ pub struct SessionConfig {
     /// Stream events a turn may have waiting for the event log's writer, in bytes; past it
     /// the stream waits for the store rather than buffering more.
     pub max_event_backlog_bytes: NonZeroUsize,
+    /// How often the embedded store removes expired sessions and blobs (also once at
+    /// start-up); Redis expires keys itself.
+    #[serde(with = "humantime_serde")]
+    pub sweep_interval: Duration,
 }
 
 impl SessionConfig {
@@ -146,6 +150,7 @@ impl SessionConfig {
         issues.positive("sessions.ttl", self.ttl);
         issues.positive("sessions.lease", self.lease);
         issues.positive("sessions.store_timeout", self.store_timeout);
+        issues.positive("sessions.sweep_interval", self.sweep_interval);
     }
 }
 
@@ -162,6 +167,7 @@ impl Default for SessionConfig {
             on_store_error: OnStoreError::FailClosed,
             max_goal_bytes: NonZeroUsize::new(64 * 1024).unwrap_or(NonZeroUsize::MIN),
             max_event_backlog_bytes: NonZeroUsize::new(8 * 1024 * 1024).unwrap_or(NonZeroUsize::MIN),
+            sweep_interval: Duration::from_secs(600),
         }
     }
 }

@@ -75,7 +75,11 @@ impl Sessions {
     /// Opens the configured store: `embedded:PATH` or a Redis URL.
     pub async fn open(config: &SessionConfig, metrics: Arc<Metrics>) -> Result<Self, StoreError> {
         let store: Arc<dyn SessionStore> = match config.store.strip_prefix("embedded:") {
-            Some(path) => Arc::new(embedded::EmbeddedStore::open(Path::new(path), config.ttl)?),
+            Some(path) => {
+                let store = Arc::new(embedded::EmbeddedStore::open(Path::new(path), config.ttl)?);
+                embedded::spawn_sweeper(&store, config.sweep_interval);
+                store
+            }
             None => Arc::new(
                 redis::RedisStore::connect(
                     &config.store,
