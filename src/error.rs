@@ -45,6 +45,10 @@ pub enum GatewayError {
     /// whose body is not an OpenAI error, after the client's stream had started.
     #[error("Upstream {upstream} answered {status}")]
     UpstreamStatus { upstream: String, status: StatusCode },
+    /// An answer (or one SSE event of it) the gateway must hold is past its configured limit
+    /// (`server.max_answer_bytes`, `server.max_sse_event_bytes`); it is not read further.
+    #[error("Upstream {upstream} sent {what} larger than the gateway's limit of {limit} bytes")]
+    UpstreamTooLarge { upstream: String, what: &'static str, limit: usize },
     /// The upstream did not answer within its first-byte timeout, or the request overran the
     /// gateway's request timeout.
     #[error("Upstream {upstream} did not respond within {}", humantime::format_duration(*.after))]
@@ -138,7 +142,9 @@ impl GatewayError {
             Self::RequestBodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             Self::UnsupportedMediaType { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
-            Self::UpstreamUnreachable { .. } | Self::UpstreamStatus { .. } => StatusCode::BAD_GATEWAY,
+            Self::UpstreamUnreachable { .. }
+            | Self::UpstreamStatus { .. }
+            | Self::UpstreamTooLarge { .. } => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout { .. } | Self::RequestTimeout => StatusCode::GATEWAY_TIMEOUT,
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Self::ModelNotAllowed { .. } => StatusCode::FORBIDDEN,
@@ -172,6 +178,7 @@ impl GatewayError {
             | Self::SessionStore(_)
             | Self::UpstreamUnreachable { .. }
             | Self::UpstreamStatus { .. }
+            | Self::UpstreamTooLarge { .. }
             | Self::UpstreamTimeout { .. }
             | Self::TurnIncomplete { .. }
             | Self::RequestTimeout
@@ -199,6 +206,7 @@ impl GatewayError {
             Self::SessionStore(_) => "session_store_unavailable",
             Self::UpstreamUnreachable { .. } => "upstream_unreachable",
             Self::UpstreamStatus { .. } => "upstream_error",
+            Self::UpstreamTooLarge { .. } => "upstream_response_too_large",
             Self::UpstreamTimeout { .. } => "upstream_timeout",
             Self::RequestTimeout => "request_timeout",
             Self::Unauthorized(_) => "invalid_api_key",

@@ -105,6 +105,56 @@ async fn mcp_tools_answer_and_fail_as_tool_results() {
 }
 
 #[tokio::test]
+async fn an_mcp_result_past_the_limit_reaches_the_model_as_an_error_result() {
+    // Given an MCP tool that echoes its text, and a result limit of 1 KiB
+    let mcp = McpServer::start().await;
+    let url = mcp.url.clone();
+    let echo =
+        json!({"type": "object", "properties": {"text": {"type": "string"}, "seconds": {"type": "number"}}});
+    let mut mock = mock_upstream::Server::builder();
+    for r in [
+        Reply::json(
+            200,
+            calling(&[
+                ("e0", "sleep_echo", json!({"text": "x".repeat(4096), "seconds": 0})),
+                ("e1", "sleep_echo", json!({"text": "fits", "seconds": 0})),
+            ]),
+        ),
+        Reply::json(200, fixtures::completion("done")),
+    ] {
+        mock = mock.reply(r);
+    }
+    let h = Harness::builder()
+        .upstream(mock)
+        .config(move |c| {
+            c.tool_loop.max_response_bytes = 1024;
+            c.tools = vec![mcp_tool("sleep_echo", &url, echo)];
+        })
+        .start()
+        .await;
+
+    // When the model calls it with a result past the limit
+    let body: Value = h.chat().json(&ask()).send().await.unwrap().json().await.unwrap();
+
+    // Then that call is a tool error saying so, the other call's result goes through
+    assert_eq!(body["choices"][0]["message"]["content"], "done");
+    let outcomes: Vec<&str> = body["ctxgate"]["tool_runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["outcome"].as_str().unwrap())
+        .collect();
+    assert_eq!(outcomes, ["upstream_error", "ok"]);
+    let second = h.upstream(0).requests()[1].json();
+    let results: Vec<&Value> =
+        second["messages"].as_array().unwrap().iter().filter(|m| m["role"] == "tool").collect();
+    let refused = results[0]["content"].as_str().unwrap();
+    assert!(refused.contains("larger than 1024 bytes"), "{refused}");
+    assert!(!refused.contains("xxxx"), "the result itself is not passed on");
+    assert_eq!(results[1]["content"], "fits");
+}
+
+#[tokio::test]
 async fn an_mcp_task_is_polled_to_its_result_without_a_session() {
     let mcp = McpServer::start().await;
     let url = mcp.url.clone();

@@ -36,7 +36,7 @@ use tokio::sync::oneshot;
 use self::compose::GoalConflict;
 use self::compression::Compaction;
 pub(crate) use self::context::ChatContext;
-use self::relay::Relay;
+use self::relay::{Limits, Relay};
 use self::tool_loop::{Originals, Outcome, ToolLoop};
 use crate::body::{Body, ChannelBody};
 use crate::compress::{Plan, SessionRecord};
@@ -187,7 +187,7 @@ impl Turn {
             let task = app.clone();
             app.spawn(async move {
                 let numbered = mode.lease().map(|lease| (lease.turn(), lease.event_log()));
-                let mut relay = Relay::stream(frames, numbered);
+                let mut relay = Relay::stream(frames, numbered, Limits::of(&task.config.server));
                 let sent = upstream.as_ref().unwrap_or(&ctx.request);
                 let originals = originals(&ctx, &mode, &conversation);
                 let mut rounds = ToolLoop::new(&task, &ctx, sent, mode.is_session(), mode.tasks())
@@ -195,7 +195,7 @@ impl Turn {
                 mode.guard(rounds.stream(upstream_body, &mut relay)).await;
                 relay.close_log().await;
                 let outcome = rounds.finish();
-                let committed = mode.finish(conversation, Some(&outcome)).await;
+                let committed = mode.finish(conversation, Some(outcome)).await;
                 // `[DONE]`, or the commit's failure, and the end of the client's body come only
                 // now: a client that read `[DONE]` can rely on the turn being committed.
                 relay.end(committed.as_ref().map(|_| ())).await;
@@ -219,7 +219,7 @@ impl Turn {
         // The tool loop's rounds answer with responses of their own: the turn's headers go on
         // the one the client gets.
         mode.annotate(&ctx, response.headers_mut());
-        match mode.finish(conversation, Some(&outcome)).await {
+        match mode.finish(conversation, Some(outcome)).await {
             Ok(Some(version)) => {
                 response.headers_mut().insert(headers::SESSION_VERSION, HeaderValue::from(version));
             }
@@ -290,18 +290,19 @@ impl Mode {
     async fn finish(
         &mut self,
         conversation: Vec<Box<RawValue>>,
-        outcome: Option<&Outcome>,
+        outcome: Option<Outcome>,
     ) -> Result<Option<u64>, GatewayError> {
         let Self::Session(turn) = std::mem::replace(self, Self::Stateless) else { return Ok(None) };
         let SessionTurn { mut lease, .. } = *turn;
         let commit = outcome.and_then(|outcome| {
-            let transcript = outcome.transcript(conversation)?;
             let usage = outcome.usage;
             if let Some(held) = &outcome.held {
                 let mut record = ToolRecord::from_raw(lease.checkpoint().tools.as_deref());
                 record.remember(held.clone());
                 lease.set_tools(record.to_raw());
             }
+            // The answer moves into the transcript: an answer is held once, not twice.
+            let transcript = outcome.into_transcript(conversation)?;
             Some((transcript, usage))
         });
         let id = lease.key().id.clone();

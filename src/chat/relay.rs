@@ -15,9 +15,13 @@
 //!
 //! A client that goes away is noted, not fatal: on a session the turn is still read to its
 //! end and committed.
+//!
+//! What it holds is bounded ([`Limits`]): a JSON body, a streamed answer as assembled (with the
+//! events it holds back), and each SSE event. Past a bound the round fails with
+//! [`AnswerTooLarge`] and the rest of the body is not read.
 
-use bytes::Bytes;
-use http_body::Frame;
+use bytes::{Bytes, BytesMut};
+use http_body::{Body as _, Frame};
 use http_body_util::BodyExt;
 
 use crate::body::{Body, BoxError, FrameSender};
@@ -32,7 +36,7 @@ pub(crate) enum Relay {
     /// An SSE stream, passed on event by event as it arrives.
     Stream(StreamRelay),
     /// A JSON answer, returned whole once the loop is done.
-    Json,
+    Json(Limits),
 }
 
 pub(crate) struct StreamRelay {
@@ -42,6 +46,39 @@ pub(crate) struct StreamRelay {
     /// On a session: the `[DONE]` event, numbered and logged, held from the client until the
     /// turn is committed ([`Relay::end`]).
     done: Option<Bytes>,
+    limits: Limits,
+}
+
+/// What one round may hold (`server.max_answer_bytes`, `server.max_sse_event_bytes`).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Limits {
+    pub(crate) answer: usize,
+    pub(crate) event: usize,
+}
+
+impl Limits {
+    pub(crate) fn of(config: &crate::config::ServerConfig) -> Self {
+        Self { answer: config.max_answer_bytes.get(), event: config.max_sse_event_bytes.get() }
+    }
+}
+
+/// An answer, or one of its events, went past its limit.
+#[derive(Debug, thiserror::Error)]
+#[error("{what} is larger than {limit} bytes")]
+pub(crate) struct AnswerTooLarge {
+    pub(crate) what: &'static str,
+    pub(crate) limit: usize,
+}
+
+impl AnswerTooLarge {
+    fn answer(limit: usize) -> Self {
+        Self { what: "an answer", limit }
+    }
+
+    /// The error a client gets, naming the upstream.
+    pub(crate) fn to_gateway_error(&self, upstream: String) -> GatewayError {
+        GatewayError::UpstreamTooLarge { upstream, what: self.what, limit: self.limit }
+    }
 }
 
 /// One upstream answer, read to its end.
@@ -61,36 +98,42 @@ pub(crate) enum Rest {
 
 impl Relay {
     /// A stream to `client`; on a session, `numbered` is the turn's id and its event log.
-    pub(crate) fn stream(client: FrameSender, numbered: Option<(u64, EventLog)>) -> Self {
+    pub(crate) fn stream(client: FrameSender, numbered: Option<(u64, EventLog)>, limits: Limits) -> Self {
         Self::Stream(StreamRelay {
             client: Some(client),
             numbered: numbered.map(|(turn, log)| (turn, 0, log)),
             done: None,
+            limits,
         })
     }
 
     /// Reads one upstream body to its end. A stream's events go to the client as they arrive,
     /// except, with `hold_tool_calls`, those from the first tool-call delta on, and `[DONE]`.
-    /// A body that fails mid-way is an error; the stream's client gets that error too.
+    /// A body that fails mid-way is an error; the stream's client gets that error too. So is
+    /// an answer past its [`Limits`] ([`AnswerTooLarge`]); a stream's client then gets an error
+    /// event from `upstream` (the route's name).
     /// A `usage` the answer carries reaches the client as the turn's so far (`usage`).
     pub(crate) async fn read(
         &mut self,
         mut body: Body,
         hold_tool_calls: bool,
         usage: &mut TurnUsage,
+        upstream: &str,
     ) -> Result<Round, BoxError> {
         match self {
-            Self::Json => {
-                let bytes = body.collect().await?.to_bytes();
+            Self::Json(limits) => {
+                let bytes = collect_limited(body, limits.answer).await?;
                 let mut answer = AnswerBuilder::new(false);
                 answer.observe(&bytes);
                 let bytes = usage.json(&bytes);
                 Ok(Round { answer: answer.finish(), rest: Rest::Body(bytes) })
             }
             Self::Stream(relay) => {
-                let mut splitter = EventSplitter::default();
+                let limits = relay.limits;
+                let mut splitter = EventSplitter::new(limits.event);
                 let mut answer = AnswerBuilder::new(true);
                 let mut held = Vec::new();
+                let mut held_bytes = 0;
                 let mut holding = false;
                 while let Some(frame) = body.frame().await {
                     let frame = match frame {
@@ -101,15 +144,26 @@ impl Relay {
                         }
                     };
                     let Some(data) = frame.data_ref() else { continue };
-                    for event in splitter.feed(data) {
+                    let events = match splitter.feed(data) {
+                        Ok(events) => events,
+                        Err(too_large) => {
+                            let err = AnswerTooLarge { what: "an SSE event", limit: too_large.0 };
+                            return Err(relay.too_large(err, upstream).await);
+                        }
+                    };
+                    for event in events {
                         answer.observe(&event);
                         let event = usage.event(&event);
                         holding = holding || (hold_tool_calls && has_tool_call_delta(&event));
                         if holding || (hold_tool_calls && is_done(&event)) {
+                            held_bytes += event.len();
                             held.push(event);
                         } else {
                             relay.send(event).await;
                         }
+                    }
+                    if answer.assembled_bytes() + held_bytes > limits.answer {
+                        return Err(relay.too_large(AnswerTooLarge::answer(limits.answer), upstream).await);
                     }
                 }
                 if let Some(rest) = splitter.finish() {
@@ -173,7 +227,7 @@ impl Relay {
     pub(crate) fn client_gone(&self) -> bool {
         match self {
             Self::Stream(relay) => relay.client.as_ref().is_none_or(|client| client.is_closed()),
-            Self::Json => false,
+            Self::Json(_) => false,
         }
     }
 
@@ -209,7 +263,7 @@ impl StreamRelay {
         let bytes = match &mut self.numbered {
             Some((turn, seq, log)) => {
                 *seq += 1;
-                log.push(event.clone());
+                log.push(event.clone()).await;
                 let numbered = sse::with_id(*turn, *seq, &event);
                 if is_done(&event) {
                     self.done = Some(numbered);
@@ -226,11 +280,80 @@ impl StreamRelay {
         }
     }
 
+    /// Ends the client's stream with the error event for an answer past its limit (the rest
+    /// of the upstream's body is dropped unread); returns the error for the caller.
+    async fn too_large(&mut self, err: AnswerTooLarge, upstream: &str) -> BoxError {
+        let event = err.to_gateway_error(upstream.to_string()).to_sse_event();
+        self.send(event).await;
+        self.send(Bytes::from_static(sse::DONE)).await;
+        Box::new(err)
+    }
+
     /// Passes a mid-stream transport failure to the client as a body error: the stream ends
     /// without a clean end, as the upstream's did.
     async fn abort(&mut self, err: &BoxError) {
         if let Some(client) = self.client.take() {
             let _ = client.send(Err(err.to_string().into())).await;
         }
+    }
+}
+
+/// The whole body in one buffer, sized up front when its length is known; past `max` bytes
+/// (declared or read) it is [`AnswerTooLarge`] and nothing more is read.
+async fn collect_limited(mut body: Body, max: usize) -> Result<Bytes, BoxError> {
+    let hint = body.size_hint();
+    if hint.lower() > max as u64 {
+        return Err(Box::new(AnswerTooLarge::answer(max)));
+    }
+    let mut first: Option<Bytes> = None;
+    let mut buffer = BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame?.into_data() else { continue };
+        let len = first.as_ref().map_or(0, Bytes::len) + buffer.len() + data.len();
+        if len > max {
+            return Err(Box::new(AnswerTooLarge::answer(max)));
+        }
+        // A body in one frame is kept as it came, without a copy.
+        match first.take() {
+            None if buffer.is_empty() => first = Some(data),
+            held => {
+                if buffer.is_empty() {
+                    buffer.reserve(hint.exact().map_or(len, |n| n as usize));
+                }
+                if let Some(held) = held {
+                    buffer.extend_from_slice(&held);
+                }
+                buffer.extend_from_slice(&data);
+            }
+        }
+    }
+    Ok(first.unwrap_or_else(|| buffer.freeze()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn framed(frames: Vec<&'static [u8]>) -> Body {
+        let stream = futures_util::stream::iter(
+            frames.into_iter().map(|f| Ok::<_, BoxError>(Frame::data(Bytes::from_static(f)))),
+        );
+        http_body_util::StreamBody::new(stream).boxed_unsync()
+    }
+
+    #[tokio::test]
+    async fn a_json_body_is_collected_whole_under_its_limit() {
+        let bytes = collect_limited(framed(vec![b"{\"a\":", b"1", b"}"]), 7).await.unwrap();
+        assert_eq!(&bytes[..], b"{\"a\":1}");
+        let one = collect_limited(framed(vec![b"{}"]), 2).await.unwrap();
+        assert_eq!(&one[..], b"{}");
+    }
+
+    #[tokio::test]
+    async fn a_json_body_past_its_limit_is_refused() {
+        let err = collect_limited(framed(vec![b"{\"a\":", b"12", b"}"]), 7).await.unwrap_err();
+        assert!(err.is::<AnswerTooLarge>(), "{err}");
+        let declared = collect_limited(crate::body::full(vec![b'x'; 9]), 8).await.unwrap_err();
+        assert!(declared.is::<AnswerTooLarge>(), "{declared}");
     }
 }

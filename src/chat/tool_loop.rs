@@ -26,7 +26,7 @@ use serde_json::value::RawValue;
 use serde_json::{json, Value};
 
 use super::context::ChatContext;
-use super::relay::{Relay, Rest, Round};
+use super::relay::{AnswerTooLarge, Limits, Relay, Rest, Round};
 use crate::body::{self, Body};
 use crate::compress::expand;
 use crate::compress::marker::{self, EXPAND_TOOL};
@@ -65,15 +65,15 @@ impl Outcome {
     /// final answer (for an answer that also called client tools: the whole answer and the
     /// gateway's results; the client got only its own calls, and the next turn restores the
     /// rest). `None` when there is no answer to commit.
-    pub(crate) fn transcript(&self, mut conversation: Vec<Box<RawValue>>) -> Option<Vec<Box<RawValue>>> {
-        let answer = self.answer.as_ref()?;
-        conversation.extend(self.added.iter().cloned());
-        match &self.held {
+    pub(crate) fn into_transcript(self, mut conversation: Vec<Box<RawValue>>) -> Option<Vec<Box<RawValue>>> {
+        let answer = self.answer?;
+        conversation.extend(self.added);
+        match self.held {
             Some(held) => {
-                conversation.push(held.full.clone());
-                conversation.extend(held.results.iter().cloned());
+                conversation.push(held.full);
+                conversation.extend(held.results);
             }
-            None => conversation.push(answer.message.clone()),
+            None => conversation.push(answer.message),
         }
         Some(conversation)
     }
@@ -287,7 +287,8 @@ impl<'a> ToolLoop<'a> {
     }
 
     async fn json_rounds(&mut self, mut response: Response<Body>) -> Result<Response<Body>, GatewayError> {
-        let mut relay = Relay::Json;
+        let mut relay = Relay::Json(Limits::of(&self.app.config.server));
+        let upstream = self.upstream_name();
         // Time spent on others' work before the client's headers: every model call (to its
         // headers and its body) and every tool round. The overhead metric subtracts it.
         let mut waited = Duration::ZERO;
@@ -296,7 +297,7 @@ impl<'a> ToolLoop<'a> {
             let reading = Instant::now();
             let body = std::mem::replace(response.body_mut(), body::empty());
             let round =
-                relay.read(body, false, &mut self.usage).await.map_err(|source| self.unreachable(source))?;
+                relay.read(body, false, &mut self.usage, &upstream).await.map_err(|source| self.unreachable(source))?;
             waited += reading.elapsed();
             response.extensions_mut().insert(UpstreamWait(waited));
             let Round { answer, rest: Rest::Body(bytes) } = round else {
@@ -337,9 +338,10 @@ impl<'a> ToolLoop<'a> {
     /// Relays a streamed answer, running rounds until the final one.
     pub(crate) async fn stream(&mut self, mut upstream: Body, relay: &mut Relay) {
         let keepalive = self.app.tools.limits.keepalive_interval;
+        let name = self.upstream_name();
         loop {
-            let Ok(round) = relay.read(upstream, self.engaged, &mut self.usage).await else {
-                // Cut mid-stream: the client's body has ended with the error already.
+            let Ok(round) = relay.read(upstream, self.engaged, &mut self.usage, &name).await else {
+                // Cut mid-stream or too large: the client's body has ended with the error already.
                 return;
             };
             let held = match round.rest {
@@ -379,11 +381,7 @@ impl<'a> ToolLoop<'a> {
                 let bytes = response.into_body().collect().await.map(|c| c.to_bytes()).unwrap_or_default();
                 let event = match serde_json::from_slice::<Value>(&bytes) {
                     Ok(error) => crate::openai::sse::data_event(&error.to_string()),
-                    Err(_) => {
-                        let upstream =
-                            self.ctx.route(self.app).first().map_or_else(String::new, |u| u.name.clone());
-                        GatewayError::UpstreamStatus { upstream, status }.to_sse_event()
-                    }
+                    Err(_) => GatewayError::UpstreamStatus { upstream: name.clone(), status }.to_sse_event(),
                 };
                 return relay.fail(event).await;
             }
@@ -406,9 +404,17 @@ impl<'a> ToolLoop<'a> {
         self.outcome.answer = Some(answer);
     }
 
+    /// The route's first upstream, as errors name it.
+    fn upstream_name(&self) -> String {
+        self.ctx.route(self.app).first().map_or_else(String::new, |u| u.name.clone())
+    }
+
     fn unreachable(&self, source: crate::body::BoxError) -> GatewayError {
-        let upstream = self.ctx.route(self.app).first().map_or_else(String::new, |u| u.name.clone());
-        GatewayError::UpstreamUnreachable { upstream, source }
+        let upstream = self.upstream_name();
+        match source.downcast::<AnswerTooLarge>() {
+            Ok(too_large) => too_large.to_gateway_error(upstream),
+            Err(source) => GatewayError::UpstreamUnreachable { upstream, source },
+        }
     }
 
     /// The completion with the `ctxgate` object added and, when given, its first choice's

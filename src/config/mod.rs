@@ -111,6 +111,16 @@ pub struct SessionConfig {
     #[serde(with = "humantime_serde")]
     pub store_timeout: Duration,
     pub on_store_error: OnStoreError,
+    /// Largest locked goal (goal, strategy and constraints together), in bytes: it is sent
+    /// with every turn of the session.
+    pub max_goal_bytes: NonZeroUsize,
+    /// Stream events a turn may have waiting for the event log's writer, in bytes; past it
+    /// the stream waits for the store rather than buffering more.
+    pub max_event_backlog_bytes: NonZeroUsize,
+    /// How often the embedded store removes expired sessions and blobs (also once at
+    /// start-up); Redis expires keys itself.
+    #[serde(with = "humantime_serde")]
+    pub sweep_interval: Duration,
 }
 
 impl SessionConfig {
@@ -140,6 +150,7 @@ impl SessionConfig {
         issues.positive("sessions.ttl", self.ttl);
         issues.positive("sessions.lease", self.lease);
         issues.positive("sessions.store_timeout", self.store_timeout);
+        issues.positive("sessions.sweep_interval", self.sweep_interval);
     }
 }
 
@@ -154,6 +165,9 @@ impl Default for SessionConfig {
             lease: Duration::from_secs(5),
             store_timeout: Duration::from_secs(2),
             on_store_error: OnStoreError::FailClosed,
+            max_goal_bytes: NonZeroUsize::new(64 * 1024).unwrap_or(NonZeroUsize::MIN),
+            max_event_backlog_bytes: NonZeroUsize::new(8 * 1024 * 1024).unwrap_or(NonZeroUsize::MIN),
+            sweep_interval: Duration::from_secs(600),
         }
     }
 }
@@ -172,6 +186,12 @@ pub struct ServerConfig {
     /// counting as 1); deeper ones get 400 `json_too_deep`. What a session stores stays under
     /// serde_json's recursion limit (128) with room for the gateway's own wrapping.
     pub max_json_depth: NonZeroUsize,
+    /// Largest upstream answer the gateway holds whole (a session turn's or the tool loop's):
+    /// a JSON body, or a streamed answer as assembled; a larger one fails the turn with 502.
+    pub max_answer_bytes: NonZeroUsize,
+    /// Largest single SSE event the gateway reads from an upstream stream it relays event by
+    /// event; a larger one ends the stream with an error event.
+    pub max_sse_event_bytes: NonZeroUsize,
     /// Deadline for the response headers of one request, retries included.
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
@@ -231,6 +251,8 @@ impl Default for ServerConfig {
             max_body_bytes: NonZeroUsize::new(16 * 1024 * 1024).unwrap_or(NonZeroUsize::MIN),
             // Deeply nested tool schemas reach 30-40; nothing real comes near 100.
             max_json_depth: NonZeroUsize::new(100).unwrap_or(NonZeroUsize::MIN),
+            max_answer_bytes: NonZeroUsize::new(32 * 1024 * 1024).unwrap_or(NonZeroUsize::MIN),
+            max_sse_event_bytes: NonZeroUsize::new(4 * 1024 * 1024).unwrap_or(NonZeroUsize::MIN),
             request_timeout: Duration::from_secs(600),
             max_concurrent_requests: NonZeroUsize::new(1024).unwrap_or(NonZeroUsize::MIN),
             shutdown_timeout: Duration::from_secs(30),

@@ -83,7 +83,7 @@ pub(crate) async fn api(
             Ok(json_response(&goal_json(id, &goal)))
         }
         (&Method::PUT, Some("goal")) => {
-            let request = read_goal(body).await?;
+            let request = read_goal(body, sessions.config.max_goal_bytes.get()).await?;
             let mut lease = admit_for_update(&state, &key, &parts.headers).await?;
             let goal = GoalLock {
                 goal: request.goal,
@@ -188,12 +188,26 @@ struct GoalRequest {
     on_conflict: OnGoalConflict,
 }
 
-async fn read_goal(body: Body) -> Result<GoalRequest, GatewayError> {
+/// The goal lock a request asks for; 400 when it is empty or, with its strategy and
+/// constraints, longer than `max` bytes (it is sent with every turn of the session).
+async fn read_goal(body: Body, max: usize) -> Result<GoalRequest, GatewayError> {
     let bytes = read_body(body).await?;
     let request: GoalRequest = serde_json::from_slice(&bytes)
         .map_err(|e| GatewayError::invalid(format!("Invalid goal: {e}"), Some("goal"), "invalid_goal"))?;
     if request.goal.trim().is_empty() {
         return Err(GatewayError::invalid("Invalid 'goal': empty string.", Some("goal"), "invalid_value"));
+    }
+    let size = request.goal.len()
+        + request.strategy.as_ref().map_or(0, String::len)
+        + request.constraints.iter().map(String::len).sum::<usize>();
+    if size > max {
+        return Err(GatewayError::invalid(
+            format!(
+                "Invalid 'goal': the goal, strategy and constraints are {size} bytes; the limit is {max} (sessions.max_goal_bytes)."
+            ),
+            Some("goal"),
+            "string_above_max_length",
+        ));
     }
     Ok(request)
 }

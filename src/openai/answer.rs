@@ -120,11 +120,28 @@ impl AnswerBuilder {
         }
     }
 
+    /// How much a streamed answer holds so far (its text and tool calls); a JSON one's frames
+    /// are the caller's.
+    pub(crate) fn assembled_bytes(&self) -> usize {
+        match self {
+            Self::Json(_) => 0,
+            Self::Sse(_, state) => {
+                state.content.len()
+                    + state.refusal.len()
+                    + state.tool_calls.values().map(|c| c.name.len() + c.arguments.len()).sum::<usize>()
+            }
+        }
+    }
+
     /// The message, or `None` when the body held no answer (an error body, a cut stream).
     pub(crate) fn finish(self) -> Option<Answer> {
         match self {
             Self::Json(frames) => {
-                let body = frames.concat();
+                // A body read whole is one frame: parsed where it lies, not copied.
+                let body = match <[Bytes; 1]>::try_from(frames) {
+                    Ok([body]) => body,
+                    Err(frames) => Bytes::from(frames.concat()),
+                };
                 let completion: Completion<'_> = serde_json::from_slice(&body).ok()?;
                 let message = completion.choices.first()?.message.to_owned();
                 Some(Answer { message, usage: completion.usage })

@@ -8,20 +8,51 @@ use serde_json::{json, Value};
 
 use super::sse;
 
-#[derive(Debug, Default)]
+/// Splits a stream into events. Each feed scans only the bytes not scanned before (plus the
+/// three a split delimiter may have left behind), so a large event arriving in many frames
+/// costs linear time, and an event growing past `max` bytes is an error, not a buffer.
+#[derive(Debug)]
 pub(crate) struct EventSplitter {
     buffer: BytesMut,
+    /// How much of `buffer` holds no delimiter start (but a partial one at its end).
+    scanned: usize,
+    max: usize,
 }
 
+/// An SSE event longer than the splitter's limit.
+#[derive(Debug, thiserror::Error)]
+#[error("an SSE event is larger than {0} bytes")]
+pub(crate) struct EventTooLarge(pub(crate) usize);
+
 impl EventSplitter {
+    /// A splitter refusing events longer than `max` bytes.
+    pub(crate) fn new(max: usize) -> Self {
+        Self { buffer: BytesMut::new(), scanned: 0, max }
+    }
+
     /// The events `chunk` completes, each with its terminating blank line.
-    pub(crate) fn feed(&mut self, chunk: &[u8]) -> Vec<Bytes> {
+    pub(crate) fn feed(&mut self, chunk: &[u8]) -> Result<Vec<Bytes>, EventTooLarge> {
         self.buffer.extend_from_slice(chunk);
         let mut events = Vec::new();
-        while let Some(end) = event_end(&self.buffer) {
-            events.push(self.buffer.split_to(end).freeze());
+        loop {
+            // A delimiter is at most 4 bytes: 3 of one may end the part already scanned.
+            let from = self.scanned.saturating_sub(3);
+            match event_end(&self.buffer[from..]) {
+                Some(end) if from + end > self.max => return Err(EventTooLarge(self.max)),
+                Some(end) => {
+                    events.push(self.buffer.split_to(from + end).freeze());
+                    self.scanned = 0;
+                }
+                None => {
+                    self.scanned = self.buffer.len();
+                    break;
+                }
+            }
         }
-        events
+        if self.buffer.len() > self.max {
+            return Err(EventTooLarge(self.max));
+        }
+        Ok(events)
     }
 
     /// What is left when the body ends (an unterminated last event), if anything.
@@ -98,14 +129,55 @@ mod tests {
     fn events_are_whole_at_any_split() {
         let text = b"data: {\"a\":1}\n\n: keep-alive\n\ndata: [DONE]\n\n";
         for split in 0..text.len() {
-            let mut splitter = EventSplitter::default();
-            let mut events = splitter.feed(&text[..split]);
-            events.extend(splitter.feed(&text[split..]));
+            let mut splitter = EventSplitter::new(1024);
+            let mut events = splitter.feed(&text[..split]).unwrap();
+            events.extend(splitter.feed(&text[split..]).unwrap());
             assert_eq!(events.len(), 3, "split at {split}");
             assert_eq!(&events[0][..], b"data: {\"a\":1}\n\n");
             assert!(is_done(&events[2]));
             assert!(!is_done(&events[0]));
             assert!(splitter.finish().is_none());
         }
+    }
+
+    #[test]
+    fn crlf_delimiters_split_across_frames_are_found() {
+        let text = b"data: a\r\n\r\ndata: b\n\n";
+        for split in 0..text.len() {
+            for second in split..text.len() {
+                let mut splitter = EventSplitter::new(1024);
+                let mut events = splitter.feed(&text[..split]).unwrap();
+                events.extend(splitter.feed(&text[split..second]).unwrap());
+                events.extend(splitter.feed(&text[second..]).unwrap());
+                assert_eq!(events.len(), 2, "splits at {split}, {second}");
+                assert_eq!(&events[0][..], b"data: a\r\n\r\n");
+            }
+        }
+    }
+
+    #[test]
+    fn an_event_over_the_limit_is_an_error_complete_or_not() {
+        let mut splitter = EventSplitter::new(16);
+        assert!(splitter.feed(b"data: short\n\n").unwrap().len() == 1);
+        assert!(splitter.feed(b"data: 0123456789").is_ok());
+        assert!(splitter.feed(b"abcdef").is_err());
+        let mut splitter = EventSplitter::new(16);
+        assert!(splitter.feed(b"data: 0123456789abcdef\n\n").is_err());
+    }
+
+    #[test]
+    fn a_large_event_in_small_frames_is_split_in_linear_time() {
+        // 8 MiB in 1 KiB frames: rescanning from the start each frame would scan ~32 GiB.
+        let frame = vec![b'x'; 1024];
+        let mut splitter = EventSplitter::new(16 * 1024 * 1024);
+        splitter.feed(b"data: ").unwrap();
+        let started = std::time::Instant::now();
+        for _ in 0..8 * 1024 {
+            assert!(splitter.feed(&frame).unwrap().is_empty());
+        }
+        let events = splitter.feed(b"\n\n").unwrap();
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0].len(), 6 + 8 * 1024 * 1024 + 2);
+        assert!(started.elapsed() < std::time::Duration::from_secs(5), "{:?}", started.elapsed());
     }
 }

@@ -170,7 +170,8 @@ impl Checkpoint {
             .as_ref()
             .filter(|f| f.request.as_ref().is_some_and(|r| !r.caller_credential))
             .map(|f| f.lease_until_ms);
-        Encoded { doc: self.to_bytes().into(), sweepable }
+        let lease_until_ms = self.in_flight.as_ref().map_or(0, |f| f.lease_until_ms);
+        Encoded { doc: self.to_bytes().into(), sweepable, lease_until_ms }
     }
 
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, serde_json::Error> {
@@ -186,6 +187,9 @@ pub struct Encoded {
     /// The lease end of a turn in flight that any process can re-issue: the store keeps such
     /// sessions in its in-flight index, for the takeover sweep.
     sweepable: Option<u64>,
+    /// When the in-flight turn's lease ends (0: no turn), for a store that keeps it beside the
+    /// document so waiters can read it alone.
+    lease_until_ms: u64,
 }
 
 impl Encoded {
@@ -205,6 +209,10 @@ impl Encoded {
     /// drop it from the index.
     pub fn sweepable_until(&self) -> Option<u64> {
         self.sweepable
+    }
+
+    pub fn lease_until_ms(&self) -> u64 {
+        self.lease_until_ms
     }
 }
 

@@ -1,9 +1,13 @@
 //! The embedded store: one redb file, the single-node default that needs nothing installed.
 //! redb is synchronous, so each operation runs on the blocking pool; its write transactions
 //! are serialised and durable on commit, which gives the atomic compare-and-set.
+//!
+//! Nothing expires by itself in a file: reads treat an expired session or blob as absent, and a
+//! sweeper ([`spawn_sweeper`]) removes them at start-up and every `sessions.sweep_interval`, so
+//! their pages are reused and the file stops growing with sessions no one will read.
 
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -71,6 +75,110 @@ impl EmbeddedStore {
         let db = self.db.clone();
         tokio::task::spawn_blocking(move || f(&db)).await.map_err(unavailable)?
     }
+}
+
+impl EmbeddedStore {
+    /// Removes expired sessions (checkpoint and event log) and expired blobs; returns how
+    /// many of each. Expiry is checked again inside the write, so a session committed since
+    /// the scan stays.
+    pub async fn sweep(&self) -> Result<(usize, usize), StoreError> {
+        let ttl = self.ttl;
+        self.blocking(move |db| {
+            let now = now_ms();
+            let (sessions, blobs) = {
+                let txn = db.begin_read().map_err(unavailable)?;
+                let checkpoints = txn.open_table(CHECKPOINTS).map_err(unavailable)?;
+                let mut sessions = Vec::new();
+                for entry in checkpoints.iter().map_err(unavailable)? {
+                    let (key, value) = entry.map_err(unavailable)?;
+                    if stale(value.value(), ttl, now) {
+                        sessions.push(key.value().to_string());
+                    }
+                }
+                let table = txn.open_table(BLOBS).map_err(unavailable)?;
+                let mut blobs = Vec::new();
+                for entry in table.iter().map_err(unavailable)? {
+                    let (key, value) = entry.map_err(unavailable)?;
+                    if blob_expired(value.value(), ttl, now) {
+                        blobs.push(key.value().to_string());
+                    }
+                }
+                (sessions, blobs)
+            };
+            if sessions.is_empty() && blobs.is_empty() {
+                return Ok((0, 0));
+            }
+            let txn = db.begin_write().map_err(unavailable)?;
+            let mut removed = (0, 0);
+            {
+                let mut checkpoints = txn.open_table(CHECKPOINTS).map_err(unavailable)?;
+                let mut events = txn.open_table(EVENTS).map_err(unavailable)?;
+                let mut in_flight = txn.open_table(IN_FLIGHT).map_err(unavailable)?;
+                for key in &sessions {
+                    let still = checkpoints
+                        .get(key.as_str())
+                        .map_err(unavailable)?
+                        .is_some_and(|value| stale(value.value(), ttl, now));
+                    if still {
+                        checkpoints.remove(key.as_str()).map_err(unavailable)?;
+                        clear_events(&mut events, key)?;
+                        in_flight.remove(key.as_str()).map_err(unavailable)?;
+                        removed.0 += 1;
+                    }
+                }
+                let mut table = txn.open_table(BLOBS).map_err(unavailable)?;
+                for key in &blobs {
+                    let still = table
+                        .get(key.as_str())
+                        .map_err(unavailable)?
+                        .is_some_and(|value| blob_expired(value.value(), ttl, now));
+                    if still {
+                        table.remove(key.as_str()).map_err(unavailable)?;
+                        removed.1 += 1;
+                    }
+                }
+            }
+            txn.commit().map_err(unavailable)?;
+            Ok(removed)
+        })
+        .await
+    }
+}
+
+/// Sweeps `store` now and then every `every`, until the store is dropped.
+pub(super) fn spawn_sweeper(store: &Arc<EmbeddedStore>, every: Duration) {
+    let store: Weak<EmbeddedStore> = Arc::downgrade(store);
+    tokio::spawn(async move {
+        loop {
+            let Some(live) = store.upgrade() else { return };
+            match live.sweep().await {
+                Ok((0, 0)) => {}
+                Ok((sessions, blobs)) => tracing::info!(sessions, blobs, "swept expired sessions and blobs"),
+                Err(err) => tracing::warn!(error = %err, "cannot sweep expired sessions"),
+            }
+            drop(live);
+            tokio::time::sleep(every).await;
+        }
+    });
+}
+
+/// Whether a checkpoint record has expired (as `load` would treat it); an unreadable one is
+/// kept for someone to look at.
+fn stale(record: &[u8], ttl: Duration, now: u64) -> bool {
+    /// Only the stamp is read (the rest of the document is skipped, not built).
+    #[derive(serde::Deserialize)]
+    struct Stamp {
+        updated_ms: u64,
+    }
+    let Some((_, doc)) = record.split_first_chunk::<8>() else { return false };
+    serde_json::from_slice::<Stamp>(doc)
+        .is_ok_and(|stamp| stamp.updated_ms.saturating_add(ttl.as_millis() as u64) < now)
+}
+
+fn blob_expired(record: &[u8], ttl: Duration, now: u64) -> bool {
+    record
+        .split_first_chunk::<8>()
+        .is_some_and(|(written, _)| u64::from_be_bytes(*written).saturating_add(ttl.as_millis() as u64) < now)
 }
 
 fn unavailable(e: impl std::error::Error + Send + Sync + 'static) -> StoreError {
@@ -191,10 +299,11 @@ impl SessionStore for EmbeddedStore {
                     Commit::Conflict(current)
                 } else {
                     let version = current + 1;
-                    let mut record = Vec::with_capacity(8 + doc.len());
-                    record.extend_from_slice(&version.to_be_bytes());
-                    record.extend_from_slice(doc.as_bytes());
-                    table.insert(k.as_str(), record.as_slice()).map_err(unavailable)?;
+                    // Written in place: a large checkpoint is not copied into a record first.
+                    let mut record = table.insert_reserve(k.as_str(), 8 + doc.len()).map_err(unavailable)?;
+                    let (head, body) = record.as_mut().split_at_mut(8);
+                    head.copy_from_slice(&version.to_be_bytes());
+                    body.copy_from_slice(doc.as_bytes());
                     Commit::Committed(version)
                 }
             };

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::Frame;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 use super::checkpoint::now_ms;
 use super::{SessionKey, Sessions, Stored};
@@ -20,32 +20,45 @@ use crate::openai::sse::with_id;
 /// How often a replay that has caught up looks for new events.
 const FOLLOW_POLL: Duration = Duration::from_millis(25);
 
-/// Writes a turn's events to the store in the background, in batches, so a slow store never
-/// holds back the client's stream.
+/// Writes a turn's events to the store in the background, in batches, so a slow store does not
+/// hold back the client's stream event by event. The backlog waiting for the writer is bounded
+/// in bytes (`sessions.max_event_backlog_bytes`): past it [`EventLog::push`] waits for the
+/// store (backpressure) rather than buffering more, or dropping events a replay needs. Each
+/// store write is bounded by `sessions.store_timeout`, so the wait is too.
 pub struct EventLog {
-    tx: mpsc::UnboundedSender<Bytes>,
+    tx: mpsc::UnboundedSender<(Bytes, OwnedSemaphorePermit)>,
+    backlog: Arc<Semaphore>,
+    budget: usize,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl EventLog {
     pub(super) fn start(sessions: Arc<Sessions>, key: SessionKey, turn: u64) -> Self {
-        let (tx, mut rx) = mpsc::unbounded_channel::<Bytes>();
+        let budget = sessions.config.max_event_backlog_bytes.get().min(u32::MAX as usize);
+        let backlog = Arc::new(Semaphore::new(budget));
+        // Unbounded as a queue, bounded by the semaphore: every entry holds its bytes' permits.
+        let (tx, mut rx) = mpsc::unbounded_channel::<(Bytes, OwnedSemaphorePermit)>();
         let task = tokio::spawn(async move {
             let mut next = 1;
             let mut batch = Vec::with_capacity(64);
             while rx.recv_many(&mut batch, 64).await > 0 {
-                if let Err(err) = sessions.log_events(&key, turn, next, &batch).await {
+                let (events, permits): (Vec<Bytes>, Vec<OwnedSemaphorePermit>) = batch.drain(..).unzip();
+                if let Err(err) = sessions.log_events(&key, turn, next, &events).await {
                     tracing::warn!(session = ?key, error = %err, "cannot log stream events for replay");
                 }
-                next += batch.len() as u64;
-                batch.clear();
+                next += events.len() as u64;
+                drop(permits);
             }
         });
-        Self { tx, task }
+        Self { tx, backlog, budget, task }
     }
 
-    pub fn push(&self, event: Bytes) {
-        let _ = self.tx.send(event);
+    /// Queues `event` for the log, waiting while the backlog is full.
+    pub async fn push(&self, event: Bytes) {
+        // An event larger than the whole budget waits for an empty backlog, then goes alone.
+        let wanted = event.len().clamp(1, self.budget) as u32;
+        let Ok(permit) = self.backlog.clone().acquire_many_owned(wanted).await else { return };
+        let _ = self.tx.send((event, permit));
     }
 
     /// Waits until every event pushed is written.

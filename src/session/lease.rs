@@ -6,7 +6,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::value::RawValue;
 use tokio::sync::mpsc;
@@ -58,14 +58,27 @@ impl Lease {
     /// current checkpoint (it may change it) and returns the upstream request to record; it
     /// runs again if another writer got in first. While a live marker is held by someone
     /// else, waits up to `sessions.busy_timeout`, then 409 `session_busy`.
+    ///
+    /// Waiting reads nothing: admissions on one session queue in this process (only the first
+    /// reads the checkpoint), and the first sleeps until the turn is released here, its lease
+    /// runs out, or (on a store replicas share) a poll of the lease alone finds it free.
     pub async fn admit<T>(
         sessions: Arc<Sessions>,
         key: SessionKey,
         request_id: &str,
         mut prepare: impl FnMut(&mut Checkpoint) -> Result<(T, Option<StoredRequest>), GatewayError>,
     ) -> Result<Admitted<T>, GatewayError> {
-        let deadline = Instant::now() + sessions.config.busy_timeout;
+        let deadline = tokio::time::Instant::now() + sessions.config.busy_timeout;
+        let busy = |sessions: &Sessions| {
+            sessions.metrics.session_busy.inc();
+            GatewayError::SessionBusy { id: key.id.clone() }
+        };
+        let gate = sessions.waiters.gate(&key);
+        let Ok(_head) = tokio::time::timeout_at(deadline, gate.head()).await else {
+            return Err(busy(&sessions));
+        };
         loop {
+            let mut released = gate.releases();
             let loaded = sessions.load(&key).await?;
             let now = now_ms();
             let (version, mut checkpoint) = match loaded {
@@ -79,12 +92,18 @@ impl Lease {
                 }
                 None => (0, Checkpoint::new(now)),
             };
-            if checkpoint.in_flight.as_ref().is_some_and(|f| !sessions.lapsed(f, now)) {
-                if Instant::now() >= deadline {
-                    sessions.metrics.session_busy.inc();
-                    return Err(GatewayError::SessionBusy { id: key.id.clone() });
+            if let Some(held_until) =
+                checkpoint.in_flight.as_ref().filter(|f| !sessions.lapsed(f, now)).map(|f| f.lease_until_ms)
+            {
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(busy(&sessions));
                 }
-                tokio::time::sleep(Duration::from_millis(10 + fastrand::u64(..10))).await;
+                let lease_end = tokio::time::Instant::now() + Duration::from_millis(held_until.saturating_sub(now));
+                tokio::select! {
+                    _ = released.changed() => {}
+                    () = tokio::time::sleep_until(lease_end.min(deadline)) => {}
+                    () = released_elsewhere(&sessions, &key), if sessions.store.shared() => {}
+                }
                 continue;
             }
             let (prepared, request) = prepare(&mut checkpoint)?;
@@ -246,9 +265,14 @@ impl Lease {
                 usage.cached_tokens += u.cached_tokens();
             }
         }
-        let metrics = &self.sessions.metrics;
         let encoded = self.checkpoint.encode();
-        let failure = match self.sessions.commit(&self.key, self.version, &encoded).await {
+        // The transcript can hold a large answer: free it before the store copies the document.
+        let Self { sessions, key, version, .. } = self;
+        let metrics = &sessions.metrics;
+        let committed = sessions.commit(&key, version, &encoded).await;
+        // Whatever the outcome, this turn no longer holds the session.
+        sessions.waiters.release(&key);
+        let failure = match committed {
             Ok(Commit::Committed(version)) => {
                 metrics.checkpoint_bytes.observe(encoded.len() as f64);
                 metrics.session_commits.get_or_create(&OutcomeLabel { outcome: "committed" }).inc();
@@ -261,7 +285,7 @@ impl Lease {
             NotCommitted::Conflict => "conflict",
             NotCommitted::Store(_) => "error",
         };
-        tracing::warn!(session = ?self.key, outcome, "session turn was not committed");
+        tracing::warn!(session = ?key, outcome, "session turn was not committed");
         metrics.session_commits.get_or_create(&OutcomeLabel { outcome }).inc();
         Err(failure)
     }
@@ -283,6 +307,21 @@ impl NotCommitted {
         match self {
             Self::Conflict => GatewayError::SessionConflict { id: id.to_string() },
             Self::Store(err) => err.into(),
+        }
+    }
+}
+
+/// How often a request waiting on a session that replicas share polls its lease.
+const LEASE_POLL: Duration = Duration::from_millis(50);
+
+/// Resolves once the session's lease, polled alone, is free or has run out (released by another
+/// replica), or cannot be read cheaply or at all (the caller then reads the checkpoint).
+async fn released_elsewhere(sessions: &Sessions, key: &SessionKey) {
+    loop {
+        tokio::time::sleep(LEASE_POLL + Duration::from_millis(fastrand::u64(..10))).await;
+        match sessions.lease_until(key).await {
+            Ok(Some(until)) if until > now_ms() => continue,
+            _ => return,
         }
     }
 }

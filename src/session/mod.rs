@@ -15,6 +15,7 @@ pub(crate) mod events;
 pub(crate) mod lease;
 pub mod redis;
 pub mod store;
+mod waiters;
 
 use std::future::Future;
 use std::path::Path;
@@ -46,6 +47,8 @@ pub struct Sessions {
     /// marker another process wrote is a dead one's, lapsed whatever its lease says.
     exclusive: bool,
     metrics: Arc<Metrics>,
+    /// Requests waiting for busy sessions in this process.
+    waiters: waiters::Waiters,
 }
 
 /// What is kept beside the sessions, each kind under its own key namespace. Values expire with
@@ -76,7 +79,11 @@ impl Sessions {
     pub async fn open(config: &SessionConfig, metrics: Arc<Metrics>) -> Result<Self, StoreError> {
         let exclusive = config.store.starts_with("embedded:");
         let store: Arc<dyn SessionStore> = match config.store.strip_prefix("embedded:") {
-            Some(path) => Arc::new(embedded::EmbeddedStore::open(Path::new(path), config.ttl)?),
+            Some(path) => {
+                let store = Arc::new(embedded::EmbeddedStore::open(Path::new(path), config.ttl)?);
+                embedded::spawn_sweeper(&store, config.sweep_interval);
+                store
+            }
             None => Arc::new(
                 redis::RedisStore::connect(
                     &config.store,
@@ -88,7 +95,7 @@ impl Sessions {
             ),
         };
         let owner = format!("{:016x}", fastrand::u64(..));
-        Ok(Self { store, config: config.clone(), owner, exclusive, metrics })
+        Ok(Self { store, config: config.clone(), owner, exclusive, metrics, waiters: waiters::Waiters::default() })
     }
 
     /// Whether a turn's owner is gone: its lease ran out, or (on a store only this process
@@ -151,7 +158,15 @@ impl Sessions {
     }
 
     pub async fn delete(&self, key: &SessionKey) -> Result<bool, StoreError> {
-        self.timed("delete", self.store.delete(key)).await
+        let deleted = self.timed("delete", self.store.delete(key)).await;
+        self.waiters.release(key);
+        deleted
+    }
+
+    /// When the session's turn lease ends (0: free), without reading the checkpoint; `None`
+    /// when the store cannot tell cheaply.
+    async fn lease_until(&self, key: &SessionKey) -> Result<Option<u64>, StoreError> {
+        self.timed("lease", self.store.lease_until(key)).await
     }
 
     /// Reachability, for `/readyz`.

@@ -1,6 +1,8 @@
 //! The Redis store: one hash per session (`v` version, `doc` checkpoint JSON) under
 //! `{prefix}{scope:id}`; the braces are a hash tag, so all of a session's keys share one Cluster
-//! slot. Commits are a Lua compare-and-set, atomic on the server; loads refresh the TTL.
+//! slot. Commits are a Lua compare-and-set, atomic on the server; loads refresh the TTL. The
+//! hash also holds `lease`, when the in-flight turn's lease ends (0: none), written by every
+//! commit, so a request waiting on a busy session polls that field and not the document.
 //!
 //! On a Redis Cluster every command, pipeline, transaction and script here touches one session
 //! (its hash and its `:events` stream, both under the same hash tag) or one blob key, so each
@@ -20,7 +22,8 @@ use super::checkpoint::{Checkpoint, Encoded};
 use super::store::{BoxFuture, Commit, SessionKey, SessionStore, StoreError, Stored};
 use crate::redis_conn::{self, RedisConn};
 
-/// KEYS[1] session hash; ARGV[1] expected version, ARGV[2] document, ARGV[3] TTL in ms.
+/// KEYS[1] session hash; ARGV[1] expected version, ARGV[2] document, ARGV[3] TTL in ms,
+/// ARGV[4] the lease's end in ms (0: no turn in flight).
 /// Returns {1, new_version} or {0, current_version}. Expecting 0 (a new session) also matches a
 /// deleted one (a hash without `doc`), numbering on from its version.
 const COMMIT: &str = r"
@@ -29,7 +32,7 @@ if current ~= ARGV[1] and (ARGV[1] ~= '0' or redis.call('HEXISTS', KEYS[1], 'doc
   return {0, tonumber(current)}
 end
 local version = tonumber(current) + 1
-redis.call('HSET', KEYS[1], 'v', version, 'doc', ARGV[2])
+redis.call('HSET', KEYS[1], 'v', version, 'doc', ARGV[2], 'lease', ARGV[4])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return {1, version}
 ";
@@ -42,7 +45,7 @@ redis.call('DEL', KEYS[2])
 if redis.call('HEXISTS', KEYS[1], 'doc') == 0 then
   return 0
 end
-redis.call('HDEL', KEYS[1], 'doc')
+redis.call('HDEL', KEYS[1], 'doc', 'lease')
 redis.call('HINCRBY', KEYS[1], 'v', 1)
 redis.call('PEXPIRE', KEYS[1], ARGV[1])
 return 1
@@ -204,6 +207,7 @@ impl SessionStore for RedisStore {
                         .arg(expected)
                         .arg(checkpoint.as_bytes())
                         .arg(self.ttl.as_millis() as u64)
+                        .arg(checkpoint.lease_until_ms())
                         .invoke_async(&mut conn),
                 )
                 .await?;
@@ -282,6 +286,25 @@ impl SessionStore for RedisStore {
                 .await?;
             self.bounded(conn.zrem::<_, _, ()>(self.index_key(), key.storage_key())).await?;
             Ok(removed == 1)
+        })
+    }
+
+    fn shared(&self) -> bool {
+        true
+    }
+
+    /// `HMGET v lease`: a few bytes, however large the checkpoint. A hash an older version
+    /// wrote has no `lease` field: unknown.
+    fn lease_until<'a>(&'a self, key: &'a SessionKey) -> BoxFuture<'a, Result<Option<u64>, StoreError>> {
+        Box::pin(async move {
+            let mut conn = self.conn.clone();
+            let (version, lease): (Option<u64>, Option<u64>) = self
+                .bounded(redis::cmd("HMGET").arg(self.key(key)).arg("v").arg("lease").query_async(&mut conn))
+                .await?;
+            Ok(match (version, lease) {
+                (None, _) => Some(0),
+                (Some(_), lease) => lease,
+            })
         })
     }
 

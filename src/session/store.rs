@@ -145,6 +145,21 @@ pub trait SessionStore: Send + Sync + fmt::Debug {
 
     /// Drops a session from the in-flight index.
     fn unindex<'a>(&'a self, key: &'a SessionKey) -> BoxFuture<'a, Result<(), StoreError>>;
+
+    /// Whether other processes write this store (replicas on Redis): a request waiting for a
+    /// busy session cannot rely on this process hearing of every release, and polls
+    /// [`Self::lease_until`]. The embedded store's file is this process's alone.
+    fn shared(&self) -> bool {
+        false
+    }
+
+    /// When the session's turn lease ends (ms since the epoch; 0 when no turn holds it or there
+    /// is no session), read without the checkpoint. `None` when the store cannot tell that
+    /// cheaply (the caller reads the checkpoint instead).
+    fn lease_until<'a>(&'a self, key: &'a SessionKey) -> BoxFuture<'a, Result<Option<u64>, StoreError>> {
+        let _ = key;
+        Box::pin(async { Ok(None) })
+    }
 }
 
 #[cfg(test)]

@@ -30,7 +30,14 @@ pub(super) struct Servers {
 }
 
 impl Servers {
-    pub(super) fn tool(&mut self, config: &McpBackend, env: &dyn EnvSource, remote: &str) -> McpTool {
+    /// A tool on the server `config` names; results past `max_result_bytes` are failures.
+    pub(super) fn tool(
+        &mut self,
+        config: &McpBackend,
+        env: &dyn EnvSource,
+        remote: &str,
+        max_result_bytes: usize,
+    ) -> McpTool {
         let bearer = config.bearer_env.as_deref().and_then(|var| env.var(var));
         let server = self
             .by_url
@@ -44,7 +51,7 @@ impl Servers {
                 })
             })
             .clone();
-        McpTool { server, name: remote.to_string() }
+        McpTool { server, name: remote.to_string(), max_result_bytes }
     }
 }
 
@@ -115,6 +122,9 @@ fn client_info() -> ClientInfo {
 pub(super) struct McpTool {
     server: Arc<Server>,
     name: String,
+    /// `tool_loop.max_response_bytes`, as for HTTP tools: the result goes into the model's
+    /// context (and a session's checkpoint) whole.
+    max_result_bytes: usize,
 }
 
 impl McpTool {
@@ -128,7 +138,7 @@ impl McpTool {
             params = params.with_arguments(object.clone());
         }
         match session.call_tool(params).await {
-            Ok(result) => done(result),
+            Ok(result) => done(result, self.max_result_bytes),
             Err(err) => self.failed(&session, err).await,
         }
     }
@@ -154,7 +164,7 @@ impl McpTool {
         }
         match session.send_request(ClientRequest::CallToolRequest(CallToolRequest::new(params))).await {
             Ok(ServerResult::CreateTaskResult(created)) => Ok(created.task.task_id),
-            Ok(ServerResult::CallToolResult(result)) => Err(done(result)),
+            Ok(ServerResult::CallToolResult(result)) => Err(done(result, self.max_result_bytes)),
             Ok(_) => Err(Attempt::Fail("MCP server answered a task call with something else".into())),
             Err(err) => Err(self.failed(&session, err).await),
         }
@@ -192,7 +202,7 @@ impl McpTool {
                         GetTaskPayloadParams::new(task_id),
                     ));
                     return match session.send_request(request).await {
-                        Ok(ServerResult::CallToolResult(result)) => done(result),
+                        Ok(ServerResult::CallToolResult(result)) => done(result, self.max_result_bytes),
                         Ok(_) if status == TaskStatus::Failed => Attempt::Fail("the MCP task failed".into()),
                         Ok(_) => Attempt::Fail("MCP server answered tasks/result with something else".into()),
                         Err(err) => self.failed(&session, err).await,
@@ -217,16 +227,28 @@ impl McpTool {
 }
 
 /// A tool result as the `tool` message's content: its text blocks joined, else its structured
-/// content as JSON.
-pub(super) fn done(result: CallToolResult) -> Attempt {
+/// content as JSON. A result past `max` bytes fails the call, so the model gets an error saying
+/// so rather than the result.
+pub(super) fn done(result: CallToolResult, max: usize) -> Attempt {
     let texts: Vec<&str> =
         result.content.iter().filter_map(|c| c.as_text()).map(|t| t.text.as_str()).collect();
+    let size = texts.iter().map(|t| t.len() + 1).sum::<usize>().saturating_sub(1);
+    if size > max {
+        return too_large(max);
+    }
     let content = if texts.is_empty() {
         result.structured_content.as_ref().map(Value::to_string).unwrap_or_default()
     } else {
         texts.join("\n")
     };
+    if content.len() > max {
+        return too_large(max);
+    }
     Attempt::Done { content, is_error: result.is_error.unwrap_or(false) }
+}
+
+fn too_large(max: usize) -> Attempt {
+    Attempt::Fail(format!("tool result larger than {max} bytes (tool_loop.max_response_bytes)"))
 }
 
 pub(super) fn status_name(status: &TaskStatus) -> &'static str {

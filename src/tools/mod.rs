@@ -86,7 +86,12 @@ impl Registry {
                     http::HttpTool::new(backend, env, client.clone(), config.tool_loop.max_response_bytes)
                         .map_err(|e| ConfigError::single(&at(".http"), e))?,
                 )),
-                (None, Some(backend)) => Backend::Mcp(servers.tool(backend, env, tool.remote_name())),
+                (None, Some(backend)) => Backend::Mcp(servers.tool(
+                    backend,
+                    env,
+                    tool.remote_name(),
+                    config.tool_loop.max_response_bytes,
+                )),
                 _ => return Err(ConfigError::single(&at(""), "needs exactly one backend: `http` or `mcp`")),
             };
             if tool.inject {

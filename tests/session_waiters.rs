@@ -1,0 +1,116 @@
+//! Requests waiting for a busy session: they read nothing while they wait (no checkpoint
+//! loads), and are woken promptly when the turn holding the session ends, in this process or,
+//! on Redis, on another replica.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use mock_upstream::Server;
+use serde_json::{json, Value};
+use support::redis::RedisServer;
+use support::{fixtures, Chunk, Gate, Harness};
+
+const LOADS: &str = r#"ctxgate_session_store_duration_seconds_count{op="load"}"#;
+
+fn held_stream(gate: &Gate) -> mock_upstream::Builder {
+    Server::builder().stream(vec![
+        Chunk::json(fixtures::content_chunk(0, "held")),
+        Chunk::Wait(gate.clone()),
+        Chunk::json(fixtures::finish_chunk("stop")),
+        Chunk::done(),
+    ])
+}
+
+fn ask(text: &str, stream: bool) -> Value {
+    json!({"model": "mock-model", "messages": [{"role": "user", "content": text}], "stream": stream})
+}
+
+fn append(h: &Harness, session: &str, text: &str) -> reqwest::RequestBuilder {
+    h.chat().header("x-session-id", session).header("x-session-mode", "append").json(&ask(text, false))
+}
+
+#[tokio::test]
+async fn waiters_on_a_busy_session_read_nothing_and_wake_when_it_is_released() {
+    // Given a session held by a streamed turn, and 20 requests waiting for it
+    let gate = Gate::new();
+    let h = Harness::builder()
+        .upstream(held_stream(&gate))
+        .config(|c| c.sessions.busy_timeout = Duration::from_secs(30))
+        .start()
+        .await;
+    let held = h.chat().header("x-session-id", "w").json(&ask("first", true)).send().await.unwrap();
+    let mut waiters = tokio::task::JoinSet::new();
+    for i in 0..20 {
+        let request = append(&h, "w", &format!("m{i}"));
+        waiters.spawn(async move {
+            let response = request.send().await.unwrap();
+            (response.status().as_u16(), Instant::now())
+        });
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // When they wait
+    let before = h.metric(LOADS).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let during = h.metric(LOADS).await - before;
+
+    // Then they read no checkpoint meanwhile (polling read one every 10-20 ms each)
+    assert_eq!(during, 0.0, "checkpoint loads while waiting");
+
+    // And once the turn ends they are all served, one turn at a time, promptly
+    let released = Instant::now();
+    gate.open();
+    held.text().await.unwrap();
+    let done = waiters.join_all().await;
+    assert!(done.iter().all(|(status, _)| *status == 200), "{done:?}");
+    let first = done.iter().map(|(_, at)| at.duration_since(released)).min().unwrap();
+    assert!(first < Duration::from_millis(500), "first waiter served {first:?} after the release");
+    let messages = support::stores::transcript(&h.client, &h.url, "w", "Bearer sk-test-client").await;
+    assert_eq!(messages.len(), 42);
+}
+
+#[tokio::test]
+async fn a_waiter_on_another_replica_is_woken_when_the_turn_ends_without_loading() {
+    // Given two gateways on one Redis, A holding a session with a streamed turn
+    let redis = RedisServer::start().await;
+    let gate = Gate::new();
+    let url = redis.url();
+    let a =
+        Harness::builder().upstream(held_stream(&gate)).config(move |c| c.sessions.store = url).start().await;
+    let url = redis.url();
+    let b = Harness::builder()
+        .config(move |c| {
+            c.sessions.store = url;
+            c.sessions.busy_timeout = Duration::from_secs(30);
+        })
+        .start()
+        .await;
+    let held = a.chat().header("x-session-id", "r").json(&ask("first", true)).send().await.unwrap();
+
+    // When a request on B waits for it
+    let request = append(&b, "r", "second");
+    let waiter = tokio::spawn(async move {
+        let response = request.send().await.unwrap();
+        (response.status().as_u16(), Instant::now())
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = b.metric(LOADS).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // Then B reads no checkpoint while it waits
+    assert_eq!(b.metric(LOADS).await - before, 0.0, "checkpoint loads on B while waiting");
+    assert!(!waiter.is_finished());
+
+    // And once A's turn ends, B's request is served within a bounded time
+    gate.open();
+    held.text().await.unwrap();
+    let released = Instant::now();
+    let (status, at) = tokio::time::timeout(Duration::from_secs(5), waiter).await.unwrap().unwrap();
+    assert_eq!(status, 200);
+    let after = at.duration_since(released);
+    assert!(after < Duration::from_secs(1), "served {after:?} after A's turn ended");
+    let messages = support::stores::transcript(&b.client, &b.url, "r", "Bearer sk-test-client").await;
+    assert_eq!(messages.len(), 4);
+}
