@@ -70,6 +70,8 @@ async fn a_normalised_path_is_routed_and_authenticated_as_its_normal_form() {
     // Given gateway keys
     let h = Harness::builder()
         .config(|c| {
+            // The mock upstream takes no credential.
+            c.upstreams.iter_mut().for_each(|u| u.keyless = true);
             c.auth.keys = vec![ctxgate::config::KeyConfig {
                 name: "k".into(),
                 sha256: ctxgate::auth::hash_key(b"sk-k"),
