@@ -23,6 +23,8 @@ pub enum Encoding {
 
 /// Tokens OpenAI's chat format adds around each message (role and separators).
 const PER_MESSAGE: u32 = 4;
+/// Below this many bytes of messages, counting on other threads costs more than it saves.
+const PARALLEL_BYTES: usize = 64 * 1024;
 /// Entries kept per generation; two generations bound the cache at twice this.
 const GENERATION: usize = 200_000;
 
@@ -100,6 +102,18 @@ impl TokenCounter {
         self.cached(json, 0, |json| PER_MESSAGE + self.text(&crate::openai::message::countable_text(json)))
     }
 
+    /// Tokens of each message ([`Self::message`]). A long conversation is counted on every
+    /// core: tokenising is most of what its first request costs, and messages count
+    /// independently. Short ones (and ones already cached, cheap either way) stay on this thread.
+    pub fn messages(&self, messages: &[Box<serde_json::value::RawValue>]) -> Vec<u32> {
+        let bytes: usize = messages.iter().map(|m| m.get().len()).sum();
+        if bytes < PARALLEL_BYTES || messages.len() < 2 {
+            return messages.iter().map(|m| self.message(m.get())).collect();
+        }
+        use rayon::prelude::*;
+        messages.par_iter().map(|m| self.message(m.get())).collect()
+    }
+
     /// Tokens of a JSON document counted as text (the `tools` array), cached by its bytes.
     pub fn json(&self, json: &str) -> u32 {
         self.cached(json, 1, |json| self.text(json))
@@ -155,6 +169,24 @@ mod tests {
             let all = texts.concat();
             assert_eq!(counter.text(&all), reference.encode_ordinary(&all).len() as u32, "{encoding:?}: all");
         }
+    }
+
+    #[test]
+    fn a_long_conversation_counted_at_once_counts_each_message_as_alone() {
+        let raw = |v: serde_json::Value| serde_json::value::to_raw_value(&v).unwrap();
+        let messages: Vec<_> = (0..300)
+            .map(|i| match i % 3 {
+                0 => raw(serde_json::json!({"role": "user", "content": format!("question {i}: ").repeat(40)})),
+                1 => raw(serde_json::json!({"role": "assistant", "content": null, "tool_calls": [
+                    {"id": format!("c{i}"), "type": "function", "function": {"name": "read", "arguments": format!("{{\"n\":{i}}}")}}]})),
+                _ => raw(serde_json::json!({"role": "tool", "tool_call_id": format!("c{i}"), "content": format!("line {i}\n").repeat(60)})),
+            })
+            .collect();
+        assert!(messages.iter().map(|m| m.get().len()).sum::<usize>() > PARALLEL_BYTES);
+        let together = TokenCounter::new(Encoding::O200kBase).messages(&messages);
+        let alone = TokenCounter::new(Encoding::O200kBase);
+        let each: Vec<u32> = messages.iter().map(|m| alone.message(m.get())).collect();
+        assert_eq!(together, each);
     }
 
     #[test]

@@ -138,7 +138,7 @@ pub struct Analysed {
 pub fn analyse(counter: &TokenCounter, messages: &[Box<RawValue>]) -> Analysed {
     Analysed {
         infos: messages.iter().map(|m| Info::parse(m.get())).collect(),
-        tokens: messages.iter().map(|m| counter.message(m.get())).collect(),
+        tokens: counter.messages(messages),
     }
 }
 
