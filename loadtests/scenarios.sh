@@ -189,7 +189,7 @@ start_gateway() {
 }
 
 # The config every scenario starts from; scenarios append their sections.
-base_config() { # STORE
+base_config() { # STORE [LINE for the upstream's table]
   cat <<EOF
 [server]
 max_concurrent_requests = 10000
@@ -200,6 +200,7 @@ store = "$1"
 [[upstreams]]
 name = "mock"
 base_url = "$MOCK_ORIGIN/v1"
+${2:-}
 EOF
 }
 
@@ -322,7 +323,8 @@ scenario_ratelimit() {
   key="ck-loadtest-$(python3 -c 'import secrets;print(secrets.token_hex(12))')"
   digest=$(printf '%s' "$key" | sha256sum | cut -d' ' -f1)
   {
-    base_config "embedded:$CUR/ctxgate.redb"
+    # With gateway keys, an upstream must hold a credential or say it takes none (the mock).
+    base_config "embedded:$CUR/ctxgate.redb" "keyless = true"
     cat <<EOF
 [rate_limits]
 store = "$store"
