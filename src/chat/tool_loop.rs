@@ -296,8 +296,10 @@ impl<'a> ToolLoop<'a> {
             waited += response.extensions().get::<UpstreamWait>().map_or(Duration::ZERO, |w| w.0);
             let reading = Instant::now();
             let body = std::mem::replace(response.body_mut(), body::empty());
-            let round =
-                relay.read(body, false, &mut self.usage, &upstream).await.map_err(|source| self.unreachable(source))?;
+            let round = relay
+                .read(body, false, &mut self.usage, &upstream)
+                .await
+                .map_err(|source| self.unreachable(source))?;
             waited += reading.elapsed();
             response.extensions_mut().insert(UpstreamWait(waited));
             let Round { answer, rest: Rest::Body(bytes) } = round else {

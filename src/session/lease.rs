@@ -98,7 +98,8 @@ impl Lease {
                 if tokio::time::Instant::now() >= deadline {
                     return Err(busy(&sessions));
                 }
-                let lease_end = tokio::time::Instant::now() + Duration::from_millis(held_until.saturating_sub(now));
+                let lease_end =
+                    tokio::time::Instant::now() + Duration::from_millis(held_until.saturating_sub(now));
                 tokio::select! {
                     _ = released.changed() => {}
                     () = tokio::time::sleep_until(lease_end.min(deadline)) => {}

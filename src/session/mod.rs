@@ -95,7 +95,14 @@ impl Sessions {
             ),
         };
         let owner = format!("{:016x}", fastrand::u64(..));
-        Ok(Self { store, config: config.clone(), owner, exclusive, metrics, waiters: waiters::Waiters::default() })
+        Ok(Self {
+            store,
+            config: config.clone(),
+            owner,
+            exclusive,
+            metrics,
+            waiters: waiters::Waiters::default(),
+        })
     }
 
     /// Whether a turn's owner is gone: its lease ran out, or (on a store only this process
