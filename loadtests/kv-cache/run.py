@@ -345,8 +345,11 @@ def summarize(results, n_turns):
 def table(summary, meta):
     d = summary.get("direct")
     pct = lambda x: "-" if x is None else f"{100 * x:.1f}%"
-    lines = [f"Model {meta['model']}, {meta['n_turns']} turns (BFCL long_context {','.join(meta['convs'])}), "
-             f"ctxgate context_window {meta['context_window']} (high water {int(0.8 * meta['context_window'])}), "
+    session = meta.get("session", "bfcl")
+    what = f"BFCL long_context {','.join(meta['convs'])}" if session == "bfcl" else f"generated session {session}"
+    lines = [f"Model {meta['model']}, {meta['n_turns']} turns ({what}), "
+             f"ctxgate context_window {meta['context_window']} (high water {int(0.8 * meta['context_window'])}, "
+             f"token_margin {meta.get('token_margin', 0)}), "
              f"server -c {meta['server_ctx']}, max_tokens {meta['max_tokens']}, --cache-ram 0, 1 slot.", "",
              "| mode | turns ok | overflows | Σ prompt tokens | vs direct | cached / prompt | physical limit | prefix-reuse eff. | mean wall/turn | total wall | speed-up vs direct | epochs | server prefill (incl. sheet) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
