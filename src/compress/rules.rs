@@ -513,7 +513,9 @@ impl<'a> Work<'a> {
             // The last result the budget needs, much larger than the need: keep its head and
             // tail rather than mask all of it.
             let spare = self.slot(i).tokens.saturating_sub(need);
-            let cuttable = role == Role::Tool && self.rules.config.truncate_tool_outputs && self.whole(i);
+            let cuttable = role == Role::Tool
+                && self.rules.config.truncate_tool_outputs
+                && (self.whole(i) || self.slot(i).fate == Fate::Cut);
             if cuttable && spare >= MIN_KEPT && self.cut_middle(i, spare) {
                 continue;
             }
@@ -523,12 +525,23 @@ impl<'a> Work<'a> {
 
     /// Cuts the middle of the text at `i` so that about `keep` tokens remain.
     fn cut_middle(&mut self, i: usize, keep: u64) -> bool {
-        let id = marker::id_of(&self.epoch.conversation.messages[i]);
+        let original = &self.epoch.conversation.messages[i];
+        let id = marker::id_of(original);
         let slot = self.slot(i);
-        let source = slot.message.clone();
+        // An output cut before is cut again from the whole (normalised) text, so there is one
+        // marker and its byte count is the original's.
+        let (source, tokens) = match slot.fate {
+            Fate::Cut => {
+                let whole =
+                    normalize(self.rules, self.info(i), original.get()).unwrap_or_else(|| original.clone());
+                let tokens = u64::from(self.counter.message(whole.get()));
+                (whole, tokens)
+            }
+            _ => (slot.message.clone(), slot.tokens),
+        };
         // Bytes per token of the text as it stands (whitespace and ANSI already gone).
         let current = Info::parse(source.get()).text.map_or(0, |t| t.len());
-        let mut max_bytes = (keep as usize * current) / (slot.tokens.max(1) as usize);
+        let mut max_bytes = (keep as usize * current) / (tokens.max(1) as usize);
         // Tokens per byte differ between the parts of an output (numbers, JSON, prose), so the
         // average misses: measure the cut and correct it, a few times at most. A cut that keeps
         // far more than asked leaves the epoch over budget, and the next pass then masks the
@@ -1012,6 +1025,37 @@ mod tests {
         let texts = [content(&out.messages[2]), content(&out.messages[4])];
         assert!(texts.iter().any(|t| t.starts_with(marker::PREFIX)), "one masked");
         assert!(texts.iter().any(|t| t.contains("line 0:") && t.contains("from the middle of this output")));
+    }
+
+    #[test]
+    fn an_output_already_cut_to_the_maximum_is_cut_again_rather_than_masked() {
+        let f = Fixture::new(vec![
+            user("go"),
+            call("c1", "read", r#"{"f":1}"#),
+            result("c1", &lines("a", 600)),
+            call("c2", "read", r#"{"f":2}"#),
+            result("c2", &lines("b", 600)),
+            user("next"),
+        ]);
+        let config = |mask: bool| RulesConfig {
+            max_tool_output_tokens: 500,
+            ..only(|c| {
+                c.truncate_tool_outputs = true;
+                c.mask_old_tool_results = mask;
+            })
+        };
+        let outside = u64::from(f.tokens[0] + f.tokens[f.tokens.len() - 1]);
+        // Both outputs cut to the maximum, and nothing else to do: the floor of cutting alone.
+        let cut = outside + f.run(&config(false), 0, outside + 1).tokens;
+        // A little under that: one of them gives up a little more, and is not masked whole.
+        let target = cut - 200;
+        let out = f.run(&config(true), 0, target);
+        let total = outside + out.tokens;
+        assert!(total <= target && total + 150 > target, "{total} for a budget of {target}");
+        for text in [content(&out.messages[2]), content(&out.messages[4])] {
+            assert!(text.contains("from the middle of this output"), "{text:.200}");
+            assert_eq!(text.matches(marker::PREFIX).count(), 1, "one marker: {text:.300}");
+        }
     }
 
     #[test]
