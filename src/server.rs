@@ -121,16 +121,15 @@ pub(crate) async fn run(
 fn builder(config: &ServerConfig) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     let max_header_bytes = config.max_header_bytes.get();
-    // hyper's HTTP/1 read buffer bounds a head: a head that does not fit gets hyper's own 431
-    // (no body: there is no request yet to answer) and the connection closes. The floor is
+    // The limit itself is checked per request in the stack (a 431 with an error body); hyper's
+    // caps are twice it. A head that does not fit hyper's HTTP/1 read buffer gets hyper's own
+    // 431 (no body: there is no request yet to answer) and the connection closes. The floor is
     // hyper's minimum buffer, which validation enforces too.
-    builder
-        .http1()
-        .header_read_timeout(None)
-        .max_buf_size(max_header_bytes.max(crate::config::MIN_HEADER_BYTES));
+    let hard_cap = max_header_bytes.saturating_mul(2);
+    builder.http1().header_read_timeout(None).max_buf_size(hard_cap.max(crate::config::MIN_HEADER_BYTES));
     // HTTP/2 counts a header list as RFC 9113 does (each field plus 32 bytes); over it, h2
     // answers the stream with 431.
-    builder.http2().max_header_list_size(u32::try_from(max_header_bytes).unwrap_or(u32::MAX));
+    builder.http2().max_header_list_size(u32::try_from(hard_cap).unwrap_or(u32::MAX));
     builder
 }
 
