@@ -1,7 +1,9 @@
 //! A session's event log: the SSE events of its last streamed turn, each numbered `TURN-SEQ`,
 //! written as the turn streams ([`EventLog`]) and read back by a follower that replays them and
 //! then follows the live turn ([`follow`]), so a client that lost its connection picks up
-//! where it stopped. A follower never takes a turn over itself (that needs the chat pipeline):
+//! where it stopped. The log holds the answer's events but not `[DONE]`, which a live client
+//! gets only once the turn is committed: a follower sends it when it finds the commit. A
+//! follower never takes a turn over itself (that needs the chat pipeline):
 //! it reports why it stopped, and the sessions API decides.
 
 use std::sync::Arc;
@@ -15,7 +17,7 @@ use super::checkpoint::now_ms;
 use super::{SessionKey, Sessions, Stored};
 use crate::body::FrameSender;
 use crate::openai::events::is_done;
-use crate::openai::sse::with_id;
+use crate::openai::sse::{with_id, DONE};
 
 /// How often a replay that has caught up looks for events another replica wrote (and at the
 /// lease alone); in this process, writes wake it.
@@ -111,7 +113,8 @@ pub(crate) async fn follow(
     tx: &FrameSender,
 ) -> Followed {
     let start = *after;
-    // A client whose last event was `[DONE]` has the whole turn already.
+    // A client whose last event was a logged `[DONE]` (logs written by earlier versions hold
+    // it) has the whole turn already.
     if let Some(before) = start.checked_sub(1) {
         if let Ok(last) = sessions.events_after(key, turn, before, 1).await {
             if last.first().is_some_and(|(seq, event)| *seq == start && is_done(event)) {
@@ -190,9 +193,13 @@ async fn serving(
         _ => {}
     }
     let Some(f) = stored.checkpoint.in_flight.as_ref().filter(|f| f.turn == turn) else {
-        return Err(catch_up(sessions, key, turn, after, tx)
-            .await
-            .unwrap_or(Followed::Ended("the turn ended without completing its answer")));
+        if let Some(end) = catch_up(sessions, key, turn, after, tx).await {
+            return Err(end);
+        }
+        if stored.checkpoint.stream_committed != Some(turn) {
+            return Err(Followed::Ended("the turn ended without completing its answer"));
+        }
+        return Err(committed(sessions, key, turn, *after, tx).await);
     };
     if !sessions.lapsed(f, now_ms()) {
         return Ok(f.lease_until_ms);
@@ -205,6 +212,28 @@ async fn serving(
         return Err(Followed::Ended("the gateway serving the turn stopped"));
     }
     Err(Followed::Lapsed(Box::new(stored)))
+}
+
+/// Ends the follow of a committed turn whose logged events were all sent, with `[DONE]`
+/// numbered after them, unless the client's last event was past the log: that was `[DONE]`.
+async fn committed(
+    sessions: &Arc<Sessions>,
+    key: &SessionKey,
+    turn: u64,
+    after: u64,
+    tx: &FrameSender,
+) -> Followed {
+    if let Some(before) = after.checked_sub(1) {
+        match sessions.events_after(key, turn, before, 1).await {
+            Ok(last) if last.first().is_some_and(|(seq, _)| *seq == after) => {}
+            Ok(_) => return Followed::Done,
+            Err(_) => return Followed::Ended("the session store is unavailable"),
+        }
+    }
+    if tx.send(Ok(Frame::data(with_id(turn, after + 1, DONE)))).await.is_err() {
+        return Followed::Gone;
+    }
+    Followed::Done
 }
 
 /// Sends the events logged after `after`; `Some` when that ended the follow (`[DONE]`, the
