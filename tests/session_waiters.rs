@@ -191,3 +191,45 @@ async fn a_follower_on_another_replica_polls_the_lease_not_the_checkpoint() {
     assert!(body.contains("held"), "{body}");
     assert!(body.trim_end().ends_with("data: [DONE]"), "{body}");
 }
+
+#[tokio::test]
+async fn a_follower_that_falls_behind_still_ends_when_the_turn_ends_meanwhile() {
+    // Given a session turn whose answer (2 MB of events) is more than the follower's connection
+    // holds, with a lease far longer than the test
+    let gate = Gate::new();
+    let mut chunks = vec![Chunk::json(fixtures::content_chunk(0, "held")), Chunk::Wait(gate.clone())];
+    chunks.extend((1..10_000).map(|i| Chunk::json(fixtures::content_chunk(i, &"x".repeat(200)))));
+    chunks.extend([Chunk::json(fixtures::finish_chunk("stop")), Chunk::done()]);
+    let h = Harness::builder()
+        .upstream(Server::builder().stream(chunks))
+        .config(|c| c.sessions.lease = Duration::from_secs(30))
+        .start()
+        .await;
+    let live = h.chat().header("x-session-id", "fb").json(&ask("first", true)).send().await.unwrap();
+
+    // And a follower that caught up, then stops reading while the answer streams
+    let mut follower = follow(&h, "fb").await.bytes_stream();
+    use futures_util::StreamExt;
+    let first = follower.next().await.unwrap().unwrap();
+    assert!(String::from_utf8_lossy(&first).contains("held"));
+    gate.open();
+
+    // When the turn ends (and is committed) while the follower is behind
+    let answer = live.text().await.unwrap();
+    assert!(answer.trim_end().ends_with("data: [DONE]"));
+
+    // Then the follower, reading again, gets the whole turn and [DONE] at once, not at the
+    // lease's end
+    let rest = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut rest = Vec::new();
+        while let Some(bytes) = follower.next().await {
+            rest.extend_from_slice(&bytes.unwrap());
+        }
+        rest
+    })
+    .await
+    .expect("the follower waited past the turn's end");
+    let rest = String::from_utf8(rest).unwrap();
+    assert!(rest.trim_end().ends_with("data: [DONE]"), "{}", &rest[rest.len().saturating_sub(300)..]);
+    assert_eq!(rest.matches("data: ").count(), 10_000 + 1);
+}

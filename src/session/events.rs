@@ -126,10 +126,17 @@ pub(crate) async fn follow(
     let gate = sessions.waiters.gate(key);
     // When the serving turn's lease ends, as last read; `None`: read the turn's state again.
     let mut serving_until: Option<u64> = None;
+    // Kept for the whole follow, so no release is missed between a read and the wait, nor
+    // while a pass sends events (a fresh receiver would take a release as already seen).
+    let mut logged = gate.logs();
+    let mut released = gate.releases();
     loop {
-        // Taken before the reads, so a write or release between a read and the wait is seen.
-        let mut logged = gate.logs();
-        let mut released = gate.releases();
+        // Events logged from here on wake the wait below; earlier ones the read finds.
+        logged.borrow_and_update();
+        if released.has_changed().unwrap_or(true) {
+            released.borrow_and_update();
+            serving_until = None;
+        }
         let events = match sessions.events_after(key, turn, *after, 256).await {
             Ok(events) => events,
             Err(_) => return Followed::Ended("the session store is unavailable"),
