@@ -335,7 +335,7 @@ impl PoolMetrics {
         let in_flight = Family::default();
         registry.register(
             "upstream_endpoint_in_flight",
-            "Requests (and their streams, until the last byte) in flight on a pool endpoint",
+            "Requests (and their streams, until the last byte; tunnels, until they close) in flight on a pool endpoint",
             in_flight.clone(),
         );
         let failures = Family::<EndpointReasonLabel, Counter>::default();

@@ -427,3 +427,36 @@ async fn shutdown_lets_a_tunnel_run_through_the_drain_and_ends_it_at_the_drain_t
     assert!(matches!(upstream.next().await, Seen::Ended));
     timeout(WAIT, h.join()).await.expect("the gateway did not stop");
 }
+
+#[tokio::test]
+async fn a_tunnel_through_a_pool_names_its_endpoint_and_counts_in_flight_there_until_it_closes() {
+    // Given an upstream that is a pool whose one endpoint is the echo upstream
+    let upstream = EchoUpstream::start(None).await;
+    let endpoint = upstream.addr.to_string();
+    let base_url = upstream.base_url();
+    let h = Harness::builder()
+        .config(move |c| {
+            c.upstreams = vec![ctxgate::config::UpstreamConfig {
+                name: "pool".into(),
+                pool: Some(ctxgate::config::PoolConfig { endpoints: vec![base_url], ..Default::default() }),
+                ..Default::default()
+            }];
+            c.routes.clear();
+        })
+        .start()
+        .await;
+    let in_flight =
+        format!(r#"ctxgate_upstream_endpoint_in_flight{{upstream="pool",endpoint="{endpoint}"}}"#);
+
+    // When a tunnel opens
+    let (mut ws, switched) = connect_with(&h, "/v1/realtime?model=x", None, &[]).await.unwrap();
+    round_trip(&mut ws, Message::text("hello")).await;
+
+    // Then the 101 names the endpoint, which counts the tunnel in flight while it is open
+    assert_eq!(switched["x-ctxgate-upstream-endpoint"], endpoint.as_str());
+    metric_becomes(&h, &in_flight, 1.0).await;
+    ws.close(None).await.unwrap();
+    assert!(closes_within(&mut ws, WAIT).await);
+    drop(ws);
+    metric_becomes(&h, &in_flight, 0.0).await;
+}
