@@ -17,7 +17,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::header::{self, HeaderValue};
-use http::{HeaderMap, Request, Response, StatusCode, Version};
+use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -25,9 +25,13 @@ use tokio::time::Instant;
 
 use crate::body::{self, Body, BoxError};
 
-/// The protocol an HTTP/1.1 request asks to switch to (its `Upgrade` header), when it is an
-/// upgrade hyper can hand over: `Connection: upgrade` and hyper's upgrade handle present.
+/// The protocol an HTTP/1.1 `GET` asks to switch to (its `Upgrade` header), when it is an
+/// upgrade hyper can hand over: `Connection: upgrade` and hyper's upgrade handle present. Only
+/// `GET` (what WebSocket uses): an upgrade never carries a body upstream.
 pub(crate) fn requested<B>(request: &Request<B>) -> Option<&HeaderValue> {
+    if request.method() != Method::GET {
+        return None;
+    }
     let upgrade = request.headers().get(header::UPGRADE)?;
     let connection_upgrade = request
         .headers()
@@ -192,9 +196,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn an_upgrade_needs_connection_upgrade_http_1_1_and_hyper_s_handle() {
+    fn an_upgrade_needs_a_get_connection_upgrade_http_1_1_and_hyper_s_handle() {
         let request = |connection: &str, version: Version, handle: bool| {
             let mut request = Request::builder()
+                .method(Method::GET)
                 .version(version)
                 .header(header::UPGRADE, "websocket")
                 .header(header::CONNECTION, connection)
@@ -209,5 +214,8 @@ mod tests {
         assert!(requested(&request("keep-alive", Version::HTTP_11, true)).is_none());
         assert!(requested(&request("upgrade", Version::HTTP_2, true)).is_none());
         assert!(requested(&request("upgrade", Version::HTTP_11, false)).is_none());
+        let mut post = request("upgrade", Version::HTTP_11, true);
+        *post.method_mut() = Method::POST;
+        assert!(requested(&post).is_none());
     }
 }

@@ -224,7 +224,8 @@ pub(crate) async fn upgrade(
     Ok(response)
 }
 
-/// The `model` query parameter; at most one, so the model checked is the one the upstream reads.
+/// The `model` query parameter; at most one and sent unencoded (model names need no escapes),
+/// so the model checked is the one the upstream reads.
 fn query_model(uri: &http::Uri) -> Result<Option<String>, GatewayError> {
     let mut models = uri
         .query()
@@ -234,6 +235,11 @@ fn query_model(uri: &http::Uri) -> Result<Option<String>, GatewayError> {
         .map(|(_, value)| value);
     match (models.next(), models.next()) {
         (None, _) => Ok(None),
+        (Some(model), None) if model.contains(['%', '+']) => Err(GatewayError::invalid(
+            "The query parameter 'model' must be sent unencoded.",
+            Some("model"),
+            "invalid_value",
+        )),
         (Some(model), None) => Ok((!model.is_empty()).then(|| model.to_string())),
         (Some(_), Some(_)) => Err(GatewayError::invalid(
             "The query repeats the parameter 'model'; it may appear once.",
@@ -249,4 +255,23 @@ fn model_list(models: &[String]) -> Response<Body> {
         .map(|id| serde_json::json!({"id": id, "object": "model", "created": 0, "owned_by": "ctxgate"}))
         .collect();
     json_response(&serde_json::json!({"object": "list", "data": data}))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn model_of(uri: &str) -> Result<Option<String>, u16> {
+        query_model(&uri.parse().unwrap()).map_err(|e| e.status().as_u16())
+    }
+
+    #[test]
+    fn the_query_names_one_plain_model_at_most() {
+        assert_eq!(model_of("/v1/realtime?model=gpt-realtime&x=1"), Ok(Some("gpt-realtime".into())));
+        assert_eq!(model_of("/v1/realtime?xmodel=a"), Ok(None));
+        assert_eq!(model_of("/v1/realtime"), Ok(None));
+        // Two, or an escaped one, could be read otherwise upstream than here
+        assert_eq!(model_of("/v1/realtime?model=a&model=b"), Err(400));
+        assert_eq!(model_of("/v1/realtime?model=gpt-%41"), Err(400));
+    }
 }
