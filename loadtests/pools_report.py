@@ -13,46 +13,13 @@ minus single's: what the pool code adds to a request on top of a plain upstream.
 """
 
 import csv
-import json
 import os
-import re
 import statistics
 import sys
 
-SAMPLE_RE = re.compile(r'^(?P<name>[a-z_]+)(?:\{(?P<labels>[^}]*)\})?\s+(?P<value>\S+)$')
-LABEL_RE = re.compile(r'(\w+)="([^"]*)"')
+from report import env, load_json, metric, samples
+
 TARGETS = ['direct', 'single', 'pool', 'affinity']
-
-
-def env(name, default=''):
-    return os.environ.get(name, default)
-
-
-def load_json(path):
-    try:
-        with open(path, encoding='utf-8') as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
-
-def stat(summary, name, key):
-    if not summary:
-        return None
-    return summary.get('metrics', {}).get(name, {}).get('values', {}).get(key)
-
-
-def samples(path):
-    out = []
-    try:
-        with open(path, encoding='utf-8') as f:
-            for line in f:
-                m = SAMPLE_RE.match(line.strip())
-                if m and not line.startswith('#'):
-                    out.append((m.group('name'), dict(LABEL_RE.findall(m.group('labels') or '')), float(m.group('value'))))
-    except OSError:
-        pass
-    return out
 
 
 def us(ms):
@@ -96,16 +63,16 @@ def main():
     out.append('|---|---|---|---|---|---|---|---|---|')
     for target in TARGETS:
         for (rnd, summary), rc in zip(runs.get(target, []), codes.get(target, [])):
-            count = stat(summary, 'http_reqs', 'count')
-            failed = stat(summary, 'http_req_failed', 'rate')
-            out.append(f"| {rnd} | {target} | {us(stat(summary, 'http_req_duration', 'med'))} | "
-                       f"{us(stat(summary, 'http_req_duration', 'p(90)'))} | {us(stat(summary, 'http_req_duration', 'p(99)'))} | "
+            count = metric(summary, 'http_reqs', 'count')
+            failed = metric(summary, 'http_req_failed', 'rate')
+            out.append(f"| {rnd} | {target} | {us(metric(summary, 'http_req_duration', 'med'))} | "
+                       f"{us(metric(summary, 'http_req_duration', 'p(90)'))} | {us(metric(summary, 'http_req_duration', 'p(99)'))} | "
                        f"{count if count is not None else '–'} | {'–' if failed is None else f'{failed * 100:.2f}%'} | {rc} | "
                        f"{loads.get(f'{rnd}-{target}', '–')} |")
     out.append('')
 
     def median_of(target, key):
-        values = [stat(s, 'http_req_duration', key) for _, s in runs.get(target, [])]
+        values = [metric(s, 'http_req_duration', key) for _, s in runs.get(target, [])]
         values = [v for v in values if v is not None]
         return statistics.median(values) if values else None
 
