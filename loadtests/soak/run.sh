@@ -11,6 +11,7 @@
 #
 # Knobs (environment): DURATION (30m), RESTART_EVERY (3m), RSS_EVERY (5), PLAIN_RATE (4),
 # STREAM_RATE (4), SESSIONS (12), THINK_MS (500), TURNS (40), ABORT_FRAC (0.2), ABORT_MS (120),
+# PAD_BYTES (0: filler added to each session user message, to grow the store faster),
 # MOCK_LATENCY_MS (10), MOCK_CHUNKS (8), MOCK_CHUNK_DELAY_MS (40), WINDOW_GRACE_MS (1000: how
 # long after the new gateway is healthy a request still counts as inside the restart window),
 # SKIP_BUILD=1, TAG=name, KEEP_WORK=1 (keep the temp dir with logs, the k6 request log, the
@@ -41,6 +42,7 @@ MOCK_CHUNKS=${MOCK_CHUNKS:-8}
 MOCK_CHUNK_DELAY_MS=${MOCK_CHUNK_DELAY_MS:-40}
 WINDOW_GRACE_MS=${WINDOW_GRACE_MS:-1000}
 TAG=${TAG:-}
+PAD_BYTES=${PAD_BYTES:-0}
 
 secs() { # k6-style duration (30m, 40s, 1h, 1m30s, or plain seconds) -> seconds
   python3 - "$1" <<'EOF'
@@ -148,7 +150,7 @@ K6_START_MS=$(now_ms)
 "$K6" run --quiet --address 127.0.0.1:0 --log-format raw --console-output "$WORK/requests.jsonl" \
   -e "BASE_URL=$GW_ORIGIN/v1" -e "DURATION=$DURATION" -e "PLAIN_RATE=$PLAIN_RATE" \
   -e "STREAM_RATE=$STREAM_RATE" -e "SESSIONS=$SESSIONS" -e "THINK_MS=$THINK_MS" -e "TURNS=$TURNS" \
-  -e "ABORT_FRAC=$ABORT_FRAC" -e "ABORT_MS=$ABORT_MS" -e "RUN_ID=$RUN_ID" \
+  -e "ABORT_FRAC=$ABORT_FRAC" -e "ABORT_MS=$ABORT_MS" -e "RUN_ID=$RUN_ID" -e "PAD_BYTES=$PAD_BYTES" \
   -e "SUMMARY=$WORK/k6-summary.json" "$HERE/soak.js" >"$WORK/k6.log" 2>&1 &
 K6_PID=$!
 log "k6 (pid $K6_PID) for $DURATION: plain $PLAIN_RATE/s, stream $STREAM_RATE/s, $SESSIONS session VUs; restarts every $RESTART_EVERY"
@@ -219,7 +221,7 @@ SOAK_DATE=$DATE SOAK_GIT="$GIT_REV" SOAK_BIN_BUILT="$BIN_BUILT" SOAK_K6_VERSION=
 SOAK_NPROC=$(nproc) SOAK_CPU="$(awk -F': ' '/^model name/{print $2; exit}' /proc/cpuinfo)" \
 SOAK_KERNEL="$(uname -r)" SOAK_MEM="$(awk '/^MemTotal:/{printf "%.0f GiB", $2/1048576}' /proc/meminfo)" \
 SOAK_LOAD_START="$LOAD_START" SOAK_LOAD_END="$LOAD_END" SOAK_DURATION="$DURATION" \
-SOAK_RESTART_EVERY="$RESTART_EVERY" SOAK_PLAIN_RATE=$PLAIN_RATE SOAK_STREAM_RATE=$STREAM_RATE \
+SOAK_RESTART_EVERY="$RESTART_EVERY" SOAK_PAD_BYTES=$PAD_BYTES SOAK_PLAIN_RATE=$PLAIN_RATE SOAK_STREAM_RATE=$STREAM_RATE \
 SOAK_SESSIONS=$SESSIONS SOAK_THINK_MS=$THINK_MS SOAK_TURNS=$TURNS SOAK_ABORT_FRAC=$ABORT_FRAC \
 SOAK_ABORT_MS=$ABORT_MS SOAK_MOCK="--latency $MOCK_LATENCY_MS --chunks $MOCK_CHUNKS --chunk-delay $MOCK_CHUNK_DELAY_MS" \
 SOAK_WINDOW_GRACE_MS=$WINDOW_GRACE_MS SOAK_K6_RC=$K6_RC SOAK_K6_START_MS=$K6_START_MS SOAK_K6_END_MS=$K6_END_MS \

@@ -38,6 +38,9 @@ const TURNS = parseInt(__ENV.TURNS || '40', 10);
 const ABORT_FRAC = parseFloat(__ENV.ABORT_FRAC || '0.2');
 const ABORT_MS = parseInt(__ENV.ABORT_MS || '120', 10);
 const RUN_ID = __ENV.RUN_ID || String(Date.now());
+// Filler appended to every session user message, so the store grows faster (0: none).
+const PAD_BYTES = parseInt(__ENV.PAD_BYTES || '0', 10);
+const PAD = PAD_BYTES > 0 ? ' ' + 'filler '.repeat(Math.ceil(PAD_BYTES / 7)).slice(0, PAD_BYTES) : '';
 const AUTH = 'Bearer sk-soak-not-a-real-key';
 
 const okCount = new Counter('soak_ok');
@@ -166,7 +169,7 @@ export function session() {
   }
   turn += 1;
   const marker = `${sid}-${turn}`;
-  const user = { role: 'user', content: `[turn ${marker}] ${ASKS[turn % ASKS.length]}` };
+  const user = { role: 'user', content: `[turn ${marker}] ${ASKS[turn % ASKS.length]}${PAD}` };
   const streamed = Math.random() < 0.5;
   const abort = streamed && Math.random() < ABORT_FRAC;
   const req = { model: 'mock-model', messages: append ? [user] : history.concat([user]), max_tokens: 64 };

@@ -261,7 +261,8 @@ def report(args):
     w(
         f"- Load: plain JSON {env('SOAK_PLAIN_RATE')}/s and streamed {env('SOAK_STREAM_RATE')}/s (open model), "
         f"{env('SOAK_SESSIONS')} session VUs (one turn at a time, {env('SOAK_THINK_MS')} ms apart, half streamed; "
-        f"sessions alternate between `X-Session-Mode: append` and full history; a new session id every {env('SOAK_TURNS')} turns). "
+        f"sessions alternate between `X-Session-Mode: append` and full history; a new session id every {env('SOAK_TURNS')} turns; "
+        f"{env('SOAK_PAD_BYTES', '0')} bytes of filler in each session user message). "
         f"{float(env('SOAK_ABORT_FRAC', '0')) * 100:.0f} % of streamed requests (plain and session) are cut off by a "
         f"{env('SOAK_ABORT_MS')} ms k6 timeout (client disconnect mid-stream)."
     )
