@@ -1,0 +1,495 @@
+//! `POST /v1/responses` in front of a Chat-Completions-only upstream: the official `openai`
+//! Python SDK's own parsers on our objects and events, `previous_response_id` chains (what the
+//! upstream was sent), a chain across a gateway restart and across replicas on Redis, stored
+//! responses and their 404s, and the passthrough to an upstream that has the Responses API.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[macro_use]
+mod support;
+
+use mock_upstream::Server;
+use serde_json::{json, Value};
+use support::gateway::{Gateway, AUTH};
+use support::stores::{self, Store};
+use support::{chunks, fixtures, Chunk, Harness, Reply};
+
+fn user(text: &str) -> Value {
+    json!({"role": "user", "content": text})
+}
+
+fn assistant(text: &str) -> Value {
+    json!({"role": "assistant", "content": text})
+}
+
+/// A non-streamed answer calling `get_weather` once, with `call_id`.
+fn weather_call(call_id: &str) -> Value {
+    let mut completion = fixtures::completion("");
+    completion["choices"][0]["message"] = json!({
+        "role": "assistant",
+        "content": null,
+        "tool_calls": [{"id": call_id, "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\":\"Paris\"}"}}]
+    });
+    completion["choices"][0]["finish_reason"] = "tool_calls".into();
+    completion
+}
+
+/// `POST /v1/responses` with `body` to `base`, as the test client.
+async fn create(client: &reqwest::Client, base: &str, body: Value) -> reqwest::Response {
+    client
+        .post(format!("{base}/v1/responses"))
+        .header("authorization", AUTH)
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+}
+
+/// The `data:` payloads of a Responses stream, parsed.
+fn events(body: &str) -> Vec<Value> {
+    support::sse_data(body).iter().map(|d| serde_json::from_str(d).unwrap()).collect()
+}
+
+#[tokio::test]
+async fn official_python_sdk_uses_the_responses_api_over_a_chat_only_upstream() {
+    // Given a Chat-Completions upstream scripted in the order the SDK script calls it
+    let mut stream = chunks(&["one ", "two"], None);
+    stream.insert(stream.len() - 1, Chunk::json(fixtures::usage_chunk()));
+    let mut tool_stream: Vec<Chunk> = fixtures::tool_call_chunks().into_iter().map(Chunk::json).collect();
+    tool_stream.push(Chunk::done());
+    let upstream = Server::builder()
+        .chat(fixtures::completion("Hello from the gateway"))
+        .stream(stream)
+        .chat(weather_call("call_w"))
+        .chat(fixtures::completion("It is sunny in Paris."))
+        .stream(tool_stream);
+    let h = Harness::builder().upstream(upstream).start().await;
+
+    // When the SDK script runs against the gateway
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/e2e/responses_sdk.py");
+    let python = support::python::python();
+    let output = tokio::process::Command::new(python)
+        .arg(script)
+        .arg(h.v1(""))
+        .output()
+        .await
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", python.display()));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "the SDK script failed:\n{stderr}");
+    let seen: Value = serde_json::from_slice(&output.stdout).unwrap();
+
+    // Then the SDK parsed a Response object, with usage in the Responses shape and the
+    // request's metadata echoed
+    let plain = &seen["plain"];
+    assert!(plain["id"].as_str().unwrap().starts_with("resp_"), "{plain}");
+    assert_eq!(plain["object"], "response");
+    assert_eq!(plain["status"], "completed");
+    assert_eq!(plain["text"], "Hello from the gateway");
+    assert_eq!(plain["input_tokens"], 12);
+    assert_eq!(plain["cached_tokens"], 4);
+    assert_eq!(plain["output_tokens"], 5);
+    assert_eq!(plain["metadata"], json!({"run": "sdk"}));
+    assert_eq!(plain["max_output_tokens"], 64);
+
+    // And the SDK's stream helper accepted the events, numbered from 0 without a gap
+    let streamed = &seen["stream"];
+    assert_eq!(streamed["text"], "one two");
+    assert_eq!(streamed["status"], "completed");
+    assert_eq!(streamed["previous_response_id"], plain["id"]);
+    assert_eq!(streamed["output_tokens"], 5);
+    let types: Vec<&str> =
+        streamed["types"].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
+    assert_eq!(
+        types,
+        [
+            "response.created",
+            "response.in_progress",
+            "response.output_item.added",
+            "response.content_part.added",
+            "response.output_text.delta",
+            "response.output_text.delta",
+            "response.output_text.done",
+            "response.content_part.done",
+            "response.output_item.done",
+            "response.completed",
+        ]
+    );
+    let numbers: Vec<u64> =
+        streamed["sequence_numbers"].as_array().unwrap().iter().map(|n| n.as_u64().unwrap()).collect();
+    assert_eq!(numbers, (0..types.len() as u64).collect::<Vec<_>>());
+
+    // And a function call came back as a function_call item, and its output continued the chain
+    assert_eq!(
+        seen["tool_call"],
+        json!({"name": "get_weather", "arguments": {"city": "Paris"}, "call_id": "call_w"})
+    );
+    assert_eq!(seen["tool_answer"], "It is sunny in Paris.");
+    // (the mock's two parallel calls stream their argument fragments interleaved)
+    let [args0, args1] = fixtures::tool_call_arguments();
+    assert_eq!(seen["stream_tool"]["arguments_by_item"], json!([args0, args1]));
+    assert_eq!(seen["stream_tool"]["done_arguments"], json!([args0, args1]));
+    assert_eq!(seen["stream_tool"]["completed_calls"], json!([args0, args1]));
+
+    // And the stored response was retrieved, listed and deleted; then it is gone, and an
+    // unknown previous_response_id is a 404 the SDK raises as NotFoundError
+    assert_eq!(
+        seen["retrieve"],
+        json!({"id": plain["id"], "text": "Hello from the gateway", "status": "completed"})
+    );
+    assert_eq!(seen["input_items"], json!([{"type": "message", "role": "user", "text": "Say hello"}]));
+    assert_eq!(seen["after_delete"], json!({"status": 404, "code": "response_not_found"}));
+    assert_eq!(seen["unknown_previous"], json!({"status": 404, "code": "response_not_found"}));
+
+    // And the upstream only ever saw Chat Completions requests, with the chain rebuilt
+    let recorded = h.upstream(0).requests();
+    assert_eq!(recorded.len(), 5, "the unknown previous_response_id never reached the upstream");
+    assert!(recorded.iter().all(|r| r.path == "/v1/chat/completions"));
+    let first = recorded[0].json();
+    assert_eq!(first["messages"], json!([{"role": "system", "content": "Be terse."}, user("Say hello")]));
+    assert_eq!(first["max_tokens"], 64);
+    assert!(first.get("metadata").is_none() && first.get("input").is_none(), "{first}");
+    let second = recorded[1].json();
+    // OpenAI does not carry `instructions` over to the next response of a chain
+    assert_eq!(
+        second["messages"],
+        json!([user("Say hello"), assistant("Hello from the gateway"), user("Count")])
+    );
+    assert_eq!(second["stream"], true);
+    assert_eq!(second["stream_options"], json!({"include_usage": true}));
+    assert_eq!(
+        recorded[2].json()["tools"],
+        json!([{"type": "function", "function": {
+            "name": "get_weather", "description": "Weather for a city", "strict": true,
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                           "required": ["city"], "additionalProperties": false}
+        }}])
+    );
+    assert_eq!(
+        recorded[3].json()["messages"],
+        json!([
+            user("Weather in Paris?"),
+            {"role": "assistant", "content": null, "tool_calls": [
+                {"id": "call_w", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\":\"Paris\"}"}}
+            ]},
+            {"role": "tool", "tool_call_id": "call_w", "content": "sunny, 21C"}
+        ])
+    );
+
+    // And the chain is a session named by its first response: its transcript holds the
+    // conversation through the streamed answer
+    let first_id = plain["id"].as_str().unwrap();
+    let transcript = stores::transcript(&h.client, &h.url, first_id, "Bearer sk-sdk-test").await;
+    assert_eq!(
+        transcript,
+        [user("Say hello"), assistant("Hello from the gateway"), user("Count"), assistant("one two")]
+    );
+}
+
+/// A chain's second turn, on `second` after its first on `first`: what the upstream was sent.
+async fn chain_across(first: &Gateway, second: &Gateway, upstream: &Server) -> String {
+    let client = reqwest::Client::new();
+    let r1 = create(
+        &client,
+        &first.base,
+        json!({"model": "mock-model", "instructions": "Be terse.", "input": "Name a colour."}),
+    )
+    .await;
+    assert_eq!(r1.status(), 200);
+    let r1: Value = r1.json().await.unwrap();
+    let id = r1["id"].as_str().unwrap().to_string();
+
+    let r2 = create(
+        &client,
+        &second.base,
+        json!({"model": "mock-model", "instructions": "Be terse.", "input": "Another?", "previous_response_id": id, "stream": true}),
+    )
+    .await;
+    assert_eq!(r2.status(), 200);
+    let events = events(&r2.text().await.unwrap());
+    let last = events.last().unwrap();
+    assert_eq!(last["type"], "response.completed", "{events:?}");
+    assert_eq!(last["response"]["output"][0]["content"][0]["text"], "Green again.");
+
+    let sent = upstream.requests().last().unwrap().json();
+    assert_eq!(
+        sent["messages"],
+        json!([{"role": "system", "content": "Be terse."}, user("Name a colour."), assistant("Blue."), user("Another?")])
+    );
+    // The first response is still there to read, on the second gateway too
+    let got = client
+        .get(format!("{}/v1/responses/{id}", second.base))
+        .header("authorization", AUTH)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(got.status(), 200);
+    let got: Value = got.json().await.unwrap();
+    assert_eq!(got["output"][0]["content"][0]["text"], "Blue.");
+    id
+}
+
+fn colour_upstream() -> mock_upstream::Builder {
+    Server::builder().chat(fixtures::completion("Blue.")).stream(chunks(&["Green ", "again."], None))
+}
+
+#[tokio::test]
+async fn a_chain_continues_across_a_gateway_restart_on_the_embedded_store() {
+    // Given a gateway on an embedded store that answers the first response of a chain
+    let store = Store::Embedded.url().await;
+    let upstream = colour_upstream().start().await.unwrap();
+    let mut before = Gateway::start(&upstream.base_url(), &store.url).await;
+    let client = reqwest::Client::new();
+    let r1: Value = create(
+        &client,
+        &before.base,
+        json!({"model": "mock-model", "instructions": "Be terse.", "input": "Name a colour."}),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    let id = r1["id"].as_str().unwrap();
+
+    // When it is killed and another process opens the same file
+    before.kill();
+    let after = Gateway::start(&upstream.base_url(), &store.url).await;
+
+    // Then the chain continues there: the upstream is sent the whole conversation
+    let r2 = create(
+        &client,
+        &after.base,
+        json!({"model": "mock-model", "instructions": "Be terse.", "input": "Another?", "previous_response_id": id, "stream": true}),
+    )
+    .await;
+    assert_eq!(r2.status(), 200);
+    let events = events(&r2.text().await.unwrap());
+    assert_eq!(events.last().unwrap()["type"], "response.completed", "{events:?}");
+    let sent = upstream.requests().last().unwrap().json();
+    assert_eq!(
+        sent["messages"],
+        json!([{"role": "system", "content": "Be terse."}, user("Name a colour."), assistant("Blue."), user("Another?")])
+    );
+    // And the session the chain runs on holds both turns, with no history rewritten
+    let session: Value = client
+        .get(format!("{}/v1/sessions/{id}", after.base))
+        .header("authorization", AUTH)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(session["messages"], 5, "{session}");
+    assert_eq!(session["history_rewrites"], 0, "{session}");
+}
+
+async fn a_chain_moves_between_replicas(store: Store) {
+    // Given two gateways sharing one Redis
+    let store = store.url().await;
+    let upstream = colour_upstream().start().await.unwrap();
+    let url = upstream.base_url();
+    let (a, b) = tokio::join!(Gateway::start(&url, &store.url), Gateway::start(&url, &store.url));
+    // Then a chain started on one continues on the other
+    chain_across(&a, &b, &upstream).await;
+}
+
+on_redis_and_cluster!(a_chain_moves_between_replicas);
+
+#[tokio::test]
+async fn stored_responses_are_the_callers_own_and_unknown_ids_are_404() {
+    let h = Harness::builder().upstream(Server::builder().chat(fixtures::completion("Mine."))).start().await;
+    let owner = "Bearer sk-owner";
+    let r: Value = h
+        .client
+        .post(h.v1("/responses"))
+        .header("authorization", owner)
+        .json(&json!({"model": "mock-model", "input": "hi"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = r["id"].as_str().unwrap();
+    let get =
+        |path: String, auth: &'static str| h.client.get(h.v1(&path)).header("authorization", auth).send();
+
+    // The owner reads it and its input items
+    assert_eq!(get(format!("/responses/{id}"), owner).await.unwrap().status(), 200);
+    let items: Value =
+        get(format!("/responses/{id}/input_items"), owner).await.unwrap().json().await.unwrap();
+    assert_eq!(items["object"], "list");
+    assert_eq!(items["data"][0]["content"][0], json!({"type": "input_text", "text": "hi"}));
+    assert_eq!(items["first_id"], items["data"][0]["id"]);
+
+    // Another caller gets 404 for the same id, in OpenAI's error shape; so does anyone for an
+    // unknown id, its items, its deletion, or a chain from it
+    for (method, path, auth) in [
+        ("GET", format!("/responses/{id}"), "Bearer sk-other"),
+        ("GET", format!("/responses/{id}/input_items"), "Bearer sk-other"),
+        ("DELETE", format!("/responses/{id}"), "Bearer sk-other"),
+        ("GET", "/responses/resp_nope".to_string(), owner),
+        ("DELETE", "/responses/resp_nope".to_string(), owner),
+    ] {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let response =
+            h.client.request(method.clone(), h.v1(&path)).header("authorization", auth).send().await.unwrap();
+        assert_eq!(response.status(), 404, "{method} {path}");
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["error"]["type"], "invalid_request_error", "{body}");
+        assert_eq!(body["error"]["code"], "response_not_found", "{body}");
+    }
+    let chained = h
+        .client
+        .post(h.v1("/responses"))
+        .header("authorization", "Bearer sk-other")
+        .json(&json!({"model": "mock-model", "input": "hi", "previous_response_id": id}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(chained.status(), 404);
+
+    // And the owner's delete answers OpenAI's deletion object, after which the id is gone
+    let deleted = h
+        .client
+        .delete(h.v1(&format!("/responses/{id}")))
+        .header("authorization", owner)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status(), 200);
+    assert_eq!(
+        deleted.json::<Value>().await.unwrap(),
+        json!({"id": id, "object": "response.deleted", "deleted": true})
+    );
+    assert_eq!(get(format!("/responses/{id}"), owner).await.unwrap().status(), 404);
+    assert_eq!(h.upstream(0).requests().len(), 1);
+}
+
+#[tokio::test]
+async fn store_false_keeps_neither_the_response_nor_a_session() {
+    let h =
+        Harness::builder().upstream(Server::builder().chat(fixtures::completion("Ephemeral."))).start().await;
+    let r = h
+        .client
+        .post(h.v1("/responses"))
+        .header("authorization", AUTH)
+        .json(&json!({"model": "mock-model", "input": "hi", "store": false}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.headers().get("x-session-version").is_none(), "not a session turn");
+    let r: Value = r.json().await.unwrap();
+    assert_eq!(r["store"], false);
+    assert_eq!(r["output"][0]["content"][0]["text"], "Ephemeral.");
+    let id = r["id"].as_str().unwrap();
+    let got =
+        h.client.get(h.v1(&format!("/responses/{id}"))).header("authorization", AUTH).send().await.unwrap();
+    assert_eq!(got.status(), 404);
+    let session =
+        h.client.get(h.v1(&format!("/sessions/{id}"))).header("authorization", AUTH).send().await.unwrap();
+    assert_eq!(session.status(), 404);
+}
+
+#[tokio::test]
+async fn a_stream_cut_short_fails_the_response_and_an_upstream_error_passes_through() {
+    // Given an upstream whose stream stops before its end, then one that refuses a request
+    let cut = vec![Chunk::json(fixtures::content_chunk(0, "par"))];
+    let refused = Reply::json(
+        400,
+        fixtures::error("This model's maximum context length is exceeded.", "invalid_request_error"),
+    );
+    let h = Harness::builder().upstream(Server::builder().stream(cut).reply(refused)).start().await;
+
+    // Then the stream ends with an error event and response.failed, after the text it had
+    let r = h
+        .client
+        .post(h.v1("/responses"))
+        .header("authorization", AUTH)
+        .json(&json!({"model": "mock-model", "input": "hi", "stream": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let events = events(&r.text().await.unwrap());
+    let kinds: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert_eq!(kinds.first(), Some(&"response.created"));
+    assert!(kinds.contains(&"response.output_text.delta"), "{kinds:?}");
+    assert_eq!(&kinds[kinds.len() - 2..], ["error", "response.failed"], "{kinds:?}");
+    let failed = &events.last().unwrap()["response"];
+    assert_eq!(failed["status"], "failed");
+    assert!(failed["error"]["message"].as_str().unwrap().contains("ended before"), "{failed}");
+    // And a failed response is not stored
+    let id = failed["id"].as_str().unwrap();
+    let got =
+        h.client.get(h.v1(&format!("/responses/{id}"))).header("authorization", AUTH).send().await.unwrap();
+    assert_eq!(got.status(), 404);
+
+    // And the upstream's own error reaches the client as it sent it
+    let r = h
+        .client
+        .post(h.v1("/responses"))
+        .header("authorization", AUTH)
+        .json(&json!({"model": "mock-model", "input": "hi"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["message"], "This model's maximum context length is exceeded.");
+}
+
+#[tokio::test]
+async fn an_upstream_with_the_responses_api_gets_the_request_as_sent() {
+    // Given an upstream configured as speaking the Responses API
+    let answer = json!({"id": "resp_upstream", "object": "response", "status": "completed", "output": []});
+    let h = Harness::builder()
+        .upstream(Server::builder().chat(answer.clone()))
+        .config(|c| c.upstreams[0].api = Some(ctxgate::config::UpstreamApi::Responses))
+        .start()
+        .await;
+    let body = json!({"model": "mock-model", "input": "hi", "include": ["reasoning.encrypted_content"], "store": false, "future_field": 1});
+    let r = h.client.post(h.v1("/responses")).header("authorization", AUTH).json(&body).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.json::<Value>().await.unwrap(), answer);
+    let recorded = h.upstream(0).requests();
+    assert_eq!(recorded[0].path, "/v1/responses");
+    assert_eq!(recorded[0].json(), body);
+}
+
+#[tokio::test]
+async fn unknown_request_fields_reach_a_chat_upstream() {
+    let h = Harness::builder().upstream(Server::builder().chat(fixtures::completion("ok"))).start().await;
+    let body = json!({
+        "model": "mock-model", "input": "hi", "temperature": 0.2, "top_p": 0.9, "top_k": 40, "seed": 7,
+        "text": {"format": {"type": "json_schema", "name": "answer", "schema": {"type": "object"}, "strict": true}},
+        "parallel_tool_calls": false, "user": "u-1",
+    });
+    let r: Value = h
+        .client
+        .post(h.v1("/responses"))
+        .header("authorization", AUTH)
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    // The Response object echoes the request
+    assert_eq!(r["temperature"], 0.2);
+    assert_eq!(r["top_p"], 0.9);
+    assert_eq!(r["text"]["format"]["name"], "answer");
+    assert_eq!(r["parallel_tool_calls"], false);
+    let sent = h.upstream(0).requests()[0].json();
+    assert_eq!(sent["temperature"], 0.2);
+    assert_eq!(sent["top_k"], 40);
+    assert_eq!(sent["seed"], 7);
+    assert_eq!(sent["user"], "u-1");
+    assert_eq!(
+        sent["response_format"],
+        json!({"type": "json_schema", "json_schema": {"name": "answer", "schema": {"type": "object"}, "strict": true}})
+    );
+    // Without tools, chat's tool options are not sent (servers refuse them alone)
+    assert!(sent.get("parallel_tool_calls").is_none(), "{sent}");
+}
