@@ -378,7 +378,7 @@ async fn store_false_keeps_neither_the_response_nor_a_session() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    assert!(r.headers().get("x-session-version").is_none(), "not a session turn");
+    assert!(r.headers().get("x-ctxgate-session-version").is_none(), "not a session turn");
     let r: Value = r.json().await.unwrap();
     assert_eq!(r["store"], false);
     assert_eq!(r["output"][0]["content"][0]["text"], "Ephemeral.");
@@ -492,4 +492,98 @@ async fn unknown_request_fields_reach_a_chat_upstream() {
     );
     // Without tools, chat's tool options are not sent (servers refuse them alone)
     assert!(sent.get("parallel_tool_calls").is_none(), "{sent}");
+}
+
+#[tokio::test]
+async fn a_chain_forks_from_any_of_its_responses() {
+    // Given a chain r1 → r2
+    let upstream = Server::builder()
+        .chat(fixtures::completion("Blue."))
+        .chat(fixtures::completion("Green."))
+        .chat(fixtures::completion("Red."))
+        .chat(fixtures::completion("Yellow."));
+    let h = Harness::builder().upstream(upstream).start().await;
+    let ask = |input: &'static str, previous: Option<String>| {
+        let mut body = json!({"model": "mock-model", "input": input});
+        if let Some(previous) = previous {
+            body["previous_response_id"] = previous.into();
+        }
+        let request = h.client.post(h.v1("/responses")).header("authorization", AUTH).json(&body);
+        async move {
+            let response: Value = request.send().await.unwrap().json().await.unwrap();
+            response["id"].as_str().unwrap().to_string()
+        }
+    };
+    let r1 = ask("Colour?", None).await;
+    let r2 = ask("Another?", Some(r1.clone())).await;
+
+    // When a response continues from r1 again, and then one from r2
+    ask("A third?", Some(r1.clone())).await;
+    ask("A fourth?", Some(r2)).await;
+
+    // Then each was sent the conversation of the response it names, not the latest one
+    let sent: Vec<Value> = h.upstream(0).requests().iter().map(|r| r.json()["messages"].clone()).collect();
+    assert_eq!(sent[2], json!([user("Colour?"), assistant("Blue."), user("A third?")]));
+    assert_eq!(
+        sent[3],
+        json!([
+            user("Colour?"),
+            assistant("Blue."),
+            user("Another?"),
+            assistant("Green."),
+            user("A fourth?")
+        ])
+    );
+    // And the chain's session counts the forks as history rewrites
+    let session: Value = h
+        .client
+        .get(h.v1(&format!("/sessions/{r1}")))
+        .header("authorization", AUTH)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(session["history_rewrites"], 2, "{session}");
+    assert_eq!(session["messages"], 6, "{session}");
+}
+
+#[tokio::test]
+async fn an_id_the_gateway_does_not_hold_goes_to_a_responses_upstream() {
+    // Given an upstream with the Responses API, which holds responses of its own
+    let theirs = json!({"id": "resp_theirs", "object": "response", "status": "completed", "output": []});
+    let h = Harness::builder()
+        .upstream(Server::builder().chat(theirs.clone()))
+        .config(|c| c.upstreams[0].api = Some(ctxgate::config::UpstreamApi::Responses))
+        .start()
+        .await;
+    let got =
+        h.client.get(h.v1("/responses/resp_theirs")).header("authorization", AUTH).send().await.unwrap();
+    assert_eq!(got.status(), 200);
+    assert_eq!(got.json::<Value>().await.unwrap(), theirs);
+    let recorded = h.upstream(0).requests();
+    assert_eq!(
+        (recorded[0].method.as_str(), recorded[0].path.as_str()),
+        ("GET", "/v1/responses/resp_theirs")
+    );
+}
+
+#[tokio::test]
+async fn the_session_header_names_the_session_a_response_runs_on() {
+    let h = Harness::builder().upstream(Server::builder().chat(fixtures::completion("Noted."))).start().await;
+    let r = h
+        .client
+        .post(h.v1("/responses"))
+        .header("authorization", AUTH)
+        .header("x-session-id", "my-thread")
+        .json(&json!({"model": "mock-model", "input": "Remember this."}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.headers().contains_key("x-ctxgate-session-version"), "a session turn's answer");
+    let transcript = stores::transcript(&h.client, &h.url, "my-thread", AUTH).await;
+    assert_eq!(transcript, [user("Remember this."), assistant("Noted.")]);
+    assert!(!h.upstream(0).requests()[0].headers.contains_key("x-session-id"));
 }

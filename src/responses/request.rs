@@ -423,6 +423,7 @@ mod tests {
             "text": {"format": {"type": "json_schema", "name": "w", "schema": {"type": "object"}, "strict": true}},
             "metadata": {"k": "v"},
             "store": false,
+            "reasoning": {"effort": "low"},
             "top_k": 40,
         });
         let parsed = parse(body.to_string().as_bytes()).unwrap();
@@ -451,6 +452,7 @@ mod tests {
         assert_eq!(chat["response_format"]["json_schema"]["name"], "w");
         // An option the gateway does not know reaches the upstream; Responses-only ones do not
         assert_eq!(chat["top_k"], 40);
+        assert_eq!(chat["reasoning_effort"], "low");
         assert!(chat.get("metadata").is_none() && chat.get("store").is_none() && chat.get("input").is_none());
         assert_eq!(parsed.echo.metadata, json!({"k": "v"}));
     }
