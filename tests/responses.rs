@@ -587,3 +587,107 @@ async fn the_session_header_names_the_session_a_response_runs_on() {
     assert_eq!(transcript, [user("Remember this."), assistant("Noted.")]);
     assert!(!h.upstream(0).requests()[0].headers.contains_key("x-session-id"));
 }
+
+/// A Response object as an upstream with the Responses API answers, saying `text`.
+fn upstream_response(id: &str, text: &str) -> Value {
+    json!({
+        "id": id, "object": "response", "created_at": 1, "status": "completed", "model": "gpt-x",
+        "output": [{"id": format!("msg_{id}"), "type": "message", "role": "assistant", "status": "completed",
+                    "content": [{"type": "output_text", "text": text, "annotations": []}]}],
+        "usage": {"input_tokens": 3, "output_tokens": 1, "total_tokens": 4}
+    })
+}
+
+#[tokio::test]
+async fn the_gateway_keeps_a_chain_on_an_upstream_with_the_responses_api() {
+    // Given an upstream with the Responses API that answers once in JSON, then as a stream
+    let second = upstream_response("resp_up2", "Green.");
+    let stream = vec![
+        Chunk::json(
+            json!({"type": "response.created", "sequence_number": 0, "response": {"id": "resp_up2", "status": "in_progress"}}),
+        ),
+        Chunk::json(json!({"type": "response.output_text.delta", "sequence_number": 1, "delta": "Green."})),
+        Chunk::json(json!({"type": "response.completed", "sequence_number": 2, "response": second})),
+    ];
+    let h = Harness::builder()
+        .upstream(Server::builder().chat(upstream_response("resp_up1", "Blue.")).stream(stream))
+        .config(|c| c.upstreams[0].api = Some(ctxgate::config::UpstreamApi::Responses))
+        .start()
+        .await;
+    let post =
+        |body: Value| h.client.post(h.v1("/responses")).header("authorization", AUTH).json(&body).send();
+
+    // When a chain's first response is answered there, and the second names it
+    let r1 = post(json!({"model": "gpt-x", "input": "Colour?"})).await.unwrap();
+    assert_eq!(r1.json::<Value>().await.unwrap(), upstream_response("resp_up1", "Blue."));
+    let r2 = post(
+        json!({"model": "gpt-x", "input": "Another?", "previous_response_id": "resp_up1", "stream": true}),
+    )
+    .await
+    .unwrap();
+    let events = events(&r2.text().await.unwrap());
+
+    // Then the client got the upstream's events as they were
+    assert_eq!(events.len(), 3);
+    assert_eq!(events[2]["response"], second);
+    // And the upstream was sent the conversation in `input`, not an id it may not hold
+    let sent = h.upstream(0).requests()[1].json();
+    assert!(sent.get("previous_response_id").is_none(), "{sent}");
+    assert_eq!(
+        sent["input"],
+        json!([
+            {"type": "message", "role": "user", "content": "Colour?"},
+            upstream_response("resp_up1", "Blue.")["output"][0],
+            {"type": "message", "role": "user", "content": "Another?"}
+        ])
+    );
+    // And both responses are the gateway's to read, without asking the upstream
+    for (id, object) in [("resp_up1", upstream_response("resp_up1", "Blue.")), ("resp_up2", second)] {
+        let got = h
+            .client
+            .get(h.v1(&format!("/responses/{id}")))
+            .header("authorization", AUTH)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(got.status(), 200, "{id}");
+        assert_eq!(got.json::<Value>().await.unwrap(), object);
+    }
+    assert_eq!(h.upstream(0).requests().len(), 2);
+}
+
+#[tokio::test]
+async fn a_chain_moves_from_a_chat_upstream_to_a_responses_upstream() {
+    // Given model `local` on a chat-only upstream and model `gpt-x` on one with the Responses API
+    let h = Harness::builder()
+        .upstream(Server::builder().chat(fixtures::completion("Blue.")))
+        .upstream(Server::builder().chat(upstream_response("resp_up", "Green.")))
+        .config(|c| {
+            c.upstreams[1].api = Some(ctxgate::config::UpstreamApi::Responses);
+            c.routes = vec![
+                ctxgate::config::RouteConfig { models: vec!["local".into()], upstreams: vec!["u0".into()] },
+                ctxgate::config::RouteConfig { models: vec!["gpt-x".into()], upstreams: vec!["u1".into()] },
+            ];
+        })
+        .start()
+        .await;
+    let post =
+        |body: Value| h.client.post(h.v1("/responses")).header("authorization", AUTH).json(&body).send();
+    let r1: Value = post(json!({"model": "local", "input": "Colour?"})).await.unwrap().json().await.unwrap();
+
+    // When the chain continues on the other model
+    let r2 =
+        post(json!({"model": "gpt-x", "input": "Another?", "previous_response_id": r1["id"]})).await.unwrap();
+    assert_eq!(r2.status(), 200);
+
+    // Then the Responses upstream was sent the whole conversation as items
+    assert_eq!(h.upstream(0).requests()[0].path, "/v1/chat/completions");
+    let sent = h.upstream(1).requests()[0].json();
+    assert_eq!(h.upstream(1).requests()[0].path, "/v1/responses");
+    let input = sent["input"].as_array().unwrap();
+    assert_eq!(input.len(), 3, "{sent}");
+    assert_eq!(input[0], json!({"type": "message", "role": "user", "content": "Colour?"}));
+    assert_eq!((input[1]["type"].as_str(), input[1]["role"].as_str()), (Some("message"), Some("assistant")));
+    assert_eq!(input[1]["content"][0]["text"], "Blue.");
+    assert_eq!(input[2], json!({"type": "message", "role": "user", "content": "Another?"}));
+}

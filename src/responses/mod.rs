@@ -16,8 +16,10 @@
 //! (Redis).
 //!
 //! Upstreams that speak the Responses API themselves (`upstreams[].api = "responses"`, the
-//! default for OpenAI) get the request as the client sent it, passed through.
+//! default for OpenAI) get the request as the client sent it ([`native`]), with the
+//! conversation of a `previous_response_id` the gateway holds in its `input`.
 
+mod native;
 mod request;
 mod response;
 mod store;
@@ -36,7 +38,7 @@ use self::response::Base;
 use self::store::Record;
 use self::stream::Translator;
 use crate::auth::scope_credential;
-use crate::body::{self, Body, FrameSender};
+use crate::body::{Body, FrameSender};
 use crate::chat::{self, ChatContext};
 use crate::config::UpstreamApi;
 use crate::error::GatewayError;
@@ -62,12 +64,11 @@ pub(crate) async fn create(
         BodyModel::NotAnObject => None,
     };
     let route = app.upstreams.router.route(model.as_deref());
+    let scope = scope_credential(&parts.headers, &parts.extensions);
     if !route.is_empty() && route.iter().all(|u| u.api == UpstreamApi::Responses) {
-        // The upstream has the Responses API: it answers, and keeps the state, itself.
-        return passthrough::passthrough(app, Request::from_parts(parts, body::full(bytes))).await;
+        return native::create(app, parts, bytes, scope).await;
     }
     let parsed = request::parse(&bytes)?;
-    let scope = scope_credential(&parts.headers, &parts.extensions);
     let previous = match &parsed.previous_response_id {
         Some(id) => Some(
             store::load(&app.sessions, &scope, id)
@@ -77,11 +78,11 @@ pub(crate) async fn create(
         None => None,
     };
     let id = new_id("resp");
-    let mut conversation = previous.as_ref().map(|p| p.history.clone()).unwrap_or_default();
-    conversation.extend(parsed.messages.iter().cloned());
-    let mut messages = Vec::with_capacity(conversation.len() + 1);
+    let earlier = previous.as_ref().map(|p| p.items.clone()).unwrap_or_default();
+    let mut messages = Vec::new();
     messages.extend(parsed.instructions.clone());
-    messages.extend(conversation.iter().cloned());
+    messages.extend(request::messages_of(&earlier)?);
+    messages.extend(parsed.messages.iter().cloned());
     let mut chat = parsed.chat.clone();
     chat.insert("messages".into(), Value::Array(messages));
     let chat = serde_json::to_vec(&chat).map_err(|e| GatewayError::Internal(e.into()))?;
@@ -106,7 +107,7 @@ pub(crate) async fn create(
         model: parsed.model.clone(),
         echo: parsed.echo.clone(),
     };
-    let turn = Turn { app: app.clone(), scope, parsed, conversation, session, base };
+    let turn = Turn { app: app.clone(), scope, parsed, earlier, session, base };
 
     let mut answer = chat::answer(app.clone(), ctx).await?;
     if !answer.status().is_success() {
@@ -161,8 +162,8 @@ struct Turn {
     app: Arc<AppState>,
     scope: Vec<u8>,
     parsed: Parsed,
-    /// The conversation sent, without the instructions.
-    conversation: Vec<Value>,
+    /// The conversation before this request, as Responses items.
+    earlier: Vec<Value>,
     session: Option<String>,
     base: Base,
 }
@@ -173,12 +174,13 @@ impl Turn {
         if !self.parsed.store {
             return Ok(());
         }
-        let mut history = self.conversation.clone();
-        history.extend(response::assistant_message(output));
+        let mut items = self.earlier.clone();
+        items.extend(self.parsed.items.iter().cloned());
+        items.extend(output.iter().cloned());
         let record = Record {
             response: object.clone(),
             input_items: self.parsed.input_items.clone(),
-            history,
+            items,
             session: self.session.clone(),
             ..Record::default()
         };

@@ -44,6 +44,8 @@ pub(crate) struct Parsed {
     pub(crate) previous_response_id: Option<String>,
     /// `instructions` as a system message (not carried to the next response of a chain).
     pub(crate) instructions: Option<Value>,
+    /// This request's input items, as sent (a string input as one user message).
+    pub(crate) items: Vec<Value>,
     /// This request's input as chat messages.
     pub(crate) messages: Vec<Value>,
     /// This request's input as items, each with an `id`, for `GET .../input_items`.
@@ -118,7 +120,9 @@ pub(crate) fn parse(body: &[u8]) -> Result<Parsed, GatewayError> {
         Some(Value::String(text)) => Some(json!({"role": "system", "content": text})),
         Some(_) => return Err(invalid("instructions must be a string.", "instructions")),
     };
-    let (messages, input_items) = input(fields.get("input").unwrap_or(&Value::Null))?;
+    let items = items_of(fields.get("input").unwrap_or(&Value::Null))?;
+    let messages = messages_of(&items)?;
+    let input_items = listed(&items);
 
     let get = |name: &str| fields.get(name).cloned().unwrap_or(Value::Null);
     let echo = Echo {
@@ -190,35 +194,75 @@ pub(crate) fn parse(body: &[u8]) -> Result<Parsed, GatewayError> {
     for (name, value) in fields {
         chat.entry(name).or_insert(value);
     }
-    Ok(Parsed { model, stream, store, previous_response_id, instructions, messages, input_items, chat, echo })
+    Ok(Parsed {
+        model,
+        stream,
+        store,
+        previous_response_id,
+        instructions,
+        items,
+        messages,
+        input_items,
+        chat,
+        echo,
+    })
 }
 
-/// `input` as chat messages and as listed items.
-fn input(input: &Value) -> Result<(Vec<Value>, Vec<Value>), GatewayError> {
-    let items: Vec<Value> = match input {
-        Value::String(text) => vec![json!({
-            "type": "message",
-            "role": "user",
-            "content": [{"type": "input_text", "text": text}],
-        })],
-        Value::Array(items) => items.clone(),
-        Value::Null => {
-            return Err(GatewayError::invalid(
-                "Missing required parameter: 'input'.",
-                Some("input"),
-                "missing_required_parameter",
-            ))
-        }
-        _ => return Err(invalid("input must be a string or an array of items.", "input")),
-    };
+/// `input` as items, as the client sent them: a string is one user message.
+pub(crate) fn items_of(input: &Value) -> Result<Vec<Value>, GatewayError> {
+    match input {
+        Value::String(text) => Ok(vec![json!({"type": "message", "role": "user", "content": text})]),
+        Value::Array(items) if items.iter().all(Value::is_object) => Ok(items.clone()),
+        Value::Array(_) => Err(invalid("Each input item must be an object.", "input")),
+        Value::Null => Err(GatewayError::invalid(
+            "Missing required parameter: 'input'.",
+            Some("input"),
+            "missing_required_parameter",
+        )),
+        _ => Err(invalid("input must be a string or an array of items.", "input")),
+    }
+}
+
+/// Items as `GET /v1/responses/{id}/input_items` lists them: each with an `id`, a `type` and
+/// a `status`, a message's content as parts.
+pub(crate) fn listed(items: &[Value]) -> Vec<Value> {
+    items
+        .iter()
+        .map(|item| {
+            let mut item = item.as_object().cloned().unwrap_or_default();
+            let kind = item.get("type").and_then(Value::as_str).unwrap_or("message").to_string();
+            item.insert("type".into(), json!(kind));
+            if kind == "message" {
+                if let Some(Value::String(text)) = item.get("content") {
+                    let part = if item.get("role").and_then(Value::as_str) == Some("assistant") {
+                        json!([{"type": "output_text", "text": text, "annotations": []}])
+                    } else {
+                        json!([{"type": "input_text", "text": text}])
+                    };
+                    item.insert("content".into(), part);
+                }
+            }
+            let prefix = match kind.as_str() {
+                "message" => "msg",
+                "function_call" => "fc",
+                "function_call_output" => "fco",
+                _ => "item",
+            };
+            item.entry("status").or_insert(json!("completed"));
+            item.entry("id").or_insert_with(|| json!(super::new_id(prefix)));
+            Value::Object(item)
+        })
+        .collect()
+}
+
+/// Items (input, or an earlier answer's output) as chat messages.
+pub(crate) fn messages_of(items: &[Value]) -> Result<Vec<Value>, GatewayError> {
     let mut messages: Vec<Value> = Vec::new();
-    let mut listed = Vec::with_capacity(items.len());
     for item in items {
-        let Value::Object(mut item) = item else {
+        let Some(item) = item.as_object() else {
             return Err(invalid("Each input item must be an object.", "input"));
         };
-        let kind = item.get("type").and_then(Value::as_str).unwrap_or("message").to_string();
-        match kind.as_str() {
+        match item.get("type").and_then(Value::as_str).unwrap_or("message") {
             "message" => {
                 let role = item.get("role").and_then(Value::as_str).unwrap_or("");
                 let role = match role {
@@ -229,21 +273,10 @@ fn input(input: &Value) -> Result<(Vec<Value>, Vec<Value>), GatewayError> {
                 };
                 let content = message_content(item.get("content").unwrap_or(&Value::Null))?;
                 messages.push(json!({"role": role, "content": content}));
-                item.entry("type").or_insert(json!("message"));
-                item.entry("status").or_insert(json!("completed"));
-                if let Some(Value::String(text)) = item.get("content") {
-                    let part = if item.get("role").and_then(Value::as_str) == Some("assistant") {
-                        json!([{"type": "output_text", "text": text, "annotations": []}])
-                    } else {
-                        json!([{"type": "input_text", "text": text}])
-                    };
-                    item.insert("content".into(), part);
-                }
-                item.entry("id").or_insert_with(|| json!(super::new_id("msg")));
             }
             "function_call" => {
-                let call_id = str_field(&item, "call_id")?;
-                let name = str_field(&item, "name")?;
+                let call_id = str_field(item, "call_id")?;
+                let name = str_field(item, "name")?;
                 let arguments = item.get("arguments").and_then(Value::as_str).unwrap_or("{}").to_string();
                 let call = json!({"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}});
                 // Calls that follow an assistant message (or each other) are one chat message.
@@ -257,19 +290,15 @@ fn input(input: &Value) -> Result<(Vec<Value>, Vec<Value>), GatewayError> {
                     }
                     _ => messages.push(json!({"role": "assistant", "content": null, "tool_calls": [call]})),
                 }
-                item.entry("status").or_insert(json!("completed"));
-                item.entry("id").or_insert_with(|| json!(super::new_id("fc")));
             }
             "function_call_output" => {
-                let call_id = str_field(&item, "call_id")?;
+                let call_id = str_field(item, "call_id")?;
                 let output = match item.get("output") {
                     Some(Value::String(text)) => text.clone(),
                     Some(Value::Array(parts)) => text_of(parts)?,
                     _ => return Err(invalid("function_call_output needs an output.", "input")),
                 };
                 messages.push(json!({"role": "tool", "tool_call_id": call_id, "content": output}));
-                item.entry("status").or_insert(json!("completed"));
-                item.entry("id").or_insert_with(|| json!(super::new_id("fco")));
             }
             // Reasoning of an earlier answer: a chat upstream has no place for it.
             "reasoning" => {}
@@ -282,9 +311,8 @@ fn input(input: &Value) -> Result<(Vec<Value>, Vec<Value>), GatewayError> {
                 ))
             }
         }
-        listed.push(Value::Object(item));
     }
-    Ok((messages, listed))
+    Ok(messages)
 }
 
 fn str_field(item: &Map<String, Value>, name: &str) -> Result<String, GatewayError> {

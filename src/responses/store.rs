@@ -2,9 +2,11 @@
 //! embedded store or Redis, expiring with the session TTL), keyed by the caller's scope and
 //! the response id, so another caller's id is not found.
 //!
-//! A record holds the Response object, this request's input items, the conversation up to and
-//! including its answer (what a `previous_response_id` continues from, without the
-//! `instructions`, which OpenAI does not carry over), and the session its chain runs on.
+//! A record holds the Response object, this request's input items as listed, the conversation
+//! up to and including its answer as Responses items (what a `previous_response_id` continues
+//! from, without the `instructions`, which OpenAI does not carry over), and the session its
+//! chain runs on. Items are kept as the client and the upstream sent them, so a chain can move
+//! between a chat upstream (they are translated each time) and a Responses one (sent as kept).
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -20,8 +22,8 @@ pub(crate) struct Record {
     pub(crate) version: u32,
     pub(crate) response: Value,
     pub(crate) input_items: Vec<Value>,
-    /// Chat messages: the conversation through this response's answer.
-    pub(crate) history: Vec<Value>,
+    /// The conversation through this response's output, as Responses items.
+    pub(crate) items: Vec<Value>,
     /// The session id the chain's turns run on.
     pub(crate) session: Option<String>,
     /// Deleted (`DELETE /v1/responses/{id}`): a tombstone until it expires.
