@@ -444,7 +444,7 @@ async fn an_upstream_with_the_responses_api_gets_the_request_as_sent() {
     // Given an upstream configured as speaking the Responses API
     let answer = json!({"id": "resp_upstream", "object": "response", "status": "completed", "output": []});
     let h = Harness::builder()
-        .upstream(Server::builder().chat(answer.clone()))
+        .upstream(Server::builder().chat(answer.clone()).chat(answer.clone()).chat(answer.clone()))
         .config(|c| c.upstreams[0].api = Some(ctxgate::config::UpstreamApi::Responses))
         .start()
         .await;
@@ -455,6 +455,22 @@ async fn an_upstream_with_the_responses_api_gets_the_request_as_sent() {
     let recorded = h.upstream(0).requests();
     assert_eq!(recorded[0].path, "/v1/responses");
     assert_eq!(recorded[0].json(), body);
+
+    // And a chain the upstream keeps itself (an id the gateway does not hold) goes on as sent,
+    // and its answer is left to the upstream: reading it asks the upstream
+    let chained = json!({"model": "mock-model", "input": "more", "previous_response_id": "resp_upstream"});
+    let r =
+        h.client.post(h.v1("/responses")).header("authorization", AUTH).json(&chained).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let got =
+        h.client.get(h.v1("/responses/resp_upstream")).header("authorization", AUTH).send().await.unwrap();
+    assert_eq!(got.status(), 200);
+    let recorded = h.upstream(0).requests();
+    assert_eq!(recorded[1].json(), chained);
+    assert_eq!(
+        (recorded[2].method.as_str(), recorded[2].path.as_str()),
+        ("GET", "/v1/responses/resp_upstream")
+    );
 }
 
 #[tokio::test]

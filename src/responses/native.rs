@@ -46,25 +46,32 @@ pub(super) async fn create(
     };
     let keep = fields.get("store").and_then(Value::as_bool).unwrap_or(true);
     let stream = fields.get("stream").and_then(Value::as_bool).unwrap_or(false);
-    let previous = match fields.get("previous_response_id").and_then(Value::as_str) {
+    let named = fields.get("previous_response_id").filter(|id| !id.is_null());
+    let previous = match named.and_then(Value::as_str) {
         Some(id) => store::load(&app.sessions, &scope, id).await?,
         None => None,
     };
     // An input the gateway cannot read as items is the upstream's to refuse.
     let input = items_of(fields.get("input").unwrap_or(&Value::Null)).ok();
-    let (Some(input), true) = (input, keep || previous.is_some()) else {
-        // Nothing to keep or rebuild; a chain the gateway does not hold is the upstream's own.
+    let Some(input) = input.filter(|_| match &previous {
+        Some(_) => true,
+        // A chain the gateway does not hold is the upstream's own: keeping its next response
+        // would keep a conversation without its start.
+        None => keep && named.is_none(),
+    }) else {
         return passthrough::passthrough(app, Request::from_parts(parts, body::full(bytes))).await;
     };
-    let mut items = previous.map(|p| p.items).unwrap_or_default();
-    let body = if items.is_empty() && fields.get("previous_response_id").is_none() {
-        bytes
-    } else {
-        fields.remove("previous_response_id");
-        let mut all = items.clone();
-        all.extend(input.iter().cloned());
-        fields.insert("input".into(), Value::Array(all));
-        Bytes::from(serde_json::to_vec(&fields).map_err(|e| GatewayError::Internal(e.into()))?)
+    let mut items = Vec::new();
+    let body = match previous {
+        None => bytes,
+        Some(previous) => {
+            items = previous.items;
+            fields.remove("previous_response_id");
+            let mut all = items.clone();
+            all.extend(input.iter().cloned());
+            fields.insert("input".into(), Value::Array(all));
+            Bytes::from(serde_json::to_vec(&fields).map_err(|e| GatewayError::Internal(e.into()))?)
+        }
     };
     items.extend(input.iter().cloned());
     // The gateway reads the answer: it must come unencoded.
