@@ -61,7 +61,8 @@ async fn official_python_sdk_uses_the_responses_api_over_a_chat_only_upstream() 
         .stream(stream)
         .chat(weather_call("call_w"))
         .chat(fixtures::completion("It is sunny in Paris."))
-        .stream(tool_stream);
+        .stream(tool_stream)
+        .stream(vec![Chunk::json(fixtures::content_chunk(0, "par"))]);
     let h = Harness::builder().upstream(upstream).start().await;
 
     // When the SDK script runs against the gateway
@@ -127,6 +128,7 @@ async fn official_python_sdk_uses_the_responses_api_over_a_chat_only_upstream() 
     let [args0, args1] = fixtures::tool_call_arguments();
     assert_eq!(seen["stream_tool"]["arguments_by_item"], json!([args0, args1]));
     assert_eq!(seen["stream_tool"]["done_arguments"], json!([args0, args1]));
+    assert!(seen["strictly_validated_events"].as_u64().unwrap() > 10, "{seen}");
     assert_eq!(seen["stream_tool"]["completed_calls"], json!([args0, args1]));
 
     // And the stored response was retrieved, listed and deleted; then it is gone, and an
@@ -139,9 +141,15 @@ async fn official_python_sdk_uses_the_responses_api_over_a_chat_only_upstream() 
     assert_eq!(seen["after_delete"], json!({"status": 404, "code": "response_not_found"}));
     assert_eq!(seen["unknown_previous"], json!({"status": 404, "code": "response_not_found"}));
 
+    // And a stream cut short ends with the typed error and response.failed events
+    assert_eq!(
+        seen["cut"],
+        json!({"last": ["error", "response.failed"], "status": "failed", "error_code": "server_error", "error_event_code": "upstream_error"})
+    );
+
     // And the upstream only ever saw Chat Completions requests, with the chain rebuilt
     let recorded = h.upstream(0).requests();
-    assert_eq!(recorded.len(), 5, "the unknown previous_response_id never reached the upstream");
+    assert_eq!(recorded.len(), 6, "the unknown previous_response_id never reached the upstream");
     assert!(recorded.iter().all(|r| r.path == "/v1/chat/completions"));
     let first = recorded[0].json();
     assert_eq!(first["messages"], json!([{"role": "system", "content": "Be terse."}, user("Say hello")]));

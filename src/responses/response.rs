@@ -123,7 +123,11 @@ pub(crate) fn usage(chat: Option<&Value>) -> Value {
     let total = chat.get("total_tokens").and_then(Value::as_u64).unwrap_or(input + output);
     json!({
         "input_tokens": input,
-        "input_tokens_details": {"cached_tokens": number("/prompt_tokens_details/cached_tokens")},
+        "input_tokens_details": {
+            "cached_tokens": number("/prompt_tokens_details/cached_tokens"),
+            // Chat usage says nothing of cache writes (OpenAI's caching has no write cost).
+            "cache_write_tokens": number("/prompt_tokens_details/cache_write_tokens"),
+        },
         "output_tokens": output,
         "output_tokens_details": {"reasoning_tokens": number("/completion_tokens_details/reasoning_tokens")},
         "total_tokens": total,
@@ -193,7 +197,7 @@ mod tests {
         assert_eq!(object["output"][1]["call_id"], "call_a");
         assert_eq!(
             object["usage"],
-            json!({"input_tokens": 12, "input_tokens_details": {"cached_tokens": 4}, "output_tokens": 5,
+            json!({"input_tokens": 12, "input_tokens_details": {"cached_tokens": 4, "cache_write_tokens": 0}, "output_tokens": 5,
                    "output_tokens_details": {"reasoning_tokens": 2}, "total_tokens": 17})
         );
         assert_eq!(output.len(), 2);

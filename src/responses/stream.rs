@@ -201,11 +201,13 @@ impl Translator {
         let code = error["code"].as_str().or(error["type"].as_str()).unwrap_or("server_error").to_string();
         let message = error["message"].as_str().unwrap_or("The response failed.").to_string();
         let output: Vec<Value> = self.done.iter().map(|(_, item)| item.clone()).collect();
+        // A Response's `error.code` is one of OpenAI's list; the `error` event says which.
+        let kind = if code == "rate_limit_exceeded" { "rate_limit_exceeded" } else { "server_error" };
         let response = self.base.object(
             Status::Failed,
             output,
             usage(self.usage.as_ref()),
-            json!({"code": code, "message": message}),
+            json!({"code": kind, "message": message}),
         );
         vec![
             self.event("error", json!({"code": code, "message": message, "param": error["param"]})),
@@ -295,6 +297,6 @@ mod tests {
         assert_eq!(failed[0]["code"], "upstream_timeout");
         assert_eq!(failed[1]["type"], "response.failed");
         assert_eq!(failed[1]["response"]["status"], "failed");
-        assert_eq!(failed[1]["response"]["error"]["message"], "boom");
+        assert_eq!(failed[1]["response"]["error"], json!({"code": "server_error", "message": "boom"}));
     }
 }
