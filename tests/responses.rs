@@ -715,3 +715,59 @@ async fn a_chain_moves_from_a_chat_upstream_to_a_responses_upstream() {
     assert_eq!(input[1]["content"][0]["text"], "Blue.");
     assert_eq!(input[2], json!({"type": "message", "role": "user", "content": "Another?"}));
 }
+
+#[tokio::test]
+async fn a_chain_keeps_its_pool_endpoint_as_its_session_does() {
+    // Given a pool of three endpoints with affinity
+    let mut builder = Harness::builder();
+    for _ in 0..3 {
+        builder = builder.upstream(Server::builder());
+    }
+    let h = builder
+        .config(|c| {
+            let endpoints = c.upstreams.iter().map(|u| u.base_url.clone()).collect();
+            let pool = ctxgate::config::PoolConfig { endpoints, affinity: true, ..Default::default() };
+            c.upstreams = vec![ctxgate::config::UpstreamConfig {
+                name: "pool".into(),
+                pool: Some(pool),
+                ..ctxgate::config::UpstreamConfig::default()
+            }];
+            c.routes.clear();
+        })
+        .start()
+        .await;
+
+    // When chains take three turns, the first with instructions and the others without (the
+    // prefix they send changes; the session they run on does not)
+    for chain in 0..12 {
+        let mut previous: Option<String> = None;
+        let mut home: Option<String> = None;
+        for turn in 0..3 {
+            let mut body = json!({"model": "mock-model", "input": format!("chain {chain} turn {turn}")});
+            if turn == 0 {
+                body["instructions"] = json!(format!("You are assistant {chain}."));
+            }
+            if let Some(id) = &previous {
+                body["previous_response_id"] = json!(id);
+            }
+            let r = h
+                .client
+                .post(h.v1("/responses"))
+                .header("authorization", AUTH)
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+            let endpoint = r.headers()["x-ctxgate-upstream-endpoint"].to_str().unwrap().to_string();
+            // Then every turn of a chain lands where its first did
+            assert_eq!(
+                home.get_or_insert_with(|| endpoint.clone()),
+                &endpoint,
+                "chain {chain} moved at turn {turn}"
+            );
+            let r: Value = r.json().await.unwrap();
+            previous = r["id"].as_str().map(str::to_string);
+        }
+    }
+}

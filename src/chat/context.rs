@@ -134,6 +134,13 @@ impl ChatContext {
         Some(AffinityKey::prefix(&system, tools, None, first))
     }
 
+    /// Runs the request on session `id`, named by a front end rather than the session header
+    /// (a chain of stored responses); a pool keeps it on the session's endpoint.
+    pub(crate) fn on_session(&mut self, app: &AppState, id: String) {
+        self.session_id = Some(id);
+        self.affinity = self.affinity_key(app);
+    }
+
     /// Keeps a resumed turn on its session's endpoint.
     pub(crate) fn with_session_affinity(mut self, app: &AppState, key: &SessionKey) -> Self {
         if self.route(app).iter().any(|u| u.wants_affinity()) {

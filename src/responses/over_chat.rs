@@ -61,11 +61,12 @@ pub(super) async fn create(
     let session = match ctx.session_id.clone() {
         Some(named) => Some(named),
         None if parsed.store => {
-            Some(previous.as_ref().and_then(|p| p.session.clone()).unwrap_or_else(|| id.clone()))
+            let chain = previous.as_ref().and_then(|p| p.session.clone()).unwrap_or_else(|| id.clone());
+            ctx.on_session(&app, chain.clone());
+            Some(chain)
         }
         None => None,
     };
-    ctx.session_id = session.clone();
     let base = Base {
         id: id.clone(),
         created_at: now_secs(),
