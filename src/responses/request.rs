@@ -495,10 +495,43 @@ mod tests {
     }
 
     #[test]
+    fn images_logprobs_and_reasoning_items() {
+        let body = json!({
+            "model": "m",
+            "input": [
+                {"type": "reasoning", "id": "rs_1", "summary": [], "encrypted_content": "opaque"},
+                {"role": "user", "content": [
+                    {"type": "input_text", "text": "What is this?"},
+                    {"type": "input_image", "image_url": "data:image/png;base64,AAAA", "detail": "low"}
+                ]}
+            ],
+            "top_logprobs": 2,
+        });
+        let parsed = parse(body.to_string().as_bytes()).unwrap();
+        // A reasoning item has no place in a chat request; an image becomes an image_url part
+        assert_eq!(
+            parsed.messages,
+            vec![json!({"role": "user", "content": [
+                {"type": "text", "text": "What is this?"},
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA", "detail": "low"}}
+            ]})]
+        );
+        // It is still the request's input, kept as sent
+        assert_eq!(parsed.items[0]["encrypted_content"], "opaque");
+        assert_eq!(parsed.chat["logprobs"], true);
+        assert_eq!(parsed.chat["top_logprobs"], 2);
+    }
+
+    #[test]
     fn what_a_chat_upstream_cannot_do_is_a_400_naming_the_field() {
         for (body, param) in [
             (r#"{"model":"m","input":"x","tools":[{"type":"web_search"}]}"#, "tools"),
             (r#"{"model":"m","input":"x","background":true}"#, "background"),
+            (r#"{"model":"m","input":"x","conversation":"conv_1"}"#, "conversation"),
+            (
+                r#"{"model":"m","input":[{"role":"user","content":[{"type":"input_file","file_id":"f"}]}]}"#,
+                "input",
+            ),
             (r#"{"model":"m","input":[{"type":"item_reference","id":"x"}]}"#, "input"),
             (r#"{"model":"m"}"#, "input"),
             (r#"{"input":"x"}"#, "model"),
