@@ -33,6 +33,22 @@ fn weather_call(call_id: &str) -> Value {
     completion
 }
 
+/// A streamed answer with reasoning first, as llama-server sends a thinking model's.
+fn reasoning_stream() -> Vec<Chunk> {
+    let mut chunks: Vec<Chunk> = ["Two and ", "two."]
+        .iter()
+        .map(|r| Chunk::json(json!({"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"reasoning_content": r}}]})))
+        .collect();
+    chunks.extend(support::chunks(&["4"], None));
+    chunks
+}
+
+fn reasoning_completion() -> Value {
+    let mut completion = fixtures::completion("4");
+    completion["choices"][0]["message"]["reasoning_content"] = "Two and two.".into();
+    completion
+}
+
 /// `POST /v1/responses` with `body` to `base`, as the test client.
 async fn create(client: &reqwest::Client, base: &str, body: Value) -> reqwest::Response {
     client
@@ -62,7 +78,9 @@ async fn official_python_sdk_uses_the_responses_api_over_a_chat_only_upstream() 
         .chat(weather_call("call_w"))
         .chat(fixtures::completion("It is sunny in Paris."))
         .stream(tool_stream)
-        .stream(vec![Chunk::json(fixtures::content_chunk(0, "par"))]);
+        .stream(vec![Chunk::json(fixtures::content_chunk(0, "par"))])
+        .stream(reasoning_stream())
+        .chat(reasoning_completion());
     let h = Harness::builder().upstream(upstream).start().await;
 
     // When the SDK script runs against the gateway
@@ -147,9 +165,16 @@ async fn official_python_sdk_uses_the_responses_api_over_a_chat_only_upstream() 
         json!({"last": ["error", "response.failed"], "status": "failed", "error_code": "server_error", "error_event_code": "upstream_error"})
     );
 
+    // And a model's reasoning_content is a reasoning item, streamed as reasoning_text events
+    assert_eq!(
+        seen["reasoning"],
+        json!({"deltas": "Two and two.", "stream_items": ["reasoning", "message"],
+               "items": ["reasoning", "message"], "text": "Two and two.", "answer": "4"})
+    );
+
     // And the upstream only ever saw Chat Completions requests, with the chain rebuilt
     let recorded = h.upstream(0).requests();
-    assert_eq!(recorded.len(), 6, "the unknown previous_response_id never reached the upstream");
+    assert_eq!(recorded.len(), 8, "the unknown previous_response_id never reached the upstream");
     assert!(recorded.iter().all(|r| r.path == "/v1/chat/completions"));
     let first = recorded[0].json();
     assert_eq!(first["messages"], json!([{"role": "system", "content": "Be terse."}, user("Say hello")]));

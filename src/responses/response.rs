@@ -91,6 +91,26 @@ pub(crate) fn message_item(id: &str, text: &str, status: &str) -> Value {
     })
 }
 
+/// A `reasoning` output item holding a model's reasoning text (llama-server's and vLLM's
+/// `reasoning_content`).
+pub(crate) fn reasoning_item(id: &str, text: &str, status: &str) -> Value {
+    json!({
+        "id": id,
+        "type": "reasoning",
+        "status": status,
+        "summary": [],
+        "content": [{"type": "reasoning_text", "text": text}],
+    })
+}
+
+/// The reasoning text a chat message or delta carries: `reasoning_content`, or `reasoning`.
+pub(crate) fn reasoning_of(message: &Value) -> Option<&str> {
+    ["reasoning_content", "reasoning"]
+        .iter()
+        .find_map(|field| message[*field].as_str())
+        .filter(|text| !text.is_empty())
+}
+
 /// An `output_text` content part.
 pub(crate) fn output_text(text: &str) -> Value {
     json!({"type": "output_text", "text": text, "annotations": [], "logprobs": []})
@@ -134,9 +154,12 @@ pub(crate) fn usage(chat: Option<&Value>) -> Value {
     })
 }
 
-/// The output items of a chat answer's message: its text, then its tool calls.
+/// The output items of a chat answer's message: its reasoning, its text, then its tool calls.
 pub(crate) fn output_of(message: &Value) -> Vec<Value> {
     let mut output = Vec::new();
+    if let Some(reasoning) = reasoning_of(message) {
+        output.push(reasoning_item(&super::new_id("rs"), reasoning, "completed"));
+    }
     let text = match &message["content"] {
         Value::String(text) => text.clone(),
         // Some servers answer in parts.
@@ -201,6 +224,20 @@ mod tests {
                    "output_tokens_details": {"reasoning_tokens": 2}, "total_tokens": 17})
         );
         assert_eq!(output.len(), 2);
+    }
+
+    #[test]
+    fn reasoning_content_is_a_reasoning_item_before_the_message() {
+        let completion = json!({"choices": [{"finish_reason": "stop", "message": {
+            "role": "assistant", "content": "4", "reasoning_content": "2 + 2 is 4."
+        }}]});
+        let (object, _) = from_completion(&base(), &completion);
+        assert_eq!(object["output"][0]["type"], "reasoning");
+        assert_eq!(
+            object["output"][0]["content"],
+            json!([{"type": "reasoning_text", "text": "2 + 2 is 4."}])
+        );
+        assert_eq!(object["output"][1]["content"][0]["text"], "4");
     }
 
     #[test]

@@ -9,7 +9,9 @@
 use bytes::Bytes;
 use serde_json::{json, Value};
 
-use super::response::{function_call_item, message_item, output_text, usage, Base, Status};
+use super::response::{
+    function_call_item, message_item, output_text, reasoning_item, reasoning_of, usage, Base, Status,
+};
 
 /// The translation of one stream.
 pub(crate) struct Translator {
@@ -18,6 +20,8 @@ pub(crate) struct Translator {
     next_index: usize,
     /// The message item being written: its output index, id and text so far.
     text: Option<(usize, String, String)>,
+    /// The reasoning item being written, likewise.
+    reasoning: Option<(usize, String, String)>,
     /// Function calls by their chat index, in the order they started.
     calls: Vec<Call>,
     /// Finished items by output index.
@@ -50,6 +54,7 @@ impl Translator {
             seq: 0,
             next_index: 0,
             text: None,
+            reasoning: None,
             calls: Vec::new(),
             done: Vec::new(),
             finish_reason: None,
@@ -88,6 +93,9 @@ impl Translator {
         let mut events = Vec::new();
         let Some(choice) = chunk["choices"].as_array().and_then(|c| c.first()) else { return Ok(events) };
         let delta = &choice["delta"];
+        if let Some(reasoning) = reasoning_of(delta) {
+            self.reasoning_delta(reasoning, &mut events);
+        }
         if let Some(text) = delta["content"].as_str().filter(|t| !t.is_empty()) {
             self.text_delta(text, &mut events);
         }
@@ -100,8 +108,45 @@ impl Translator {
         Ok(events)
     }
 
+    fn reasoning_delta(&mut self, text: &str, events: &mut Vec<Bytes>) {
+        if self.reasoning.is_none() {
+            self.close_text(events);
+            let index = self.next_index;
+            self.next_index += 1;
+            let id = super::new_id("rs");
+            let mut item = reasoning_item(&id, "", "in_progress");
+            item["content"] = json!([]);
+            events
+                .push(self.event("response.output_item.added", json!({"output_index": index, "item": item})));
+            let part = json!({"type": "reasoning_text", "text": ""});
+            events.push(self.event(
+                "response.content_part.added",
+                json!({"output_index": index, "item_id": id, "content_index": 0, "part": part}),
+            ));
+            self.reasoning = Some((index, id, String::new()));
+        }
+        let Some((index, id, so_far)) = &mut self.reasoning else { return };
+        so_far.push_str(text);
+        let data = json!({"output_index": *index, "item_id": id, "content_index": 0, "delta": text});
+        events.push(self.event("response.reasoning_text.delta", data));
+    }
+
+    fn close_reasoning(&mut self, events: &mut Vec<Bytes>) {
+        let Some((index, id, text)) = self.reasoning.take() else { return };
+        let data = json!({"output_index": index, "item_id": id, "content_index": 0, "text": text});
+        events.push(self.event("response.reasoning_text.done", data));
+        let part = json!({"type": "reasoning_text", "text": text});
+        let data = json!({"output_index": index, "item_id": id, "content_index": 0, "part": part});
+        events.push(self.event("response.content_part.done", data));
+        let item = reasoning_item(&id, &text, "completed");
+        events.push(self.event("response.output_item.done", json!({"output_index": index, "item": item})));
+        self.done.push((index, item));
+    }
+
     fn text_delta(&mut self, text: &str, events: &mut Vec<Bytes>) {
         if self.text.is_none() {
+            // Items are written one after another: the reasoning before the text is done.
+            self.close_reasoning(events);
             let index = self.next_index;
             self.next_index += 1;
             let id = super::new_id("msg");
@@ -125,7 +170,8 @@ impl Translator {
     fn call_delta(&mut self, delta: &Value, events: &mut Vec<Bytes>) {
         let chat_index = delta["index"].as_u64().unwrap_or(0);
         if !self.calls.iter().any(|c| c.chat_index == chat_index) {
-            // Items are written one after another: the text before a call is done.
+            // Items are written one after another: what came before a call is done.
+            self.close_reasoning(events);
             self.close_text(events);
             let output_index = self.next_index;
             self.next_index += 1;
@@ -171,6 +217,7 @@ impl Translator {
     /// response is stored.
     pub(crate) fn finish(&mut self) -> (Vec<Bytes>, Finished) {
         let mut events = Vec::new();
+        self.close_reasoning(&mut events);
         self.close_text(&mut events);
         for call in std::mem::take(&mut self.calls) {
             let data = json!({"output_index": call.output_index, "item_id": call.id, "name": call.name, "arguments": call.arguments});
@@ -283,6 +330,40 @@ mod tests {
         assert_eq!(done["output"][1]["arguments"], "{\"x\":1}");
         assert_eq!(done["output"][1]["call_id"], "call_a");
         assert_eq!(done["usage"]["total_tokens"], 5);
+    }
+
+    #[test]
+    fn reasoning_comes_first_as_its_own_item() {
+        let mut t = translator();
+        let mut all = t.start();
+        for chunk in [
+            json!({"choices": [{"delta": {"role": "assistant", "reasoning_content": "Two and "}}]}),
+            json!({"choices": [{"delta": {"reasoning_content": "two."}}]}),
+            json!({"choices": [{"delta": {"content": "4"}, "finish_reason": "stop"}]}),
+        ] {
+            all.extend(t.chunk(&chunk).unwrap());
+        }
+        let (closing, finished) = t.finish();
+        all.extend(closing);
+        let events = events(&all);
+        let kinds: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
+        assert_eq!(
+            kinds[2..10],
+            [
+                "response.output_item.added",
+                "response.content_part.added",
+                "response.reasoning_text.delta",
+                "response.reasoning_text.delta",
+                "response.reasoning_text.done",
+                "response.content_part.done",
+                "response.output_item.done",
+                "response.output_item.added",
+            ]
+        );
+        assert_eq!(events[6]["text"], "Two and two.");
+        assert_eq!(finished.output[0]["type"], "reasoning");
+        assert_eq!(finished.output[0]["content"][0]["text"], "Two and two.");
+        assert_eq!(finished.output[1]["content"][0]["text"], "4");
     }
 
     #[test]

@@ -124,4 +124,18 @@ for event in client.responses.create(model="mock-model", input="Cut", stream=Tru
 seen["cut"] = {"last": cut_kinds[-2:], "status": event.response.status,
                "error_code": event.response.error.code, "error_event_code": cut_error_code}
 
+# 7. A reasoning model (llama-server's `reasoning_content`), streamed then not.
+reasoning_deltas, final_items = "", []
+for event in client.responses.create(model="mock-model", input="2+2?", stream=True):
+    STRICT_EVENT.validate_python(event.to_dict())
+    if event.type == "response.reasoning_text.delta":
+        reasoning_deltas += event.delta
+    if event.type == "response.completed":
+        final_items = [item.type for item in event.response.output]
+reasoned = client.responses.create(model="mock-model", input="2+2?")
+Response.model_validate(reasoned.to_dict())
+seen["reasoning"] = {"deltas": reasoning_deltas, "stream_items": final_items,
+                     "items": [item.type for item in reasoned.output],
+                     "text": reasoned.output[0].content[0].text, "answer": reasoned.output_text}
+
 print(json.dumps(seen))
