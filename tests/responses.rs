@@ -796,3 +796,52 @@ async fn a_chain_keeps_its_pool_endpoint_as_its_session_does() {
         }
     }
 }
+
+#[tokio::test]
+async fn a_chains_session_applies_its_goal_lock_with_a_byte_stable_prefix() {
+    let h = Harness::builder().start().await;
+    let post =
+        |body: Value| h.client.post(h.v1("/responses")).header("authorization", AUTH).json(&body).send();
+    let turn = |input: &str, previous: &str| json!({"model": "mock-model", "instructions": "Be terse.", "input": input, "previous_response_id": previous});
+    let r1: Value = post(json!({"model": "mock-model", "instructions": "Be terse.", "input": "a"}))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = r1["id"].as_str().unwrap();
+
+    // When the goal of the chain's session is locked
+    let locked = h
+        .client
+        .put(h.v1(&format!("/sessions/{id}/goal")))
+        .header("authorization", AUTH)
+        .json(&json!({"goal": "Ship the parser"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(locked.status(), 200);
+
+    // Then the chain's next turns carry it right after the instructions, in the same bytes,
+    // behind a prefix that does not change from one turn to the next
+    let r2: Value = post(turn("b", id)).await.unwrap().json().await.unwrap();
+    let r3 = post(turn("c", r2["id"].as_str().unwrap())).await.unwrap();
+    assert_eq!(r3.status(), 200);
+    let raw = |i: usize| -> Vec<String> {
+        #[derive(serde::Deserialize)]
+        struct Body {
+            messages: Vec<Box<serde_json::value::RawValue>>,
+        }
+        let body: Body = serde_json::from_slice(&h.upstream(0).requests()[i].body).unwrap();
+        body.messages.iter().map(|m| m.get().to_string()).collect()
+    };
+    let (second, third) = (raw(1), raw(2));
+    assert!(second[1].contains("Ship the parser"), "{second:?}");
+    assert_eq!(second[..], third[..second.len()], "the prefix sent is byte-stable");
+
+    // And a turn that changes the instructions under the lock is refused, as for any session
+    let changed = json!({"model": "mock-model", "instructions": "Be verbose.", "input": "d", "previous_response_id": id});
+    let refused = post(changed).await.unwrap();
+    assert_eq!(refused.status(), 409);
+    assert_eq!(refused.json::<Value>().await.unwrap()["error"]["code"], "goal_locked");
+}
