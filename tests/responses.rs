@@ -845,3 +845,68 @@ async fn a_chains_session_applies_its_goal_lock_with_a_byte_stable_prefix() {
     assert_eq!(refused.status(), 409);
     assert_eq!(refused.json::<Value>().await.unwrap()["error"]["code"], "goal_locked");
 }
+
+#[tokio::test]
+async fn a_long_agent_chain_is_compressed_in_epochs_behind_a_stable_prefix() {
+    // Given compression with a window the chain outgrows, and a model that calls `run` each turn
+    const TURNS: usize = 30;
+    const WINDOW: u64 = 10_000;
+    let mut upstream = Server::builder();
+    for n in 0..TURNS {
+        let mut completion = weather_call(&format!("call_{n}"));
+        completion["choices"][0]["message"]["tool_calls"][0]["function"] =
+            json!({"name": "run", "arguments": format!("{{\"n\":{n}}}")});
+        upstream = upstream.chat(completion);
+    }
+    let h = Harness::builder()
+        .upstream(upstream)
+        .config(|c| {
+            c.compression.policy.mode = ctxgate::config::CompressionMode::Rules;
+            c.compression.policy.context_window = WINDOW;
+            c.compression.policy.keep_recent_turns = 2;
+        })
+        .start()
+        .await;
+    let tools = json!([{"type": "function", "name": "run", "parameters": {"type": "object", "properties": {"n": {"type": "integer"}}}}]);
+
+    // When an agent answers each call with a long, coloured tool output, chained by id
+    let mut previous: Option<String> = None;
+    for n in 0..TURNS {
+        let input = match n {
+            0 => json!("Fix the build."),
+            _ => {
+                let output: String = (0..60)
+                    .map(|l| format!("\u{1b}[32mok\u{1b}[0m   step {n} line {l}:    value {}\n", l * n))
+                    .collect();
+                json!([{"type": "function_call_output", "call_id": format!("call_{}", n - 1), "output": output}])
+            }
+        };
+        let mut body = json!({"model": "mock-model", "instructions": "You are an agent.", "input": input, "tools": tools});
+        if let Some(id) = &previous {
+            body["previous_response_id"] = json!(id);
+        }
+        let r =
+            h.client.post(h.v1("/responses")).header("authorization", AUTH).json(&body).send().await.unwrap();
+        assert_eq!(r.status(), 200, "turn {n}");
+        let after: u64 = r.headers()["x-ctxgate-tokens-after"].to_str().unwrap().parse().unwrap();
+        assert!(after <= WINDOW, "turn {n}: {after} tokens");
+        let r: Value = r.json().await.unwrap();
+        assert_eq!(r["output"][0]["call_id"], format!("call_{n}"));
+        previous = r["id"].as_str().map(str::to_string);
+    }
+
+    // Then the chain compacted, and every turn but an epoch's extended the bytes sent before
+    let requests: Vec<Vec<String>> = h
+        .upstream(0)
+        .requests()
+        .iter()
+        .map(|r| r.json()["messages"].as_array().unwrap().iter().map(Value::to_string).collect())
+        .collect();
+    let breaks = requests.windows(2).filter(|w| !w[1].starts_with(&w[0])).count();
+    let epochs = h.metric(r#"ctxgate_compression_epochs_total{model="other",stage="rules"}"#).await;
+    eprintln!("{TURNS} turns: {epochs} compaction epochs, {breaks} prefix breaks");
+    assert!(epochs >= 1.0, "the chain never compacted");
+    assert!(breaks as f64 <= epochs, "{breaks} prefix breaks but {epochs} epochs");
+    // And the tool outputs lost their colours on the way
+    assert!(!requests.last().unwrap().iter().any(|m| m.contains('\u{1b}')));
+}
