@@ -910,3 +910,54 @@ async fn a_long_agent_chain_is_compressed_in_epochs_behind_a_stable_prefix() {
     // And the tool outputs lost their colours on the way
     assert!(!requests.last().unwrap().iter().any(|m| m.contains('\u{1b}')));
 }
+
+#[tokio::test]
+async fn gateway_tools_run_inside_a_streamed_response() {
+    // Given a gateway tool `lookup`, and a model that calls it (streamed) and then answers
+    let tools = support::tool_server::ToolServer::start().await;
+    let mut call: Vec<Chunk> =
+        fixtures::tool_call_completion_chunks("lookup", 1).into_iter().map(Chunk::json).collect();
+    call.push(Chunk::done());
+    let url = tools.url("/lookup");
+    let h = Harness::builder()
+        .upstream(Server::builder().stream(call).stream(chunks(&["Found ", "it."], None)))
+        .config(move |c| {
+            c.tools = vec![ctxgate::config::ToolConfig {
+                name: "lookup".into(),
+                description: "Looks things up.".into(),
+                parameters: json!({"type": "object", "properties": {"q": {"type": "string"}}}),
+                inject: false,
+                timeout: std::time::Duration::from_secs(10),
+                retries: 0,
+                max_concurrency: 4,
+                run_as_task: false,
+                http: Some(ctxgate::config::HttpBackend {
+                    url,
+                    method: "POST".into(),
+                    headers: Default::default(),
+                    headers_env: Default::default(),
+                }),
+                mcp: None,
+            }];
+        })
+        .start()
+        .await;
+
+    // When a streamed Responses request offers the tool
+    let body = json!({"model": "mock-model", "input": "Find it.", "stream": true,
+                      "tools": [{"type": "function", "name": "lookup", "parameters": {"type": "object"}}]});
+    let r = create(&h.client, &h.url, body).await;
+    assert_eq!(r.status(), 200);
+    let events = events(&r.text().await.unwrap());
+
+    // Then the gateway ran it between two model calls, and the client saw only the answer
+    assert_eq!(tools.hits().len(), 1);
+    let kinds: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert!(!kinds.iter().any(|k| k.contains("function_call")), "{kinds:?}");
+    let done = events.last().unwrap();
+    assert_eq!(done["type"], "response.completed", "{kinds:?}");
+    assert_eq!(done["response"]["output"].as_array().unwrap().len(), 1);
+    assert_eq!(done["response"]["output"][0]["content"][0]["text"], "Found it.");
+    let second = h.upstream(0).requests()[1].json();
+    assert_eq!(second["messages"].as_array().unwrap().last().unwrap()["role"], "tool");
+}
