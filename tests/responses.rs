@@ -961,3 +961,91 @@ async fn gateway_tools_run_inside_a_streamed_response() {
     let second = h.upstream(0).requests()[1].json();
     assert_eq!(second["messages"].as_array().unwrap().last().unwrap()["role"], "tool");
 }
+
+/// A completion whose message calls `get_weather` and `get_time` for `city`.
+fn two_calls(city: &str) -> Value {
+    let mut completion = fixtures::completion("");
+    let args = json!({"city": city}).to_string();
+    completion["choices"][0]["message"] = json!({"role": "assistant", "content": null, "tool_calls": [
+        {"id": format!("call_w_{city}"), "type": "function", "function": {"name": "get_weather", "arguments": args}},
+        {"id": format!("call_t_{city}"), "type": "function", "function": {"name": "get_time", "arguments": args}}
+    ]});
+    completion["choices"][0]["finish_reason"] = "tool_calls".into();
+    completion
+}
+
+/// [`two_calls`] streamed: each call's first chunk with its id and name, then its arguments.
+fn two_calls_streamed(city: &str) -> Vec<Chunk> {
+    let args = json!({"city": city}).to_string();
+    let mut chunks = Vec::new();
+    for (i, (id, name)) in
+        [(format!("call_w_{city}"), "get_weather"), (format!("call_t_{city}"), "get_time")].iter().enumerate()
+    {
+        let start =
+            json!({"index": i, "id": id, "type": "function", "function": {"name": name, "arguments": ""}});
+        let rest = json!({"index": i, "function": {"arguments": args}});
+        for call in [start, rest] {
+            chunks.push(Chunk::json(json!({"object": "chat.completion.chunk", "model": "mock-model",
+                "choices": [{"index": 0, "delta": {"tool_calls": [call]}, "finish_reason": null}]})));
+        }
+    }
+    chunks.push(Chunk::json(fixtures::finish_chunk("tool_calls")));
+    chunks.push(Chunk::done());
+    chunks
+}
+
+#[tokio::test]
+async fn an_openai_agents_sdk_agent_runs_its_tools_over_a_chat_only_upstream() {
+    // Given a Chat-Completions upstream scripted for two agent runs (plain, then streamed), each
+    // asking for both tools and then answering
+    let upstream = Server::builder()
+        .chat(two_calls("Paris"))
+        .chat(fixtures::completion("Sunny, and noon, in Paris."))
+        .stream(two_calls_streamed("Tokyo"))
+        .stream(chunks(&["Sunny and ", "noon in Tokyo."], None));
+    let h = Harness::builder().upstream(upstream).start().await;
+
+    // When the Agents SDK runs its agent through the gateway, in its default Responses mode
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/e2e/responses_agents.py");
+    let python = support::python::python();
+    let output = tokio::process::Command::new(python).arg(script).arg(h.v1("")).output().await.unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "the agent failed:\n{stderr}");
+    let seen: Value = serde_json::from_slice(&output.stdout).unwrap();
+
+    // Then it called both tools on each run and finished with the model's answers
+    assert_eq!(seen["final"], "Sunny, and noon, in Paris.");
+    assert_eq!(seen["streamed_final"], "Sunny and noon in Tokyo.");
+    assert_eq!(
+        seen["calls"],
+        json!([
+            ["get_weather", "Paris"],
+            ["get_time", "Paris"],
+            ["get_weather", "Tokyo"],
+            ["get_time", "Tokyo"]
+        ])
+    );
+    let kinds = seen["raw_event_kinds"].as_array().unwrap();
+    for kind in ["response.completed", "response.function_call_arguments.delta", "response.output_text.delta"]
+    {
+        assert!(kinds.contains(&json!(kind)), "{kind} in {kinds:?}");
+    }
+
+    // And the upstream was sent chat requests carrying the tools' results
+    let recorded = h.upstream(0).requests();
+    assert_eq!(recorded.len(), 4);
+    assert!(recorded.iter().all(|r| r.path == "/v1/chat/completions"));
+    for (i, city) in [(1, "Paris"), (3, "Tokyo")] {
+        let messages = recorded[i].json()["messages"].as_array().unwrap().clone();
+        let results: Vec<(&str, &str)> = messages
+            .iter()
+            .filter(|m| m["role"] == "tool")
+            .map(|m| (m["tool_call_id"].as_str().unwrap(), m["content"].as_str().unwrap()))
+            .collect();
+        let (weather, time) = (format!("call_w_{city}"), format!("call_t_{city}"));
+        let (sunny, noon) = (format!("sunny in {city}"), format!("noon in {city}"));
+        assert!(results.contains(&(weather.as_str(), sunny.as_str())), "{results:?}");
+        assert!(results.contains(&(time.as_str(), noon.as_str())), "{results:?}");
+        assert_eq!(messages[0], json!({"role": "system", "content": "Answer with the tools."}));
+    }
+}
