@@ -1049,3 +1049,67 @@ async fn an_openai_agents_sdk_agent_runs_its_tools_over_a_chat_only_upstream() {
         assert_eq!(messages[0], json!({"role": "system", "content": "Answer with the tools."}));
     }
 }
+
+#[tokio::test]
+async fn a_long_chain_is_rebuilt_whole_across_its_snapshots_and_past_a_deleted_response() {
+    // Given a chain of 40 responses (its records hold their own part, every 16th the whole)
+    let h = Harness::builder().start().await;
+    let post =
+        |body: Value| h.client.post(h.v1("/responses")).header("authorization", AUTH).json(&body).send();
+    let mut ids: Vec<String> = Vec::new();
+    for n in 0..40 {
+        let mut body = json!({"model": "mock-model", "input": format!("turn {n}")});
+        if let Some(previous) = ids.last() {
+            body["previous_response_id"] = json!(previous);
+        }
+        let r: Value = post(body).await.unwrap().json().await.unwrap();
+        ids.push(r["id"].as_str().unwrap().to_string());
+    }
+    // When a response in the middle is deleted, and the chain continues from its last response
+    // and forks from one past the first snapshot
+    let deleted = h
+        .client
+        .delete(h.v1(&format!("/responses/{}", ids[20])))
+        .header("authorization", AUTH)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status(), 200);
+    assert_eq!(
+        post(json!({"model": "mock-model", "input": "last", "previous_response_id": ids[39]}))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        post(json!({"model": "mock-model", "input": "fork", "previous_response_id": ids[17]}))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+
+    // Then each was sent its whole conversation, in order
+    let expected = |turns: usize, last: &str| -> Vec<Value> {
+        let mut messages: Vec<Value> = (0..turns)
+            .flat_map(|n| [user(&format!("turn {n}")), assistant("Hello from mock-upstream.")])
+            .collect();
+        messages.push(user(last));
+        messages
+    };
+    let recorded = h.upstream(0).requests();
+    assert_eq!(recorded.len(), 42);
+    let sent = |i: usize| -> Vec<Value> { recorded[i].json()["messages"].as_array().unwrap().clone() };
+    assert_eq!(sent(40), expected(40, "last"));
+    assert_eq!(sent(41), expected(18, "fork"));
+    // And the deleted response itself is gone
+    let got = h
+        .client
+        .get(h.v1(&format!("/responses/{}", ids[20])))
+        .header("authorization", AUTH)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(got.status(), 404);
+}

@@ -15,7 +15,7 @@ use http_body_util::BodyExt;
 use serde_json::{Map, Value};
 
 use super::request::{items_of, listed};
-use super::store::{self, Record};
+use super::store::{self, Chain, New};
 use super::{collect, send};
 use crate::body::{self, Body, ChannelBody, FrameSender};
 use crate::error::GatewayError;
@@ -28,8 +28,10 @@ use crate::AppState;
 struct Keep {
     app: Arc<AppState>,
     scope: Vec<u8>,
-    /// The conversation through this request's input, as items.
-    items: Vec<Value>,
+    /// The conversation before this request.
+    previous: Option<Chain>,
+    /// This request's input, as items.
+    input: Vec<Value>,
     /// This request's input items, as listed.
     input_items: Vec<Value>,
 }
@@ -48,7 +50,7 @@ pub(super) async fn create(
     let stream = fields.get("stream").and_then(Value::as_bool).unwrap_or(false);
     let named = fields.get("previous_response_id").filter(|id| !id.is_null());
     let previous = match named.and_then(Value::as_str) {
-        Some(id) => store::load(&app.sessions, &scope, id).await?,
+        Some(id) => store::chain(&app.sessions, &scope, id).await?,
         None => None,
     };
     // An input the gateway cannot read as items is the upstream's to refuse.
@@ -61,19 +63,15 @@ pub(super) async fn create(
     }) else {
         return passthrough::passthrough(app, Request::from_parts(parts, body::full(bytes))).await;
     };
-    let mut items = Vec::new();
-    let body = match previous {
+    let body = match &previous {
         None => bytes,
         Some(previous) => {
-            items = previous.items;
             fields.remove("previous_response_id");
-            let mut all = items.clone();
-            all.extend(input.iter().cloned());
+            let all = previous.items.iter().chain(&input).cloned().collect();
             fields.insert("input".into(), Value::Array(all));
             Bytes::from(serde_json::to_vec(&fields).map_err(|e| GatewayError::Internal(e.into()))?)
         }
     };
-    items.extend(input.iter().cloned());
     // The gateway reads the answer: it must come unencoded.
     parts.headers.remove(header::ACCEPT_ENCODING);
     parts.headers.remove(header::CONTENT_LENGTH);
@@ -82,7 +80,7 @@ pub(super) async fn create(
     if !keep || !answer.status().is_success() {
         return Ok(answer);
     }
-    let keeper = Keep { app: app.clone(), scope, items, input_items: listed(&input) };
+    let keeper = Keep { app: app.clone(), scope, previous, input_items: listed(&input), input };
     answer.headers_mut().remove(header::CONTENT_LENGTH);
     if stream {
         let (frames, client_body) = ChannelBody::channel(32);
@@ -106,15 +104,16 @@ impl Keep {
         else {
             return Ok(());
         };
-        let mut items = self.items.clone();
-        items.extend(object["output"].as_array().into_iter().flatten().cloned());
-        let record = Record {
+        let output = object["output"].as_array().into_iter().flatten();
+        let new = New {
+            id,
             response: object.clone(),
             input_items: self.input_items.clone(),
-            items,
-            ..Record::default()
+            previous: self.previous.as_ref(),
+            items: self.input.iter().chain(output).cloned().collect(),
+            session: None,
         };
-        store::save(&self.app.sessions, &self.scope, id, record).await
+        store::save(&self.app.sessions, &self.scope, new).await
     }
 
     /// Passes the upstream's events on as they come; the one that finishes the response is

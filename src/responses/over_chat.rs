@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 
 use super::request::{self as translate, Parsed};
 use super::response::{self, Base};
-use super::store::{self, Record};
+use super::store::{self, Chain, New};
 use super::stream::Translator;
 use super::{collect, new_id, now_secs, send};
 use crate::body::{Body, ChannelBody, FrameSender};
@@ -36,17 +36,18 @@ pub(super) async fn create(
     let parsed = translate::parse(&bytes)?;
     let previous = match &parsed.previous_response_id {
         Some(id) => Some(
-            store::load(&app.sessions, &scope, id)
+            store::chain(&app.sessions, &scope, id)
                 .await?
                 .ok_or_else(|| GatewayError::ResponseNotFound { id: id.clone() })?,
         ),
         None => None,
     };
     let id = new_id("resp");
-    let earlier = previous.as_ref().map(|p| p.items.clone()).unwrap_or_default();
     let mut messages = Vec::new();
     messages.extend(parsed.instructions.clone());
-    messages.extend(translate::messages_of(&earlier)?);
+    if let Some(previous) = &previous {
+        messages.extend(translate::messages_of(&previous.items)?);
+    }
     messages.extend(parsed.messages.iter().cloned());
     let mut chat = parsed.chat.clone();
     chat.insert("messages".into(), Value::Array(messages));
@@ -73,7 +74,7 @@ pub(super) async fn create(
         model: parsed.model.clone(),
         echo: parsed.echo.clone(),
     };
-    let turn = Turn { app: app.clone(), scope, parsed, earlier, session, base };
+    let turn = Turn { app: app.clone(), scope, parsed, previous, session, base };
 
     let mut answer = chat::answer(app.clone(), ctx).await?;
     if !answer.status().is_success() {
@@ -108,8 +109,8 @@ struct Turn {
     app: Arc<AppState>,
     scope: Vec<u8>,
     parsed: Parsed,
-    /// The conversation before this request, as Responses items.
-    earlier: Vec<Value>,
+    /// The conversation before this request.
+    previous: Option<Chain>,
     session: Option<String>,
     base: Base,
 }
@@ -120,17 +121,15 @@ impl Turn {
         if !self.parsed.store {
             return Ok(());
         }
-        let mut items = self.earlier.clone();
-        items.extend(self.parsed.items.iter().cloned());
-        items.extend(output.iter().cloned());
-        let record = Record {
+        let new = New {
+            id: &self.base.id,
             response: object.clone(),
             input_items: self.parsed.input_items.clone(),
-            items,
+            previous: self.previous.as_ref(),
+            items: self.parsed.items.iter().chain(output).cloned().collect(),
             session: self.session.clone(),
-            ..Record::default()
         };
-        store::save(&self.app.sessions, &self.scope, &self.base.id, record).await
+        store::save(&self.app.sessions, &self.scope, new).await
     }
 
     /// Translates the chat stream into Responses events for the client. The response is stored
