@@ -1113,3 +1113,59 @@ async fn a_long_chain_is_rebuilt_whole_across_its_snapshots_and_past_a_deleted_r
         .unwrap();
     assert_eq!(got.status(), 404);
 }
+
+#[tokio::test]
+async fn a_chain_outlives_the_ttl_of_its_first_response() {
+    // Given a short TTL, and a chain whose second response comes after half of it
+    const TTL: std::time::Duration = std::time::Duration::from_secs(4);
+    let h = Harness::builder().config(|c| c.sessions.ttl = TTL).start().await;
+    let post =
+        |body: Value| h.client.post(h.v1("/responses")).header("authorization", AUTH).json(&body).send();
+    let started = tokio::time::Instant::now();
+    let r0: Value =
+        post(json!({"model": "mock-model", "input": "zero"})).await.unwrap().json().await.unwrap();
+    let id = |r: &Value| r["id"].as_str().unwrap().to_string();
+    // (time passing is what this test is about: the TTL runs on the wall clock)
+    tokio::time::sleep_until(started + TTL / 2 + std::time::Duration::from_millis(200)).await;
+    let r1: Value = post(json!({"model": "mock-model", "input": "one", "previous_response_id": id(&r0)}))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let r2: Value = post(json!({"model": "mock-model", "input": "two", "previous_response_id": id(&r1)}))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+
+    // When the first response has expired
+    let deadline = started + TTL * 2;
+    loop {
+        let got = h
+            .client
+            .get(h.v1(&format!("/responses/{}", id(&r0))))
+            .header("authorization", AUTH)
+            .send()
+            .await
+            .unwrap();
+        if got.status() == 404 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the first response never expired");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+
+    // Then the chain still continues from its latest response, with its whole conversation
+    let r3 = post(json!({"model": "mock-model", "input": "three", "previous_response_id": id(&r2)}))
+        .await
+        .unwrap();
+    assert_eq!(r3.status(), 200);
+    let sent = h.upstream(0).requests().last().unwrap().json();
+    let reply = assistant("Hello from mock-upstream.");
+    assert_eq!(
+        sent["messages"],
+        json!([user("zero"), reply, user("one"), reply, user("two"), reply, user("three")])
+    );
+}

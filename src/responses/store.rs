@@ -6,9 +6,10 @@
 //! the conversation as Responses items (its input and its output; `instructions` are not part
 //! of it, as OpenAI does not carry them over), with the response it continues. The
 //! conversation through a response is its chain's parts in order: every [`SNAPSHOT_EVERY`]th
-//! response of a chain holds the whole conversation instead, so rebuilding one reads at most
-//! that many records, and a chain of `n` turns stores `n²/SNAPSHOT_EVERY` items rather than
-//! `n²`. Items are kept as the client and the upstream sent them, so a chain can move between a
+//! response of a chain holds the whole conversation instead (and so does one whose chain rests
+//! on a whole record written over half the TTL ago, so no part a chain needs expires before its
+//! newest response), so rebuilding one reads at most that many records, and a chain of `n`
+//! turns stores `n²/SNAPSHOT_EVERY` items rather than `n²`. Items are kept as the client and the upstream sent them, so a chain can move between a
 //! chat upstream (they are translated each time) and a Responses one (sent as kept).
 
 use bytes::Bytes;
@@ -16,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::error::GatewayError;
+use crate::session::checkpoint::now_ms;
 use crate::session::{BlobKind, SessionKey, Sessions};
 
 /// How often a chain's record holds its whole conversation.
@@ -38,6 +40,8 @@ pub(crate) struct Record {
     previous: Option<String>,
     /// Its place in the chain (the first response is 0).
     depth: u32,
+    /// When it was written (ms since the epoch).
+    written_ms: u64,
     /// The session id the chain's turns run on.
     pub(crate) session: Option<String>,
     /// Deleted (`DELETE /v1/responses/{id}`): no longer listed or read, but the chain's later
@@ -53,6 +57,8 @@ pub(crate) struct Chain {
     pub(crate) items: Vec<Value>,
     pub(crate) depth: u32,
     pub(crate) session: Option<String>,
+    /// When the whole record the conversation was rebuilt from was written.
+    whole_written_ms: u64,
 }
 
 /// A response to store.
@@ -103,22 +109,25 @@ pub(crate) async fn chain(
     let Some(record) = load(sessions, scope, id).await? else { return Ok(None) };
     let (depth, session) = (record.depth, record.session.clone());
     let mut parts = vec![record.items];
-    let (mut whole, mut previous) = (record.whole, record.previous);
+    let (mut whole, mut previous, mut written_ms) = (record.whole, record.previous, record.written_ms);
     while !whole {
         let Some(earlier) = previous else { break };
         let Some(record) = read(sessions, scope, &earlier).await? else { return Ok(None) };
         parts.push(record.items);
-        (whole, previous) = (record.whole, record.previous);
+        (whole, previous, written_ms) = (record.whole, record.previous, record.written_ms);
     }
     let items = parts.into_iter().rev().flatten().collect();
-    Ok(Some(Chain { id: id.to_string(), items, depth, session }))
+    Ok(Some(Chain { id: id.to_string(), items, depth, session, whole_written_ms: written_ms }))
 }
 
 /// Stores a response: its part of the conversation, or on every [`SNAPSHOT_EVERY`]th response
 /// of a chain the whole of it.
 pub(crate) async fn save(sessions: &Sessions, scope: &[u8], new: New<'_>) -> Result<(), GatewayError> {
     let depth = new.previous.map_or(0, |p| p.depth + 1);
-    let whole = depth.is_multiple_of(SNAPSHOT_EVERY);
+    let now = now_ms();
+    let half_ttl = (sessions.config.ttl.as_millis() / 2) as u64;
+    let whole = depth.is_multiple_of(SNAPSHOT_EVERY)
+        || new.previous.is_some_and(|p| now.saturating_sub(p.whole_written_ms) > half_ttl);
     let items = match new.previous {
         Some(previous) if whole => previous.items.iter().cloned().chain(new.items).collect(),
         _ => new.items,
@@ -130,6 +139,7 @@ pub(crate) async fn save(sessions: &Sessions, scope: &[u8], new: New<'_>) -> Res
         whole,
         previous: new.previous.map(|p| p.id.clone()),
         depth,
+        written_ms: now,
         session: new.session,
         ..Record::default()
     };
