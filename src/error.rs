@@ -26,6 +26,8 @@ pub enum GatewayError {
     MethodNotAllowed { method: String, path: String },
     #[error("Request body is larger than the limit of {limit} bytes")]
     PayloadTooLarge { limit: usize },
+    #[error("Request line and headers are larger than the limit of {limit} bytes")]
+    HeadTooLarge { limit: usize },
     /// The client did not send its whole body within `server.body_read_timeout`.
     #[error("The request body did not arrive within {}", humantime::format_duration(*.after))]
     RequestBodyTimeout { after: Duration },
@@ -143,6 +145,7 @@ impl GatewayError {
             Self::SessionStore(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::HeadTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Self::RequestBodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             Self::UnsupportedMediaType { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
@@ -165,6 +168,7 @@ impl GatewayError {
             | Self::NotFound { .. }
             | Self::MethodNotAllowed { .. }
             | Self::PayloadTooLarge { .. }
+            | Self::HeadTooLarge { .. }
             | Self::RequestBodyTimeout { .. }
             | Self::UnsupportedMediaType { .. }
             | Self::SessionBusy { .. }
@@ -198,6 +202,7 @@ impl GatewayError {
             Self::NotFound { .. } => "unknown_url",
             Self::MethodNotAllowed { .. } => "method_not_allowed",
             Self::PayloadTooLarge { .. } => "request_too_large",
+            Self::HeadTooLarge { .. } => "request_header_too_large",
             Self::RequestBodyTimeout { .. } => "request_body_timeout",
             Self::UnsupportedMediaType { .. } => "unsupported_media_type",
             Self::Overloaded => "overloaded",

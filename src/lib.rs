@@ -10,6 +10,8 @@
 //! - [`request_path`]: the path normalised once (dot segments), so keys, routes and upstreams agree.
 //! - [`router`]: the route table, `(method, path)` → handler, and the routes' metric labels.
 //! - [`observe`], [`limit`]: per-request metrics; body and concurrency limits.
+//! - [`tunnel`]: HTTP/1.1 upgrades (WebSocket) on passthrough routes, copied both ways
+//!   between client and upstream; run by the server as the connection it is.
 //!
 //! Handlers:
 //! - [`chat`]: `POST /v1/chat/completions`, the one pipeline (read → prepare → send → relay →
@@ -59,6 +61,7 @@ mod stack;
 pub mod telemetry;
 pub mod tokens;
 pub mod tools;
+mod tunnel;
 pub mod upstream;
 
 use std::future::Future;

@@ -3,8 +3,9 @@
 //! (request body size, checked on `Content-Length` and again while streaming) and
 //! [`ConcurrencyLimitLayer`] (requests served at once, streams included until their last byte;
 //! excess load is shed with 503 rather than queued, so a saturated gateway answers fast instead
-//! of building latency). Connection-level limits (heads, idle connections, open connections)
-//! belong to [`crate::server`].
+//! of building latency), and [`head_limit`] (431 with an error body for a large request head).
+//! Connection-level limits (a head's hard cap, idle connections, open connections) belong to
+//! [`crate::server`].
 
 use std::future::Future;
 use std::pin::Pin;
@@ -121,6 +122,28 @@ where
     fn size_hint(&self) -> http_body::SizeHint {
         self.inner.size_hint()
     }
+}
+
+/// A `tower::filter` predicate: 431 with an OpenAI error body for a request whose head (request
+/// line and headers, as HTTP/1 sends them) is over `limit`. hyper reads heads of up to twice
+/// the limit (see [`crate::server`]), so an oversized head still gets an answer a client can
+/// read; past that, hyper refuses it alone, with no body, before there is a request.
+pub(crate) fn head_limit<B>(limit: usize) -> impl Fn(Request<B>) -> Result<Request<B>, BoxError> + Clone {
+    move |request| {
+        if head_size(&request) > limit {
+            return Err(GatewayError::HeadTooLarge { limit }.into());
+        }
+        Ok(request)
+    }
+}
+
+fn head_size<B>(request: &Request<B>) -> usize {
+    // `METHOD target HTTP/1.1\r\n`, each `name: value\r\n`, then `\r\n`.
+    let target = request.uri().path_and_query().map_or(1, |p| p.as_str().len());
+    let line = request.method().as_str().len() + target + 11;
+    let fields: usize =
+        request.headers().iter().map(|(name, value)| name.as_str().len() + value.len() + 4).sum();
+    line + fields + 2
 }
 
 // === impl BodyLimit ===

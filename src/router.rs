@@ -105,6 +105,9 @@ impl tower::Service<Request<Body>> for Router {
             Route::Models if get => Box::pin(passthrough::models(state, request)),
             Route::Sessions => Box::pin(sessions::api(state, request)),
             Route::Originals if get => Box::pin(originals::original(state, request)),
+            Route::Models | Route::Passthrough if crate::tunnel::requested(&request).is_some() => {
+                Box::pin(passthrough::upgrade(state, request))
+            }
             Route::Models | Route::Passthrough => Box::pin(passthrough::passthrough(state, request)),
             Route::Healthz if get => ready(Ok(text("ok\n", "text/plain"))),
             Route::Readyz if get => Box::pin(async move {

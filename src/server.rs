@@ -8,6 +8,12 @@
 //! head must complete within `server.header_read_timeout` of its first byte and stay under
 //! `server.max_header_bytes` (431); a connection with nothing in flight closes after
 //! `server.idle_timeout` ([`watchdog`]).
+//!
+//! A connection whose request was answered with `101 Switching Protocols` becomes a
+//! [`Tunnel`]: once hyper lets go of the socket, the connection's task runs the tunnel, so it
+//! still counts as an open connection (and holds its `max_connections` slot), closes after
+//! `server.idle_timeout` with no byte either way, and on shutdown lives through the drain and
+//! is cut when the drain timeout ends.
 
 mod watchdog;
 
@@ -35,6 +41,7 @@ use crate::config::ServerConfig;
 use crate::error::GatewayError;
 use crate::stack::GatewayService;
 use crate::telemetry::{Metrics, ReasonLabel};
+use crate::tunnel::{self, Tunnel};
 use watchdog::{Activity, Timeouts, Watched};
 
 /// Refused connections being answered at once; past this they are closed without a word, so
@@ -69,6 +76,8 @@ pub(crate) async fn run(
     let refusals = Arc::new(Semaphore::new(MAX_REFUSALS));
     let connections = TaskTracker::new();
     let draining = CancellationToken::new();
+    // Cancelled when the drain timeout ends: tunnels are cut then (requests are not).
+    let drained = CancellationToken::new();
     tokio::pin!(shutdown);
 
     loop {
@@ -92,15 +101,35 @@ pub(crate) async fn run(
         let _ = stream.set_nodelay(true);
         let activity = Activity::new();
         let io = TokioIo::new(Watched::new(stream, activity.clone()));
-        let service = ConnectionService { inner: service.clone(), activity: activity.clone() };
+        let upgraded = UpgradeSlot::default();
+        let service = ConnectionService {
+            inner: service.clone(),
+            activity: activity.clone(),
+            upgraded: upgraded.clone(),
+        };
         let connection = builder.serve_connection_with_upgrades(io, service).into_owned();
         let draining = draining.clone();
+        let drained = drained.clone();
         let metrics = metrics.clone();
         connections.spawn(async move {
             metrics.connections.open.inc();
             if let Some(expiry) = drive(connection, &activity, timeouts, draining).await {
                 tracing::debug!(%peer, reason = expiry.reason(), "connection closed");
                 metrics.connections.closed.get_or_create(&ReasonLabel { reason: expiry.reason() }).inc();
+            }
+            if let Some(tunnel) = upgraded.take() {
+                metrics.connections.tunnels.inc();
+                let closed = tunnel.run(timeouts.idle, drained.cancelled_owned()).await;
+                metrics.connections.tunnels.dec();
+                let reason = match closed {
+                    tunnel::Closed::Ended => None,
+                    tunnel::Closed::Idle => Some("idle_timeout"),
+                    tunnel::Closed::Shutdown => Some("shutdown"),
+                };
+                if let Some(reason) = reason {
+                    tracing::debug!(%peer, reason, "tunnel closed");
+                    metrics.connections.closed.get_or_create(&ReasonLabel { reason }).inc();
+                }
             }
             metrics.connections.open.dec();
             drop(permit);
@@ -114,23 +143,25 @@ pub(crate) async fn run(
     let drain = config.shutdown_timeout;
     tokio::select! {
         () = connections.wait() => tracing::info!("all connections closed"),
-        () = tokio::time::sleep(drain) => tracing::warn!(?drain, "drain timeout reached; closing remaining connections"),
+        () = tokio::time::sleep(drain) => {
+            tracing::warn!(?drain, "drain timeout reached; closing remaining connections");
+            drained.cancel();
+        }
     }
 }
 
 fn builder(config: &ServerConfig) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     let max_header_bytes = config.max_header_bytes.get();
-    // hyper's HTTP/1 read buffer bounds a head: a head that does not fit gets hyper's own 431
-    // (no body: there is no request yet to answer) and the connection closes. The floor is
+    // The limit itself is checked per request in the stack (a 431 with an error body); hyper's
+    // caps are twice it. A head that does not fit hyper's HTTP/1 read buffer gets hyper's own
+    // 431 (no body: there is no request yet to answer) and the connection closes. The floor is
     // hyper's minimum buffer, which validation enforces too.
-    builder
-        .http1()
-        .header_read_timeout(None)
-        .max_buf_size(max_header_bytes.max(crate::config::MIN_HEADER_BYTES));
+    let hard_cap = max_header_bytes.saturating_mul(2);
+    builder.http1().header_read_timeout(None).max_buf_size(hard_cap.max(crate::config::MIN_HEADER_BYTES));
     // HTTP/2 counts a header list as RFC 9113 does (each field plus 32 bytes); over it, h2
     // answers the stream with 431.
-    builder.http2().max_header_list_size(u32::try_from(max_header_bytes).unwrap_or(u32::MAX));
+    builder.http2().max_header_list_size(u32::try_from(hard_cap).unwrap_or(u32::MAX));
     builder
 }
 
@@ -188,11 +219,29 @@ where
 }
 
 /// The gateway service as one connection's hyper service: marks the connection busy from a
-/// request's head to its response's last byte.
+/// request's head to its response's last byte, and keeps a 101's tunnel for the connection's
+/// task.
 #[derive(Clone)]
 struct ConnectionService {
     inner: GatewayService,
     activity: Arc<Activity>,
+    upgraded: UpgradeSlot,
+}
+
+/// Where a connection's service leaves the tunnel of the 101 it answered.
+#[derive(Clone, Default)]
+struct UpgradeSlot(Arc<std::sync::Mutex<Option<Tunnel>>>);
+
+impl UpgradeSlot {
+    fn put(&self, tunnel: Tunnel) {
+        if let Ok(mut slot) = self.0.lock() {
+            *slot = Some(tunnel);
+        }
+    }
+
+    fn take(&self) -> Option<Tunnel> {
+        self.0.lock().ok().and_then(|mut slot| slot.take())
+    }
 }
 
 type ConnectionBody = http_body_util::combinators::UnsyncBoxBody<bytes::Bytes, BoxError>;
@@ -205,8 +254,12 @@ impl hyper::service::Service<Request<Incoming>> for ConnectionService {
     fn call(&self, request: Request<Incoming>) -> Self::Future {
         let busy = self.activity.begin();
         let call = self.inner.clone().oneshot(request);
+        let upgraded = self.upgraded.clone();
         Box::pin(async move {
-            let response = call.await?;
+            let mut response = call.await?;
+            if let Some(tunnel) = response.extensions_mut().remove::<Tunnel>() {
+                upgraded.put(tunnel);
+            }
             Ok(response.map(|body| {
                 Tracked::new(body, std::time::Instant::now(), move |_| drop(busy)).boxed_unsync()
             }))

@@ -11,22 +11,24 @@
 //! 5. **error rendering**: every error from below becomes an OpenAI error body; the service
 //!    hyper sees is `Infallible`. It sits above timeout and the limits because those fail with
 //!    errors, not responses.
-//! 6. **path normalisation**: dot segments resolved (`/v1/../x` is `/x`), or 400 when one hides
+//! 6. **head size**: 431 for a request line and headers over `server.max_header_bytes`, with
+//!    an error body (hyper's own cap, twice that, is in [`crate::server`]).
+//! 7. **path normalisation**: dot segments resolved (`/v1/../x` is `/x`), or 400 when one hides
 //!    behind an encoded separator, so keys, routes and the upstream read one path. Below error
 //!    rendering for its 400; metrics label the route by the same normal form.
-//! 7. **timeout**: `server.request_timeout` to response headers (a stream, once started, is
+//! 8. **timeout**: `server.request_timeout` to response headers (a stream, once started, is
 //!    bounded by each upstream's idle timeout instead).
-//! 8. **body read timeout**: the body must arrive within `server.body_read_timeout` of its
+//! 9. **body read timeout**: the body must arrive within `server.body_read_timeout` of its
 //!    first read, or reading it fails and the handler answers 408; a client trickling its body
 //!    holds a concurrency slot for that long at most.
-//! 9. **body limit**: 413 on a declared-too-large body before anything is read.
-//! 10. **the operations split** ([`OpsBypass`]): `/healthz`, `/readyz` and `/metrics` go straight
+//! 10. **body limit**: 413 on a declared-too-large body before anything is read.
+//! 11. **the operations split** ([`OpsBypass`]): `/healthz`, `/readyz` and `/metrics` go straight
 //!     to the router, so probes and scrapes answer while the data plane is saturated (and are
 //!     never shed into a restart loop). It sees the normalised path.
-//! 11. **concurrency limit with load shedding**: at the limit, 503 at once rather than a queue.
-//! 12. **gateway keys and per-key limits** (only with `[auth]` keys): 401/403/429 before any
+//! 12. **concurrency limit with load shedding**: at the limit, 503 at once rather than a queue.
+//! 13. **gateway keys and per-key limits** (only with `[auth]` keys): 401/403/429 before any
 //!     handler runs; the key itself is removed from the request here.
-//! 13. **router**.
+//! 14. **router**.
 //!
 //! Limits on connections rather than requests (request heads, idle connections, open
 //! connections) live in [`crate::server`], below any request.
@@ -39,6 +41,10 @@
 //! | [`crate::auth::Caller`] (request) | gateway keys | handlers: model allowlist, charges, session scope |
 //! | [`crate::upstream::UpstreamWait`] (response) | upstream transport, tool loop | metrics: `gateway_overhead_seconds` |
 //! | [`crate::error::ErrorLabel`] (response) | error rendering | metrics: `errors_total{kind}` |
+//! | `hyper::upgrade::OnUpgrade` (request) | hyper, on an HTTP/1.1 upgrade | the passthrough upgrade handler |
+//! | [`crate::tunnel::Tunnel`] (response, a 101's) | the passthrough upgrade handler | [`crate::server`], which runs it |
+//!
+//! Every layer maps bodies and keeps extensions, so both upgrade handles get through.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -55,7 +61,7 @@ use tower_http::trace::TraceLayer;
 
 use crate::body::{Body, BoxError};
 use crate::error::{ErrorResponseLayer, GatewayError};
-use crate::limit::{BodyLimitLayer, BodyTimeoutLayer, ConcurrencyLimitLayer};
+use crate::limit::{head_limit, BodyLimitLayer, BodyTimeoutLayer, ConcurrencyLimitLayer};
 use crate::request_path::NormalizePathLayer;
 use crate::router::{Route, Router};
 use crate::AppState;
@@ -92,6 +98,7 @@ pub(crate) fn build(state: Arc<AppState>) -> GatewayService {
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
         .layer(crate::observe::layer(state.metrics.clone()))
         .layer(ErrorResponseLayer)
+        .filter(head_limit(server.max_header_bytes.get()))
         .layer(NormalizePathLayer)
         .timeout(server.request_timeout)
         .layer(BodyTimeoutLayer::new(server.body_read_timeout))
@@ -100,7 +107,7 @@ pub(crate) fn build(state: Arc<AppState>) -> GatewayService {
     BoxCloneSyncService::new(service)
 }
 
-/// Routes the operations endpoints around the data plane's limits (step 9 above). Hand-written
+/// Routes the operations endpoints around the data plane's limits (step 11 above). Hand-written
 /// because tower's `Steer` is `Sync` only for a `Sync` request, and our request body is not.
 #[derive(Clone, Debug)]
 struct OpsBypass<D> {

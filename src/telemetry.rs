@@ -283,8 +283,10 @@ pub struct UpstreamOutcomeLabel {
 #[derive(Clone, Debug)]
 pub struct ConnectionMetrics {
     pub open: Gauge<i64, std::sync::atomic::AtomicI64>,
+    /// Connections tunnelled to an upstream after an HTTP/1.1 upgrade (counted in `open` too).
+    pub tunnels: Gauge<i64, std::sync::atomic::AtomicI64>,
     /// Connections ctxgate closed itself, by reason: `refused` (over `server.max_connections`),
-    /// `header_timeout`, `idle_timeout`.
+    /// `header_timeout`, `idle_timeout`, `shutdown` (a tunnel at the end of the drain).
     pub closed: Family<ReasonLabel, Counter>,
 }
 
@@ -292,13 +294,19 @@ impl ConnectionMetrics {
     fn register(registry: &mut Registry) -> Self {
         let open = Gauge::default();
         registry.register("connections_open", "Client connections open", open.clone());
+        let tunnels = Gauge::default();
+        registry.register(
+            "tunnels_open",
+            "Client connections upgraded (WebSocket) and tunnelled to an upstream",
+            tunnels.clone(),
+        );
         let closed = Family::<ReasonLabel, Counter>::default();
         registry.register(
             "connections_closed",
-            "Client connections ctxgate closed itself, by reason (refused, header_timeout, idle_timeout)",
+            "Client connections ctxgate closed itself, by reason (refused, header_timeout, idle_timeout, shutdown)",
             closed.clone(),
         );
-        Self { open, closed }
+        Self { open, tunnels, closed }
     }
 }
 
@@ -327,7 +335,7 @@ impl PoolMetrics {
         let in_flight = Family::default();
         registry.register(
             "upstream_endpoint_in_flight",
-            "Requests (and their streams, until the last byte) in flight on a pool endpoint",
+            "Requests (and their streams, until the last byte; tunnels, until they close) in flight on a pool endpoint",
             in_flight.clone(),
         );
         let failures = Family::<EndpointReasonLabel, Counter>::default();

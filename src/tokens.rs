@@ -24,7 +24,7 @@ pub enum Encoding {
 /// Tokens OpenAI's chat format adds around each message (role and separators).
 const PER_MESSAGE: u32 = 4;
 /// Below this many bytes of messages, counting on other threads costs more than it saves.
-const PARALLEL_BYTES: usize = 64 * 1024;
+pub(crate) const PARALLEL_BYTES: usize = 64 * 1024;
 /// Entries kept per generation; two generations bound the cache at twice this.
 const GENERATION: usize = 200_000;
 

@@ -217,17 +217,25 @@ async fn an_oversized_request_head_gets_431_and_never_reaches_the_upstream() {
     let h = Harness::start().await;
 
     // When a client sends a 100 KB header
-    let mut stream = TcpStream::connect(h.addr).await.unwrap();
-    let big = "a".repeat(100 * 1024);
-    let request = format!("GET /v1/models HTTP/1.1\r\nhost: ctxgate\r\nx-big: {big}\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.unwrap();
+    let big = h.client.get(h.v1("/models")).header("x-big", "a".repeat(100 * 1024)).send().await.unwrap();
 
-    // Then the gateway answers 431 and closes
+    // Then the gateway answers 431 with an error body in the OpenAI shape
+    assert_eq!(big.status(), 431);
+    let body: serde_json::Value = big.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "request_header_too_large", "{body}");
+    assert_eq!(body["error"]["type"], "invalid_request_error", "{body}");
+
+    // And a head past twice the limit is refused by the HTTP layer itself, and the connection closed
+    let mut stream = TcpStream::connect(h.addr).await.unwrap();
+    let huge = "a".repeat(200 * 1024);
+    let request = format!("GET /v1/models HTTP/1.1\r\nhost: ctxgate\r\nx-big: {huge}\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
     let (read, closed) = read_until_closed(&mut stream, Duration::from_secs(2)).await;
     let text = String::from_utf8_lossy(&read);
     assert!(text.starts_with("HTTP/1.1 431 "), "{text:?}");
     assert!(closed);
-    // And the upstream saw nothing
+
+    // And the upstream saw neither
     assert!(h.upstream(0).requests().is_empty());
 
     // And a head under the limit still passes

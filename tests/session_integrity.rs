@@ -506,7 +506,41 @@ async fn a_json_tool_turn_reports_the_usage_of_all_its_model_calls() {
     assert_eq!(answer["usage"], turn_usage());
 }
 
+/// A follower that read `[DONE]` can rely on the turn being saved, as a live client can: it
+/// reads the transcript at once, five times over (a follower is woken by the log write, so a
+/// `[DONE]` logged before the commit was seen before it).
+async fn a_follower_gets_done_only_once_the_turn_is_committed(store: Store) {
+    for i in 0..5 {
+        // Given a streamed session turn held by its upstream, and a follower of it
+        let gate = support::Gate::new();
+        let upstream = Server::builder().stream(vec![
+            support::Chunk::json(fixtures::content_chunk(0, "held")),
+            support::Chunk::Wait(gate.clone()),
+            support::Chunk::json(fixtures::finish_chunk("stop")),
+            support::Chunk::done(),
+        ]);
+        let (h, _store) = start(store, Harness::builder().upstream(upstream)).await;
+        let body = json!({"model": "mock-model", "stream": true, "messages": [user(&format!("q{i}"))]});
+        let live = h.chat().header("x-session-id", "df").json(&body).send().await.unwrap();
+        let follower = h.client.get(h.v1("/sessions/df/stream")).header("authorization", AUTH);
+        let follower = follower.send().await.unwrap();
+        assert_eq!(follower.status(), 200);
+
+        // When the answer completes and the follower has read to [DONE]
+        gate.open();
+        let events = tokio::time::timeout(Duration::from_secs(10), follower.text()).await.unwrap().unwrap();
+        assert!(events.trim_end().ends_with("data: [DONE]"), "{events}");
+
+        // Then the transcript already holds the turn
+        let messages = stores::transcript(&h.client, &h.url, "df", AUTH).await;
+        assert_eq!(messages.len(), 2, "round {i}: {messages:?}");
+        assert_eq!(messages[1]["content"], "held", "round {i}: {messages:?}");
+        live.text().await.unwrap();
+    }
+}
+
 on_both_stores!(
+    a_follower_gets_done_only_once_the_turn_is_committed,
     a_deeply_nested_message_is_refused_and_the_session_stays_readable,
     a_turn_in_flight_during_a_delete_never_commits_into_the_next_session,
     a_non_streamed_turn_across_a_delete_gets_its_answer_marked_not_saved,

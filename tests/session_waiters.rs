@@ -114,3 +114,122 @@ async fn a_waiter_on_another_replica_is_woken_when_the_turn_ends_without_loading
     let messages = support::stores::transcript(&b.client, &b.url, "r", "Bearer sk-test-client").await;
     assert_eq!(messages.len(), 4);
 }
+
+/// Opens a follower of session `id`'s live stream on `h`.
+async fn follow(h: &Harness, id: &str) -> reqwest::Response {
+    let response = h
+        .client
+        .get(h.v1(&format!("/sessions/{id}/stream")))
+        .header("authorization", "Bearer sk-test-client")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    response
+}
+
+#[tokio::test]
+async fn a_caught_up_follower_reads_no_checkpoint_until_the_turn_moves() {
+    // Given a session held by a streamed turn, followed by five clients that have caught up
+    let gate = Gate::new();
+    let h = Harness::builder().upstream(held_stream(&gate)).start().await;
+    let held = h.chat().header("x-session-id", "f").json(&ask("first", true)).send().await.unwrap();
+    let mut followers = Vec::new();
+    for _ in 0..5 {
+        followers.push(follow(&h, "f").await);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // When they wait for the rest
+    let before = h.metric(LOADS).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // Then they read no checkpoint meanwhile (polling read one every 25 ms each)
+    assert_eq!(h.metric(LOADS).await - before, 0.0, "checkpoint loads while following");
+
+    // And each gets the rest of the turn, to [DONE], once it comes
+    gate.open();
+    held.text().await.unwrap();
+    for follower in followers {
+        let body = tokio::time::timeout(Duration::from_secs(5), follower.text()).await.unwrap().unwrap();
+        assert!(body.contains("held"), "{body}");
+        assert!(body.trim_end().ends_with("data: [DONE]"), "{body}");
+    }
+}
+
+#[tokio::test]
+async fn a_follower_on_another_replica_polls_the_lease_not_the_checkpoint() {
+    // Given two gateways on one Redis, A serving a held streamed turn, B following it
+    let redis = RedisServer::start().await;
+    let gate = Gate::new();
+    let url = redis.url();
+    let a =
+        Harness::builder().upstream(held_stream(&gate)).config(move |c| c.sessions.store = url).start().await;
+    let url = redis.url();
+    let b = Harness::builder().config(move |c| c.sessions.store = url).start().await;
+    let held = a.chat().header("x-session-id", "fr").json(&ask("first", true)).send().await.unwrap();
+    let follower = follow(&b, "fr").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // When it waits for the rest
+    let before = b.metric(LOADS).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // Then B reads no checkpoint meanwhile
+    assert_eq!(b.metric(LOADS).await - before, 0.0, "checkpoint loads on B while following");
+
+    // And it gets the rest of the turn from A, to [DONE], promptly
+    gate.open();
+    held.text().await.unwrap();
+    let released = Instant::now();
+    let body = tokio::time::timeout(Duration::from_secs(5), follower.text()).await.unwrap().unwrap();
+    assert!(
+        released.elapsed() < Duration::from_secs(1),
+        "followed to the end {:?} after A",
+        released.elapsed()
+    );
+    assert!(body.contains("held"), "{body}");
+    assert!(body.trim_end().ends_with("data: [DONE]"), "{body}");
+}
+
+#[tokio::test]
+async fn a_follower_that_falls_behind_still_ends_when_the_turn_ends_meanwhile() {
+    // Given a session turn whose answer (2 MB of events) is more than the follower's connection
+    // holds, with a lease far longer than the test
+    let gate = Gate::new();
+    let mut chunks = vec![Chunk::json(fixtures::content_chunk(0, "held")), Chunk::Wait(gate.clone())];
+    chunks.extend((1..10_000).map(|i| Chunk::json(fixtures::content_chunk(i, &"x".repeat(200)))));
+    chunks.extend([Chunk::json(fixtures::finish_chunk("stop")), Chunk::done()]);
+    let h = Harness::builder()
+        .upstream(Server::builder().stream(chunks))
+        .config(|c| c.sessions.lease = Duration::from_secs(30))
+        .start()
+        .await;
+    let live = h.chat().header("x-session-id", "fb").json(&ask("first", true)).send().await.unwrap();
+
+    // And a follower that caught up, then stops reading while the answer streams
+    let mut follower = follow(&h, "fb").await.bytes_stream();
+    use futures_util::StreamExt;
+    let first = follower.next().await.unwrap().unwrap();
+    assert!(String::from_utf8_lossy(&first).contains("held"));
+    gate.open();
+
+    // When the turn ends (and is committed) while the follower is behind
+    let answer = live.text().await.unwrap();
+    assert!(answer.trim_end().ends_with("data: [DONE]"));
+
+    // Then the follower, reading again, gets the whole turn and [DONE] at once, not at the
+    // lease's end
+    let rest = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut rest = Vec::new();
+        while let Some(bytes) = follower.next().await {
+            rest.extend_from_slice(&bytes.unwrap());
+        }
+        rest
+    })
+    .await
+    .expect("the follower waited past the turn's end");
+    let rest = String::from_utf8(rest).unwrap();
+    assert!(rest.trim_end().ends_with("data: [DONE]"), "{}", &rest[rest.len().saturating_sub(300)..]);
+    assert_eq!(rest.matches("data: ").count(), 10_000 + 1);
+}

@@ -43,8 +43,8 @@ pub(crate) struct StreamRelay {
     client: Option<FrameSender>,
     /// On a session: the turn's id and the last event number, and its log.
     numbered: Option<(u64, u64, EventLog)>,
-    /// On a session: the `[DONE]` event, numbered and logged, held from the client until the
-    /// turn is committed ([`Relay::end`]).
+    /// On a session: the `[DONE]` event, numbered, held from the client until the turn is
+    /// committed ([`Relay::end`]); it is not logged.
     done: Option<Bytes>,
     limits: Limits,
 }
@@ -263,12 +263,13 @@ impl StreamRelay {
         let bytes = match &mut self.numbered {
             Some((turn, seq, log)) => {
                 *seq += 1;
-                log.push(event.clone()).await;
                 let numbered = sse::with_id(*turn, *seq, &event);
                 if is_done(&event) {
+                    // Not logged: followers get it from the commit (`stream_committed`).
                     self.done = Some(numbered);
                     return;
                 }
+                log.push(event).await;
                 numbered
             }
             None => event,

@@ -34,7 +34,7 @@ use super::{marker, text};
 use crate::config::RulesConfig;
 use crate::memo::Memo;
 use crate::openai::message::{self, Call, Info, Role};
-use crate::tokens::TokenCounter;
+use crate::tokens::{TokenCounter, PARALLEL_BYTES};
 
 /// About what a marker costs, in tokens: a cut that must meet the budget removes this much more.
 const MARKER_TOKENS: u64 = 32;
@@ -300,31 +300,46 @@ struct Work<'a> {
 impl<'a> Work<'a> {
     fn new(rules: &'a Rules, epoch: &'a Epoch<'a>, counter: &'a TokenCounter) -> Self {
         let conversation = epoch.conversation;
-        let mut stats = RuleStats::default();
-        let slots: Vec<Slot> = (epoch.from..epoch.limit)
-            .map(|i| {
-                let original = &conversation.messages[i];
-                let tokens = u64::from(conversation.tokens[i]);
-                let info = &conversation.infos[i];
-                match normalize(rules, info, original.get()) {
-                    Some(message) => {
-                        let after = u64::from(counter.message(message.get()));
-                        // Saved tokens split between the two passes by the bytes each removed.
-                        let text = info.text.as_deref().unwrap_or("");
-                        let ansi = rules.config.ansi.then(|| text::ansi(text)).flatten();
-                        let ansi_bytes = ansi.map_or(0, |a| text.len() - a.len());
-                        let saved = tokens.saturating_sub(after);
-                        let removed = text
-                            .len()
-                            .saturating_sub(Info::parse(message.get()).text.map_or(0, |t| t.len()))
-                            .max(1);
-                        let by_ansi = saved * ansi_bytes.min(removed) as u64 / removed as u64;
-                        stats.add(Rule::Ansi, by_ansi);
-                        stats.add(Rule::Whitespace, saved - by_ansi);
-                        Slot { message, tokens: after, fate: Fate::Normalized }
-                    }
-                    None => Slot { message: original.clone(), tokens, fate: Fate::Kept },
+        // The lossless rewrite of each message, with the tokens it saved by ANSI and by
+        // whitespace. Independent per message, and on a first-seen conversation most of its
+        // cost is counting the rewritten messages: a long one runs on every core.
+        let lossless = |i: usize| {
+            let original = &conversation.messages[i];
+            let tokens = u64::from(conversation.tokens[i]);
+            let info = &conversation.infos[i];
+            match normalize(rules, info, original.get()) {
+                Some(message) => {
+                    let after = u64::from(counter.message(message.get()));
+                    // Saved tokens split between the two passes by the bytes each removed.
+                    let text = info.text.as_deref().unwrap_or("");
+                    let ansi = rules.config.ansi.then(|| text::ansi(text)).flatten();
+                    let ansi_bytes = ansi.map_or(0, |a| text.len() - a.len());
+                    let saved = tokens.saturating_sub(after);
+                    let removed = text
+                        .len()
+                        .saturating_sub(Info::parse(message.get()).text.map_or(0, |t| t.len()))
+                        .max(1);
+                    let by_ansi = saved * ansi_bytes.min(removed) as u64 / removed as u64;
+                    (Slot { message, tokens: after, fate: Fate::Normalized }, by_ansi, saved - by_ansi)
                 }
+                None => (Slot { message: original.clone(), tokens, fate: Fate::Kept }, 0, 0),
+            }
+        };
+        let range = epoch.from..epoch.limit;
+        let bytes: usize = conversation.messages[range.clone()].iter().map(|m| m.get().len()).sum();
+        let rewritten: Vec<(Slot, u64, u64)> = if bytes < PARALLEL_BYTES {
+            range.map(lossless).collect()
+        } else {
+            use rayon::prelude::*;
+            range.into_par_iter().map(lossless).collect()
+        };
+        let mut stats = RuleStats::default();
+        let slots: Vec<Slot> = rewritten
+            .into_iter()
+            .map(|(slot, by_ansi, by_whitespace)| {
+                stats.add(Rule::Ansi, by_ansi);
+                stats.add(Rule::Whitespace, by_whitespace);
+                slot
             })
             .collect();
         let total = epoch.outside + slots.iter().map(|s| s.tokens).sum::<u64>();

@@ -197,14 +197,16 @@ pub struct ServerConfig {
     pub request_timeout: Duration,
     /// Requests (streams included, until their last byte) served at once; more are shed with 503.
     pub max_concurrent_requests: NonZeroUsize,
-    /// How long in-flight requests and streams may run after SIGTERM/SIGINT.
+    /// How long in-flight requests and streams may run after SIGTERM/SIGINT; tunnels (upgraded
+    /// connections) are closed when it ends.
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
     /// A request head must be complete this long after its first byte, or the connection is
     /// closed (slow-loris heads).
     #[serde(with = "humantime_serde")]
     pub header_read_timeout: Duration,
-    /// A connection with no request in flight and nothing sent is closed after this long.
+    /// A connection with no request in flight and nothing sent is closed after this long; so is
+    /// a tunnel (an upgraded connection) with no byte either way.
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
     /// A request body must arrive in full this long after the handler starts reading it; 408

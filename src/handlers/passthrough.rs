@@ -2,6 +2,10 @@
 //! config when it has none) and every other `/v1/*` route, passed through with method, path,
 //! query, headers and body.
 //!
+//! An HTTP/1.1 upgrade (a WebSocket, such as `/v1/realtime`) on these routes is tunnelled:
+//! [`upgrade`] forwards the handshake and hands the 101 back with a [`Tunnel`] that copies
+//! bytes both ways without reading them.
+//!
 //! A passed-through body is read whole (up to `server.max_body_bytes`) whatever its framing or
 //! content type, so the model it names is always the one checked against the caller's key and
 //! charged to its tokens per minute: a chunked, untyped or large body is no way around them.
@@ -16,7 +20,8 @@ use crate::body::Body;
 use crate::error::GatewayError;
 use crate::http_util::{form_fields, is_form, json_response, path_and_query, read_body};
 use crate::openai::request::{body_model, BodyModel};
-use crate::upstream::{Outgoing, OutgoingBody, UsageSink};
+use crate::tunnel::{self, Tunnel};
+use crate::upstream::{Outgoing, OutgoingBody, UpstreamWait, UsageSink, ENDPOINT_HEADER};
 use crate::AppState;
 
 /// The routes whose body names a model (as a JSON object), so a body that is not one cannot
@@ -149,10 +154,124 @@ pub(crate) async fn passthrough(
     Ok(forwarded.into_response())
 }
 
+/// An HTTP/1.1 upgrade on a passthrough route, routed by its `model` query parameter (the
+/// one place such a request names its model): the handshake goes to the route's upstream with
+/// its `Upgrade`, `Connection` and `Sec-WebSocket-*` headers; a 101 comes back with the tunnel
+/// for [`crate::server`] to run, any other answer as a normal response.
+///
+/// What flows through a tunnel is not read, so a key's limits that need the content cannot be
+/// kept there: a key with a model allowlist must name an allowed model in the query, and a key
+/// with a token limit may not open tunnels at all.
+pub(crate) async fn upgrade(
+    app: Arc<AppState>,
+    mut request: Request<Body>,
+) -> Result<Response<Body>, GatewayError> {
+    let Some(protocol) = tunnel::requested(&request).cloned() else {
+        return passthrough(app, request).await;
+    };
+    let client_side = hyper::upgrade::on(&mut request);
+    let (parts, _body) = request.into_parts();
+    let model = query_model(&parts.uri)?;
+    if let Some(caller) = parts.extensions.get::<Caller>() {
+        if caller.key.limits.tokens_per_minute.is_some() {
+            return Err(GatewayError::invalid(
+                "This key has a token limit, which cannot be counted through a WebSocket tunnel; use a key without one.",
+                None,
+                "upgrade_not_allowed",
+            ));
+        }
+        match &model {
+            Some(model) => app.auth.check_model(Some(caller), model)?,
+            None if caller.key.restricts_models() => {
+                return Err(GatewayError::invalid(
+                    "Missing required query parameter: 'model'.",
+                    Some("model"),
+                    "missing_required_parameter",
+                ))
+            }
+            None => {}
+        }
+    }
+    let route = app.upstreams.router.route(model.as_deref());
+    let outgoing = Outgoing {
+        method: parts.method,
+        path_and_query: path_and_query(&parts.uri),
+        headers: parts.headers,
+        body: OutgoingBody::Replayable(Bytes::new()),
+        affinity: None,
+    };
+    let mut forwarded = app.upstreams.forward_upgrade(route, outgoing, protocol).await?;
+    if forwarded.response.status() != StatusCode::SWITCHING_PROTOCOLS {
+        return Ok(forwarded.into_response());
+    }
+    let response = &mut forwarded.response;
+    let Some(chosen) = response.headers().get(http::header::UPGRADE).cloned() else {
+        return Err(GatewayError::UpstreamStatus {
+            upstream: forwarded.upstream.name.clone(),
+            status: StatusCode::SWITCHING_PROTOCOLS,
+        });
+    };
+    let upstream_side = hyper::upgrade::on(&mut *response);
+    let mut headers = http::HeaderMap::new();
+    crate::upstream::copy_end_to_end(response.headers(), &mut headers);
+    if let Some(endpoint) = forwarded.endpoint_header() {
+        headers.insert(ENDPOINT_HEADER, endpoint);
+    }
+    // The endpoint's lease is held while the tunnel is open: it is in flight there.
+    let hold = Box::new(forwarded.endpoint.take());
+    let mut response = tunnel::switching(headers, chosen, Tunnel::new(client_side, upstream_side, hold));
+    response.extensions_mut().insert(UpstreamWait(forwarded.upstream_wait));
+    Ok(response)
+}
+
+/// The `model` query parameter; at most one and sent unencoded (model names need no escapes),
+/// so the model checked is the one the upstream reads.
+fn query_model(uri: &http::Uri) -> Result<Option<String>, GatewayError> {
+    let mut models = uri
+        .query()
+        .unwrap_or_default()
+        .split('&')
+        .filter_map(|pair| pair.split_once('=').filter(|(name, _)| *name == "model"))
+        .map(|(_, value)| value);
+    match (models.next(), models.next()) {
+        (None, _) => Ok(None),
+        (Some(model), None) if model.contains(['%', '+']) => Err(GatewayError::invalid(
+            "The query parameter 'model' must be sent unencoded.",
+            Some("model"),
+            "invalid_value",
+        )),
+        (Some(model), None) => Ok((!model.is_empty()).then(|| model.to_string())),
+        (Some(_), Some(_)) => Err(GatewayError::invalid(
+            "The query repeats the parameter 'model'; it may appear once.",
+            Some("model"),
+            "duplicate_key",
+        )),
+    }
+}
+
 fn model_list(models: &[String]) -> Response<Body> {
     let data: Vec<_> = models
         .iter()
         .map(|id| serde_json::json!({"id": id, "object": "model", "created": 0, "owned_by": "ctxgate"}))
         .collect();
     json_response(&serde_json::json!({"object": "list", "data": data}))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn model_of(uri: &str) -> Result<Option<String>, u16> {
+        query_model(&uri.parse().unwrap()).map_err(|e| e.status().as_u16())
+    }
+
+    #[test]
+    fn the_query_names_one_plain_model_at_most() {
+        assert_eq!(model_of("/v1/realtime?model=gpt-realtime&x=1"), Ok(Some("gpt-realtime".into())));
+        assert_eq!(model_of("/v1/realtime?xmodel=a"), Ok(None));
+        assert_eq!(model_of("/v1/realtime"), Ok(None));
+        // Two, or an escaped one, could be read otherwise upstream than here
+        assert_eq!(model_of("/v1/realtime?model=a&model=b"), Err(400));
+        assert_eq!(model_of("/v1/realtime?model=gpt-%41"), Err(400));
+    }
 }

@@ -37,6 +37,10 @@ pub struct Checkpoint {
     /// The turn whose events the event log holds (the last streamed turn).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stream_turn: Option<u64>,
+    /// `stream_turn` once it is committed. The log never holds the stream's `[DONE]` (a
+    /// follower would see it before the commit): a follower that finds this ends with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream_committed: Option<u64>,
     pub created_ms: u64,
     pub updated_ms: u64,
 }
@@ -153,6 +157,7 @@ impl Checkpoint {
             tools: None,
             history_rewrites: 0,
             stream_turn: None,
+            stream_committed: None,
             created_ms: now_ms,
             updated_ms: now_ms,
         }

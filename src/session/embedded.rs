@@ -17,7 +17,8 @@ use super::checkpoint::{now_ms, Checkpoint, Encoded};
 use super::store::{BoxFuture, Commit, SessionKey, SessionStore, StoreError, Stored};
 
 /// `scope:id` → 8-byte big-endian version followed by the checkpoint JSON; a deleted session
-/// is its version alone (a tombstone, see [`SessionStore::delete`]).
+/// is its version and when it was deleted (a tombstone, see [`SessionStore::delete`]; files
+/// from before hold the version alone).
 const CHECKPOINTS: TableDefinition<&str, &[u8]> = TableDefinition::new("checkpoints");
 /// `(scope:id, turn, seq)` → one SSE event as sent to the client.
 const EVENTS: TableDefinition<(&str, u64, u64), &[u8]> = TableDefinition::new("events");
@@ -82,10 +83,11 @@ impl EmbeddedStore {
 }
 
 impl EmbeddedStore {
-    /// Removes expired sessions (checkpoint and event log) and expired blobs; returns how
-    /// many of each. Expiry is checked again inside the write, so a session committed since
-    /// the scan stays.
-    pub async fn sweep(&self) -> Result<(usize, usize), StoreError> {
+    /// Removes expired sessions (checkpoint and event log), the tombstones of deleted ones
+    /// ([`tombstone_expired`]) and expired blobs; returns how many sessions and tombstones,
+    /// and how many blobs. Expiry is checked again inside the write, so a session committed
+    /// since the scan stays. `opening`: the first sweep after the file was opened.
+    pub async fn sweep(&self, opening: bool) -> Result<(usize, usize), StoreError> {
         let ttl = self.ttl;
         self.blocking(move |db| {
             let now = now_ms();
@@ -95,7 +97,7 @@ impl EmbeddedStore {
                 let mut sessions = Vec::new();
                 for entry in checkpoints.iter().map_err(unavailable)? {
                     let (key, value) = entry.map_err(unavailable)?;
-                    if stale(value.value(), ttl, now) {
+                    if sweepable(value.value(), ttl, now, opening) {
                         sessions.push(key.value().to_string());
                     }
                 }
@@ -122,7 +124,7 @@ impl EmbeddedStore {
                     let still = checkpoints
                         .get(key.as_str())
                         .map_err(unavailable)?
-                        .is_some_and(|value| stale(value.value(), ttl, now));
+                        .is_some_and(|value| sweepable(value.value(), ttl, now, opening));
                     if still {
                         checkpoints.remove(key.as_str()).map_err(unavailable)?;
                         clear_events(&mut events, key)?;
@@ -153,9 +155,10 @@ impl EmbeddedStore {
 pub(super) fn spawn_sweeper(store: &Arc<EmbeddedStore>, every: Duration) {
     let store: Weak<EmbeddedStore> = Arc::downgrade(store);
     tokio::spawn(async move {
+        let mut opening = true;
         loop {
             let Some(live) = store.upgrade() else { return };
-            match live.sweep().await {
+            match live.sweep(std::mem::take(&mut opening)).await {
                 Ok((0, 0)) => {}
                 Ok((sessions, blobs)) => tracing::info!(sessions, blobs, "swept expired sessions and blobs"),
                 Err(err) => tracing::warn!(error = %err, "cannot sweep expired sessions"),
@@ -164,6 +167,42 @@ pub(super) fn spawn_sweeper(store: &Arc<EmbeddedStore>, every: Duration) {
             tokio::time::sleep(every).await;
         }
     });
+}
+
+/// Whether the sweep removes a checkpoint record: an expired session, or a tombstone it no
+/// longer needs.
+fn sweepable(record: &[u8], ttl: Duration, now: u64, opening: bool) -> bool {
+    if record.len() <= TOMBSTONE_LEN {
+        tombstone_expired(record, ttl, now, opening)
+    } else {
+        stale(record, ttl, now)
+    }
+}
+
+/// A tombstone's length: the version, then the deletion time (ms, big-endian).
+const TOMBSTONE_LEN: usize = 16;
+
+fn tombstone(version: u64, now: u64) -> [u8; TOMBSTONE_LEN] {
+    let mut record = [0; TOMBSTONE_LEN];
+    record[..8].copy_from_slice(&version.to_be_bytes());
+    record[8..].copy_from_slice(&now.to_be_bytes());
+    record
+}
+
+/// Whether a tombstone can go. It exists so that a turn admitted before the delete cannot
+/// commit into a later incarnation (which would number on from it); such a turn lives in this
+/// process, as the file is this process's alone. So when the file is opened every tombstone
+/// can go, and later one older than the session TTL: a turn is not still running a TTL after
+/// its session was deleted. (Without its tombstone, such a turn's commit would still conflict
+/// unless the new incarnation had reached the very same version.)
+fn tombstone_expired(record: &[u8], ttl: Duration, now: u64, opening: bool) -> bool {
+    if opening {
+        return true;
+    }
+    record
+        .get(8..TOMBSTONE_LEN)
+        .and_then(|at| at.try_into().ok())
+        .is_some_and(|at| u64::from_be_bytes(at).saturating_add(ttl.as_millis() as u64) < now)
 }
 
 /// Whether a checkpoint record has expired (as `load` would treat it); an unreadable one is
@@ -201,8 +240,8 @@ fn decode(bytes: &[u8]) -> Result<Stored, StoreError> {
 /// not expired, readable. A commit expecting 0 (a new session) may replace any record that is
 /// not live, and numbers on from its version.
 fn state(bytes: &[u8], ttl: Duration) -> (u64, bool) {
-    let Some((version, doc)) = bytes.split_first_chunk::<8>() else { return (0, false) };
-    let live = !doc.is_empty() && decode(bytes).is_ok_and(|s| !expired(&s, ttl));
+    let Some((version, _)) = bytes.split_first_chunk::<8>() else { return (0, false) };
+    let live = bytes.len() > TOMBSTONE_LEN && decode(bytes).is_ok_and(|s| !expired(&s, ttl));
     (u64::from_be_bytes(*version), live)
 }
 
@@ -273,7 +312,7 @@ impl SessionStore for EmbeddedStore {
             let Some(value) = table.get(k.as_str()).map_err(unavailable)? else {
                 return Ok(None);
             };
-            if value.value().len() <= 8 {
+            if value.value().len() <= TOMBSTONE_LEN {
                 return Ok(None); // deleted
             }
             let stored = decode(value.value())?;
@@ -391,7 +430,7 @@ impl SessionStore for EmbeddedStore {
                 match found {
                     Some((version, live)) if live => {
                         table
-                            .insert(k.as_str(), (version + 1).to_be_bytes().as_slice())
+                            .insert(k.as_str(), tombstone(version + 1, now_ms()).as_slice())
                             .map_err(unavailable)?;
                         true
                     }
@@ -448,5 +487,33 @@ mod tests {
             err.contains("--store") && err.contains("sessions.store") && err.contains("redis://"),
             "{err}"
         );
+    }
+
+    #[tokio::test]
+    async fn tombstones_go_when_the_file_is_opened_or_past_the_ttl() {
+        let dir = tempfile::tempdir().unwrap();
+        let ttl = Duration::from_millis(300);
+        let store = EmbeddedStore::open(&dir.path().join("t.redb"), ttl).unwrap();
+        let key = SessionKey::new(b"k", "s");
+        let doc = Checkpoint::new(now_ms()).encode();
+        assert!(matches!(store.commit(&key, 0, &doc).await.unwrap(), Commit::Committed(1)));
+        assert!(store.delete(&key).await.unwrap());
+
+        // A fresh tombstone stays: a turn admitted before the delete still conflicts
+        assert_eq!(store.sweep(false).await.unwrap(), (0, 0));
+        assert!(matches!(store.commit(&key, 1, &doc).await.unwrap(), Commit::Conflict(2)));
+
+        // Past the TTL it goes, and the next incarnation starts over
+        tokio::time::sleep(ttl + Duration::from_millis(50)).await;
+        assert_eq!(store.sweep(false).await.unwrap(), (1, 0));
+        let doc = Checkpoint::new(now_ms()).encode();
+        assert!(matches!(store.commit(&key, 0, &doc).await.unwrap(), Commit::Committed(1)));
+
+        // And when the file is opened, every tombstone goes at once (a live session stays)
+        assert!(store.delete(&key).await.unwrap());
+        let other = SessionKey::new(b"k", "live");
+        assert!(matches!(store.commit(&other, 0, &doc).await.unwrap(), Commit::Committed(1)));
+        assert_eq!(store.sweep(true).await.unwrap(), (1, 0));
+        assert!(store.load(&other).await.unwrap().is_some());
     }
 }

@@ -1,7 +1,9 @@
 //! A session's event log: the SSE events of its last streamed turn, each numbered `TURN-SEQ`,
 //! written as the turn streams ([`EventLog`]) and read back by a follower that replays them and
 //! then follows the live turn ([`follow`]), so a client that lost its connection picks up
-//! where it stopped. A follower never takes a turn over itself (that needs the chat pipeline):
+//! where it stopped. The log holds the answer's events but not `[DONE]`, which a live client
+//! gets only once the turn is committed: a follower sends it when it finds the commit. A
+//! follower never takes a turn over itself (that needs the chat pipeline):
 //! it reports why it stopped, and the sessions API decides.
 
 use std::sync::Arc;
@@ -15,9 +17,10 @@ use super::checkpoint::now_ms;
 use super::{SessionKey, Sessions, Stored};
 use crate::body::FrameSender;
 use crate::openai::events::is_done;
-use crate::openai::sse::with_id;
+use crate::openai::sse::{with_id, DONE};
 
-/// How often a replay that has caught up looks for new events.
+/// How often a replay that has caught up looks for events another replica wrote (and at the
+/// lease alone); in this process, writes wake it.
 const FOLLOW_POLL: Duration = Duration::from_millis(25);
 
 /// Writes a turn's events to the store in the background, in batches, so a slow store does not
@@ -110,7 +113,8 @@ pub(crate) async fn follow(
     tx: &FrameSender,
 ) -> Followed {
     let start = *after;
-    // A client whose last event was `[DONE]` has the whole turn already.
+    // A client whose last event was a logged `[DONE]` (logs written by earlier versions hold
+    // it) has the whole turn already.
     if let Some(before) = start.checked_sub(1) {
         if let Ok(last) = sessions.events_after(key, turn, before, 1).await {
             if last.first().is_some_and(|(seq, event)| *seq == start && is_done(event)) {
@@ -118,7 +122,21 @@ pub(crate) async fn follow(
             }
         }
     }
+    // Held while following, so this process's event writes and releases on the session wake us.
+    let gate = sessions.waiters.gate(key);
+    // When the serving turn's lease ends, as last read; `None`: read the turn's state again.
+    let mut serving_until: Option<u64> = None;
+    // Kept for the whole follow, so no release is missed between a read and the wait, nor
+    // while a pass sends events (a fresh receiver would take a release as already seen).
+    let mut logged = gate.logs();
+    let mut released = gate.releases();
     loop {
+        // Events logged from here on wake the wait below; earlier ones the read finds.
+        logged.borrow_and_update();
+        if released.has_changed().unwrap_or(true) {
+            released.borrow_and_update();
+            serving_until = None;
+        }
         let events = match sessions.events_after(key, turn, *after, 256).await {
             Ok(events) => events,
             Err(_) => return Followed::Ended("the session store is unavailable"),
@@ -135,40 +153,94 @@ pub(crate) async fn follow(
         if !events.is_empty() {
             continue;
         }
-        // Caught up: go on only while the turn is still being served.
-        let stored = match sessions.load(key).await {
-            Ok(Some(stored)) => stored,
-            Ok(None) => return Followed::Ended("the session no longer exists"),
-            Err(_) => return Followed::Ended("the session store is unavailable"),
+        // Caught up: go on only while the turn is still being served. The checkpoint is read
+        // when that is unknown (first, after a release, once the lease it showed has ended), not
+        // on every wake.
+        let until = match serving_until.filter(|until| *until > now_ms()) {
+            Some(until) => until,
+            None => match serving(sessions, key, turn, after, tx).await {
+                Ok(until) => *serving_until.insert(until),
+                Err(end) => return end,
+            },
         };
-        match stored.checkpoint.stream_turn {
-            Some(t) if t != turn => return Followed::Moved(t),
-            _ => {}
-        }
-        let serving = stored.checkpoint.in_flight.as_ref().filter(|f| f.turn == turn);
-        match serving {
-            Some(f) if sessions.lapsed(f, now_ms()) => {
-                // Events written between the read and the load come first.
-                if let Some(end) = catch_up(sessions, key, turn, after, tx).await {
-                    return end;
-                }
-                if f.request.is_none() {
-                    return Followed::Ended("the gateway serving the turn stopped");
-                }
-                return Followed::Lapsed(Box::new(stored));
-            }
-            Some(_) => {}
-            None => {
-                return catch_up(sessions, key, turn, after, tx)
-                    .await
-                    .unwrap_or(Followed::Ended("the turn ended without completing its answer"));
-            }
-        }
+        let lease_end = tokio::time::Instant::now() + Duration::from_millis(until.saturating_sub(now_ms()));
         tokio::select! {
-            () = tokio::time::sleep(FOLLOW_POLL) => {}
+            _ = logged.changed() => {}
+            _ = released.changed() => serving_until = None,
+            () = tokio::time::sleep_until(lease_end) => serving_until = None,
+            // Another replica may be the one serving: its writes and release are not heard
+            // here, so look at the log and the lease alone now and then.
+            () = tokio::time::sleep(FOLLOW_POLL), if sessions.store.shared() => {
+                match sessions.lease_until(key).await {
+                    Ok(Some(until)) if until > now_ms() => serving_until = Some(until),
+                    _ => serving_until = None,
+                }
+            }
             () = tx.closed() => return Followed::Gone,
         }
     }
+}
+
+/// Reads whether `turn` is still being served: `Ok` with the end of its owner's lease when it
+/// is; otherwise how the follow ends (after sending events written meanwhile).
+async fn serving(
+    sessions: &Arc<Sessions>,
+    key: &SessionKey,
+    turn: u64,
+    after: &mut u64,
+    tx: &FrameSender,
+) -> Result<u64, Followed> {
+    let stored = match sessions.load(key).await {
+        Ok(Some(stored)) => stored,
+        Ok(None) => return Err(Followed::Ended("the session no longer exists")),
+        Err(_) => return Err(Followed::Ended("the session store is unavailable")),
+    };
+    match stored.checkpoint.stream_turn {
+        Some(t) if t != turn => return Err(Followed::Moved(t)),
+        _ => {}
+    }
+    let Some(f) = stored.checkpoint.in_flight.as_ref().filter(|f| f.turn == turn) else {
+        if let Some(end) = catch_up(sessions, key, turn, after, tx).await {
+            return Err(end);
+        }
+        if stored.checkpoint.stream_committed != Some(turn) {
+            return Err(Followed::Ended("the turn ended without completing its answer"));
+        }
+        return Err(committed(sessions, key, turn, *after, tx).await);
+    };
+    if !sessions.lapsed(f, now_ms()) {
+        return Ok(f.lease_until_ms);
+    }
+    // Events written between the read and the load come first.
+    if let Some(end) = catch_up(sessions, key, turn, after, tx).await {
+        return Err(end);
+    }
+    if f.request.is_none() {
+        return Err(Followed::Ended("the gateway serving the turn stopped"));
+    }
+    Err(Followed::Lapsed(Box::new(stored)))
+}
+
+/// Ends the follow of a committed turn whose logged events were all sent, with `[DONE]`
+/// numbered after them, unless the client's last event was past the log: that was `[DONE]`.
+async fn committed(
+    sessions: &Arc<Sessions>,
+    key: &SessionKey,
+    turn: u64,
+    after: u64,
+    tx: &FrameSender,
+) -> Followed {
+    if let Some(before) = after.checked_sub(1) {
+        match sessions.events_after(key, turn, before, 1).await {
+            Ok(last) if last.first().is_some_and(|(seq, _)| *seq == after) => {}
+            Ok(_) => return Followed::Done,
+            Err(_) => return Followed::Ended("the session store is unavailable"),
+        }
+    }
+    if tx.send(Ok(Frame::data(with_id(turn, after + 1, DONE)))).await.is_err() {
+        return Followed::Gone;
+    }
+    Followed::Done
 }
 
 /// Sends the events logged after `after`; `Some` when that ended the follow (`[DONE]`, the

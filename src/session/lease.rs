@@ -258,6 +258,9 @@ impl Lease {
         self.checkpoint.updated_ms = now_ms();
         if let Some((transcript, answer_usage)) = turn {
             self.checkpoint.transcript = transcript;
+            if self.checkpoint.stream_turn == Some(self.turn) {
+                self.checkpoint.stream_committed = Some(self.turn);
+            }
             let usage = &mut self.checkpoint.usage;
             usage.requests += 1;
             if let Some(u) = answer_usage {

@@ -204,7 +204,9 @@ impl Sessions {
         first: u64,
         batch: &[Bytes],
     ) -> Result<(), StoreError> {
-        self.timed("append_events", self.store.append_events(key, turn, first, batch)).await
+        self.timed("append_events", self.store.append_events(key, turn, first, batch)).await?;
+        self.waiters.logged(key);
+        Ok(())
     }
 
     /// The compare-and-set behind every checkpoint write ([`Lease`] is its only caller).

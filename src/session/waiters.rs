@@ -4,7 +4,8 @@
 //! order, so only its head reads the checkpoint; the head then sleeps until the turn holding
 //! the session is released (announced in-process by the lease that finished), the lease's end
 //! (an owner that died), or, on a store other processes write (Redis), until a poll of the
-//! lease alone, never the checkpoint, says it is free. The gate is dropped with its last user.
+//! lease alone, never the checkpoint, says it is free. Followers of the session's stream hold
+//! the gate too, to hear of events this process logs. The gate is dropped with its last user.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
@@ -24,6 +25,8 @@ pub(crate) struct Gate {
     queue: AsyncMutex<()>,
     /// Bumped each time a turn on the session ends in this process.
     released: watch::Sender<u64>,
+    /// Bumped each time this process logs stream events of the session (followers wake on it).
+    logged: watch::Sender<u64>,
 }
 
 impl Waiters {
@@ -37,20 +40,33 @@ impl Waiters {
         if gates.len() >= 64 && gates.len().is_power_of_two() {
             gates.retain(|_, gate| gate.strong_count() > 0);
         }
-        let gate = Arc::new(Gate { queue: AsyncMutex::new(()), released: watch::Sender::new(0) });
+        let gate = Arc::new(Gate {
+            queue: AsyncMutex::new(()),
+            released: watch::Sender::new(0),
+            logged: watch::Sender::new(0),
+        });
         gates.insert(key.clone(), Arc::downgrade(&gate));
         gate
     }
 
     /// Wakes this process's admissions waiting on `key`: its turn ended (or it was deleted).
     pub(crate) fn release(&self, key: &SessionKey) {
-        let gate = {
-            let gates = self.gates.lock().unwrap_or_else(|e| e.into_inner());
-            gates.get(key).and_then(Weak::upgrade)
-        };
-        if let Some(gate) = gate {
+        if let Some(gate) = self.existing(key) {
             gate.released.send_modify(|n| *n = n.wrapping_add(1));
         }
+    }
+
+    /// Wakes this process's followers of `key`: more of its stream events are in the store.
+    pub(crate) fn logged(&self, key: &SessionKey) {
+        if let Some(gate) = self.existing(key) {
+            gate.logged.send_modify(|n| *n = n.wrapping_add(1));
+        }
+    }
+
+    /// The session's gate if anyone in this process holds it (no one to wake otherwise).
+    fn existing(&self, key: &SessionKey) -> Option<Arc<Gate>> {
+        let gates = self.gates.lock().unwrap_or_else(|e| e.into_inner());
+        gates.get(key).and_then(Weak::upgrade)
     }
 }
 
@@ -64,6 +80,11 @@ impl Gate {
     /// release between the read and the wait is not missed.
     pub(crate) fn releases(&self) -> watch::Receiver<u64> {
         self.released.subscribe()
+    }
+
+    /// A receiver that sees events logged from now on (taken before reading the log, likewise).
+    pub(crate) fn logs(&self) -> watch::Receiver<u64> {
+        self.logged.subscribe()
     }
 }
 

@@ -170,6 +170,8 @@ pub struct Upstream {
     pub api: crate::config::UpstreamApi,
     pub metrics: UpstreamMetrics,
     client: HttpClient,
+    /// HTTP/1.1 only, for upgrades.
+    upgrade_client: HttpClient,
 }
 
 impl Upstream {
@@ -210,6 +212,7 @@ impl Upstream {
             .map_err(|e| format!("headers: {e}"))?;
 
         let client = crate::http_client::pooled(config.connect_timeout);
+        let upgrade_client = crate::http_client::http1_only(config.connect_timeout);
 
         let upstream = Self {
             name: config.name.clone(),
@@ -223,6 +226,7 @@ impl Upstream {
             api: config.api(),
             metrics,
             client,
+            upgrade_client,
         };
         upstream.start_pool_tasks(resolvers)?;
         Ok(upstream)
@@ -423,6 +427,27 @@ impl Upstreams {
         route: &[Arc<Upstream>],
         outgoing: Outgoing,
     ) -> Result<Forwarded, GatewayError> {
+        self.send(route, outgoing, None).await
+    }
+
+    /// Sends an HTTP/1.1 upgrade (`Upgrade: protocol`) along `route`, over HTTP/1.1 whatever the
+    /// upstream offers. Only a request that never reached an upstream is sent again (connect
+    /// errors, failover): once one has seen it, its answer (a 101 or not) is the client's.
+    pub(crate) async fn forward_upgrade(
+        &self,
+        route: &[Arc<Upstream>],
+        outgoing: Outgoing,
+        protocol: HeaderValue,
+    ) -> Result<Forwarded, GatewayError> {
+        self.send(route, outgoing, Some(protocol)).await
+    }
+
+    async fn send(
+        &self,
+        route: &[Arc<Upstream>],
+        outgoing: Outgoing,
+        upgrade: Option<HeaderValue>,
+    ) -> Result<Forwarded, GatewayError> {
         let Outgoing { method, path_and_query, headers, body, affinity } = outgoing;
         let resend_on_status =
             retry::may_resend_answered(&method, &path_and_query, &self.retry.inference_paths);
@@ -453,11 +478,22 @@ impl Upstreams {
                     });
                     break;
                 };
-                let request =
+                let mut request =
                     upstream.build_request(attempt.origin(), &method, &path_and_query, &headers, body)?;
+                let client = match &upgrade {
+                    Some(protocol) => {
+                        // Hop-by-hop, so dropped with the client's: this hop asks again.
+                        let headers = request.headers_mut();
+                        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+                        headers.insert(header::UPGRADE, protocol.clone());
+                        *request.version_mut() = http::Version::HTTP_11;
+                        &upstream.upgrade_client
+                    }
+                    None => &upstream.client,
+                };
                 let sent_at = Instant::now();
                 let outcome =
-                    tokio::time::timeout(upstream.first_byte_timeout, upstream.client.request(request)).await;
+                    tokio::time::timeout(upstream.first_byte_timeout, client.request(request)).await;
                 let elapsed = sent_at.elapsed();
                 waited += elapsed;
                 attempt.record(&outcome, elapsed);
@@ -493,7 +529,9 @@ impl Upstreams {
                         ("connect_error", Some(retry::backoff(&self.retry, retry)), next)
                     }
                     Ok(Ok(response))
-                        if replay.is_none() || !retry::is_retryable_status(response.status()) =>
+                        if replay.is_none()
+                            || upgrade.is_some()
+                            || !retry::is_retryable_status(response.status()) =>
                     {
                         return Ok(forwarded(response, attempt))
                     }
@@ -557,15 +595,20 @@ impl Upstreams {
 }
 
 impl Forwarded {
+    /// The [`ENDPOINT_HEADER`] value naming the pool endpoint that answered, if any.
+    pub(crate) fn endpoint_header(&self) -> Option<HeaderValue> {
+        self.endpoint.as_ref().map(|lease| lease.endpoint.header.clone())
+    }
+
     /// The response for the client: end-to-end headers and the upstream body, streamed.
     pub fn into_response(self) -> Response<Body> {
+        let endpoint = self.endpoint_header();
         let (parts, incoming) = self.response.into_parts();
         let content_type = parts.headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
         let scanner = crate::openai::UsageScanner::for_response(
             content_type,
             parts.headers.contains_key(header::CONTENT_ENCODING),
         );
-        let endpoint = self.endpoint.as_ref().map(|lease| lease.endpoint.header.clone());
         let body =
             UpstreamBody::new(incoming, self.upstream, self.sent_at, scanner, self.usage_sink, self.endpoint);
         let mut response = Response::new(http_body_util::BodyExt::boxed_unsync(body));
