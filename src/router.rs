@@ -105,7 +105,10 @@ impl tower::Service<Request<Body>> for Router {
             Route::Models if get => Box::pin(passthrough::models(state, request)),
             Route::Sessions => Box::pin(sessions::api(state, request)),
             Route::Originals if get => Box::pin(originals::original(state, request)),
-            Route::Models | Route::Passthrough if crate::tunnel::requested(&request).is_some() => {
+            // The Responses API's WebSocket mode (Codex's built-in provider) is tunnelled as is.
+            Route::Models | Route::Passthrough | Route::Responses
+                if crate::tunnel::requested(&request).is_some() =>
+            {
                 Box::pin(passthrough::upgrade(state, request))
             }
             Route::Models | Route::Passthrough => Box::pin(passthrough::passthrough(state, request)),
