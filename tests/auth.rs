@@ -12,22 +12,10 @@ use ctxgate::auth::hash_key;
 use ctxgate::config::{Config, KeyConfig};
 use serde_json::{json, Value};
 use support::redis::RedisServer;
-use support::{chat_body, fixtures, Harness, Reply};
+use support::{chat_body, fixtures, key, Harness, Reply};
 
 const TEAM_A: &str = "sk-team-a-secret";
 const TEAM_B: &str = "sk-team-b-secret";
-
-fn key(name: &str, raw: &str) -> KeyConfig {
-    KeyConfig {
-        name: name.into(),
-        sha256: hash_key(raw.as_bytes()),
-        models: Vec::new(),
-        requests_per_minute: None,
-        burst: None,
-        tokens_per_minute: None,
-        max_concurrent: None,
-    }
-}
 
 fn n(v: u32) -> Option<NonZeroU32> {
     NonZeroU32::new(v)

@@ -31,6 +31,21 @@ fn append(h: &Harness, session: &str, text: &str) -> reqwest::RequestBuilder {
     h.chat().header("x-session-id", session).header("x-session-mode", "append").json(&ask(text, false))
 }
 
+/// Checkpoint loads on `h` over 500 ms, once what was started has settled (300 ms): what waiting
+/// costs. (Time has to pass: what is measured is that nothing happens in it.)
+async fn loads_while_waiting(h: &Harness) -> f64 {
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = h.metric(LOADS).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    h.metric(LOADS).await - before
+}
+
+/// A follower's body: the held turn, whole, to `[DONE]`.
+fn assert_whole_turn(body: &str) {
+    assert!(body.contains("held"), "{body}");
+    assert!(body.trim_end().ends_with("data: [DONE]"), "{body}");
+}
+
 #[tokio::test]
 async fn waiters_on_a_busy_session_read_nothing_and_wake_when_it_is_released() {
     // Given a session held by a streamed turn, and 20 requests waiting for it
@@ -49,15 +64,10 @@ async fn waiters_on_a_busy_session_read_nothing_and_wake_when_it_is_released() {
             (response.status().as_u16(), Instant::now())
         });
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
 
     // When they wait
-    let before = h.metric(LOADS).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let during = h.metric(LOADS).await - before;
-
     // Then they read no checkpoint meanwhile (polling read one every 10-20 ms each)
-    assert_eq!(during, 0.0, "checkpoint loads while waiting");
+    assert_eq!(loads_while_waiting(&h).await, 0.0, "checkpoint loads while waiting");
 
     // And once the turn ends they are all served, one turn at a time, promptly
     let released = Instant::now();
@@ -95,12 +105,9 @@ async fn a_waiter_on_another_replica_is_woken_when_the_turn_ends_without_loading
         let response = request.send().await.unwrap();
         (response.status().as_u16(), Instant::now())
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let before = b.metric(LOADS).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
 
     // Then B reads no checkpoint while it waits
-    assert_eq!(b.metric(LOADS).await - before, 0.0, "checkpoint loads on B while waiting");
+    assert_eq!(loads_while_waiting(&b).await, 0.0, "checkpoint loads on B while waiting");
     assert!(!waiter.is_finished());
 
     // And once A's turn ends, B's request is served within a bounded time
@@ -138,22 +145,17 @@ async fn a_caught_up_follower_reads_no_checkpoint_until_the_turn_moves() {
     for _ in 0..5 {
         followers.push(follow(&h, "f").await);
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
 
     // When they wait for the rest
-    let before = h.metric(LOADS).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-
     // Then they read no checkpoint meanwhile (polling read one every 25 ms each)
-    assert_eq!(h.metric(LOADS).await - before, 0.0, "checkpoint loads while following");
+    assert_eq!(loads_while_waiting(&h).await, 0.0, "checkpoint loads while following");
 
     // And each gets the rest of the turn, to [DONE], once it comes
     gate.open();
     held.text().await.unwrap();
     for follower in followers {
         let body = tokio::time::timeout(Duration::from_secs(5), follower.text()).await.unwrap().unwrap();
-        assert!(body.contains("held"), "{body}");
-        assert!(body.trim_end().ends_with("data: [DONE]"), "{body}");
+        assert_whole_turn(&body);
     }
 }
 
@@ -169,14 +171,10 @@ async fn a_follower_on_another_replica_polls_the_lease_not_the_checkpoint() {
     let b = Harness::builder().config(move |c| c.sessions.store = url).start().await;
     let held = a.chat().header("x-session-id", "fr").json(&ask("first", true)).send().await.unwrap();
     let follower = follow(&b, "fr").await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
 
     // When it waits for the rest
-    let before = b.metric(LOADS).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-
     // Then B reads no checkpoint meanwhile
-    assert_eq!(b.metric(LOADS).await - before, 0.0, "checkpoint loads on B while following");
+    assert_eq!(loads_while_waiting(&b).await, 0.0, "checkpoint loads on B while following");
 
     // And it gets the rest of the turn from A, to [DONE], promptly
     gate.open();
@@ -188,8 +186,7 @@ async fn a_follower_on_another_replica_polls_the_lease_not_the_checkpoint() {
         "followed to the end {:?} after A",
         released.elapsed()
     );
-    assert!(body.contains("held"), "{body}");
-    assert!(body.trim_end().ends_with("data: [DONE]"), "{body}");
+    assert_whole_turn(&body);
 }
 
 #[tokio::test]

@@ -9,10 +9,9 @@ mod support;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use ctxgate::auth::hash_key;
-use ctxgate::config::{Config, KeyConfig};
+use ctxgate::config::Config;
 use futures_util::{SinkExt, StreamExt};
-use support::Harness;
+use support::{key, Harness};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio::time::{timeout, Instant};
@@ -102,18 +101,6 @@ async fn echo(stream: TcpStream, seen: mpsc::UnboundedSender<Seen>, refuse: Opti
         }
     }
     let _ = seen.send(Seen::Ended);
-}
-
-fn key(name: &str, raw: &str) -> KeyConfig {
-    KeyConfig {
-        name: name.into(),
-        sha256: hash_key(raw.as_bytes()),
-        models: Vec::new(),
-        requests_per_minute: None,
-        burst: None,
-        tokens_per_minute: None,
-        max_concurrent: None,
-    }
 }
 
 /// The gateway in front of `upstream`, with gateway keys on and the upstream's own key held by

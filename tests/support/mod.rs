@@ -232,3 +232,17 @@ pub fn sse_data(body: &str) -> Vec<String> {
         .map(str::to_string)
         .collect()
 }
+
+/// A gateway key named `name` whose secret is `raw`, with no limits: tests set what they need.
+#[allow(dead_code)] // not every test binary uses keys
+pub fn key(name: &str, raw: &str) -> ctxgate::config::KeyConfig {
+    ctxgate::config::KeyConfig {
+        name: name.into(),
+        sha256: ctxgate::auth::hash_key(raw.as_bytes()),
+        models: Vec::new(),
+        requests_per_minute: None,
+        burst: None,
+        tokens_per_minute: None,
+        max_concurrent: None,
+    }
+}
