@@ -68,6 +68,9 @@ pub enum GatewayError {
     /// No such session for this caller (sessions of other callers are invisible).
     #[error("No session {id}")]
     SessionNotFound { id: String },
+    /// No stored response with this id for this caller (another caller's are invisible).
+    #[error("Response with id '{id}' not found.")]
+    ResponseNotFound { id: String },
     /// The session exists but has no locked goal.
     #[error("Session {id} has no locked goal")]
     GoalNotSet { id: String },
@@ -132,6 +135,7 @@ impl GatewayError {
             Self::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
             Self::NotFound { .. }
             | Self::SessionNotFound { .. }
+            | Self::ResponseNotFound { .. }
             | Self::GoalNotSet { .. }
             | Self::OriginalNotFound { .. } => StatusCode::NOT_FOUND,
             Self::TurnIncomplete { .. } => StatusCode::BAD_GATEWAY,
@@ -171,6 +175,7 @@ impl GatewayError {
             | Self::SessionConflict { .. }
             | Self::GoalLocked { .. }
             | Self::SessionNotFound { .. }
+            | Self::ResponseNotFound { .. }
             | Self::GoalNotSet { .. }
             | Self::OriginalNotFound { .. }
             | Self::Unauthorized(_)
@@ -205,6 +210,7 @@ impl GatewayError {
             Self::SessionConflict { .. } => "session_conflict",
             Self::GoalLocked { .. } => "goal_locked",
             Self::SessionNotFound { .. } => "session_not_found",
+            Self::ResponseNotFound { .. } => "response_not_found",
             Self::GoalNotSet { .. } => "goal_not_set",
             Self::TurnIncomplete { .. } => "turn_incomplete",
             Self::OriginalNotFound { .. } => "original_not_found",

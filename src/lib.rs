@@ -17,6 +17,8 @@
 //! - [`chat`]: `POST /v1/chat/completions`, the one pipeline (read → prepare → send → relay →
 //!   finish); stateless, session and degraded turns differ in its `Mode` only; the takeover
 //!   sweep that re-issues turns whose process died.
+//! - [`responses`]: `POST /v1/responses` (OpenAI's Responses API) as a second front end of the
+//!   chat pipeline, and the stored responses a `previous_response_id` chain continues from.
 //! - [`handlers`]: the model list and passthrough routes; the sessions API.
 //!
 //! Features (each gets plain values or narrow handles, never the application):
@@ -50,6 +52,7 @@ mod observe;
 pub mod openai;
 pub mod redis_conn;
 mod request_path;
+mod responses;
 mod retry;
 mod router;
 mod server;

@@ -12,12 +12,15 @@ use http::{header, HeaderValue, Method, Request, Response};
 use crate::body::{self, Body};
 use crate::error::GatewayError;
 use crate::handlers::{originals, passthrough, sessions};
-use crate::{chat, AppState};
+use crate::{chat, responses, AppState};
 
 /// The routes ctxgate serves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Route {
     ChatCompletions,
+    Responses,
+    /// A stored response: `/v1/responses/{id}` and below.
+    Response,
     Models,
     Sessions,
     Originals,
@@ -32,6 +35,8 @@ impl Route {
     pub(crate) fn of(path: &str) -> Self {
         match path {
             "/v1/chat/completions" => Self::ChatCompletions,
+            "/v1/responses" => Self::Responses,
+            p if p.starts_with("/v1/responses/") => Self::Response,
             "/v1/models" => Self::Models,
             p if p.starts_with("/v1/sessions/") => Self::Sessions,
             p if p.starts_with("/v1/ctxgate/originals/") => Self::Originals,
@@ -52,6 +57,8 @@ impl Route {
     pub(crate) fn label(self) -> &'static str {
         match self {
             Self::ChatCompletions => "chat_completions",
+            Self::Responses => "responses",
+            Self::Response => "response",
             Self::Models => "models",
             Self::Sessions => "sessions",
             Self::Originals => "originals",
@@ -93,10 +100,15 @@ impl tower::Service<Request<Body>> for Router {
         let get = method == Method::GET;
         match Route::of(path) {
             Route::ChatCompletions if method == Method::POST => Box::pin(chat::completions(state, request)),
+            Route::Responses if method == Method::POST => Box::pin(responses::create(state, request)),
+            Route::Response => Box::pin(responses::api(state, request)),
             Route::Models if get => Box::pin(passthrough::models(state, request)),
             Route::Sessions => Box::pin(sessions::api(state, request)),
             Route::Originals if get => Box::pin(originals::original(state, request)),
-            Route::Models | Route::Passthrough if crate::tunnel::requested(&request).is_some() => {
+            // The Responses API's WebSocket mode (Codex's built-in provider) is tunnelled as is.
+            Route::Models | Route::Passthrough | Route::Responses
+                if crate::tunnel::requested(&request).is_some() =>
+            {
                 Box::pin(passthrough::upgrade(state, request))
             }
             Route::Models | Route::Passthrough => Box::pin(passthrough::passthrough(state, request)),
@@ -110,12 +122,15 @@ impl tower::Service<Request<Body>> for Router {
             Route::Metrics if get => {
                 ready(Ok(text(state.metrics.encode(), "text/plain; version=0.0.4; charset=utf-8")))
             }
-            Route::ChatCompletions | Route::Originals | Route::Healthz | Route::Readyz | Route::Metrics => {
-                ready(Err(GatewayError::MethodNotAllowed {
-                    method: method.to_string(),
-                    path: path.to_string(),
-                }))
-            }
+            Route::ChatCompletions
+            | Route::Responses
+            | Route::Originals
+            | Route::Healthz
+            | Route::Readyz
+            | Route::Metrics => ready(Err(GatewayError::MethodNotAllowed {
+                method: method.to_string(),
+                path: path.to_string(),
+            })),
             Route::Unknown => {
                 ready(Err(GatewayError::NotFound { method: method.to_string(), path: path.to_string() }))
             }

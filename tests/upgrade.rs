@@ -447,3 +447,20 @@ async fn a_tunnel_through_a_pool_names_its_endpoint_and_counts_in_flight_there_u
     drop(ws);
     metric_becomes(&h, &in_flight, 0.0).await;
 }
+
+#[tokio::test]
+async fn the_responses_api_websocket_mode_is_tunnelled() {
+    // Given an echo upstream behind the gateway (POST /v1/responses is the gateway's own route)
+    let mut upstream = EchoUpstream::start(None).await;
+    let h = gateway(&upstream, |_| {}).await;
+
+    // When a client opens the Responses API's WebSocket mode, as Codex's built-in provider does
+    let mut ws = connect(&h, "/v1/responses", Some(CLIENT_KEY)).await.unwrap();
+
+    // Then it reaches the upstream on its own path, and messages flow both ways
+    let Seen::Handshake { path, .. } = upstream.next().await else { panic!("no handshake") };
+    assert_eq!(path, "/v1/responses");
+    round_trip(&mut ws, Message::text(r#"{"type":"response.create"}"#)).await;
+    ws.close(None).await.unwrap();
+    assert!(matches!(upstream.next().await, Seen::Ended));
+}

@@ -45,10 +45,20 @@ impl ChatContext {
     /// Reads, validates and parses the request once, injects gateway tools, checks the session
     /// id, and charges the caller.
     pub(crate) async fn read(app: &AppState, request: http::Request<Body>) -> Result<Self, GatewayError> {
-        let (mut parts, body) = request.into_parts();
+        let (parts, body) = request.into_parts();
         require_json(&parts.headers)?;
         let bytes = read_body(body).await?;
         check_nesting(&bytes, app.config.server.max_json_depth.get())?;
+        Self::from_body(app, parts, bytes).await
+    }
+
+    /// [`Self::read`] from a body already read and checked (another front-end protocol's,
+    /// translated into a chat request).
+    pub(crate) async fn from_body(
+        app: &AppState,
+        mut parts: request::Parts,
+        bytes: Bytes,
+    ) -> Result<Self, GatewayError> {
         let request = app.tools.inject(ChatRequest::parse(bytes)?)?;
         let session_id = app.sessions.id_of(&parts.headers)?;
         let caller = parts.extensions.get::<Caller>();
@@ -122,6 +132,13 @@ impl ChatContext {
         let tools = self.request.tools().map(|t| t.get().as_bytes());
         let first = messages.get(lead).map(|m| m.get().as_bytes());
         Some(AffinityKey::prefix(&system, tools, None, first))
+    }
+
+    /// Runs the request on session `id`, named by a front end rather than the session header
+    /// (a chain of stored responses); a pool keeps it on the session's endpoint.
+    pub(crate) fn on_session(&mut self, app: &AppState, id: String) {
+        self.session_id = Some(id);
+        self.affinity = self.affinity_key(app);
     }
 
     /// Keeps a resumed turn on its session's endpoint.

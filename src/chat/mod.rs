@@ -56,7 +56,13 @@ pub(crate) async fn completions(
     app: Arc<AppState>,
     request: Request<Body>,
 ) -> Result<Response<Body>, GatewayError> {
-    let mut ctx = ChatContext::read(&app, request).await?;
+    let ctx = ChatContext::read(&app, request).await?;
+    answer(app, ctx).await
+}
+
+/// Runs a read request through the pipeline: stateless, or as a turn of the session it names.
+/// Front-end protocols other than Chat Completions enter here with a context of their own.
+pub(crate) async fn answer(app: Arc<AppState>, mut ctx: ChatContext) -> Result<Response<Body>, GatewayError> {
     match ctx.session_id.take() {
         None => {
             let upstream = compression::stateless(&app, &mut ctx).await?;

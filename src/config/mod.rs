@@ -392,12 +392,39 @@ pub struct UpstreamConfig {
     /// The upstream takes no credential (a local model server). With gateway keys on, an
     /// upstream must hold a credential (`api_key_env`, a credential header) or say this.
     pub keyless: bool,
+    /// Which API the upstream speaks for `POST /v1/responses`: unset, `responses` for the
+    /// OpenAI API and `chat` for any other base URL (see [`UpstreamConfig::api`]).
+    pub api: Option<UpstreamApi>,
+}
+
+/// The protocol an upstream is sent Responses API requests in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamApi {
+    /// OpenAI's Responses API: `/v1/responses` is passed on as the client sent it.
+    Responses,
+    /// Chat Completions only: the gateway translates Responses requests and answers.
+    Chat,
 }
 
 /// Headers that carry a provider credential: OpenAI's, Azure OpenAI's, Anthropic's.
 pub const CREDENTIAL_HEADERS: [&str; 3] = ["authorization", "api-key", "x-api-key"];
 
 impl UpstreamConfig {
+    /// The API the upstream speaks: as configured, else `responses` when its base URL is the
+    /// OpenAI API (it has both), else `chat`, which every OpenAI-compatible server has.
+    pub fn api(&self) -> UpstreamApi {
+        self.api.unwrap_or_else(|| {
+            let host = self.base_url.split_once("://").map_or("", |(_, rest)| rest);
+            let host = host.split(['/', ':']).next().unwrap_or("");
+            if self.pool.is_none() && host.eq_ignore_ascii_case("api.openai.com") {
+                UpstreamApi::Responses
+            } else {
+                UpstreamApi::Chat
+            }
+        })
+    }
+
     /// Whether the gateway holds this upstream's credential (`api_key_env`, or a credential
     /// header in `headers`).
     pub fn holds_credential(&self) -> bool {
@@ -455,6 +482,7 @@ impl Default for UpstreamConfig {
             prompt_cache_key: false,
             pool: None,
             keyless: false,
+            api: None,
         }
     }
 }

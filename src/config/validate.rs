@@ -496,6 +496,37 @@ log_level = "debug"
     }
 
     #[test]
+    fn the_upstream_api_defaults_by_base_url_and_an_unknown_one_is_an_issue() {
+        use crate::config::UpstreamApi;
+        // Given upstreams without `api`: OpenAI's, a local server, and one that says `responses`
+        let text = r#"
+[[upstreams]]
+name = "openai"
+base_url = "https://api.openai.com/v1"
+
+[[upstreams]]
+name = "llama"
+base_url = "http://127.0.0.1:8081/v1"
+
+[[upstreams]]
+name = "proxy"
+base_url = "http://127.0.0.1:9000/v1"
+api = "responses"
+"#;
+        let env = BTreeMap::new();
+        let config = Config::parse(text, &env).unwrap();
+        // Then OpenAI speaks Responses, any other base URL Chat Completions, unless configured
+        let apis: Vec<UpstreamApi> = config.upstreams.iter().map(|u| u.api()).collect();
+        assert_eq!(apis, [UpstreamApi::Responses, UpstreamApi::Chat, UpstreamApi::Responses]);
+
+        // And an API ctxgate does not speak is reported with its key path
+        let bad = "[[upstreams]]\nname = \"a\"\nbase_url = \"http://ok/v1\"\napi = \"soap\"\n";
+        let err = Config::read_text(bad, &env).unwrap().validate(&env).unwrap_err();
+        assert_eq!(err.0[0].path, "upstreams[0].api", "{err}");
+        assert!(err.to_string().contains("responses"), "{err}");
+    }
+
+    #[test]
     fn a_problem_set_by_an_environment_variable_names_it() {
         let text = "[[upstreams]]\nname = \"a\"\nbase_url = \"http://ok/v1\"\n";
         let env: BTreeMap<String, String> = [

@@ -62,6 +62,9 @@ pub enum BlobKind {
     /// An original a marker names, kept for `ctxgate_expand` (stateless callers; a session's
     /// transcript holds its own).
     Original,
+    /// A stored Responses API response: the object, its input items, and the conversation a
+    /// `previous_response_id` continues.
+    Response,
 }
 
 impl BlobKind {
@@ -70,6 +73,7 @@ impl BlobKind {
             Self::CompressionState => "cmp:",
             Self::Sheet => "sum:",
             Self::Original => "orig:",
+            Self::Response => "resp:",
         }
     }
 }

@@ -166,6 +166,8 @@ pub struct Upstream {
     pub models: Vec<String>,
     /// Set `prompt_cache_key` on compressed requests that carry none.
     pub prompt_cache_key: bool,
+    /// What `POST /v1/responses` is sent to it as.
+    pub api: crate::config::UpstreamApi,
     pub metrics: UpstreamMetrics,
     client: HttpClient,
     /// HTTP/1.1 only, for upgrades.
@@ -221,6 +223,7 @@ impl Upstream {
             idle_timeout: config.idle_timeout,
             models: config.models.clone(),
             prompt_cache_key: config.prompt_cache_key,
+            api: config.api(),
             metrics,
             client,
             upgrade_client,

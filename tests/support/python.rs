@@ -1,7 +1,7 @@
-//! The Python the tests run (the official `openai` SDK, the MCP test server): a venv under
-//! cargo's target directory, made on first use with pinned packages, so `cargo test` passes on
-//! a fresh machine with only `python3` installed. `CTXGATE_TEST_PYTHON` names an interpreter
-//! to use instead (one that already has the packages).
+//! The Python the tests run (the official `openai` SDK, the OpenAI Agents SDK, the MCP test
+//! server): a venv under cargo's target directory, made on first use with pinned packages, so
+//! `cargo test` passes on a fresh machine with only `python3` installed. `CTXGATE_TEST_PYTHON`
+//! names an interpreter to use instead (one that already has the packages).
 //!
 //! Test binaries run in parallel processes: the venv is built in a private directory and
 //! renamed into place, so a reader never sees half of one; a loser of the race discards its
@@ -13,7 +13,7 @@ use std::sync::OnceLock;
 
 /// What the tests import, pinned. Changing this list builds a new venv (its name carries a
 /// hash of the list).
-const REQUIREMENTS: &[&str] = &["openai==3.63.0", "mcp==1.30.0"];
+const REQUIREMENTS: &[&str] = &["openai==3.63.0", "mcp==1.30.0", "openai-agents==0.24.0"];
 
 /// The interpreter to run test scripts with.
 pub fn python() -> &'static Path {

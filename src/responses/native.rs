@@ -1,0 +1,159 @@
+//! `POST /v1/responses` to upstreams that have the Responses API: the request goes as the
+//! client sent it, except that a `previous_response_id` the gateway holds is replaced by the
+//! conversation it names, put in front of `input` (so a chain continues on any upstream and
+//! replica). With `store`, the upstream's answer is kept as the gateway keeps its own, before a
+//! stream's `response.completed` reaches the client. The answer itself passes through unchanged.
+//!
+//! Not done here yet: compression and sessions (the chat pipeline's), which these requests do
+//! not take.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{header, request, Request, Response};
+use http_body_util::BodyExt;
+use serde_json::{Map, Value};
+
+use super::request::{items_of, listed};
+use super::store::{self, Chain, New};
+use super::{collect, send};
+use crate::body::{self, Body, ChannelBody, FrameSender};
+use crate::error::GatewayError;
+use crate::handlers::passthrough;
+use crate::openai::events::EventSplitter;
+use crate::openai::sse;
+use crate::AppState;
+
+/// What the gateway keeps of one request, once the upstream has answered.
+struct Keep {
+    app: Arc<AppState>,
+    scope: Vec<u8>,
+    /// The conversation before this request.
+    previous: Option<Chain>,
+    /// This request's input, as items.
+    input: Vec<Value>,
+    /// This request's input items, as listed.
+    input_items: Vec<Value>,
+}
+
+pub(super) async fn create(
+    app: Arc<AppState>,
+    mut parts: request::Parts,
+    bytes: Bytes,
+    scope: Vec<u8>,
+) -> Result<Response<Body>, GatewayError> {
+    let Ok(mut fields) = serde_json::from_slice::<Map<String, Value>>(&bytes) else {
+        // Not an object: the upstream says what is wrong with it.
+        return passthrough::passthrough(app, Request::from_parts(parts, body::full(bytes))).await;
+    };
+    let keep = fields.get("store").and_then(Value::as_bool).unwrap_or(true);
+    let stream = fields.get("stream").and_then(Value::as_bool).unwrap_or(false);
+    let named = fields.get("previous_response_id").filter(|id| !id.is_null());
+    let previous = match named.and_then(Value::as_str) {
+        Some(id) => store::chain(&app.sessions, &scope, id).await?,
+        None => None,
+    };
+    // An input the gateway cannot read as items is the upstream's to refuse.
+    let input = items_of(fields.get("input").unwrap_or(&Value::Null)).ok();
+    let Some(input) = input.filter(|_| match &previous {
+        Some(_) => true,
+        // A chain the gateway does not hold is the upstream's own: keeping its next response
+        // would keep a conversation without its start.
+        None => keep && named.is_none(),
+    }) else {
+        return passthrough::passthrough(app, Request::from_parts(parts, body::full(bytes))).await;
+    };
+    let body = match &previous {
+        None => bytes,
+        Some(previous) => {
+            fields.remove("previous_response_id");
+            let all = previous.items.iter().chain(&input).cloned().collect();
+            fields.insert("input".into(), Value::Array(all));
+            Bytes::from(serde_json::to_vec(&fields).map_err(|e| GatewayError::Internal(e.into()))?)
+        }
+    };
+    // The gateway reads the answer: it must come unencoded.
+    parts.headers.remove(header::ACCEPT_ENCODING);
+    parts.headers.remove(header::CONTENT_LENGTH);
+    let mut answer =
+        passthrough::passthrough(app.clone(), Request::from_parts(parts, body::full(body))).await?;
+    if !keep || !answer.status().is_success() {
+        return Ok(answer);
+    }
+    let keeper = Keep { app: app.clone(), scope, previous, input_items: listed(&input), input };
+    answer.headers_mut().remove(header::CONTENT_LENGTH);
+    if stream {
+        let (frames, client_body) = ChannelBody::channel(32);
+        let upstream = std::mem::replace(answer.body_mut(), client_body);
+        app.spawn(keeper.relay(upstream, frames));
+        return Ok(answer);
+    }
+    let (head, upstream) = answer.into_parts();
+    let bytes = collect(upstream, app.config.server.max_answer_bytes.get()).await?;
+    if let Ok(object) = serde_json::from_slice::<Value>(&bytes) {
+        keeper.save(object).await?;
+    }
+    Ok(Response::from_parts(head, body::full(bytes)))
+}
+
+impl Keep {
+    /// Keeps the Response object `object` (a finished one) with the conversation through its
+    /// output.
+    async fn save(&self, object: Value) -> Result<(), GatewayError> {
+        let Some(id) = object.get("id").and_then(Value::as_str).filter(|id| crate::session::valid_id(id))
+        else {
+            return Ok(());
+        };
+        let output = object["output"].as_array().into_iter().flatten();
+        let new = New {
+            id,
+            response: object.clone(),
+            input_items: self.input_items.clone(),
+            previous: self.previous.as_ref(),
+            items: self.input.iter().chain(output).cloned().collect(),
+            session: None,
+        };
+        store::save(&self.app.sessions, &self.scope, new).await
+    }
+
+    /// Passes the upstream's events on as they come; the one that finishes the response is
+    /// held until the response is kept.
+    async fn relay(self, mut upstream: Body, client: FrameSender) {
+        let mut client = Some(client);
+        let mut splitter = EventSplitter::new(self.app.config.server.max_sse_event_bytes.get());
+        while let Some(frame) = upstream.frame().await {
+            let Ok(frame) = frame else { break };
+            let Ok(data) = frame.into_data() else { continue };
+            let events = match splitter.feed(&data) {
+                Ok(events) => events,
+                Err(too_large) => {
+                    let error = serde_json::json!({
+                        "type": "error", "code": "upstream_response_too_large",
+                        "message": too_large.to_string(), "param": null,
+                    });
+                    send(&mut client, vec![Bytes::from(format!("event: error\ndata: {error}\n\n"))]).await;
+                    return;
+                }
+            };
+            for event in events {
+                if let Some(finished) = finished_response(&event) {
+                    if let Err(err) = self.save(finished).await {
+                        tracing::warn!(error = %err, "cannot keep a streamed response");
+                    }
+                }
+                send(&mut client, vec![event]).await;
+            }
+        }
+        if let Some(rest) = splitter.finish() {
+            send(&mut client, vec![rest]).await;
+        }
+    }
+}
+
+/// The Response object of a `response.completed` or `response.incomplete` event.
+fn finished_response(event: &[u8]) -> Option<Value> {
+    let data = event.split(|b| *b == b'\n').find_map(sse::data)?;
+    let mut value: Value = serde_json::from_slice(data).ok()?;
+    matches!(value["type"].as_str(), Some("response.completed" | "response.incomplete"))
+        .then(|| value["response"].take())
+}

@@ -1,0 +1,1171 @@
+//! `POST /v1/responses` in front of a Chat-Completions-only upstream: the official `openai`
+//! Python SDK's own parsers on our objects and events, `previous_response_id` chains (what the
+//! upstream was sent), a chain across a gateway restart and across replicas on Redis, stored
+//! responses and their 404s, and the passthrough to an upstream that has the Responses API.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[macro_use]
+mod support;
+
+use mock_upstream::Server;
+use serde_json::{json, Value};
+use support::gateway::{Gateway, AUTH};
+use support::stores::{self, Store};
+use support::{chunks, fixtures, Chunk, Harness, Reply};
+
+fn user(text: &str) -> Value {
+    json!({"role": "user", "content": text})
+}
+
+fn assistant(text: &str) -> Value {
+    json!({"role": "assistant", "content": text})
+}
+
+/// A non-streamed answer calling `get_weather` once, with `call_id`.
+fn weather_call(call_id: &str) -> Value {
+    let mut completion = fixtures::completion("");
+    completion["choices"][0]["message"] = json!({
+        "role": "assistant",
+        "content": null,
+        "tool_calls": [{"id": call_id, "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\":\"Paris\"}"}}]
+    });
+    completion["choices"][0]["finish_reason"] = "tool_calls".into();
+    completion
+}
+
+/// A streamed answer with reasoning first, as llama-server sends a thinking model's.
+fn reasoning_stream() -> Vec<Chunk> {
+    let mut chunks: Vec<Chunk> = ["Two and ", "two."]
+        .iter()
+        .map(|r| Chunk::json(json!({"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"reasoning_content": r}}]})))
+        .collect();
+    chunks.extend(support::chunks(&["4"], None));
+    chunks
+}
+
+fn reasoning_completion() -> Value {
+    let mut completion = fixtures::completion("4");
+    completion["choices"][0]["message"]["reasoning_content"] = "Two and two.".into();
+    completion
+}
+
+/// `POST /v1/responses` with `body` to `base`, as the test client.
+async fn create(client: &reqwest::Client, base: &str, body: Value) -> reqwest::Response {
+    client
+        .post(format!("{base}/v1/responses"))
+        .header("authorization", AUTH)
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+}
+
+/// The `data:` payloads of a Responses stream, parsed.
+fn events(body: &str) -> Vec<Value> {
+    support::sse_data(body).iter().map(|d| serde_json::from_str(d).unwrap()).collect()
+}
+
+#[tokio::test]
+async fn official_python_sdk_uses_the_responses_api_over_a_chat_only_upstream() {
+    // Given a Chat-Completions upstream scripted in the order the SDK script calls it
+    let mut stream = chunks(&["one ", "two"], None);
+    stream.insert(stream.len() - 1, Chunk::json(fixtures::usage_chunk()));
+    let mut tool_stream: Vec<Chunk> = fixtures::tool_call_chunks().into_iter().map(Chunk::json).collect();
+    tool_stream.push(Chunk::done());
+    let upstream = Server::builder()
+        .chat(fixtures::completion("Hello from the gateway"))
+        .stream(stream)
+        .chat(weather_call("call_w"))
+        .chat(fixtures::completion("It is sunny in Paris."))
+        .stream(tool_stream)
+        .stream(vec![Chunk::json(fixtures::content_chunk(0, "par"))])
+        .stream(reasoning_stream())
+        .chat(reasoning_completion());
+    let h = Harness::builder().upstream(upstream).start().await;
+
+    // When the SDK script runs against the gateway
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/e2e/responses_sdk.py");
+    let python = support::python::python();
+    let output = tokio::process::Command::new(python)
+        .arg(script)
+        .arg(h.v1(""))
+        .output()
+        .await
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", python.display()));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "the SDK script failed:\n{stderr}");
+    let seen: Value = serde_json::from_slice(&output.stdout).unwrap();
+
+    // Then the SDK parsed a Response object, with usage in the Responses shape and the
+    // request's metadata echoed
+    let plain = &seen["plain"];
+    assert!(plain["id"].as_str().unwrap().starts_with("resp_"), "{plain}");
+    assert_eq!(plain["object"], "response");
+    assert_eq!(plain["status"], "completed");
+    assert_eq!(plain["text"], "Hello from the gateway");
+    assert_eq!(plain["input_tokens"], 12);
+    assert_eq!(plain["cached_tokens"], 4);
+    assert_eq!(plain["output_tokens"], 5);
+    assert_eq!(plain["metadata"], json!({"run": "sdk"}));
+    assert_eq!(plain["max_output_tokens"], 64);
+
+    // And the SDK's stream helper accepted the events, numbered from 0 without a gap
+    let streamed = &seen["stream"];
+    assert_eq!(streamed["text"], "one two");
+    assert_eq!(streamed["status"], "completed");
+    assert_eq!(streamed["previous_response_id"], plain["id"]);
+    assert_eq!(streamed["output_tokens"], 5);
+    let types: Vec<&str> =
+        streamed["types"].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
+    assert_eq!(
+        types,
+        [
+            "response.created",
+            "response.in_progress",
+            "response.output_item.added",
+            "response.content_part.added",
+            "response.output_text.delta",
+            "response.output_text.delta",
+            "response.output_text.done",
+            "response.content_part.done",
+            "response.output_item.done",
+            "response.completed",
+        ]
+    );
+    let numbers: Vec<u64> =
+        streamed["sequence_numbers"].as_array().unwrap().iter().map(|n| n.as_u64().unwrap()).collect();
+    assert_eq!(numbers, (0..types.len() as u64).collect::<Vec<_>>());
+
+    // And a function call came back as a function_call item, and its output continued the chain
+    assert_eq!(
+        seen["tool_call"],
+        json!({"name": "get_weather", "arguments": {"city": "Paris"}, "call_id": "call_w"})
+    );
+    assert_eq!(seen["tool_answer"], "It is sunny in Paris.");
+    // (the mock's two parallel calls stream their argument fragments interleaved)
+    let [args0, args1] = fixtures::tool_call_arguments();
+    assert_eq!(seen["stream_tool"]["arguments_by_item"], json!([args0, args1]));
+    assert_eq!(seen["stream_tool"]["done_arguments"], json!([args0, args1]));
+    assert!(seen["strictly_validated_events"].as_u64().unwrap() > 10, "{seen}");
+    assert_eq!(seen["stream_tool"]["completed_calls"], json!([args0, args1]));
+
+    // And the stored response was retrieved, listed and deleted; then it is gone, and an
+    // unknown previous_response_id is a 404 the SDK raises as NotFoundError
+    assert_eq!(
+        seen["retrieve"],
+        json!({"id": plain["id"], "text": "Hello from the gateway", "status": "completed"})
+    );
+    assert_eq!(seen["input_items"], json!([{"type": "message", "role": "user", "text": "Say hello"}]));
+    assert_eq!(seen["after_delete"], json!({"status": 404, "code": "response_not_found"}));
+    assert_eq!(seen["unknown_previous"], json!({"status": 404, "code": "response_not_found"}));
+
+    // And a stream cut short ends with the typed error and response.failed events
+    assert_eq!(
+        seen["cut"],
+        json!({"last": ["error", "response.failed"], "status": "failed", "error_code": "server_error", "error_event_code": "upstream_error"})
+    );
+
+    // And a model's reasoning_content is a reasoning item, streamed as reasoning_text events
+    assert_eq!(
+        seen["reasoning"],
+        json!({"deltas": "Two and two.", "stream_items": ["reasoning", "message"],
+               "items": ["reasoning", "message"], "text": "Two and two.", "answer": "4"})
+    );
+
+    // And the upstream only ever saw Chat Completions requests, with the chain rebuilt
+    let recorded = h.upstream(0).requests();
+    assert_eq!(recorded.len(), 8, "the unknown previous_response_id never reached the upstream");
+    assert!(recorded.iter().all(|r| r.path == "/v1/chat/completions"));
+    let first = recorded[0].json();
+    assert_eq!(first["messages"], json!([{"role": "system", "content": "Be terse."}, user("Say hello")]));
+    assert_eq!(first["max_tokens"], 64);
+    assert!(first.get("metadata").is_none() && first.get("input").is_none(), "{first}");
+    let second = recorded[1].json();
+    // OpenAI does not carry `instructions` over to the next response of a chain
+    assert_eq!(
+        second["messages"],
+        json!([user("Say hello"), assistant("Hello from the gateway"), user("Count")])
+    );
+    assert_eq!(second["stream"], true);
+    assert_eq!(second["stream_options"], json!({"include_usage": true}));
+    assert_eq!(
+        recorded[2].json()["tools"],
+        json!([{"type": "function", "function": {
+            "name": "get_weather", "description": "Weather for a city", "strict": true,
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                           "required": ["city"], "additionalProperties": false}
+        }}])
+    );
+    assert_eq!(
+        recorded[3].json()["messages"],
+        json!([
+            user("Weather in Paris?"),
+            {"role": "assistant", "content": null, "tool_calls": [
+                {"id": "call_w", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\":\"Paris\"}"}}
+            ]},
+            {"role": "tool", "tool_call_id": "call_w", "content": "sunny, 21C"}
+        ])
+    );
+
+    // And the chain is a session named by its first response: its transcript holds the
+    // conversation through the streamed answer
+    let first_id = plain["id"].as_str().unwrap();
+    let transcript = stores::transcript(&h.client, &h.url, first_id, "Bearer sk-sdk-test").await;
+    assert_eq!(
+        transcript,
+        [user("Say hello"), assistant("Hello from the gateway"), user("Count"), assistant("one two")]
+    );
+}
+
+/// A chain's second turn, on `second` after its first on `first`: what the upstream was sent.
+async fn chain_across(first: &Gateway, second: &Gateway, upstream: &Server) -> String {
+    let client = reqwest::Client::new();
+    let r1 = create(
+        &client,
+        &first.base,
+        json!({"model": "mock-model", "instructions": "Be terse.", "input": "Name a colour."}),
+    )
+    .await;
+    assert_eq!(r1.status(), 200);
+    let r1: Value = r1.json().await.unwrap();
+    let id = r1["id"].as_str().unwrap().to_string();
+
+    let r2 = create(
+        &client,
+        &second.base,
+        json!({"model": "mock-model", "instructions": "Be terse.", "input": "Another?", "previous_response_id": id, "stream": true}),
+    )
+    .await;
+    assert_eq!(r2.status(), 200);
+    let events = events(&r2.text().await.unwrap());
+    let last = events.last().unwrap();
+    assert_eq!(last["type"], "response.completed", "{events:?}");
+    assert_eq!(last["response"]["output"][0]["content"][0]["text"], "Green again.");
+
+    let sent = upstream.requests().last().unwrap().json();
+    assert_eq!(
+        sent["messages"],
+        json!([{"role": "system", "content": "Be terse."}, user("Name a colour."), assistant("Blue."), user("Another?")])
+    );
+    // The first response is still there to read, on the second gateway too
+    let got = client
+        .get(format!("{}/v1/responses/{id}", second.base))
+        .header("authorization", AUTH)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(got.status(), 200);
+    let got: Value = got.json().await.unwrap();
+    assert_eq!(got["output"][0]["content"][0]["text"], "Blue.");
+    id
+}
+
+fn colour_upstream() -> mock_upstream::Builder {
+    Server::builder().chat(fixtures::completion("Blue.")).stream(chunks(&["Green ", "again."], None))
+}
+
+#[tokio::test]
+async fn a_chain_continues_across_a_gateway_restart_on_the_embedded_store() {
+    // Given a gateway on an embedded store that answers the first response of a chain
+    let store = Store::Embedded.url().await;
+    let upstream = colour_upstream().start().await.unwrap();
+    let mut before = Gateway::start(&upstream.base_url(), &store.url).await;
+    let client = reqwest::Client::new();
+    let r1: Value = create(
+        &client,
+        &before.base,
+        json!({"model": "mock-model", "instructions": "Be terse.", "input": "Name a colour."}),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    let id = r1["id"].as_str().unwrap();
+
+    // When it is killed and another process opens the same file
+    before.kill();
+    let after = Gateway::start(&upstream.base_url(), &store.url).await;
+
+    // Then the chain continues there: the upstream is sent the whole conversation
+    let r2 = create(
+        &client,
+        &after.base,
+        json!({"model": "mock-model", "instructions": "Be terse.", "input": "Another?", "previous_response_id": id, "stream": true}),
+    )
+    .await;
+    assert_eq!(r2.status(), 200);
+    let events = events(&r2.text().await.unwrap());
+    assert_eq!(events.last().unwrap()["type"], "response.completed", "{events:?}");
+    let sent = upstream.requests().last().unwrap().json();
+    assert_eq!(
+        sent["messages"],
+        json!([{"role": "system", "content": "Be terse."}, user("Name a colour."), assistant("Blue."), user("Another?")])
+    );
+    // And the session the chain runs on holds both turns, with no history rewritten
+    let session: Value = client
+        .get(format!("{}/v1/sessions/{id}", after.base))
+        .header("authorization", AUTH)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(session["messages"], 5, "{session}");
+    assert_eq!(session["history_rewrites"], 0, "{session}");
+}
+
+async fn a_chain_moves_between_replicas(store: Store) {
+    // Given two gateways sharing one Redis
+    let store = store.url().await;
+    let upstream = colour_upstream().start().await.unwrap();
+    let url = upstream.base_url();
+    let (a, b) = tokio::join!(Gateway::start(&url, &store.url), Gateway::start(&url, &store.url));
+    // Then a chain started on one continues on the other
+    chain_across(&a, &b, &upstream).await;
+}
+
+on_redis_and_cluster!(a_chain_moves_between_replicas);
+
+#[tokio::test]
+async fn stored_responses_are_the_callers_own_and_unknown_ids_are_404() {
+    let h = Harness::builder().upstream(Server::builder().chat(fixtures::completion("Mine."))).start().await;
+    let owner = "Bearer sk-owner";
+    let r: Value = h
+        .client
+        .post(h.v1("/responses"))
+        .header("authorization", owner)
+        .json(&json!({"model": "mock-model", "input": "hi"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = r["id"].as_str().unwrap();
+    let get =
+        |path: String, auth: &'static str| h.client.get(h.v1(&path)).header("authorization", auth).send();
+
+    // The owner reads it and its input items
+    assert_eq!(get(format!("/responses/{id}"), owner).await.unwrap().status(), 200);
+    let items: Value =
+        get(format!("/responses/{id}/input_items"), owner).await.unwrap().json().await.unwrap();
+    assert_eq!(items["object"], "list");
+    assert_eq!(items["data"][0]["content"][0], json!({"type": "input_text", "text": "hi"}));
+    assert_eq!(items["first_id"], items["data"][0]["id"]);
+
+    // Another caller gets 404 for the same id, in OpenAI's error shape; so does anyone for an
+    // unknown id, its items, its deletion, or a chain from it
+    for (method, path, auth) in [
+        ("GET", format!("/responses/{id}"), "Bearer sk-other"),
+        ("GET", format!("/responses/{id}/input_items"), "Bearer sk-other"),
+        ("DELETE", format!("/responses/{id}"), "Bearer sk-other"),
+        ("GET", "/responses/resp_nope".to_string(), owner),
+        ("DELETE", "/responses/resp_nope".to_string(), owner),
+    ] {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let response =
+            h.client.request(method.clone(), h.v1(&path)).header("authorization", auth).send().await.unwrap();
+        assert_eq!(response.status(), 404, "{method} {path}");
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["error"]["type"], "invalid_request_error", "{body}");
+        assert_eq!(body["error"]["code"], "response_not_found", "{body}");
+    }
+    let chained = h
+        .client
+        .post(h.v1("/responses"))
+        .header("authorization", "Bearer sk-other")
+        .json(&json!({"model": "mock-model", "input": "hi", "previous_response_id": id}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(chained.status(), 404);
+
+    // And the owner's delete answers OpenAI's deletion object, after which the id is gone
+    let deleted = h
+        .client
+        .delete(h.v1(&format!("/responses/{id}")))
+        .header("authorization", owner)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status(), 200);
+    assert_eq!(
+        deleted.json::<Value>().await.unwrap(),
+        json!({"id": id, "object": "response.deleted", "deleted": true})
+    );
+    assert_eq!(get(format!("/responses/{id}"), owner).await.unwrap().status(), 404);
+    assert_eq!(h.upstream(0).requests().len(), 1);
+}
+
+#[tokio::test]
+async fn store_false_keeps_neither_the_response_nor_a_session() {
+    let h =
+        Harness::builder().upstream(Server::builder().chat(fixtures::completion("Ephemeral."))).start().await;
+    let r = h
+        .client
+        .post(h.v1("/responses"))
+        .header("authorization", AUTH)
+        .json(&json!({"model": "mock-model", "input": "hi", "store": false}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.headers().get("x-ctxgate-session-version").is_none(), "not a session turn");
+    let r: Value = r.json().await.unwrap();
+    assert_eq!(r["store"], false);
+    assert_eq!(r["output"][0]["content"][0]["text"], "Ephemeral.");
+    let id = r["id"].as_str().unwrap();
+    let got =
+        h.client.get(h.v1(&format!("/responses/{id}"))).header("authorization", AUTH).send().await.unwrap();
+    assert_eq!(got.status(), 404);
+    let session =
+        h.client.get(h.v1(&format!("/sessions/{id}"))).header("authorization", AUTH).send().await.unwrap();
+    assert_eq!(session.status(), 404);
+}
+
+#[tokio::test]
+async fn a_stream_cut_short_fails_the_response_and_an_upstream_error_passes_through() {
+    // Given an upstream whose stream stops before its end, then one that refuses a request
+    let cut = vec![Chunk::json(fixtures::content_chunk(0, "par"))];
+    let refused = Reply::json(
+        400,
+        fixtures::error("This model's maximum context length is exceeded.", "invalid_request_error"),
+    );
+    let h = Harness::builder().upstream(Server::builder().stream(cut).reply(refused)).start().await;
+
+    // Then the stream ends with an error event and response.failed, after the text it had
+    let r = h
+        .client
+        .post(h.v1("/responses"))
+        .header("authorization", AUTH)
+        .json(&json!({"model": "mock-model", "input": "hi", "stream": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let events = events(&r.text().await.unwrap());
+    let kinds: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert_eq!(kinds.first(), Some(&"response.created"));
+    assert!(kinds.contains(&"response.output_text.delta"), "{kinds:?}");
+    assert_eq!(&kinds[kinds.len() - 2..], ["error", "response.failed"], "{kinds:?}");
+    let failed = &events.last().unwrap()["response"];
+    assert_eq!(failed["status"], "failed");
+    assert!(failed["error"]["message"].as_str().unwrap().contains("ended before"), "{failed}");
+    // And a failed response is not stored
+    let id = failed["id"].as_str().unwrap();
+    let got =
+        h.client.get(h.v1(&format!("/responses/{id}"))).header("authorization", AUTH).send().await.unwrap();
+    assert_eq!(got.status(), 404);
+
+    // And the upstream's own error reaches the client as it sent it
+    let r = h
+        .client
+        .post(h.v1("/responses"))
+        .header("authorization", AUTH)
+        .json(&json!({"model": "mock-model", "input": "hi"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["message"], "This model's maximum context length is exceeded.");
+}
+
+#[tokio::test]
+async fn an_upstream_with_the_responses_api_gets_the_request_as_sent() {
+    // Given an upstream configured as speaking the Responses API
+    let answer = json!({"id": "resp_upstream", "object": "response", "status": "completed", "output": []});
+    let h = Harness::builder()
+        .upstream(Server::builder().chat(answer.clone()).chat(answer.clone()).chat(answer.clone()))
+        .config(|c| c.upstreams[0].api = Some(ctxgate::config::UpstreamApi::Responses))
+        .start()
+        .await;
+    let body = json!({"model": "mock-model", "input": "hi", "include": ["reasoning.encrypted_content"], "store": false, "future_field": 1});
+    let r = h.client.post(h.v1("/responses")).header("authorization", AUTH).json(&body).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.json::<Value>().await.unwrap(), answer);
+    let recorded = h.upstream(0).requests();
+    assert_eq!(recorded[0].path, "/v1/responses");
+    assert_eq!(recorded[0].json(), body);
+
+    // And a chain the upstream keeps itself (an id the gateway does not hold) goes on as sent,
+    // and its answer is left to the upstream: reading it asks the upstream
+    let chained = json!({"model": "mock-model", "input": "more", "previous_response_id": "resp_upstream"});
+    let r =
+        h.client.post(h.v1("/responses")).header("authorization", AUTH).json(&chained).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let got =
+        h.client.get(h.v1("/responses/resp_upstream")).header("authorization", AUTH).send().await.unwrap();
+    assert_eq!(got.status(), 200);
+    let recorded = h.upstream(0).requests();
+    assert_eq!(recorded[1].json(), chained);
+    assert_eq!(
+        (recorded[2].method.as_str(), recorded[2].path.as_str()),
+        ("GET", "/v1/responses/resp_upstream")
+    );
+}
+
+#[tokio::test]
+async fn unknown_request_fields_reach_a_chat_upstream() {
+    let h = Harness::builder().upstream(Server::builder().chat(fixtures::completion("ok"))).start().await;
+    let body = json!({
+        "model": "mock-model", "input": "hi", "temperature": 0.2, "top_p": 0.9, "top_k": 40, "seed": 7,
+        "text": {"format": {"type": "json_schema", "name": "answer", "schema": {"type": "object"}, "strict": true}},
+        "parallel_tool_calls": false, "user": "u-1",
+    });
+    let r: Value = h
+        .client
+        .post(h.v1("/responses"))
+        .header("authorization", AUTH)
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    // The Response object echoes the request
+    assert_eq!(r["temperature"], 0.2);
+    assert_eq!(r["top_p"], 0.9);
+    assert_eq!(r["text"]["format"]["name"], "answer");
+    assert_eq!(r["parallel_tool_calls"], false);
+    let sent = h.upstream(0).requests()[0].json();
+    assert_eq!(sent["temperature"], 0.2);
+    assert_eq!(sent["top_k"], 40);
+    assert_eq!(sent["seed"], 7);
+    assert_eq!(sent["user"], "u-1");
+    assert_eq!(
+        sent["response_format"],
+        json!({"type": "json_schema", "json_schema": {"name": "answer", "schema": {"type": "object"}, "strict": true}})
+    );
+    // Without tools, chat's tool options are not sent (servers refuse them alone)
+    assert!(sent.get("parallel_tool_calls").is_none(), "{sent}");
+}
+
+#[tokio::test]
+async fn a_chain_forks_from_any_of_its_responses() {
+    // Given a chain r1 → r2
+    let upstream = Server::builder()
+        .chat(fixtures::completion("Blue."))
+        .chat(fixtures::completion("Green."))
+        .chat(fixtures::completion("Red."))
+        .chat(fixtures::completion("Yellow."));
+    let h = Harness::builder().upstream(upstream).start().await;
+    let ask = |input: &'static str, previous: Option<String>| {
+        let mut body = json!({"model": "mock-model", "input": input});
+        if let Some(previous) = previous {
+            body["previous_response_id"] = previous.into();
+        }
+        let request = h.client.post(h.v1("/responses")).header("authorization", AUTH).json(&body);
+        async move {
+            let response: Value = request.send().await.unwrap().json().await.unwrap();
+            response["id"].as_str().unwrap().to_string()
+        }
+    };
+    let r1 = ask("Colour?", None).await;
+    let r2 = ask("Another?", Some(r1.clone())).await;
+
+    // When a response continues from r1 again, and then one from r2
+    ask("A third?", Some(r1.clone())).await;
+    ask("A fourth?", Some(r2)).await;
+
+    // Then each was sent the conversation of the response it names, not the latest one
+    let sent: Vec<Value> = h.upstream(0).requests().iter().map(|r| r.json()["messages"].clone()).collect();
+    assert_eq!(sent[2], json!([user("Colour?"), assistant("Blue."), user("A third?")]));
+    assert_eq!(
+        sent[3],
+        json!([
+            user("Colour?"),
+            assistant("Blue."),
+            user("Another?"),
+            assistant("Green."),
+            user("A fourth?")
+        ])
+    );
+    // And the chain's session counts the forks as history rewrites
+    let session: Value = h
+        .client
+        .get(h.v1(&format!("/sessions/{r1}")))
+        .header("authorization", AUTH)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(session["history_rewrites"], 2, "{session}");
+    assert_eq!(session["messages"], 6, "{session}");
+}
+
+#[tokio::test]
+async fn an_id_the_gateway_does_not_hold_goes_to_a_responses_upstream() {
+    // Given an upstream with the Responses API, which holds responses of its own
+    let theirs = json!({"id": "resp_theirs", "object": "response", "status": "completed", "output": []});
+    let h = Harness::builder()
+        .upstream(Server::builder().chat(theirs.clone()))
+        .config(|c| c.upstreams[0].api = Some(ctxgate::config::UpstreamApi::Responses))
+        .start()
+        .await;
+    let got =
+        h.client.get(h.v1("/responses/resp_theirs")).header("authorization", AUTH).send().await.unwrap();
+    assert_eq!(got.status(), 200);
+    assert_eq!(got.json::<Value>().await.unwrap(), theirs);
+    let recorded = h.upstream(0).requests();
+    assert_eq!(
+        (recorded[0].method.as_str(), recorded[0].path.as_str()),
+        ("GET", "/v1/responses/resp_theirs")
+    );
+}
+
+#[tokio::test]
+async fn the_session_header_names_the_session_a_response_runs_on() {
+    let h = Harness::builder().upstream(Server::builder().chat(fixtures::completion("Noted."))).start().await;
+    let r = h
+        .client
+        .post(h.v1("/responses"))
+        .header("authorization", AUTH)
+        .header("x-session-id", "my-thread")
+        .json(&json!({"model": "mock-model", "input": "Remember this."}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.headers().contains_key("x-ctxgate-session-version"), "a session turn's answer");
+    let transcript = stores::transcript(&h.client, &h.url, "my-thread", AUTH).await;
+    assert_eq!(transcript, [user("Remember this."), assistant("Noted.")]);
+    assert!(!h.upstream(0).requests()[0].headers.contains_key("x-session-id"));
+}
+
+/// A Response object as an upstream with the Responses API answers, saying `text`.
+fn upstream_response(id: &str, text: &str) -> Value {
+    json!({
+        "id": id, "object": "response", "created_at": 1, "status": "completed", "model": "gpt-x",
+        "output": [{"id": format!("msg_{id}"), "type": "message", "role": "assistant", "status": "completed",
+                    "content": [{"type": "output_text", "text": text, "annotations": []}]}],
+        "usage": {"input_tokens": 3, "output_tokens": 1, "total_tokens": 4}
+    })
+}
+
+#[tokio::test]
+async fn the_gateway_keeps_a_chain_on_an_upstream_with_the_responses_api() {
+    // Given an upstream with the Responses API that answers once in JSON, then as a stream
+    let second = upstream_response("resp_up2", "Green.");
+    let stream = vec![
+        Chunk::json(
+            json!({"type": "response.created", "sequence_number": 0, "response": {"id": "resp_up2", "status": "in_progress"}}),
+        ),
+        Chunk::json(json!({"type": "response.output_text.delta", "sequence_number": 1, "delta": "Green."})),
+        Chunk::json(json!({"type": "response.completed", "sequence_number": 2, "response": second})),
+    ];
+    let h = Harness::builder()
+        .upstream(Server::builder().chat(upstream_response("resp_up1", "Blue.")).stream(stream))
+        .config(|c| c.upstreams[0].api = Some(ctxgate::config::UpstreamApi::Responses))
+        .start()
+        .await;
+    let post =
+        |body: Value| h.client.post(h.v1("/responses")).header("authorization", AUTH).json(&body).send();
+
+    // When a chain's first response is answered there, and the second names it
+    let r1 = post(json!({"model": "gpt-x", "input": "Colour?"})).await.unwrap();
+    assert_eq!(r1.json::<Value>().await.unwrap(), upstream_response("resp_up1", "Blue."));
+    let r2 = post(
+        json!({"model": "gpt-x", "input": "Another?", "previous_response_id": "resp_up1", "stream": true}),
+    )
+    .await
+    .unwrap();
+    let events = events(&r2.text().await.unwrap());
+
+    // Then the client got the upstream's events as they were
+    assert_eq!(events.len(), 3);
+    assert_eq!(events[2]["response"], second);
+    // And the upstream was sent the conversation in `input`, not an id it may not hold
+    let sent = h.upstream(0).requests()[1].json();
+    assert!(sent.get("previous_response_id").is_none(), "{sent}");
+    assert_eq!(
+        sent["input"],
+        json!([
+            {"type": "message", "role": "user", "content": "Colour?"},
+            upstream_response("resp_up1", "Blue.")["output"][0],
+            {"type": "message", "role": "user", "content": "Another?"}
+        ])
+    );
+    // And both responses are the gateway's to read, without asking the upstream
+    for (id, object) in [("resp_up1", upstream_response("resp_up1", "Blue.")), ("resp_up2", second)] {
+        let got = h
+            .client
+            .get(h.v1(&format!("/responses/{id}")))
+            .header("authorization", AUTH)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(got.status(), 200, "{id}");
+        assert_eq!(got.json::<Value>().await.unwrap(), object);
+    }
+    assert_eq!(h.upstream(0).requests().len(), 2);
+}
+
+#[tokio::test]
+async fn a_chain_moves_from_a_chat_upstream_to_a_responses_upstream() {
+    // Given model `local` on a chat-only upstream and model `gpt-x` on one with the Responses API
+    let h = Harness::builder()
+        .upstream(Server::builder().chat(fixtures::completion("Blue.")))
+        .upstream(Server::builder().chat(upstream_response("resp_up", "Green.")))
+        .config(|c| {
+            c.upstreams[1].api = Some(ctxgate::config::UpstreamApi::Responses);
+            c.routes = vec![
+                ctxgate::config::RouteConfig { models: vec!["local".into()], upstreams: vec!["u0".into()] },
+                ctxgate::config::RouteConfig { models: vec!["gpt-x".into()], upstreams: vec!["u1".into()] },
+            ];
+        })
+        .start()
+        .await;
+    let post =
+        |body: Value| h.client.post(h.v1("/responses")).header("authorization", AUTH).json(&body).send();
+    let r1: Value = post(json!({"model": "local", "input": "Colour?"})).await.unwrap().json().await.unwrap();
+
+    // When the chain continues on the other model
+    let r2 =
+        post(json!({"model": "gpt-x", "input": "Another?", "previous_response_id": r1["id"]})).await.unwrap();
+    assert_eq!(r2.status(), 200);
+
+    // Then the Responses upstream was sent the whole conversation as items
+    assert_eq!(h.upstream(0).requests()[0].path, "/v1/chat/completions");
+    let sent = h.upstream(1).requests()[0].json();
+    assert_eq!(h.upstream(1).requests()[0].path, "/v1/responses");
+    let input = sent["input"].as_array().unwrap();
+    assert_eq!(input.len(), 3, "{sent}");
+    assert_eq!(input[0], json!({"type": "message", "role": "user", "content": "Colour?"}));
+    assert_eq!((input[1]["type"].as_str(), input[1]["role"].as_str()), (Some("message"), Some("assistant")));
+    assert_eq!(input[1]["content"][0]["text"], "Blue.");
+    assert_eq!(input[2], json!({"type": "message", "role": "user", "content": "Another?"}));
+}
+
+#[tokio::test]
+async fn a_chain_keeps_its_pool_endpoint_as_its_session_does() {
+    // Given a pool of three endpoints with affinity
+    let mut builder = Harness::builder();
+    for _ in 0..3 {
+        builder = builder.upstream(Server::builder());
+    }
+    let h = builder
+        .config(|c| {
+            let endpoints = c.upstreams.iter().map(|u| u.base_url.clone()).collect();
+            let pool = ctxgate::config::PoolConfig { endpoints, affinity: true, ..Default::default() };
+            c.upstreams = vec![ctxgate::config::UpstreamConfig {
+                name: "pool".into(),
+                pool: Some(pool),
+                ..ctxgate::config::UpstreamConfig::default()
+            }];
+            c.routes.clear();
+        })
+        .start()
+        .await;
+
+    // When chains take three turns, the first with instructions and the others without (the
+    // prefix they send changes; the session they run on does not)
+    for chain in 0..12 {
+        let mut previous: Option<String> = None;
+        let mut home: Option<String> = None;
+        for turn in 0..3 {
+            let mut body = json!({"model": "mock-model", "input": format!("chain {chain} turn {turn}")});
+            if turn == 0 {
+                body["instructions"] = json!(format!("You are assistant {chain}."));
+            }
+            if let Some(id) = &previous {
+                body["previous_response_id"] = json!(id);
+            }
+            let r = h
+                .client
+                .post(h.v1("/responses"))
+                .header("authorization", AUTH)
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+            let endpoint = r.headers()["x-ctxgate-upstream-endpoint"].to_str().unwrap().to_string();
+            // Then every turn of a chain lands where its first did
+            assert_eq!(
+                home.get_or_insert_with(|| endpoint.clone()),
+                &endpoint,
+                "chain {chain} moved at turn {turn}"
+            );
+            let r: Value = r.json().await.unwrap();
+            previous = r["id"].as_str().map(str::to_string);
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_chains_session_applies_its_goal_lock_with_a_byte_stable_prefix() {
+    let h = Harness::builder().start().await;
+    let post =
+        |body: Value| h.client.post(h.v1("/responses")).header("authorization", AUTH).json(&body).send();
+    let turn = |input: &str, previous: &str| json!({"model": "mock-model", "instructions": "Be terse.", "input": input, "previous_response_id": previous});
+    let r1: Value = post(json!({"model": "mock-model", "instructions": "Be terse.", "input": "a"}))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = r1["id"].as_str().unwrap();
+
+    // When the goal of the chain's session is locked
+    let locked = h
+        .client
+        .put(h.v1(&format!("/sessions/{id}/goal")))
+        .header("authorization", AUTH)
+        .json(&json!({"goal": "Ship the parser"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(locked.status(), 200);
+
+    // Then the chain's next turns carry it right after the instructions, in the same bytes,
+    // behind a prefix that does not change from one turn to the next
+    let r2: Value = post(turn("b", id)).await.unwrap().json().await.unwrap();
+    let r3 = post(turn("c", r2["id"].as_str().unwrap())).await.unwrap();
+    assert_eq!(r3.status(), 200);
+    let raw = |i: usize| -> Vec<String> {
+        #[derive(serde::Deserialize)]
+        struct Body {
+            messages: Vec<Box<serde_json::value::RawValue>>,
+        }
+        let body: Body = serde_json::from_slice(&h.upstream(0).requests()[i].body).unwrap();
+        body.messages.iter().map(|m| m.get().to_string()).collect()
+    };
+    let (second, third) = (raw(1), raw(2));
+    assert!(second[1].contains("Ship the parser"), "{second:?}");
+    assert_eq!(second[..], third[..second.len()], "the prefix sent is byte-stable");
+
+    // And a turn that changes the instructions under the lock is refused, as for any session
+    let changed = json!({"model": "mock-model", "instructions": "Be verbose.", "input": "d", "previous_response_id": id});
+    let refused = post(changed).await.unwrap();
+    assert_eq!(refused.status(), 409);
+    assert_eq!(refused.json::<Value>().await.unwrap()["error"]["code"], "goal_locked");
+}
+
+#[tokio::test]
+async fn a_long_agent_chain_is_compressed_in_epochs_behind_a_stable_prefix() {
+    // Given compression with a window the chain outgrows, and a model that calls `run` each turn
+    const TURNS: usize = 30;
+    const WINDOW: u64 = 10_000;
+    let mut upstream = Server::builder();
+    for n in 0..TURNS {
+        let mut completion = weather_call(&format!("call_{n}"));
+        completion["choices"][0]["message"]["tool_calls"][0]["function"] =
+            json!({"name": "run", "arguments": format!("{{\"n\":{n}}}")});
+        upstream = upstream.chat(completion);
+    }
+    let h = Harness::builder()
+        .upstream(upstream)
+        .config(|c| {
+            c.compression.policy.mode = ctxgate::config::CompressionMode::Rules;
+            c.compression.policy.context_window = WINDOW;
+            c.compression.policy.keep_recent_turns = 2;
+        })
+        .start()
+        .await;
+    let tools = json!([{"type": "function", "name": "run", "parameters": {"type": "object", "properties": {"n": {"type": "integer"}}}}]);
+
+    // When an agent answers each call with a long, coloured tool output, chained by id
+    let mut previous: Option<String> = None;
+    for n in 0..TURNS {
+        let input = match n {
+            0 => json!("Fix the build."),
+            _ => {
+                let output: String = (0..60)
+                    .map(|l| format!("\u{1b}[32mok\u{1b}[0m   step {n} line {l}:    value {}\n", l * n))
+                    .collect();
+                json!([{"type": "function_call_output", "call_id": format!("call_{}", n - 1), "output": output}])
+            }
+        };
+        let mut body = json!({"model": "mock-model", "instructions": "You are an agent.", "input": input, "tools": tools});
+        if let Some(id) = &previous {
+            body["previous_response_id"] = json!(id);
+        }
+        let r =
+            h.client.post(h.v1("/responses")).header("authorization", AUTH).json(&body).send().await.unwrap();
+        assert_eq!(r.status(), 200, "turn {n}");
+        let after: u64 = r.headers()["x-ctxgate-tokens-after"].to_str().unwrap().parse().unwrap();
+        assert!(after <= WINDOW, "turn {n}: {after} tokens");
+        let r: Value = r.json().await.unwrap();
+        assert_eq!(r["output"][0]["call_id"], format!("call_{n}"));
+        previous = r["id"].as_str().map(str::to_string);
+    }
+
+    // Then the chain compacted, and every turn but an epoch's extended the bytes sent before
+    let requests: Vec<Vec<String>> = h
+        .upstream(0)
+        .requests()
+        .iter()
+        .map(|r| r.json()["messages"].as_array().unwrap().iter().map(Value::to_string).collect())
+        .collect();
+    let breaks = requests.windows(2).filter(|w| !w[1].starts_with(&w[0])).count();
+    let epochs = h.metric(r#"ctxgate_compression_epochs_total{model="other",stage="rules"}"#).await;
+    eprintln!("{TURNS} turns: {epochs} compaction epochs, {breaks} prefix breaks");
+    assert!(epochs >= 1.0, "the chain never compacted");
+    assert!(breaks as f64 <= epochs, "{breaks} prefix breaks but {epochs} epochs");
+    // And the tool outputs lost their colours on the way
+    assert!(!requests.last().unwrap().iter().any(|m| m.contains('\u{1b}')));
+}
+
+#[tokio::test]
+async fn gateway_tools_run_inside_a_streamed_response() {
+    // Given a gateway tool `lookup`, and a model that calls it (streamed) and then answers
+    let tools = support::tool_server::ToolServer::start().await;
+    let mut call: Vec<Chunk> =
+        fixtures::tool_call_completion_chunks("lookup", 1).into_iter().map(Chunk::json).collect();
+    call.push(Chunk::done());
+    let url = tools.url("/lookup");
+    let h = Harness::builder()
+        .upstream(Server::builder().stream(call).stream(chunks(&["Found ", "it."], None)))
+        .config(move |c| {
+            c.tools = vec![ctxgate::config::ToolConfig {
+                name: "lookup".into(),
+                description: "Looks things up.".into(),
+                parameters: json!({"type": "object", "properties": {"q": {"type": "string"}}}),
+                inject: false,
+                timeout: std::time::Duration::from_secs(10),
+                retries: 0,
+                max_concurrency: 4,
+                run_as_task: false,
+                http: Some(ctxgate::config::HttpBackend {
+                    url,
+                    method: "POST".into(),
+                    headers: Default::default(),
+                    headers_env: Default::default(),
+                }),
+                mcp: None,
+            }];
+        })
+        .start()
+        .await;
+
+    // When a streamed Responses request offers the tool
+    let body = json!({"model": "mock-model", "input": "Find it.", "stream": true,
+                      "tools": [{"type": "function", "name": "lookup", "parameters": {"type": "object"}}]});
+    let r = create(&h.client, &h.url, body).await;
+    assert_eq!(r.status(), 200);
+    let events = events(&r.text().await.unwrap());
+
+    // Then the gateway ran it between two model calls, and the client saw only the answer
+    assert_eq!(tools.hits().len(), 1);
+    let kinds: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert!(!kinds.iter().any(|k| k.contains("function_call")), "{kinds:?}");
+    let done = events.last().unwrap();
+    assert_eq!(done["type"], "response.completed", "{kinds:?}");
+    assert_eq!(done["response"]["output"].as_array().unwrap().len(), 1);
+    assert_eq!(done["response"]["output"][0]["content"][0]["text"], "Found it.");
+    let second = h.upstream(0).requests()[1].json();
+    assert_eq!(second["messages"].as_array().unwrap().last().unwrap()["role"], "tool");
+}
+
+/// A completion whose message calls `get_weather` and `get_time` for `city`.
+fn two_calls(city: &str) -> Value {
+    let mut completion = fixtures::completion("");
+    let args = json!({"city": city}).to_string();
+    completion["choices"][0]["message"] = json!({"role": "assistant", "content": null, "tool_calls": [
+        {"id": format!("call_w_{city}"), "type": "function", "function": {"name": "get_weather", "arguments": args}},
+        {"id": format!("call_t_{city}"), "type": "function", "function": {"name": "get_time", "arguments": args}}
+    ]});
+    completion["choices"][0]["finish_reason"] = "tool_calls".into();
+    completion
+}
+
+/// [`two_calls`] streamed: each call's first chunk with its id and name, then its arguments.
+fn two_calls_streamed(city: &str) -> Vec<Chunk> {
+    let args = json!({"city": city}).to_string();
+    let mut chunks = Vec::new();
+    for (i, (id, name)) in
+        [(format!("call_w_{city}"), "get_weather"), (format!("call_t_{city}"), "get_time")].iter().enumerate()
+    {
+        let start =
+            json!({"index": i, "id": id, "type": "function", "function": {"name": name, "arguments": ""}});
+        let rest = json!({"index": i, "function": {"arguments": args}});
+        for call in [start, rest] {
+            chunks.push(Chunk::json(json!({"object": "chat.completion.chunk", "model": "mock-model",
+                "choices": [{"index": 0, "delta": {"tool_calls": [call]}, "finish_reason": null}]})));
+        }
+    }
+    chunks.push(Chunk::json(fixtures::finish_chunk("tool_calls")));
+    chunks.push(Chunk::done());
+    chunks
+}
+
+#[tokio::test]
+async fn an_openai_agents_sdk_agent_runs_its_tools_over_a_chat_only_upstream() {
+    // Given a Chat-Completions upstream scripted for two agent runs (plain, then streamed), each
+    // asking for both tools and then answering
+    let upstream = Server::builder()
+        .chat(two_calls("Paris"))
+        .chat(fixtures::completion("Sunny, and noon, in Paris."))
+        .stream(two_calls_streamed("Tokyo"))
+        .stream(chunks(&["Sunny and ", "noon in Tokyo."], None));
+    let h = Harness::builder().upstream(upstream).start().await;
+
+    // When the Agents SDK runs its agent through the gateway, in its default Responses mode
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/e2e/responses_agents.py");
+    let python = support::python::python();
+    let output = tokio::process::Command::new(python).arg(script).arg(h.v1("")).output().await.unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "the agent failed:\n{stderr}");
+    let seen: Value = serde_json::from_slice(&output.stdout).unwrap();
+
+    // Then it called both tools on each run and finished with the model's answers
+    assert_eq!(seen["final"], "Sunny, and noon, in Paris.");
+    assert_eq!(seen["streamed_final"], "Sunny and noon in Tokyo.");
+    assert_eq!(
+        seen["calls"],
+        json!([
+            ["get_weather", "Paris"],
+            ["get_time", "Paris"],
+            ["get_weather", "Tokyo"],
+            ["get_time", "Tokyo"]
+        ])
+    );
+    let kinds = seen["raw_event_kinds"].as_array().unwrap();
+    for kind in ["response.completed", "response.function_call_arguments.delta", "response.output_text.delta"]
+    {
+        assert!(kinds.contains(&json!(kind)), "{kind} in {kinds:?}");
+    }
+
+    // And the upstream was sent chat requests carrying the tools' results
+    let recorded = h.upstream(0).requests();
+    assert_eq!(recorded.len(), 4);
+    assert!(recorded.iter().all(|r| r.path == "/v1/chat/completions"));
+    for (i, city) in [(1, "Paris"), (3, "Tokyo")] {
+        let messages = recorded[i].json()["messages"].as_array().unwrap().clone();
+        let results: Vec<(&str, &str)> = messages
+            .iter()
+            .filter(|m| m["role"] == "tool")
+            .map(|m| (m["tool_call_id"].as_str().unwrap(), m["content"].as_str().unwrap()))
+            .collect();
+        let (weather, time) = (format!("call_w_{city}"), format!("call_t_{city}"));
+        let (sunny, noon) = (format!("sunny in {city}"), format!("noon in {city}"));
+        assert!(results.contains(&(weather.as_str(), sunny.as_str())), "{results:?}");
+        assert!(results.contains(&(time.as_str(), noon.as_str())), "{results:?}");
+        assert_eq!(messages[0], json!({"role": "system", "content": "Answer with the tools."}));
+    }
+}
+
+#[tokio::test]
+async fn a_long_chain_is_rebuilt_whole_across_its_snapshots_and_past_a_deleted_response() {
+    // Given a chain of 40 responses (its records hold their own part, every 16th the whole)
+    let h = Harness::builder().start().await;
+    let post =
+        |body: Value| h.client.post(h.v1("/responses")).header("authorization", AUTH).json(&body).send();
+    let mut ids: Vec<String> = Vec::new();
+    for n in 0..40 {
+        let mut body = json!({"model": "mock-model", "input": format!("turn {n}")});
+        if let Some(previous) = ids.last() {
+            body["previous_response_id"] = json!(previous);
+        }
+        let r: Value = post(body).await.unwrap().json().await.unwrap();
+        ids.push(r["id"].as_str().unwrap().to_string());
+    }
+    // When a response in the middle is deleted, and the chain continues from its last response
+    // and forks from one past the first snapshot
+    let deleted = h
+        .client
+        .delete(h.v1(&format!("/responses/{}", ids[20])))
+        .header("authorization", AUTH)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status(), 200);
+    assert_eq!(
+        post(json!({"model": "mock-model", "input": "last", "previous_response_id": ids[39]}))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        post(json!({"model": "mock-model", "input": "fork", "previous_response_id": ids[17]}))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+
+    // Then each was sent its whole conversation, in order
+    let expected = |turns: usize, last: &str| -> Vec<Value> {
+        let mut messages: Vec<Value> = (0..turns)
+            .flat_map(|n| [user(&format!("turn {n}")), assistant("Hello from mock-upstream.")])
+            .collect();
+        messages.push(user(last));
+        messages
+    };
+    let recorded = h.upstream(0).requests();
+    assert_eq!(recorded.len(), 42);
+    let sent = |i: usize| -> Vec<Value> { recorded[i].json()["messages"].as_array().unwrap().clone() };
+    assert_eq!(sent(40), expected(40, "last"));
+    assert_eq!(sent(41), expected(18, "fork"));
+    // And the deleted response itself is gone
+    let got = h
+        .client
+        .get(h.v1(&format!("/responses/{}", ids[20])))
+        .header("authorization", AUTH)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(got.status(), 404);
+}
+
+#[tokio::test]
+async fn a_chain_outlives_the_ttl_of_its_first_response() {
+    // Given a short TTL, and a chain whose second response comes after half of it
+    const TTL: std::time::Duration = std::time::Duration::from_secs(4);
+    let h = Harness::builder().config(|c| c.sessions.ttl = TTL).start().await;
+    let post =
+        |body: Value| h.client.post(h.v1("/responses")).header("authorization", AUTH).json(&body).send();
+    let started = tokio::time::Instant::now();
+    let r0: Value =
+        post(json!({"model": "mock-model", "input": "zero"})).await.unwrap().json().await.unwrap();
+    let id = |r: &Value| r["id"].as_str().unwrap().to_string();
+    // (time passing is what this test is about: the TTL runs on the wall clock)
+    tokio::time::sleep_until(started + TTL / 2 + std::time::Duration::from_millis(200)).await;
+    let r1: Value = post(json!({"model": "mock-model", "input": "one", "previous_response_id": id(&r0)}))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let r2: Value = post(json!({"model": "mock-model", "input": "two", "previous_response_id": id(&r1)}))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+
+    // When the first response has expired
+    let deadline = started + TTL * 2;
+    loop {
+        let got = h
+            .client
+            .get(h.v1(&format!("/responses/{}", id(&r0))))
+            .header("authorization", AUTH)
+            .send()
+            .await
+            .unwrap();
+        if got.status() == 404 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the first response never expired");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+
+    // Then the chain still continues from its latest response, with its whole conversation
+    let r3 = post(json!({"model": "mock-model", "input": "three", "previous_response_id": id(&r2)}))
+        .await
+        .unwrap();
+    assert_eq!(r3.status(), 200);
+    let sent = h.upstream(0).requests().last().unwrap().json();
+    let reply = assistant("Hello from mock-upstream.");
+    assert_eq!(
+        sent["messages"],
+        json!([user("zero"), reply, user("one"), reply, user("two"), reply, user("three")])
+    );
+}
