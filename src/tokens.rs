@@ -25,6 +25,9 @@ pub enum Encoding {
 const PER_MESSAGE: u32 = 4;
 /// Below this many bytes of messages, counting on other threads costs more than it saves.
 pub(crate) const PARALLEL_BYTES: usize = 64 * 1024;
+/// A text over twice this long is counted in pieces of about this size on every core: one large
+/// tool output would otherwise keep a first-seen conversation's count on a single thread.
+const PIECE_BYTES: usize = 16 * 1024;
 /// Entries kept per generation; two generations bound the cache at twice this.
 const GENERATION: usize = 200_000;
 
@@ -89,7 +92,14 @@ impl TokenCounter {
     /// Tokens of a text.
     pub fn text(&self, text: &str) -> u32 {
         match &self.vocabulary {
-            Vocabulary::Tiktoken(encoding) => Self::bpe(*encoding).count(text) as u32,
+            Vocabulary::Tiktoken(encoding) => {
+                let bpe = Self::bpe(*encoding);
+                if text.len() < 2 * PIECE_BYTES {
+                    return bpe.count(text) as u32;
+                }
+                use rayon::prelude::*;
+                pieces(text, PIECE_BYTES).par_iter().map(|piece| bpe.count(piece)).sum::<usize>() as u32
+            }
             // A text the tokenizer refuses is counted at a byte per token: never under.
             Vocabulary::Model(tokenizer) => {
                 tokenizer.encode_fast(text, false).map_or(text.len(), |e| e.len()) as u32
@@ -122,6 +132,28 @@ impl TokenCounter {
     fn cached(&self, json: &str, kind: u64, count: impl FnOnce(&str) -> u32) -> u32 {
         self.cache.get_or(json, kind, || count(json), |_| 0)
     }
+}
+
+/// `text` cut into pieces of at least `size` bytes (the last may be shorter) where a line starts
+/// with an ASCII letter or digit. Tiktoken's pre-tokenisers (o200k and cl100k) never put a newline
+/// and a following letter or digit in one piece, and none of their patterns looks behind, so the
+/// pieces' counts add up to the text's count exactly.
+fn pieces(text: &str, size: usize) -> Vec<&str> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(text.len() / size + 1);
+    let mut start = 0;
+    while text.len() - start >= 2 * size {
+        let from = start + size;
+        let Some(at) = bytes[from..].windows(2).position(|w| w[0] == b'\n' && w[1].is_ascii_alphanumeric())
+        else {
+            break;
+        };
+        let cut = from + at + 1;
+        out.push(&text[start..cut]);
+        start = cut;
+    }
+    out.push(&text[start..]);
+    out
 }
 
 #[cfg(test)]
@@ -168,6 +200,58 @@ mod tests {
             }
             let all = texts.concat();
             assert_eq!(counter.text(&all), reference.encode_ordinary(&all).len() as u32, "{encoding:?}: all");
+        }
+    }
+
+    /// Lines of every kind joined by every kind of line end, so that cuts fall after code,
+    /// punctuation, spaces, CRLF and blank lines, before letters, digits and paths.
+    fn mixed_text(bytes: usize) -> String {
+        let lines = [
+            "fn main() {",
+            "    let x = vec![1, 2, 3];",
+            "}",
+            "2026-12-06T04:21:48Z INFO started",
+            "\u{1b}[32mok\u{1b}[0m test tokens::counts ... ok",
+            "It's the user's job; they'll see.",
+            "/usr/lib/x86_64-linux-gnu/libc.so.6",
+            "12345678 bytes",
+            "中文文本，日本語のテキスト",
+            "emoji 🎉🚀 👩‍💻",
+            "HTTPServer XMLHttpRequest",
+            "s the end",
+            "'s quoted",
+            "-- dashes --",
+            "\t\ttabbed",
+            "   indented   ",
+            "Ünïcödé àccents",
+        ];
+        let ends = ["\n", "\n\n", " \n", "\r\n", ";\n", ":\n/", "\n  ", "\n\t", ".\n"];
+        let (mut text, mut i, mut j) = (String::new(), 0usize, 0usize);
+        while text.len() < bytes {
+            text.push_str(lines[i % lines.len()]);
+            text.push_str(ends[j % ends.len()]);
+            i = (i * 7 + 3) % 9973;
+            j = (j * 5 + 1) % 9967;
+        }
+        text
+    }
+
+    #[test]
+    fn a_long_text_counted_in_pieces_counts_as_a_whole() {
+        let text = mixed_text(8 * PIECE_BYTES);
+        assert!(pieces(&text, PIECE_BYTES).len() >= 3, "the text must be counted in pieces");
+        assert_eq!(pieces(&text, 64).concat(), text);
+        for (encoding, reference) in [
+            (Encoding::O200kBase, tiktoken_rs::o200k_base_singleton()),
+            (Encoding::Cl100kBase, tiktoken_rs::cl100k_base_singleton()),
+        ] {
+            let want = reference.encode_ordinary(&text).len();
+            assert_eq!(TokenCounter::new(encoding).text(&text) as usize, want, "{encoding:?}");
+            // Small pieces put a cut after almost every line end the text has.
+            let bpe = TokenCounter::bpe(encoding);
+            let small = pieces(&text, 64);
+            assert!(small.len() > 500, "{} pieces", small.len());
+            assert_eq!(small.iter().map(|p| bpe.count(p)).sum::<usize>(), want, "{encoding:?}, small pieces");
         }
     }
 
