@@ -415,6 +415,9 @@ async fn store_false_keeps_neither_the_response_nor_a_session() {
     let r: Value = r.json().await.unwrap();
     assert_eq!(r["store"], false);
     assert_eq!(r["output"][0]["content"][0]["text"], "Ephemeral.");
+    // The gateway's own time on the turn is measured as on chat's route.
+    let overhead = r#"ctxgate_gateway_overhead_seconds_count{route="responses"}"#;
+    assert_eq!(h.metric(overhead).await, 1.0);
     let id = r["id"].as_str().unwrap();
     let got =
         h.client.get(h.v1(&format!("/responses/{id}"))).header("authorization", AUTH).send().await.unwrap();

@@ -101,6 +101,8 @@ pub(super) async fn create(
         response.headers_mut().insert(name.clone(), value.clone());
     }
     *response.status_mut() = head.status;
+    // What the layers above read off the answer (the upstream wait for the overhead metric).
+    *response.extensions_mut() = head.extensions;
     Ok(response)
 }
 
