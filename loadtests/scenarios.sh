@@ -7,7 +7,9 @@
 #
 # Scenarios: plain (non-streamed chat), stream (TTFB), sessions (multi-turn, X-Session-Id on
 # Redis), compression (rules on long conversations), tools (gateway tool fan-out), ratelimit
-# (a gateway key over its requests_per_minute).
+# (a gateway key over its requests_per_minute), responses (a Responses turn next to the same turn
+# as Chat Completions, both through ctxgate to the chat-only mock, and direct), chain
+# (previous_response_id chains of CHAIN_TURNS turns on Redis).
 # For each: a fresh mock-upstream, redis-server when the scenario needs it (own ephemeral port,
 # own temp dir), and ctxgate with the scenario's config; k6 against the mock directly (where a
 # direct run means something), then through ctxgate, with ctxgate's /metrics scraped before and
@@ -16,7 +18,7 @@
 # (gitignored).
 #
 # Knobs (environment): RATE (100), DURATION (20s), SKIP_BUILD=1, KEEP_WORK=1, TAG=name,
-# P99_MS (250: p99 threshold of each scenario's main latency metric), TURNS (8),
+# P99_MS (250: p99 threshold of each scenario's main latency metric), TURNS (8), CHAIN_TURNS (50),
 # TOOL_CALLS (4), LIMIT_RPM (1200), LIMIT_BURST (20), LIMIT_RATE (offered rate for ratelimit,
 # default 2 x the limit), LIMIT_DURATION (30s), RL_TOLERANCE (0.05: allowed deviation of the
 # admitted count), RL_STORE (local: the [rate_limits] store; redis: a redis-server of its own),
@@ -29,7 +31,7 @@ ROOT=$(cd "$HERE/.." && pwd)
 START_TS=$(date +%s)
 # shellcheck source-path=SCRIPTDIR source=lib.sh
 source "$HERE/lib.sh"
-ALL_SCENARIOS="plain stream sessions compression tools ratelimit"
+ALL_SCENARIOS="plain stream sessions compression tools ratelimit responses chain"
 
 QUICK=${QUICK:-0}
 if [[ $QUICK == 1 ]]; then
@@ -49,6 +51,7 @@ else
 fi
 P99_MS=${P99_MS:-250}
 TURNS=${TURNS:-8}
+CHAIN_TURNS=${CHAIN_TURNS:-50}
 TOOL_CALLS=${TOOL_CALLS:-4}
 LIMIT_BURST=${LIMIT_BURST:-20}
 LIMIT_RATE=${LIMIT_RATE:-$(( LIMIT_RPM * 2 / 60 ))}
@@ -179,14 +182,14 @@ measure() {
     d_json="$RAW_PREFIX-$id-direct.json" d_rc=$K6_RC d_load=$(load1)
     sleep 1
   fi
-  scrape "$CUR/metrics-before.txt"
+  scrape "$CUR/metrics-$id-before.txt"
   log "$id: VIA GATEWAY $rate/s $duration"
   k6_run "$script" "$GW_URL" "$RAW_PREFIX-$id-gateway.json" "$CUR/k6-gateway.log" "${common[@]}" -e GATEWAY=1
   local g_rc=$K6_RC g_load; g_load=$(load1)
-  scrape "$CUR/metrics-after.txt"
+  scrape "$CUR/metrics-$id-after.txt"
   printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$id" "$rate" "$duration" \
     "$d_json" "$d_rc" "$RAW_PREFIX-$id-gateway.json" "$g_rc" \
-    "$CUR/metrics-before.txt" "$CUR/metrics-after.txt" "$d_load" "$g_load" "${EXTRA:-}" "$CUR/ctxgate.log" >>"$WORK/cases.tsv"
+    "$CUR/metrics-$id-before.txt" "$CUR/metrics-$id-after.txt" "$d_load" "$g_load" "${EXTRA:-}" "$CUR/ctxgate.log" >>"$WORK/cases.tsv"
   EXTRA=""
 }
 
@@ -284,6 +287,24 @@ EOF
     -e "API_KEY=$key" -e "LIMIT_RPM=$LIMIT_RPM" -e "BURST=$LIMIT_BURST" -e "TOLERANCE=$RL_TOLERANCE"
 }
 
+scenario_responses() {
+  start_mock
+  base_config "embedded:$CUR/ctxgate.redb" >"$CUR/ctxgate.toml"
+  start_gateway
+  # Two rows from one gateway: the turn as Chat Completions, then as Responses; each with its own
+  # direct run (the same chat turn to the mock), so the two "added" columns share a baseline.
+  measure responses-chat "$HERE/scenarios/responses.js" 1 "$RATE" "$DURATION" -e API=chat
+  measure responses "$HERE/scenarios/responses.js" 1 "$RATE" "$DURATION" -e API=responses
+}
+
+scenario_chain() {
+  start_mock
+  start_redis
+  base_config "$REDIS_URL" >"$CUR/ctxgate.toml"
+  start_gateway
+  measure chain "$HERE/scenarios/responses.js" 0 "$RATE" "$DURATION" -e API=chain -e "TURNS=$CHAIN_TURNS"
+}
+
 # --- runs ------------------------------------------------------------------------------------------------
 mkdir -p "$RESULTS"
 : >"$WORK/cases.tsv"
@@ -301,7 +322,7 @@ LOAD_END=$(cut -d' ' -f1-3 /proc/loadavg)
 GIT_REV=$(git_rev)
 
 export_run_facts
-LT_P99_MS=$P99_MS LT_TURNS=$TURNS LT_TOOL_CALLS=$TOOL_CALLS \
+LT_P99_MS=$P99_MS LT_TURNS=$TURNS LT_CHAIN_TURNS=$CHAIN_TURNS LT_TOOL_CALLS=$TOOL_CALLS \
   python3 "$HERE/scenarios_report.py" "$WORK" >"$REPORT"
 
 show_report

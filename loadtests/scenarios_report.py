@@ -30,6 +30,8 @@ MAIN_METRIC = {
     'tools': [('turn_duration', 'whole turn')],
     'ratelimit': [('admitted_duration', 'duration of 200s')],
 }
+# The route label of ctxgate's overhead histogram each scenario is read from.
+ROUTE = {'responses': 'responses', 'chain': 'responses'}
 WHAT = {
     'plain': 'non-streamed chat, ~1.5 KB prompt',
     'stream': 'streamed chat (8 chunks + usage)',
@@ -37,6 +39,10 @@ WHAT = {
     'compression': 'rules compaction of long agent conversations (tokens below), window 4096',
     'tools': 'gateway tool loop, {calls} parallel HTTP tool calls a turn',
     'ratelimit': 'a gateway key over its requests_per_minute',
+    'responses-chat': 'one chat turn (~1 KB prompt), Chat Completions through ctxgate',
+    'responses': 'the same turn as `POST /v1/responses` (store: false), translated for the chat-only mock; '
+                 'direct = the chat turn',
+    'chain': '`previous_response_id` chains on Redis (store: true), {chain_turns} turns a chain',
 }
 
 
@@ -112,8 +118,9 @@ def main():
     for c in cases:
         c['d'] = load_json(c['d_json']) if c['d_json'] else None
         c['g'] = load_json(c['g_json'])
-        h = diff(buckets(c['m_after'], 'ctxgate_gateway_overhead_seconds'),
-                 buckets(c['m_before'], 'ctxgate_gateway_overhead_seconds'))
+        route = ROUTE.get(c['id'], 'chat_completions')
+        h = diff(buckets(c['m_after'], 'ctxgate_gateway_overhead_seconds', route),
+                 buckets(c['m_before'], 'ctxgate_gateway_overhead_seconds', route))
         c['ovh_n'] = int(h.get(float('inf'), 0))
         c['ovh_p50'], c['ovh_p99'] = quantile(0.50, h), quantile(0.99, h)
         c['before'], c['after'] = samples(c['m_before']), samples(c['m_after'])
@@ -135,7 +142,8 @@ def main():
       'and then through ctxgate, back to back, at the same constant arrival rate.')
     w('- Latencies in ms. "Added" = gateway percentile minus direct percentile (a difference of '
       'percentiles). "ctxgate overhead" = p50/p99 of ctxgate\'s own '
-      '`ctxgate_gateway_overhead_seconds{route="chat_completions"}` (time to response headers minus '
+      '`ctxgate_gateway_overhead_seconds{route="chat_completions"}` (`route="responses"` for the '
+      'responses and chain rows; time to response headers minus '
       'time waiting on the upstream), from the bucket counts added during the gateway run only; '
       'bucket resolution (10µs, 25µs, 50µs, 100µs, 250µs, 500µs, 1ms, 2.5ms, 5ms, …), '
       'interpolated inside a bucket.')
@@ -147,7 +155,8 @@ def main():
       'Errors (direct / gateway) | k6 thresholds (direct / gateway) | Load avg (direct / gateway) |')
     w('|---|---|---|---|---|---|---|---|---|---|---|')
     for c in cases:
-        what = WHAT.get(c['id'], '').format(turns=env('LT_TURNS'), calls=env('LT_TOOL_CALLS'))
+        what = WHAT.get(c['id'], '').format(turns=env('LT_TURNS'), calls=env('LT_TOOL_CALLS'),
+                                            chain_turns=env('LT_CHAIN_TURNS'))
         d_rate = metric(c['d'], 'http_reqs', 'rate')
         g_rate = metric(c['g'], 'http_reqs', 'rate')
         iters = lambda s: metric(s, 'iterations', 'rate')  # noqa: E731
@@ -181,9 +190,10 @@ def main():
     w('')
     for c in cases:
         b, a, g = c['before'], c['after'], c['g']
-        statuses = by_label(b, a, 'ctxgate_requests_total', 'status', route='chat_completions')
+        route = ROUTE.get(c['id'], 'chat_completions')
+        statuses = by_label(b, a, 'ctxgate_requests_total', 'status', route=route)
         status_text = ', '.join(f'{k}: {v:g}' for k, v in statuses.items() if v) or 'none'
-        w(f"**{c['id']}** (gateway run: ctxgate `requests_total{{route=\"chat_completions\"}}` by status {status_text}"
+        w(f"**{c['id']}** (gateway run: ctxgate `requests_total{{route=\"{route}\"}}` by status {status_text}"
           + (f"; ctxgate errors: {', '.join(f'{k} {v:g}' for k, v in by_label(b, a, 'ctxgate_errors_total', 'kind').items() if v)}"
              if any(by_label(b, a, 'ctxgate_errors_total', 'kind').values()) else '') + ')')
         w('')
@@ -196,6 +206,13 @@ def main():
             w(f"- {started:.0f} sessions started, {metric(g, 'http_reqs', 'count') or 0:.0f} turns; session "
               f"commits {', '.join(f'{k} {v:g}' for k, v in commits.items()) or 'none'}; busy (409) {busy:g}; "
               f"history rewrites {rewrites:g}; store errors {store_err:g}.")
+        elif c['id'] == 'chain':
+            commits = by_label(b, a, 'ctxgate_session_commits_total', 'outcome')
+            store_err = counter_delta(b, a, 'ctxgate_session_store_errors_total')
+            started = metric(g, 'chains_started', 'count') or 0
+            w(f"- {started:.0f} chains started, {metric(g, 'http_reqs', 'count') or 0:.0f} turns; session "
+              f"commits {', '.join(f'{k} {v:g}' for k, v in commits.items()) or 'none'}; store errors {store_err:g}. "
+              'Each turn loads its chain from Redis and commits the new response before answering.')
         elif c['id'] == 'compression':
             stages = by_label(b, a, 'ctxgate_compression_requests_total', 'stage')
             epochs = by_label(b, a, 'ctxgate_compression_epochs_total', 'stage')
