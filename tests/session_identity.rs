@@ -13,6 +13,7 @@ use ctxgate::config::SessionHeaders;
 use mock_upstream::Server;
 use serde_json::{json, Value};
 use support::gateway::AUTH;
+use support::stores::Store;
 use support::{chunks, fixtures, stores, Gate, Harness, Reply};
 
 const OTHER: &str = "Bearer sk-another-client";
@@ -208,6 +209,28 @@ async fn a_busy_implicit_session_serves_the_turn_without_it() {
         stores::transcript(&h.client, &h.url, "busy-thread", AUTH).await,
         [user("First."), assistant("heldopen")]
     );
+}
+
+#[tokio::test]
+async fn an_implicit_session_whose_store_is_down_serves_the_turn_without_it() {
+    // Given sessions on Redis, failing closed, and a thread that is a session
+    let mut store = Store::Redis.url().await;
+    let url = store.url.clone();
+    let h = Harness::builder().config(move |c| c.sessions.store = url).start().await;
+    let thread = [("thread-id", "thread-on-redis")];
+    let r = chat(&h, AUTH, &thread, chat_body("hi")).send().await.unwrap();
+    assert!(r.headers().contains_key("x-ctxgate-session-version"), "a session turn");
+
+    // When the store goes away
+    store.redis.as_mut().unwrap().kill().await;
+
+    // Then the thread's next request is served without its session, while one naming its
+    // session on purpose still fails closed
+    let r = chat(&h, AUTH, &thread, chat_body("hi")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-ctxgate-session"], "degraded");
+    let named = chat(&h, AUTH, &[("x-session-id", "thread-on-redis")], chat_body("hi")).send().await.unwrap();
+    assert_eq!(named.status(), 503);
 }
 
 #[tokio::test]
