@@ -1,12 +1,16 @@
 //! Every header name ctxgate reads or writes itself: the public header contract. Clients,
 //! dashboards and tests rely on these names; change one only with the README.
 //!
-//! The session header's name is configurable (`sessions.header`, default [`SESSION_ID`]).
+//! The session headers' names are configurable (`sessions.header`, default [`SESSION_ID`] then
+//! [`CODEX_THREAD_ID`]).
 
 use http::HeaderName;
 
 /// Request: names the session (default name; `sessions.header` may rename it).
 pub(crate) const SESSION_ID: &str = "x-session-id";
+/// Request: Codex CLI's id of the conversation (its thread), the same on every turn of it; a
+/// default fallback session header.
+pub(crate) const CODEX_THREAD_ID: &str = "thread-id";
 /// Request: `append` when the client sends only new messages.
 pub(crate) const SESSION_MODE: HeaderName = HeaderName::from_static("x-session-mode");
 /// Response: on a non-streamed answer, the session version it was committed at; on a stream,

@@ -24,7 +24,8 @@
 //! Features (each gets plain values or narrow handles, never the application):
 //! - [`compress`]: rule passes, compaction epochs and the prefix-stable layout; pure.
 //! - [`tools`]: gateway tools (HTTP, MCP), run concurrently; what a session keeps of them.
-//! - [`session`]: the session protocol: checkpoints, stores, the lease, the event log.
+//! - [`session`]: the session protocol: which session a request names, checkpoints, stores,
+//!   the lease, the event log.
 //! - [`upstream`]: routing by model, endpoint pools (balancing, affinity, ejection, DNS),
 //!   retries and failover, streamed bodies.
 //! - [`auth`]: gateway keys and per-key limits (requests, tokens, in flight), local or Redis.

@@ -112,6 +112,23 @@ fn check_config_refuses_gateway_keys_with_an_upstream_that_gets_no_credential() 
 }
 
 #[test]
+fn check_config_takes_the_session_header_as_one_name_or_a_list() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("sessions.toml");
+    let upstream = "[[upstreams]]\nname = \"local\"\nbase_url = \"http://127.0.0.1:8081/v1\"\n";
+    for ok in [r#"header = "x-session-id""#, r#"header = ["x-session-id", "thread-id"]"#] {
+        std::fs::write(&file, format!("[sessions]\n{ok}\nprompt_cache_key = true\n{upstream}")).unwrap();
+        let (ok_run, stderr) = stderr_of(ctxgate(dir.path()).arg("check-config").arg(&file));
+        assert!(ok_run, "{ok}: {stderr}");
+    }
+    std::fs::write(&file, format!("[sessions]\nheader = [\"x-session-id\", \"bad name\"]\n{upstream}"))
+        .unwrap();
+    let (ok, stderr) = stderr_of(ctxgate(dir.path()).arg("check-config").arg(&file));
+    assert!(!ok, "{stderr}");
+    assert!(stderr.contains("sessions.header[1]: `bad name` is not a valid header name"), "{stderr}");
+}
+
+#[test]
 fn logs_written_to_a_pipe_carry_no_colour_codes() {
     let dir = tempfile::tempdir().unwrap();
     let store = format!("embedded:{}", dir.path().join("s.redb").display());

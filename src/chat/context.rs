@@ -16,7 +16,7 @@ use crate::http_util::{read_body, require_json};
 use crate::openai::message::{Info, Role};
 use crate::openai::request::check_nesting;
 use crate::openai::ChatRequest;
-use crate::session::SessionKey;
+use crate::session::{Identity, SessionKey};
 use crate::upstream::{AffinityKey, Forwarded, Outgoing, OutgoingBody, Upstream, UsageSink};
 use crate::AppState;
 
@@ -26,8 +26,8 @@ pub(crate) struct ChatContext {
     pub(crate) parts: request::Parts,
     /// The body parsed once (after gateway tools were injected).
     pub(crate) request: ChatRequest,
-    /// The session the request names, if any.
-    pub(crate) session_id: Option<String>,
+    /// The session the request runs on, if any.
+    pub(crate) session: Option<Identity>,
     /// Who learns each upstream answer's `usage`: the per-model counters, the caller's charge.
     pub(crate) usage: UsageSink,
     /// Response headers the phases add (what compression did).
@@ -60,7 +60,8 @@ impl ChatContext {
         bytes: Bytes,
     ) -> Result<Self, GatewayError> {
         let request = app.tools.inject(ChatRequest::parse(bytes)?)?;
-        let session_id = app.sessions.id_of(&parts.headers)?;
+        let scoped = !scope_credential(&parts.headers, &parts.extensions).is_empty();
+        let session = app.sessions.identify(&parts.headers, request.prompt_cache_key.as_deref(), scoped)?;
         let caller = parts.extensions.get::<Caller>();
         let counter = app.compressor.counter_for(&request.model);
         let charge =
@@ -72,7 +73,7 @@ impl ChatContext {
         let mut ctx = Self {
             parts,
             request,
-            session_id,
+            session,
             usage,
             annotations: HeaderMap::new(),
             tools_engaged,
@@ -109,7 +110,7 @@ impl ChatContext {
             usage: usage_sink(app, &request.model, None),
             parts,
             request,
-            session_id: None,
+            session: None,
             annotations: HeaderMap::new(),
             tools_engaged,
         })
@@ -122,8 +123,8 @@ impl ChatContext {
         if !self.route(app).iter().any(|u| u.wants_affinity()) {
             return None;
         }
-        if let Some(id) = &self.session_id {
-            let key = self.session_key(id);
+        if let Some(session) = &self.session {
+            let key = self.session_key(&session.id);
             return Some(AffinityKey::session(&key.scope, &key.id));
         }
         let messages = self.request.messages();
@@ -134,10 +135,10 @@ impl ChatContext {
         Some(AffinityKey::prefix(&system, tools, None, first))
     }
 
-    /// Runs the request on session `id`, named by a front end rather than the session header
+    /// Runs the request on `session`, chosen by a front end rather than read from the request
     /// (a chain of stored responses); a pool keeps it on the session's endpoint.
-    pub(crate) fn on_session(&mut self, app: &AppState, id: String) {
-        self.session_id = Some(id);
+    pub(crate) fn on_session(&mut self, app: &AppState, session: Identity) {
+        self.session = Some(session);
         self.affinity = self.affinity_key(app);
     }
 
@@ -180,7 +181,8 @@ impl ChatContext {
         SessionKey::new(&self.scope_credential(), "").scope
     }
 
-    /// The headers that go upstream: the client's, without ctxgate's own request headers.
+    /// The headers that go upstream: the client's, without ctxgate's own request headers (a
+    /// client's own conversation ids, the other session headers, go as sent).
     pub(crate) fn strip_gateway_headers(&mut self, session_header: &str) {
         let headers = &mut self.parts.headers;
         headers.remove(session_header);

@@ -45,7 +45,7 @@ use crate::error::GatewayError;
 use crate::headers;
 use crate::openai::ChatRequest;
 use crate::session::lease::Amendment;
-use crate::session::{Admitted, Checkpoint, GoalLock, Lease, SessionKey, Stored, StoredRequest};
+use crate::session::{Admitted, Checkpoint, GoalLock, Identity, Lease, SessionKey, Stored, StoredRequest};
 use crate::telemetry::OutcomeLabel;
 use crate::tools::record::{TaskEntry, ToolRecord};
 use crate::tools::tasks::TaskLog;
@@ -63,18 +63,18 @@ pub(crate) async fn completions(
 /// Runs a read request through the pipeline: stateless, or as a turn of the session it names.
 /// Front-end protocols other than Chat Completions enter here with a context of their own.
 pub(crate) async fn answer(app: Arc<AppState>, mut ctx: ChatContext) -> Result<Response<Body>, GatewayError> {
-    match ctx.session_id.take() {
+    match ctx.session.take() {
         None => {
             let upstream = compression::stateless(&app, &mut ctx).await?;
             let turn = Turn { ctx, upstream, conversation: Vec::new(), mode: Mode::Stateless };
             turn.run(app).await
         }
-        Some(id) => {
+        Some(session) => {
             let (reply, response) = oneshot::channel();
             let detached = app.clone();
             // Detached on purpose: the turn must finish and commit even if the client goes away.
             app.spawn(async move {
-                let result = match Turn::on_session(&detached, ctx, id).await {
+                let result = match Turn::on_session(&detached, ctx, session).await {
                     Ok(turn) => turn.run(detached).await,
                     Err(err) => Err(err),
                 };
@@ -117,8 +117,14 @@ impl Turn {
     /// Admits the turn on its session: composes it from the checkpoint, compresses it, and
     /// marks the session in flight with the upstream request, in one compare-and-set. A dead
     /// owner's interrupted turn is resumed first. With the store down and `fail_open`, the turn
-    /// goes on degraded.
-    async fn on_session(app: &Arc<AppState>, mut ctx: ChatContext, id: String) -> Result<Turn, GatewayError> {
+    /// goes on degraded. A session the request did not name on purpose never fails it: busy or
+    /// with its store down, the turn runs as a stateless one, marked degraded.
+    async fn on_session(
+        app: &Arc<AppState>,
+        mut ctx: ChatContext,
+        session: Identity,
+    ) -> Result<Turn, GatewayError> {
+        let id = session.id;
         let key = ctx.session_key(&id);
         let compaction =
             Compaction::begin(app, &ctx, format!("s:{}", key.storage_key()), ctx.request.messages(), true)
@@ -137,6 +143,13 @@ impl Turn {
                 {
                     tracing::warn!(error = %err, "session store unavailable; serving without the session");
                     return Ok(Turn { ctx, upstream: None, conversation: Vec::new(), mode: Mode::Degraded });
+                }
+                Err(err @ (GatewayError::SessionStore(_) | GatewayError::SessionBusy { .. }))
+                    if session.implicit =>
+                {
+                    tracing::warn!(error = %err, "an implicit session cannot take the turn; serving it statelessly");
+                    let upstream = compression::stateless(app, &mut ctx).await?;
+                    return Ok(Turn { ctx, upstream, conversation: Vec::new(), mode: Mode::Degraded });
                 }
                 Err(err) => return Err(err),
             }
@@ -158,7 +171,7 @@ impl Turn {
     /// as soon as its head is known; a stream is relayed by a task from there.
     async fn run(self, app: Arc<AppState>) -> Result<Response<Body>, GatewayError> {
         let Turn { mut ctx, upstream, conversation, mut mode } = self;
-        ctx.strip_gateway_headers(&app.sessions.config.header);
+        ctx.strip_gateway_headers(app.sessions.config.header.primary());
         let sent = upstream.as_ref().unwrap_or(&ctx.request).body().clone();
         let headers = if mode.streams_straight(&ctx) {
             // Nothing reads this request again: its headers go as they are.

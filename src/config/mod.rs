@@ -94,8 +94,10 @@ pub struct SessionConfig {
     /// `embedded:PATH` (a redb file), a `redis://` / `rediss://` URL, or a Redis Cluster's seeds
     /// as `redis+cluster://host:port,host:port`.
     pub store: String,
-    /// The request header naming the session.
-    pub header: String,
+    /// The request headers naming the session, tried in order (a single name is a list of one).
+    pub header: SessionHeaders,
+    /// Whether a request's `prompt_cache_key` names its session when no header does.
+    pub prompt_cache_key: bool,
     /// Prefix of every Redis key.
     pub key_prefix: String,
     /// Sessions unused this long expire (Redis TTL, refreshed on use).
@@ -144,9 +146,7 @@ impl SessionConfig {
         if store.starts_with("redis+cluster://") && self.key_prefix.contains(['{', '}']) {
             issues.push("sessions.key_prefix", "must not contain `{` or `}` on a Redis Cluster");
         }
-        if HeaderName::try_from(self.header.as_str()).is_err() {
-            issues.push("sessions.header", format!("`{}` is not a valid header name", self.header));
-        }
+        self.header.validate(issues);
         issues.positive("sessions.ttl", self.ttl);
         issues.positive("sessions.lease", self.lease);
         issues.positive("sessions.store_timeout", self.store_timeout);
@@ -158,7 +158,8 @@ impl Default for SessionConfig {
     fn default() -> Self {
         Self {
             store: "embedded:data/ctxgate.redb".into(),
-            header: crate::headers::SESSION_ID.into(),
+            header: SessionHeaders::default(),
+            prompt_cache_key: false,
             key_prefix: "ctxgate:".into(),
             ttl: Duration::from_secs(7 * 24 * 3600),
             busy_timeout: Duration::from_secs(5),
@@ -169,6 +170,76 @@ impl Default for SessionConfig {
             max_event_backlog_bytes: NonZeroUsize::new(8 * 1024 * 1024).unwrap_or(NonZeroUsize::MIN),
             sweep_interval: Duration::from_secs(600),
         }
+    }
+}
+
+/// `sessions.header`: the headers naming a request's session, in the order they are tried. The
+/// first is the gateway's own: a client sends it to name a session on purpose. The others are
+/// clients' own conversation ids (Codex CLI's `thread-id`), taken when the first is absent
+/// ([`crate::session::identify`] says what each may do). Written as one name or a list.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SessionHeaders(Vec<String>);
+
+impl SessionHeaders {
+    pub fn new(names: impl IntoIterator<Item = impl Into<String>>) -> Self {
+        Self(names.into_iter().map(Into::into).collect())
+    }
+
+    /// The header a client names a session with on purpose.
+    pub fn primary(&self) -> &str {
+        self.0.first().map_or(crate::headers::SESSION_ID, String::as_str)
+    }
+
+    /// Every name, in order, the primary first.
+    pub fn names(&self) -> &[String] {
+        &self.0
+    }
+
+    fn validate(&self, issues: &mut Issues) {
+        if self.0.is_empty() {
+            issues.push("sessions.header", "needs at least one header name");
+        }
+        for (i, name) in self.0.iter().enumerate() {
+            if HeaderName::try_from(name.as_str()).is_err() {
+                issues.push(format!("sessions.header[{i}]"), format!("`{name}` is not a valid header name"));
+            } else if self.0[..i].iter().any(|earlier| earlier.eq_ignore_ascii_case(name)) {
+                issues.push(format!("sessions.header[{i}]"), format!("`{name}` is listed twice"));
+            }
+        }
+    }
+}
+
+impl Default for SessionHeaders {
+    /// The gateway's own header, then Codex CLI's id of one conversation (a thread; its
+    /// `session-id` is shared by a thread's sub-agents, so it names no one conversation).
+    fn default() -> Self {
+        Self::new([crate::headers::SESSION_ID, crate::headers::CODEX_THREAD_ID])
+    }
+}
+
+impl<'de> Deserialize<'de> for SessionHeaders {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Names;
+        impl<'de> serde::de::Visitor<'de> for Names {
+            type Value = SessionHeaders;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a header name or a list of header names")
+            }
+
+            fn visit_str<E: serde::de::Error>(self, name: &str) -> Result<Self::Value, E> {
+                Ok(SessionHeaders(vec![name.to_string()]))
+            }
+
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                let mut names = Vec::new();
+                while let Some(name) = seq.next_element::<String>()? {
+                    names.push(name);
+                }
+                Ok(SessionHeaders(names))
+            }
+        }
+        deserializer.deserialize_any(Names)
     }
 }
 

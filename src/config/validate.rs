@@ -379,6 +379,46 @@ upstreams = ["nope"]
     }
 
     #[test]
+    fn the_session_header_is_one_name_or_a_list_and_each_name_is_checked() {
+        use crate::config::SessionHeaders;
+        let env = BTreeMap::new();
+        let read = |sessions: &str, env: &BTreeMap<String, String>| {
+            let text =
+                format!("[sessions]\n{sessions}\n[[upstreams]]\nname = \"a\"\nbase_url = \"http://ok/v1\"\n");
+            let config = Config::read_text(&text, env).unwrap();
+            let issues = match config.validate(env) {
+                Ok(()) => Vec::new(),
+                Err(e) => e.0.iter().map(ToString::to_string).collect(),
+            };
+            (config.sessions, issues)
+        };
+        let (sessions, issues) = read("", &env);
+        assert_eq!(sessions.header, SessionHeaders::new(["x-session-id", "thread-id"]));
+        assert!(!sessions.prompt_cache_key && issues.is_empty(), "{issues:?}");
+        // A single name, as configs written before the list still say
+        let (sessions, issues) = read("header = \"x-conv\"", &env);
+        assert_eq!((sessions.header, issues), (SessionHeaders::new(["x-conv"]), Vec::new()));
+        let (sessions, issues) = read("header = [\"x-conv\", \"session-id\"]\nprompt_cache_key = true", &env);
+        assert_eq!(sessions.header.primary(), "x-conv");
+        assert!(sessions.prompt_cache_key && issues.is_empty(), "{issues:?}");
+        let (_, issues) = read("header = [\"ok\", \"bad name\", \"OK\"]", &env);
+        assert_eq!(
+            issues,
+            [
+                "sessions.header[1]: `bad name` is not a valid header name",
+                "sessions.header[2]: `OK` is listed twice"
+            ]
+        );
+        assert_eq!(read("header = []", &env).1, ["sessions.header: needs at least one header name"]);
+        let (_, issues) = read("header = 5", &env);
+        assert!(issues[0].contains("a header name or a list of header names"), "{issues:?}");
+        // The list from the environment, as a TOML array
+        let env: BTreeMap<String, String> =
+            [("CTXGATE__SESSIONS__HEADER".to_string(), r#"["x-a","x-b"]"#.to_string())].into();
+        assert_eq!(read("", &env).0.header, SessionHeaders::new(["x-a", "x-b"]));
+    }
+
+    #[test]
     fn no_upstream_is_an_issue() {
         let env = BTreeMap::new();
         let err = Config::parse("", &env).unwrap().validate(&env).unwrap_err();

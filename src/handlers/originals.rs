@@ -29,9 +29,10 @@ pub(crate) async fn original(
         return Err(missing());
     }
     let credential = scope_credential(&parts.headers, &parts.extensions);
-    let found: Option<Vec<Box<RawValue>>> = match app.sessions.id_of(&parts.headers)? {
+    let session = app.sessions.identify(&parts.headers, None, !credential.is_empty())?;
+    let found: Option<Vec<Box<RawValue>>> = match session {
         Some(session) => {
-            let stored = app.sessions.load(&SessionKey::new(&credential, &session)).await?;
+            let stored = app.sessions.load(&SessionKey::new(&credential, &session.id)).await?;
             stored.and_then(|s| {
                 let transcript = &s.checkpoint.transcript;
                 match id.contains(marker::RUN) {

@@ -19,6 +19,9 @@ pub struct ChatRequestHead {
     pub model: String,
     pub stream: bool,
     pub message_count: usize,
+    /// `prompt_cache_key`, when it is a string: a client's own conversation id, which may name
+    /// the request's session (`sessions.prompt_cache_key`).
+    pub prompt_cache_key: Option<String>,
 }
 
 /// The top-level fields, borrowed; everything else is skipped by serde.
@@ -33,6 +36,8 @@ struct Fields<'a> {
     /// Present (`null` included) or absent: `null` must be found to be replaced in place.
     #[serde(borrow, default, deserialize_with = "present")]
     tools: Option<&'a RawValue>,
+    #[serde(borrow)]
+    prompt_cache_key: Option<&'a RawValue>,
 }
 
 fn present<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<&'de RawValue>, D::Error> {
@@ -186,7 +191,8 @@ impl ChatRequestHead {
             Some(raw) => return Err(wrong_type("stream", "a boolean", raw)),
         };
 
-        let head = Self { model, stream, message_count: messages.len() };
+        let prompt_cache_key = fields.prompt_cache_key.and_then(|raw| serde_json::from_str(raw.get()).ok());
+        let head = Self { model, stream, message_count: messages.len(), prompt_cache_key };
         let tools = fields.tools.map(|raw| (raw, span_in(body, raw)));
         Ok((head, ChatMessages { items: messages, span, tools }))
     }
@@ -205,6 +211,9 @@ pub struct ChatRequest {
     body: Bytes,
     pub model: String,
     pub stream: bool,
+    /// The client's `prompt_cache_key`, when it is a string (kept through rewrites that add
+    /// the gateway's own).
+    pub prompt_cache_key: Option<String>,
     messages: Vec<Box<RawValue>>,
     messages_span: Range<usize>,
     /// The `tools` array, when the request has one (not `null`).
@@ -222,7 +231,16 @@ impl ChatRequest {
             Some((raw, span)) => ((raw.get() != "null").then(|| raw.to_owned()), Some(span)),
             None => (None, None),
         };
-        Ok(Self { body, model: head.model, stream: head.stream, messages, messages_span, tools, tools_span })
+        Ok(Self {
+            body,
+            model: head.model,
+            stream: head.stream,
+            prompt_cache_key: head.prompt_cache_key,
+            messages,
+            messages_span,
+            tools,
+            tools_span,
+        })
     }
 
     /// The body exactly as the client sent it (after any tool injection).
@@ -255,6 +273,7 @@ impl ChatRequest {
             body,
             model: self.model.clone(),
             stream: self.stream,
+            prompt_cache_key: self.prompt_cache_key.clone(),
             messages,
             tools: self.tools.clone(),
             tools_span,
@@ -293,6 +312,7 @@ impl ChatRequest {
             body: Bytes::from(body),
             model: self.model,
             stream: self.stream,
+            prompt_cache_key: self.prompt_cache_key,
             messages: self.messages,
             messages_span,
         }
@@ -359,6 +379,7 @@ impl ChatRequest {
             body: Bytes::from(body),
             model: self.model.clone(),
             stream: self.stream,
+            prompt_cache_key: self.prompt_cache_key.clone(),
             messages,
             messages_span,
             tools,
@@ -530,7 +551,15 @@ mod tests {
             br#"{"model":"gpt-4o","x_unknown":{"a":1},"messages":[{"role":"user","content":"hi"}],"stream":true}"#,
         )
         .unwrap();
-        assert_eq!(head, ChatRequestHead { model: "gpt-4o".into(), stream: true, message_count: 1 });
+        assert_eq!(
+            head,
+            ChatRequestHead {
+                model: "gpt-4o".into(),
+                stream: true,
+                message_count: 1,
+                prompt_cache_key: None
+            }
+        );
     }
 
     #[test]

@@ -9,7 +9,8 @@
 //! Responses events ([`stream`]).
 //!
 //! A chain of stored responses is a session: its first response's id names the session its
-//! turns run on (unless the client names one with the session header), so compression epochs,
+//! turns run on (unless the client names one with the session header, or with its own
+//! conversation id: see [`crate::session::identify`]), so compression epochs,
 //! the goal lock and the commit apply to it as to any session. Each stored response keeps the
 //! conversation through its answer, so a chain continues from any of its responses (a fork is a
 //! history rewrite of the session), across a restart (embedded store) and across replicas

@@ -1,9 +1,11 @@
 //! `POST /v1/responses` over a Chat Completions upstream: the request becomes a chat request
 //! ([`super::request`]) with the conversation a `previous_response_id` names put in front of it,
 //! runs through the chat pipeline as any chat request does, and its answer becomes a Response
-//! object ([`super::response`]) or Responses events ([`super::stream`]). With `store`, the turn
-//! runs on the chain's session and the response is stored ([`super::store`]) before the client
-//! sees it complete.
+//! object ([`super::response`]) or Responses events ([`super::stream`]). The turn runs on the
+//! session the request names (the session header, else the chain's, else a client's own
+//! conversation id, see [`crate::session::identify`]), `store` or not; with `store` the
+//! response is stored ([`super::store`]) before the client sees it complete, and one that names
+//! no session begins a chain of its own.
 
 use std::sync::Arc;
 
@@ -24,6 +26,7 @@ use crate::headers;
 use crate::http_util::json_response;
 use crate::openai::events::EventSplitter;
 use crate::openai::sse;
+use crate::session::Identity;
 use crate::AppState;
 
 /// `POST /v1/responses` as a chat request through the pipeline.
@@ -59,14 +62,22 @@ pub(super) async fn create(
     parts.headers.remove(header::ACCEPT_ENCODING);
     parts.headers.remove(&headers::SESSION_MODE);
     let mut ctx = ChatContext::from_body(&app, parts, Bytes::from(chat)).await?;
-    let session = match ctx.session_id.clone() {
-        Some(named) => Some(named),
-        None if parsed.store => {
-            let chain = previous.as_ref().and_then(|p| p.session.clone()).unwrap_or_else(|| id.clone());
-            ctx.on_session(&app, chain.clone());
-            Some(chain)
+    let session = match ctx.session.clone() {
+        Some(named) if !named.implicit => Some(named.id),
+        implicit => {
+            // A stored chain keeps its session; else a client's own conversation id names it;
+            // else a stored response begins a chain, and a session, of its own.
+            let chained = previous.as_ref().and_then(|p| p.session.clone()).filter(|_| parsed.store);
+            let chosen = match (chained, implicit) {
+                (Some(chain), _) => Some(Identity::named(chain)),
+                (None, Some(implicit)) => Some(implicit),
+                (None, None) => parsed.store.then(|| Identity::named(id.clone())),
+            };
+            if let Some(chosen) = &chosen {
+                ctx.on_session(&app, chosen.clone());
+            }
+            chosen.map(|chosen| chosen.id)
         }
-        None => None,
     };
     let base = Base {
         id: id.clone(),

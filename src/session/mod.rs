@@ -1,8 +1,8 @@
 //! Sessions: conversations that survive client disconnects and gateway restarts, checkpointed
 //! in a [`SessionStore`] (an embedded redb file by default, or Redis shared by replicas).
 //!
-//! This module owns the session protocol: identity ([`SessionKey`], scoped to the caller's
-//! credential), the checkpoint format, the stores (reached only through [`Sessions`], which
+//! This module owns the session protocol: identity (which session a request names,
+//! [`identify`]; its [`SessionKey`], scoped to the caller's credential), the checkpoint format, the stores (reached only through [`Sessions`], which
 //! times every operation), the lease that admits, renews and commits a turn ([`lease`]), the
 //! stream event log and its replay ([`events`]), and the typed blobs kept beside the sessions
 //! ([`BlobKind`]). It does not
@@ -12,6 +12,7 @@
 pub mod checkpoint;
 pub mod embedded;
 pub(crate) mod events;
+mod identity;
 pub(crate) mod lease;
 pub mod redis;
 pub mod store;
@@ -26,6 +27,7 @@ use bytes::Bytes;
 use http::HeaderMap;
 
 pub use checkpoint::{Checkpoint, GoalLock, InFlight, OnGoalConflict, StoredRequest, UsageTotals};
+pub use identity::{identify, Identity};
 pub use lease::{Admitted, Lease, NotCommitted};
 pub use store::{Commit, SessionKey, SessionStore, StoreError, Stored};
 
@@ -134,19 +136,14 @@ impl Sessions {
         self.timed("unindex", self.store.unindex(key)).await
     }
 
-    /// The session id a request names in `sessions.header`, if any; 400 when it is malformed.
-    pub fn id_of(&self, headers: &HeaderMap) -> Result<Option<String>, GatewayError> {
-        let Some(value) = headers.get(self.config.header.as_str()) else {
-            return Ok(None);
-        };
-        match value.to_str() {
-            Ok(id) if valid_id(id) => Ok(Some(id.to_string())),
-            _ => Err(GatewayError::invalid(
-                format!("Invalid {}: 1 to 128 visible ASCII characters.", self.config.header),
-                None,
-                "invalid_session_id",
-            )),
-        }
+    /// The session a request names ([`identify`]).
+    pub fn identify(
+        &self,
+        headers: &HeaderMap,
+        prompt_cache_key: Option<&str>,
+        scoped: bool,
+    ) -> Result<Option<Identity>, GatewayError> {
+        identify(&self.config, headers, prompt_cache_key, scoped)
     }
 
     pub async fn get_blob(&self, kind: BlobKind, key: &str) -> Result<Option<Bytes>, StoreError> {

@@ -4,9 +4,11 @@
 #![allow(dead_code, unreachable_pub, clippy::unwrap_used, clippy::expect_used)]
 
 pub mod cluster;
+pub mod codex;
 pub mod gateway;
 pub mod mcp;
 pub mod python;
+pub mod recorder;
 pub mod redis;
 pub mod stores;
 pub mod tool_server;

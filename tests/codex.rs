@@ -1,0 +1,194 @@
+//! Codex CLI (`codex exec`, the real binary) through ctxgate to a Chat-Completions-only
+//! upstream: a custom model provider whose `base_url` is the gateway (`wire_api = "responses"`,
+//! the key from `env_key`). The scripted model calls Codex's shell tool once, Codex runs it and
+//! sends the output back, and the model answers. Only the model is faked.
+//!
+//! A recording proxy between Codex and the gateway shows what Codex sent and what it got back.
+//! Codex runs with its own home in a temp dir, every proxy variable pointing at a closed port
+//! (so nothing but loopback is reachable), and a hard timeout.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[macro_use]
+mod support;
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use ctxgate::config::CompressionMode;
+use mock_upstream::Server;
+use serde_json::{json, Value};
+use support::recorder::Recorder;
+use support::{chunks, fixtures, stores, Chunk, Harness, Reply};
+
+const KEY: &str = "sk-codex-test";
+const PROMPT: &str = "Print the answer with the shell, then tell me what it printed.";
+/// The command the model asks for; only a shell that ran it prints [`PRINTED`].
+const COMMAND: &str = "echo ctxgate-codex-$((6*7))";
+const PRINTED: &str = "ctxgate-codex-42";
+const ANSWER: &str = "The command printed ctxgate-codex-42.";
+
+/// A streamed chat answer calling Codex's `exec_command` tool with [`COMMAND`].
+fn shell_call() -> Vec<Chunk> {
+    let call = json!({
+        "index": 0,
+        "id": "call_codex_1",
+        "type": "function",
+        "function": {"name": "exec_command", "arguments": json!({"cmd": COMMAND}).to_string()}
+    });
+    let delta = json!({
+        "object": "chat.completion.chunk",
+        "model": "mock-model",
+        "choices": [{"index": 0, "delta": {"role": "assistant", "content": null, "tool_calls": [call]}, "finish_reason": null}]
+    });
+    vec![Chunk::json(delta), Chunk::json(fixtures::finish_chunk("tool_calls")), Chunk::done()]
+}
+
+fn codex_config(base_url: &str) -> String {
+    // Built-in tools a chat upstream cannot serve (web search, the sub-agent namespace) are
+    // off; analytics and update checks would reach for the network.
+    format!(
+        r#"model = "mock-model"
+model_provider = "ctxgate"
+web_search = "disabled"
+check_for_update_on_startup = false
+
+[analytics]
+enabled = false
+
+[agents]
+enabled = false
+
+[model_providers.ctxgate]
+name = "ctxgate"
+base_url = "{base_url}/v1"
+wire_api = "responses"
+env_key = "CTXGATE_API_KEY"
+"#
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn codex_exec_runs_a_tool_round_through_the_gateway_over_a_chat_only_upstream() {
+    // Given a Chat-Completions-only model scripted to call the shell, then answer; the gateway
+    // compressing; and Codex configured with the gateway as its provider
+    let upstream = Server::builder()
+        .reply(Reply::sse(shell_call()))
+        .stream(chunks(&["The command printed ", "ctxgate-codex-42."], None));
+    let h = Harness::builder()
+        .upstream(upstream)
+        .config(|c| c.compression.policy.mode = CompressionMode::Rules)
+        .start()
+        .await;
+    let recorder = Recorder::start(&h.url).await;
+    let home = tempfile::tempdir().unwrap();
+    let codex_home = home.path().join(".codex");
+    let workdir = home.path().join("work");
+    std::fs::create_dir_all(&codex_home).unwrap();
+    std::fs::create_dir_all(&workdir).unwrap();
+    std::fs::write(codex_home.join("config.toml"), codex_config(&recorder.url)).unwrap();
+    let codex = support::codex::codex();
+
+    // When `codex exec` runs the task non-interactively
+    let closed = "http://127.0.0.1:9";
+    let started = Instant::now();
+    let child = tokio::process::Command::new(codex)
+        .args(["exec", "--skip-git-repo-check", "--color", "never"])
+        // The sandbox needs user namespaces, which containers often lack; the command is an
+        // `echo` in a temp dir, and the sandbox is not what is under test.
+        .args(["--sandbox", "danger-full-access"])
+        .arg("--cd")
+        .arg(&workdir)
+        .arg(PROMPT)
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .env("HOME", home.path())
+        .env("CODEX_HOME", &codex_home)
+        .env("CTXGATE_API_KEY", KEY)
+        .envs(
+            ["HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY", "https_proxy", "http_proxy", "all_proxy"]
+                .map(|v| (v, closed)),
+        )
+        .envs(["NO_PROXY", "no_proxy"].map(|v| (v, "127.0.0.1,localhost")))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let output = tokio::time::timeout(Duration::from_secs(120), child.wait_with_output())
+        .await
+        .expect("codex exec did not finish within 120 s")
+        .unwrap();
+    let elapsed = started.elapsed();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+
+    // Then Codex finished with the scripted answer, having run the command
+    assert!(output.status.success(), "codex exec failed ({}):\n{stderr}\n{stdout}", output.status);
+    assert!(stdout.contains(ANSWER), "stdout:\n{stdout}\nstderr:\n{stderr}");
+    eprintln!("codex exec took {elapsed:.2?}");
+
+    // And it sent two Responses requests, one per model call: no retry, no fallback, no other call
+    let exchanges = recorder.exchanges();
+    let sent: Vec<(String, String)> =
+        exchanges.iter().map(|e| (e.method.to_string(), e.path.clone())).collect();
+    assert_eq!(
+        sent,
+        [("POST".into(), "/v1/responses".into()), ("POST".into(), "/v1/responses".into())],
+        "{stderr}"
+    );
+    assert!(exchanges.iter().all(|e| e.status == 200), "{exchanges:?}");
+    let thread = exchanges[0].headers["thread-id"].to_str().unwrap().to_string();
+    for exchange in &exchanges {
+        let (headers, body) = (&exchange.headers, exchange.json());
+        eprintln!(
+            "Codex sent {} {} with headers {:?} and body fields {:?}",
+            exchange.method,
+            exchange.path,
+            headers.keys().map(|k| k.as_str()).collect::<Vec<_>>(),
+            body.as_object().unwrap().keys().collect::<Vec<_>>()
+        );
+        assert_eq!(headers["authorization"], format!("Bearer {KEY}"));
+        assert_eq!(headers["thread-id"], thread.as_str(), "one thread throughout");
+        assert_eq!(headers["session-id"], thread.as_str());
+        assert_eq!(body["prompt_cache_key"], thread.as_str());
+        assert_eq!((&body["store"], &body["stream"]), (&json!(false), &json!(true)));
+        assert!(body.get("previous_response_id").is_none_or(Value::is_null), "the whole history, every time");
+        // What the gateway added: the turn ran on a session, and was measured for compression
+        let answered = &exchange.response_headers;
+        let shown = ["x-ctxgate-compression", "x-ctxgate-tokens-before", "x-ctxgate-tokens-after"];
+        eprintln!("and got {:?}", shown.map(|h| answered.get(h)));
+        assert!(answered.contains_key("x-ctxgate-session-version"), "{answered:?}");
+        assert!(answered.contains_key("x-ctxgate-compression"), "{answered:?}");
+        let before: u64 = answered["x-ctxgate-tokens-before"].to_str().unwrap().parse().unwrap();
+        assert!(before > 0 && answered.contains_key("x-ctxgate-tokens-after"), "{answered:?}");
+    }
+    assert!(stderr.contains(&format!("session id: {thread}")), "Codex's own id names the thread:\n{stderr}");
+    let second = exchanges[1].json();
+    let items = second["input"].as_array().unwrap();
+    let call = items.iter().find(|i| i["type"] == "function_call").expect("the call in the history");
+    assert_eq!((&call["name"], &call["call_id"]), (&json!("exec_command"), &json!("call_codex_1")));
+    let output = items.iter().find(|i| i["type"] == "function_call_output").expect("its output");
+    assert!(output["output"].as_str().unwrap().contains(PRINTED), "{output}");
+
+    // And the model got chat requests, the second with the shell's output as a tool message
+    let asked = h.upstream(0).requests();
+    assert_eq!(asked.len(), 2);
+    assert!(asked.iter().all(|r| r.path == "/v1/chat/completions"), "translated to chat");
+    let messages = asked[1].json()["messages"].as_array().unwrap().clone();
+    let tool = messages.iter().find(|m| m["role"] == "tool").expect("a tool message");
+    assert_eq!(tool["tool_call_id"], "call_codex_1");
+    assert!(tool["content"].as_str().unwrap().contains(PRINTED), "{tool}");
+
+    // And the thread is a session holding the whole task, read with Codex's credential
+    let transcript = stores::transcript(&h.client, &h.url, &thread, &format!("Bearer {KEY}")).await;
+    let user = transcript.iter().find(|m| m["role"] == "user" && m["content"] == PROMPT);
+    assert!(user.is_some(), "{transcript:?}");
+    assert!(transcript
+        .iter()
+        .any(|m| m["role"] == "assistant" && m["tool_calls"][0]["id"] == "call_codex_1"));
+    assert!(transcript
+        .iter()
+        .any(|m| m["role"] == "tool" && m["content"].as_str().unwrap().contains(PRINTED)));
+    assert_eq!(transcript.last().unwrap(), &json!({"role": "assistant", "content": ANSWER}));
+}
