@@ -89,6 +89,10 @@ pub enum GatewayError {
     /// No gateway key, or one ctxgate does not know.
     #[error("{0}")]
     Unauthorized(&'static str),
+    /// A session was named by a request with no credential to scope it by (no gateway keys and
+    /// no `Authorization`): every such caller would share the session's id.
+    #[error("Sessions are kept per caller credential and this request has none: send an Authorization header of this caller's own, or turn gateway keys on")]
+    SessionNeedsCredential,
     /// The caller's key may not call this model.
     #[error("This key may not use the model `{model}`")]
     ModelNotAllowed { model: String },
@@ -153,7 +157,7 @@ impl GatewayError {
             | Self::UpstreamStatus { .. }
             | Self::UpstreamTooLarge { .. } => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout { .. } | Self::RequestTimeout => StatusCode::GATEWAY_TIMEOUT,
-            Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            Self::Unauthorized(_) | Self::SessionNeedsCredential => StatusCode::UNAUTHORIZED,
             Self::ModelNotAllowed { .. } => StatusCode::FORBIDDEN,
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::KeyStore(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -179,6 +183,7 @@ impl GatewayError {
             | Self::GoalNotSet { .. }
             | Self::OriginalNotFound { .. }
             | Self::Unauthorized(_)
+            | Self::SessionNeedsCredential
             | Self::ModelNotAllowed { .. } => "invalid_request_error",
             // OpenAI names the exhausted resource in `type`.
             Self::RateLimited { limit: LimitKind::Tokens, .. } => "tokens",
@@ -221,6 +226,7 @@ impl GatewayError {
             Self::UpstreamTimeout { .. } => "upstream_timeout",
             Self::RequestTimeout => "request_timeout",
             Self::Unauthorized(_) => "invalid_api_key",
+            Self::SessionNeedsCredential => "session_requires_credential",
             Self::ModelNotAllowed { .. } => "model_not_allowed",
             Self::RateLimited { .. } => "rate_limit_exceeded",
             Self::KeyStore(_) => "key_store_unavailable",

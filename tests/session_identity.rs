@@ -166,7 +166,8 @@ async fn an_implicit_id_that_cannot_be_a_session_runs_the_request_statelessly() 
     let r = responses(&h, None, &[("thread-id", "no-credential")], json!("hi")).send().await.unwrap();
     assert_eq!(r.status(), 200);
     assert!(!r.headers().contains_key("x-ctxgate-session-version"), "not a session turn");
-    assert_eq!(session_status(&h, "no-credential", None).await, 404);
+    // (and the sessions API, asked without a credential, refuses rather than looks)
+    assert_eq!(session_status(&h, "no-credential", None).await, 401);
 
     // With an id no session may have (named on purpose, the same id is refused)
     let r = chat(&h, AUTH, &[("thread-id", &long)], chat_body("hi")).send().await.unwrap();

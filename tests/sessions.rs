@@ -450,6 +450,27 @@ on_both_stores!(
     the_goal_lock_survives_a_restart_byte_for_byte,
 );
 
+/// Without gateway keys a session is scoped by the caller's `Authorization`: a caller without
+/// one would share every session id with every other such caller, so it is refused, and so are
+/// the sessions API's reads. The request without the session header still works.
+#[tokio::test]
+async fn a_session_without_a_caller_credential_is_refused() {
+    let h = Harness::builder().upstream(Server::builder().chat(fixtures::completion("ok"))).start().await;
+    let body = request(&[user("a")], false);
+    let anonymous = |path: &str| h.client.post(h.v1(path)).json(&body);
+    let refused = anonymous("/chat/completions").header("x-session-id", "shared").send().await.unwrap();
+    assert_eq!(refused.status(), 401);
+    let error: Value = refused.json().await.unwrap();
+    assert_eq!(error["error"]["code"], "session_requires_credential");
+    assert_eq!(error["error"]["type"], "invalid_request_error");
+    assert!(h.upstream(0).requests().is_empty(), "nothing went upstream");
+
+    let read = h.client.get(h.v1("/sessions/shared/messages")).send().await.unwrap();
+    assert_eq!(read.status(), 401);
+    assert_eq!(anonymous("/chat/completions").send().await.unwrap().status(), 200, "stateless is fine");
+    assert_eq!(send(&h, "shared", &body).await.status(), 200, "with a credential, a session");
+}
+
 #[tokio::test]
 async fn malformed_session_ids_are_400() {
     let h = Harness::start().await;

@@ -146,7 +146,7 @@ def pick_sessions(path, n, max_turns):
 
 
 def run_session(args, base, mode, s, session, rows, progress, lock):
-    headers = {"X-Session-Id": f"{mode}-{s}"}
+    headers = {"X-Session-Id": f"{mode}-{s}", "Authorization": "Bearer sk-kv-cache-bench"}
     for t, end in enumerate(session["points"], 1):
         body = {"model": args.model, "messages": session["messages"][:end], "tools": session["tools"],
                 "max_tokens": args.max_tokens, "temperature": 0}

@@ -169,7 +169,7 @@ def hybrid(scn, msgs, window, args, tmp):
         for end in ends:
             st, h, b = http("POST", f"http://127.0.0.1:{gp}/v1/chat/completions",
                             {"model": args.model, "messages": msgs[:end], "max_tokens": 8, "temperature": 0},
-                            {"X-Session-Id": f"ret-{scn}-{int(t0)}"})
+                            {"X-Session-Id": f"ret-{scn}-{int(t0)}", "Authorization": "Bearer sk-retention-bench"})
             hl = {k.lower(): v for k, v in h.items()}
             acted.append(f"{st}:{hl.get('x-ctxgate-compression', '-')}:{hl.get('x-ctxgate-tokens-before', '')}"
                          f"->{hl.get('x-ctxgate-tokens-after', '')}")

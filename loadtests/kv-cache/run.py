@@ -229,7 +229,7 @@ def run_mode(args, mode, tools, messages, points, logdir):
         if mode in ("rules", "hybrid"):
             gate = start_ctxgate(args, mode, gate_port, llama_port, logdir)
             base = f"http://127.0.0.1:{gate_port}"
-            headers = {"X-Session-Id": f"kv-{mode}"}
+            headers = {"X-Session-Id": f"kv-{mode}", "Authorization": "Bearer sk-kv-cache-bench"}
         est = Estimator(f"http://127.0.0.1:{llama_port}")
         budget = int(args.high_water * args.context_window)
         rows, t_mode = [], time.time()

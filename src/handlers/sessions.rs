@@ -40,7 +40,11 @@ pub(crate) async fn api(
     if !crate::session::valid_id(id) {
         return Err(not_found());
     }
-    let key = SessionKey::new(&scope_credential(&parts.headers, &parts.extensions), id);
+    let credential = scope_credential(&parts.headers, &parts.extensions);
+    if credential.is_empty() {
+        return Err(GatewayError::SessionNeedsCredential);
+    }
+    let key = SessionKey::new(&credential, id);
     let sessions = &state.sessions;
     let missing = || GatewayError::SessionNotFound { id: id.to_string() };
     let no_goal = || GatewayError::GoalNotSet { id: id.to_string() };

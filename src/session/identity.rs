@@ -1,6 +1,7 @@
 //! Which session a request names, if any.
 //!
-//! The first `sessions.header` names a session on purpose: its id must be valid (else 400).
+//! The first `sessions.header` names a session on purpose: its id must be valid (else 400), and
+//! the request must carry a credential to scope it by (else 401).
 //! The other headers, then (with `sessions.prompt_cache_key`) the body's `prompt_cache_key`, are
 //! a client's own conversation ids (Codex CLI sends its thread id as both), taken as the
 //! session when nothing names one on purpose. Such an implicit id never makes a request fail
@@ -42,6 +43,8 @@ pub fn identify(
     let primary = config.header.primary();
     if let Some(value) = headers.get(primary) {
         return match value.to_str() {
+            // Scoped by nothing, the id would be shared by every caller without a credential.
+            Ok(id) if valid_id(id) && !scoped => Err(GatewayError::SessionNeedsCredential),
             Ok(id) if valid_id(id) => Ok(Some(Identity::named(id.to_string()))),
             _ => Err(GatewayError::invalid(
                 format!("Invalid {primary}: 1 to 128 visible ASCII characters."),
@@ -91,12 +94,8 @@ mod tests {
             identify(&config(true), &all, Some("k"), true).unwrap(),
             Some(Identity::named("named".into()))
         );
-        // Named on purpose, it needs no credential here (what sessions require is not this
-        // module's to decide).
-        assert_eq!(
-            identify(&config(true), &all, None, false).unwrap(),
-            Some(Identity::named("named".into()))
-        );
+        // Named on purpose without a credential to scope it by: refused, not shared.
+        assert_eq!(identify(&config(true), &all, None, false).unwrap_err().status(), 401);
         let long = "a".repeat(129);
         let bad = headers(&[("x-session-id", &long)]);
         assert_eq!(identify(&config(true), &bad, None, true).unwrap_err().status(), 400);
