@@ -299,3 +299,45 @@ async fn a_non_streamed_turn_is_swept_too() {
     assert_eq!(upstream.requests().len(), 2);
     let _ = gate;
 }
+
+/// A store that reads but cannot write (Redis over its `maxmemory`, so every script is refused)
+/// cannot take a lapsed turn over. A request, a goal change and a resume call that find the dead
+/// owner's turn get 503 once the lease has run out, instead of retrying the takeover without end
+/// (which spun a core and flooded the log).
+#[tokio::test]
+async fn a_store_that_cannot_take_a_turn_over_fails_the_waiting_requests() {
+    let redis = support::redis::RedisServer::start().await;
+    let gate = Gate::new();
+    let upstream = hanging_then_slow(&gate).start().await.unwrap();
+    let client = reqwest::Client::new();
+    let mut a = Gateway::start(&upstream.base_url(), &redis.url()).await;
+    let b = Gateway::start(&upstream.base_url(), &redis.url()).await;
+    kill_mid_stream(&mut a, &client, "stuck").await;
+    redis.command(&["CONFIG", "SET", "maxmemory", "1"]).await;
+
+    // The chat request waits out the 1 s lease, then finds the turn interrupted.
+    let bounded = Duration::from_secs(8);
+    let body = json!({"model": "mock-model", "messages": [{"role": "user", "content": "count"}]});
+    let answer = tokio::time::timeout(bounded, b.chat(&client, "stuck").json(&body).send())
+        .await
+        .expect("answered, not retrying the takeover")
+        .unwrap();
+    assert_eq!(answer.status(), 503);
+    let error: Value = answer.json().await.unwrap();
+    assert_eq!(error["error"]["code"], "session_store_unavailable");
+
+    let session = |path: &str| format!("{}/v1/sessions/stuck{path}", b.base);
+    let goal = client.put(session("/goal")).header("authorization", AUTH).json(&json!({"goal": "g"}));
+    let goal = tokio::time::timeout(bounded, goal.send()).await.expect("answered").unwrap();
+    assert_eq!(goal.status(), 503);
+    let resume = client.post(session("/resume")).header("authorization", AUTH);
+    let resume = tokio::time::timeout(bounded, resume.send()).await.expect("answered").unwrap();
+    assert_eq!(resume.status(), 503);
+
+    // Each caller tried the takeover once; B's own sweep adds one try per quarter lease.
+    let metrics = client.get(format!("{}/metrics", b.base)).send().await.unwrap().text().await.unwrap();
+    let tries = support::sample_value(&metrics, r#"ctxgate_session_resumes_total{outcome="error"}"#);
+    assert!((3.0..100.0).contains(&tries), "{tries} takeover tries");
+    assert_eq!(upstream.requests().len(), 1, "nothing re-issued");
+    let _ = gate;
+}

@@ -133,28 +133,33 @@ impl Turn {
             let prepare =
                 |checkpoint: &mut Checkpoint| prepare(app, &ctx, compaction.as_ref(), checkpoint, &id);
             match Lease::admit(app.sessions.clone(), key.clone(), ctx.request_id(), prepare).await {
-                Ok(Admitted::Turn(lease, prepared)) => break (lease, prepared),
+                Ok(Admitted::Turn(lease, prepared)) => break Ok((lease, prepared)),
                 Ok(Admitted::Interrupted(stored)) => {
                     // Finish the dead owner's turn first; this request then waits its turn.
-                    resume(app, key.clone(), ctx.headers().clone(), stored).await;
+                    if let Err(err) = resume(app, key.clone(), ctx.headers().clone(), stored).await {
+                        break Err(err);
+                    }
                 }
-                Err(GatewayError::SessionStore(err))
-                    if app.sessions.config.on_store_error == OnStoreError::FailOpen =>
-                {
-                    tracing::warn!(error = %err, "session store unavailable; serving without the session");
-                    return Ok(Turn { ctx, upstream: None, conversation: Vec::new(), mode: Mode::Degraded });
-                }
-                Err(err @ (GatewayError::SessionStore(_) | GatewayError::SessionBusy { .. }))
-                    if session.implicit =>
-                {
-                    tracing::warn!(error = %err, "an implicit session cannot take the turn; serving it statelessly");
-                    let upstream = compression::stateless(app, &mut ctx).await?;
-                    return Ok(Turn { ctx, upstream, conversation: Vec::new(), mode: Mode::Degraded });
-                }
-                Err(err) => return Err(err),
+                Err(err) => break Err(err),
             }
         };
-        let (lease, prepared) = admitted;
+        let (lease, prepared) = match admitted {
+            Ok(admitted) => admitted,
+            Err(GatewayError::SessionStore(err))
+                if app.sessions.config.on_store_error == OnStoreError::FailOpen =>
+            {
+                tracing::warn!(error = %err, "session store unavailable; serving without the session");
+                return Ok(Turn { ctx, upstream: None, conversation: Vec::new(), mode: Mode::Degraded });
+            }
+            Err(err @ (GatewayError::SessionStore(_) | GatewayError::SessionBusy { .. }))
+                if session.implicit =>
+            {
+                tracing::warn!(error = %err, "an implicit session cannot take the turn; serving it statelessly");
+                let upstream = compression::stateless(app, &mut ctx).await?;
+                return Ok(Turn { ctx, upstream, conversation: Vec::new(), mode: Mode::Degraded });
+            }
+            Err(err) => return Err(err),
+        };
         if prepared.rewrote_history {
             app.metrics.session_history_rewrites.inc();
         }
@@ -442,13 +447,16 @@ fn task_log(lease: &Lease) -> Arc<TaskLog> {
 }
 
 /// Takes over a turn whose owner died and re-issues it in the background, answering no
-/// client (readers use the stream endpoint). Returns the new turn id if this call took it.
+/// client (readers use the stream endpoint). Returns the new turn id if this call took it,
+/// `None` if another process did (or the turn cannot be re-issued and was given up), and the
+/// store's error if it could not take the turn over: a caller that loops until the session is
+/// free must stop there, or it would retry the takeover without end.
 pub(crate) async fn resume(
     app: &Arc<AppState>,
     key: SessionKey,
     headers: HeaderMap,
     stored: Stored,
-) -> Option<u64> {
+) -> Result<Option<u64>, GatewayError> {
     let goal = stored.checkpoint.goal.clone();
     let label = |outcome| OutcomeLabel { outcome };
     let resumes = &app.metrics.session_resumes;
@@ -456,12 +464,11 @@ pub(crate) async fn resume(
         Ok(Some(taken)) => taken,
         Ok(None) => {
             resumes.get_or_create(&label("taken_by_another")).inc();
-            return None;
+            return Ok(None);
         }
         Err(err) => {
-            tracing::warn!(error = %err, "cannot resume an interrupted turn");
             resumes.get_or_create(&label("error")).inc();
-            return None;
+            return Err(err);
         }
     };
     let parsed = ChatRequest::parse(Bytes::from(request.body.get().to_string()))
@@ -472,7 +479,7 @@ pub(crate) async fn resume(
         Err(_) => {
             resumes.get_or_create(&label("unreadable")).inc();
             let _ = lease.finish(None).await;
-            return None;
+            return Ok(None);
         }
     };
     let conversation =
@@ -494,7 +501,7 @@ pub(crate) async fn resume(
             drain(response).await;
         }
     });
-    Some(turn_id)
+    Ok(Some(turn_id))
 }
 
 /// Reads a response no client waits for to its end (a resumed stream's relay commits when

@@ -62,7 +62,9 @@ async fn sweep_once(app: &Arc<AppState>, limit: usize) {
                 // A live owner (a renewal the index has not seen yet) keeps its turn.
                 if sessions.lapsed(f, now_ms()) {
                     if let Some(stored) = stored {
-                        resume(app, key, HeaderMap::new(), stored).await;
+                        if let Err(err) = resume(app, key.clone(), HeaderMap::new(), stored).await {
+                            tracing::warn!(session = ?key, error = %err, "takeover sweep: cannot take a turn over");
+                        }
                     }
                 }
             }

@@ -133,7 +133,7 @@ pub(crate) async fn api(
                 Some(f) if f.request.is_none() => {
                     json!({"id": id, "object": "session.resume", "resumed": false, "state": "abandoned", "turn": f.turn})
                 }
-                Some(_) => match resume(&state, key, parts.headers.clone(), stored).await {
+                Some(_) => match resume(&state, key, parts.headers.clone(), stored).await? {
                     Some(turn) => {
                         let mut response = json_response(
                             &json!({"id": id, "object": "session.resume", "resumed": true, "state": "in_progress", "turn": turn}),
@@ -239,7 +239,7 @@ async fn admit_for_update(
         match Lease::admit_update(state.sessions.clone(), key.clone()).await? {
             Admitted::Turn(lease, ()) => return Ok(lease),
             Admitted::Interrupted(stored) => {
-                resume(state, key.clone(), headers.clone(), stored).await;
+                resume(state, key.clone(), headers.clone(), stored).await?;
             }
         }
     }
@@ -297,7 +297,7 @@ async fn follow_to_end(
             Followed::Ended(reason) => return Err(incomplete(reason)),
             Followed::Moved(next) => Some(next),
             // `None`: someone else took it over (or it moved on); the next look finds where.
-            Followed::Lapsed(stored) => resume(app, key.clone(), headers.clone(), *stored).await,
+            Followed::Lapsed(stored) => resume(app, key.clone(), headers.clone(), *stored).await?,
         };
         if let Some(next) = next {
             // The re-issued turn is followed from its start: its events carry the new number.
