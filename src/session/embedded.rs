@@ -84,7 +84,7 @@ impl EmbeddedStore {
 
 impl EmbeddedStore {
     /// Removes expired sessions (checkpoint and event log), the tombstones of deleted ones
-    /// ([`tombstone_expired`]) and expired blobs; returns how many sessions and tombstones,
+    /// ([`tombstone_expired`]) and expired blobs (with their event logs); returns how many sessions and tombstones,
     /// and how many blobs. Expiry is checked again inside the write, so a session committed
     /// since the scan stays. `opening`: the first sweep after the file was opened.
     pub async fn sweep(&self, opening: bool) -> Result<(usize, usize), StoreError> {
@@ -140,6 +140,8 @@ impl EmbeddedStore {
                         .is_some_and(|value| blob_expired(value.value(), ttl, now));
                     if still {
                         table.remove(key.as_str()).map_err(unavailable)?;
+                        // A blob's own event log (see `session::blob_log`) goes with it.
+                        clear_events(&mut events, key)?;
                         removed.1 += 1;
                     }
                 }
