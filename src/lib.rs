@@ -89,6 +89,10 @@ pub struct AppState {
     pub(crate) metrics: Arc<Metrics>,
     model_labels: ModelLabels,
     sheets: chat::compression::Sheets,
+    /// The front end that finishes a resumed turn it began (background responses).
+    resumer: chat::Resumer,
+    /// Background responses running in this process.
+    background: responses::Running,
     /// Work that outlives its request (session turns, stream relays, state sheets, replays),
     /// waited for on shutdown.
     tasks: TaskTracker,
@@ -136,6 +140,8 @@ impl AppState {
             metrics,
             model_labels,
             sheets: chat::compression::Sheets::default(),
+            resumer: responses::resumed,
+            background: responses::Running::default(),
             tasks: TaskTracker::new(),
         }))
     }
