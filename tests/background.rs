@@ -412,7 +412,8 @@ async fn a_streamed_background_response_can_be_resumed_before_its_first_output()
 
     // Then it gets everything after it, to the completed response
     let rest = read_events(&mut follower.bytes_stream(), &mut Vec::new(), |_| false).await;
-    assert_eq!(data(&rest[0])["type"], "response.in_progress");
+    assert_eq!(data(&rest[0])["type"], "response.queued");
     assert_eq!(data(&rest[0])["sequence_number"], 1);
+    assert_eq!(data(&rest[1])["type"], "response.in_progress");
     assert_eq!(data(rest.last().unwrap())["type"], "response.completed");
 }

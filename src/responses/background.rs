@@ -133,7 +133,7 @@ pub(super) async fn start(turn: Turn, mut ctx: ChatContext) -> Result<Response<B
     let mut translator = Translator::new(job.base.clone());
     let log = app.sessions.event_log(store::log_key(&job.scope, &job.base.id), 0, 1);
     let mut events = Events { client: Some(frames), log: Some(log) };
-    events.send(vec![translator.created(Status::Queued)]).await;
+    events.send(vec![translator.created(Status::Queued), translator.queued()]).await;
     app.spawn(job.run(answer, Some((translator, events))));
     let mut response = Response::new(body);
     response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));

@@ -87,6 +87,12 @@ impl Translator {
         self.event("response.created", json!({"response": response}))
     }
 
+    /// `response.queued`: a background response waits for its turn.
+    pub(crate) fn queued(&mut self) -> Bytes {
+        let response = self.base.object(Status::Queued, Vec::new(), Value::Null, Value::Null);
+        self.event("response.queued", json!({"response": response}))
+    }
+
     pub(crate) fn in_progress(&mut self) -> Bytes {
         let response = self.base.object(Status::InProgress, Vec::new(), Value::Null, Value::Null);
         self.event("response.in_progress", json!({"response": response}))
