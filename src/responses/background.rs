@@ -107,11 +107,12 @@ pub(super) async fn start(turn: Turn, mut ctx: ChatContext) -> Result<Response<B
         session: turn.session.clone(),
         streamed: turn.parsed.stream,
     };
-    store::save_running(&app.sessions, &turn.scope, new).await?;
+    // Registered first: a reader that finds the record running finds it here too.
     let cancel = CancellationToken::new();
+    let registration = Running::register(&app, &turn.scope, &turn.base.id, cancel.clone());
+    store::save_running(&app.sessions, &turn.scope, new).await?;
     ctx.cancel = cancel.clone();
     ctx.origin = Some(origin(&turn.base.id));
-    let registration = Running::register(&app, &turn.scope, &turn.base.id, cancel.clone());
     let job = Job {
         app: app.clone(),
         scope: turn.scope,

@@ -24,6 +24,10 @@ use crate::AppState;
 /// How often a follower that has caught up looks for events another replica logged.
 const POLL: Duration = Duration::from_millis(25);
 
+/// How often a follower that has caught up looks at where the response runs (its record, and
+/// its session's in-flight marker), which is more than a look at the log.
+const CHECK: Duration = Duration::from_millis(500);
+
 /// How many times one follower takes the response's turn over before giving up.
 const MAX_TAKEOVERS: usize = 8;
 
@@ -91,6 +95,8 @@ async fn follow(
     let key = store::log_key(scope, id);
     let mut watch = sessions.log_watch(&key);
     let mut takeovers = 0;
+    // Until when the last look found the response running, here or elsewhere.
+    let mut running_until: Option<(tokio::time::Instant, bool)> = None;
     loop {
         watch.seen();
         let events = sessions.events_after(&key, 0, after, 256).await?;
@@ -101,6 +107,15 @@ async fn follow(
             }
         }
         if !events.is_empty() {
+            continue;
+        }
+        if let Some((until, here)) = running_until.filter(|(until, _)| tokio::time::Instant::now() < *until) {
+            let poll = if here { until } else { tokio::time::Instant::now() + POLL };
+            tokio::select! {
+                () = watch.changed() => {}
+                () = tokio::time::sleep_until(poll) => {}
+                () = tx.closed() => return Ok(()),
+            }
             continue;
         }
         let not_found = || GatewayError::ResponseNotFound { id: id.to_string() };
@@ -116,20 +131,10 @@ async fn follow(
             return Ok(());
         }
         match liveness(app, scope, id, &record).await? {
-            Liveness::Here => {
-                tokio::select! {
-                    () = watch.changed() => {}
-                    // A job that ends without logging (its store failed) is seen here too.
-                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
-                    () = tx.closed() => return Ok(()),
-                }
-            }
-            Liveness::Elsewhere => {
-                tokio::select! {
-                    () = tokio::time::sleep(POLL) => {}
-                    () = tx.closed() => return Ok(()),
-                }
-            }
+            // Logged events wake the follower; the log is polled for another replica's, and
+            // the rest is looked at again after a while (a job that ended without logging).
+            Liveness::Here => running_until = Some((tokio::time::Instant::now() + CHECK, true)),
+            Liveness::Elsewhere => running_until = Some((tokio::time::Instant::now() + CHECK, false)),
             Liveness::Lapsed(lapsed) => {
                 takeovers += 1;
                 if takeovers > MAX_TAKEOVERS {
