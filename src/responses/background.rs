@@ -12,11 +12,13 @@
 //!
 //! Cancel (`POST /v1/responses/{id}/cancel`): the process running the response drops the
 //! upstream call and releases the session without a commit, so nothing of the turn reaches
-//! the conversation; the response is stored `cancelled`, with its input and no output. A cancel
+//! the conversation; the response is stored `cancelled`, with its input and no output (a turn
+//! that committed before the cancel reached it stays `completed`, as its session says). A cancel
 //! on another replica (Redis) is written into the response's record, which its owner reads
 //! every [`REMOTE_CANCEL_POLL`]; the cancel call waits for the outcome.
 
 use std::collections::HashMap;
+use std::convert::Infallible;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -246,8 +248,13 @@ enum Outcome {
 }
 
 impl Job {
-    /// Waits for the turn's answer, reads it, and stores the response finished. Cancelled
-    /// (here, or through its record by another replica), it stops where it is.
+    /// Waits for the turn's answer, reads it to its end, and stores the response finished.
+    ///
+    /// A cancel (here, or through its record by another replica) goes to the chat turn, which
+    /// drops its upstream call and releases the session, and ends its answer with the error:
+    /// the turn alone knows whether it committed first, so its answer, not the cancel, says
+    /// how the response ended. Only a turn still waiting for its session (another turn of the
+    /// chain in flight) sees the cancel once admitted.
     async fn run(
         mut self,
         answer: impl Future<Output = Result<Response<Body>, GatewayError>>,
@@ -256,10 +263,8 @@ impl Job {
         let cancel = self.cancel.clone();
         let (app, scope, id) = (self.app.clone(), self.scope.clone(), self.base.id.clone());
         let outcome = tokio::select! {
-            biased;
-            () = cancel.cancelled() => Outcome::Cancelled,
-            () = remote_cancel(&app, &scope, &id, &cancel), if app.sessions.shared() => Outcome::Cancelled,
             outcome = self.answer(answer, stream.as_mut()) => outcome,
+            never = remote_cancel(&app, &scope, &id, &cancel), if app.sessions.shared() => match never {},
         };
         let outcome = match outcome {
             // The turn stopped because it was cancelled, not because it failed.
@@ -408,17 +413,18 @@ async fn save_keeping_inputs(app: &AppState, scope: &str, mut new: New<'_>) -> R
     store::save(&app.sessions, scope, new).await
 }
 
-/// Resolves once a cancel for the response is written into its record (by another replica).
-async fn remote_cancel(app: &AppState, scope: &str, id: &str, cancel: &CancellationToken) {
-    loop {
+/// Cancels the response once a cancel is written into its record (by another replica); never
+/// resolves.
+async fn remote_cancel(app: &AppState, scope: &str, id: &str, cancel: &CancellationToken) -> Infallible {
+    while !cancel.is_cancelled() {
         tokio::time::sleep(REMOTE_CANCEL_POLL).await;
         if let Ok(Some(record)) = store::load(&app.sessions, scope, id).await {
             if record.cancel_requested {
                 cancel.cancel();
-                return;
             }
         }
     }
+    std::future::pending().await
 }
 
 /// Where a running background response is being run.
