@@ -417,3 +417,52 @@ async fn a_streamed_background_response_can_be_resumed_before_its_first_output()
     assert_eq!(data(&rest[1])["type"], "response.in_progress");
     assert_eq!(data(rest.last().unwrap())["type"], "response.completed");
 }
+
+#[tokio::test]
+async fn a_follower_on_a_surviving_replica_takes_a_background_stream_over() {
+    // Given two gateways sharing Redis (1 s lease), an upstream that hangs mid-answer and then
+    // answers whole, and a streamed background response on the first
+    let redis = Store::Redis.url().await;
+    let gate = Gate::new();
+    let upstream = Server::builder()
+        .stream(chunks(&["partial ", "answer ", "lost"], Some((2, &gate))))
+        .stream(chunks(&["full ", "answer"], None))
+        .start()
+        .await
+        .unwrap();
+    let url = upstream.base_url();
+    let (mut a, b) = tokio::join!(Gateway::start(&url, &redis.url), Gateway::start(&url, &redis.url));
+    let client = reqwest::Client::new();
+    let response = create(
+        &client,
+        &a.base,
+        json!({"model": "mock-model", "input": "Go.", "background": true, "stream": true}),
+    )
+    .send()
+    .await
+    .unwrap();
+    let mut body = response.bytes_stream();
+    let seen = read_events(&mut body, &mut Vec::new(), |e| e["delta"] == "answer ").await;
+    let id = data(&seen[0])["response"]["id"].as_str().unwrap().to_string();
+    let last_seen = *numbers(&seen).last().unwrap();
+    let logged = get(&client, &b.base, &format!("{id}?stream=true&starting_after={}", last_seen - 1)).await;
+    let logged = read_events(&mut logged.bytes_stream(), &mut Vec::new(), |_| true).await;
+    assert_eq!(logged, seen[seen.len() - 1..]);
+
+    // When the first is killed and a client resumes the stream on the second
+    a.kill();
+    drop(body);
+    let resumed = get(&client, &b.base, &format!("{id}?stream=true&starting_after={last_seen}")).await;
+
+    // Then once the lease lapses the follower's replica takes the turn over, and the stream goes
+    // on, numbered on, to the re-issued answer's completion
+    let rest = read_events(&mut resumed.bytes_stream(), &mut Vec::new(), |_| false).await;
+    let expected: Vec<u64> = (last_seen + 1..last_seen + 1 + rest.len() as u64).collect();
+    assert_eq!(numbers(&rest), expected);
+    let last = data(rest.last().unwrap());
+    assert_eq!(last["type"], "response.completed", "{rest:?}");
+    assert_eq!(last["response"]["output"][0]["content"][0]["text"], "full answer");
+    let (_, done) = poll_until_finished(&client, &b.base, &id).await;
+    assert_eq!(done["output"][0]["content"][0]["text"], "full answer");
+    assert_eq!(stores::transcript(&client, &b.base, &id, AUTH).await.len(), 2);
+}
