@@ -518,4 +518,21 @@ mod tests {
         assert_eq!(store.sweep(true).await.unwrap(), (1, 0));
         assert!(store.load(&other).await.unwrap().is_some());
     }
+
+    #[tokio::test]
+    async fn a_blobs_event_log_goes_with_the_blob() {
+        let dir = tempfile::tempdir().unwrap();
+        let ttl = Duration::from_millis(300);
+        let store = EmbeddedStore::open(&dir.path().join("b.redb"), ttl).unwrap();
+        let owner = SessionKey::new(b"k", "resp_1");
+        let log = crate::session::blob_log(crate::session::BlobKind::Response, &owner);
+        store.put_blob(&log.storage_key(), Bytes::from_static(b"record")).await.unwrap();
+        store.append_events(&log, 0, 1, &[Bytes::from_static(b"event")]).await.unwrap();
+        assert_eq!(store.read_events(&log, 0, 0, 10).await.unwrap().len(), 1);
+
+        tokio::time::sleep(ttl + Duration::from_millis(50)).await;
+        assert_eq!(store.sweep(false).await.unwrap(), (0, 1));
+        assert!(store.get_blob(&log.storage_key()).await.unwrap().is_none());
+        assert!(store.read_events(&log, 0, 0, 10).await.unwrap().is_empty());
+    }
 }
