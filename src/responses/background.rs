@@ -146,7 +146,9 @@ pub(super) async fn start(turn: Turn, mut ctx: ChatContext) -> Result<Response<B
 
 /// The front end of a background response's turn resumed after a takeover (see
 /// [`chat::Resumer`]): finishes the response with the re-issued answer. A response stored as
-/// finished meanwhile (cancelled while no process ran it) cancels the turn at once.
+/// finished meanwhile (cancelled while no process ran it), or one that cannot be read (the
+/// store failing), cancels the turn at once: nothing is committed, and a later read of the
+/// response finds no one running it and stores it failed.
 pub(crate) fn resumed(
     app: Arc<AppState>,
     session: SessionKey,
