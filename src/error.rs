@@ -71,6 +71,9 @@ pub enum GatewayError {
     /// No stored response with this id for this caller (another caller's are invisible).
     #[error("Response with id '{id}' not found.")]
     ResponseNotFound { id: String },
+    /// The turn was cancelled while it ran (`POST /v1/responses/{id}/cancel`).
+    #[error("The request was cancelled")]
+    Cancelled,
     /// The session exists but has no locked goal.
     #[error("Session {id} has no locked goal")]
     GoalNotSet { id: String },
@@ -143,9 +146,10 @@ impl GatewayError {
             | Self::GoalNotSet { .. }
             | Self::OriginalNotFound { .. } => StatusCode::NOT_FOUND,
             Self::TurnIncomplete { .. } => StatusCode::BAD_GATEWAY,
-            Self::SessionBusy { .. } | Self::SessionConflict { .. } | Self::GoalLocked { .. } => {
-                StatusCode::CONFLICT
-            }
+            Self::SessionBusy { .. }
+            | Self::SessionConflict { .. }
+            | Self::GoalLocked { .. }
+            | Self::Cancelled => StatusCode::CONFLICT,
             Self::SessionStore(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
@@ -178,6 +182,7 @@ impl GatewayError {
             | Self::SessionBusy { .. }
             | Self::SessionConflict { .. }
             | Self::GoalLocked { .. }
+            | Self::Cancelled
             | Self::SessionNotFound { .. }
             | Self::ResponseNotFound { .. }
             | Self::GoalNotSet { .. }
@@ -214,6 +219,7 @@ impl GatewayError {
             Self::SessionBusy { .. } => "session_busy",
             Self::SessionConflict { .. } => "session_conflict",
             Self::GoalLocked { .. } => "goal_locked",
+            Self::Cancelled => "cancelled",
             Self::SessionNotFound { .. } => "session_not_found",
             Self::ResponseNotFound { .. } => "response_not_found",
             Self::GoalNotSet { .. } => "goal_not_set",

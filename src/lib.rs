@@ -18,7 +18,8 @@
 //!   finish); stateless, session and degraded turns differ in its `Mode` only; the takeover
 //!   sweep that re-issues turns whose process died.
 //! - [`responses`]: `POST /v1/responses` (OpenAI's Responses API) as a second front end of the
-//!   chat pipeline, and the stored responses a `previous_response_id` chain continues from.
+//!   chat pipeline, and the stored responses a `previous_response_id` chain continues from;
+//!   background responses, their cancel and the replay of their streams.
 //! - [`handlers`]: the model list and passthrough routes; the sessions API.
 //!
 //! Features (each gets plain values or narrow handles, never the application):
@@ -90,6 +91,10 @@ pub struct AppState {
     pub(crate) metrics: Arc<Metrics>,
     model_labels: ModelLabels,
     sheets: chat::compression::Sheets,
+    /// The front end that finishes a resumed turn it began (background responses).
+    resumer: chat::Resumer,
+    /// Background responses running in this process.
+    background: responses::Running,
     /// Work that outlives its request (session turns, stream relays, state sheets, replays),
     /// waited for on shutdown.
     tasks: TaskTracker,
@@ -137,6 +142,8 @@ impl AppState {
             metrics,
             model_labels,
             sheets: chat::compression::Sheets::default(),
+            resumer: responses::resumed,
+            background: responses::Running::default(),
             tasks: TaskTracker::new(),
         }))
     }

@@ -1172,3 +1172,52 @@ async fn a_chain_outlives_the_ttl_of_its_first_response() {
         json!([user("zero"), reply, user("one"), reply, user("two"), reply, user("three")])
     );
 }
+
+#[tokio::test]
+async fn official_python_sdk_runs_background_responses() {
+    // Given a Chat-Completions upstream scripted in the order the SDK script calls it: an
+    // answer, a streamed answer, another answer, and one that takes far longer than the test
+    let upstream = Server::builder()
+        .chat(fixtures::completion("Done in the background."))
+        .stream(chunks(&["resumed ", "stream ", "works"], None))
+        .chat(fixtures::completion("Now."))
+        .reply(Reply::json(200, fixtures::completion("Too late.")).delay(std::time::Duration::from_secs(60)));
+    let h = Harness::builder().upstream(upstream).start().await;
+
+    // When the SDK script runs against the gateway
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/e2e/responses_background_sdk.py");
+    let python = support::python::python();
+    let output = tokio::process::Command::new(python)
+        .arg(script)
+        .arg(h.v1(""))
+        .output()
+        .await
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", python.display()));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "the SDK script failed:\n{stderr}");
+    let seen: Value = serde_json::from_slice(&output.stdout).unwrap();
+
+    // Then `responses.create(background=True)` returned at once, queued, and polling with
+    // `responses.retrieve` saw it complete
+    let polled = &seen["polled"];
+    assert_eq!(polled["created_status"], "queued", "{polled}");
+    assert_eq!(polled["background"], true);
+    assert_eq!(polled["statuses"].as_array().unwrap().last().unwrap(), "completed", "{polled}");
+    assert_eq!(polled["text"], "Done in the background.");
+    // And `responses.retrieve(id, stream=True, starting_after=N)` gave the SDK the events after N,
+    // numbered on from it, to `response.completed`
+    let resumed = &seen["resumed"];
+    let last_seen = resumed["last_seen"].as_u64().unwrap();
+    assert_eq!(resumed["first_part"][0], "response.created", "{resumed}");
+    let numbers: Vec<u64> =
+        resumed["numbers"].as_array().unwrap().iter().map(|n| n.as_u64().unwrap()).collect();
+    assert_eq!(numbers, (last_seen + 1..last_seen + 1 + numbers.len() as u64).collect::<Vec<_>>());
+    assert_eq!(resumed["rest"].as_array().unwrap().last().unwrap(), "response.completed", "{resumed}");
+    assert_eq!(resumed["text"], "resumed stream works");
+    // And `responses.cancel` cancelled the running one, which stays cancelled
+    assert_eq!(seen["cancelled"], json!({"status": "cancelled", "retrieved": "cancelled", "output": 0}));
+    // And a response created without background cannot be cancelled
+    assert_eq!(seen["foreground_cancel"]["status"], 400, "{seen}");
+    assert_eq!(seen["foreground_cancel"]["message"], "Cannot cancel a synchronous response.");
+    assert_eq!(seen["foreground_cancel"]["type"], "invalid_request_error");
+}

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{header, request, HeaderMap, Method};
+use tokio_util::sync::CancellationToken;
 
 use crate::auth::{self, scope_credential, Caller};
 use crate::body::Body;
@@ -39,6 +40,12 @@ pub(crate) struct ChatContext {
     /// Which pool endpoint the conversation belongs on (its session, or its stable prefix),
     /// for every upstream call of the turn.
     pub(crate) affinity: Option<AffinityKey>,
+    /// Set by a front end that finishes the turn's work itself after a takeover (recorded in
+    /// the in-flight marker, see [`crate::session::StoredRequest::origin`]).
+    pub(crate) origin: Option<String>,
+    /// Cancels the turn (a background response's cancel): the upstream call is dropped and the
+    /// session released without a commit.
+    pub(crate) cancel: CancellationToken,
 }
 
 impl ChatContext {
@@ -79,6 +86,8 @@ impl ChatContext {
             tools_engaged,
             expand: false,
             affinity: None,
+            origin: None,
+            cancel: CancellationToken::new(),
         };
         ctx.affinity = ctx.affinity_key(app);
         if ctx.compression_opted_out() {
@@ -113,6 +122,8 @@ impl ChatContext {
             session: None,
             annotations: HeaderMap::new(),
             tools_engaged,
+            origin: None,
+            cancel: CancellationToken::new(),
         })
     }
 

@@ -32,6 +32,7 @@ use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Request, Response};
 use serde_json::value::RawValue;
 use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
 
 use self::compose::GoalConflict;
 use self::compression::Compaction;
@@ -187,7 +188,11 @@ impl Turn {
             ctx.parts.headers.remove(header::ACCEPT_ENCODING);
             ctx.parts.headers.clone()
         };
-        let forwarded = mode.guard(ctx.send_with(&app, sent, headers)).await;
+        let cancel = ctx.cancel.clone();
+        let forwarded = mode
+            .guard(unless_cancelled(&cancel, ctx.send_with(&app, sent, headers)))
+            .await
+            .unwrap_or(Err(GatewayError::Cancelled));
         let mut response = match forwarded {
             Ok(forwarded) => forwarded.into_response(),
             Err(err) => {
@@ -216,7 +221,16 @@ impl Turn {
                 let originals = originals(&ctx, &mode, &conversation);
                 let mut rounds = ToolLoop::new(&task, &ctx, sent, mode.is_session(), mode.tasks())
                     .with_originals(originals);
-                mode.guard(rounds.stream(upstream_body, &mut relay)).await;
+                let streamed =
+                    mode.guard(unless_cancelled(&cancel, rounds.stream(upstream_body, &mut relay)));
+                if streamed.await.is_none() {
+                    // Cancelled: the upstream call is dropped with the rounds, nothing is
+                    // committed, and the client's stream ends with the reason.
+                    relay.close_log().await;
+                    let _ = mode.finish(conversation, None).await;
+                    relay.end(Err(&GatewayError::Cancelled)).await;
+                    return;
+                }
                 relay.close_log().await;
                 let outcome = rounds.finish();
                 let committed = mode.finish(conversation, Some(outcome)).await;
@@ -231,7 +245,10 @@ impl Turn {
         let originals = originals(&ctx, &mode, &conversation);
         let mut rounds =
             ToolLoop::new(&app, &ctx, sent, mode.is_session(), mode.tasks()).with_originals(originals);
-        let answered = mode.guard(rounds.json(response)).await;
+        let answered = mode
+            .guard(unless_cancelled(&cancel, rounds.json(response)))
+            .await
+            .unwrap_or(Err(GatewayError::Cancelled));
         let outcome = rounds.finish();
         let mut response = match answered {
             Ok(response) => response,
@@ -258,6 +275,19 @@ impl Turn {
             Err(err) => return Err(err),
         }
         Ok(response)
+    }
+}
+
+/// Runs `future` unless `cancel` fires first: `None` then, and the future is dropped (with it
+/// the upstream call it makes).
+async fn unless_cancelled<F: std::future::Future>(
+    cancel: &CancellationToken,
+    future: F,
+) -> Option<F::Output> {
+    tokio::select! {
+        biased;
+        () = cancel.cancelled() => None,
+        output = future => Some(output),
     }
 }
 
@@ -406,6 +436,7 @@ fn prepare(
             .map(|_| composed.conversation.clone()),
         caller_credential: crate::upstream::carries_credential(ctx.headers())
             && ctx.route(app).iter().any(|u| !u.holds_credential()),
+        origin: ctx.origin.clone(),
     };
     let prepared = Prepared {
         conversation: composed.conversation,
@@ -482,6 +513,14 @@ pub(crate) async fn resume(
             return Ok(None);
         }
     };
+    let mut ctx = ctx;
+    let front_end = match request.origin.clone() {
+        Some(origin) => (app.resumer)(app.clone(), lease.key().clone(), origin).await,
+        None => None,
+    };
+    if let Some(front_end) = &front_end {
+        ctx.cancel = front_end.cancel.clone();
+    }
     let conversation =
         request.conversation.unwrap_or_else(|| compose::conversation_of(&ctx.request, goal.as_ref()));
     tracing::info!(session = ?lease.key(), turn = lease.turn(), "resuming an interrupted turn");
@@ -496,13 +535,37 @@ pub(crate) async fn resume(
     };
     let task = app.clone();
     app.spawn(async move {
-        // No client waits for this answer: a stream is relayed into the event log alone.
-        if let Ok(response) = turn.run(task).await {
-            drain(response).await;
+        let answer = turn.run(task).await;
+        match front_end {
+            // The front end that began the turn finishes its part with the answer.
+            Some(front_end) => (front_end.finish)(answer).await,
+            // No client waits for this answer: a stream is relayed into the event log alone.
+            None => {
+                if let Ok(response) = answer {
+                    drain(response).await;
+                }
+            }
         }
     });
     Ok(Some(turn_id))
 }
+
+/// A front end's part in a turn it began, when the turn is resumed after a takeover: how to
+/// cancel it, and what to do with its answer (a background response translates and stores it).
+pub(crate) struct FrontEnd {
+    pub(crate) cancel: CancellationToken,
+    pub(crate) finish: Finish,
+}
+
+/// What a front end does with a resumed turn's answer.
+pub(crate) type Finish = Box<dyn FnOnce(Result<Response<Body>, GatewayError>) -> BoxFuture<()> + Send>;
+
+pub(crate) type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>;
+
+/// Finds the front end of a resumed turn from the origin its marker records (see
+/// [`crate::session::StoredRequest::origin`]); `None` when none claims it. Set once at start-up
+/// (the front ends sit beside this pipeline, not below it).
+pub(crate) type Resumer = fn(Arc<AppState>, SessionKey, String) -> BoxFuture<Option<FrontEnd>>;
 
 /// Reads a response no client waits for to its end (a resumed stream's relay commits when
 /// its body is done).

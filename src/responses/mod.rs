@@ -1,5 +1,7 @@
 //! `POST /v1/responses` (OpenAI's Responses API) and the stored responses:
-//! `GET /v1/responses/{id}`, `GET /v1/responses/{id}/input_items`, `DELETE /v1/responses/{id}`.
+//! `GET /v1/responses/{id}` (with `stream=true`, its events: [`replay`]),
+//! `GET /v1/responses/{id}/input_items`, `DELETE /v1/responses/{id}`,
+//! `POST /v1/responses/{id}/cancel` ([`background`]).
 //!
 //! Over a Chat-Completions-only upstream ([`over_chat`]) this is the chat pipeline's second
 //! front-end protocol, an adapter at its step 1 (see [`crate::chat`]): the request becomes a
@@ -16,16 +18,23 @@
 //! history rewrite of the session), across a restart (embedded store) and across replicas
 //! (Redis).
 //!
+//! With `background` ([`background`]) the response runs detached from its request, is stored
+//! as it starts and as it ends, and with `stream` its events are logged for replay.
+//!
 //! Upstreams that speak the Responses API themselves (`upstreams[].api = "responses"`, the
 //! default for OpenAI) get the request as the client sent it ([`native`]), with the
 //! conversation of a `previous_response_id` the gateway holds in its `input`.
 
+mod background;
 mod native;
 mod over_chat;
+mod replay;
 mod request;
 mod response;
 mod store;
 mod stream;
+
+pub(crate) use background::{resumed, Running};
 
 use std::sync::Arc;
 
@@ -59,7 +68,7 @@ pub(crate) async fn create(
         BodyModel::NotAnObject => None,
     };
     let route = app.upstreams.router.route(model.as_deref());
-    let scope = scope_credential(&parts.headers, &parts.extensions);
+    let scope = store::scope_of(&scope_credential(&parts.headers, &parts.extensions));
     if !route.is_empty() && route.iter().all(|u| u.api == UpstreamApi::Responses) {
         return native::create(app, parts, bytes, scope).await;
     }
@@ -97,9 +106,10 @@ async fn send(client: &mut Option<FrameSender>, events: Vec<Bytes>) {
     }
 }
 
-/// `GET /v1/responses/{id}`, `GET /v1/responses/{id}/input_items`, `DELETE /v1/responses/{id}`.
-/// An id the gateway does not hold goes to an upstream that has the Responses API, if the
-/// default route has one; else it is not found.
+/// `GET /v1/responses/{id}` (`?stream=true`: its events), `GET /v1/responses/{id}/input_items`,
+/// `DELETE /v1/responses/{id}`, `POST /v1/responses/{id}/cancel`. An id the gateway does not
+/// hold goes to an upstream that has the Responses API, if the default route has one; else it
+/// is not found.
 pub(crate) async fn api(app: Arc<AppState>, request: Request<Body>) -> Result<Response<Body>, GatewayError> {
     let path = request.uri().path().to_string();
     let rest = path.trim_start_matches("/v1/responses/");
@@ -108,21 +118,33 @@ pub(crate) async fn api(app: Arc<AppState>, request: Request<Body>) -> Result<Re
         None => (rest, None),
     };
     let method = request.method().clone();
-    let known =
-        matches!((&method, sub), (&Method::GET, None | Some("input_items")) | (&Method::DELETE, None));
+    let known = matches!(
+        (&method, sub),
+        (&Method::GET, None | Some("input_items"))
+            | (&Method::DELETE, None)
+            | (&Method::POST, Some("cancel"))
+    );
     if !known || !crate::session::valid_id(id) {
         return passthrough_or(app, request, GatewayError::NotFound { method: method.to_string(), path })
             .await;
     }
-    let scope = scope_credential(request.headers(), request.extensions());
+    let scope = store::scope_of(&scope_credential(request.headers(), request.extensions()));
     let sessions = &app.sessions;
     let record = store::load(sessions, &scope, id).await?;
     let Some(record) = record else {
         return passthrough_or(app.clone(), request, GatewayError::ResponseNotFound { id: id.to_string() })
             .await;
     };
+    let headers = request.headers();
     match (&method, sub) {
-        (&Method::GET, None) => Ok(json_response(&record.response)),
+        (&Method::GET, None) => match replay::stream_query(request.uri().query())? {
+            Some(starting_after) => {
+                replay::stream(app.clone(), scope, id.to_string(), &record, starting_after, headers.clone())
+            }
+            // A running response whose process died is taken over (or stored failed) first.
+            None => Ok(json_response(&background::settle(&app, &scope, id, record, headers).await?.response)),
+        },
+        (&Method::POST, Some(_)) => Ok(json_response(&background::cancel(&app, &scope, id, headers).await?)),
         (&Method::GET, _) => Ok(json_response(&input_items(record.input_items, request.uri().query()))),
         _ => {
             store::delete(sessions, &scope, id).await?;

@@ -27,7 +27,7 @@ use crate::AppState;
 /// What the gateway keeps of one request, once the upstream has answered.
 struct Keep {
     app: Arc<AppState>,
-    scope: Vec<u8>,
+    scope: String,
     /// The conversation before this request.
     previous: Option<Chain>,
     /// This request's input, as items.
@@ -40,13 +40,16 @@ pub(super) async fn create(
     app: Arc<AppState>,
     mut parts: request::Parts,
     bytes: Bytes,
-    scope: Vec<u8>,
+    scope: String,
 ) -> Result<Response<Body>, GatewayError> {
     let Ok(mut fields) = serde_json::from_slice::<Map<String, Value>>(&bytes) else {
         // Not an object: the upstream says what is wrong with it.
         return passthrough::passthrough(app, Request::from_parts(parts, body::full(bytes))).await;
     };
-    let keep = fields.get("store").and_then(Value::as_bool).unwrap_or(true);
+    // A background response is the upstream's to run, store and cancel: the gateway keeps
+    // none of it, and reads of its id go to the upstream.
+    let background = fields.get("background").and_then(Value::as_bool).unwrap_or(false);
+    let keep = fields.get("store").and_then(Value::as_bool).unwrap_or(true) && !background;
     let stream = fields.get("stream").and_then(Value::as_bool).unwrap_or(false);
     let named = fields.get("previous_response_id").filter(|id| !id.is_null());
     let previous = match named.and_then(Value::as_str) {
@@ -112,6 +115,7 @@ impl Keep {
             previous: self.previous.as_ref(),
             items: self.input.iter().chain(output).cloned().collect(),
             session: None,
+            streamed: false,
         };
         store::save(&self.app.sessions, &self.scope, new).await
     }

@@ -5,7 +5,8 @@
 //! session the request names (the session header, else the chain's, else a client's own
 //! conversation id, see [`crate::session::identify`]), `store` or not; with `store` the
 //! response is stored ([`super::store`]) before the client sees it complete, and one that names
-//! no session begins a chain of its own.
+//! no session begins a chain of its own. With `background`, [`super::background`] runs it
+//! detached.
 
 use std::sync::Arc;
 
@@ -18,7 +19,7 @@ use super::request::{self as translate, Parsed};
 use super::response::{self, Base};
 use super::store::{self, Chain, New};
 use super::stream::Translator;
-use super::{collect, new_id, now_secs, send};
+use super::{background, collect, new_id, now_secs, send};
 use crate::body::{Body, ChannelBody, FrameSender};
 use crate::chat::{self, ChatContext};
 use crate::error::GatewayError;
@@ -26,6 +27,7 @@ use crate::headers;
 use crate::http_util::json_response;
 use crate::openai::events::EventSplitter;
 use crate::openai::sse;
+use crate::session::events::EventLog;
 use crate::session::Identity;
 use crate::AppState;
 
@@ -34,7 +36,7 @@ pub(super) async fn create(
     app: Arc<AppState>,
     mut parts: request::Parts,
     bytes: Bytes,
-    scope: Vec<u8>,
+    scope: String,
 ) -> Result<Response<Body>, GatewayError> {
     let parsed = translate::parse(&bytes)?;
     let previous = match &parsed.previous_response_id {
@@ -86,6 +88,9 @@ pub(super) async fn create(
         echo: parsed.echo.clone(),
     };
     let turn = Turn { app: app.clone(), scope, parsed, previous, session, base };
+    if turn.parsed.background {
+        return background::start(turn, ctx).await;
+    }
 
     let mut answer = chat::answer(app.clone(), ctx).await?;
     if !answer.status().is_success() {
@@ -118,14 +123,14 @@ pub(super) async fn create(
 }
 
 /// One Responses request on its way through the pipeline: what it needs once the answer is in.
-struct Turn {
-    app: Arc<AppState>,
-    scope: Vec<u8>,
-    parsed: Parsed,
+pub(super) struct Turn {
+    pub(super) app: Arc<AppState>,
+    pub(super) scope: String,
+    pub(super) parsed: Parsed,
     /// The conversation before this request.
-    previous: Option<Chain>,
-    session: Option<String>,
-    base: Base,
+    pub(super) previous: Option<Chain>,
+    pub(super) session: Option<String>,
+    pub(super) base: Base,
 }
 
 impl Turn {
@@ -141,6 +146,7 @@ impl Turn {
             previous: self.previous.as_ref(),
             items: self.parsed.items.iter().chain(output).cloned().collect(),
             session: self.session.clone(),
+            streamed: false,
         };
         store::save(&self.app.sessions, &self.scope, new).await
     }
@@ -148,82 +154,107 @@ impl Turn {
     /// Translates the chat stream into Responses events for the client. The response is stored
     /// before `response.completed` is sent: a client that saw it can continue the chain. A
     /// client that goes away does not stop the turn: it is read to its end and stored.
-    async fn relay(self, mut upstream: Body, client: FrameSender) {
-        let mut client = Some(client);
+    async fn relay(self, upstream: Body, client: FrameSender) {
+        let mut events = Events { client: Some(client), log: None };
         let mut translator = Translator::new(self.base.clone());
-        send(&mut client, translator.start()).await;
-        let mut splitter = EventSplitter::new(self.app.config.server.max_sse_event_bytes.get());
-        let mut done = false;
-        let mut failure: Option<Value> = None;
-        'read: while let Some(frame) = upstream.frame().await {
-            let data = match frame {
-                Ok(frame) => match frame.into_data() {
-                    Ok(data) => data,
-                    Err(_) => continue,
-                },
-                Err(err) => {
-                    failure = Some(stream_error(&format!("The upstream stream failed: {err}")));
-                    break;
-                }
-            };
-            let events = match splitter.feed(&data) {
-                Ok(events) => events,
-                Err(too_large) => {
-                    failure = Some(stream_error(&too_large.to_string()));
-                    break;
-                }
-            };
-            for event in events {
-                match self.translate(&mut translator, &event) {
-                    Step::Events(events) => send(&mut client, events).await,
-                    Step::Done => done = true,
-                    Step::Failed(error) => {
-                        failure = Some(error);
-                        break 'read;
-                    }
-                }
-            }
-        }
-        if failure.is_none() && !done {
-            failure = Some(stream_error("The upstream stream ended before the response was complete."));
-        }
-        if let Some(error) = failure {
-            send(&mut client, translator.failed(&error)).await;
+        events.send(translator.start()).await;
+        let limit = self.app.config.server.max_sse_event_bytes.get();
+        if let Err(error) = translate_stream(upstream, limit, &mut translator, &mut events).await {
+            events.send(translator.failed(&error)).await;
             return;
         }
         let (closing, finished) = translator.finish();
-        send(&mut client, closing).await;
+        events.send(closing).await;
         if let Err(err) = self.save(&finished.response, &finished.output).await {
             tracing::warn!(error = %err, "cannot store a streamed response");
-            send(&mut client, translator.failed(&err.to_json()["error"])).await;
+            events.send(translator.failed(&err.to_json()["error"])).await;
             return;
         }
         let completed = translator.completed(&finished);
-        send(&mut client, vec![completed]).await;
+        events.send(vec![completed]).await;
     }
+}
 
-    /// What one chat SSE event becomes.
-    fn translate(&self, translator: &mut Translator, event: &[u8]) -> Step {
-        let mut out = Vec::new();
-        for line in event.split(|b| *b == b'\n') {
-            let line = line.strip_suffix(b"\r").unwrap_or(line);
-            if line.starts_with(b":") {
-                // A keep-alive while the gateway's tools run: passed on as one.
-                out.push(Bytes::from([line, b"\n\n"].concat()));
-                continue;
-            }
-            let Some(data) = sse::data(line) else { continue };
-            if data == b"[DONE]" {
-                return if out.is_empty() { Step::Done } else { Step::Events(out) };
-            }
-            let Ok(chunk) = serde_json::from_slice::<Value>(data) else { continue };
-            match translator.chunk(&chunk) {
-                Ok(events) => out.extend(events),
-                Err(error) => return Step::Failed(error),
+/// Where a response's stream events go: its client while it is there, and for a background
+/// response its log, for replay.
+pub(super) struct Events {
+    pub(super) client: Option<FrameSender>,
+    pub(super) log: Option<EventLog>,
+}
+
+impl Events {
+    /// Logs `events` (not keep-alive comments, which carry no number) and sends them.
+    pub(super) async fn send(&mut self, events: Vec<Bytes>) {
+        if let Some(log) = &self.log {
+            for event in events.iter().filter(|e| !e.starts_with(b":")) {
+                log.push(event.clone()).await;
             }
         }
-        Step::Events(out)
+        send(&mut self.client, events).await;
     }
+
+    /// Waits until every logged event is written.
+    pub(super) async fn close_log(&mut self) {
+        if let Some(log) = self.log.take() {
+            log.close().await;
+        }
+    }
+}
+
+/// Reads a chat stream to its end, sending what each event becomes to `events`; `Err` with
+/// the error the response failed with. The closing events are the caller's to send.
+pub(super) async fn translate_stream(
+    mut upstream: Body,
+    max_event_bytes: usize,
+    translator: &mut Translator,
+    events: &mut Events,
+) -> Result<(), Value> {
+    let mut splitter = EventSplitter::new(max_event_bytes);
+    let mut done = false;
+    while let Some(frame) = upstream.frame().await {
+        let data = match frame {
+            Ok(frame) => match frame.into_data() {
+                Ok(data) => data,
+                Err(_) => continue,
+            },
+            Err(err) => return Err(stream_error(&format!("The upstream stream failed: {err}"))),
+        };
+        let split = splitter.feed(&data).map_err(|too_large| stream_error(&too_large.to_string()))?;
+        for event in split {
+            match translate(translator, &event) {
+                Step::Events(out) => events.send(out).await,
+                Step::Done => done = true,
+                Step::Failed(error) => return Err(error),
+            }
+        }
+    }
+    if !done {
+        return Err(stream_error("The upstream stream ended before the response was complete."));
+    }
+    Ok(())
+}
+
+/// What one chat SSE event becomes.
+fn translate(translator: &mut Translator, event: &[u8]) -> Step {
+    let mut out = Vec::new();
+    for line in event.split(|b| *b == b'\n') {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.starts_with(b":") {
+            // A keep-alive while the gateway's tools run: passed on as one.
+            out.push(Bytes::from([line, b"\n\n"].concat()));
+            continue;
+        }
+        let Some(data) = sse::data(line) else { continue };
+        if data == b"[DONE]" {
+            return if out.is_empty() { Step::Done } else { Step::Events(out) };
+        }
+        let Ok(chunk) = serde_json::from_slice::<Value>(data) else { continue };
+        match translator.chunk(&chunk) {
+            Ok(events) => out.extend(events),
+            Err(error) => return Step::Failed(error),
+        }
+    }
+    Step::Events(out)
 }
 
 enum Step {
@@ -232,6 +263,6 @@ enum Step {
     Failed(Value),
 }
 
-fn stream_error(message: &str) -> Value {
+pub(super) fn stream_error(message: &str) -> Value {
     json!({"message": message, "type": "server_error", "code": "upstream_error", "param": null})
 }

@@ -41,6 +41,8 @@ pub(crate) struct Parsed {
     pub(crate) stream: bool,
     /// `store`, true unless the client said otherwise (as OpenAI's default).
     pub(crate) store: bool,
+    /// `background`: the response runs detached from this request (with `store` only).
+    pub(crate) background: bool,
     pub(crate) previous_response_id: Option<String>,
     /// `instructions` as a system message (not carried to the next response of a chain).
     pub(crate) instructions: Option<Value>,
@@ -66,6 +68,7 @@ pub(crate) struct Echo {
     pub(crate) previous_response_id: Value,
     pub(crate) reasoning: Value,
     pub(crate) store: bool,
+    pub(crate) background: bool,
     pub(crate) temperature: Value,
     pub(crate) text: Value,
     pub(crate) tool_choice: Value,
@@ -99,9 +102,6 @@ pub(crate) fn parse(body: &[u8]) -> Result<Parsed, GatewayError> {
             ))
         }
     };
-    if fields.get("background").and_then(Value::as_bool) == Some(true) {
-        return Err(unsupported("Background mode is not supported by this gateway yet.", "background"));
-    }
     if fields.get("conversation").is_some_and(|c| !c.is_null()) {
         return Err(unsupported(
             "Conversations are not supported by this gateway yet; use previous_response_id.",
@@ -110,6 +110,11 @@ pub(crate) fn parse(body: &[u8]) -> Result<Parsed, GatewayError> {
     }
     let stream = fields.get("stream").and_then(Value::as_bool).unwrap_or(false);
     let store = fields.get("store").and_then(Value::as_bool).unwrap_or(true);
+    let background = fields.get("background").and_then(Value::as_bool).unwrap_or(false);
+    if background && !store {
+        // The response runs detached and is read back by id: it must be stored.
+        return Err(invalid("Background mode requires 'store' to be true.", "store"));
+    }
     let previous_response_id = match fields.get("previous_response_id") {
         None | Some(Value::Null) => None,
         Some(Value::String(id)) => Some(id.clone()),
@@ -139,6 +144,7 @@ pub(crate) fn parse(body: &[u8]) -> Result<Parsed, GatewayError> {
             other => other,
         },
         store,
+        background,
         temperature: fields.get("temperature").cloned().unwrap_or(json!(1.0)),
         text: match get("text") {
             Value::Null => json!({"format": {"type": "text"}}),
@@ -198,6 +204,7 @@ pub(crate) fn parse(body: &[u8]) -> Result<Parsed, GatewayError> {
         model,
         stream,
         store,
+        background,
         previous_response_id,
         instructions,
         items,
@@ -526,7 +533,7 @@ mod tests {
     fn what_a_chat_upstream_cannot_do_is_a_400_naming_the_field() {
         for (body, param) in [
             (r#"{"model":"m","input":"x","tools":[{"type":"web_search"}]}"#, "tools"),
-            (r#"{"model":"m","input":"x","background":true}"#, "background"),
+            (r#"{"model":"m","input":"x","background":true,"store":false}"#, "store"),
             (r#"{"model":"m","input":"x","conversation":"conv_1"}"#, "conversation"),
             (
                 r#"{"model":"m","input":[{"role":"user","content":[{"type":"input_file","file_id":"f"}]}]}"#,

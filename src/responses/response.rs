@@ -19,21 +19,32 @@ pub(crate) struct Base {
 /// How a response ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Status {
+    /// A background response not started yet.
+    Queued,
     InProgress,
     Completed,
     /// Cut at `max_output_tokens` (chat's `finish_reason: "length"`).
     Incomplete,
     Failed,
+    /// A background response cancelled while it ran.
+    Cancelled,
 }
 
 impl Status {
-    fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
+            Self::Queued => "queued",
             Self::InProgress => "in_progress",
             Self::Completed => "completed",
             Self::Incomplete => "incomplete",
             Self::Failed => "failed",
+            Self::Cancelled => "cancelled",
         }
+    }
+
+    /// Whether a Response object with this `status` is still running.
+    pub(crate) fn running(status: &str) -> bool {
+        matches!(status, "queued" | "in_progress")
     }
 
     /// The status a chat `finish_reason` means.
@@ -46,6 +57,36 @@ impl Status {
 }
 
 impl Base {
+    /// The base of a stored Response object (a background response resumed after a takeover):
+    /// its fields as the object echoes them.
+    pub(crate) fn from_object(object: &Value) -> Self {
+        let get = |name: &str| object.get(name).cloned().unwrap_or(Value::Null);
+        let echo = Echo {
+            instructions: get("instructions"),
+            max_output_tokens: get("max_output_tokens"),
+            metadata: get("metadata"),
+            parallel_tool_calls: get("parallel_tool_calls"),
+            previous_response_id: get("previous_response_id"),
+            reasoning: get("reasoning"),
+            store: object["store"].as_bool().unwrap_or(true),
+            background: object["background"].as_bool().unwrap_or(false),
+            temperature: get("temperature"),
+            text: get("text"),
+            tool_choice: get("tool_choice"),
+            tools: get("tools"),
+            top_p: get("top_p"),
+            truncation: get("truncation"),
+            user: get("user"),
+            prompt_cache_key: get("prompt_cache_key"),
+        };
+        Self {
+            id: object["id"].as_str().unwrap_or_default().to_string(),
+            created_at: object["created_at"].as_u64().unwrap_or(0),
+            model: object["model"].as_str().unwrap_or_default().to_string(),
+            echo,
+        }
+    }
+
     /// The Response object with `status`, `output` and `usage` (`error` when failed).
     pub(crate) fn object(&self, status: Status, output: Vec<Value>, usage: Value, error: Value) -> Value {
         let echo = &self.echo;
@@ -55,7 +96,7 @@ impl Base {
             "created_at": self.created_at,
             "status": status.as_str(),
             "completed_at": if status == Status::Completed { json!(super::now_secs()) } else { Value::Null },
-            "background": false,
+            "background": echo.background,
             "error": error,
             "incomplete_details": if status == Status::Incomplete { json!({"reason": "max_output_tokens"}) } else { Value::Null },
             "instructions": echo.instructions,
@@ -238,6 +279,18 @@ mod tests {
             json!([{"type": "reasoning_text", "text": "2 + 2 is 4."}])
         );
         assert_eq!(object["output"][1]["content"][0]["text"], "4");
+    }
+
+    #[test]
+    fn a_stored_object_gives_back_its_base() {
+        let mut base = base();
+        base.echo.background = true;
+        base.echo.metadata = json!({"k": "v"});
+        let queued = base.object(Status::Queued, Vec::new(), Value::Null, Value::Null);
+        let again = Base::from_object(&queued).object(Status::Queued, Vec::new(), Value::Null, Value::Null);
+        assert_eq!(again, queued);
+        assert_eq!(again["status"], "queued");
+        assert_eq!(again["background"], true);
     }
 
     #[test]

@@ -18,7 +18,7 @@ use serde_json::Value;
 
 use crate::error::GatewayError;
 use crate::session::checkpoint::now_ms;
-use crate::session::{BlobKind, SessionKey, Sessions};
+use crate::session::{blob_log, BlobKind, SessionKey, Sessions};
 
 /// How often a chain's record holds its whole conversation.
 const SNAPSHOT_EVERY: u32 = 16;
@@ -47,6 +47,23 @@ pub(crate) struct Record {
     /// Deleted (`DELETE /v1/responses/{id}`): no longer listed or read, but the chain's later
     /// responses still continue through its part until the TTL removes it.
     deleted: bool,
+    /// A background response still running: the process running it (`Sessions::owner`).
+    pub(crate) owner: Option<String>,
+    /// A background response created with `stream`: its events are logged for replay.
+    pub(crate) streamed: bool,
+    /// A cancel asked for on a replica that does not run the response; its owner reads it.
+    pub(crate) cancel_requested: bool,
+}
+
+impl Record {
+    /// Whether the response is still queued or in progress.
+    pub(crate) fn running(&self) -> bool {
+        super::response::Status::running(self.response["status"].as_str().unwrap_or(""))
+    }
+
+    pub(crate) fn background(&self) -> bool {
+        self.response["background"].as_bool() == Some(true)
+    }
 }
 
 /// The conversation through a stored response: what a response continuing it is sent.
@@ -71,19 +88,33 @@ pub(crate) struct New<'a> {
     /// Its input and output items.
     pub(crate) items: Vec<Value>,
     pub(crate) session: Option<String>,
+    /// A background response created with `stream`.
+    pub(crate) streamed: bool,
 }
 
-fn key(scope: &[u8], id: &str) -> String {
-    SessionKey::new(scope, id).storage_key()
+/// A caller's scope as stored responses are keyed by: the [`SessionKey`] scope of its
+/// credential (so a chain's session and its responses share it).
+pub(crate) fn scope_of(credential: &[u8]) -> String {
+    SessionKey::new(credential, "").scope
 }
 
-async fn read(sessions: &Sessions, scope: &[u8], id: &str) -> Result<Option<Record>, GatewayError> {
+fn key(scope: &str, id: &str) -> String {
+    SessionKey { scope: scope.to_string(), id: id.to_string() }.storage_key()
+}
+
+/// Where a background response's stream events are logged (beside its record, expiring with
+/// it).
+pub(crate) fn log_key(scope: &str, id: &str) -> SessionKey {
+    blob_log(BlobKind::Response, &SessionKey { scope: scope.to_string(), id: id.to_string() })
+}
+
+async fn read(sessions: &Sessions, scope: &str, id: &str) -> Result<Option<Record>, GatewayError> {
     let Some(bytes) = sessions.get_blob(BlobKind::Response, &key(scope, id)).await? else { return Ok(None) };
     let record = serde_json::from_slice(&bytes).map_err(|e| GatewayError::Internal(e.into()))?;
     Ok(Some(record))
 }
 
-async fn write(sessions: &Sessions, scope: &[u8], id: &str, mut record: Record) -> Result<(), GatewayError> {
+async fn write(sessions: &Sessions, scope: &str, id: &str, mut record: Record) -> Result<(), GatewayError> {
     record.version = VERSION;
     let bytes = serde_json::to_vec(&record).map_err(|e| GatewayError::Internal(e.into()))?;
     sessions.put_blob(BlobKind::Response, &key(scope, id), Bytes::from(bytes)).await?;
@@ -91,22 +122,21 @@ async fn write(sessions: &Sessions, scope: &[u8], id: &str, mut record: Record) 
 }
 
 /// The caller's record `id`, if it is stored and not deleted.
-pub(crate) async fn load(
-    sessions: &Sessions,
-    scope: &[u8],
-    id: &str,
-) -> Result<Option<Record>, GatewayError> {
+pub(crate) async fn load(sessions: &Sessions, scope: &str, id: &str) -> Result<Option<Record>, GatewayError> {
     Ok(read(sessions, scope, id).await?.filter(|record| !record.deleted))
 }
 
 /// The conversation through the caller's response `id`; `None` when it is not stored (or
 /// deleted), or when a part of its chain has expired.
-pub(crate) async fn chain(
-    sessions: &Sessions,
-    scope: &[u8],
-    id: &str,
-) -> Result<Option<Chain>, GatewayError> {
+pub(crate) async fn chain(sessions: &Sessions, scope: &str, id: &str) -> Result<Option<Chain>, GatewayError> {
     let Some(record) = load(sessions, scope, id).await? else { return Ok(None) };
+    if record.running() {
+        return Err(GatewayError::invalid(
+            format!("Previous response with id '{id}' is still in progress."),
+            Some("previous_response_id"),
+            "previous_response_not_finished",
+        ));
+    }
     let (depth, session) = (record.depth, record.session.clone());
     let mut parts = vec![record.items];
     let (mut whole, mut previous, mut written_ms) = (record.whole, record.previous, record.written_ms);
@@ -122,7 +152,7 @@ pub(crate) async fn chain(
 
 /// Stores a response: its part of the conversation, or on every [`SNAPSHOT_EVERY`]th response
 /// of a chain the whole of it.
-pub(crate) async fn save(sessions: &Sessions, scope: &[u8], new: New<'_>) -> Result<(), GatewayError> {
+pub(crate) async fn save(sessions: &Sessions, scope: &str, new: New<'_>) -> Result<(), GatewayError> {
     let depth = new.previous.map_or(0, |p| p.depth + 1);
     let now = now_ms();
     let half_ttl = (sessions.config.ttl.as_millis() / 2) as u64;
@@ -141,15 +171,62 @@ pub(crate) async fn save(sessions: &Sessions, scope: &[u8], new: New<'_>) -> Res
         depth,
         written_ms: now,
         session: new.session,
+        streamed: new.streamed,
         ..Record::default()
     };
     write(sessions, scope, new.id, record).await
 }
 
+/// Stores a background response as it starts (`queued`), owned by this process: its input is
+/// its part of the conversation until [`save`] stores it finished. A chain cannot continue
+/// from it meanwhile.
+pub(crate) async fn save_running(sessions: &Sessions, scope: &str, new: New<'_>) -> Result<(), GatewayError> {
+    let record = Record {
+        response: new.response,
+        input_items: new.input_items,
+        items: new.items,
+        previous: new.previous.map(|p| p.id.clone()),
+        depth: new.previous.map_or(0, |p| p.depth + 1),
+        written_ms: now_ms(),
+        session: new.session,
+        owner: Some(sessions.owner.clone()),
+        streamed: new.streamed,
+        ..Record::default()
+    };
+    write(sessions, scope, new.id, record).await
+}
+
+/// Rewrites the caller's record `id` with `change` (read, then written: a concurrent writer
+/// may win, which callers allow for); `None` when there is none.
+pub(crate) async fn update(
+    sessions: &Sessions,
+    scope: &str,
+    id: &str,
+    change: impl FnOnce(&mut Record),
+) -> Result<Option<Record>, GatewayError> {
+    let Some(mut record) = load(sessions, scope, id).await? else { return Ok(None) };
+    change(&mut record);
+    let bytes = serde_json::to_vec(&record).map_err(|e| GatewayError::Internal(e.into()))?;
+    sessions.put_blob(BlobKind::Response, &key(scope, id), Bytes::from(bytes)).await?;
+    Ok(Some(record))
+}
+
+impl Record {
+    /// A running record's own input, and the id of the response it continues.
+    pub(crate) fn pending_parts(&self) -> (Vec<Value>, Option<String>) {
+        (self.items.clone(), self.previous.clone())
+    }
+
+    /// When it was last written (ms since the epoch).
+    pub(crate) fn written_ms(&self) -> u64 {
+        self.written_ms
+    }
+}
+
 /// Deletes the caller's response `id`; false when there was none. Its object and input items
 /// are dropped at once; its part of the conversation stays (the blob stores have no delete,
 /// and later responses of its chain continue through it) until the TTL removes it.
-pub(crate) async fn delete(sessions: &Sessions, scope: &[u8], id: &str) -> Result<bool, GatewayError> {
+pub(crate) async fn delete(sessions: &Sessions, scope: &str, id: &str) -> Result<bool, GatewayError> {
     let Some(record) = load(sessions, scope, id).await? else { return Ok(false) };
     let tombstone = Record { response: Value::Null, input_items: Vec::new(), deleted: true, ..record };
     write(sessions, scope, id, tombstone).await?;

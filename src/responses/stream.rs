@@ -49,9 +49,15 @@ pub(crate) struct Finished {
 
 impl Translator {
     pub(crate) fn new(base: Base) -> Self {
+        Self::numbered_from(base, 0)
+    }
+
+    /// A translation whose events are numbered from `seq` on: a background response's answer
+    /// re-issued after a takeover goes on from the last event its stream logged.
+    pub(crate) fn numbered_from(base: Base, seq: u64) -> Self {
         Self {
             base,
-            seq: 0,
+            seq,
             next_index: 0,
             text: None,
             reasoning: None,
@@ -71,11 +77,32 @@ impl Translator {
 
     /// `response.created` and `response.in_progress`.
     pub(crate) fn start(&mut self) -> Vec<Bytes> {
+        vec![self.created(Status::InProgress), self.in_progress()]
+    }
+
+    /// `response.created`, the response `status` (a background response is `queued` until
+    /// its upstream call answers).
+    pub(crate) fn created(&mut self, status: Status) -> Bytes {
+        let response = self.base.object(status, Vec::new(), Value::Null, Value::Null);
+        self.event("response.created", json!({"response": response}))
+    }
+
+    /// `response.queued`: a background response waits for its turn.
+    pub(crate) fn queued(&mut self) -> Bytes {
+        let response = self.base.object(Status::Queued, Vec::new(), Value::Null, Value::Null);
+        self.event("response.queued", json!({"response": response}))
+    }
+
+    pub(crate) fn in_progress(&mut self) -> Bytes {
         let response = self.base.object(Status::InProgress, Vec::new(), Value::Null, Value::Null);
-        vec![
-            self.event("response.created", json!({"response": response})),
-            self.event("response.in_progress", json!({"response": response})),
-        ]
+        self.event("response.in_progress", json!({"response": response}))
+    }
+
+    /// `response.cancelled` with the Response object `cancelled` (see
+    /// [`super::background`]): a background response's stream ends with it when it is
+    /// cancelled.
+    pub(crate) fn cancelled(&mut self, cancelled: &Value) -> Bytes {
+        self.event("response.cancelled", json!({"response": cancelled}))
     }
 
     /// The events one chat chunk (a `data:` payload) makes. A chunk that is an error (a
@@ -245,22 +272,32 @@ impl Translator {
 
     /// A failure: an `error` event and `response.failed`, from an OpenAI error object.
     pub(crate) fn failed(&mut self, error: &Value) -> Vec<Bytes> {
-        let code = error["code"].as_str().or(error["type"].as_str()).unwrap_or("server_error").to_string();
-        let message = error["message"].as_str().unwrap_or("The response failed.").to_string();
-        let output: Vec<Value> = self.done.iter().map(|(_, item)| item.clone()).collect();
-        // A Response's `error.code` is one of OpenAI's list; the `error` event says which.
-        let kind = if code == "rate_limit_exceeded" { "rate_limit_exceeded" } else { "server_error" };
-        let response = self.base.object(
-            Status::Failed,
-            output,
-            usage(self.usage.as_ref()),
-            json!({"code": kind, "message": message}),
-        );
+        let response = self.failure(error);
+        let (code, message) = code_and_message(error);
         vec![
             self.event("error", json!({"code": code, "message": message, "param": error["param"]})),
             self.event("response.failed", json!({"response": response})),
         ]
     }
+
+    /// The failed Response object [`Self::failed`] sends, with the items done so far.
+    pub(crate) fn failure(&self, error: &Value) -> Value {
+        let (code, message) = code_and_message(error);
+        let output: Vec<Value> = self.done.iter().map(|(_, item)| item.clone()).collect();
+        // A Response's `error.code` is one of OpenAI's list; the `error` event says which.
+        let kind = if code == "rate_limit_exceeded" { "rate_limit_exceeded" } else { "server_error" };
+        self.base.object(
+            Status::Failed,
+            output,
+            usage(self.usage.as_ref()),
+            json!({"code": kind, "message": message}),
+        )
+    }
+}
+
+fn code_and_message(error: &Value) -> (&str, &str) {
+    let code = error["code"].as_str().or(error["type"].as_str()).unwrap_or("server_error");
+    (code, error["message"].as_str().unwrap_or("The response failed."))
 }
 
 #[cfg(test)]

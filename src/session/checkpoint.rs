@@ -139,6 +139,10 @@ pub struct StoredRequest {
     /// Markers written before this field existed are treated as needing it.
     #[serde(default = "needs_caller")]
     pub caller_credential: bool,
+    /// The front end that began the turn, when it has work of its own to finish after a
+    /// takeover (a background response: `responses:{id}`); opaque here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<String>,
 }
 
 fn needs_caller() -> bool {

@@ -84,7 +84,7 @@ impl EmbeddedStore {
 
 impl EmbeddedStore {
     /// Removes expired sessions (checkpoint and event log), the tombstones of deleted ones
-    /// ([`tombstone_expired`]) and expired blobs; returns how many sessions and tombstones,
+    /// ([`tombstone_expired`]) and expired blobs (with their event logs); returns how many sessions and tombstones,
     /// and how many blobs. Expiry is checked again inside the write, so a session committed
     /// since the scan stays. `opening`: the first sweep after the file was opened.
     pub async fn sweep(&self, opening: bool) -> Result<(usize, usize), StoreError> {
@@ -140,6 +140,8 @@ impl EmbeddedStore {
                         .is_some_and(|value| blob_expired(value.value(), ttl, now));
                     if still {
                         table.remove(key.as_str()).map_err(unavailable)?;
+                        // A blob's own event log (see `session::blob_log`) goes with it.
+                        clear_events(&mut events, key)?;
                         removed.1 += 1;
                     }
                 }
@@ -515,5 +517,22 @@ mod tests {
         assert!(matches!(store.commit(&other, 0, &doc).await.unwrap(), Commit::Committed(1)));
         assert_eq!(store.sweep(true).await.unwrap(), (1, 0));
         assert!(store.load(&other).await.unwrap().is_some());
+    }
+
+    #[tokio::test]
+    async fn a_blobs_event_log_goes_with_the_blob() {
+        let dir = tempfile::tempdir().unwrap();
+        let ttl = Duration::from_millis(300);
+        let store = EmbeddedStore::open(&dir.path().join("b.redb"), ttl).unwrap();
+        let owner = SessionKey::new(b"k", "resp_1");
+        let log = crate::session::blob_log(crate::session::BlobKind::Response, &owner);
+        store.put_blob(&log.storage_key(), Bytes::from_static(b"record")).await.unwrap();
+        store.append_events(&log, 0, 1, &[Bytes::from_static(b"event")]).await.unwrap();
+        assert_eq!(store.read_events(&log, 0, 0, 10).await.unwrap().len(), 1);
+
+        tokio::time::sleep(ttl + Duration::from_millis(50)).await;
+        assert_eq!(store.sweep(false).await.unwrap(), (0, 1));
+        assert!(store.get_blob(&log.storage_key()).await.unwrap().is_none());
+        assert!(store.read_events(&log, 0, 0, 10).await.unwrap().is_empty());
     }
 }

@@ -36,13 +36,14 @@ pub struct EventLog {
 }
 
 impl EventLog {
-    pub(super) fn start(sessions: Arc<Sessions>, key: SessionKey, turn: u64) -> Self {
+    /// A writer of `turn`'s events from number `first` on (1 starts the log afresh).
+    pub(super) fn start(sessions: Arc<Sessions>, key: SessionKey, turn: u64, first: u64) -> Self {
         let budget = sessions.config.max_event_backlog_bytes.get().min(u32::MAX as usize);
         let backlog = Arc::new(Semaphore::new(budget));
         // Unbounded as a queue, bounded by the semaphore: every entry holds its bytes' permits.
         let (tx, mut rx) = mpsc::unbounded_channel::<(Bytes, OwnedSemaphorePermit)>();
         let task = tokio::spawn(async move {
-            let mut next = 1;
+            let mut next = first;
             let mut batch = Vec::with_capacity(64);
             while rx.recv_many(&mut batch, 64).await > 0 {
                 let (events, permits): (Vec<Bytes>, Vec<OwnedSemaphorePermit>) = batch.drain(..).unzip();
@@ -68,6 +69,28 @@ impl EventLog {
     pub async fn close(self) {
         drop(self.tx);
         let _ = self.task.await;
+    }
+}
+
+/// A follower's wake-up: events logged in this process under one key (see
+/// [`Sessions::log_watch`]); another replica's writes are not heard, so a follower on a shared
+/// store also polls.
+pub(crate) struct LogWatch {
+    pub(super) _gate: Arc<super::waiters::Gate>,
+    pub(super) logged: tokio::sync::watch::Receiver<u64>,
+}
+
+impl LogWatch {
+    /// Forgets the wake-ups so far: called before reading the log, so a write between the
+    /// read and [`Self::changed`] still wakes it.
+    pub(crate) fn seen(&mut self) {
+        self.logged.borrow_and_update();
+    }
+
+    pub(crate) async fn changed(&mut self) {
+        if self.logged.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
     }
 }
 

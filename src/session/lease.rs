@@ -209,7 +209,7 @@ impl Lease {
 
     /// A writer for this turn's stream events, for replay.
     pub fn event_log(&self) -> EventLog {
-        EventLog::start(self.sessions.clone(), self.key.clone(), self.turn)
+        EventLog::start(self.sessions.clone(), self.key.clone(), self.turn, 1)
     }
 
     /// Extends the lease. A lost lease (someone took the session over) is logged; the turn

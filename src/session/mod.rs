@@ -69,6 +69,14 @@ pub enum BlobKind {
     Response,
 }
 
+/// The key of the event log kept beside blob `key` of `kind` (a background response's stream
+/// events): its storage key is the blob's own, so it expires with the blob (Redis: the TTL
+/// set on each append; the embedded store: its sweep drops the two together), and no session
+/// key (its scope is hex) can name it.
+pub(crate) fn blob_log(kind: BlobKind, key: &SessionKey) -> SessionKey {
+    SessionKey { scope: format!("{}{}", kind.prefix(), key.scope), id: key.id.clone() }
+}
+
 impl BlobKind {
     fn prefix(self) -> &'static str {
         match self {
@@ -191,6 +199,19 @@ impl Sessions {
         limit: usize,
     ) -> Result<Vec<(u64, Bytes)>, StoreError> {
         self.timed("read_events", self.store.read_events(key, turn, after, limit)).await
+    }
+
+    /// A writer of `turn`'s events in the log `key` (a session's, or a [`blob_log`]), from
+    /// number `first` on.
+    pub(crate) fn event_log(self: &Arc<Self>, key: SessionKey, turn: u64, first: u64) -> events::EventLog {
+        events::EventLog::start(self.clone(), key, turn, first)
+    }
+
+    /// Wakes on each batch of events this process logs under `key` from now on.
+    pub(crate) fn log_watch(&self, key: &SessionKey) -> events::LogWatch {
+        let gate = self.waiters.gate(key);
+        let logged = gate.logs();
+        events::LogWatch { _gate: gate, logged }
     }
 
     /// Appends `batch` as events `first..` of `turn`.
