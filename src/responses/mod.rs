@@ -19,7 +19,10 @@
 //! Upstreams that speak the Responses API themselves (`upstreams[].api = "responses"`, the
 //! default for OpenAI) get the request as the client sent it ([`native`]), with the
 //! conversation of a `previous_response_id` the gateway holds in its `input`.
+//!
+//! `POST /v1/responses/compact` is answered by ctxgate's own compaction ([`compact`]).
 
+mod compact;
 mod native;
 mod over_chat;
 mod request;
@@ -43,6 +46,8 @@ use crate::handlers::passthrough;
 use crate::http_util::{json_response, read_body, require_json};
 use crate::openai::request::{body_model, check_nesting, BodyModel};
 use crate::AppState;
+
+pub(crate) use self::compact::compact;
 
 /// `POST /v1/responses`: to [`native`] when the model's route has only upstreams with the
 /// Responses API, else [`over_chat`].
