@@ -13,6 +13,7 @@ mod support;
 use ctxgate::compress::marker;
 use ctxgate::config::{CompressionMode, Config, RouteConfig, RulesConfig, UpstreamApi};
 use mock_upstream::Server;
+use serde_json::value::RawValue;
 use serde_json::{json, Value};
 use support::gateway::AUTH;
 use support::{fixtures, Harness};
@@ -75,6 +76,12 @@ fn long_messages() -> Vec<Value> {
     }
     messages.push(json!({"role": "user", "content": "What is the vault code?"}));
     messages
+}
+
+/// The marker id of the big result: its chat message's bytes, as the gateway derives them.
+fn big_id() -> String {
+    let message = json!({"role": "tool", "tool_call_id": "call_big", "content": big()});
+    marker::id_of(&RawValue::from_string(message.to_string()).unwrap())
 }
 
 async fn start(upstream: mock_upstream::Builder) -> Harness {
@@ -355,4 +362,48 @@ async fn official_python_sdk_parses_a_compaction_and_continues_from_it() {
     assert!(messages[3]["content"].as_str().unwrap().starts_with(marker::PREFIX), "{:.300}", messages[3]);
     assert_eq!(messages.last().unwrap()["content"], "Summarise the audit.");
     assert!(!sent.to_string().contains(SECRET));
+}
+
+/// A `ctxgate_expand` call of the marker, then an answer.
+fn expand_then_answer(id: &str) -> [Value; 2] {
+    let mut call = fixtures::completion("");
+    call["choices"][0]["message"] = json!({"role": "assistant", "content": null, "tool_calls": [{
+        "id": "call_x", "type": "function",
+        "function": {"name": "ctxgate_expand", "arguments": json!({"id": id}).to_string()}}]});
+    call["choices"][0]["finish_reason"] = "tool_calls".into();
+    [call, fixtures::completion("4417-ALPHA")]
+}
+
+#[tokio::test]
+async fn the_turn_after_a_compaction_offers_ctxgate_expand_for_its_markers() {
+    // Given a model that expands the marker on each next turn, and a compacted conversation
+    let [call, answer] = expand_then_answer(&big_id());
+    let h = start(Server::builder().chat(call.clone()).chat(answer.clone()).chat(call).chat(answer)).await;
+    let body = json!({"model": "mock-model", "instructions": INSTRUCTIONS, "input": long_conversation()});
+    let (_, compacted) = compact(&h, &body).await;
+    assert_eq!(marker::ids_in(compacted["output"][2]["output"].as_str().unwrap()), [big_id()]);
+
+    // When the compacted items are the next turn's input: stored (a session), and not stored
+    let mut input = compacted["output"].as_array().unwrap().clone();
+    input.push(json!({"role": "user", "content": "What is the vault code?"}));
+    for store in [true, false] {
+        let next =
+            json!({"model": "mock-model", "instructions": INSTRUCTIONS, "input": input, "store": store});
+        let response = post(&h, "/responses", AUTH, &next).await;
+        assert_eq!(response.status(), 200, "store: {store}");
+        let answered: Value = response.json().await.unwrap();
+
+        // Then the model was offered the tool, and its call was answered from the caller's store
+        assert_eq!(answered["output"][0]["content"][0]["text"], "4417-ALPHA", "store: {store}");
+    }
+    let requests = h.upstream(0).requests();
+    assert_eq!(requests.len(), 4);
+    for pair in requests.chunks(2) {
+        let offered = pair[0].json()["tools"].to_string();
+        assert!(offered.contains("ctxgate_expand"), "{offered}");
+        let after = pair[1].json();
+        let last = after["messages"].as_array().unwrap().last().unwrap().clone();
+        assert_eq!(last["role"], "tool");
+        assert!(last["content"].as_str().unwrap().contains(SECRET), "{last}");
+    }
 }
