@@ -18,7 +18,8 @@
 //!   finish); stateless, session and degraded turns differ in its `Mode` only; the takeover
 //!   sweep that re-issues turns whose process died.
 //! - [`responses`]: `POST /v1/responses` (OpenAI's Responses API) as a second front end of the
-//!   chat pipeline, and the stored responses a `previous_response_id` chain continues from.
+//!   chat pipeline, the stored responses a `previous_response_id` chain continues from, and
+//!   `POST /v1/responses/compact` answered by the gateway's own compaction.
 //! - [`handlers`]: the model list and passthrough routes; the sessions API.
 //!
 //! Features (each gets plain values or narrow handles, never the application):

@@ -212,6 +212,24 @@ async fn a_short_conversation_comes_back_as_it_was() {
 }
 
 #[tokio::test]
+async fn with_compression_off_for_the_model_the_conversation_comes_back_as_it_was() {
+    let h = Harness::builder()
+        .config(|c| {
+            policy(c);
+            c.compression.policy.mode = CompressionMode::Off;
+        })
+        .start()
+        .await;
+
+    let (headers, compacted) =
+        compact(&h, &json!({"model": "mock-model", "input": long_conversation()})).await;
+
+    assert_eq!(headers["x-ctxgate-compression"], "off");
+    assert!(header(&headers, "x-ctxgate-tokens-after") > budget());
+    assert_eq!(compacted["output"][2]["output"].as_str().unwrap(), big());
+}
+
+#[tokio::test]
 async fn a_stored_chain_is_compacted_from_its_previous_response_id() {
     // Given a stored response whose conversation is the long one and its answer
     let h = start(Server::builder().chat(fixtures::completion("It is 4417-ALPHA."))).await;
