@@ -307,6 +307,31 @@ async fn a_malformed_body_is_a_400_naming_the_field() {
 }
 
 #[tokio::test]
+async fn a_key_compacts_only_for_the_models_it_may_use() {
+    let h = Harness::builder()
+        .config(|c| {
+            policy(c);
+            let mut key = support::key("team-b", "sk-team-b");
+            key.models = vec!["gpt-4o*".into()];
+            c.auth.keys = vec![key];
+            c.upstreams.iter_mut().for_each(|u| u.keyless = true);
+        })
+        .start()
+        .await;
+
+    let refused =
+        post(&h, "/responses/compact", "Bearer sk-team-b", &json!({"model": "mock-model", "input": "hi"}))
+            .await;
+    let allowed =
+        post(&h, "/responses/compact", "Bearer sk-team-b", &json!({"model": "gpt-4o-mini", "input": "hi"}))
+            .await;
+
+    assert_eq!(refused.status(), 403);
+    assert_eq!(refused.json::<Value>().await.unwrap()["error"]["code"], "model_not_allowed");
+    assert_eq!(allowed.status(), 200);
+}
+
+#[tokio::test]
 async fn a_route_with_only_responses_upstreams_gets_the_request_as_sent() {
     // Given a model routed to an upstream with the Responses API, and the rest to a chat one
     let theirs = json!({"id": "cmp_theirs", "object": "response.compaction", "created_at": 1, "output": [], "usage": {}});

@@ -22,7 +22,7 @@ use sha2::{Digest, Sha256};
 
 use super::request as translate;
 use super::{new_id, now_secs, response, store};
-use crate::auth::scope_credential;
+use crate::auth::{scope_credential, Caller};
 use crate::body::{self, Body};
 use crate::chat::compression;
 use crate::config::UpstreamApi;
@@ -44,6 +44,8 @@ pub(crate) async fn compact(
     let bytes = read_body(body).await?;
     check_nesting(&bytes, app.config.server.max_json_depth.get())?;
     let asked = parse(&bytes)?;
+    // A key limited to some models compacts under their policies only, as it calls them only.
+    app.auth.check_model(parts.extensions.get::<Caller>(), &asked.model)?;
     let route = app.upstreams.router.route(Some(&asked.model));
     if !route.is_empty() && route.iter().all(|u| u.api == UpstreamApi::Responses) {
         return passthrough::passthrough(app, Request::from_parts(parts, body::full(bytes))).await;
