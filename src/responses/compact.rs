@@ -25,12 +25,11 @@ use super::{new_id, now_secs, response, store};
 use crate::auth::{scope_credential, Caller};
 use crate::body::{self, Body};
 use crate::chat::compression;
-use crate::config::UpstreamApi;
 use crate::error::GatewayError;
 use crate::handlers::passthrough;
 use crate::headers;
 use crate::http_util::{json_response, read_body, require_json};
-use crate::openai::request::check_nesting;
+use crate::openai::request::{body_model, check_nesting, BodyModel};
 use crate::session::SessionKey;
 use crate::AppState;
 
@@ -43,13 +42,16 @@ pub(crate) async fn compact(
     require_json(&parts.headers)?;
     let bytes = read_body(body).await?;
     check_nesting(&bytes, app.config.server.max_json_depth.get())?;
+    let model = match body_model(&bytes)? {
+        BodyModel::Object(model) => model,
+        BodyModel::NotAnObject => None,
+    };
+    if super::speaks_responses(&app, model.as_deref()) {
+        return passthrough::passthrough(app, Request::from_parts(parts, body::full(bytes))).await;
+    }
     let asked = parse(&bytes)?;
     // A key limited to some models compacts under their policies only, as it calls them only.
     app.auth.check_model(parts.extensions.get::<Caller>(), &asked.model)?;
-    let route = app.upstreams.router.route(Some(&asked.model));
-    if !route.is_empty() && route.iter().all(|u| u.api == UpstreamApi::Responses) {
-        return passthrough::passthrough(app, Request::from_parts(parts, body::full(bytes))).await;
-    }
     let credential = scope_credential(&parts.headers, &parts.extensions);
     let mut items = match &asked.previous_response_id {
         Some(id) => {

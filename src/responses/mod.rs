@@ -63,12 +63,18 @@ pub(crate) async fn create(
         BodyModel::Object(model) => model,
         BodyModel::NotAnObject => None,
     };
-    let route = app.upstreams.router.route(model.as_deref());
     let scope = scope_credential(&parts.headers, &parts.extensions);
-    if !route.is_empty() && route.iter().all(|u| u.api == UpstreamApi::Responses) {
+    if speaks_responses(&app, model.as_deref()) {
         return native::create(app, parts, bytes, scope).await;
     }
     over_chat::create(app, parts, bytes, scope).await
+}
+
+/// Whether `model`'s route has only upstreams with the Responses API: they get Responses
+/// requests, the rest go through the chat pipeline.
+fn speaks_responses(app: &AppState, model: Option<&str>) -> bool {
+    let route = app.upstreams.router.route(model);
+    !route.is_empty() && route.iter().all(|u| u.api == UpstreamApi::Responses)
 }
 
 /// A JSON answer, up to `limit` bytes.
