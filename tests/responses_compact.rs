@@ -16,6 +16,7 @@ use mock_upstream::Server;
 use serde_json::value::RawValue;
 use serde_json::{json, Value};
 use support::gateway::AUTH;
+use support::stores::{Store, StoreUrl};
 use support::{fixtures, Harness};
 
 const SECRET: &str = "the vault code is 4417-ALPHA";
@@ -88,6 +89,21 @@ async fn start(upstream: mock_upstream::Builder) -> Harness {
     Harness::builder().upstream(upstream).config(policy).start().await
 }
 
+/// A gateway on `store` (the guard keeps a Redis server alive).
+async fn start_on(store: Store, upstream: mock_upstream::Builder) -> (Harness, StoreUrl) {
+    let store = store.url().await;
+    let url = store.url.clone();
+    let h = Harness::builder()
+        .upstream(upstream)
+        .config(move |c| {
+            policy(c);
+            c.sessions.store = url;
+        })
+        .start()
+        .await;
+    (h, store)
+}
+
 async fn post(h: &Harness, path: &str, auth: &str, body: &Value) -> reqwest::Response {
     h.client.post(h.v1(path)).header("authorization", auth).json(body).send().await.unwrap()
 }
@@ -103,10 +119,9 @@ fn header(headers: &reqwest::header::HeaderMap, name: &str) -> u64 {
     headers[name].to_str().unwrap().parse().unwrap()
 }
 
-#[tokio::test]
-async fn a_long_conversation_comes_back_under_the_budget_with_originals_that_resolve() {
+async fn a_long_conversation_comes_back_under_the_budget_with_originals_that_resolve(store: Store) {
     // Given a conversation over the budget, and an upstream that must not be called
-    let h = start(Server::builder()).await;
+    let (h, _store) = start_on(store, Server::builder()).await;
     let body = json!({"model": "mock-model", "instructions": INSTRUCTIONS, "input": long_conversation()});
 
     // When it is compacted
@@ -229,10 +244,10 @@ async fn with_compression_off_for_the_model_the_conversation_comes_back_as_it_wa
     assert_eq!(compacted["output"][2]["output"].as_str().unwrap(), big());
 }
 
-#[tokio::test]
-async fn a_stored_chain_is_compacted_from_its_previous_response_id() {
+async fn a_stored_chain_is_compacted_from_its_previous_response_id(store: Store) {
     // Given a stored response whose conversation is the long one and its answer
-    let h = start(Server::builder().chat(fixtures::completion("It is 4417-ALPHA."))).await;
+    let (h, _store) =
+        start_on(store, Server::builder().chat(fixtures::completion("It is 4417-ALPHA."))).await;
     let first = json!({"model": "mock-model", "instructions": INSTRUCTIONS, "input": long_conversation()});
     let created = post(&h, "/responses", AUTH, &first).await;
     assert_eq!(created.status(), 200);
@@ -260,6 +275,11 @@ async fn a_stored_chain_is_compacted_from_its_previous_response_id() {
     let (_, alone) = compact(&h, &json!({"model": "mock-model", "previous_response_id": id})).await;
     assert_eq!(alone["output"].as_array().unwrap().len(), long_conversation().len() + 1);
 }
+
+on_both_stores!(
+    a_long_conversation_comes_back_under_the_budget_with_originals_that_resolve,
+    a_stored_chain_is_compacted_from_its_previous_response_id
+);
 
 #[tokio::test]
 async fn an_unknown_or_another_callers_previous_response_id_is_not_found() {
