@@ -2,9 +2,10 @@
 //! Chat-Completions-only upstream: a long conversation comes back under the budget as plain
 //! Responses items with markers whose originals resolve byte for byte, the same every time and
 //! the same as the chat pipeline sends upstream; a short one comes back as it was; a stored
-//! chain compacts from its `previous_response_id`; errors in OpenAI's shape; the official
-//! `openai` Python SDK parses the answer with its own types; a route with only Responses
-//! upstreams gets the request as sent.
+//! chain compacts from its `previous_response_id` (on both stores); the next turn, sent the
+//! compacted items, offers `ctxgate_expand` and answers it from the caller's store; errors in
+//! OpenAI's shape and the gateway key's model list; the official `openai` Python SDK parses the
+//! answer with its own types; a route with only Responses upstreams gets the request as sent.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 #[macro_use]
