@@ -19,7 +19,8 @@
 //!   sweep that re-issues turns whose process died.
 //! - [`responses`]: `POST /v1/responses` (OpenAI's Responses API) as a second front end of the
 //!   chat pipeline, and the stored responses a `previous_response_id` chain continues from;
-//!   background responses, their cancel and the replay of their streams.
+//!   background responses, their cancel and the replay of their streams;
+//!   `POST /v1/responses/compact` answered by the gateway's own compaction.
 //! - [`handlers`]: the model list and passthrough routes; the sessions API.
 //!
 //! Features (each gets plain values or narrow handles, never the application):

@@ -19,6 +19,8 @@ use crate::{chat, responses, AppState};
 pub(crate) enum Route {
     ChatCompletions,
     Responses,
+    /// `POST /v1/responses/compact`.
+    ResponsesCompact,
     /// A stored response: `/v1/responses/{id}` and below.
     Response,
     Models,
@@ -36,6 +38,7 @@ impl Route {
         match path {
             "/v1/chat/completions" => Self::ChatCompletions,
             "/v1/responses" => Self::Responses,
+            "/v1/responses/compact" => Self::ResponsesCompact,
             p if p.starts_with("/v1/responses/") => Self::Response,
             "/v1/models" => Self::Models,
             p if p.starts_with("/v1/sessions/") => Self::Sessions,
@@ -58,6 +61,7 @@ impl Route {
         match self {
             Self::ChatCompletions => "chat_completions",
             Self::Responses => "responses",
+            Self::ResponsesCompact => "responses_compact",
             Self::Response => "response",
             Self::Models => "models",
             Self::Sessions => "sessions",
@@ -101,6 +105,7 @@ impl tower::Service<Request<Body>> for Router {
         match Route::of(path) {
             Route::ChatCompletions if method == Method::POST => Box::pin(chat::completions(state, request)),
             Route::Responses if method == Method::POST => Box::pin(responses::create(state, request)),
+            Route::ResponsesCompact if method == Method::POST => Box::pin(responses::compact(state, request)),
             Route::Response => Box::pin(responses::api(state, request)),
             Route::Models if get => Box::pin(passthrough::models(state, request)),
             Route::Sessions => Box::pin(sessions::api(state, request)),
@@ -124,6 +129,7 @@ impl tower::Service<Request<Body>> for Router {
             }
             Route::ChatCompletions
             | Route::Responses
+            | Route::ResponsesCompact
             | Route::Originals
             | Route::Healthz
             | Route::Readyz

@@ -14,7 +14,7 @@ use http::{header, HeaderMap, HeaderValue};
 use serde_json::value::RawValue;
 
 use super::context::ChatContext;
-use crate::compress::{self, expand, marker, Active, Plan, State, Summary, SummaryRequest};
+use crate::compress::{self, expand, marker, Acted, Active, Plan, State, Summary, SummaryRequest};
 use crate::config::CompressionMode;
 use crate::error::GatewayError;
 use crate::headers;
@@ -173,39 +173,10 @@ pub(crate) async fn stateless(
     let (upstream, mut plan) = compaction.plan(app, &ctx.request, messages, None, previous, false)?;
     if plan.epoch.is_some() || plan.reset {
         // The originals first: a state whose markers name nothing recoverable must not land.
-        let mut originals: Vec<(String, Bytes)> = plan
-            .elided
-            .iter()
-            .map(|&i| {
-                (
-                    original_key(&scope, &marker::id_of(&messages[i])),
-                    Bytes::copy_from_slice(messages[i].get().as_bytes()),
-                )
-            })
-            .collect();
-        // A dropped run's id names its messages in order: kept as the list of their ids.
-        let runs = upstream.messages().iter().flat_map(|m| marker::ids_in(m.get()));
-        for run in runs.filter(|id| id.contains(marker::RUN)) {
-            if let Some(members) = expand::run(messages, run) {
-                let ids: Vec<String> = members.iter().map(|m| marker::id_of(m)).collect();
-                let list = serde_json::to_vec(&ids).unwrap_or_default();
-                originals.push((original_key(&scope, run), Bytes::from(list)));
-            }
-        }
-        if let Some(state) = plan.state.as_ref().filter(|s| s.summary.is_some()) {
-            // The sheet's range id names an index of what it replaced.
-            let replaced = &messages[state.lead..state.summarized_upto];
-            let index = serde_json::json!({"role": "index", "content": marker::index(replaced)}).to_string();
-            let range = marker::range_id(messages, state.lead, state.summarized_upto);
-            originals.push((original_key(&scope, &range), Bytes::from(index)));
-        }
-        let stored = match originals.is_empty() {
-            true => Ok(()),
-            false => app.sessions.put_blobs(BlobKind::Original, originals).await,
-        };
+        let stored = keep_originals(app, &scope, messages, upstream.messages(), &plan).await;
         let saved = match (&plan.state, stored) {
             (Some(state), Ok(())) => save_state(app, &compaction.key, state).await,
-            (_, Err(err)) => Err(err.into()),
+            (_, Err(err)) => Err(err),
             (None, Ok(())) => Ok(()),
         };
         if let Err(err) = saved {
@@ -217,6 +188,99 @@ pub(crate) async fn stateless(
     let len = messages.len();
     compaction.finish(app, ctx, &mut plan, len);
     Ok(Some(upstream))
+}
+
+/// Keeps in the caller's store the originals `plan`'s markers name (`sent`, the messages it
+/// laid out, names dropped runs), so `ctxgate_expand` and `GET /v1/ctxgate/originals/{id}`
+/// find them once the client no longer sends them.
+async fn keep_originals(
+    app: &AppState,
+    scope: &str,
+    messages: &[Box<RawValue>],
+    sent: &[Box<RawValue>],
+    plan: &Plan,
+) -> Result<(), GatewayError> {
+    let mut originals: Vec<(String, Bytes)> = plan
+        .elided
+        .iter()
+        .map(|&i| {
+            (
+                original_key(scope, &marker::id_of(&messages[i])),
+                Bytes::copy_from_slice(messages[i].get().as_bytes()),
+            )
+        })
+        .collect();
+    // A dropped run's id names its messages in order: kept as the list of their ids.
+    let runs = sent.iter().flat_map(|m| marker::ids_in(m.get()));
+    for run in runs.filter(|id| id.contains(marker::RUN)) {
+        if let Some(members) = expand::run(messages, run) {
+            let ids: Vec<String> = members.iter().map(|m| marker::id_of(m)).collect();
+            let list = serde_json::to_vec(&ids).unwrap_or_default();
+            originals.push((original_key(scope, run), Bytes::from(list)));
+        }
+    }
+    if let Some(state) = plan.state.as_ref().filter(|s| s.summary.is_some()) {
+        // The sheet's range id names an index of what it replaced.
+        let replaced = &messages[state.lead..state.summarized_upto];
+        let index = serde_json::json!({"role": "index", "content": marker::index(replaced)}).to_string();
+        let range = marker::range_id(messages, state.lead, state.summarized_upto);
+        originals.push((original_key(scope, &range), Bytes::from(index)));
+    }
+    if originals.is_empty() {
+        return Ok(());
+    }
+    Ok(app.sessions.put_blobs(BlobKind::Original, originals).await?)
+}
+
+/// A conversation compacted on request (`POST /v1/responses/compact`).
+pub(crate) struct Compacted {
+    pub(crate) messages: Vec<Box<RawValue>>,
+    pub(crate) tokens_before: u64,
+    pub(crate) tokens_after: u64,
+    pub(crate) acted: Acted,
+}
+
+/// Compacts `messages` now, whatever the marks say: the epoch a stateless request of this
+/// conversation starts from no earlier state (down to the low-water mark of `model`'s window),
+/// with its originals kept in the caller's store as any stateless epoch's. Rules only: a state
+/// sheet is a model call written in the background, and this answer does not wait for one.
+/// No state is saved: a forced epoch must not replace the one the conversation's own requests
+/// froze, and the same conversation compacts to the same messages every time. With
+/// compression off for `model`, the messages come back as they are.
+pub(crate) async fn compact(
+    app: &AppState,
+    scope: &str,
+    model: &str,
+    messages: Vec<Box<RawValue>>,
+) -> Result<Compacted, GatewayError> {
+    let Some(active) = app.compressor.active(model) else {
+        let counter = app.compressor.counter_for(model);
+        let tokens = counter.messages(&messages).iter().map(|&t| u64::from(t)).sum();
+        return Ok(Compacted { messages, tokens_before: tokens, tokens_after: tokens, acted: Acted::Off });
+    };
+    let analysed = compress::analyse(active.counter, &messages);
+    let turn = compress::Turn {
+        messages: &messages,
+        analysed: &analysed,
+        goal: None,
+        tools: None,
+        previous: None,
+        ready: None,
+        cold: false,
+        force: true,
+    };
+    let mut plan = compress::run(&app.compressor, &active, turn);
+    plan.summarize = None;
+    if plan.epoch.is_some() {
+        keep_originals(app, scope, &messages, &plan.messages, &plan).await?;
+    }
+    compress::record(&app.metrics, &app.model_labels.label(model), &plan);
+    Ok(Compacted {
+        messages: std::mem::take(&mut plan.messages),
+        tokens_before: plan.tokens_before,
+        tokens_after: plan.tokens_after,
+        acted: plan.acted,
+    })
 }
 
 /// Where a stateless caller's original is kept: under its scope as a hash tag, so a batch

@@ -366,7 +366,8 @@ impl Mode {
 
 /// Where `ctxgate_expand` finds a turn's originals, when the request offers it: a session's
 /// conversation (its transcript with this turn's messages), or a stateless request's own
-/// messages and the caller's store of originals.
+/// messages; then the caller's store of originals (stateless epochs', and those of
+/// conversations compacted on request, which a session may have been sent).
 fn originals<'a>(
     ctx: &'a ChatContext,
     mode: &Mode,
@@ -375,10 +376,11 @@ fn originals<'a>(
     if !ctx.expand {
         return None;
     }
-    Some(match mode {
-        Mode::Session(_) => Originals { messages: conversation, scope: None },
-        _ => Originals { messages: ctx.request.messages(), scope: Some(ctx.scope()) },
-    })
+    let messages = match mode {
+        Mode::Session(_) => conversation,
+        _ => ctx.request.messages(),
+    };
+    Some(Originals { messages, scope: ctx.scope() })
 }
 
 /// What admission prepared inside its compare-and-set.

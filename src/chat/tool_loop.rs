@@ -83,9 +83,9 @@ impl Outcome {
 pub(crate) struct Originals<'a> {
     /// The turn's whole conversation (as the client sent it, or the session's transcript).
     pub(crate) messages: &'a [Box<RawValue>],
-    /// A stateless caller's scope in the store of originals, for those the request no longer
+    /// The caller's scope in the store of originals, for those the conversation no longer
     /// carries.
-    pub(crate) scope: Option<String>,
+    pub(crate) scope: String,
 }
 
 impl Originals<'_> {
@@ -94,8 +94,7 @@ impl Originals<'_> {
         if let Some(found) = expand::resolve(self.messages, id) {
             return Some(found);
         }
-        let scope = self.scope.as_deref()?;
-        let mut stored = super::compression::stored_original(app, scope, id).await?;
+        let mut stored = super::compression::stored_original(app, &self.scope, id).await?;
         match id.contains(marker::RUN) {
             true => Some(expand::joined(&stored)),
             false => stored.pop(),

@@ -268,7 +268,10 @@ pub fn plan(input: &Input<'_>, previous: Option<State>, ready: Option<&Summary>)
 
     plan.messages = layout(input, lead, state.as_ref(), Some(&mut tail));
     plan.tokens_after = view(&state, &mut tail);
-    plan.markers = state.as_ref().is_some_and(|s| s.markers);
+    // Markers the client sent back (items `POST /v1/responses/compact` returned) name
+    // originals too.
+    plan.markers =
+        state.as_ref().is_some_and(|s| s.markers) || input.messages.iter().any(|m| marker::carries(m));
     if policy.mode == CompressionMode::Hybrid && (plan.tokens_after > policy.pre_tokens() || plan.fell_back) {
         let start = state.as_ref().map_or(lead, |s| s.summarized_upto);
         // One sheet per span start: a sheet that is ready (even if it stops short of `cut`)

@@ -24,8 +24,11 @@
 //! Upstreams that speak the Responses API themselves (`upstreams[].api = "responses"`, the
 //! default for OpenAI) get the request as the client sent it ([`native`]), with the
 //! conversation of a `previous_response_id` the gateway holds in its `input`.
+//!
+//! `POST /v1/responses/compact` is answered by ctxgate's own compaction ([`compact`]).
 
 mod background;
+mod compact;
 mod native;
 mod over_chat;
 mod replay;
@@ -53,6 +56,8 @@ use crate::http_util::{json_response, read_body, require_json};
 use crate::openai::request::{body_model, check_nesting, BodyModel};
 use crate::AppState;
 
+pub(crate) use self::compact::compact;
+
 /// `POST /v1/responses`: to [`native`] when the model's route has only upstreams with the
 /// Responses API, else [`over_chat`].
 pub(crate) async fn create(
@@ -67,12 +72,18 @@ pub(crate) async fn create(
         BodyModel::Object(model) => model,
         BodyModel::NotAnObject => None,
     };
-    let route = app.upstreams.router.route(model.as_deref());
     let scope = store::scope_of(&scope_credential(&parts.headers, &parts.extensions));
-    if !route.is_empty() && route.iter().all(|u| u.api == UpstreamApi::Responses) {
+    if speaks_responses(&app, model.as_deref()) {
         return native::create(app, parts, bytes, scope).await;
     }
     over_chat::create(app, parts, bytes, scope).await
+}
+
+/// Whether `model`'s route has only upstreams with the Responses API: they get Responses
+/// requests, the rest go through the chat pipeline.
+fn speaks_responses(app: &AppState, model: Option<&str>) -> bool {
+    let route = app.upstreams.router.route(model);
+    !route.is_empty() && route.iter().all(|u| u.api == UpstreamApi::Responses)
 }
 
 /// A JSON answer, up to `limit` bytes.
