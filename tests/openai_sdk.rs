@@ -42,17 +42,7 @@ async fn official_python_sdk_works_through_the_gateway() {
     let h = Harness::builder().upstream(upstream).start().await;
 
     // When the SDK script runs against the gateway
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/e2e/openai_sdk.py");
-    let python = support::python::python();
-    let output = tokio::process::Command::new(python)
-        .arg(script)
-        .arg(h.v1(""))
-        .output()
-        .await
-        .unwrap_or_else(|e| panic!("cannot run {}: {e}", python.display()));
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "the SDK script failed:\n{stderr}");
-    let seen: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let seen = support::python::run_script("openai_sdk.py", &h.v1(""), b"").await;
 
     // Then the SDK parsed every response as it would from OpenAI
     assert_eq!(

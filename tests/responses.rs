@@ -84,17 +84,7 @@ async fn official_python_sdk_uses_the_responses_api_over_a_chat_only_upstream() 
     let h = Harness::builder().upstream(upstream).start().await;
 
     // When the SDK script runs against the gateway
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/e2e/responses_sdk.py");
-    let python = support::python::python();
-    let output = tokio::process::Command::new(python)
-        .arg(script)
-        .arg(h.v1(""))
-        .output()
-        .await
-        .unwrap_or_else(|e| panic!("cannot run {}: {e}", python.display()));
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "the SDK script failed:\n{stderr}");
-    let seen: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let seen = support::python::run_script("responses_sdk.py", &h.v1(""), b"").await;
 
     // Then the SDK parsed a Response object, with usage in the Responses shape and the
     // request's metadata echoed
@@ -1009,12 +999,7 @@ async fn an_openai_agents_sdk_agent_runs_its_tools_over_a_chat_only_upstream() {
     let h = Harness::builder().upstream(upstream).start().await;
 
     // When the Agents SDK runs its agent through the gateway, in its default Responses mode
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/e2e/responses_agents.py");
-    let python = support::python::python();
-    let output = tokio::process::Command::new(python).arg(script).arg(h.v1("")).output().await.unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "the agent failed:\n{stderr}");
-    let seen: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let seen = support::python::run_script("responses_agents.py", &h.v1(""), b"").await;
 
     // Then it called both tools on each run and finished with the model's answers
     assert_eq!(seen["final"], "Sunny, and noon, in Paris.");
@@ -1185,17 +1170,7 @@ async fn official_python_sdk_runs_background_responses() {
     let h = Harness::builder().upstream(upstream).start().await;
 
     // When the SDK script runs against the gateway
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/e2e/responses_background_sdk.py");
-    let python = support::python::python();
-    let output = tokio::process::Command::new(python)
-        .arg(script)
-        .arg(h.v1(""))
-        .output()
-        .await
-        .unwrap_or_else(|e| panic!("cannot run {}: {e}", python.display()));
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "the SDK script failed:\n{stderr}");
-    let seen: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let seen = support::python::run_script("responses_background_sdk.py", &h.v1(""), b"").await;
 
     // Then `responses.create(background=True)` returned at once, queued, and polling with
     // `responses.retrieve` saw it complete

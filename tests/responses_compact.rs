@@ -392,23 +392,8 @@ async fn official_python_sdk_parses_a_compaction_and_continues_from_it() {
     let h = start(Server::builder().chat(fixtures::completion("It was masked."))).await;
 
     // When the SDK script compacts the long conversation and sends its output as input
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/e2e/responses_compact_sdk.py");
-    let python = support::python::python();
-    let mut child = tokio::process::Command::new(python)
-        .arg(script)
-        .arg(h.v1(""))
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
     let input = serde_json::to_vec(&long_conversation()).unwrap();
-    tokio::io::AsyncWriteExt::write_all(child.stdin.as_mut().unwrap(), &input).await.unwrap();
-    drop(child.stdin.take());
-    let output = child.wait_with_output().await.unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "the SDK script failed:\n{stderr}");
-    let seen: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let seen = support::python::run_script("responses_compact_sdk.py", &h.v1(""), &input).await;
 
     // Then the SDK built its own CompactedResponse with the items' types
     assert_eq!(seen["class"], "CompactedResponse");

@@ -24,6 +24,31 @@ pub fn python() -> &'static Path {
     })
 }
 
+/// Runs `tests/e2e/{script}` with `base` (the gateway's `/v1` URL) as its argument and `input`
+/// on its stdin; panics with its stderr unless it succeeds, and returns what it printed, as JSON.
+pub async fn run_script(script: &str, base: &str, input: &[u8]) -> serde_json::Value {
+    use std::process::Stdio;
+    use tokio::io::AsyncWriteExt;
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/e2e").join(script);
+    let python = python();
+    let mut child = tokio::process::Command::new(python)
+        .arg(&path)
+        .arg(base)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", python.display()));
+    let mut stdin = child.stdin.take().expect("piped stdin");
+    stdin.write_all(input).await.expect("the script reads its input");
+    drop(stdin);
+    let output = child.wait_with_output().await.expect("the script ran");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{script} failed:\n{stderr}");
+    serde_json::from_slice(&output.stdout)
+        .unwrap_or_else(|e| panic!("{script} printed no JSON ({e}):\n{stderr}"))
+}
+
 fn provision() -> PathBuf {
     let root = Path::new(env!("CARGO_TARGET_TMPDIR"));
     let venv = root.join(format!("test-venv-{:016x}", fingerprint()));
