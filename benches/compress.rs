@@ -13,7 +13,9 @@
 //!   rewritten one) is tokenised: the first request of a session, or one after a restart.
 //! - `rebuild`: [`ChatRequest::rebuild`] of the (parsed) request around the planned messages.
 //! - `count/tiktoken-rs` and `count/bpe-openai`: the request body tokenised whole by each
-//!   library (the gateway counts with `bpe-openai`; the counts are the same).
+//!   library (the gateway counts with `bpe-openai`; the counts are the same); `count/one-text/*`:
+//!   the messages' contents as one text (a pasted log, one huge tool output) by the library on
+//!   one thread and by the gateway's counter, which counts a long text in pieces on every core.
 //!
 //! The target is `warm` at or below 5 ms for 128k tokens.
 //!
@@ -506,6 +508,26 @@ fn rules_128k(c: &mut Criterion) {
         b.iter(|| tiktoken_rs::o200k_base_singleton().encode_ordinary(black_box(body)).len())
     });
     group.bench_function("count/bpe-openai", |b| b.iter(|| bpe_openai::o200k_base().count(black_box(body))));
+    // One long text as a message holds it (its contents unescaped, so with real line ends: a
+    // pasted log, one huge tool output), counted by the library on one thread and by the
+    // gateway's counter, which cuts a text over 32 KB into pieces counted on every core.
+    let contents: String = conversation
+        .messages
+        .iter()
+        .filter_map(|m| serde_json::from_str::<serde_json::Value>(m.get()).ok())
+        .filter_map(|m| m["content"].as_str().map(str::to_owned))
+        .collect::<Vec<_>>()
+        .join("\n");
+    group.bench_function("count/one-text/bpe-openai", |b| {
+        b.iter(|| bpe_openai::o200k_base().count(black_box(contents.as_str())))
+    });
+    group.bench_function("count/one-text/ctxgate", |b| {
+        b.iter_batched(
+            || TokenCounter::new(Encoding::O200kBase),
+            |counter| counter.text(black_box(&contents)),
+            BatchSize::PerIteration,
+        )
+    });
     group.bench_function("rebuild", |b| {
         let request = ChatRequest::parse(conversation.body.clone().into()).unwrap();
         b.iter_batched(
