@@ -28,8 +28,7 @@ use crate::chat::compression;
 use crate::error::GatewayError;
 use crate::handlers::passthrough;
 use crate::headers;
-use crate::http_util::{json_response, read_body, require_json};
-use crate::openai::request::{body_model, check_nesting, BodyModel};
+use crate::http_util::json_response;
 use crate::AppState;
 
 /// The handler.
@@ -38,13 +37,7 @@ pub(crate) async fn compact(
     request: Request<Body>,
 ) -> Result<Response<Body>, GatewayError> {
     let (parts, body) = request.into_parts();
-    require_json(&parts.headers)?;
-    let bytes = read_body(body).await?;
-    check_nesting(&bytes, app.config.server.max_json_depth.get())?;
-    let model = match body_model(&bytes)? {
-        BodyModel::Object(model) => model,
-        BodyModel::NotAnObject => None,
-    };
+    let (bytes, model) = super::read_request(&app, &parts, body).await?;
     if super::speaks_responses(&app, model.as_deref()) {
         return passthrough::passthrough(app, Request::from_parts(parts, body::full(bytes))).await;
     }

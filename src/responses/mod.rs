@@ -65,6 +65,20 @@ pub(crate) async fn create(
     request: Request<Body>,
 ) -> Result<Response<Body>, GatewayError> {
     let (parts, body) = request.into_parts();
+    let (bytes, model) = read_request(&app, &parts, body).await?;
+    let scope = store::scope_of(&scope_credential(&parts.headers, &parts.extensions));
+    if speaks_responses(&app, model.as_deref()) {
+        return native::create(app, parts, bytes, scope).await;
+    }
+    over_chat::create(app, parts, bytes, scope).await
+}
+
+/// A Responses request's body, read whole and checked as JSON, and the model it names.
+async fn read_request(
+    app: &AppState,
+    parts: &http::request::Parts,
+    body: Body,
+) -> Result<(Bytes, Option<String>), GatewayError> {
     require_json(&parts.headers)?;
     let bytes = read_body(body).await?;
     check_nesting(&bytes, app.config.server.max_json_depth.get())?;
@@ -72,11 +86,7 @@ pub(crate) async fn create(
         BodyModel::Object(model) => model,
         BodyModel::NotAnObject => None,
     };
-    let scope = store::scope_of(&scope_credential(&parts.headers, &parts.extensions));
-    if speaks_responses(&app, model.as_deref()) {
-        return native::create(app, parts, bytes, scope).await;
-    }
-    over_chat::create(app, parts, bytes, scope).await
+    Ok((bytes, model))
 }
 
 /// Whether `model`'s route has only upstreams with the Responses API: they get Responses
