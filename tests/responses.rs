@@ -8,6 +8,7 @@
 mod support;
 
 use mock_upstream::Server;
+use reqwest::Method;
 use serde_json::{json, Value};
 use support::gateway::{Gateway, AUTH};
 use support::stores::{self, Store};
@@ -393,9 +394,7 @@ async fn store_false_keeps_neither_the_response_nor_a_session() {
     let h =
         Harness::builder().upstream(Server::builder().chat(fixtures::completion("Ephemeral."))).start().await;
     let r = h
-        .client
-        .post(h.v1("/responses"))
-        .header("authorization", AUTH)
+        .v1_as_client(Method::POST, "/responses")
         .json(&json!({"model": "mock-model", "input": "hi", "store": false}))
         .send()
         .await
@@ -409,11 +408,9 @@ async fn store_false_keeps_neither_the_response_nor_a_session() {
     let overhead = r#"ctxgate_gateway_overhead_seconds_count{route="responses"}"#;
     assert_eq!(h.metric(overhead).await, 1.0);
     let id = r["id"].as_str().unwrap();
-    let got =
-        h.client.get(h.v1(&format!("/responses/{id}"))).header("authorization", AUTH).send().await.unwrap();
+    let got = h.v1_as_client(Method::GET, &format!("/responses/{id}")).send().await.unwrap();
     assert_eq!(got.status(), 404);
-    let session =
-        h.client.get(h.v1(&format!("/sessions/{id}"))).header("authorization", AUTH).send().await.unwrap();
+    let session = h.v1_as_client(Method::GET, &format!("/sessions/{id}")).send().await.unwrap();
     assert_eq!(session.status(), 404);
 }
 
@@ -429,9 +426,7 @@ async fn a_stream_cut_short_fails_the_response_and_an_upstream_error_passes_thro
 
     // Then the stream ends with an error event and response.failed, after the text it had
     let r = h
-        .client
-        .post(h.v1("/responses"))
-        .header("authorization", AUTH)
+        .v1_as_client(Method::POST, "/responses")
         .json(&json!({"model": "mock-model", "input": "hi", "stream": true}))
         .send()
         .await
@@ -447,15 +442,12 @@ async fn a_stream_cut_short_fails_the_response_and_an_upstream_error_passes_thro
     assert!(failed["error"]["message"].as_str().unwrap().contains("ended before"), "{failed}");
     // And a failed response is not stored
     let id = failed["id"].as_str().unwrap();
-    let got =
-        h.client.get(h.v1(&format!("/responses/{id}"))).header("authorization", AUTH).send().await.unwrap();
+    let got = h.v1_as_client(Method::GET, &format!("/responses/{id}")).send().await.unwrap();
     assert_eq!(got.status(), 404);
 
     // And the upstream's own error reaches the client as it sent it
     let r = h
-        .client
-        .post(h.v1("/responses"))
-        .header("authorization", AUTH)
+        .v1_as_client(Method::POST, "/responses")
         .json(&json!({"model": "mock-model", "input": "hi"}))
         .send()
         .await
@@ -475,7 +467,7 @@ async fn an_upstream_with_the_responses_api_gets_the_request_as_sent() {
         .start()
         .await;
     let body = json!({"model": "mock-model", "input": "hi", "include": ["reasoning.encrypted_content"], "store": false, "future_field": 1});
-    let r = h.client.post(h.v1("/responses")).header("authorization", AUTH).json(&body).send().await.unwrap();
+    let r = h.v1_as_client(Method::POST, "/responses").json(&body).send().await.unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.json::<Value>().await.unwrap(), answer);
     let recorded = h.upstream(0).requests();
@@ -485,11 +477,9 @@ async fn an_upstream_with_the_responses_api_gets_the_request_as_sent() {
     // And a chain the upstream keeps itself (an id the gateway does not hold) goes on as sent,
     // and its answer is left to the upstream: reading it asks the upstream
     let chained = json!({"model": "mock-model", "input": "more", "previous_response_id": "resp_upstream"});
-    let r =
-        h.client.post(h.v1("/responses")).header("authorization", AUTH).json(&chained).send().await.unwrap();
+    let r = h.v1_as_client(Method::POST, "/responses").json(&chained).send().await.unwrap();
     assert_eq!(r.status(), 200);
-    let got =
-        h.client.get(h.v1("/responses/resp_upstream")).header("authorization", AUTH).send().await.unwrap();
+    let got = h.v1_as_client(Method::GET, "/responses/resp_upstream").send().await.unwrap();
     assert_eq!(got.status(), 200);
     let recorded = h.upstream(0).requests();
     assert_eq!(recorded[1].json(), chained);
@@ -507,17 +497,8 @@ async fn unknown_request_fields_reach_a_chat_upstream() {
         "text": {"format": {"type": "json_schema", "name": "answer", "schema": {"type": "object"}, "strict": true}},
         "parallel_tool_calls": false, "user": "u-1",
     });
-    let r: Value = h
-        .client
-        .post(h.v1("/responses"))
-        .header("authorization", AUTH)
-        .json(&body)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let r: Value =
+        h.v1_as_client(Method::POST, "/responses").json(&body).send().await.unwrap().json().await.unwrap();
     // The Response object echoes the request
     assert_eq!(r["temperature"], 0.2);
     assert_eq!(r["top_p"], 0.9);
@@ -550,7 +531,7 @@ async fn a_chain_forks_from_any_of_its_responses() {
         if let Some(previous) = previous {
             body["previous_response_id"] = previous.into();
         }
-        let request = h.client.post(h.v1("/responses")).header("authorization", AUTH).json(&body);
+        let request = h.v1_as_client(Method::POST, "/responses").json(&body);
         async move {
             let response: Value = request.send().await.unwrap().json().await.unwrap();
             response["id"].as_str().unwrap().to_string()
@@ -577,16 +558,8 @@ async fn a_chain_forks_from_any_of_its_responses() {
         ])
     );
     // And the chain's session counts the forks as history rewrites
-    let session: Value = h
-        .client
-        .get(h.v1(&format!("/sessions/{r1}")))
-        .header("authorization", AUTH)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let session: Value =
+        h.v1_as_client(Method::GET, &format!("/sessions/{r1}")).send().await.unwrap().json().await.unwrap();
     assert_eq!(session["history_rewrites"], 2, "{session}");
     assert_eq!(session["messages"], 6, "{session}");
 }
@@ -600,8 +573,7 @@ async fn an_id_the_gateway_does_not_hold_goes_to_a_responses_upstream() {
         .config(|c| c.upstreams[0].api = Some(ctxgate::config::UpstreamApi::Responses))
         .start()
         .await;
-    let got =
-        h.client.get(h.v1("/responses/resp_theirs")).header("authorization", AUTH).send().await.unwrap();
+    let got = h.v1_as_client(Method::GET, "/responses/resp_theirs").send().await.unwrap();
     assert_eq!(got.status(), 200);
     assert_eq!(got.json::<Value>().await.unwrap(), theirs);
     let recorded = h.upstream(0).requests();
@@ -615,9 +587,7 @@ async fn an_id_the_gateway_does_not_hold_goes_to_a_responses_upstream() {
 async fn the_session_header_names_the_session_a_response_runs_on() {
     let h = Harness::builder().upstream(Server::builder().chat(fixtures::completion("Noted."))).start().await;
     let r = h
-        .client
-        .post(h.v1("/responses"))
-        .header("authorization", AUTH)
+        .v1_as_client(Method::POST, "/responses")
         .header("x-session-id", "my-thread")
         .json(&json!({"model": "mock-model", "input": "Remember this."}))
         .send()
@@ -656,8 +626,7 @@ async fn the_gateway_keeps_a_chain_on_an_upstream_with_the_responses_api() {
         .config(|c| c.upstreams[0].api = Some(ctxgate::config::UpstreamApi::Responses))
         .start()
         .await;
-    let post =
-        |body: Value| h.client.post(h.v1("/responses")).header("authorization", AUTH).json(&body).send();
+    let post = |body: Value| h.v1_as_client(Method::POST, "/responses").json(&body).send();
 
     // When a chain's first response is answered there, and the second names it
     let r1 = post(json!({"model": "gpt-x", "input": "Colour?"})).await.unwrap();
@@ -685,13 +654,7 @@ async fn the_gateway_keeps_a_chain_on_an_upstream_with_the_responses_api() {
     );
     // And both responses are the gateway's to read, without asking the upstream
     for (id, object) in [("resp_up1", upstream_response("resp_up1", "Blue.")), ("resp_up2", second)] {
-        let got = h
-            .client
-            .get(h.v1(&format!("/responses/{id}")))
-            .header("authorization", AUTH)
-            .send()
-            .await
-            .unwrap();
+        let got = h.v1_as_client(Method::GET, &format!("/responses/{id}")).send().await.unwrap();
         assert_eq!(got.status(), 200, "{id}");
         assert_eq!(got.json::<Value>().await.unwrap(), object);
     }
@@ -713,8 +676,7 @@ async fn a_chain_moves_from_a_chat_upstream_to_a_responses_upstream() {
         })
         .start()
         .await;
-    let post =
-        |body: Value| h.client.post(h.v1("/responses")).header("authorization", AUTH).json(&body).send();
+    let post = |body: Value| h.v1_as_client(Method::POST, "/responses").json(&body).send();
     let r1: Value = post(json!({"model": "local", "input": "Colour?"})).await.unwrap().json().await.unwrap();
 
     // When the chain continues on the other model
@@ -768,14 +730,7 @@ async fn a_chain_keeps_its_pool_endpoint_as_its_session_does() {
             if let Some(id) = &previous {
                 body["previous_response_id"] = json!(id);
             }
-            let r = h
-                .client
-                .post(h.v1("/responses"))
-                .header("authorization", AUTH)
-                .json(&body)
-                .send()
-                .await
-                .unwrap();
+            let r = h.v1_as_client(Method::POST, "/responses").json(&body).send().await.unwrap();
             assert_eq!(r.status(), 200);
             let endpoint = r.headers()["x-ctxgate-upstream-endpoint"].to_str().unwrap().to_string();
             // Then every turn of a chain lands where its first did
@@ -793,8 +748,7 @@ async fn a_chain_keeps_its_pool_endpoint_as_its_session_does() {
 #[tokio::test]
 async fn a_chains_session_applies_its_goal_lock_with_a_byte_stable_prefix() {
     let h = Harness::builder().start().await;
-    let post =
-        |body: Value| h.client.post(h.v1("/responses")).header("authorization", AUTH).json(&body).send();
+    let post = |body: Value| h.v1_as_client(Method::POST, "/responses").json(&body).send();
     let turn = |input: &str, previous: &str| json!({"model": "mock-model", "instructions": "Be terse.", "input": input, "previous_response_id": previous});
     let r1: Value = post(json!({"model": "mock-model", "instructions": "Be terse.", "input": "a"}))
         .await
@@ -878,8 +832,7 @@ async fn a_long_agent_chain_is_compressed_in_epochs_behind_a_stable_prefix() {
         if let Some(id) = &previous {
             body["previous_response_id"] = json!(id);
         }
-        let r =
-            h.client.post(h.v1("/responses")).header("authorization", AUTH).json(&body).send().await.unwrap();
+        let r = h.v1_as_client(Method::POST, "/responses").json(&body).send().await.unwrap();
         assert_eq!(r.status(), 200, "turn {n}");
         let after: u64 = r.headers()["x-ctxgate-tokens-after"].to_str().unwrap().parse().unwrap();
         assert!(after <= WINDOW, "turn {n}: {after} tokens");
@@ -1042,8 +995,7 @@ async fn an_openai_agents_sdk_agent_runs_its_tools_over_a_chat_only_upstream() {
 async fn a_long_chain_is_rebuilt_whole_across_its_snapshots_and_past_a_deleted_response() {
     // Given a chain of 40 responses (its records hold their own part, every 16th the whole)
     let h = Harness::builder().start().await;
-    let post =
-        |body: Value| h.client.post(h.v1("/responses")).header("authorization", AUTH).json(&body).send();
+    let post = |body: Value| h.v1_as_client(Method::POST, "/responses").json(&body).send();
     let mut ids: Vec<String> = Vec::new();
     for n in 0..40 {
         let mut body = json!({"model": "mock-model", "input": format!("turn {n}")});
@@ -1055,13 +1007,7 @@ async fn a_long_chain_is_rebuilt_whole_across_its_snapshots_and_past_a_deleted_r
     }
     // When a response in the middle is deleted, and the chain continues from its last response
     // and forks from one past the first snapshot
-    let deleted = h
-        .client
-        .delete(h.v1(&format!("/responses/{}", ids[20])))
-        .header("authorization", AUTH)
-        .send()
-        .await
-        .unwrap();
+    let deleted = h.v1_as_client(Method::DELETE, &format!("/responses/{}", ids[20])).send().await.unwrap();
     assert_eq!(deleted.status(), 200);
     assert_eq!(
         post(json!({"model": "mock-model", "input": "last", "previous_response_id": ids[39]}))
@@ -1092,13 +1038,7 @@ async fn a_long_chain_is_rebuilt_whole_across_its_snapshots_and_past_a_deleted_r
     assert_eq!(sent(40), expected(40, "last"));
     assert_eq!(sent(41), expected(18, "fork"));
     // And the deleted response itself is gone
-    let got = h
-        .client
-        .get(h.v1(&format!("/responses/{}", ids[20])))
-        .header("authorization", AUTH)
-        .send()
-        .await
-        .unwrap();
+    let got = h.v1_as_client(Method::GET, &format!("/responses/{}", ids[20])).send().await.unwrap();
     assert_eq!(got.status(), 404);
 }
 
@@ -1107,8 +1047,7 @@ async fn a_chain_outlives_the_ttl_of_its_first_response() {
     // Given a short TTL, and a chain whose second response comes after half of it
     const TTL: std::time::Duration = std::time::Duration::from_secs(4);
     let h = Harness::builder().config(|c| c.sessions.ttl = TTL).start().await;
-    let post =
-        |body: Value| h.client.post(h.v1("/responses")).header("authorization", AUTH).json(&body).send();
+    let post = |body: Value| h.v1_as_client(Method::POST, "/responses").json(&body).send();
     let started = tokio::time::Instant::now();
     let r0: Value =
         post(json!({"model": "mock-model", "input": "zero"})).await.unwrap().json().await.unwrap();
@@ -1131,13 +1070,7 @@ async fn a_chain_outlives_the_ttl_of_its_first_response() {
     // When the first response has expired
     let deadline = started + TTL * 2;
     loop {
-        let got = h
-            .client
-            .get(h.v1(&format!("/responses/{}", id(&r0))))
-            .header("authorization", AUTH)
-            .send()
-            .await
-            .unwrap();
+        let got = h.v1_as_client(Method::GET, &format!("/responses/{}", id(&r0))).send().await.unwrap();
         if got.status() == 404 {
             break;
         }

@@ -70,11 +70,16 @@ impl Harness {
         format!("{}/v1{path}", self.url)
     }
 
+    /// A request to `/v1{path}` as the test client (with [`gateway::AUTH`], as [`Self::chat`]).
+    pub fn v1_as_client(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        self.client.request(method, self.v1(path)).header("authorization", gateway::AUTH)
+    }
+
     pub fn chat(&self) -> reqwest::RequestBuilder {
         self.client
             .post(self.v1("/chat/completions"))
             .header("content-type", "application/json")
-            .header("authorization", "Bearer sk-test-client")
+            .header("authorization", gateway::AUTH)
     }
 
     pub async fn metrics(&self) -> String {
