@@ -9,6 +9,8 @@ use serde::Deserialize;
 
 use crate::memo::Memo;
 
+mod o200k;
+
 /// The tokenizer a model's tokens are counted with.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -93,12 +95,14 @@ impl TokenCounter {
     pub fn text(&self, text: &str) -> u32 {
         match &self.vocabulary {
             Vocabulary::Tiktoken(encoding) => {
-                let bpe = Self::bpe(*encoding);
                 if text.len() < 2 * PIECE_BYTES {
-                    return bpe.count(text) as u32;
+                    return tiktoken_count(*encoding, text) as u32;
                 }
                 use rayon::prelude::*;
-                pieces(text, PIECE_BYTES).par_iter().map(|piece| bpe.count(piece)).sum::<usize>() as u32
+                pieces(text, PIECE_BYTES)
+                    .par_iter()
+                    .map(|piece| tiktoken_count(*encoding, piece))
+                    .sum::<usize>() as u32
             }
             // A text the tokenizer refuses is counted at a byte per token: never under.
             Vocabulary::Model(tokenizer) => {
@@ -131,6 +135,15 @@ impl TokenCounter {
 
     fn cached(&self, json: &str, kind: u64, count: impl FnOnce(&str) -> u32) -> u32 {
         self.cache.get_or(json, kind, || count(json), |_| 0)
+    }
+}
+
+/// Tokens of `text` in a tiktoken vocabulary; o200k pre-tokenises ASCII by hand ([`o200k`]).
+fn tiktoken_count(encoding: Encoding, text: &str) -> usize {
+    let bpe = TokenCounter::bpe(encoding);
+    match encoding {
+        Encoding::O200kBase | Encoding::Auto => o200k::count(bpe, text),
+        Encoding::Cl100kBase => bpe.count(text),
     }
 }
 
@@ -248,10 +261,13 @@ mod tests {
             let want = reference.encode_ordinary(&text).len();
             assert_eq!(TokenCounter::new(encoding).text(&text) as usize, want, "{encoding:?}");
             // Small pieces put a cut after almost every line end the text has.
-            let bpe = TokenCounter::bpe(encoding);
             let small = pieces(&text, 64);
             assert!(small.len() > 500, "{} pieces", small.len());
-            assert_eq!(small.iter().map(|p| bpe.count(p)).sum::<usize>(), want, "{encoding:?}, small pieces");
+            assert_eq!(
+                small.iter().map(|p| tiktoken_count(encoding, p)).sum::<usize>(),
+                want,
+                "{encoding:?}, small pieces"
+            );
         }
     }
 
