@@ -19,6 +19,9 @@
 //! body limit (the equivalent HTTP request could be no larger); past it, it is forgotten and the
 //! client is told `previous_response_not_found`, which clients answer with the whole context.
 //!
+//! A `generate: false` turn (a warm-up: Codex sends one first) is answered here with an empty
+//! completed response, and prepares the conversation the next turn continues.
+//!
 //! Bounds: a message over `server.max_body_bytes` closes the socket with 1009; a socket with no
 //! turn in flight and no message for `server.idle_timeout` is closed; turns are sequential (a
 //! `response.create` while one runs is refused with an error frame); `background` is refused.
@@ -51,6 +54,9 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
 use super::request::items_of;
+use super::response::Base;
+use super::stream::Translator;
+use super::{new_id, now_secs};
 use crate::auth::{Admission, Caller};
 use crate::body::{self, Body};
 use crate::error::GatewayError;
@@ -294,7 +300,10 @@ impl Socket {
 
     /// Reads a `response.create` and starts its turn; an error frame if it cannot run.
     async fn start(&mut self, text: &str) -> Result<Turn, String> {
-        let (body, sent) = self.request_body(text).map_err(|e| error_frame(&e))?;
+        let (body, sent, generate) = self.request_body(text).map_err(|e| error_frame(&e))?;
+        if !generate {
+            return warm_up(&body, sent).map_err(|e| error_frame(&e));
+        }
         let mut request = Request::new(body::full(body));
         *request.method_mut() = Method::POST;
         *request.uri_mut() = Uri::from_static("/v1/responses");
@@ -335,8 +344,9 @@ impl Socket {
         })
     }
 
-    /// The `POST /v1/responses` body a `response.create` message stands for.
-    fn request_body(&self, text: &str) -> Result<(Bytes, Sent), GatewayError> {
+    /// The `POST /v1/responses` body a `response.create` message stands for, and whether it
+    /// asks for an answer (`generate: false` is a warm-up).
+    fn request_body(&self, text: &str) -> Result<(Bytes, Sent, bool), GatewayError> {
         let Ok(mut fields) = serde_json::from_str::<Map<String, Value>>(text) else {
             return Err(GatewayError::invalid("The message is not a JSON object.", None, "invalid_json"));
         };
@@ -356,7 +366,10 @@ impl Socket {
         }
         fields.remove("background");
         fields.insert("stream".into(), Value::Bool(true));
-        let store = fields.get("store").and_then(Value::as_bool).unwrap_or(true);
+        // WebSocket-only: answered here, never sent on.
+        let generate = fields.remove("generate").and_then(|g| g.as_bool()).unwrap_or(true);
+        // A warm-up is stored nowhere but on the socket.
+        let store = generate && fields.get("store").and_then(Value::as_bool).unwrap_or(true);
         let input = items_of(fields.get("input").unwrap_or(&Value::Null)).ok();
         let continued = self.last.as_ref().filter(|last| {
             fields.get("previous_response_id").and_then(Value::as_str) == Some(last.id.as_str())
@@ -374,7 +387,7 @@ impl Socket {
             (_, input) => input,
         };
         let body = serde_json::to_vec(&fields).map_err(|e| GatewayError::Internal(e.into()))?;
-        Ok((Bytes::from(body), Sent { store, continued: resolved, items }))
+        Ok((Bytes::from(body), Sent { store, continued: resolved, items }, generate))
     }
 
     /// Remembers the conversation through a turn's unstored response as its last event goes
@@ -477,6 +490,27 @@ impl Turn {
             }
         }
     }
+}
+
+/// A `generate: false` turn (Codex sends one as a thread starts): a completed response with
+/// no output and no upstream call, whose id a next turn continues from on this socket (the
+/// request state it prepares is the conversation the socket keeps).
+fn warm_up(body: &[u8], sent: Sent) -> Result<Turn, GatewayError> {
+    let parsed = super::request::parse(body)?;
+    let base = Base { id: new_id("resp"), created_at: now_secs(), model: parsed.model, echo: parsed.echo };
+    let mut translator = Translator::new(base);
+    let mut events = translator.start();
+    let (closing, finished) = translator.finish();
+    events.extend(closing);
+    events.push(translator.completed(&finished));
+    Ok(Turn {
+        state: State::Done,
+        pending: events.iter().filter_map(|event| payload(event)).collect(),
+        sent,
+        max_event: 0,
+        outcome: "completed",
+        ended: false,
+    })
 }
 
 /// The running turn's next frame; pending while there is none.
