@@ -10,8 +10,9 @@
 //! - [`request_path`]: the path normalised once (dot segments), so keys, routes and upstreams agree.
 //! - [`router`]: the route table, `(method, path)` → handler, and the routes' metric labels.
 //! - [`observe`], [`limit`]: per-request metrics; body and concurrency limits.
-//! - [`tunnel`]: HTTP/1.1 upgrades (WebSocket) on passthrough routes, copied both ways
-//!   between client and upstream; run by the server as the connection it is.
+//! - [`tunnel`]: HTTP/1.1 upgrades (WebSocket): on passthrough routes copied both ways
+//!   between client and upstream, or served by a handler (the Responses API's WebSocket
+//!   mode); run by the server as the connection it is.
 //!
 //! Handlers:
 //! - [`chat`]: `POST /v1/chat/completions`, the one pipeline (read → prepare → send → relay →
@@ -20,7 +21,8 @@
 //! - [`responses`]: `POST /v1/responses` (OpenAI's Responses API) as a second front end of the
 //!   chat pipeline, and the stored responses a `previous_response_id` chain continues from;
 //!   background responses, their cancel and the replay of their streams;
-//!   `POST /v1/responses/compact` answered by the gateway's own compaction.
+//!   `POST /v1/responses/compact` answered by the gateway's own compaction; the Responses
+//!   API's WebSocket mode, each `response.create` run as that `POST`.
 //! - [`handlers`]: the model list and passthrough routes; the sessions API.
 //!
 //! Features (each gets plain values or narrow handles, never the application):

@@ -10,6 +10,7 @@ use std::task::{Context, Poll};
 use http::{header, HeaderValue, Method, Request, Response};
 
 use crate::body::{self, Body};
+use crate::config::WebSocketMode;
 use crate::error::GatewayError;
 use crate::handlers::{originals, passthrough, sessions};
 use crate::{chat, responses, AppState};
@@ -102,6 +103,12 @@ impl tower::Service<Request<Body>> for Router {
         let method = request.method();
         let path = request.uri().path();
         let get = method == Method::GET;
+        let upgrade = crate::tunnel::requested(&request);
+        // The Responses API's WebSocket mode is answered by the gateway unless configured to
+        // go to the upstream as it is.
+        let terminated = upgrade.is_some_and(responses::websocket::is_websocket)
+            && state.config.responses.websocket == WebSocketMode::Terminate;
+        let upgrade = upgrade.is_some();
         match Route::of(path) {
             Route::ChatCompletions if method == Method::POST => Box::pin(chat::completions(state, request)),
             Route::Responses if method == Method::POST => Box::pin(responses::create(state, request)),
@@ -110,10 +117,8 @@ impl tower::Service<Request<Body>> for Router {
             Route::Models if get => Box::pin(passthrough::models(state, request)),
             Route::Sessions => Box::pin(sessions::api(state, request)),
             Route::Originals if get => Box::pin(originals::original(state, request)),
-            // The Responses API's WebSocket mode (Codex's built-in provider) is tunnelled as is.
-            Route::Models | Route::Passthrough | Route::Responses
-                if crate::tunnel::requested(&request).is_some() =>
-            {
+            Route::Responses if terminated => Box::pin(responses::websocket::accept(state, request)),
+            Route::Models | Route::Passthrough | Route::Responses if upgrade => {
                 Box::pin(passthrough::upgrade(state, request))
             }
             Route::Models | Route::Passthrough => Box::pin(passthrough::passthrough(state, request)),

@@ -41,8 +41,8 @@
 //! | [`crate::auth::Caller`] (request) | gateway keys | handlers: model allowlist, charges, session scope |
 //! | [`crate::upstream::UpstreamWait`] (response) | upstream transport, tool loop | metrics: `gateway_overhead_seconds` |
 //! | [`crate::error::ErrorLabel`] (response) | error rendering | metrics: `errors_total{kind}` |
-//! | `hyper::upgrade::OnUpgrade` (request) | hyper, on an HTTP/1.1 upgrade | the passthrough upgrade handler |
-//! | [`crate::tunnel::Tunnel`] (response, a 101's) | the passthrough upgrade handler | [`crate::server`], which runs it |
+//! | `hyper::upgrade::OnUpgrade` (request) | hyper, on an HTTP/1.1 upgrade | the upgrade handlers (passthrough, Responses WebSocket) |
+//! | [`crate::tunnel::Tunnel`] (response, a 101's) | the upgrade handlers | [`crate::server`], which runs it |
 //!
 //! Every layer maps bodies and keeps extensions, so both upgrade handles get through.
 

@@ -138,6 +138,7 @@ pub struct Metrics {
     pub limits: LimitMetrics,
     pub pools: PoolMetrics,
     pub connections: ConnectionMetrics,
+    pub websocket: WebSocketMetrics,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -307,6 +308,36 @@ impl ConnectionMetrics {
             closed.clone(),
         );
         Self { open, tunnels, closed }
+    }
+}
+
+/// The Responses API's WebSocket mode, terminated by ctxgate (the connections are counted in
+/// `connections_open` and `tunnels_open` too).
+#[derive(Clone, Debug)]
+pub struct WebSocketMetrics {
+    /// WebSocket connections accepted on `/v1/responses`.
+    pub connections: Counter,
+    /// `response.create` messages, by outcome: `completed` (`response.completed` or
+    /// `response.incomplete`), `failed` (the response failed once it had begun), `error` (an
+    /// error frame instead of a response), `cancelled` (the client left mid-turn).
+    pub turns: Family<OutcomeLabel, Counter>,
+}
+
+impl WebSocketMetrics {
+    fn register(registry: &mut Registry) -> Self {
+        let connections = Counter::default();
+        registry.register(
+            "responses_websocket_connections",
+            "WebSocket connections accepted on /v1/responses (the Responses API's WebSocket mode)",
+            connections.clone(),
+        );
+        let turns = Family::<OutcomeLabel, Counter>::default();
+        registry.register(
+            "responses_websocket_turns",
+            "response.create messages over WebSocket, by outcome (completed, failed, error, cancelled)",
+            turns.clone(),
+        );
+        Self { connections, turns }
     }
 }
 
@@ -581,7 +612,9 @@ impl Metrics {
         let limits = LimitMetrics::register(&mut registry);
         let pools = PoolMetrics::register(&mut registry);
         let connections = ConnectionMetrics::register(&mut registry);
+        let websocket = WebSocketMetrics::register(&mut registry);
         Self {
+            websocket,
             tools,
             limits,
             pools,

@@ -1,8 +1,10 @@
-//! HTTP/1.1 upgrades (WebSocket and any other protocol) tunnelled to an upstream: which requests
-//! are upgrades, the `101 Switching Protocols` handed back to the client, and the byte copy
-//! between the two upgraded connections. What flows through a tunnel is never read.
+//! HTTP/1.1 upgrades (WebSocket and any other protocol): which requests are upgrades, the
+//! `101 Switching Protocols` handed back to the client, and what runs on the upgraded
+//! connection: the byte copy to an upstream's upgraded connection (a tunnel proper, whose
+//! bytes are never read), or a handler's own protocol ([`Tunnel::served`], the Responses API's
+//! WebSocket mode), which the handler supplies and this module only runs.
 //!
-//! The handler that forwards the upgrade builds a [`Tunnel`] and puts it in the 101 response's
+//! The handler that accepts the upgrade builds a [`Tunnel`] and puts it in the 101 response's
 //! extensions; the connection's owner ([`crate::server`]) takes it out and runs it once hyper
 //! has written the 101 and let go of the socket, so a tunnel lives and is limited as the
 //! client connection it is (open connections, idle timeout, drain on shutdown), not as a
@@ -18,7 +20,7 @@ use std::time::Duration;
 
 use http::header::{self, HeaderValue};
 use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
-use hyper::upgrade::OnUpgrade;
+use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
@@ -64,12 +66,24 @@ pub(crate) fn switching(mut headers: HeaderMap, protocol: HeaderValue, tunnel: T
 #[derive(Clone)]
 pub(crate) struct Tunnel(Arc<Mutex<Option<Ends>>>);
 
-struct Ends {
-    client: OnUpgrade,
-    upstream: OnUpgrade,
-    /// Held until the tunnel closes (the upstream endpoint's lease: a tunnel is in flight there).
-    hold: Box<dyn Any + Send + Sync>,
+enum Ends {
+    /// Bytes copied between the client and an upstream.
+    Copied {
+        client: OnUpgrade,
+        upstream: OnUpgrade,
+        /// Held until the tunnel closes (the upstream endpoint's lease: a tunnel is in flight
+        /// there).
+        hold: Box<dyn Any + Send + Sync>,
+    },
+    /// The client's connection served by a handler of the gateway's own.
+    Served { client: OnUpgrade, serve: Serve },
 }
+
+/// A handler's protocol on an upgraded client connection: given the socket and the idle
+/// timeout, it runs until the connection ends, and says why it did. The idle timeout is its to
+/// keep, since only it knows when the connection is busy.
+pub(crate) type Serve =
+    Box<dyn FnOnce(TokioIo<Upgraded>, Duration) -> Pin<Box<dyn Future<Output = Closed> + Send>> + Send>;
 
 impl std::fmt::Debug for Tunnel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -90,19 +104,41 @@ pub(crate) enum Closed {
 
 impl Tunnel {
     pub(crate) fn new(client: OnUpgrade, upstream: OnUpgrade, hold: Box<dyn Any + Send + Sync>) -> Self {
-        Self(Arc::new(Mutex::new(Some(Ends { client, upstream, hold }))))
+        Self(Arc::new(Mutex::new(Some(Ends::Copied { client, upstream, hold }))))
     }
 
-    /// Copies bytes both ways until either side closes, nothing moves for `idle`, or
-    /// `shutdown` resolves. Returns at once if it was already run.
+    /// The client's upgraded connection served by `serve`.
+    pub(crate) fn served(client: OnUpgrade, serve: Serve) -> Self {
+        Self(Arc::new(Mutex::new(Some(Ends::Served { client, serve }))))
+    }
+
+    /// Copies bytes both ways (or serves the connection) until either side closes, nothing
+    /// moves for `idle`, or `shutdown` resolves. Returns at once if it was already run.
     pub(crate) async fn run(self, idle: Duration, shutdown: impl Future<Output = ()>) -> Closed {
         let Some(ends) = self.0.lock().ok().and_then(|mut ends| ends.take()) else {
             return Closed::Ended;
         };
-        let _hold = ends.hold;
+        let (client, upstream, _hold) = match ends {
+            Ends::Copied { client, upstream, hold } => (client, upstream, hold),
+            Ends::Served { client, serve } => {
+                let served = async {
+                    match client.await {
+                        Ok(upgraded) => serve(TokioIo::new(upgraded), idle).await,
+                        Err(err) => {
+                            tracing::debug!(error = %err, "the upgraded connection was lost");
+                            Closed::Ended
+                        }
+                    }
+                };
+                return tokio::select! {
+                    closed = served => closed,
+                    () = shutdown => Closed::Shutdown,
+                };
+            }
+        };
         let last_read = Arc::new(LastRead::new());
         let copy = async {
-            let (client, upstream) = tokio::try_join!(ends.client, ends.upstream)?;
+            let (client, upstream) = tokio::try_join!(client, upstream)?;
             let mut client = Stamped { io: TokioIo::new(client), last_read: last_read.clone() };
             let mut upstream = Stamped { io: TokioIo::new(upstream), last_read: last_read.clone() };
             tokio::io::copy_bidirectional(&mut client, &mut upstream).await?;

@@ -1,9 +1,12 @@
 //! Codex CLI (`codex exec`, the real binary) through ctxgate to a Chat-Completions-only
-//! upstream: a custom model provider whose `base_url` is the gateway (`wire_api = "responses"`,
-//! the key from `env_key`). The scripted model calls Codex's shell tool once, Codex runs it and
-//! sends the output back, and the model answers. Only the model is faked.
+//! upstream, two ways: a custom model provider whose `base_url` is the gateway
+//! (`wire_api = "responses"` over HTTP, the key from `env_key`), and the built-in OpenAI
+//! provider with `openai_base_url` at the gateway (the Responses API's WebSocket mode, the key
+//! from `codex login --with-api-key`). The scripted model calls Codex's shell tool once, Codex
+//! runs it and sends the output back, and the model answers. Only the model is faked.
 //!
-//! A recording proxy between Codex and the gateway shows what Codex sent and what it got back.
+//! Over HTTP, a recording proxy between Codex and the gateway shows what Codex sent and what it
+//! got back; over the WebSocket, the gateway's metrics show how Codex connected.
 //! Codex runs with its own home in a temp dir, every proxy variable pointing at a closed port
 //! (so nothing but loopback is reachable), and a hard timeout.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -67,6 +70,54 @@ env_key = "CTXGATE_API_KEY"
     )
 }
 
+/// Where one Codex run keeps its files.
+struct CodexHome<'a> {
+    home: &'a std::path::Path,
+    codex_home: &'a std::path::Path,
+    workdir: &'a std::path::Path,
+}
+
+/// A `codex` command confined to `dirs`: its own home, every proxy variable pointing at a
+/// closed port (so nothing but loopback is reachable), killed when dropped.
+fn codex_command(dirs: &CodexHome<'_>) -> tokio::process::Command {
+    let closed = "http://127.0.0.1:9";
+    let mut command = tokio::process::Command::new(support::codex::codex());
+    command
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .env("HOME", dirs.home)
+        .env("CODEX_HOME", dirs.codex_home)
+        .env("CTXGATE_API_KEY", KEY)
+        .envs(
+            ["HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY", "https_proxy", "http_proxy", "all_proxy"]
+                .map(|v| (v, closed)),
+        )
+        .envs(["NO_PROXY", "no_proxy"].map(|v| (v, "127.0.0.1,localhost")))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    command
+}
+
+/// `codex exec` of [`PROMPT`] in `dirs.workdir`, within 120 s.
+async fn run_exec(dirs: &CodexHome<'_>) -> std::process::Output {
+    let child = codex_command(dirs)
+        .args(["exec", "--skip-git-repo-check", "--color", "never"])
+        // The sandbox needs user namespaces, which containers often lack; the command is an
+        // `echo` in a temp dir, and the sandbox is not what is under test.
+        .args(["--sandbox", "danger-full-access"])
+        .arg("--cd")
+        .arg(dirs.workdir)
+        .arg(PROMPT)
+        .spawn()
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(120), child.wait_with_output())
+        .await
+        .expect("codex exec did not finish within 120 s")
+        .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn codex_exec_runs_a_tool_round_through_the_gateway_over_a_chat_only_upstream() {
     // Given a Chat-Completions-only model scripted to call the shell, then answer; the gateway
@@ -86,39 +137,10 @@ async fn codex_exec_runs_a_tool_round_through_the_gateway_over_a_chat_only_upstr
     std::fs::create_dir_all(&codex_home).unwrap();
     std::fs::create_dir_all(&workdir).unwrap();
     std::fs::write(codex_home.join("config.toml"), codex_config(&recorder.url)).unwrap();
-    let codex = support::codex::codex();
 
     // When `codex exec` runs the task non-interactively
-    let closed = "http://127.0.0.1:9";
     let started = Instant::now();
-    let child = tokio::process::Command::new(codex)
-        .args(["exec", "--skip-git-repo-check", "--color", "never"])
-        // The sandbox needs user namespaces, which containers often lack; the command is an
-        // `echo` in a temp dir, and the sandbox is not what is under test.
-        .args(["--sandbox", "danger-full-access"])
-        .arg("--cd")
-        .arg(&workdir)
-        .arg(PROMPT)
-        .env_clear()
-        .env("PATH", "/usr/bin:/bin")
-        .env("HOME", home.path())
-        .env("CODEX_HOME", &codex_home)
-        .env("CTXGATE_API_KEY", KEY)
-        .envs(
-            ["HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY", "https_proxy", "http_proxy", "all_proxy"]
-                .map(|v| (v, closed)),
-        )
-        .envs(["NO_PROXY", "no_proxy"].map(|v| (v, "127.0.0.1,localhost")))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let output = tokio::time::timeout(Duration::from_secs(120), child.wait_with_output())
-        .await
-        .expect("codex exec did not finish within 120 s")
-        .unwrap();
+    let output = run_exec(&CodexHome { home: home.path(), codex_home: &codex_home, workdir: &workdir }).await;
     let elapsed = started.elapsed();
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
@@ -187,6 +209,96 @@ async fn codex_exec_runs_a_tool_round_through_the_gateway_over_a_chat_only_upstr
     assert!(transcript
         .iter()
         .any(|m| m["role"] == "assistant" && m["tool_calls"][0]["id"] == "call_codex_1"));
+    assert!(transcript
+        .iter()
+        .any(|m| m["role"] == "tool" && m["content"].as_str().unwrap().contains(PRINTED)));
+    assert_eq!(transcript.last().unwrap(), &json!({"role": "assistant", "content": ANSWER}));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn codex_s_built_in_provider_runs_a_tool_round_over_the_gateway_s_websocket() {
+    // Given a Chat-Completions-only model scripted to call the shell, then answer; and Codex's
+    // built-in OpenAI provider pointed at the gateway, logged in with an API key (the built-in
+    // provider prefers the Responses API's WebSocket mode)
+    let upstream = Server::builder()
+        .reply(Reply::sse(shell_call()))
+        .stream(chunks(&["The command printed ", "ctxgate-codex-42."], None));
+    let h = Harness::builder()
+        .upstream(upstream)
+        .config(|c| c.compression.policy.mode = CompressionMode::Rules)
+        .start()
+        .await;
+    let home = tempfile::tempdir().unwrap();
+    let codex_home = home.path().join(".codex");
+    let workdir = home.path().join("work");
+    std::fs::create_dir_all(&codex_home).unwrap();
+    std::fs::create_dir_all(&workdir).unwrap();
+    let config = format!(
+        r#"model = "mock-model"
+openai_base_url = "{}/v1"
+cli_auth_credentials_store = "file"
+web_search = "disabled"
+check_for_update_on_startup = false
+
+[analytics]
+enabled = false
+
+[agents]
+enabled = false
+"#,
+        h.url
+    );
+    std::fs::write(codex_home.join("config.toml"), config).unwrap();
+    let dirs = CodexHome { home: home.path(), codex_home: &codex_home, workdir: &workdir };
+    let mut login =
+        codex_command(&dirs).args(["login", "--with-api-key"]).stdin(Stdio::piped()).spawn().unwrap();
+    let mut stdin = login.stdin.take().unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut stdin, KEY.as_bytes()).await.unwrap();
+    drop(stdin);
+    let logged_in = login.wait_with_output().await.unwrap();
+    assert!(logged_in.status.success(), "{}", String::from_utf8_lossy(&logged_in.stderr));
+
+    // When `codex exec` runs the task
+    let started = Instant::now();
+    let output = run_exec(&dirs).await;
+    let elapsed = started.elapsed();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+
+    // Then Codex finished with the scripted answer, having run the command
+    assert!(output.status.success(), "codex exec failed ({}):\n{stderr}\n{stdout}", output.status);
+    assert!(stdout.contains(ANSWER), "stdout:\n{stdout}\nstderr:\n{stderr}");
+    eprintln!("codex exec over the WebSocket took {elapsed:.2?}");
+
+    // And it spoke over the gateway's WebSocket only: one upgrade answered, its warm-up
+    // (`generate: false`, answered by the gateway) and both model calls as turns on it, and no
+    // `POST /v1/responses` fallback
+    let metrics = h.metrics().await;
+    let sample = |name: &str| support::sample_value(&metrics, name);
+    assert_eq!(sample("ctxgate_responses_websocket_connections_total"), 1.0, "{metrics}");
+    assert_eq!(sample(r#"ctxgate_requests_total{route="responses",status="101"}"#), 1.0, "{metrics}");
+    assert_eq!(sample(r#"ctxgate_requests_total{route="responses",status="200"}"#), 0.0, "a POST fallback");
+    assert_eq!(sample(r#"ctxgate_responses_websocket_turns_total{outcome="completed"}"#), 3.0, "{metrics}");
+    assert_eq!(sample(r#"ctxgate_responses_websocket_turns_total{outcome="error"}"#), 0.0, "{metrics}");
+
+    // And the model got two chat requests, the second with the shell's output as a tool message
+    let asked = h.upstream(0).requests();
+    assert_eq!(asked.len(), 2);
+    let messages = asked[1].json()["messages"].as_array().unwrap().clone();
+    let tool = messages.iter().find(|m| m["role"] == "tool").expect("a tool message");
+    assert_eq!(tool["tool_call_id"], "call_codex_1");
+    assert!(tool["content"].as_str().unwrap().contains(PRINTED), "{tool}");
+    assert!(messages.iter().any(|m| m["role"] == "user" && m["content"] == PROMPT), "the whole conversation");
+
+    // And the thread is a session holding the whole task, read with Codex's credential
+    let thread = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("session id: "))
+        .expect("Codex names its thread")
+        .trim()
+        .to_string();
+    let transcript = stores::transcript(&h.client, &h.url, &thread, &format!("Bearer {KEY}")).await;
+    assert!(transcript.iter().any(|m| m["role"] == "user" && m["content"] == PROMPT), "{transcript:?}");
     assert!(transcript
         .iter()
         .any(|m| m["role"] == "tool" && m["content"].as_str().unwrap().contains(PRINTED)));

@@ -449,10 +449,11 @@ async fn a_tunnel_through_a_pool_names_its_endpoint_and_counts_in_flight_there_u
 }
 
 #[tokio::test]
-async fn the_responses_api_websocket_mode_is_tunnelled() {
-    // Given an echo upstream behind the gateway (POST /v1/responses is the gateway's own route)
+async fn the_responses_api_websocket_mode_is_tunnelled_when_configured_so() {
+    // Given an echo upstream behind a gateway told to tunnel the Responses API's WebSocket mode
+    // (by default the gateway answers it itself: tests/responses_websocket.rs)
     let mut upstream = EchoUpstream::start(None).await;
-    let h = gateway(&upstream, |_| {}).await;
+    let h = gateway(&upstream, |c| c.responses.websocket = ctxgate::config::WebSocketMode::Tunnel).await;
 
     // When a client opens the Responses API's WebSocket mode, as Codex's built-in provider does
     let mut ws = connect(&h, "/v1/responses", Some(CLIENT_KEY)).await.unwrap();

@@ -50,6 +50,8 @@ pub struct Config {
     /// Gateway keys; none configured: clients are not authenticated.
     pub auth: AuthConfig,
     pub rate_limits: RateLimitConfig,
+    /// The Responses API front end.
+    pub responses: ResponsesConfig,
     /// Keys set by environment overrides, as key path segments and the variable that set them.
     #[serde(skip)]
     overrides: Vec<(Vec<String>, String)>,
@@ -63,7 +65,7 @@ pub struct Config {
 }
 
 /// The top-level sections, as they are spelled in TOML.
-const SECTIONS: [&str; 11] = [
+const SECTIONS: [&str; 12] = [
     "server",
     "telemetry",
     "retry",
@@ -75,7 +77,28 @@ const SECTIONS: [&str; 11] = [
     "tool_loop",
     "auth",
     "rate_limits",
+    "responses",
 ];
+
+/// `[responses]`: the Responses API front end.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ResponsesConfig {
+    /// What a WebSocket upgrade on `/v1/responses` (the Responses API's WebSocket mode) gets.
+    pub websocket: WebSocketMode,
+}
+
+/// Who answers the Responses API's WebSocket mode.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WebSocketMode {
+    /// ctxgate: each `response.create` runs as `POST /v1/responses` with `stream: true` does
+    /// (translation, compression, sessions, gateway tools), so a chat-only upstream serves it.
+    #[default]
+    Terminate,
+    /// The upstream: the socket is tunnelled to it as any passthrough upgrade is.
+    Tunnel,
+}
 
 /// What a request gets when the session store is unreachable.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
@@ -706,6 +729,15 @@ mod tests {
         let text = "[[upstreams]]\nname = \"a\"\n[[upstreams]]\nname = \"b\"\nconnect_timeout = \"soon\"\n";
         let err = Config::parse(text, &no_env()).unwrap_err();
         assert!(err.to_string().contains("upstreams[1].connect_timeout"), "{err}");
+    }
+
+    #[test]
+    fn the_responses_websocket_is_terminated_unless_told_to_tunnel() {
+        assert_eq!(Config::default().responses.websocket, WebSocketMode::Terminate);
+        let config = Config::parse("[responses]\nwebsocket = \"tunnel\"", &no_env()).unwrap();
+        assert_eq!(config.responses.websocket, WebSocketMode::Tunnel);
+        let err = Config::parse("[responses]\nwebsocket = \"proxy\"", &no_env()).unwrap_err();
+        assert!(err.to_string().contains("responses.websocket"), "{err}");
     }
 
     #[test]

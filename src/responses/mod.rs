@@ -26,6 +26,9 @@
 //! conversation of a `previous_response_id` the gateway holds in its `input`.
 //!
 //! `POST /v1/responses/compact` is answered by ctxgate's own compaction ([`compact`]).
+//!
+//! The Responses API's WebSocket mode (`GET /v1/responses` upgraded) runs each
+//! `response.create` as the `POST /v1/responses` it stands for ([`websocket`]).
 
 mod background;
 mod compact;
@@ -36,6 +39,7 @@ mod request;
 mod response;
 mod store;
 mod stream;
+pub(crate) mod websocket;
 
 pub(crate) use background::{resumed, Running};
 

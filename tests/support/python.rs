@@ -13,7 +13,9 @@ use std::sync::OnceLock;
 
 /// What the tests import, pinned. Changing this list builds a new venv (its name carries a
 /// hash of the list).
-const REQUIREMENTS: &[&str] = &["openai==3.63.0", "mcp==1.30.0", "openai-agents==0.24.0"];
+/// `websockets` is the SDK's own optional dependency for `responses.connect()`.
+const REQUIREMENTS: &[&str] =
+    &["openai==3.63.0", "websockets==15.0.1", "mcp==1.30.0", "openai-agents==0.24.0"];
 
 /// The interpreter to run test scripts with.
 pub fn python() -> &'static Path {

@@ -1,0 +1,592 @@
+//! The Responses API's WebSocket mode, terminated by ctxgate: `GET /v1/responses` with
+//! `Upgrade: websocket` (Codex's built-in provider, the SDKs' `responses.connect()`), then one
+//! `response.create` message per turn, answered with the response's events as text frames.
+//!
+//! Each turn is the `POST /v1/responses` request it stands for (the message without `type`,
+//! with `stream: true`, the upgrade request's headers and extensions: its credential, caller
+//! and session headers) run through [`super::create`], so it takes the same pipeline: over a
+//! chat upstream translation, compression, sessions, the goal lock and gateway tools; over a
+//! Responses upstream the native path. The `data:` of every SSE event it answers is sent as one
+//! frame; an error is an `{"type":"error","status",...,"error":{...}}` frame, after which the
+//! socket serves the next turn. Each turn is admitted against the caller's key limits as a
+//! request is.
+//!
+//! The socket keeps its last unstored response's conversation (its input items, the
+//! conversation it continued, its output), so a turn sending only new input with that
+//! `previous_response_id` and `store: false` continues it: the request is sent with the whole
+//! conversation in `input`, as a client without the socket would send it. A stored response is
+//! continued through the store, as over HTTP. The kept conversation is bounded by the request
+//! body limit (the equivalent HTTP request could be no larger); past it, it is forgotten and the
+//! client is told `previous_response_not_found`, which clients answer with the whole context.
+//!
+//! A `generate: false` turn (a warm-up: Codex sends one first) is answered here with an empty
+//! completed response, and prepares the conversation the next turn continues.
+//!
+//! Bounds: a message over `server.max_body_bytes` closes the socket with 1009; a socket with no
+//! turn in flight and no message for `server.idle_timeout` is closed; turns are sequential (a
+//! `response.create` while one runs is refused with an error frame); `background` is refused.
+//! A client that leaves mid-turn drops the turn's stream, as an HTTP client that disconnects
+//! does. The connection itself is run by [`crate::server`] as any upgraded connection is.
+//!
+//! What this module does not own: the pipeline ([`super::create`]), the 101 and the running of
+//! the upgraded connection ([`crate::tunnel`], [`crate::server`]).
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use http::header::{self, HeaderName, HeaderValue};
+use http::{HeaderMap, Method, Request, Response, StatusCode, Uri};
+use http_body_util::BodyExt;
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::TokioIo;
+use serde_json::{json, Map, Value};
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+
+use super::request::items_of;
+use super::response::Base;
+use super::stream::Translator;
+use super::{new_id, now_secs};
+use crate::auth::{Admission, Caller};
+use crate::body::{self, Body};
+use crate::error::GatewayError;
+use crate::openai::events::EventSplitter;
+use crate::openai::sse;
+use crate::tunnel::{self, Closed, Tunnel};
+use crate::AppState;
+
+/// How much of an error answer is read to turn it into an error frame.
+const MAX_ERROR_BYTES: usize = 64 * 1024;
+
+/// The handshake's headers that describe the socket, not the turns sent on it.
+const SOCKET_HEADERS: [HeaderName; 8] = [
+    header::CONNECTION,
+    header::UPGRADE,
+    header::SEC_WEBSOCKET_KEY,
+    header::SEC_WEBSOCKET_VERSION,
+    header::SEC_WEBSOCKET_EXTENSIONS,
+    header::SEC_WEBSOCKET_PROTOCOL,
+    header::CONTENT_LENGTH,
+    header::TRANSFER_ENCODING,
+];
+
+/// Whether `protocol` (an `Upgrade` header) asks for a WebSocket.
+pub(crate) fn is_websocket(protocol: &HeaderValue) -> bool {
+    protocol.as_bytes().eq_ignore_ascii_case(b"websocket")
+}
+
+/// Accepts the upgrade (the request passed the stack: its key is checked and admitted) and
+/// answers 101 with the connection for [`crate::server`] to run.
+pub(crate) async fn accept(
+    app: Arc<AppState>,
+    mut request: Request<Body>,
+) -> Result<Response<Body>, GatewayError> {
+    let headers = request.headers();
+    if headers.get(header::SEC_WEBSOCKET_VERSION).map(HeaderValue::as_bytes) != Some(b"13") {
+        return Err(GatewayError::invalid(
+            "A WebSocket handshake must send Sec-WebSocket-Version: 13.",
+            None,
+            "invalid_websocket_handshake",
+        ));
+    }
+    let Some(key) = headers.get(header::SEC_WEBSOCKET_KEY) else {
+        return Err(GatewayError::invalid(
+            "A WebSocket handshake must send Sec-WebSocket-Key.",
+            None,
+            "invalid_websocket_handshake",
+        ));
+    };
+    let accept = HeaderValue::from_str(&derive_accept_key(key.as_bytes()))
+        .map_err(|e| GatewayError::Internal(e.into()))?;
+    let client = hyper::upgrade::on(&mut request);
+    let (mut parts, _body) = request.into_parts();
+    for name in SOCKET_HEADERS {
+        parts.headers.remove(name);
+    }
+    // The pipeline reads the answer (it must come unencoded) and is sent JSON.
+    parts.headers.remove(header::ACCEPT_ENCODING);
+    parts.headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    parts.headers.insert(header::ACCEPT, HeaderValue::from_static("text/event-stream"));
+    let socket =
+        Socket { app: app.clone(), headers: parts.headers, extensions: parts.extensions, last: None };
+    app.metrics.websocket.connections.inc();
+    let mut switched = HeaderMap::new();
+    switched.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+    let serve: tunnel::Serve = Box::new(move |io, idle| Box::pin(socket.serve(io, idle)));
+    Ok(tunnel::switching(switched, HeaderValue::from_static("websocket"), Tunnel::served(client, serve)))
+}
+
+/// One accepted socket: what each turn's request is made of, and the conversation it keeps.
+struct Socket {
+    app: Arc<AppState>,
+    /// The upgrade request's headers (credential, session headers), less the socket's own.
+    headers: HeaderMap,
+    /// The upgrade request's extensions (the caller the key layer found, the request id).
+    extensions: http::Extensions,
+    last: Option<Remembered>,
+}
+
+/// The conversation through the socket's last unstored response.
+struct Remembered {
+    id: String,
+    items: Vec<Value>,
+}
+
+/// What a running turn needs once its response is complete, to remember it.
+struct Sent {
+    store: bool,
+    /// The `previous_response_id` the socket resolved (the request went without it).
+    continued: Option<String>,
+    /// The conversation as sent (the remembered one and this input), when the input reads as
+    /// items.
+    items: Option<Vec<Value>>,
+}
+
+/// The turn's request answered: the events' body and the caller's admission (its in-flight
+/// slot, held until the turn ends), or an error frame.
+type Calling = Pin<Box<dyn Future<Output = Result<(Body, Option<Admission>), String>> + Send>>;
+
+/// A turn in flight: its request being answered, then its events.
+struct Turn {
+    state: State,
+    pending: VecDeque<String>,
+    sent: Sent,
+    /// The largest event read: a `response.completed` carries the whole answer.
+    max_event: usize,
+    outcome: &'static str,
+    /// Its final event (`response.completed`, `.incomplete`, `.failed`) is sent.
+    ended: bool,
+}
+
+enum State {
+    Calling(Calling),
+    Streaming { body: Body, splitter: EventSplitter, _admission: Option<Admission> },
+    Done,
+}
+
+impl Socket {
+    /// Serves turns until the client closes, the socket is idle for `idle`, or a message is too
+    /// large.
+    async fn serve(mut self, io: TokioIo<Upgraded>, idle: Duration) -> Closed {
+        let limit = self.app.config.server.max_body_bytes.get();
+        let config = WebSocketConfig::default().max_message_size(Some(limit)).max_frame_size(Some(limit));
+        let mut ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
+        let mut turn: Option<Turn> = None;
+        let mut heard = Instant::now();
+        loop {
+            let idle_at = heard + idle;
+            tokio::select! {
+                message = ws.next() => {
+                    heard = Instant::now();
+                    let message = match message {
+                        Some(Ok(message)) => message,
+                        Some(Err(WsError::Capacity(CapacityError::MessageTooLong { .. }))) => {
+                            self.cancel(turn.take());
+                            let reason = format!("A message may be at most {limit} bytes.");
+                            let frame = CloseFrame { code: CloseCode::Size, reason: reason.into() };
+                            let _ = ws.close(Some(frame)).await;
+                            return Closed::Ended;
+                        }
+                        Some(Err(err)) => {
+                            tracing::debug!(error = %err, "responses websocket failed");
+                            self.cancel(turn.take());
+                            return Closed::Ended;
+                        }
+                        None => {
+                            self.cancel(turn.take());
+                            return Closed::Ended;
+                        }
+                    };
+                    let refusal = match message {
+                        Message::Text(text) if turn.is_some() => {
+                            drop(text);
+                            self.count("error");
+                            Some(error_frame(&GatewayError::invalid(
+                                "Another response is in progress on this socket; send response.create once it is done.",
+                                None,
+                                "conversation_already_has_active_response",
+                            )))
+                        }
+                        Message::Text(text) => match self.start(text.as_str()).await {
+                            Ok(started) => {
+                                turn = Some(started);
+                                None
+                            }
+                            Err(frame) => {
+                                self.count("error");
+                                Some(frame)
+                            }
+                        },
+                        Message::Binary(_) => Some(error_frame(&GatewayError::invalid(
+                            "Messages are JSON text frames.",
+                            None,
+                            "invalid_message",
+                        ))),
+                        // The close reply is queued by tungstenite; the flush sends it.
+                        Message::Close(_) => {
+                            self.cancel(turn.take());
+                            let _ = ws.flush().await;
+                            return Closed::Ended;
+                        }
+                        // A ping's pong is queued by tungstenite; the flush sends it now.
+                        Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {
+                            let _ = ws.flush().await;
+                            None
+                        }
+                    };
+                    if let Some(frame) = refusal {
+                        if ws.send(Message::text(frame)).await.is_err() {
+                            self.cancel(turn.take());
+                            return Closed::Ended;
+                        }
+                    }
+                }
+                frame = next_frame(&mut turn) => {
+                    let Some(mut frame) = frame else {
+                        self.finish(&mut turn, &mut heard);
+                        continue;
+                    };
+                    if let Some(running) = turn.as_mut() {
+                        self.observe(running, &mut frame);
+                    }
+                    if ws.send(Message::text(frame)).await.is_err() {
+                        self.cancel(turn.take());
+                        return Closed::Ended;
+                    }
+                    // Over with its last frame: the next response.create is not refused as
+                    // coming while it runs.
+                    if turn.as_ref().is_some_and(Turn::over) {
+                        self.finish(&mut turn, &mut heard);
+                    }
+                }
+                () = tokio::time::sleep_until(idle_at), if turn.is_none() => {
+                    let frame = CloseFrame { code: CloseCode::Normal, reason: "idle timeout".into() };
+                    let _ = ws.close(Some(frame)).await;
+                    return Closed::Idle;
+                }
+            }
+        }
+    }
+
+    /// Ends the running turn, counting its outcome; the idle clock starts again.
+    fn finish(&self, turn: &mut Option<Turn>, heard: &mut Instant) {
+        if let Some(done) = turn.take() {
+            self.count(done.outcome);
+        }
+        *heard = Instant::now();
+    }
+
+    fn count(&self, outcome: &'static str) {
+        let label = crate::telemetry::OutcomeLabel { outcome };
+        self.app.metrics.websocket.turns.get_or_create(&label).inc();
+    }
+
+    /// Drops a turn whose client left: its stream ends as an HTTP client's would.
+    fn cancel(&self, turn: Option<Turn>) {
+        if turn.is_some() {
+            self.count("cancelled");
+        }
+    }
+
+    /// Reads a `response.create` and starts its turn; an error frame if it cannot run.
+    async fn start(&mut self, text: &str) -> Result<Turn, String> {
+        let (body, sent, generate) = self.request_body(text).map_err(|e| error_frame(&e))?;
+        if !generate {
+            return warm_up(&body, sent).map_err(|e| error_frame(&e));
+        }
+        let mut request = Request::new(body::full(body));
+        *request.method_mut() = Method::POST;
+        *request.uri_mut() = Uri::from_static("/v1/responses");
+        *request.headers_mut() = self.headers.clone();
+        *request.extensions_mut() = self.extensions.clone();
+        let caller = self.extensions.get::<Caller>().cloned();
+        let admission = match &caller {
+            Some(caller) => {
+                Some(self.app.auth.limiter.admit(&caller.key).await.map_err(|e| error_frame(&e))?)
+            }
+            None => None,
+        };
+        let app = self.app.clone();
+        let calling: Calling = Box::pin(async move {
+            let answer = match super::create(app.clone(), request).await {
+                Ok(answer) => answer,
+                Err(err) => {
+                    if let (GatewayError::ModelNotAllowed { .. }, Some(caller), Some(admission)) =
+                        (&err, &caller, &admission)
+                    {
+                        app.auth.limiter.refund(&caller.key, admission).await;
+                    }
+                    return Err(error_frame(&err));
+                }
+            };
+            if answer.status().is_success() {
+                return Ok((answer.into_body(), admission));
+            }
+            Err(answered_error(answer).await)
+        });
+        Ok(Turn {
+            state: State::Calling(calling),
+            pending: VecDeque::new(),
+            sent,
+            max_event: self.app.config.server.max_answer_bytes.get(),
+            outcome: "error",
+            ended: false,
+        })
+    }
+
+    /// The `POST /v1/responses` body a `response.create` message stands for, and whether it
+    /// asks for an answer (`generate: false` is a warm-up).
+    fn request_body(&self, text: &str) -> Result<(Bytes, Sent, bool), GatewayError> {
+        let Ok(mut fields) = serde_json::from_str::<Map<String, Value>>(text) else {
+            return Err(GatewayError::invalid("The message is not a JSON object.", None, "invalid_json"));
+        };
+        if fields.remove("type").as_ref().and_then(Value::as_str) != Some("response.create") {
+            return Err(GatewayError::invalid(
+                "Unsupported message type: only 'response.create' is accepted.",
+                Some("type"),
+                "invalid_value",
+            ));
+        }
+        if fields.get("background").and_then(Value::as_bool) == Some(true) {
+            return Err(GatewayError::invalid(
+                "background is not supported over WebSocket.",
+                Some("background"),
+                "unsupported_parameter",
+            ));
+        }
+        fields.remove("background");
+        fields.insert("stream".into(), Value::Bool(true));
+        // WebSocket-only: answered here, never sent on.
+        let generate = fields.remove("generate").and_then(|g| g.as_bool()).unwrap_or(true);
+        // A warm-up is stored nowhere but on the socket.
+        let store = generate && fields.get("store").and_then(Value::as_bool).unwrap_or(true);
+        let input = items_of(fields.get("input").unwrap_or(&Value::Null)).ok();
+        let continued = self.last.as_ref().filter(|last| {
+            fields.get("previous_response_id").and_then(Value::as_str) == Some(last.id.as_str())
+        });
+        let resolved = continued.filter(|_| input.is_some()).map(|last| last.id.clone());
+        let items = match (continued, input) {
+            (Some(last), Some(input)) => {
+                let items: Vec<Value> = last.items.iter().cloned().chain(input).collect();
+                fields.remove("previous_response_id");
+                fields.insert("input".into(), Value::Array(items.clone()));
+                Some(items)
+            }
+            // Continued through the store (or not found there), as over HTTP: not remembered.
+            (None, _) if fields.get("previous_response_id").is_some_and(|id| !id.is_null()) => None,
+            (_, input) => input,
+        };
+        let body = serde_json::to_vec(&fields).map_err(|e| GatewayError::Internal(e.into()))?;
+        Ok((Bytes::from(body), Sent { store, continued: resolved, items }, generate))
+    }
+
+    /// Remembers the conversation through a turn's unstored response as its last event goes
+    /// out, and notes the turn's outcome.
+    fn observe(&mut self, turn: &mut Turn, frame: &mut String) {
+        if let Some(id) = &turn.sent.continued {
+            // The request went with the whole conversation instead of the id: the response
+            // says which one it continues, as the client asked.
+            const UNSET: &str = "\"previous_response_id\":null";
+            if let Some(at) = frame.find(UNSET) {
+                let id = Value::String(id.clone());
+                frame.replace_range(at..at + UNSET.len(), &format!("\"previous_response_id\":{id}"));
+            }
+        }
+        let finishing = ["response.completed", "response.incomplete", "response.failed"];
+        if !finishing.iter().any(|word| frame.contains(word)) {
+            return;
+        }
+        let Ok(mut event) = serde_json::from_str::<Value>(frame) else { return };
+        match event["type"].as_str() {
+            Some("response.completed" | "response.incomplete") => {
+                turn.outcome = "completed";
+                turn.ended = true;
+                self.last = None;
+                let response = event["response"].take();
+                let (Some(id), Some(items)) = (response["id"].as_str(), turn.sent.items.take()) else {
+                    return;
+                };
+                if turn.sent.store {
+                    return;
+                }
+                let output = response["output"].as_array().cloned().unwrap_or_default();
+                let items: Vec<Value> = items.into_iter().chain(output).collect();
+                let size: usize = items.iter().map(|item| item.to_string().len()).sum();
+                if size <= self.app.config.server.max_body_bytes.get() {
+                    self.last = Some(Remembered { id: id.to_string(), items });
+                }
+            }
+            Some("response.failed") => {
+                turn.outcome = "failed";
+                turn.ended = true;
+            }
+            _ => {}
+        }
+    }
+}
+
+impl Turn {
+    /// Whether it has nothing more to send: its final event is out (what its body may still
+    /// hold after it, `[DONE]`, is not sent), or it ended without one.
+    fn over(&self) -> bool {
+        self.ended || (matches!(self.state, State::Done) && self.pending.is_empty())
+    }
+
+    /// The next frame to send; `None` once the turn is over. Cancel-safe: the request in
+    /// flight and the body are kept between calls.
+    async fn next(&mut self) -> Option<String> {
+        loop {
+            if let Some(frame) = self.pending.pop_front() {
+                return Some(frame);
+            }
+            match &mut self.state {
+                State::Calling(calling) => match calling.await {
+                    Ok((body, admission)) => {
+                        // Until its last event says otherwise.
+                        self.outcome = "failed";
+                        let splitter = EventSplitter::new(self.max_event);
+                        self.state = State::Streaming { body, splitter, _admission: admission };
+                    }
+                    Err(frame) => {
+                        self.state = State::Done;
+                        return Some(frame);
+                    }
+                },
+                State::Streaming { body, splitter, .. } => match body.frame().await {
+                    Some(Ok(frame)) => {
+                        let Ok(data) = frame.into_data() else { continue };
+                        match splitter.feed(&data) {
+                            Ok(events) => self.pending.extend(events.iter().filter_map(|e| payload(e))),
+                            Err(too_large) => {
+                                self.pending.push_back(stream_error(&too_large.to_string()));
+                                self.state = State::Done;
+                            }
+                        }
+                    }
+                    Some(Err(err)) => {
+                        self.pending.push_back(stream_error(&format!("The response stream failed: {err}")));
+                        self.state = State::Done;
+                    }
+                    None => {
+                        let State::Streaming { splitter, .. } =
+                            std::mem::replace(&mut self.state, State::Done)
+                        else {
+                            continue;
+                        };
+                        self.pending.extend(splitter.finish().and_then(|rest| payload(&rest)));
+                    }
+                },
+                State::Done => return None,
+            }
+        }
+    }
+}
+
+/// A `generate: false` turn (Codex sends one as a thread starts): a completed response with
+/// no output and no upstream call, whose id a next turn continues from on this socket (the
+/// request state it prepares is the conversation the socket keeps).
+fn warm_up(body: &[u8], sent: Sent) -> Result<Turn, GatewayError> {
+    let parsed = super::request::parse(body)?;
+    let base = Base { id: new_id("resp"), created_at: now_secs(), model: parsed.model, echo: parsed.echo };
+    let mut translator = Translator::new(base);
+    let mut events = translator.start();
+    let (closing, finished) = translator.finish();
+    events.extend(closing);
+    events.push(translator.completed(&finished));
+    Ok(Turn {
+        state: State::Done,
+        pending: events.iter().filter_map(|event| payload(event)).collect(),
+        sent,
+        max_event: 0,
+        outcome: "completed",
+        ended: false,
+    })
+}
+
+/// The running turn's next frame; pending while there is none.
+async fn next_frame(turn: &mut Option<Turn>) -> Option<String> {
+    match turn {
+        Some(turn) => turn.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The `data:` of one SSE event (its lines joined, as SSE does); none for a comment (a
+/// keep-alive) or `[DONE]`.
+fn payload(event: &[u8]) -> Option<String> {
+    let lines: Vec<&[u8]> = event
+        .split(|b| *b == b'\n')
+        .map(|line| line.strip_suffix(b"\r").unwrap_or(line))
+        .filter_map(sse::data)
+        .collect();
+    if lines.is_empty() || lines == [b"[DONE]".as_slice()] {
+        return None;
+    }
+    String::from_utf8(lines.join(&b'\n')).ok()
+}
+
+/// An error as the WebSocket mode sends it. A `previous_response_id` the socket and the store
+/// do not hold is `previous_response_not_found`, as OpenAI's WebSocket mode says it (clients
+/// answer it by sending the whole context).
+fn error_frame(err: &GatewayError) -> String {
+    if let GatewayError::ResponseNotFound { .. } = err {
+        let error = json!({
+            "type": "invalid_request_error",
+            "code": "previous_response_not_found",
+            "message": err.to_string(),
+            "param": "previous_response_id",
+        });
+        return frame(StatusCode::BAD_REQUEST, error);
+    }
+    let mut body = err.to_json();
+    frame(err.status(), body["error"].take())
+}
+
+fn frame(status: StatusCode, error: Value) -> String {
+    json!({"type": "error", "status": status.as_u16(), "error": error}).to_string()
+}
+
+/// An error answer (the upstream's, in OpenAI's shape, or the gateway's) as an error frame.
+async fn answered_error(answer: Response<Body>) -> String {
+    let status = answer.status();
+    let mut bytes = Vec::new();
+    let mut body = answer.into_body();
+    while let Some(Ok(frame)) = body.frame().await {
+        if let Ok(data) = frame.into_data() {
+            bytes.extend_from_slice(&data);
+            if bytes.len() > MAX_ERROR_BYTES {
+                break;
+            }
+        }
+    }
+    let error = serde_json::from_slice::<Value>(&bytes)
+        .ok()
+        .map(|mut body| body["error"].take())
+        .filter(Value::is_object)
+        .unwrap_or_else(|| {
+            json!({
+                "type": "server_error",
+                "code": "upstream_error",
+                "message": format!("The upstream answered {status}."),
+                "param": null,
+            })
+        });
+    frame(status, error)
+}
+
+fn stream_error(message: &str) -> String {
+    frame(
+        StatusCode::BAD_GATEWAY,
+        json!({"type": "server_error", "code": "upstream_error", "message": message, "param": null}),
+    )
+}
