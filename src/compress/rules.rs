@@ -280,6 +280,7 @@ pub fn compact(rules: &Rules, epoch: &Epoch<'_>, counter: &TokenCounter) -> Comp
     }
     if config.elide_user_messages {
         work.mask(epoch.from, epoch.limit, Role::User, Rule::ElideUserMessages);
+        work.drop_oldest_with_users(epoch.from, epoch.limit);
     }
     work.fix_references();
     work.finish()
@@ -611,8 +612,40 @@ impl<'a> Work<'a> {
         }
     }
 
+    /// The last resort, when only messages too short to mask alone are left (a chat of many
+    /// short user statements): runs of the oldest messages, user messages and what is left of
+    /// model steps, each become one marker, whole steps at a time, oldest first, until the
+    /// budget is met. The latest user message stays.
+    fn drop_oldest_with_users(&mut self, start: usize, end: usize) {
+        let mut run = None;
+        let mut i = start;
+        while i < end && self.over() {
+            let role = self.info(i).role;
+            // A run dropped before keeps its own marker.
+            if Some(i) == self.latest_user
+                || matches!(role, Role::System | Role::Tool)
+                || self.slot(i).fate == Fate::Dropped
+            {
+                run = None;
+                i += 1;
+                continue;
+            }
+            let unit_end = match role {
+                Role::Assistant => (i + 1..end).find(|&j| self.info(j).role != Role::Tool).unwrap_or(end),
+                _ => i + 1,
+            };
+            let from = *run.get_or_insert(i);
+            self.drop_run_as(from, unit_end, Rule::ElideUserMessages);
+            i = unit_end;
+        }
+    }
+
     /// Replaces `start..end` by one marker message; false when that would not be smaller.
     fn drop_run(&mut self, start: usize, end: usize) -> bool {
+        self.drop_run_as(start, end, Rule::DropOldest)
+    }
+
+    fn drop_run_as(&mut self, start: usize, end: usize, rule: Rule) -> bool {
         let conversation = self.epoch.conversation;
         let mut names: Vec<(&str, usize)> = Vec::new();
         for call in (start..end).flat_map(|i| &conversation.infos[i].calls) {
@@ -626,9 +659,11 @@ impl<'a> Work<'a> {
             .map(|(name, n)| if n > 1 { format!("{name} ×{n}") } else { name.to_string() })
             .collect();
         let original: u64 = (start..end).map(|i| u64::from(conversation.tokens[i])).sum();
-        let what = match names.is_empty() {
-            true => format!("{} assistant messages", end - start),
-            false => format!("model steps calling {}", names.join(", ")),
+        let users = (start..end).filter(|&i| conversation.infos[i].role == Role::User).count();
+        let what = match (users, names.is_empty()) {
+            (0, true) => format!("{} assistant messages", end - start),
+            (0, false) => format!("model steps calling {}", names.join(", ")),
+            (users, _) => format!("{} messages, {users} of them the user's", end - start),
         };
         let first = marker::id_of(&conversation.messages[start]);
         let text = match end - start {
@@ -645,7 +680,7 @@ impl<'a> Work<'a> {
         if tokens >= current {
             return false;
         }
-        self.stats.add(Rule::DropOldest, current - tokens);
+        self.stats.add(rule, current - tokens);
         self.total -= current - tokens;
         let from = self.epoch.from;
         self.slots[start - from] = Slot { message, tokens, fate: Fate::Dropped };
@@ -900,14 +935,41 @@ mod tests {
         // A budget the assistant prose and the tool output can meet: the user's fact stays.
         let out = f.run(&config, 0, f.total() / 3);
         assert!(out.messages.iter().any(|m| content(m) == fact), "the user fact was cut first");
-        // A budget nothing but the user messages can meet: they become markers, oldest first.
+        // A budget nothing but the user messages can meet: they go too, oldest first, behind
+        // markers (one run for all here: each alone is shorter than what a marker saves).
         let out = f.run(&config, 0, 0);
         let first = content(&out.messages[0]);
-        assert!(
-            first.starts_with(marker::PREFIX) && first.contains("user message \"Remember: the launch code")
-        );
+        assert!(first.starts_with(marker::PREFIX) && first.contains("of them the user's"), "{first}");
+        assert!(marker::ids_in(&first)[0].starts_with(&marker::id_of(&f.messages[1])), "{first}");
+        assert!(out.elided.contains(&1), "the fact's original is kept for ctxgate_expand");
         assert!(out.stats.get(Rule::ElideUserMessages) > 0);
         assert!(out.elided.contains(&1));
+    }
+
+    #[test]
+    fn short_user_statements_past_the_budget_go_as_runs_oldest_first() {
+        // Each statement is shorter than a marker: masked one by one, none would save a token.
+        let mut messages = Vec::new();
+        for i in 0..30 {
+            messages.push(user(&format!("My {i}th fact: item {i} costs {} euros.", i * 7)));
+            messages.push(said("Noted."));
+        }
+        messages.push(user("What does item 3 cost?"));
+        let f = Fixture::new(messages);
+        let target = f.total() / 3;
+        let out = f.run(&RulesConfig::default(), 0, target);
+        // The question, the last turn, is outside the compacted span and stays as it is.
+        let total = u64::from(f.tokens[0] + f.tokens[f.tokens.len() - 1]) + out.tokens;
+        assert!(total <= target, "{total} tokens for a budget of {target}");
+        assert!(out.stats.get(Rule::ElideUserMessages) > 0);
+        let first = content(&out.messages[0]);
+        assert!(first.starts_with(marker::PREFIX) && first.contains("of them the user's"), "{first}");
+        assert!(
+            marker::ids_in(&first)[0].starts_with(&marker::id_of(&f.messages[1])),
+            "the run starts at the oldest"
+        );
+        // The newest statements are the ones left whole.
+        assert!(out.messages.iter().any(|m| content(m) == "My 29th fact: item 29 costs 203 euros."));
     }
 
     #[test]
