@@ -327,7 +327,6 @@ fn epoch(
     let policy = input.policy;
     let base = input.fixed_tokens + input.tokens[..lead].iter().map(|&t| u64::from(t)).sum::<u64>();
     let outside = base + tail.tokens(limit);
-    let target = epoch_target(policy, typical_growth(input, lead));
     let mut next = previous.unwrap_or_else(|| State {
         epoch: 0,
         lead,
@@ -355,7 +354,7 @@ fn epoch(
             protect_from: cut.max(state.summarized_upto),
             limit,
             outside: outside + sheet,
-            target,
+            target: policy.low_tokens(),
         };
         (rules::compact(input.rules, &epoch, input.counter), sheet)
     };
@@ -366,7 +365,7 @@ fn epoch(
         [Rule::MaskOldToolResults, Rule::MaskAssistantMessages, Rule::DropOldest, Rule::ElideUserMessages];
     // The rules alone would leave the request over budget, or reach it only by cutting.
     let cuts = lossy.iter().any(|r| compacted.stats.get(*r) > 0);
-    let over = outside + sheet_tokens + compacted.tokens > target;
+    let over = outside + sheet_tokens + compacted.tokens > policy.low_tokens();
     if policy.mode == CompressionMode::Hybrid && (over || cuts) {
         let usable = ready.filter(|s| {
             s.start == next.summarized_upto
@@ -405,50 +404,6 @@ fn epoch(
     next.tokens = sheet_tokens + compacted.tokens;
     next.frozen = compacted.messages;
     Decided { state: next, placed, stats: compacted.stats, fell_back, elided: compacted.elided }
-}
-
-/// Requests whose growth an epoch leaves room for before the high-water mark: the next two fit
-/// even when they grow a little more than the typical request.
-const ROOM_TURNS: u64 = 3;
-/// Requests whose growth is averaged for [`typical_growth`].
-const GROWTH_SAMPLE: usize = 4;
-
-/// What an epoch compacts to: the low-water mark, or lower when the session's requests grow by
-/// so much that fewer than [`ROOM_TURNS`] of them would fit between it and the high-water mark
-/// (then every second request would start an epoch, and re-prefill). Never below half the
-/// low-water mark.
-fn epoch_target(policy: &Policy, growth: u64) -> u64 {
-    let (low, high) = (policy.low_tokens(), policy.high_tokens());
-    let room = ROOM_TURNS.saturating_mul(growth);
-    if high.saturating_sub(low) >= room {
-        return low;
-    }
-    high.saturating_sub(room).max(low / 2)
-}
-
-/// Tokens a request of this conversation typically adds: the mean over its last
-/// [`GROWTH_SAMPLE`] requests. A request ends where the model answered: a user or tool message
-/// followed by an assistant message (and the conversation's end).
-fn typical_growth(input: &Input<'_>, lead: usize) -> u64 {
-    let n = input.messages.len();
-    let mut ends: Vec<usize> = (lead..n.saturating_sub(1))
-        .filter(|&i| {
-            matches!(input.infos[i].role, Role::User | Role::Tool)
-                && input.infos[i + 1].role == Role::Assistant
-        })
-        .map(|i| i + 1)
-        .collect();
-    ends.push(n);
-    let sizes: Vec<u64> = ends
-        .windows(2)
-        .rev()
-        .take(GROWTH_SAMPLE)
-        .map(|w| input.tokens[w[0]..w[1]].iter().map(|&t| u64::from(t)).sum())
-        .collect();
-    if sizes.is_empty() {
-        return 0;
-    }
-    sizes.iter().sum::<u64>() / sizes.len() as u64
 }
 
 fn layout(
@@ -592,41 +547,6 @@ mod tests {
             };
             plan(&input, state, ready)
         }
-    }
-
-    /// Each request adds a model step and a ~1,500-token tool result; the marks of an 8,000
-    /// window are 2,400 tokens apart, so an epoch at the low-water mark would leave room for one
-    /// such request and every second request would start an epoch (and re-prefill). Measured
-    /// before the room was made: epochs at requests 4, 6, 8, 10, ...
-    #[test]
-    fn an_epoch_leaves_room_for_two_requests_of_a_fast_growing_session() {
-        let h = Harness::new(CompressionMode::Rules, 8_000);
-        let mut rng = fastrand::Rng::with_seed(3);
-        let words = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india"];
-        let mut messages = vec![
-            raw(serde_json::json!({"role": "system", "content": "You are a careful agent."})),
-            raw(serde_json::json!({"role": "user", "content": "Read the logs and report."})),
-        ];
-        let (mut state, mut epochs) = (None, Vec::new());
-        for i in 0..24 {
-            let id = format!("call_{i}");
-            messages.push(raw(serde_json::json!({"role": "assistant", "content": null, "tool_calls": [
-                {"id": id, "type": "function", "function": {"name": "tail", "arguments": format!("{{\"part\":{i}}}")}}]})));
-            let text: Vec<String> =
-                (0..450).map(|_| format!("{}{}", words[rng.usize(..words.len())], rng.u16(..))).collect();
-            messages.push(raw(
-                serde_json::json!({"role": "tool", "tool_call_id": id, "content": text.join(" ")}),
-            ));
-            let plan = h.plan(&messages, None, state.take(), None);
-            assert!(plan.tokens_after <= h.policy.high_tokens(), "request {i}: {}", plan.tokens_after);
-            if plan.epoch.is_some() {
-                epochs.push(i);
-            }
-            state = plan.state;
-        }
-        assert!(epochs.len() >= 4, "epochs at {epochs:?}");
-        let gaps: Vec<usize> = epochs.windows(2).map(|w| w[1] - w[0]).collect();
-        assert!(gaps.iter().all(|&g| g >= 3), "epochs at {epochs:?}: fewer than two requests between them");
     }
 
     fn texts(messages: &[Box<RawValue>]) -> Vec<&str> {
