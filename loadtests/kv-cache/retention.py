@@ -13,7 +13,7 @@ the messages. Reported: share of questions retained in the original chat, after 
                 last request that carries the client's final user turn is scored (system, state sheet and
                 verbatim text). The state sheet is written by the same model (SmolLM2-135M by default).
 
-Usage: .work/venv/bin/python retention.py [--hybrid notetaker,healthcare|all|none] [--model smollm2]
+Usage: .work/venv/bin/python retention.py [--hybrid notetaker,healthcare|all|none] [--model smollm2] [--summarizer-model qwen15]
 Standard library only.
 """
 import argparse, datetime, http.server as hs, json, os, socketserver, subprocess, sys, tempfile, threading, time, urllib.request
@@ -71,7 +71,10 @@ def share(answers, msgs):
     return hit, len(answers)
 
 
-def config(path, window, mode="rules", listen="127.0.0.1:18200", upstream="http://127.0.0.1:18202/v1", store=None):
+def config(path, window, mode="rules", listen="127.0.0.1:18200", upstream="http://127.0.0.1:18202/v1", store=None,
+           sheet=None):
+    """`sheet`: (base URL, model) of a separate summarizer upstream; its sheet waits up to 10 minutes (a slow
+    CPU model), so the request that needs it places it rather than falling back to rules."""
     with open(path, "w") as f:
         f.write(f"""[server]
 listen = "{listen}"
@@ -92,8 +95,23 @@ pre_compaction = 0.6
 keep_recent_turns = 2
 [compression.summarizer]
 timeout = "10m"
-max_wait = "2s"
+max_wait = "{'10m' if sheet else '2s'}"
 max_tokens = 512
+""")
+        if sheet:
+            f.write(f"""upstream = "sheet"
+model = "{sheet[1]}"
+[[upstreams]]
+name = "sheet"
+base_url = "{sheet[0]}"
+first_byte_timeout = "20m"
+idle_timeout = "5m"
+[[routes]]
+models = ["{sheet[1]}"]
+upstreams = ["sheet"]
+[[routes]]
+models = ["*"]
+upstreams = ["llama"]
 """)
 
 
@@ -157,10 +175,18 @@ def hybrid(scn, msgs, window, args, tmp):
     srv.daemon_threads = True
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     cfg = os.path.join(tmp, f"hybrid-{scn}.toml")
-    config(cfg, window, "hybrid", f"127.0.0.1:{gp}", f"http://127.0.0.1:{pp}/v1", os.path.join(tmp, f"{scn}.redb"))
+    sp, sheet_server, sheet = args.port + 3, None, None
+    if args.summarizer_model:
+        sheet = (f"http://127.0.0.1:{sp}/v1", args.summarizer_model)
+        senv = dict(os.environ, CTX=str(args.server_ctx), LOG_FILE=os.path.join(tmp, f"llama-sheet-{scn}.log"))
+        sheet_server = subprocess.Popen([os.path.join(HERE, "serve.sh"), args.summarizer_model, str(sp), "--cache-ram", "0"],
+                                        env=senv)
+    config(cfg, window, "hybrid", f"127.0.0.1:{gp}", f"http://127.0.0.1:{pp}/v1", os.path.join(tmp, f"{scn}.redb"), sheet)
     gate = None
     try:
         wait_ready(f"http://127.0.0.1:{lp}/health", llama, "llama-server", 180)
+        if sheet_server:
+            wait_ready(f"http://127.0.0.1:{sp}/health", sheet_server, "llama-server (summarizer)", 300)
         gate = subprocess.Popen([CTXGATE, "-c", cfg], stdout=open(os.path.join(tmp, f"ctxgate-{scn}.log"), "w"),
                                 stderr=subprocess.STDOUT, cwd=tmp)
         wait_ready(f"http://127.0.0.1:{gp}/healthz", gate, "ctxgate", 60)
@@ -187,12 +213,15 @@ def hybrid(scn, msgs, window, args, tmp):
         srv.shutdown()
         srv.server_close()
         stop(llama)
+        stop(sheet_server)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--hybrid", default="notetaker,healthcare", help="scenarios for the real-model hybrid run, 'all' or 'none'")
     ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--summarizer-model", default="", help="serve.sh name of a separate summarizer model (e.g. qwen15), "
+                    "on its own llama-server; default: the conversation's model writes the sheets")
     ap.add_argument("--server-ctx", type=int, default=16384)
     ap.add_argument("--port", type=int, default=18300)
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
@@ -243,7 +272,8 @@ def main():
     print("\n" + md)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
     os.makedirs(args.out, exist_ok=True)
-    base = os.path.join(args.out, f"{stamp}-retention-{args.model}")
+    base = os.path.join(args.out, f"{stamp}-retention-{args.model}"
+                        + (f"-sheets-{args.summarizer_model}" if args.summarizer_model else ""))
     json.dump({"results": res, "work_dir": tmp}, open(base + ".json", "w"), indent=1)
     open(base + ".md", "w").write(md + "\n")
     print(f"wrote {base}.json and {base}.md")

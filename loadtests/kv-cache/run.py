@@ -199,6 +199,7 @@ low_water = 0.5
 pre_compaction = 0.6
 keep_recent_turns = {args.keep_recent_turns}
 token_margin = {args.token_margin}
+{f'tokenizer = "{os.path.abspath(args.tokenizer)}"' if getattr(args, "tokenizer", "") else ""}
 
 [compression.summarizer]
 timeout = "10m"
@@ -380,6 +381,8 @@ def main():
     ap.add_argument("--server-ctx", type=int, default=16384, help="llama-server -c (must hold the direct session)")
     ap.add_argument("--token-margin", type=float, default=0.0, help="ctxgate compression.token_margin (the model's "
                     "tokenizer counts this much more than o200k)")
+    ap.add_argument("--tokenizer", default="", help="ctxgate compression.tokenizer: the model's own tokenizer.json "
+                    "(setup.sh writes one per model under .work/models/)")
     ap.add_argument("--session", default="bfcl", help="bfcl (the --convs conversations) or gen:SEED:TOKENS (a generated "
                     "session with repeated and log-noisy tool results, ~TOKENS o200k tokens)")
     ap.add_argument("--max-tokens", type=int, default=16)
@@ -420,7 +423,7 @@ def main():
             results[m] = dict(reused[m], reused_from=args.reuse)
     results = {m: results[m] for m in MODES if m in results}
     summary, new = summarize(results, len(points))
-    meta = {"model": args.model, "session": args.session, "convs": convs, "token_margin": args.token_margin, "n_turns": len(points), "context_window": args.context_window,
+    meta = {"model": args.model, "session": args.session, "convs": convs, "token_margin": args.token_margin, "tokenizer": os.path.basename(args.tokenizer), "n_turns": len(points), "context_window": args.context_window,
             "high_water": args.high_water, "keep_recent_turns": args.keep_recent_turns, "server_ctx": args.server_ctx,
             "max_tokens": args.max_tokens, "sliding_estimate": "llama-server /tokenize of json.dumps(tools) + "
             "json.dumps(message) per message, summed", "date": stamp, "logs": logdir, "reused": {m: args.reuse for m in reused},

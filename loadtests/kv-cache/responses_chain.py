@@ -1,0 +1,183 @@
+#!/usr/bin/env python3
+"""A Responses API chain from the OpenAI Agents SDK through ctxgate to a real llama-server (which
+speaks only Chat Completions): does the prompt cache keep hitting while ctxgate compresses the chain?
+
+Each turn is `Runner.run(agent, new_input, previous_response_id=<last>)` with an
+`OpenAIResponsesModel` whose client points at ctxgate: the client sends only the new user message
+(a ~300-token log excerpt and a question); ctxgate rebuilds the conversation from its store,
+translates it to a chat request and compresses it (rules, `context_window` below the chain's size,
+so epochs happen). Two modes, each on a freshly started llama-server (`--cache-ram 0`, 1 slot):
+  full   ctxgate with compression off: the whole chain every turn (the physical reference)
+  rules  ctxgate with compression on (the model's own tokenizer.json, no margin)
+Reported per mode: Σ input tokens, Σ cached (usage.input_tokens_details.cached_tokens, which
+ctxgate translates from llama-server's prompt_tokens_details), cached share, prefix-reuse
+efficiency = Σ cached_t / Σ max(0, input_t - new_t), new_t = what turn t added as the server
+counts it (this mode's previous answer, and the new user message as the full run's input grew
+by it), epochs, wall per turn. Answers are capped at 1,024 tokens (the SDK fails a turn that ends
+`incomplete`, so the cap is loose).
+
+  .work/venv/bin/python responses_chain.py [--turns 24] [--context-window 4096] [--modes full,rules]
+Needs: setup.sh (llama-server, SmolLM2, its tokenizer.json), target/release/ctxgate,
+openai==3.63.0 and openai-agents==0.24.0 in the venv (setup.sh installs them).
+"""
+import argparse
+import asyncio
+import datetime
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from run import CTXGATE, HERE, http, stop, wait_ready  # noqa: E402
+
+from agents import Agent, ModelSettings, OpenAIResponsesModel, Runner, set_tracing_disabled  # noqa: E402
+from openai import AsyncOpenAI  # noqa: E402
+
+set_tracing_disabled(True)
+MODEL = "smollm2"
+TOKENIZER = os.path.join(HERE, ".work", "models", "smollm2-135m-instruct-q4_1.tokenizer.json")
+SERVICES = ["auth", "billing", "search", "gateway", "scheduler", "storage", "mailer", "indexer"]
+
+
+def excerpt(rng, turn):
+    """A log excerpt of about 300 SmolLM2 tokens: what an operator pastes into a chat."""
+    lines = []
+    for i in range(14):
+        svc = rng.choice(SERVICES)
+        level = rng.choice(["INFO", "INFO", "INFO", "WARN", "ERROR"])
+        lines.append(f"2026-12-06T{10 + turn % 10:02d}:{i * 4:02d}:{rng.randrange(60):02d}Z {level} {svc}: "
+                     f"request {rng.randrange(10**6):06d} took {rng.randrange(5, 900)}ms "
+                     f"(shard {rng.randrange(16)}, retries {rng.randrange(3)})")
+    question = rng.choice(["Which service looks slowest here?", "Any errors worth a ticket?",
+                           "Summarise this excerpt in one line.", "Is anything retrying too much?"])
+    return f"Excerpt {turn + 1} of the overnight logs:\n" + "\n".join(lines) + f"\n\n{question}"
+
+
+def start_llama(port, logdir, mode):
+    env = dict(os.environ, LOG_FILE=os.path.join(logdir, f"llama-{mode}.log"))
+    p = subprocess.Popen([os.path.join(HERE, "serve.sh"), MODEL, str(port), "--cache-ram", "0", "--metrics"], env=env)
+    wait_ready(f"http://127.0.0.1:{port}/health", p, "llama-server", 180)
+    return p
+
+
+def start_ctxgate(binary, port, llama_port, logdir, mode, window):
+    cfg = os.path.join(logdir, f"ctxgate-{mode}.toml")
+    compression = "off" if mode == "full" else "rules"
+    with open(cfg, "w") as f:
+        f.write(f"""[server]
+listen = "127.0.0.1:{port}"
+
+[sessions]
+store = "embedded:{os.path.join(logdir, f'store-{mode}.redb')}"
+
+[[upstreams]]
+name = "llama"
+base_url = "http://127.0.0.1:{llama_port}/v1"
+first_byte_timeout = "20m"
+idle_timeout = "5m"
+
+[compression]
+mode = "{compression}"
+context_window = {window}
+high_water = 0.8
+low_water = 0.5
+pre_compaction = 0.6
+keep_recent_turns = 2
+tokenizer = "{TOKENIZER}"
+""")
+    chk = subprocess.run([binary, "check-config", cfg], capture_output=True, text=True)
+    if chk.returncode != 0:
+        sys.exit(f"check-config failed:\n{chk.stdout}{chk.stderr}")
+    log = open(os.path.join(logdir, f"ctxgate-{mode}.log"), "w")
+    p = subprocess.Popen([binary, "-c", cfg], stdout=log, stderr=subprocess.STDOUT, cwd=logdir)
+    wait_ready(f"http://127.0.0.1:{port}/healthz", p, "ctxgate", 60)
+    return p
+
+
+def metric(text, name):
+    return sum(float(l.rsplit(" ", 1)[1]) for l in text.splitlines() if l.startswith(name) and not l.startswith("#"))
+
+
+async def chain(base_url, turns, seed):
+    client = AsyncOpenAI(base_url=base_url, api_key="sk-chain-bench", max_retries=0, timeout=1800)
+    agent = Agent(name="ops", instructions="You are an on-call assistant. Answer in one short sentence.",
+                  model=OpenAIResponsesModel(model=MODEL, openai_client=client),
+                  model_settings=ModelSettings(max_tokens=1024, temperature=0))
+    rng = random.Random(seed)
+    rows, previous = [], None
+    for t in range(turns):
+        t0 = time.time()
+        result = await Runner.run(agent, excerpt(rng, t), previous_response_id=previous)
+        wall = time.time() - t0
+        previous = result.last_response_id
+        usage = result.raw_responses[-1].usage
+        cached = usage.input_tokens_details.cached_tokens if usage.input_tokens_details else 0
+        rows.append({"turn": t + 1, "input": usage.input_tokens, "cached": cached, "output": usage.output_tokens,
+                     "wall": round(wall, 3)})
+        print(f"  turn {t + 1:2d}: input {usage.input_tokens:5d} cached {cached:5d} wall {wall:6.2f}s", flush=True)
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--turns", type=int, default=24)
+    ap.add_argument("--context-window", type=int, default=4096)
+    ap.add_argument("--modes", default="full,rules")
+    ap.add_argument("--seed", type=int, default=5)
+    ap.add_argument("--port", type=int, default=18400)
+    ap.add_argument("--out", default=os.path.join(HERE, "results"))
+    args = ap.parse_args()
+    logdir = tempfile.mkdtemp(prefix="chain-", dir=os.path.join(HERE, ".work"))
+    binary = os.path.join(logdir, "ctxgate")
+    shutil.copy2(CTXGATE, binary)  # a concurrent cargo build cannot change it between modes
+    results = {}
+    for mode in args.modes.split(","):
+        print(f"== {mode}", flush=True)
+        llama = start_llama(args.port, logdir, mode)
+        gate = start_ctxgate(binary, args.port + 1, args.port, logdir, mode, args.context_window)
+        try:
+            t0 = time.time()
+            rows = asyncio.run(chain(f"http://127.0.0.1:{args.port + 1}/v1", args.turns, args.seed))
+            total = time.time() - t0
+            _, _, body = http("GET", f"http://127.0.0.1:{args.port + 1}/metrics")
+            text = body.decode()
+            results[mode] = {"rows": rows, "total_wall": round(total, 1),
+                             "epochs": metric(text, "ctxgate_compression_epochs_total"),
+                             "responses": metric(text, "ctxgate_requests_total{")}
+        finally:
+            stop(gate)
+            stop(llama)
+    summary = {}
+    full = results.get("full")
+    for mode, r in results.items():
+        rows = r["rows"]
+        s_in, s_cached = sum(x["input"] for x in rows), sum(x["cached"] for x in rows)
+        line = {"turns": len(rows), "input": s_in, "cached": s_cached, "cached_share": round(s_cached / s_in, 4),
+                "epochs": r["epochs"], "mean_wall": round(sum(x["wall"] for x in rows) / len(rows), 2),
+                "largest_input": max(x["input"] for x in rows)}
+        if full:
+            # What each turn added, as the server counts it: this mode's previous answer and the
+            # new user message (from the full run: its input growth less its previous answer).
+            fr = full["rows"]
+            user = [fr[0]["input"]] + [max(0, b["input"] - a["input"] - a["output"]) for a, b in zip(fr, fr[1:])]
+            new = [user[0]] + [u + prev["output"] for u, prev in zip(user[1:], rows)]
+            possible = sum(max(0, x["input"] - n) for x, n in zip(rows, new))
+            line["prefix_reuse_efficiency"] = round(s_cached / possible, 4) if possible else None
+        summary[mode] = line
+    print(json.dumps(summary, indent=1))
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"{datetime.date.today()}-responses-chain-{MODEL}.json")
+    with open(path, "w") as f:
+        json.dump({"args": vars(args), "summary": summary, "results": results,
+                   "ctxgate_sha256": subprocess.run(["sha256sum", binary], capture_output=True, text=True).stdout.split()[0]},
+                  f, indent=1)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
