@@ -6,18 +6,19 @@ Each turn is `Runner.run(agent, new_input, previous_response_id=<last>)` with an
 `OpenAIResponsesModel` whose client points at ctxgate: the client sends only the new user message
 (a ~300-token log excerpt and a question); ctxgate rebuilds the conversation from its store,
 translates it to a chat request and compresses it (rules, `context_window` below the chain's size,
-so epochs happen). Two modes, each on a freshly started llama-server (`--cache-ram 0`, 1 slot):
+so epochs happen). Two modes, each on a freshly started llama-server with Qwen2.5-Coder-0.5B
+(`--cache-ram 0`, 1 slot, `-c 16384`):
   full   ctxgate with compression off: the whole chain every turn (the physical reference)
   rules  ctxgate with compression on (the model's own tokenizer.json, no margin)
 Reported per mode: Σ input tokens, Σ cached (usage.input_tokens_details.cached_tokens, which
 ctxgate translates from llama-server's prompt_tokens_details), cached share, prefix-reuse
 efficiency = Σ cached_t / Σ max(0, input_t - new_t), new_t = what turn t added as the server
 counts it (this mode's previous answer, and the new user message as the full run's input grew
-by it), epochs, wall per turn. Answers are capped at 1,024 tokens (the SDK fails a turn that ends
+by it), epochs, wall per turn. Answers are capped at 512 tokens (the SDK fails a turn that ends
 `incomplete`, so the cap is loose).
 
   .work/venv/bin/python responses_chain.py [--turns 24] [--context-window 4096] [--modes full,rules]
-Needs: setup.sh (llama-server, SmolLM2, its tokenizer.json), target/release/ctxgate,
+Needs: setup.sh (llama-server, Qwen2.5-Coder-0.5B, its tokenizer.json), target/release/ctxgate,
 openai==3.63.0 and openai-agents==0.24.0 in the venv (setup.sh installs them).
 """
 import argparse
@@ -39,15 +40,17 @@ from agents import Agent, ModelSettings, OpenAIResponsesModel, Runner, set_traci
 from openai import AsyncOpenAI  # noqa: E402
 
 set_tracing_disabled(True)
-MODEL = "smollm2"
-TOKENIZER = os.path.join(HERE, ".work", "models", "smollm2-135m-instruct-q4_1.tokenizer.json")
+# Qwen2.5-Coder-0.5B: SmolLM2-135M rambles past any answer cap at temperature 0, and the Agents
+# SDK fails a turn whose response ends `incomplete`.
+MODEL = "qwen"
+TOKENIZER = os.path.join(HERE, ".work", "models", "qwen2.5-coder-0.5b-instruct-q4_k_m.tokenizer.json")
 SERVICES = ["auth", "billing", "search", "gateway", "scheduler", "storage", "mailer", "indexer"]
 
 
 def excerpt(rng, turn):
-    """A log excerpt of about 300 SmolLM2 tokens: what an operator pastes into a chat."""
+    """A log excerpt of about 370 SmolLM2 tokens: what an operator pastes into a chat."""
     lines = []
-    for i in range(14):
+    for i in range(7):
         svc = rng.choice(SERVICES)
         level = rng.choice(["INFO", "INFO", "INFO", "WARN", "ERROR"])
         lines.append(f"2026-12-06T{10 + turn % 10:02d}:{i * 4:02d}:{rng.randrange(60):02d}Z {level} {svc}: "
@@ -59,7 +62,7 @@ def excerpt(rng, turn):
 
 
 def start_llama(port, logdir, mode):
-    env = dict(os.environ, LOG_FILE=os.path.join(logdir, f"llama-{mode}.log"))
+    env = dict(os.environ, CTX="16384", LOG_FILE=os.path.join(logdir, f"llama-{mode}.log"))
     p = subprocess.Popen([os.path.join(HERE, "serve.sh"), MODEL, str(port), "--cache-ram", "0", "--metrics"], env=env)
     wait_ready(f"http://127.0.0.1:{port}/health", p, "llama-server", 180)
     return p
@@ -107,7 +110,7 @@ async def chain(base_url, turns, seed):
     client = AsyncOpenAI(base_url=base_url, api_key="sk-chain-bench", max_retries=0, timeout=1800)
     agent = Agent(name="ops", instructions="You are an on-call assistant. Answer in one short sentence.",
                   model=OpenAIResponsesModel(model=MODEL, openai_client=client),
-                  model_settings=ModelSettings(max_tokens=1024, temperature=0))
+                  model_settings=ModelSettings(max_tokens=512, temperature=0))
     rng = random.Random(seed)
     rows, previous = [], None
     for t in range(turns):
