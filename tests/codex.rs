@@ -118,18 +118,24 @@ async fn run_exec(dirs: &CodexHome<'_>) -> std::process::Output {
         .unwrap()
 }
 
+/// The gateway, compressing, in front of a Chat-Completions-only model scripted to call the
+/// shell once and then answer.
+async fn gateway_to_a_scripted_model() -> Harness {
+    let upstream = Server::builder()
+        .reply(Reply::sse(shell_call()))
+        .stream(chunks(&["The command printed ", "ctxgate-codex-42."], None));
+    Harness::builder()
+        .upstream(upstream)
+        .config(|c| c.compression.policy.mode = CompressionMode::Rules)
+        .start()
+        .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn codex_exec_runs_a_tool_round_through_the_gateway_over_a_chat_only_upstream() {
     // Given a Chat-Completions-only model scripted to call the shell, then answer; the gateway
     // compressing; and Codex configured with the gateway as its provider
-    let upstream = Server::builder()
-        .reply(Reply::sse(shell_call()))
-        .stream(chunks(&["The command printed ", "ctxgate-codex-42."], None));
-    let h = Harness::builder()
-        .upstream(upstream)
-        .config(|c| c.compression.policy.mode = CompressionMode::Rules)
-        .start()
-        .await;
+    let h = gateway_to_a_scripted_model().await;
     let recorder = Recorder::start(&h.url).await;
     let home = tempfile::tempdir().unwrap();
     let codex_home = home.path().join(".codex");
@@ -220,14 +226,7 @@ async fn codex_s_built_in_provider_runs_a_tool_round_over_the_gateway_s_websocke
     // Given a Chat-Completions-only model scripted to call the shell, then answer; and Codex's
     // built-in OpenAI provider pointed at the gateway, logged in with an API key (the built-in
     // provider prefers the Responses API's WebSocket mode)
-    let upstream = Server::builder()
-        .reply(Reply::sse(shell_call()))
-        .stream(chunks(&["The command printed ", "ctxgate-codex-42."], None));
-    let h = Harness::builder()
-        .upstream(upstream)
-        .config(|c| c.compression.policy.mode = CompressionMode::Rules)
-        .start()
-        .await;
+    let h = gateway_to_a_scripted_model().await;
     let home = tempfile::tempdir().unwrap();
     let codex_home = home.path().join(".codex");
     let workdir = home.path().join("work");
