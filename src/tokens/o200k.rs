@@ -41,8 +41,9 @@ impl<'a> Iterator for Pieces<'a> {
         let len = match ascii_piece(rest.as_bytes()) {
             Some(len) => len,
             // The library's split from here: no pattern looks behind, and `$` is the text's end
-            // either way, so its first piece is the one at this position.
-            None => self.tokenizer.split(rest).next().map_or(rest.len(), str::len),
+            // either way, so its first piece is the one at this position. (Its patterns cover
+            // every character and never match empty; the rest as one piece guards the loop.)
+            None => self.tokenizer.split(rest).next().map(str::len).filter(|&n| n > 0).unwrap_or(rest.len()),
         };
         self.at += len;
         Some(&rest[..len])
