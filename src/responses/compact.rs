@@ -116,16 +116,7 @@ fn parse(body: &[u8]) -> Result<Asked, GatewayError> {
         }
         Some(_) => return Err(invalid("model must be a non-empty string.", "model")),
     };
-    let previous_response_id = match fields.get("previous_response_id") {
-        None | Some(Value::Null) => None,
-        Some(Value::String(id)) => Some(id.clone()),
-        Some(_) => return Err(invalid("previous_response_id must be a string.", "previous_response_id")),
-    };
-    let instructions = match fields.get("instructions") {
-        None | Some(Value::Null) => None,
-        Some(Value::String(text)) => Some(json!({"role": "system", "content": text})),
-        Some(_) => return Err(invalid("instructions must be a string.", "instructions")),
-    };
+    let (previous_response_id, instructions) = translate::chain_fields(&fields)?;
     let items = match fields.get("input") {
         // The conversation may be the stored one alone.
         None | Some(Value::Null) if previous_response_id.is_some() => Vec::new(),

@@ -83,6 +83,24 @@ fn invalid(message: impl Into<String>, param: &'static str) -> GatewayError {
     GatewayError::invalid(message, Some(param), "invalid_value")
 }
 
+/// `previous_response_id`, and `instructions` as the system message they become: read alike
+/// by create and compact.
+pub(crate) fn chain_fields(
+    fields: &Map<String, Value>,
+) -> Result<(Option<String>, Option<Value>), GatewayError> {
+    let previous_response_id = match fields.get("previous_response_id") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(id)) => Some(id.clone()),
+        Some(_) => return Err(invalid("previous_response_id must be a string.", "previous_response_id")),
+    };
+    let instructions = match fields.get("instructions") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(text)) => Some(json!({"role": "system", "content": text})),
+        Some(_) => return Err(invalid("instructions must be a string.", "instructions")),
+    };
+    Ok((previous_response_id, instructions))
+}
+
 fn unsupported(message: impl Into<String>, param: &'static str) -> GatewayError {
     GatewayError::invalid(message, Some(param), "unsupported_parameter")
 }
@@ -115,16 +133,7 @@ pub(crate) fn parse(body: &[u8]) -> Result<Parsed, GatewayError> {
         // The response runs detached and is read back by id: it must be stored.
         return Err(invalid("Background mode requires 'store' to be true.", "store"));
     }
-    let previous_response_id = match fields.get("previous_response_id") {
-        None | Some(Value::Null) => None,
-        Some(Value::String(id)) => Some(id.clone()),
-        Some(_) => return Err(invalid("previous_response_id must be a string.", "previous_response_id")),
-    };
-    let instructions = match fields.get("instructions") {
-        None | Some(Value::Null) => None,
-        Some(Value::String(text)) => Some(json!({"role": "system", "content": text})),
-        Some(_) => return Err(invalid("instructions must be a string.", "instructions")),
-    };
+    let (previous_response_id, instructions) = chain_fields(&fields)?;
     let items = items_of(fields.get("input").unwrap_or(&Value::Null))?;
     let messages = messages_of(&items)?;
     let input_items = listed(&items);
