@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 use support::gateway::AUTH;
 use support::{chunks, key, Gate, Harness};
 use tokio::net::TcpStream;
-use tokio::time::{timeout, Instant};
+use tokio::time::timeout;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -81,19 +81,6 @@ fn shape(value: &Value) -> Value {
         Value::String(_) => json!("string"),
         Value::Number(_) => json!("number"),
         other => other.clone(),
-    }
-}
-
-/// Polls a metric sample until it has `value`.
-async fn metric_becomes(h: &Harness, sample: &str, value: f64) {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let now = h.metric(sample).await;
-        if now == value {
-            return;
-        }
-        assert!(Instant::now() < deadline, "{sample} is {now}, never {value}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -356,7 +343,7 @@ async fn turns_are_sequential_and_a_client_leaving_mid_turn_cancels_it() {
 
     // And when the client leaves mid-turn, the turn is cancelled
     drop(ws);
-    metric_becomes(&h, r#"ctxgate_responses_websocket_turns_total{outcome="cancelled"}"#, 1.0).await;
+    h.metric_becomes(r#"ctxgate_responses_websocket_turns_total{outcome="cancelled"}"#, 1.0).await;
     gate.open();
     assert_eq!(h.upstream(0).requests().len(), 1);
 }

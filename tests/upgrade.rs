@@ -169,19 +169,6 @@ async fn round_trip(ws: &mut Client, message: Message) {
     assert_eq!(next_message(ws).await, Some(message));
 }
 
-/// Polls a metric sample until it has `value`, or fails after [`WAIT`].
-async fn metric_becomes(h: &Harness, sample: &str, value: f64) {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let now = h.metric(sample).await;
-        if now == value {
-            return;
-        }
-        assert!(Instant::now() < deadline, "{sample} is {now}, never {value}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// Reads until the tunnel closes; whether it did within `within`.
 async fn closes_within(ws: &mut Client, within: Duration) -> bool {
     timeout(within, async {
@@ -233,7 +220,7 @@ async fn websocket_messages_flow_both_ways_with_the_handshake_headers_and_withou
     round_trip(&mut ws, Message::binary(vec![7u8; 256 * 1024])).await;
     round_trip(&mut ws, Message::text("again")).await;
     // And the tunnel is counted while open
-    metric_becomes(&h, "ctxgate_tunnels_open", 1.0).await;
+    h.metric_becomes("ctxgate_tunnels_open", 1.0).await;
 
     // When the client closes
     ws.close(None).await.unwrap();
@@ -242,7 +229,7 @@ async fn websocket_messages_flow_both_ways_with_the_handshake_headers_and_withou
     assert!(matches!(upstream.next().await, Seen::Ended));
     assert!(closes_within(&mut ws, WAIT).await);
     drop(ws);
-    metric_becomes(&h, "ctxgate_tunnels_open", 0.0).await;
+    h.metric_becomes("ctxgate_tunnels_open", 0.0).await;
 }
 
 #[tokio::test]
@@ -260,7 +247,7 @@ async fn a_close_from_the_upstream_ends_the_tunnel() {
     assert!(next_message(&mut ws).await.is_some_and(|m| m.is_close()));
     assert!(closes_within(&mut ws, WAIT).await);
     drop(ws);
-    metric_becomes(&h, "ctxgate_tunnels_open", 0.0).await;
+    h.metric_becomes("ctxgate_tunnels_open", 0.0).await;
     assert!(matches!(upstream.next().await, Seen::Handshake { .. }));
     assert!(matches!(upstream.next().await, Seen::Ended));
 }
@@ -390,7 +377,7 @@ async fn the_idle_timeout_does_not_cut_a_tunnel_while_data_flows_but_closes_a_si
     assert!(closes_within(&mut ws, idle + WAIT).await);
     // (The gateway's clock started at its last read, a little before the client's.)
     assert!(silent.elapsed() >= idle * 3 / 4, "closed after {:?}", silent.elapsed());
-    metric_becomes(&h, r#"ctxgate_connections_closed_total{reason="idle_timeout"}"#, 1.0).await;
+    h.metric_becomes(r#"ctxgate_connections_closed_total{reason="idle_timeout"}"#, 1.0).await;
 }
 
 #[tokio::test]
@@ -441,11 +428,11 @@ async fn a_tunnel_through_a_pool_names_its_endpoint_and_counts_in_flight_there_u
 
     // Then the 101 names the endpoint, which counts the tunnel in flight while it is open
     assert_eq!(switched["x-ctxgate-upstream-endpoint"], endpoint.as_str());
-    metric_becomes(&h, &in_flight, 1.0).await;
+    h.metric_becomes(&in_flight, 1.0).await;
     ws.close(None).await.unwrap();
     assert!(closes_within(&mut ws, WAIT).await);
     drop(ws);
-    metric_becomes(&h, &in_flight, 0.0).await;
+    h.metric_becomes(&in_flight, 0.0).await;
 }
 
 #[tokio::test]

@@ -91,6 +91,20 @@ impl Harness {
         sample_value(&self.metrics().await, sample)
     }
 
+    /// Polls a metric sample until it has `value`; fails after 10 s.
+    #[allow(dead_code)] // not every test binary polls a metric
+    pub async fn metric_becomes(&self, sample: &str, value: f64) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let now = self.metric(sample).await;
+            if now == value {
+                return;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "{sample} is {now}, never {value}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Signals shutdown; the gateway stops accepting and drains.
     pub fn begin_shutdown(&mut self) {
         if let Some(tx) = self.shutdown.take() {
