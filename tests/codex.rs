@@ -46,13 +46,10 @@ fn shell_call() -> Vec<Chunk> {
     vec![Chunk::json(delta), Chunk::json(fixtures::finish_chunk("tool_calls")), Chunk::done()]
 }
 
-fn codex_config(base_url: &str) -> String {
-    // Built-in tools a chat upstream cannot serve (web search, the sub-agent namespace) are
-    // off; analytics and update checks would reach for the network.
-    format!(
-        r#"model = "mock-model"
-model_provider = "ctxgate"
-web_search = "disabled"
+/// What every run sets: built-in tools a chat upstream cannot serve (web search, the sub-agent
+/// namespace) are off; analytics and update checks would reach for the network. Top-level keys
+/// go before it.
+const OFFLINE: &str = r#"web_search = "disabled"
 check_for_update_on_startup = false
 
 [analytics]
@@ -60,7 +57,14 @@ enabled = false
 
 [agents]
 enabled = false
+"#;
 
+/// A custom provider whose `base_url` is the gateway, speaking Responses over HTTP.
+fn codex_config(base_url: &str) -> String {
+    format!(
+        r#"model = "mock-model"
+model_provider = "ctxgate"
+{OFFLINE}
 [model_providers.ctxgate]
 name = "ctxgate"
 base_url = "{base_url}/v1"
@@ -233,18 +237,7 @@ async fn codex_s_built_in_provider_runs_a_tool_round_over_the_gateway_s_websocke
     std::fs::create_dir_all(&codex_home).unwrap();
     std::fs::create_dir_all(&workdir).unwrap();
     let config = format!(
-        r#"model = "mock-model"
-openai_base_url = "{}/v1"
-cli_auth_credentials_store = "file"
-web_search = "disabled"
-check_for_update_on_startup = false
-
-[analytics]
-enabled = false
-
-[agents]
-enabled = false
-"#,
+        "model = \"mock-model\"\nopenai_base_url = \"{}/v1\"\ncli_auth_credentials_store = \"file\"\n{OFFLINE}",
         h.url
     );
     std::fs::write(codex_home.join("config.toml"), config).unwrap();
