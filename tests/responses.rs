@@ -1129,3 +1129,177 @@ async fn official_python_sdk_runs_background_responses() {
     assert_eq!(seen["foreground_cancel"]["message"], "Cannot cancel a synchronous response.");
     assert_eq!(seen["foreground_cancel"]["type"], "invalid_request_error");
 }
+
+/// What an upstream with the Responses API answers on turn `n` of an agent: its reasoning
+/// (opaque, as OpenAI encrypts it), then a call to `run`.
+fn reasoning_then_call(n: usize) -> Value {
+    json!({
+        "id": format!("resp_up{n}"), "object": "response", "created_at": 1, "status": "completed", "model": "gpt-x",
+        "output": [
+            {"id": format!("rs_{n}"), "type": "reasoning", "summary": [], "encrypted_content": format!("gAAAA-secret-{n}")},
+            {"id": format!("fc_{n}"), "type": "function_call", "status": "completed", "call_id": format!("call_{n}"),
+             "name": "run", "arguments": format!("{{\"n\":{n}}}")}
+        ],
+        "usage": {"input_tokens": 3, "output_tokens": 1, "total_tokens": 4}
+    })
+}
+
+/// A long tool output with colours, as a build prints it.
+fn coloured_output(n: usize) -> String {
+    (0..60).map(|l| format!("\u{1b}[32mok\u{1b}[0m   step {n} line {l}:    value {}\n", l * n)).collect()
+}
+
+#[tokio::test]
+async fn a_long_chain_on_a_responses_upstream_is_compressed_with_its_reasoning_intact() {
+    // Given an upstream with the Responses API, compression with a window the chain outgrows
+    const TURNS: usize = 30;
+    const WINDOW: u64 = 10_000;
+    let mut upstream = Server::builder();
+    for n in 0..TURNS {
+        upstream = upstream.chat(reasoning_then_call(n));
+    }
+    let h = Harness::builder()
+        .upstream(upstream)
+        .config(|c| {
+            c.upstreams[0].api = Some(ctxgate::config::UpstreamApi::Responses);
+            c.compression.policy.mode = ctxgate::config::CompressionMode::Rules;
+            c.compression.policy.context_window = WINDOW;
+            c.compression.policy.keep_recent_turns = 2;
+        })
+        .start()
+        .await;
+    let tools = json!([{"type": "function", "name": "run", "parameters": {"type": "object"}}]);
+
+    // When an agent answers each call with a long, coloured output, chained by id
+    let mut previous: Option<String> = None;
+    for n in 0..TURNS {
+        let input = match n {
+            0 => json!("Fix the build."),
+            _ => {
+                json!([{"type": "function_call_output", "call_id": format!("call_{}", n - 1), "output": coloured_output(n)}])
+            }
+        };
+        let mut body =
+            json!({"model": "gpt-x", "instructions": "You are an agent.", "input": input, "tools": tools});
+        if let Some(id) = &previous {
+            body["previous_response_id"] = json!(id);
+        }
+        let r = h.v1_as_client(Method::POST, "/responses").json(&body).send().await.unwrap();
+        assert_eq!(r.status(), 200, "turn {n}");
+        let after: u64 = r.headers()["x-ctxgate-tokens-after"].to_str().unwrap().parse().unwrap();
+        assert!(after <= WINDOW, "turn {n}: {after} tokens");
+        let r: Value = r.json().await.unwrap();
+        assert_eq!(r, reasoning_then_call(n), "the answer passes through as the upstream sent it");
+        previous = r["id"].as_str().map(str::to_string);
+    }
+
+    // Then the upstream got items, never an id it does not hold, and its instructions as sent
+    let sent: Vec<Value> = h.upstream(0).requests().iter().map(|r| r.json()).collect();
+    assert!(sent
+        .iter()
+        .all(|s| s.get("previous_response_id").is_none() && s["instructions"] == "You are an agent."));
+    // (The first went as the client sent it: its input a string.)
+    assert_eq!(sent[0]["input"], "Fix the build.");
+    let inputs: Vec<Vec<String>> = sent[1..]
+        .iter()
+        .map(|s| s["input"].as_array().unwrap().iter().map(Value::to_string).collect())
+        .collect();
+    // And the chain compacted in epochs, every other turn extending the bytes sent before
+    let breaks = inputs.windows(2).filter(|w| !w[1].starts_with(&w[0])).count();
+    let epochs = h.metric(r#"ctxgate_compression_epochs_total{model="other",stage="rules"}"#).await;
+    eprintln!("{TURNS} turns: {epochs} compaction epochs, {breaks} prefix breaks");
+    assert!(epochs >= 1.0, "the chain never compacted");
+    assert!(breaks as f64 <= epochs, "{breaks} prefix breaks but {epochs} epochs");
+    let last = sent.last().unwrap()["input"].as_array().unwrap().clone();
+    assert!(!last.iter().any(|i| i.to_string().contains('\u{1b}')), "the colours are gone");
+    // And every item sent is a whole one: reasoning byte for byte, each output after its call
+    let mut calls = std::collections::HashSet::new();
+    for (at, item) in last.iter().enumerate() {
+        match item["type"].as_str() {
+            Some("reasoning") => {
+                let n: usize = item["id"].as_str().unwrap()["rs_".len()..].parse().unwrap();
+                assert_eq!(item, &reasoning_then_call(n)["output"][0], "reasoning rewritten");
+                assert_eq!(last[at + 1]["type"], "function_call", "reasoning without its call");
+            }
+            Some("function_call") => {
+                calls.insert(item["call_id"].as_str().unwrap().to_string());
+            }
+            Some("function_call_output") => {
+                assert!(
+                    calls.contains(item["call_id"].as_str().unwrap()),
+                    "an output before its call: {item}"
+                );
+            }
+            _ => {}
+        }
+    }
+    // And an output compression replaced names its original, which the caller can read back
+    let masked: Vec<&str> =
+        last.iter().filter_map(|i| i["output"].as_str()).filter(|o| o.starts_with("[ctxgate")).collect();
+    assert!(!masked.is_empty(), "no output was replaced: {last:?}");
+    let id = ctxgate::compress::marker::ids_in(masked[0])[0].to_string();
+    let original = h.v1_as_client(Method::GET, &format!("/ctxgate/originals/{id}")).send().await.unwrap();
+    assert_eq!(original.status(), 200);
+    let original: Value = original.json().await.unwrap();
+    assert!(original.to_string().contains("step 1 line 59"), "{original}");
+    // And the chain itself is kept whole
+    let stored =
+        h.v1_as_client(Method::GET, &format!("/responses/{}/input_items", previous.unwrap())).send().await;
+    assert_eq!(stored.unwrap().status(), 200);
+}
+
+#[tokio::test]
+async fn a_client_resending_its_history_to_a_responses_upstream_is_compressed() {
+    // Given an upstream with the Responses API and a small window
+    let h = Harness::builder()
+        .upstream(
+            Server::builder()
+                .chat(upstream_response("resp_up1", "Done."))
+                .chat(upstream_response("resp_up2", "Done.")),
+        )
+        .config(|c| {
+            c.upstreams[0].api = Some(ctxgate::config::UpstreamApi::Responses);
+            c.compression.policy.mode = ctxgate::config::CompressionMode::Rules;
+            c.compression.policy.context_window = 4_000;
+            c.compression.policy.keep_recent_turns = 1;
+        })
+        .start()
+        .await;
+    // When a client (as Codex does over HTTP) sends its whole history, unstored, twice
+    let mut input = vec![json!({"type": "message", "role": "user", "content": "Build it."})];
+    for n in 0..12 {
+        input.push(reasoning_then_call(n)["output"][0].clone());
+        input.push(reasoning_then_call(n)["output"][1].clone());
+        input.push(json!({"type": "function_call_output", "call_id": format!("call_{n}"), "output": coloured_output(n)}));
+    }
+    let body = json!({"model": "gpt-x", "input": input, "store": false});
+    let first = h.v1_as_client(Method::POST, "/responses").json(&body).send().await.unwrap();
+    assert_eq!(first.status(), 200);
+    assert_eq!(first.headers()["x-ctxgate-compression"], "rules");
+    let opted_out = h
+        .v1_as_client(Method::POST, "/responses")
+        .header("x-ctxgate-compression", "off")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(opted_out.status(), 200);
+
+    // Then the first request went out smaller, its first message and its newest turn kept (the
+    // newest output without its colours only)
+    let sent: Vec<Value> = h.upstream(0).requests().iter().map(|r| r.json()).collect();
+    let compressed = sent[0]["input"].as_array().unwrap();
+    assert!(sent[0].to_string().len() * 2 < body.to_string().len(), "{} bytes", sent[0].to_string().len());
+    assert_eq!(compressed[0], input[0]);
+    let n = compressed.len();
+    assert_eq!(
+        compressed[n - 3..n - 1],
+        input[input.len() - 3..input.len() - 1],
+        "reasoning and call as sent"
+    );
+    let newest = compressed[n - 1]["output"].as_str().unwrap();
+    assert!(newest.contains("ok step 11 line 59: value 649") && !newest.contains('\u{1b}'), "{newest}");
+    // And the one that opted out went as the client sent it
+    assert_eq!(sent[1], body);
+    assert!(h.upstream(0).requests()[1].headers.get("x-ctxgate-compression").is_none());
+}

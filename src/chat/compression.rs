@@ -21,6 +21,7 @@ use crate::headers;
 use crate::openai::{request, ChatRequest};
 use crate::session::BlobKind;
 use crate::telemetry::{ModelStage, ReasonLabel};
+use crate::upstream::Upstream;
 use crate::AppState;
 
 /// State sheets being written in this process: conversation key → messages and request tokens
@@ -65,11 +66,22 @@ impl<'a> Compaction<'a> {
         if ctx.compression_opted_out() {
             return None;
         }
-        let active = app.compressor.active(&ctx.request.model)?;
+        Self::for_model(app, &ctx.request.model, ctx.route(app), key, messages, look_up).await
+    }
+
+    /// The compression `model` runs under, along `route` (`None` when it is off for the model).
+    async fn for_model(
+        app: &'a AppState,
+        model: &str,
+        route: &[Arc<Upstream>],
+        key: String,
+        messages: &[Box<RawValue>],
+        look_up: bool,
+    ) -> Option<Self> {
+        let active = app.compressor.active(model)?;
         let ready = if look_up { ready_sheet(app, &active, &key, messages).await } else { None };
-        let cache_key =
-            ctx.route(app).first().filter(|u| u.prompt_cache_key).map(|_| compress::cache_key(&key));
-        let label = app.model_labels.label(&ctx.request.model);
+        let cache_key = route.first().filter(|u| u.prompt_cache_key).map(|_| compress::cache_key(&key));
+        let label = app.model_labels.label(model);
         Some(Self { active, label, key, ready, cache_key })
     }
 
@@ -84,23 +96,50 @@ impl<'a> Compaction<'a> {
         previous: Option<State>,
         cold: bool,
     ) -> Result<(ChatRequest, Plan), GatewayError> {
+        let mut plan = self.run(app, conversation, request.tools(), goal, previous, cold);
+        let upstream = self.rebuild(app, request, &mut plan)?;
+        Ok((upstream, plan))
+    }
+
+    /// The plan for `conversation`, its messages still in it.
+    fn run(
+        &self,
+        app: &AppState,
+        conversation: &[Box<RawValue>],
+        tools: Option<&RawValue>,
+        goal: Option<&RawValue>,
+        previous: Option<State>,
+        cold: bool,
+    ) -> Plan {
         let analysed = compress::analyse(self.active.counter, conversation);
         let turn = compress::Turn {
             messages: conversation,
             analysed: &analysed,
             goal,
-            tools: request.tools(),
+            tools,
             previous,
             ready: self.ready.as_ref(),
             cold,
             force: false,
         };
-        let mut plan = compress::run(&app.compressor, &self.active, turn);
-        // The planned messages move into the request; `plan.messages` is left empty.
+        compress::run(&app.compressor, &self.active, turn)
+    }
+
+    /// `request` around `plan`'s messages (which move into it: `plan.messages` is left empty).
+    fn rebuild(
+        &self,
+        app: &AppState,
+        request: &ChatRequest,
+        plan: &mut Plan,
+    ) -> Result<ChatRequest, GatewayError> {
         let messages = std::mem::take(&mut plan.messages);
         let expand = (plan.markers && app.compressor.config.expand).then(compress::expand::definition);
-        let upstream = request.rebuild(messages, self.cache_key.as_deref(), expand.as_deref())?;
-        Ok((upstream, plan))
+        request.rebuild(messages, self.cache_key.as_deref(), expand.as_deref())
+    }
+
+    /// `prompt_cache_key` for upstreams that take one.
+    pub(crate) fn cache_key(&self) -> Option<&str> {
+        self.cache_key.as_deref()
     }
 
     /// What follows a decided plan: metrics, the response headers, and the state sheet it asks
@@ -112,30 +151,61 @@ impl<'a> Compaction<'a> {
         plan: &mut Plan,
         conversation_len: usize,
     ) {
+        let call = SheetCall {
+            model: self.sheet_model(app, &ctx.request.model),
+            upstream: app.compressor.config.summarizer.upstream.clone(),
+            authorization: ctx.headers().get(header::AUTHORIZATION).cloned(),
+            tools: ctx.request.tools().and_then(|t| request::canonical(t.get())),
+            affinity: ctx.affinity,
+        };
+        if self.settle(app, &mut ctx.annotations, plan, conversation_len, call) {
+            ctx.offer_expand();
+        }
+    }
+
+    /// [`Self::finish`] for a request that is not a chat request (a Responses request to a
+    /// Responses upstream): its sheet call carries no tools, as the request's are not chat's.
+    /// Returns whether the messages carry markers `ctxgate_expand` would resolve.
+    pub(crate) fn finish_foreign(
+        &self,
+        app: &Arc<AppState>,
+        annotations: &mut HeaderMap,
+        plan: &mut Plan,
+        conversation_len: usize,
+        model: &str,
+        authorization: Option<HeaderValue>,
+    ) -> bool {
+        let call = SheetCall {
+            model: self.sheet_model(app, model),
+            upstream: app.compressor.config.summarizer.upstream.clone(),
+            authorization,
+            tools: None,
+            affinity: None,
+        };
+        self.settle(app, annotations, plan, conversation_len, call)
+    }
+
+    fn sheet_model(&self, app: &AppState, model: &str) -> String {
+        app.compressor.config.summarizer.model.clone().unwrap_or_else(|| model.to_string())
+    }
+
+    /// Metrics, headers and the sheet call; whether `ctxgate_expand` should be offered.
+    fn settle(
+        &self,
+        app: &Arc<AppState>,
+        headers: &mut HeaderMap,
+        plan: &mut Plan,
+        conversation_len: usize,
+        call: SheetCall,
+    ) -> bool {
         compress::record(&app.metrics, &self.label, plan);
-        let headers = &mut ctx.annotations;
         headers.insert(headers::TOKENS_BEFORE, HeaderValue::from(plan.tokens_before));
         headers.insert(headers::TOKENS_AFTER, HeaderValue::from(plan.tokens_after));
         headers.insert(headers::COMPRESSION, HeaderValue::from_static(plan.acted.as_str()));
-        if plan.markers && app.compressor.config.expand {
-            ctx.offer_expand();
-        }
         if let Some(sheet) = plan.summarize.take() {
-            let call = SheetCall {
-                model: app
-                    .compressor
-                    .config
-                    .summarizer
-                    .model
-                    .clone()
-                    .unwrap_or_else(|| ctx.request.model.clone()),
-                upstream: app.compressor.config.summarizer.upstream.clone(),
-                authorization: ctx.headers().get(header::AUTHORIZATION).cloned(),
-                tools: ctx.request.tools().and_then(|t| request::canonical(t.get())),
-                affinity: ctx.affinity,
-            };
             start_sheet(app, &self.key, sheet, call, conversation_len, plan.tokens_after);
         }
+        plan.markers && app.compressor.config.expand
     }
 
     /// Counts how much of the previous request a session request shares as a prefix.
@@ -153,27 +223,60 @@ pub(crate) async fn stateless(
     app: &Arc<AppState>,
     ctx: &mut ChatContext,
 ) -> Result<Option<ChatRequest>, GatewayError> {
-    if ctx.compression_opted_out() || app.compressor.active(&ctx.request.model).is_none() {
+    if ctx.compression_opted_out() {
         return Ok(None);
     }
-    let scope = ctx.scope();
-    let messages = ctx.request.messages();
-    let Some(active) = app.compressor.active(&ctx.request.model) else { return Ok(None) };
+    let conversation = Conversation {
+        scope: ctx.scope(),
+        model: &ctx.request.model,
+        route: ctx.route(app),
+        messages: ctx.request.messages(),
+        tools: ctx.request.tools(),
+    };
+    let Some((compaction, mut plan)) = stateless_plan(app, &conversation).await? else { return Ok(None) };
+    let len = conversation.messages.len();
+    let upstream = compaction.rebuild(app, &ctx.request, &mut plan)?;
+    compaction.finish(app, ctx, &mut plan, len);
+    Ok(Some(upstream))
+}
+
+/// A conversation compressed without a session, as any front end has it.
+pub(crate) struct Conversation<'a> {
+    /// The caller's stateless scope (see [`ChatContext::scope`]).
+    pub(crate) scope: String,
+    pub(crate) model: &'a str,
+    pub(crate) route: &'a [Arc<Upstream>],
+    pub(crate) messages: &'a [Box<RawValue>],
+    /// Counted as the request's fixed tokens.
+    pub(crate) tools: Option<&'a RawValue>,
+}
+
+/// The plan for a conversation without a session (its messages in `plan.messages`), under the
+/// state its earlier requests froze; an epoch's state is stored, its originals first. `None`
+/// when compression is off for the model.
+pub(crate) async fn stateless_plan<'a>(
+    app: &'a AppState,
+    conversation: &Conversation<'_>,
+) -> Result<Option<(Compaction<'a>, Plan)>, GatewayError> {
+    let Some(active) = app.compressor.active(conversation.model) else { return Ok(None) };
+    let (scope, messages) = (&conversation.scope, conversation.messages);
     let analysed = compress::analyse(active.counter, messages);
-    let total = compress::fixed_tokens(active.counter, ctx.request.tools(), None)
+    let total = compress::fixed_tokens(active.counter, conversation.tools, None)
         + analysed.tokens.iter().map(|&t| u64::from(t)).sum::<u64>();
-    let key = compress::conversation_key(&scope, messages, &analysed.infos);
+    let key = compress::conversation_key(scope, messages, &analysed.infos);
     // Under the first mark nothing was ever compacted: no state to look up.
     let first_mark = active.policy.pre_tokens().min(active.policy.high_tokens());
     let past_mark = total > first_mark;
-    let Some(compaction) = Compaction::begin(app, ctx, key, messages, past_mark).await else {
+    let Some(compaction) =
+        Compaction::for_model(app, conversation.model, conversation.route, key, messages, past_mark).await
+    else {
         return Ok(None);
     };
     let previous = if past_mark { load_state(app, &compaction.key).await } else { None };
-    let (upstream, mut plan) = compaction.plan(app, &ctx.request, messages, None, previous, false)?;
+    let plan = compaction.run(app, messages, conversation.tools, None, previous, false);
     if plan.epoch.is_some() || plan.reset {
         // The originals first: a state whose markers name nothing recoverable must not land.
-        let stored = keep_originals(app, &scope, messages, upstream.messages(), &plan).await;
+        let stored = keep_originals(app, scope, messages, &plan.messages, &plan).await;
         let saved = match (&plan.state, stored) {
             (Some(state), Ok(())) => save_state(app, &compaction.key, state).await,
             (_, Err(err)) => Err(err),
@@ -185,9 +288,7 @@ pub(crate) async fn stateless(
             tracing::warn!(error = %err, "cannot store compression state");
         }
     }
-    let len = messages.len();
-    compaction.finish(app, ctx, &mut plan, len);
-    Ok(Some(upstream))
+    Ok(Some((compaction, plan)))
 }
 
 /// Keeps in the caller's store the originals `plan`'s markers name (`sent`, the messages it

@@ -4,22 +4,34 @@
 //! replica). With `store`, the upstream's answer is kept as the gateway keeps its own, before a
 //! stream's `response.completed` reaches the client. The answer itself passes through unchanged.
 //!
-//! Not done here yet: compression and sessions (the chat pipeline's), which these requests do
-//! not take.
+//! The conversation sent (the chain's and this request's items) is compressed as the chat
+//! pipeline compresses a stateless conversation ([`crate::chat::compression::stateless_plan`]):
+//! the same policy, epochs frozen under a key of the caller and the conversation's start, so
+//! the upstream's prompt cache keeps hitting, and the originals of what markers replace kept in
+//! the caller's store. The items go to the compressor as chat messages and come back as items
+//! ([`super::items`]): what it left alone byte for byte, reasoning included.
+//!
+//! Not done here: the chat pipeline's sessions (goal lock, checkpointed resume) and the
+//! `ctxgate_expand` tool, which needs the gateway's tool loop; markers name originals that
+//! `GET /v1/ctxgate/originals/{id}` returns.
 
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::{header, request, Request, Response};
+use http::{header, request, HeaderMap, Request, Response};
 use http_body_util::BodyExt;
 use serde_json::{Map, Value};
 
+use super::items;
 use super::request::{items_of, listed};
 use super::store::{self, Chain, New};
 use super::{collect, send};
 use crate::body::{self, Body, ChannelBody, FrameSender};
+use crate::chat::compression::{self, Conversation};
+use crate::compress::Acted;
 use crate::error::GatewayError;
 use crate::handlers::passthrough;
+use crate::headers;
 use crate::openai::events::EventSplitter;
 use crate::openai::sse;
 use crate::AppState;
@@ -58,28 +70,37 @@ pub(super) async fn create(
     };
     // An input the gateway cannot read as items is the upstream's to refuse.
     let input = items_of(fields.get("input").unwrap_or(&Value::Null)).ok();
-    let Some(input) = input.filter(|_| match &previous {
-        Some(_) => true,
-        // A chain the gateway does not hold is the upstream's own: keeping its next response
-        // would keep a conversation without its start.
-        None => keep && named.is_none(),
-    }) else {
+    // A chain the gateway does not hold is the upstream's own: its conversation is not the
+    // gateway's to compress, and keeping its next response would keep one without its start.
+    let Some(input) = input.filter(|_| previous.is_some() || named.is_none()) else {
         return passthrough::passthrough(app, Request::from_parts(parts, body::full(bytes))).await;
     };
-    let body = match &previous {
-        None => bytes,
-        Some(previous) => {
+    let conversation: Vec<Value> = match &previous {
+        Some(previous) => previous.items.iter().chain(&input).cloned().collect(),
+        None => input.clone(),
+    };
+    let opted_out =
+        parts.headers.get(&headers::COMPRESSION).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"off"));
+    let mut annotations = HeaderMap::new();
+    let compressed = match opted_out {
+        true => None,
+        false => compress(&app, &parts, &scope, &mut fields, &conversation, &mut annotations).await?,
+    };
+    let body = match (&previous, compressed) {
+        (None, None) => bytes,
+        (_, sent) => {
             fields.remove("previous_response_id");
-            let all = previous.items.iter().chain(&input).cloned().collect();
-            fields.insert("input".into(), Value::Array(all));
+            fields.insert("input".into(), Value::Array(sent.unwrap_or(conversation)));
             Bytes::from(serde_json::to_vec(&fields).map_err(|e| GatewayError::Internal(e.into()))?)
         }
     };
     // The gateway reads the answer: it must come unencoded.
     parts.headers.remove(header::ACCEPT_ENCODING);
     parts.headers.remove(header::CONTENT_LENGTH);
+    parts.headers.remove(&headers::COMPRESSION);
     let mut answer =
         passthrough::passthrough(app.clone(), Request::from_parts(parts, body::full(body))).await?;
+    answer.headers_mut().extend(annotations);
     if !keep || !answer.status().is_success() {
         return Ok(answer);
     }
@@ -97,6 +118,45 @@ pub(super) async fn create(
         keeper.save(object).await?;
     }
     Ok(Response::from_parts(head, body::full(bytes)))
+}
+
+/// The conversation's items as compression leaves them, when it rewrote any (`None` when
+/// compression is off for the model, or the conversation is under its marks); what it did goes
+/// in `annotations`, and a derived `prompt_cache_key` in `fields` when the route takes one.
+async fn compress(
+    app: &Arc<AppState>,
+    parts: &request::Parts,
+    scope: &str,
+    fields: &mut Map<String, Value>,
+    conversation: &[Value],
+    annotations: &mut HeaderMap,
+) -> Result<Option<Vec<Value>>, GatewayError> {
+    let Some(model) = fields.get("model").and_then(Value::as_str).map(str::to_string) else {
+        return Ok(None);
+    };
+    if app.compressor.active(&model).is_none() {
+        return Ok(None);
+    }
+    let instructions = fields.get("instructions").and_then(Value::as_str);
+    let Some(mapped) = items::map(instructions, conversation.to_vec()) else { return Ok(None) };
+    let tools = fields.get("tools").and_then(|t| serde_json::value::to_raw_value(t).ok());
+    let asked = Conversation {
+        scope: scope.to_string(),
+        model: &model,
+        route: app.upstreams.router.route(Some(&model)),
+        messages: &mapped.messages,
+        tools: tools.as_deref(),
+    };
+    let Some((compaction, mut plan)) = compression::stateless_plan(app, &asked).await? else {
+        return Ok(None);
+    };
+    let sent = matches!(plan.acted, Acted::Rules | Acted::Hybrid).then(|| mapped.rebuild(&plan.messages));
+    if let (Some(key), true) = (compaction.cache_key(), sent.is_some()) {
+        fields.entry("prompt_cache_key").or_insert_with(|| Value::String(key.to_string()));
+    }
+    let authorization = parts.headers.get(header::AUTHORIZATION).cloned();
+    compaction.finish_foreign(app, annotations, &mut plan, mapped.messages.len(), &model, authorization);
+    Ok(sent)
 }
 
 impl Keep {
