@@ -92,6 +92,9 @@ pub struct AppState {
     pub tools: tools::Registry,
     pub(crate) auth: Arc<auth::Auth>,
     pub(crate) metrics: Arc<Metrics>,
+    /// Requests served at once (`server.max_concurrent_requests`): HTTP requests and the turns
+    /// of terminated WebSockets draw on the same permits.
+    pub(crate) permits: Arc<tokio::sync::Semaphore>,
     model_labels: ModelLabels,
     sheets: chat::compression::Sheets,
     /// The front end that finishes a resumed turn it began (background responses).
@@ -135,6 +138,7 @@ impl AppState {
         let tools = tools::Registry::from_config(&config, env, metrics.clone())?;
         let auth = Arc::new(auth::Auth::open(&config, metrics.clone()).await?);
         let model_labels = ModelLabels::new(&config);
+        let permits = Arc::new(tokio::sync::Semaphore::new(config.server.max_concurrent_requests.get()));
         Ok(Arc::new(Self {
             config,
             upstreams,
@@ -143,6 +147,7 @@ impl AppState {
             tools,
             auth,
             metrics,
+            permits,
             model_labels,
             sheets: chat::compression::Sheets::default(),
             resumer: responses::resumed,

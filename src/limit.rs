@@ -223,8 +223,10 @@ pub(crate) struct ConcurrencyLimitLayer {
 }
 
 impl ConcurrencyLimitLayer {
-    pub(crate) fn new(max: usize) -> Self {
-        Self { permits: Arc::new(Semaphore::new(max)) }
+    /// A limit drawing on `permits`, which every limited path shares (HTTP requests, and the
+    /// turns of a terminated WebSocket).
+    pub(crate) fn shared(permits: Arc<Semaphore>) -> Self {
+        Self { permits }
     }
 }
 
@@ -320,7 +322,7 @@ mod tests {
 
     #[tokio::test]
     async fn sheds_load_while_a_stream_holds_the_permit() {
-        let layer = ConcurrencyLimitLayer::new(1);
+        let layer = ConcurrencyLimitLayer::shared(Arc::new(Semaphore::new(1)));
         let mut svc =
             layer.layer(service_fn(|_: ()| async { Ok::<_, Infallible>(Response::new(body::full("x"))) }));
         let held = svc.ready().await.unwrap().call(()).await.unwrap();

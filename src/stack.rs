@@ -77,7 +77,7 @@ use crate::headers::REQUEST_ID;
 pub(crate) fn build(state: Arc<AppState>) -> GatewayService {
     let server = &state.config.server;
     let data_plane = ServiceBuilder::new()
-        .layer(ConcurrencyLimitLayer::new(server.max_concurrent_requests.get()))
+        .layer(ConcurrencyLimitLayer::shared(state.permits.clone()))
         .layer(crate::auth::layer(state.auth.clone()))
         .service(Router::new(state.clone()));
     let service = ServiceBuilder::new()
@@ -106,6 +106,36 @@ pub(crate) fn build(state: Arc<AppState>) -> GatewayService {
         .service(OpsBypass { ops: Router::new(state.clone()), data: data_plane });
     BoxCloneSyncService::new(service)
 }
+
+/// Serves one request that did not come through [`build`]'s stack (a `response.create` on a
+/// terminated WebSocket, whose upgrade did) as the data plane serves one: counted in the request
+/// metrics, under `server.max_concurrent_requests` until its answer's last byte, an error
+/// rendered in OpenAI's shape.
+pub(crate) fn serve_inner(
+    state: &Arc<AppState>,
+    request: Request<Body>,
+    handler: Handler,
+) -> impl std::future::Future<Output = Response<Body>> + Send + 'static {
+    let app = state.clone();
+    let mut service = ServiceBuilder::new()
+        .layer(crate::observe::layer(state.metrics.clone()))
+        .layer(ErrorResponseLayer)
+        .layer(ConcurrencyLimitLayer::shared(state.permits.clone()))
+        .service(tower::service_fn(move |request| handler(app.clone(), request)));
+    // Every layer here is always ready (the limit rejects in `call`), as in the stack above.
+    let answered = tower::Service::call(&mut service, request);
+    async move {
+        match answered.await {
+            Ok(response) => response,
+            Err(never) => match never {},
+        }
+    }
+}
+
+/// A handler [`serve_inner`] runs.
+pub(crate) type Handler = fn(Arc<AppState>, Request<Body>) -> HandlerFuture;
+pub(crate) type HandlerFuture =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Response<Body>, GatewayError>> + Send>>;
 
 /// Routes the operations endpoints around the data plane's limits (step 11 above). Hand-written
 /// because tower's `Steer` is `Sync` only for a `Sync` request, and our request body is not.

@@ -369,3 +369,51 @@ async fn official_python_sdk_chains_two_turns_over_responses_connect() {
     assert_eq!(messages[1], json!({"role": "assistant", "content": "Noted, Ada."}));
     assert_eq!(h.metric("ctxgate_responses_websocket_connections_total").await, 1.0);
 }
+
+#[tokio::test]
+async fn socket_turns_share_the_concurrency_limit_and_count_as_requests() {
+    // Given a gateway serving one request at once, and a model whose first two answers hold
+    let (gate, second) = (Gate::new(), Gate::new());
+    let upstream = Server::builder()
+        .stream(chunks(&["Slow ", "answer."], Some((1, &gate))))
+        .stream(chunks(&["Second ", "answer."], Some((1, &second))))
+        .stream(chunks(&["Third."], None));
+    let h = Harness::builder()
+        .upstream(upstream)
+        .config(|c| c.server.max_concurrent_requests = std::num::NonZeroUsize::new(1).unwrap())
+        .start()
+        .await;
+    let mut ws = connect(&h, Some(AUTH)).await.unwrap();
+
+    // When a socket turn is running, an HTTP request is shed
+    send(&mut ws, create(json!({"input": "hi", "store": false}))).await;
+    while next_event(&mut ws).await["type"] != "response.output_text.delta" {}
+    let shed = h.v1_as_client(Method::POST, "/responses").json(&json!({"model": "mock-model", "input": "x"}));
+    let shed = shed.send().await.unwrap();
+    assert_eq!(shed.status(), 503);
+    gate.open();
+    assert_eq!(turn(&mut ws).await.last().unwrap()["type"], "response.completed");
+
+    // And while an HTTP stream holds the permit, a socket turn gets a 503 frame and the socket
+    // lives on
+    let held = h
+        .v1_as_client(Method::POST, "/responses")
+        .json(&json!({"model": "mock-model", "input": "x", "stream": true, "store": false}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(held.status(), 200);
+    send(&mut ws, create(json!({"input": "again", "store": false}))).await;
+    let refused = turn(&mut ws).await;
+    let frame = refused.last().unwrap();
+    assert_eq!((frame["type"].as_str(), frame["status"].as_u64()), (Some("error"), Some(503)), "{frame}");
+    second.open();
+    assert!(held.text().await.unwrap().contains("response.completed"));
+    send(&mut ws, create(json!({"input": "third", "store": false}))).await;
+    assert_eq!(turn(&mut ws).await.last().unwrap()["type"], "response.completed");
+
+    // Then the socket's turns are in the request metrics as HTTP requests are
+    let counted = |status: u16| format!(r#"ctxgate_requests_total{{route="responses",status="{status}"}}"#);
+    assert_eq!(h.metric(&counted(200)).await, 3.0, "two socket turns and the HTTP stream");
+    assert_eq!(h.metric(&counted(503)).await, 2.0, "one shed request, one shed turn");
+}

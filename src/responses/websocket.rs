@@ -59,7 +59,7 @@ use super::stream::Translator;
 use super::{new_id, now_secs};
 use crate::auth::{Admission, Caller};
 use crate::body::{self, Body};
-use crate::error::GatewayError;
+use crate::error::{ErrorLabel, GatewayError};
 use crate::openai::events::EventSplitter;
 use crate::openai::sse;
 use crate::tunnel::{self, Closed, Tunnel};
@@ -318,19 +318,16 @@ impl Socket {
         };
         let app = self.app.clone();
         let calling: Calling = Box::pin(async move {
-            let answer = match super::create(app.clone(), request).await {
-                Ok(answer) => answer,
-                Err(err) => {
-                    if let (GatewayError::ModelNotAllowed { .. }, Some(caller), Some(admission)) =
-                        (&err, &caller, &admission)
-                    {
-                        app.auth.limiter.refund(&caller.key, admission).await;
-                    }
-                    return Err(error_frame(&err));
-                }
-            };
+            let answer = crate::stack::serve_inner(&app, request, |app, request| {
+                Box::pin(async move { super::create(app, request).await.map_err(socket_error) })
+            })
+            .await;
             if answer.status().is_success() {
                 return Ok((answer.into_body(), admission));
+            }
+            let refused = answer.extensions().get::<ErrorLabel>().is_some_and(|l| l.0 == "model_not_allowed");
+            if let (true, Some(caller), Some(admission)) = (refused, &caller, &admission) {
+                app.auth.limiter.refund(&caller.key, admission).await;
             }
             Err(answered_error(answer).await)
         });
@@ -535,21 +532,24 @@ fn payload(event: &[u8]) -> Option<String> {
     String::from_utf8(lines.join(&b'\n')).ok()
 }
 
-/// An error as the WebSocket mode sends it. A `previous_response_id` the socket and the store
-/// do not hold is `previous_response_not_found`, as OpenAI's WebSocket mode says it (clients
-/// answer it by sending the whole context).
+/// An error as the WebSocket mode sends it.
 fn error_frame(err: &GatewayError) -> String {
-    if let GatewayError::ResponseNotFound { .. } = err {
-        let error = json!({
-            "type": "invalid_request_error",
-            "code": "previous_response_not_found",
-            "message": err.to_string(),
-            "param": "previous_response_id",
-        });
-        return frame(StatusCode::BAD_REQUEST, error);
-    }
     let mut body = err.to_json();
     frame(err.status(), body["error"].take())
+}
+
+/// A turn's error as the socket reports it. A `previous_response_id` the socket and the store
+/// do not hold is `previous_response_not_found`, as OpenAI's WebSocket mode says it (clients
+/// answer it by sending the whole context).
+fn socket_error(err: GatewayError) -> GatewayError {
+    match err {
+        GatewayError::ResponseNotFound { .. } => GatewayError::invalid(
+            err.to_string(),
+            Some("previous_response_id"),
+            "previous_response_not_found",
+        ),
+        other => other,
+    }
 }
 
 fn frame(status: StatusCode, error: Value) -> String {
