@@ -1303,3 +1303,140 @@ async fn a_client_resending_its_history_to_a_responses_upstream_is_compressed() 
     assert_eq!(sent[1], body);
     assert!(h.upstream(0).requests()[1].headers.get("x-ctxgate-compression").is_none());
 }
+
+const SECRET: &str = "the vault code is 4417-ALPHA";
+
+/// An unstored history whose oldest, largest output holds the secret.
+fn vault_history() -> Value {
+    let big: String = (0..400)
+        .map(|l| if l == 250 { format!("{SECRET}\n") } else { format!("log line {l}: nothing to see\n") })
+        .collect();
+    let mut input = vec![
+        json!({"type": "message", "role": "user", "content": "Audit the vault."}),
+        json!({"type": "function_call", "call_id": "call_big", "name": "read_logs", "arguments": "{}"}),
+        json!({"type": "function_call_output", "call_id": "call_big", "output": big}),
+    ];
+    for n in 0..3 {
+        input.push(json!({"type": "function_call", "call_id": format!("call_{n}"), "name": "check", "arguments": "{}"}));
+        input.push(json!({"type": "function_call_output", "call_id": format!("call_{n}"), "output": format!("check {n} passed")}));
+    }
+    input.push(json!({"type": "message", "role": "user", "content": "What is the vault code?"}));
+    json!({"model": "gpt-x", "input": input, "store": false,
+           "tools": [{"type": "function", "name": "check", "parameters": {"type": "object"}}]})
+}
+
+/// A round that reasons, then calls `ctxgate_expand` for `id`.
+fn expanding(id: &str) -> Value {
+    json!({"id": "resp_b", "object": "response", "created_at": 1, "status": "completed", "model": "gpt-x",
+           "output": [
+               {"id": "rs_b", "type": "reasoning", "summary": [], "encrypted_content": "gAAAA-b"},
+               {"id": "fc_b", "type": "function_call", "status": "completed", "call_id": "call_x", "name": "ctxgate_expand",
+                "arguments": json!({"id": id, "query": "vault code"}).to_string()}],
+           "usage": {"input_tokens": 10, "input_tokens_details": {"cached_tokens": 4}, "output_tokens": 5, "total_tokens": 15}})
+}
+
+/// `object`'s stream, as an upstream with the Responses API sends it.
+fn stream_of(object: &Value) -> Vec<Chunk> {
+    let mut events = vec![
+        json!({"type": "response.created", "response": {"id": object["id"], "status": "in_progress", "output": []}}),
+    ];
+    for (i, item) in object["output"].as_array().unwrap().iter().enumerate() {
+        events.push(json!({"type": "response.output_item.added", "output_index": i, "item": item}));
+        if let Some(text) = item.pointer("/content/0/text") {
+            events.push(json!({"type": "response.output_text.delta", "output_index": i, "content_index": 0, "delta": text}));
+        }
+        if let Some(arguments) = item.get("arguments") {
+            events.push(json!({"type": "response.function_call_arguments.delta", "output_index": i, "delta": arguments}));
+        }
+        events.push(json!({"type": "response.output_item.done", "output_index": i, "item": item}));
+    }
+    events.push(json!({"type": "response.completed", "response": object}));
+    events
+        .into_iter()
+        .enumerate()
+        .map(|(n, mut e)| {
+            e["sequence_number"] = json!(n);
+            Chunk::json(e)
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_model_on_a_responses_upstream_reads_a_masked_output_back_through_ctxgate_expand() {
+    // Given an upstream with the Responses API, and masking that takes the largest output
+    let h = Harness::builder()
+        .upstream(Server::builder())
+        .config(|c| {
+            c.upstreams[0].api = Some(ctxgate::config::UpstreamApi::Responses);
+            c.compression.policy.mode = ctxgate::config::CompressionMode::Rules;
+            c.compression.policy.context_window = 3_000;
+            c.compression.policy.keep_recent_turns = 1;
+            c.compression.policy.rules = ctxgate::config::RulesConfig {
+                mask_old_tool_results: true,
+                ..ctxgate::config::RulesConfig::none()
+            };
+        })
+        .start()
+        .await;
+    let upstream = h.upstream(0);
+    let post = || h.v1_as_client(Method::POST, "/responses").json(&vault_history()).send();
+
+    // When the history first goes out, the secret is masked and the tool is offered last
+    upstream.push(Reply::json(200, upstream_response("resp_a", "I cannot tell.")));
+    assert_eq!(post().await.unwrap().status(), 200);
+    let first = upstream.requests()[0].json();
+    let names: Vec<&str> =
+        first["tools"].as_array().unwrap().iter().map(|t| t["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["check", "ctxgate_expand"]);
+    assert!(!first.to_string().contains(SECRET), "the secret was masked");
+    let masked = first["input"][2]["output"].as_str().unwrap();
+    let id = ctxgate::compress::marker::ids_in(masked)[0].to_string();
+
+    // And when the model calls ctxgate_expand for it (as JSON), then answers
+    upstream.push(Reply::json(200, expanding(&id)));
+    upstream.push(Reply::json(200, upstream_response("resp_c", "4417-ALPHA")));
+    let answered: Value = post().await.unwrap().json().await.unwrap();
+
+    // Then the gateway answered the call and asked again; the client sees one response without it
+    let asked = upstream.requests()[2].json();
+    let input = asked["input"].as_array().unwrap();
+    let n = input.len();
+    assert_eq!(input[n - 3]["encrypted_content"], "gAAAA-b", "the round's reasoning goes back with its call");
+    assert_eq!(input[n - 2]["name"], "ctxgate_expand");
+    assert_eq!(input[n - 1]["call_id"], "call_x");
+    assert!(input[n - 1]["output"].as_str().unwrap().contains(SECRET), "{}", input[n - 1]);
+    assert_eq!(answered["id"], "resp_c");
+    assert_eq!(answered["output"], upstream_response("resp_c", "4417-ALPHA")["output"]);
+    assert_eq!(answered["usage"]["input_tokens"], 13, "the rounds' usage, summed");
+
+    // And streamed, the client gets one response's events, numbered from 0, without the call
+    upstream.push(Reply::sse(stream_of(&expanding(&id))));
+    upstream.push(Reply::sse(stream_of(&upstream_response("resp_d", "4417-ALPHA"))));
+    let mut body = vault_history();
+    body["stream"] = json!(true);
+    let text =
+        h.v1_as_client(Method::POST, "/responses").json(&body).send().await.unwrap().text().await.unwrap();
+    let events = events(&text);
+    assert!(!text.contains("ctxgate_expand") && !text.contains("rs_b"), "the round leaked: {text}");
+    let numbers: Vec<u64> = events.iter().map(|e| e["sequence_number"].as_u64().unwrap()).collect();
+    assert_eq!(numbers, (0..events.len() as u64).collect::<Vec<_>>());
+    let kinds: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert_eq!(
+        kinds,
+        [
+            "response.created",
+            "response.output_item.added",
+            "response.output_text.delta",
+            "response.output_item.done",
+            "response.completed"
+        ]
+    );
+    assert_eq!(events[1]["output_index"], 0);
+    let done = &events[4]["response"];
+    assert_eq!(
+        (done["id"].as_str(), &done["output"]),
+        (Some("resp_d"), &upstream_response("resp_d", "4417-ALPHA")["output"])
+    );
+    assert_eq!(done["usage"]["input_tokens"], 13);
+    assert_eq!(upstream.requests().len(), 5);
+}

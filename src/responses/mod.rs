@@ -32,6 +32,7 @@
 
 mod background;
 mod compact;
+mod expand_rounds;
 mod items;
 mod native;
 mod over_chat;

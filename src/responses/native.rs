@@ -20,8 +20,10 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::{header, request, HeaderMap, Request, Response};
 use http_body_util::BodyExt;
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
+use super::expand_rounds::{self, Rounds};
 use super::items;
 use super::request::{items_of, listed};
 use super::store::{self, Chain, New};
@@ -86,11 +88,22 @@ pub(super) async fn create(
         true => None,
         false => compress(&app, &parts, &scope, &mut fields, &conversation, &mut annotations).await?,
     };
+    let mut rounds = None;
     let body = match (&previous, compressed) {
         (None, None) => bytes,
-        (_, sent) => {
+        (_, compressed) => {
             fields.remove("previous_response_id");
-            fields.insert("input".into(), Value::Array(sent.unwrap_or(conversation)));
+            let sent = match compressed {
+                Some(compressed) => {
+                    if compressed.markers && app.compressor.config.expand {
+                        offer_expand(&mut fields);
+                        rounds = Some(compressed.originals);
+                    }
+                    compressed.items
+                }
+                None => conversation,
+            };
+            fields.insert("input".into(), Value::Array(sent));
             Bytes::from(serde_json::to_vec(&fields).map_err(|e| GatewayError::Internal(e.into()))?)
         }
     };
@@ -98,26 +111,78 @@ pub(super) async fn create(
     parts.headers.remove(header::ACCEPT_ENCODING);
     parts.headers.remove(header::CONTENT_LENGTH);
     parts.headers.remove(&headers::COMPRESSION);
+    let rounds = rounds.map(|originals| Rounds {
+        app: app.clone(),
+        fields: fields.clone(),
+        headers: expand_rounds::round_headers(&parts.headers),
+        originals,
+        scope: scope.clone(),
+    });
     let mut answer =
         passthrough::passthrough(app.clone(), Request::from_parts(parts, body::full(body))).await?;
     answer.headers_mut().extend(annotations);
-    if !keep || !answer.status().is_success() {
+    if !answer.status().is_success() {
         return Ok(answer);
     }
-    let keeper = Keep { app: app.clone(), scope, previous, input_items: listed(&input), input };
+    let keeper = keep.then(|| Keep { app: app.clone(), scope, previous, input_items: listed(&input), input });
+    if rounds.is_none() && keeper.is_none() {
+        return Ok(answer);
+    }
     answer.headers_mut().remove(header::CONTENT_LENGTH);
     if stream {
         let (frames, client_body) = ChannelBody::channel(32);
-        let upstream = std::mem::replace(answer.body_mut(), client_body);
-        app.spawn(keeper.relay(upstream, frames));
+        let mut upstream = std::mem::replace(answer.body_mut(), client_body);
+        if let Some(rounds) = rounds {
+            let (round_frames, relayed) = ChannelBody::channel(32);
+            app.spawn(rounds.stream(upstream, round_frames));
+            upstream = relayed;
+        }
+        match keeper {
+            Some(keeper) => app.spawn(keeper.relay(upstream, frames)),
+            None => app.spawn(pipe(upstream, frames)),
+        }
         return Ok(answer);
     }
     let (head, upstream) = answer.into_parts();
-    let bytes = collect(upstream, app.config.server.max_answer_bytes.get()).await?;
-    if let Ok(object) = serde_json::from_slice::<Value>(&bytes) {
-        keeper.save(object).await?;
+    let mut bytes = collect(upstream, app.config.server.max_answer_bytes.get()).await?;
+    if let Some(rounds) = rounds {
+        let first: Value = serde_json::from_slice(&bytes)
+            .map_err(|e| GatewayError::Internal(format!("the upstream answer is not JSON: {e}").into()))?;
+        let last = rounds.json(first).await?;
+        bytes = Bytes::from(serde_json::to_vec(&last).map_err(|e| GatewayError::Internal(e.into()))?);
+    }
+    if let Some(keeper) = keeper {
+        if let Ok(object) = serde_json::from_slice::<Value>(&bytes) {
+            keeper.save(object).await?;
+        }
     }
     Ok(Response::from_parts(head, body::full(bytes)))
+}
+
+/// Passes a body's frames on to `client` while it is there.
+async fn pipe(mut upstream: Body, client: FrameSender) {
+    while let Some(Ok(frame)) = upstream.frame().await {
+        if client.send(Ok(frame)).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// A conversation as compression left it.
+struct Compressed {
+    items: Vec<Value>,
+    /// The items carry markers: `ctxgate_expand` can restore what they name.
+    markers: bool,
+    /// The conversation as the compressor read it (where originals are found).
+    originals: Vec<Box<RawValue>>,
+}
+
+/// `ctxgate_expand` after the client's tools.
+fn offer_expand(fields: &mut Map<String, Value>) {
+    let tools = fields.entry("tools").or_insert_with(|| Value::Array(Vec::new()));
+    if let Value::Array(tools) = tools {
+        tools.push(expand_rounds::definition());
+    }
 }
 
 /// The conversation's items as compression leaves them, when it rewrote any (`None` when
@@ -130,7 +195,7 @@ async fn compress(
     fields: &mut Map<String, Value>,
     conversation: &[Value],
     annotations: &mut HeaderMap,
-) -> Result<Option<Vec<Value>>, GatewayError> {
+) -> Result<Option<Compressed>, GatewayError> {
     let Some(model) = fields.get("model").and_then(Value::as_str).map(str::to_string) else {
         return Ok(None);
     };
@@ -150,13 +215,14 @@ async fn compress(
     let Some((compaction, mut plan)) = compression::stateless_plan(app, &asked).await? else {
         return Ok(None);
     };
-    let sent = matches!(plan.acted, Acted::Rules | Acted::Hybrid).then(|| mapped.rebuild(&plan.messages));
-    if let (Some(key), true) = (compaction.cache_key(), sent.is_some()) {
+    let items = matches!(plan.acted, Acted::Rules | Acted::Hybrid).then(|| mapped.rebuild(&plan.messages));
+    if let (Some(key), true) = (compaction.cache_key(), items.is_some()) {
         fields.entry("prompt_cache_key").or_insert_with(|| Value::String(key.to_string()));
     }
     let authorization = parts.headers.get(header::AUTHORIZATION).cloned();
-    compaction.finish_foreign(app, annotations, &mut plan, mapped.messages.len(), &model, authorization);
-    Ok(sent)
+    let markers =
+        compaction.finish_foreign(app, annotations, &mut plan, mapped.messages.len(), &model, authorization);
+    Ok(items.map(|items| Compressed { items, markers, originals: mapped.messages }))
 }
 
 impl Keep {
