@@ -19,6 +19,10 @@
 //!
 //! The target is `warm` at or below 5 ms for 128k tokens.
 //!
+//! `responses/items/128k`: what a Responses request to an upstream with the Responses API pays
+//! on top: the same transcript as items mapped to the compressor's messages (`map`), and the
+//! compressed messages back to items (`rebuild`).
+//!
 //! `rules/bfcl_long_context` runs `warm` over every conversation of BFCL v4
 //! `multi_turn_long_context` converted to OpenAI chat JSONL (`loadtests/kv-cache/setup.sh`;
 //! `CTXGATE_BFCL` points at another file). Criterion times the whole set per iteration; its
@@ -38,6 +42,7 @@ use ctxgate::compress::rules::{Rule, RuleStats, Rules};
 use ctxgate::compress::{analyse, fixed_tokens};
 use ctxgate::config::{CompressionMode, Encoding, Policy, RulesConfig};
 use ctxgate::openai::ChatRequest;
+use ctxgate::responses::items;
 use ctxgate::tokens::TokenCounter;
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -539,6 +544,55 @@ fn rules_128k(c: &mut Criterion) {
     group.finish();
 }
 
+/// The 128k transcript as Responses items (what a client sends a Responses upstream): a
+/// message per text, a `function_call` per call, a `function_call_output` per result.
+fn as_items(messages: &[Box<RawValue>]) -> Vec<Value> {
+    let mut items = Vec::new();
+    for raw in messages.iter().skip(1) {
+        let m: Value = serde_json::from_str(raw.get()).unwrap();
+        match m["role"].as_str() {
+            Some("tool") => items.push(json!({"type": "function_call_output", "call_id": m["tool_call_id"], "output": m["content"]})),
+            Some("assistant") => {
+                if let Some(text) = m["content"].as_str() {
+                    items.push(json!({"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": text}]}));
+                }
+                for call in m["tool_calls"].as_array().into_iter().flatten() {
+                    items.push(json!({"type": "function_call", "call_id": call["id"], "name": call["function"]["name"],
+                                      "arguments": call["function"]["arguments"]}));
+                }
+            }
+            _ => items.push(json!({"type": "message", "role": "user", "content": m["content"]})),
+        }
+    }
+    items
+}
+
+/// A Responses request to an upstream with the Responses API pays this on top of the rules: its
+/// items mapped to the compressor's messages, and the compressed messages back to items.
+fn responses_items_128k(c: &mut Criterion) {
+    let conversation = transcript();
+    let items = as_items(&conversation.messages);
+    let instructions = serde_json::from_str::<Value>(conversation.messages[0].get()).unwrap()["content"].clone();
+    let instructions = instructions.as_str().map(str::to_string);
+    let mapped = items::map(instructions.as_deref(), items.clone()).unwrap();
+    let plan = Pipeline::new().run(&TokenCounter::new(Encoding::O200kBase), &Conversation {
+        body: Vec::new(),
+        messages: mapped.messages.clone(),
+        tools: conversation.tools.clone(),
+    });
+    eprintln!("responses/items/128k: {} items, {} messages after compression", items.len(), plan.messages.len());
+    let mut group = c.benchmark_group("responses/items/128k");
+    group.bench_function("map", |b| {
+        b.iter_batched(
+            || items.clone(),
+            |items| items::map(instructions.as_deref(), black_box(items)).unwrap(),
+            BatchSize::SmallInput,
+        )
+    });
+    group.bench_function("rebuild", |b| b.iter(|| mapped.rebuild(black_box(&plan.messages))));
+    group.finish();
+}
+
 fn rules_bfcl(c: &mut Criterion) {
     let Some((path, conversations)) = bfcl() else {
         eprintln!(
@@ -588,6 +642,6 @@ criterion_group! {
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(4))
         .sample_size(20);
-    targets = rules_128k, rules_bfcl
+    targets = rules_128k, responses_items_128k, rules_bfcl
 }
 criterion_main!(benches);

@@ -416,10 +416,12 @@ impl Relay {
     }
 }
 
-/// The headers the next rounds go with: the client's, unencoded, without a length.
-pub(super) fn round_headers(headers: &HeaderMap) -> HeaderMap {
+/// The headers the next rounds go with: the client's, unencoded, without a length or the
+/// session header (the gateway's own).
+pub(super) fn round_headers(headers: &HeaderMap, session_header: &str) -> HeaderMap {
     let mut headers = headers.clone();
     headers.remove(header::CONTENT_LENGTH);
     headers.remove(header::ACCEPT_ENCODING);
+    headers.remove(session_header);
     headers
 }

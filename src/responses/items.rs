@@ -32,9 +32,9 @@ const INSTRUCTIONS: &str = "instructions";
 
 /// A conversation as tagged chat messages, with the items each stands for.
 #[derive(Debug)]
-pub(crate) struct Mapped {
+pub struct Mapped {
     /// `instructions` (when there are any) as a system message, then one message per group.
-    pub(crate) messages: Vec<Box<RawValue>>,
+    pub messages: Vec<Box<RawValue>>,
     /// The items, as the client (or the store) gave them.
     items: Vec<Value>,
     /// The item indices of each group, in order.
@@ -78,7 +78,7 @@ fn kind(item: &Value) -> Kind {
 
 /// `items` (after `instructions`) as tagged chat messages; `None` when no item has a chat shape
 /// (nothing the compressor could act on).
-pub(crate) fn map(instructions: Option<&str>, items: Vec<Value>) -> Option<Mapped> {
+pub fn map(instructions: Option<&str>, items: Vec<Value>) -> Option<Mapped> {
     let mut chats: Vec<Value> = Vec::new();
     let mut groups: Vec<Vec<usize>> = Vec::new();
     // Reasoning and leading opaque items waiting for the group they belong to.
@@ -132,7 +132,7 @@ fn raw(value: &Value) -> Option<Box<RawValue>> {
 
 impl Mapped {
     /// The items `compressed` (the compressor's messages for [`Self::messages`]) stand for.
-    pub(crate) fn rebuild(&self, compressed: &[Box<RawValue>]) -> Vec<Value> {
+    pub fn rebuild(&self, compressed: &[Box<RawValue>]) -> Vec<Value> {
         // Group `n`'s message, as mapped, follows the instructions' (when there are any).
         let lead = self.messages.len() - self.groups.len();
         let mut out = Vec::with_capacity(self.items.len());

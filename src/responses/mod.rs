@@ -33,7 +33,7 @@
 mod background;
 mod compact;
 mod expand_rounds;
-mod items;
+pub mod items;
 mod native;
 mod over_chat;
 mod replay;

@@ -114,7 +114,7 @@ pub(super) async fn create(
     let rounds = rounds.map(|originals| Rounds {
         app: app.clone(),
         fields: fields.clone(),
-        headers: expand_rounds::round_headers(&parts.headers),
+        headers: expand_rounds::round_headers(&parts.headers, app.sessions.config.header.primary()),
         originals,
         scope: scope.clone(),
     });
