@@ -551,7 +551,9 @@ fn as_items(messages: &[Box<RawValue>]) -> Vec<Value> {
     for raw in messages.iter().skip(1) {
         let m: Value = serde_json::from_str(raw.get()).unwrap();
         match m["role"].as_str() {
-            Some("tool") => items.push(json!({"type": "function_call_output", "call_id": m["tool_call_id"], "output": m["content"]})),
+            Some("tool") => items.push(
+                json!({"type": "function_call_output", "call_id": m["tool_call_id"], "output": m["content"]}),
+            ),
             Some("assistant") => {
                 if let Some(text) = m["content"].as_str() {
                     items.push(json!({"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": text}]}));
@@ -572,15 +574,23 @@ fn as_items(messages: &[Box<RawValue>]) -> Vec<Value> {
 fn responses_items_128k(c: &mut Criterion) {
     let conversation = transcript();
     let items = as_items(&conversation.messages);
-    let instructions = serde_json::from_str::<Value>(conversation.messages[0].get()).unwrap()["content"].clone();
+    let instructions =
+        serde_json::from_str::<Value>(conversation.messages[0].get()).unwrap()["content"].clone();
     let instructions = instructions.as_str().map(str::to_string);
     let mapped = items::map(instructions.as_deref(), items.clone()).unwrap();
-    let plan = Pipeline::new().run(&TokenCounter::new(Encoding::O200kBase), &Conversation {
-        body: Vec::new(),
-        messages: mapped.messages.clone(),
-        tools: conversation.tools.clone(),
-    });
-    eprintln!("responses/items/128k: {} items, {} messages after compression", items.len(), plan.messages.len());
+    let plan = Pipeline::new().run(
+        &TokenCounter::new(Encoding::O200kBase),
+        &Conversation {
+            body: Vec::new(),
+            messages: mapped.messages.clone(),
+            tools: conversation.tools.clone(),
+        },
+    );
+    eprintln!(
+        "responses/items/128k: {} items, {} messages after compression",
+        items.len(),
+        plan.messages.len()
+    );
     let mut group = c.benchmark_group("responses/items/128k");
     group.bench_function("map", |b| {
         b.iter_batched(

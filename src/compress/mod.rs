@@ -135,11 +135,18 @@ pub struct Analysed {
     pub tokens: Vec<u32>,
 }
 
+/// Each message parsed once (on every core for a long conversation, as counting is), and its
+/// tokens counted from what was parsed.
 pub fn analyse(counter: &TokenCounter, messages: &[Box<RawValue>]) -> Analysed {
-    Analysed {
-        infos: messages.iter().map(|m| Info::parse(m.get())).collect(),
-        tokens: counter.messages(messages),
-    }
+    let bytes: usize = messages.iter().map(|m| m.get().len()).sum();
+    let infos: Vec<Info> = if bytes < crate::tokens::PARALLEL_BYTES {
+        messages.iter().map(|m| Info::parse(m.get())).collect()
+    } else {
+        use rayon::prelude::*;
+        messages.par_iter().map(|m| Info::parse(m.get())).collect()
+    };
+    let tokens = counter.messages_of(messages, &infos);
+    Analysed { infos, tokens }
 }
 
 /// Tokens outside the messages: the `tools` array and the goal block.

@@ -103,15 +103,23 @@ fn content_text(content: &RawValue) -> Option<String> {
 
 /// The text a message's tokens are counted over: content plus tool-call names and arguments.
 pub(crate) fn countable_text(json: &str) -> String {
-    let info = Info::parse(json);
-    let mut text = info.text.unwrap_or_default();
+    countable(&Info::parse(json)).into_owned()
+}
+
+/// [`countable_text`] of a message already parsed: its text as it is when it makes no calls.
+pub(crate) fn countable(info: &Info) -> Cow<'_, str> {
+    let text = info.text.as_deref().unwrap_or_default();
+    if info.calls.is_empty() {
+        return Cow::Borrowed(text);
+    }
+    let mut text = text.to_string();
     for call in &info.calls {
         text.push('\n');
         text.push_str(&call.name);
         text.push('\n');
         text.push_str(&call.arguments);
     }
-    text
+    Cow::Owned(text)
 }
 
 /// The message with its text passed through `edit` (each text part of an array on its own).

@@ -8,6 +8,7 @@ use std::path::Path;
 use serde::Deserialize;
 
 use crate::memo::Memo;
+use crate::openai::message::Info;
 
 mod o200k;
 
@@ -114,6 +115,21 @@ impl TokenCounter {
     /// Tokens of one message (its JSON as sent), cached by its bytes.
     pub fn message(&self, json: &str) -> u32 {
         self.cached(json, 0, |json| PER_MESSAGE + self.text(&crate::openai::message::countable_text(json)))
+    }
+
+    /// [`Self::message`] of a message already parsed into `info` (not parsed again on a miss).
+    pub fn message_of(&self, json: &str, info: &Info) -> u32 {
+        self.cached(json, 0, |_| PER_MESSAGE + self.text(&crate::openai::message::countable(info)))
+    }
+
+    /// [`Self::messages`] of messages already parsed into `infos`.
+    pub fn messages_of(&self, messages: &[Box<serde_json::value::RawValue>], infos: &[Info]) -> Vec<u32> {
+        let bytes: usize = messages.iter().map(|m| m.get().len()).sum();
+        if bytes < PARALLEL_BYTES || messages.len() < 2 {
+            return messages.iter().zip(infos).map(|(m, info)| self.message_of(m.get(), info)).collect();
+        }
+        use rayon::prelude::*;
+        messages.par_iter().zip(infos).map(|(m, info)| self.message_of(m.get(), info)).collect()
     }
 
     /// Tokens of each message ([`Self::message`]). A long conversation is counted on every
