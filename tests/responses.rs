@@ -1440,3 +1440,77 @@ async fn a_model_on_a_responses_upstream_reads_a_masked_output_back_through_ctxg
     assert_eq!(done["usage"]["input_tokens"], 13);
     assert_eq!(upstream.requests().len(), 5);
 }
+
+#[tokio::test]
+async fn a_turn_on_a_responses_upstream_runs_on_its_session_with_the_goal_lock() {
+    // Given an upstream with the Responses API, and a session with a locked goal
+    let upstream = Server::builder().chat(upstream_response("resp_up1", "Answer 1."));
+    let h = Harness::builder()
+        .upstream(upstream)
+        .config(|c| c.upstreams[0].api = Some(ctxgate::config::UpstreamApi::Responses))
+        .start()
+        .await;
+    let locked = h
+        .client
+        .put(h.v1("/sessions/s-native/goal"))
+        .header("authorization", AUTH)
+        .json(&json!({"goal": "Ship the parser"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(locked.status(), 200);
+    let post = |body: Value| {
+        h.v1_as_client(Method::POST, "/responses").header("x-session-id", "s-native").json(&body).send()
+    };
+
+    // When two turns of a chain name the session, the second streamed
+    let r1 = post(json!({"model": "gpt-x", "instructions": "Be terse.", "input": "a"})).await.unwrap();
+    assert_eq!(r1.status(), 200);
+    assert_eq!(r1.json::<Value>().await.unwrap(), upstream_response("resp_up1", "Answer 1."));
+    let stream = vec![
+        Chunk::json(
+            json!({"type": "response.created", "sequence_number": 0, "response": {"id": "resp_up2", "status": "in_progress"}}),
+        ),
+        Chunk::json(
+            json!({"type": "response.completed", "sequence_number": 1, "response": upstream_response("resp_up2", "Answer 2.")}),
+        ),
+    ];
+    h.upstream(0).push(Reply::sse(stream));
+    let r2 = post(json!({"model": "gpt-x", "instructions": "Be terse.", "input": "b", "previous_response_id": "resp_up1", "stream": true}))
+        .await
+        .unwrap();
+    assert!(r2.text().await.unwrap().contains("response.completed"));
+
+    // Then each went out with the goal block first, in the same bytes
+    let inputs: Vec<Value> = h.upstream(0).requests().iter().map(|r| r.json()["input"].clone()).collect();
+    assert!(inputs[0][0]["content"].as_str().unwrap().contains("Ship the parser"), "{}", inputs[0]);
+    assert_eq!(inputs[0][0]["role"], "system");
+    assert_eq!(inputs[0][0], inputs[1][0]);
+    assert_eq!(inputs[1][1], json!({"type": "message", "role": "user", "content": "a"}));
+    assert!(h.upstream(0).requests().iter().all(|r| !r.headers.contains_key("x-session-id")));
+
+    // And the session holds both turns, committed before the client saw them complete
+    let transcript: Value = h
+        .client
+        .get(h.v1("/sessions/s-native/messages"))
+        .header("authorization", AUTH)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let texts: Vec<String> = transcript["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| format!("{}:{}", m["role"].as_str().unwrap(), m["content"].as_str().unwrap_or("")))
+        .collect();
+    assert_eq!(texts, ["system:Be terse.", "user:a", "assistant:Answer 1.", "user:b", "assistant:Answer 2."]);
+
+    // And a turn that changes the instructions under the lock is refused, before the upstream
+    let refused = post(json!({"model": "gpt-x", "instructions": "Be verbose.", "input": "c"})).await.unwrap();
+    assert_eq!(refused.status(), 409);
+    assert_eq!(refused.json::<Value>().await.unwrap()["error"]["code"], "goal_locked");
+    assert_eq!(h.upstream(0).requests().len(), 2);
+}

@@ -63,7 +63,7 @@ pub(crate) struct GoalConflict;
 /// system messages, and places the goal block right after them. Returns the conversation as
 /// the transcript records it (without the block) and, under a goal, the messages to send.
 #[allow(clippy::type_complexity)]
-fn apply_goal(
+pub(crate) fn apply_goal(
     goal: Option<&mut GoalLock>,
     mut conversation: Vec<Box<RawValue>>,
 ) -> Result<(Vec<Box<RawValue>>, Option<Vec<Box<RawValue>>>), GoalConflict> {

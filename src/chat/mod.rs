@@ -19,7 +19,7 @@
 //! A second front-end protocol plugs in at step 1: an adapter that turns its request into a
 //! [`ChatContext`] and the relay's answer back into its own shape.
 
-mod compose;
+pub(crate) mod compose;
 pub(crate) mod compression;
 mod context;
 mod relay;

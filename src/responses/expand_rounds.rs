@@ -416,12 +416,10 @@ impl Relay {
     }
 }
 
-/// The headers the next rounds go with: the client's, unencoded, without a length or the
-/// session header (the gateway's own).
-pub(super) fn round_headers(headers: &HeaderMap, session_header: &str) -> HeaderMap {
+/// The headers the next rounds go with: the first request's, unencoded, without a length.
+pub(super) fn round_headers(headers: &HeaderMap) -> HeaderMap {
     let mut headers = headers.clone();
     headers.remove(header::CONTENT_LENGTH);
     headers.remove(header::ACCEPT_ENCODING);
-    headers.remove(session_header);
     headers
 }

@@ -131,6 +131,18 @@ fn raw(value: &Value) -> Option<Box<RawValue>> {
 }
 
 impl Mapped {
+    /// [`Self::messages`] without their tags: the conversation as a chat transcript holds it.
+    pub(crate) fn untagged(&self) -> Vec<Box<RawValue>> {
+        self.messages
+            .iter()
+            .filter_map(|m| {
+                let mut message: Map<String, Value> = serde_json::from_str(m.get()).ok()?;
+                message.remove(TAG);
+                serde_json::value::to_raw_value(&message).ok()
+            })
+            .collect()
+    }
+
     /// The items `compressed` (the compressor's messages for [`Self::messages`]) stand for.
     pub fn rebuild(&self, compressed: &[Box<RawValue>]) -> Vec<Value> {
         // Group `n`'s message, as mapped, follows the instructions' (when there are any).

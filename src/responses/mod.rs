@@ -35,6 +35,7 @@ mod compact;
 mod expand_rounds;
 pub mod items;
 mod native;
+mod native_session;
 mod over_chat;
 mod replay;
 mod request;

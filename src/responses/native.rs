@@ -11,9 +11,10 @@
 //! the caller's store. The items go to the compressor as chat messages and come back as items
 //! ([`super::items`]): what it left alone byte for byte, reasoning included.
 //!
-//! Not done here: the chat pipeline's sessions (goal lock, checkpointed resume) and the
-//! `ctxgate_expand` tool, which needs the gateway's tool loop; markers name originals that
-//! `GET /v1/ctxgate/originals/{id}` returns.
+//! A request whose items carry markers offers `ctxgate_expand`, answered in rounds of the
+//! gateway's own ([`super::expand_rounds`]). A request that names a session runs as a turn of
+//! it ([`super::native_session`]): its lease, its goal lock, its transcript; the turn is
+//! committed before the client sees the response complete.
 
 use std::sync::Arc;
 
@@ -25,6 +26,7 @@ use serde_json::{Map, Value};
 
 use super::expand_rounds::{self, Rounds};
 use super::items;
+use super::native_session::{self, SessionTurn};
 use super::request::{items_of, listed};
 use super::store::{self, Chain, New};
 use super::{collect, send};
@@ -48,6 +50,10 @@ struct Keep {
     input: Vec<Value>,
     /// This request's input items, as listed.
     input_items: Vec<Value>,
+    /// `store` (and not `background`): the response is kept.
+    store: bool,
+    /// The session the turn ran on, recorded with the response so its chain stays on it.
+    session: Option<String>,
 }
 
 pub(super) async fn create(
@@ -83,88 +89,155 @@ pub(super) async fn create(
     };
     let opted_out =
         parts.headers.get(&headers::COMPRESSION).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"off"));
+    // The client's own conversation id, before compression may add a derived one.
+    let client_key = fields.get("prompt_cache_key").and_then(Value::as_str).map(str::to_string);
     let mut annotations = HeaderMap::new();
     let compressed = match opted_out {
         true => None,
         false => compress(&app, &parts, &scope, &mut fields, &conversation, &mut annotations).await?,
     };
-    let mut rounds = None;
-    let body = match (&previous, compressed) {
-        (None, None) => bytes,
-        (_, compressed) => {
+    let mut originals = None;
+    let sent = compressed.map(|compressed| {
+        if compressed.markers && app.compressor.config.expand {
+            offer_expand(&mut fields);
+            originals = Some(compressed.originals);
+        }
+        compressed.items
+    });
+    let instructions = fields.get("instructions").and_then(Value::as_str).map(str::to_string);
+    let admitted = native_session::admit(
+        &app,
+        &parts,
+        client_key.as_deref(),
+        previous.as_ref(),
+        instructions.as_deref(),
+        &conversation,
+    )
+    .await?;
+    let (session, goal) = match admitted {
+        Some((turn, goal)) => (Some(turn), goal),
+        None => (None, None),
+    };
+    let session_id = session.as_ref().map(SessionTurn::id);
+    let body = match (&previous, sent, goal) {
+        (None, None, None) => bytes,
+        (_, sent, goal) => {
             fields.remove("previous_response_id");
-            let sent = match compressed {
-                Some(compressed) => {
-                    if compressed.markers && app.compressor.config.expand {
-                        offer_expand(&mut fields);
-                        rounds = Some(compressed.originals);
-                    }
-                    compressed.items
-                }
-                None => conversation,
-            };
-            fields.insert("input".into(), Value::Array(sent));
+            let mut input = sent.unwrap_or(conversation);
+            // The goal block leads the input, fixed bytes, so the prefix stays stable.
+            input.splice(..0, goal);
+            fields.insert("input".into(), Value::Array(input));
             Bytes::from(serde_json::to_vec(&fields).map_err(|e| GatewayError::Internal(e.into()))?)
         }
     };
     // The gateway reads the answer: it must come unencoded.
     parts.headers.remove(header::ACCEPT_ENCODING);
     parts.headers.remove(header::CONTENT_LENGTH);
+    // ctxgate's own request headers stay here, as on the chat pipeline.
     parts.headers.remove(&headers::COMPRESSION);
-    let rounds = rounds.map(|originals| Rounds {
+    parts.headers.remove(&headers::SESSION_MODE);
+    parts.headers.remove(app.sessions.config.header.primary());
+    let rounds = originals.map(|originals| Rounds {
         app: app.clone(),
         fields: fields.clone(),
-        headers: expand_rounds::round_headers(&parts.headers, app.sessions.config.header.primary()),
+        headers: expand_rounds::round_headers(&parts.headers),
         originals,
         scope: scope.clone(),
     });
-    let mut answer =
-        passthrough::passthrough(app.clone(), Request::from_parts(parts, body::full(body))).await?;
-    answer.headers_mut().extend(annotations);
-    if !answer.status().is_success() {
-        return Ok(answer);
-    }
-    let keeper = keep.then(|| Keep { app: app.clone(), scope, previous, input_items: listed(&input), input });
-    if rounds.is_none() && keeper.is_none() {
-        return Ok(answer);
-    }
-    answer.headers_mut().remove(header::CONTENT_LENGTH);
-    if stream {
-        let (frames, client_body) = ChannelBody::channel(32);
-        let mut upstream = std::mem::replace(answer.body_mut(), client_body);
-        if let Some(rounds) = rounds {
-            let (round_frames, relayed) = ChannelBody::channel(32);
-            app.spawn(rounds.stream(upstream, round_frames));
-            upstream = relayed;
-        }
-        match keeper {
-            Some(keeper) => app.spawn(keeper.relay(upstream, frames)),
-            None => app.spawn(pipe(upstream, frames)),
-        }
-        return Ok(answer);
-    }
-    let (head, upstream) = answer.into_parts();
-    let mut bytes = collect(upstream, app.config.server.max_answer_bytes.get()).await?;
-    if let Some(rounds) = rounds {
-        let first: Value = serde_json::from_slice(&bytes)
-            .map_err(|e| GatewayError::Internal(format!("the upstream answer is not JSON: {e}").into()))?;
-        let last = rounds.json(first).await?;
-        bytes = Bytes::from(serde_json::to_vec(&last).map_err(|e| GatewayError::Internal(e.into()))?);
-    }
-    if let Some(keeper) = keeper {
-        if let Ok(object) = serde_json::from_slice::<Value>(&bytes) {
-            keeper.save(object).await?;
-        }
-    }
-    Ok(Response::from_parts(head, body::full(bytes)))
+    let keeper = Keep {
+        app: app.clone(),
+        scope,
+        previous,
+        input_items: listed(&input),
+        input,
+        store: keep,
+        session: session_id,
+    };
+    let turn = Exchange { app, keeper, rounds, session, stream, annotations };
+    turn.run(Request::from_parts(parts, body::full(body))).await
 }
 
-/// Passes a body's frames on to `client` while it is there.
-async fn pipe(mut upstream: Body, client: FrameSender) {
-    while let Some(Ok(frame)) = upstream.frame().await {
-        if client.send(Ok(frame)).await.is_err() {
-            return;
+/// One request on its way: sent, its answer relayed (with expand rounds), kept and committed.
+struct Exchange {
+    app: Arc<AppState>,
+    keeper: Keep,
+    rounds: Option<Rounds>,
+    session: Option<SessionTurn>,
+    stream: bool,
+    annotations: HeaderMap,
+}
+
+impl Exchange {
+    async fn run(self, request: Request<Body>) -> Result<Response<Body>, GatewayError> {
+        let Exchange { app, keeper, rounds, mut session, stream, annotations } = self;
+        let sent = passthrough::passthrough(app.clone(), request);
+        let answered = match &mut session {
+            Some(turn) => turn.during(sent).await,
+            None => sent.await,
+        };
+        let mut answer = match answered {
+            Ok(answer) if answer.status().is_success() => answer,
+            other => {
+                // The upstream's error (or none at all): the turn did not happen.
+                if let Some(turn) = session {
+                    let _ = turn.finish(None).await;
+                }
+                return other;
+            }
+        };
+        answer.headers_mut().extend(annotations);
+        if rounds.is_none() && !keeper.store && session.is_none() {
+            return Ok(answer);
         }
+        answer.headers_mut().remove(header::CONTENT_LENGTH);
+        if stream {
+            let (frames, client_body) = ChannelBody::channel(32);
+            let mut upstream = std::mem::replace(answer.body_mut(), client_body);
+            if let Some(rounds) = rounds {
+                let (round_frames, relayed) = ChannelBody::channel(32);
+                app.spawn(rounds.stream(upstream, round_frames));
+                upstream = relayed;
+            }
+            app.spawn(keeper.relay(upstream, frames, session));
+            return Ok(answer);
+        }
+        let (head, upstream) = answer.into_parts();
+        let limit = app.config.server.max_answer_bytes.get();
+        // The answer as it came (unless rounds ran), and as JSON when it is.
+        let read = async {
+            let bytes = collect(upstream, limit).await?;
+            match (rounds, serde_json::from_slice::<Value>(&bytes).ok()) {
+                (Some(rounds), Some(object)) => {
+                    let object = rounds.json(object).await?;
+                    let bytes = serde_json::to_vec(&object).map_err(|e| GatewayError::Internal(e.into()))?;
+                    Ok((Bytes::from(bytes), Some(object)))
+                }
+                (_, object) => Ok((bytes, object)),
+            }
+        };
+        let read = match &mut session {
+            Some(turn) => turn.during(read).await,
+            None => read.await,
+        };
+        let (bytes, object) = match read {
+            Ok(read) => read,
+            Err(err) => {
+                if let Some(turn) = session {
+                    let _ = turn.finish(None).await;
+                }
+                return Err(err);
+            }
+        };
+        let saved = match &object {
+            Some(object) => keeper.save(object).await,
+            None => Ok(()),
+        };
+        // A response that could not be kept is not committed either; the session is released.
+        if let Some(turn) = session {
+            turn.finish(object.as_ref().filter(|_| saved.is_ok())).await?;
+        }
+        saved?;
+        Ok(Response::from_parts(head, body::full(bytes)))
     }
 }
 
@@ -227,8 +300,11 @@ async fn compress(
 
 impl Keep {
     /// Keeps the Response object `object` (a finished one) with the conversation through its
-    /// output.
-    async fn save(&self, object: Value) -> Result<(), GatewayError> {
+    /// output, with `store`.
+    async fn save(&self, object: &Value) -> Result<(), GatewayError> {
+        if !self.store {
+            return Ok(());
+        }
         let Some(id) = object.get("id").and_then(Value::as_str).filter(|id| crate::session::valid_id(id))
         else {
             return Ok(());
@@ -240,17 +316,61 @@ impl Keep {
             input_items: self.input_items.clone(),
             previous: self.previous.as_ref(),
             items: self.input.iter().chain(output).cloned().collect(),
-            session: None,
+            session: self.session.clone(),
             streamed: false,
         };
         store::save(&self.app.sessions, &self.scope, new).await
     }
 
-    /// Passes the upstream's events on as they come; the one that finishes the response is
-    /// held until the response is kept.
-    async fn relay(self, mut upstream: Body, client: FrameSender) {
+    /// Passes the upstream's events on as they come. The one that finishes the response is
+    /// held until the response is kept and the turn committed; the session's lease is renewed
+    /// until then, and released without a commit if the stream ends otherwise.
+    async fn relay(self, mut upstream: Body, client: FrameSender, mut session: Option<SessionTurn>) {
         let mut client = Some(client);
         let mut splitter = EventSplitter::new(self.app.config.server.max_sse_event_bytes.get());
+        let relayed = Self::until_finished(&mut upstream, &mut splitter, &mut client);
+        let finished = match &mut session {
+            Some(turn) => turn.during(relayed).await,
+            None => relayed.await,
+        };
+        let Some((object, event)) = finished else {
+            if let Some(rest) = splitter.finish() {
+                send(&mut client, vec![rest]).await;
+            }
+            if let Some(turn) = session {
+                let _ = turn.finish(None).await;
+            }
+            return;
+        };
+        if let Err(err) = self.save(&object).await {
+            tracing::warn!(error = %err, "cannot keep a streamed response");
+        }
+        if let Some(turn) = session {
+            if let Err(err) = turn.finish(Some(&object)).await {
+                tracing::warn!(error = %err, "cannot commit a streamed turn");
+            }
+        }
+        send(&mut client, vec![event]).await;
+        // What follows the finishing event (a `[DONE]` some servers add).
+        while let Some(frame) = upstream.frame().await {
+            let Ok(frame) = frame else { break };
+            let Ok(data) = frame.into_data() else { continue };
+            if let Ok(events) = splitter.feed(&data) {
+                send(&mut client, events).await;
+            }
+        }
+        if let Some(rest) = splitter.finish() {
+            send(&mut client, vec![rest]).await;
+        }
+    }
+
+    /// Sends events until the one that finishes the response, which is returned unsent with
+    /// its Response object; `None` when the stream ends (or fails) first.
+    async fn until_finished(
+        upstream: &mut Body,
+        splitter: &mut EventSplitter,
+        client: &mut Option<FrameSender>,
+    ) -> Option<(Value, Bytes)> {
         while let Some(frame) = upstream.frame().await {
             let Ok(frame) = frame else { break };
             let Ok(data) = frame.into_data() else { continue };
@@ -261,22 +381,23 @@ impl Keep {
                         "type": "error", "code": "upstream_response_too_large",
                         "message": too_large.to_string(), "param": null,
                     });
-                    send(&mut client, vec![Bytes::from(format!("event: error\ndata: {error}\n\n"))]).await;
-                    return;
+                    send(client, vec![Bytes::from(format!("event: error\ndata: {error}\n\n"))]).await;
+                    return None;
                 }
             };
-            for event in events {
+            let mut events = events.into_iter();
+            for event in events.by_ref() {
                 if let Some(finished) = finished_response(&event) {
-                    if let Err(err) = self.save(finished).await {
-                        tracing::warn!(error = %err, "cannot keep a streamed response");
-                    }
+                    // Events split with it from the same frame follow it.
+                    let rest: Vec<Bytes> = events.collect();
+                    let mut held = bytes::BytesMut::from(&event[..]);
+                    rest.iter().for_each(|e| held.extend_from_slice(e));
+                    return Some((finished, held.freeze()));
                 }
-                send(&mut client, vec![event]).await;
+                send(client, vec![event]).await;
             }
         }
-        if let Some(rest) = splitter.finish() {
-            send(&mut client, vec![rest]).await;
-        }
+        None
     }
 }
 
