@@ -814,32 +814,11 @@ async fn a_long_agent_chain_is_compressed_in_epochs_behind_a_stable_prefix() {
         })
         .start()
         .await;
-    let tools = json!([{"type": "function", "name": "run", "parameters": {"type": "object", "properties": {"n": {"type": "integer"}}}}]);
-
     // When an agent answers each call with a long, coloured tool output, chained by id
-    let mut previous: Option<String> = None;
-    for n in 0..TURNS {
-        let input = match n {
-            0 => json!("Fix the build."),
-            _ => {
-                let output: String = (0..60)
-                    .map(|l| format!("\u{1b}[32mok\u{1b}[0m   step {n} line {l}:    value {}\n", l * n))
-                    .collect();
-                json!([{"type": "function_call_output", "call_id": format!("call_{}", n - 1), "output": output}])
-            }
-        };
-        let mut body = json!({"model": "mock-model", "instructions": "You are an agent.", "input": input, "tools": tools});
-        if let Some(id) = &previous {
-            body["previous_response_id"] = json!(id);
-        }
-        let r = h.v1_as_client(Method::POST, "/responses").json(&body).send().await.unwrap();
-        assert_eq!(r.status(), 200, "turn {n}");
-        let after: u64 = r.headers()["x-ctxgate-tokens-after"].to_str().unwrap().parse().unwrap();
-        assert!(after <= WINDOW, "turn {n}: {after} tokens");
-        let r: Value = r.json().await.unwrap();
-        assert_eq!(r["output"][0]["call_id"], format!("call_{n}"));
-        previous = r["id"].as_str().map(str::to_string);
-    }
+    run_agent_chain(&h, "mock-model", TURNS, WINDOW, |n, r| {
+        assert_eq!(r["output"][0]["call_id"], format!("call_{n}"))
+    })
+    .await;
 
     // Then the chain compacted, and every turn but an epoch's extended the bytes sent before
     let requests: Vec<Vec<String>> = h
@@ -1149,6 +1128,41 @@ fn coloured_output(n: usize) -> String {
     (0..60).map(|l| format!("\u{1b}[32mok\u{1b}[0m   step {n} line {l}:    value {}\n", l * n)).collect()
 }
 
+/// An agent's chain of `turns` turns on `model`, chained by id: "Fix the build.", then each turn
+/// answers the call before it (`call_{n-1}`, to `run`) with [`coloured_output`]. Every request
+/// must come back 200 within `window` tokens; `check` reads each answer. Returns the last id.
+async fn run_agent_chain(
+    h: &Harness,
+    model: &str,
+    turns: usize,
+    window: u64,
+    check: impl Fn(usize, &Value),
+) -> String {
+    let tools = json!([{"type": "function", "name": "run", "parameters": {"type": "object", "properties": {"n": {"type": "integer"}}}}]);
+    let mut previous: Option<String> = None;
+    for n in 0..turns {
+        let input = match n {
+            0 => json!("Fix the build."),
+            _ => {
+                json!([{"type": "function_call_output", "call_id": format!("call_{}", n - 1), "output": coloured_output(n)}])
+            }
+        };
+        let mut body =
+            json!({"model": model, "instructions": "You are an agent.", "input": input, "tools": tools});
+        if let Some(id) = &previous {
+            body["previous_response_id"] = json!(id);
+        }
+        let r = h.v1_as_client(Method::POST, "/responses").json(&body).send().await.unwrap();
+        assert_eq!(r.status(), 200, "turn {n}");
+        let after: u64 = r.headers()["x-ctxgate-tokens-after"].to_str().unwrap().parse().unwrap();
+        assert!(after <= window, "turn {n}: {after} tokens");
+        let r: Value = r.json().await.unwrap();
+        check(n, &r);
+        previous = r["id"].as_str().map(str::to_string);
+    }
+    previous.unwrap()
+}
+
 #[tokio::test]
 async fn a_long_chain_on_a_responses_upstream_is_compressed_with_its_reasoning_intact() {
     // Given an upstream with the Responses API, compression with a window the chain outgrows
@@ -1168,30 +1182,11 @@ async fn a_long_chain_on_a_responses_upstream_is_compressed_with_its_reasoning_i
         })
         .start()
         .await;
-    let tools = json!([{"type": "function", "name": "run", "parameters": {"type": "object"}}]);
-
     // When an agent answers each call with a long, coloured output, chained by id
-    let mut previous: Option<String> = None;
-    for n in 0..TURNS {
-        let input = match n {
-            0 => json!("Fix the build."),
-            _ => {
-                json!([{"type": "function_call_output", "call_id": format!("call_{}", n - 1), "output": coloured_output(n)}])
-            }
-        };
-        let mut body =
-            json!({"model": "gpt-x", "instructions": "You are an agent.", "input": input, "tools": tools});
-        if let Some(id) = &previous {
-            body["previous_response_id"] = json!(id);
-        }
-        let r = h.v1_as_client(Method::POST, "/responses").json(&body).send().await.unwrap();
-        assert_eq!(r.status(), 200, "turn {n}");
-        let after: u64 = r.headers()["x-ctxgate-tokens-after"].to_str().unwrap().parse().unwrap();
-        assert!(after <= WINDOW, "turn {n}: {after} tokens");
-        let r: Value = r.json().await.unwrap();
-        assert_eq!(r, reasoning_then_call(n), "the answer passes through as the upstream sent it");
-        previous = r["id"].as_str().map(str::to_string);
-    }
+    let last_id = run_agent_chain(&h, "gpt-x", TURNS, WINDOW, |n, r| {
+        assert_eq!(r, &reasoning_then_call(n), "the answer passes through as the upstream sent it")
+    })
+    .await;
 
     // Then the upstream got items, never an id it does not hold, and its instructions as sent
     let sent: Vec<Value> = h.upstream(0).requests().iter().map(|r| r.json()).collect();
@@ -1243,8 +1238,7 @@ async fn a_long_chain_on_a_responses_upstream_is_compressed_with_its_reasoning_i
     let original: Value = original.json().await.unwrap();
     assert!(original.to_string().contains("step 1 line 59"), "{original}");
     // And the chain itself is kept whole
-    let stored =
-        h.v1_as_client(Method::GET, &format!("/responses/{}/input_items", previous.unwrap())).send().await;
+    let stored = h.v1_as_client(Method::GET, &format!("/responses/{last_id}/input_items")).send().await;
     assert_eq!(stored.unwrap().status(), 200);
 }
 
@@ -1490,16 +1484,8 @@ async fn a_turn_on_a_responses_upstream_runs_on_its_session_with_the_goal_lock()
     assert!(h.upstream(0).requests().iter().all(|r| !r.headers.contains_key("x-session-id")));
 
     // And the session holds both turns, committed before the client saw them complete
-    let transcript: Value = h
-        .client
-        .get(h.v1("/sessions/s-native/messages"))
-        .header("authorization", AUTH)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let transcript = h.v1_as_client(Method::GET, "/sessions/s-native/messages").send().await.unwrap();
+    let transcript: Value = transcript.json().await.unwrap();
     let texts: Vec<String> = transcript["data"]
         .as_array()
         .unwrap()
