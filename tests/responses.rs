@@ -759,15 +759,7 @@ async fn a_chains_session_applies_its_goal_lock_with_a_byte_stable_prefix() {
     let id = r1["id"].as_str().unwrap();
 
     // When the goal of the chain's session is locked
-    let locked = h
-        .client
-        .put(h.v1(&format!("/sessions/{id}/goal")))
-        .header("authorization", AUTH)
-        .json(&json!({"goal": "Ship the parser"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(locked.status(), 200);
+    lock_goal(&h, id).await;
 
     // Then the chain's next turns carry it right after the instructions, in the same bytes,
     // behind a prefix that does not change from one turn to the next
@@ -796,8 +788,6 @@ async fn a_chains_session_applies_its_goal_lock_with_a_byte_stable_prefix() {
 #[tokio::test]
 async fn a_long_agent_chain_is_compressed_in_epochs_behind_a_stable_prefix() {
     // Given compression with a window the chain outgrows, and a model that calls `run` each turn
-    const TURNS: usize = 30;
-    const WINDOW: u64 = 10_000;
     let mut upstream = Server::builder();
     for n in 0..TURNS {
         let mut completion = weather_call(&format!("call_{n}"));
@@ -805,15 +795,7 @@ async fn a_long_agent_chain_is_compressed_in_epochs_behind_a_stable_prefix() {
             json!({"name": "run", "arguments": format!("{{\"n\":{n}}}")});
         upstream = upstream.chat(completion);
     }
-    let h = Harness::builder()
-        .upstream(upstream)
-        .config(|c| {
-            c.compression.policy.mode = ctxgate::config::CompressionMode::Rules;
-            c.compression.policy.context_window = WINDOW;
-            c.compression.policy.keep_recent_turns = 2;
-        })
-        .start()
-        .await;
+    let h = Harness::builder().upstream(upstream).config(|c| rules_within(c, WINDOW)).start().await;
     // When an agent answers each call with a long, coloured tool output, chained by id
     run_agent_chain(&h, "mock-model", TURNS, WINDOW, |n, r| {
         assert_eq!(r["output"][0]["call_id"], format!("call_{n}"))
@@ -827,11 +809,7 @@ async fn a_long_agent_chain_is_compressed_in_epochs_behind_a_stable_prefix() {
         .iter()
         .map(|r| r.json()["messages"].as_array().unwrap().iter().map(Value::to_string).collect())
         .collect();
-    let breaks = requests.windows(2).filter(|w| !w[1].starts_with(&w[0])).count();
-    let epochs = h.metric(r#"ctxgate_compression_epochs_total{model="other",stage="rules"}"#).await;
-    eprintln!("{TURNS} turns: {epochs} compaction epochs, {breaks} prefix breaks");
-    assert!(epochs >= 1.0, "the chain never compacted");
-    assert!(breaks as f64 <= epochs, "{breaks} prefix breaks but {epochs} epochs");
+    assert_breaks_only_at_epochs(&h, &requests).await;
     // And the tool outputs lost their colours on the way
     assert!(!requests.last().unwrap().iter().any(|m| m.contains('\u{1b}')));
 }
@@ -1128,6 +1106,35 @@ fn coloured_output(n: usize) -> String {
     (0..60).map(|l| format!("\u{1b}[32mok\u{1b}[0m   step {n} line {l}:    value {}\n", l * n)).collect()
 }
 
+/// Locks the goal "Ship the parser" on session `id`.
+async fn lock_goal(h: &Harness, id: &str) {
+    let goal = json!({"goal": "Ship the parser"});
+    let locked =
+        h.v1_as_client(Method::PUT, &format!("/sessions/{id}/goal")).json(&goal).send().await.unwrap();
+    assert_eq!(locked.status(), 200);
+}
+
+/// The long agent chains' length, and the window they outgrow.
+const TURNS: usize = 30;
+const WINDOW: u64 = 10_000;
+
+/// The chain compacted, and every request but an epoch's began with the one before it (each
+/// request as its messages or items, serialised one by one).
+async fn assert_breaks_only_at_epochs(h: &Harness, requests: &[Vec<String>]) {
+    let breaks = requests.windows(2).filter(|w| !w[1].starts_with(&w[0])).count();
+    let epochs = h.metric(r#"ctxgate_compression_epochs_total{model="other",stage="rules"}"#).await;
+    eprintln!("{TURNS} turns: {epochs} compaction epochs, {breaks} prefix breaks");
+    assert!(epochs >= 1.0, "the chain never compacted");
+    assert!(breaks as f64 <= epochs, "{breaks} prefix breaks but {epochs} epochs");
+}
+
+/// Rules compression in a window of `window` tokens, the last two turns protected.
+fn rules_within(c: &mut ctxgate::config::Config, window: u64) {
+    c.compression.policy.mode = ctxgate::config::CompressionMode::Rules;
+    c.compression.policy.context_window = window;
+    c.compression.policy.keep_recent_turns = 2;
+}
+
 /// An agent's chain of `turns` turns on `model`, chained by id: "Fix the build.", then each turn
 /// answers the call before it (`call_{n-1}`, to `run`) with [`coloured_output`]. Every request
 /// must come back 200 within `window` tokens; `check` reads each answer. Returns the last id.
@@ -1166,8 +1173,6 @@ async fn run_agent_chain(
 #[tokio::test]
 async fn a_long_chain_on_a_responses_upstream_is_compressed_with_its_reasoning_intact() {
     // Given an upstream with the Responses API, compression with a window the chain outgrows
-    const TURNS: usize = 30;
-    const WINDOW: u64 = 10_000;
     let mut upstream = Server::builder();
     for n in 0..TURNS {
         upstream = upstream.chat(reasoning_then_call(n));
@@ -1176,9 +1181,7 @@ async fn a_long_chain_on_a_responses_upstream_is_compressed_with_its_reasoning_i
         .upstream(upstream)
         .config(|c| {
             c.upstreams[0].api = Some(ctxgate::config::UpstreamApi::Responses);
-            c.compression.policy.mode = ctxgate::config::CompressionMode::Rules;
-            c.compression.policy.context_window = WINDOW;
-            c.compression.policy.keep_recent_turns = 2;
+            rules_within(c, WINDOW);
         })
         .start()
         .await;
@@ -1200,11 +1203,7 @@ async fn a_long_chain_on_a_responses_upstream_is_compressed_with_its_reasoning_i
         .map(|s| s["input"].as_array().unwrap().iter().map(Value::to_string).collect())
         .collect();
     // And the chain compacted in epochs, every other turn extending the bytes sent before
-    let breaks = inputs.windows(2).filter(|w| !w[1].starts_with(&w[0])).count();
-    let epochs = h.metric(r#"ctxgate_compression_epochs_total{model="other",stage="rules"}"#).await;
-    eprintln!("{TURNS} turns: {epochs} compaction epochs, {breaks} prefix breaks");
-    assert!(epochs >= 1.0, "the chain never compacted");
-    assert!(breaks as f64 <= epochs, "{breaks} prefix breaks but {epochs} epochs");
+    assert_breaks_only_at_epochs(&h, &inputs).await;
     let last = sent.last().unwrap()["input"].as_array().unwrap().clone();
     assert!(!last.iter().any(|i| i.to_string().contains('\u{1b}')), "the colours are gone");
     // And every item sent is a whole one: reasoning byte for byte, each output after its call
@@ -1444,15 +1443,7 @@ async fn a_turn_on_a_responses_upstream_runs_on_its_session_with_the_goal_lock()
         .config(|c| c.upstreams[0].api = Some(ctxgate::config::UpstreamApi::Responses))
         .start()
         .await;
-    let locked = h
-        .client
-        .put(h.v1("/sessions/s-native/goal"))
-        .header("authorization", AUTH)
-        .json(&json!({"goal": "Ship the parser"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(locked.status(), 200);
+    lock_goal(&h, "s-native").await;
     let post = |body: Value| {
         h.v1_as_client(Method::POST, "/responses").header("x-session-id", "s-native").json(&body).send()
     };
