@@ -1451,6 +1451,7 @@ async fn a_turn_on_a_responses_upstream_runs_on_its_session_with_the_goal_lock()
     // When two turns of a chain name the session, the second streamed
     let r1 = post(json!({"model": "gpt-x", "instructions": "Be terse.", "input": "a"})).await.unwrap();
     assert_eq!(r1.status(), 200);
+    assert!(r1.headers().contains_key("x-ctxgate-session-version"), "{:?}", r1.headers());
     assert_eq!(r1.json::<Value>().await.unwrap(), upstream_response("resp_up1", "Answer 1."));
     let stream = vec![
         Chunk::json(
@@ -1464,6 +1465,7 @@ async fn a_turn_on_a_responses_upstream_runs_on_its_session_with_the_goal_lock()
     let r2 = post(json!({"model": "gpt-x", "instructions": "Be terse.", "input": "b", "previous_response_id": "resp_up1", "stream": true}))
         .await
         .unwrap();
+    assert!(r2.headers().contains_key("x-ctxgate-session-version"));
     assert!(r2.text().await.unwrap().contains("response.completed"));
 
     // Then each went out with the goal block first, in the same bytes

@@ -190,6 +190,9 @@ impl Exchange {
             return Ok(answer);
         }
         answer.headers_mut().remove(header::CONTENT_LENGTH);
+        if let (true, Some(turn)) = (stream, &session) {
+            answer.headers_mut().insert(headers::SESSION_VERSION, http::HeaderValue::from(turn.version()));
+        }
         if stream {
             let (frames, client_body) = ChannelBody::channel(32);
             let mut upstream = std::mem::replace(answer.body_mut(), client_body);
@@ -233,8 +236,19 @@ impl Exchange {
             None => Ok(()),
         };
         // A response that could not be kept is not committed either; the session is released.
+        let mut head = head;
         if let Some(turn) = session {
-            turn.finish(object.as_ref().filter(|_| saved.is_ok())).await?;
+            match turn.finish(object.as_ref().filter(|_| saved.is_ok())).await {
+                Ok(version) => {
+                    head.headers.insert(headers::SESSION_VERSION, http::HeaderValue::from(version));
+                }
+                // The session moved on without this turn: the answer is still the client's,
+                // marked as not saved, as on the chat pipeline.
+                Err(GatewayError::SessionConflict { .. }) => {
+                    head.headers.insert(headers::SESSION_STATE, http::HeaderValue::from_static("not_saved"));
+                }
+                Err(err) => return Err(err),
+            }
         }
         saved?;
         Ok(Response::from_parts(head, body::full(bytes)))

@@ -105,6 +105,11 @@ impl SessionTurn {
         self.lease.key().id.clone()
     }
 
+    /// The session's version while the turn runs (a stream's answer carries it).
+    pub(super) fn version(&self) -> u64 {
+        self.lease.version()
+    }
+
     /// Runs `future` (the upstream call and the relay) while renewing the lease.
     pub(super) async fn during<F: std::future::Future>(&mut self, future: F) -> F::Output {
         self.lease.while_renewing(future).await
