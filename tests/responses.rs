@@ -7,6 +7,8 @@
 #[macro_use]
 mod support;
 
+use std::time::Duration;
+
 use mock_upstream::Server;
 use reqwest::Method;
 use serde_json::{json, Value};
@@ -1492,4 +1494,51 @@ async fn a_turn_on_a_responses_upstream_runs_on_its_session_with_the_goal_lock()
     assert_eq!(refused.status(), 409);
     assert_eq!(refused.json::<Value>().await.unwrap()["error"]["code"], "goal_locked");
     assert_eq!(h.upstream(0).requests().len(), 2);
+}
+
+#[tokio::test]
+async fn a_session_turn_to_a_responses_upstream_commits_after_its_client_leaves() {
+    // Given an upstream with the Responses API that answers slowly
+    let slow =
+        Reply::json(200, upstream_response("resp_slow", "Late answer.")).delay(Duration::from_millis(600));
+    let h = Harness::builder()
+        .upstream(Server::builder().reply(slow))
+        .config(|c| c.upstreams[0].api = Some(ctxgate::config::UpstreamApi::Responses))
+        .start()
+        .await;
+
+    // When the client gives up before the answer
+    let gone = h
+        .v1_as_client(Method::POST, "/responses")
+        .header("x-session-id", "s-left")
+        .timeout(Duration::from_millis(150))
+        .json(&json!({"model": "gpt-x", "input": "a"}))
+        .send()
+        .await;
+    assert!(gone.is_err(), "the client was meant to time out");
+
+    // Then the turn still ends and commits, and the session is free at once
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let transcript = h.v1_as_client(Method::GET, "/sessions/s-left/messages").send().await.unwrap();
+        if transcript.status() == 200 {
+            let transcript: Value = transcript.json().await.unwrap();
+            if transcript["data"].as_array().is_some_and(|d| d.len() == 2) {
+                assert_eq!(transcript["data"][1]["content"], "Late answer.");
+                break;
+            }
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the turn was not committed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    h.upstream(0).push(Reply::json(200, upstream_response("resp_next", "Next.")));
+    let next = h
+        .v1_as_client(Method::POST, "/responses")
+        .header("x-session-id", "s-left")
+        .timeout(Duration::from_secs(5))
+        .json(&json!({"model": "gpt-x", "input": "b"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(next.status(), 200);
 }

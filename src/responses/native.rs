@@ -153,8 +153,22 @@ pub(super) async fn create(
         store: keep,
         session: session_id,
     };
-    let turn = Exchange { app, keeper, rounds, session, stream, annotations };
-    turn.run(Request::from_parts(parts, body::full(body))).await
+    let request = Request::from_parts(parts, body::full(body));
+    if session.is_none() {
+        return Exchange { app, keeper, rounds, session, stream, annotations }.run(request).await;
+    }
+    // A session turn is detached from the client's connection, as on the chat pipeline: a
+    // client that goes away does not leave the session held until its lease runs out, and the
+    // turn still commits.
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    let detached = app.clone();
+    detached.spawn(async move {
+        let exchange = Exchange { app, keeper, rounds, session, stream, annotations };
+        let _ = reply.send(exchange.run(request).await);
+    });
+    answer
+        .await
+        .unwrap_or_else(|_| Err(GatewayError::Internal("the session turn ended without a response".into())))
 }
 
 /// One request on its way: sent, its answer relayed (with expand rounds), kept and committed.
