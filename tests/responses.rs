@@ -1434,6 +1434,23 @@ async fn a_model_on_a_responses_upstream_reads_a_masked_output_back_through_ctxg
     );
     assert_eq!(done["usage"]["input_tokens"], 13);
     assert_eq!(upstream.requests().len(), 5);
+
+    // And a background response, which runs out of the gateway's sight, is compressed but offered
+    // no tool the gateway would have to answer, and is no turn of the session it names
+    let mut queued = upstream_response("resp_bg", "");
+    queued["status"] = json!("queued");
+    upstream.push(Reply::json(200, queued));
+    let mut body = vault_history();
+    body["background"] = json!(true);
+    body["store"] = json!(true);
+    let r =
+        h.v1_as_client(Method::POST, "/responses").header("x-session-id", "s-bg").json(&body).send().await;
+    assert_eq!(r.unwrap().status(), 200);
+    let sent = upstream.requests()[5].json();
+    assert!(!sent.to_string().contains(SECRET), "{sent}");
+    assert_eq!(sent["tools"], vault_history()["tools"], "only the client's tools");
+    let session = h.v1_as_client(Method::GET, "/sessions/s-bg/messages").send().await.unwrap();
+    assert_eq!(session.status(), 404);
 }
 
 #[tokio::test]

@@ -96,24 +96,32 @@ pub(super) async fn create(
         true => None,
         false => compress(&app, &parts, &scope, &mut fields, &conversation, &mut annotations).await?,
     };
+    // A background response runs upstream, out of the gateway's sight: the gateway can neither
+    // answer its expand calls nor commit its turn.
     let mut originals = None;
     let sent = compressed.map(|compressed| {
-        if compressed.markers && app.compressor.config.expand {
+        if compressed.markers && app.compressor.config.expand && !background {
             offer_expand(&mut fields);
             originals = Some(compressed.originals);
         }
         compressed.items
     });
     let instructions = fields.get("instructions").and_then(Value::as_str).map(str::to_string);
-    let admitted = native_session::admit(
-        &app,
-        &parts,
-        client_key.as_deref(),
-        previous.as_ref(),
-        instructions.as_deref(),
-        &conversation,
-    )
-    .await?;
+    let admitted = match background {
+        true => None,
+        false => {
+            let key = client_key.as_deref();
+            native_session::admit(
+                &app,
+                &parts,
+                key,
+                previous.as_ref(),
+                instructions.as_deref(),
+                &conversation,
+            )
+            .await?
+        }
+    };
     let (session, goal) = match admitted {
         Some((turn, goal)) => (Some(turn), goal),
         None => (None, None),
