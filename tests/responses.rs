@@ -1559,3 +1559,43 @@ async fn a_session_turn_to_a_responses_upstream_commits_after_its_client_leaves(
         .unwrap();
     assert_eq!(next.status(), 200);
 }
+
+#[tokio::test]
+async fn each_expand_round_is_charged_to_the_callers_tokens_per_minute() {
+    // Given a gateway key with a token limit, in front of an upstream with the Responses API
+    let h = Harness::builder()
+        .upstream(Server::builder())
+        .config(|c| {
+            c.upstreams[0].api = Some(ctxgate::config::UpstreamApi::Responses);
+            c.upstreams[0].keyless = true;
+            let mut agent = support::key("agent", "sk-agent");
+            agent.tokens_per_minute = std::num::NonZeroU32::new(1_000_000);
+            c.auth.keys = vec![agent];
+            c.compression.policy.mode = ctxgate::config::CompressionMode::Rules;
+            c.compression.policy.context_window = 3_000;
+            c.compression.policy.keep_recent_turns = 1;
+            c.compression.policy.rules = ctxgate::config::RulesConfig {
+                mask_old_tool_results: true,
+                ..ctxgate::config::RulesConfig::none()
+            };
+        })
+        .start()
+        .await;
+    let upstream = h.upstream(0);
+    let post = || h.client.post(h.v1("/responses")).bearer_auth("sk-agent").json(&vault_history()).send();
+    let estimated = r#"ctxgate_rate_limit_tokens_total{key="agent",kind="estimated"}"#;
+    upstream.push(Reply::json(200, upstream_response("resp_a", "I cannot tell.")));
+    assert_eq!(post().await.unwrap().status(), 200);
+    let one = h.metric(estimated).await;
+    let masked = upstream.requests()[0].json()["input"][2]["output"].as_str().unwrap().to_string();
+    let id = ctxgate::compress::marker::ids_in(&masked)[0].to_string();
+
+    // When the same request makes the model expand once
+    upstream.push(Reply::json(200, expanding(&id)));
+    upstream.push(Reply::json(200, upstream_response("resp_c", "4417-ALPHA")));
+    assert_eq!(post().await.unwrap().status(), 200);
+
+    // Then both of its upstream calls were charged: the second carries the original too
+    let two = h.metric(estimated).await - one;
+    assert!(two > 2.0 * one, "one request charged {one}, the one with a round {two}");
+}

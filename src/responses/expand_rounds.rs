@@ -19,6 +19,7 @@ use http_body_util::BodyExt;
 use serde_json::value::RawValue;
 use serde_json::{json, Map, Value};
 
+use crate::auth::Caller;
 use crate::body::{Body, FrameSender};
 use crate::chat::compression::stored_original;
 use crate::compress::expand;
@@ -26,7 +27,7 @@ use crate::compress::marker::{self, EXPAND_TOOL};
 use crate::error::GatewayError;
 use crate::openai::events::EventSplitter;
 use crate::openai::sse;
-use crate::upstream::{Outgoing, OutgoingBody};
+use crate::upstream::{Outgoing, OutgoingBody, UsageSink};
 use crate::AppState;
 
 /// The tool as the Responses API takes it: chat's definition, flattened.
@@ -47,6 +48,9 @@ pub(super) struct Rounds {
     /// The conversation as the compressor read it, for originals it still carries.
     pub(super) originals: Vec<Box<RawValue>>,
     pub(super) scope: String,
+    /// Who asked (with gateway keys): each round is charged to its tokens per minute, as the
+    /// first request was.
+    pub(super) caller: Option<Caller>,
 }
 
 /// What one round's answer asks for.
@@ -134,6 +138,14 @@ impl Rounds {
         }
         let model = self.fields.get("model").and_then(Value::as_str).map(str::to_string);
         let body = serde_json::to_vec(&self.fields).map_err(|e| GatewayError::Internal(e.into()))?;
+        let charge = match &model {
+            Some(model) => {
+                let counter = self.app.compressor.counter_for(model);
+                let estimate = || u64::from(counter.text(&String::from_utf8_lossy(&body)));
+                self.app.auth.charge(self.caller.as_ref(), model, estimate).await?
+            }
+            None => None,
+        };
         let outgoing = Outgoing {
             method: Method::POST,
             path_and_query: "/v1/responses".into(),
@@ -142,7 +154,11 @@ impl Rounds {
             affinity: None,
         };
         let route = self.app.upstreams.router.route(model.as_deref());
-        let response = self.app.upstreams.forward(route, outgoing).await?.into_response();
+        let mut forwarded = self.app.upstreams.forward(route, outgoing).await?;
+        if let Some(charge) = charge {
+            forwarded.usage_sink = UsageSink::default().with(Arc::new(charge));
+        }
+        let response = forwarded.into_response();
         if !response.status().is_success() {
             return Err(GatewayError::Internal(
                 format!("the upstream answered {} to an expand round", response.status()).into(),

@@ -151,6 +151,7 @@ pub(super) async fn create(
         headers: expand_rounds::round_headers(&parts.headers),
         originals,
         scope: scope.clone(),
+        caller: parts.extensions.get::<crate::auth::Caller>().cloned(),
     });
     let keeper = Keep {
         app: app.clone(),
