@@ -826,25 +826,7 @@ async fn gateway_tools_run_inside_a_streamed_response() {
     let url = tools.url("/lookup");
     let h = Harness::builder()
         .upstream(Server::builder().stream(call).stream(chunks(&["Found ", "it."], None)))
-        .config(move |c| {
-            c.tools = vec![ctxgate::config::ToolConfig {
-                name: "lookup".into(),
-                description: "Looks things up.".into(),
-                parameters: json!({"type": "object", "properties": {"q": {"type": "string"}}}),
-                inject: false,
-                timeout: std::time::Duration::from_secs(10),
-                retries: 0,
-                max_concurrency: 4,
-                run_as_task: false,
-                http: Some(ctxgate::config::HttpBackend {
-                    url,
-                    method: "POST".into(),
-                    headers: Default::default(),
-                    headers_env: Default::default(),
-                }),
-                mcp: None,
-            }];
-        })
+        .config(move |c| c.tools = vec![lookup_tool(url, false)])
         .start()
         .await;
 
@@ -868,6 +850,27 @@ async fn gateway_tools_run_inside_a_streamed_response() {
 }
 
 /// A completion whose message calls `get_weather` and `get_time` for `city`.
+/// The gateway tool `lookup`, an HTTP tool at `url`; `inject`: offered to every request.
+fn lookup_tool(url: String, inject: bool) -> ctxgate::config::ToolConfig {
+    ctxgate::config::ToolConfig {
+        name: "lookup".into(),
+        description: "Looks things up.".into(),
+        parameters: json!({"type": "object", "properties": {"q": {"type": "string"}}}),
+        inject,
+        timeout: Duration::from_secs(10),
+        retries: 0,
+        max_concurrency: 4,
+        run_as_task: false,
+        http: Some(ctxgate::config::HttpBackend {
+            url,
+            method: "POST".into(),
+            headers: Default::default(),
+            headers_env: Default::default(),
+        }),
+        mcp: None,
+    }
+}
+
 fn two_calls(city: &str) -> Value {
     let mut completion = fixtures::completion("");
     let args = json!({"city": city}).to_string();
@@ -1598,4 +1601,71 @@ async fn each_expand_round_is_charged_to_the_callers_tokens_per_minute() {
     // Then both of its upstream calls were charged: the second carries the original too
     let two = h.metric(estimated).await - one;
     assert!(two > 2.0 * one, "one request charged {one}, the one with a round {two}");
+}
+
+/// A Responses round calling the gateway tool `lookup`.
+fn calling_lookup() -> Value {
+    json!({"id": "resp_l", "object": "response", "created_at": 1, "status": "completed", "model": "gpt-x",
+           "output": [{"id": "fc_l", "type": "function_call", "status": "completed", "call_id": "call_l",
+                       "name": "lookup", "arguments": "{\"q\":\"vault\"}"}],
+           "usage": {"input_tokens": 5, "output_tokens": 2, "total_tokens": 7}})
+}
+
+#[tokio::test]
+async fn gateway_tools_run_between_rounds_on_a_responses_upstream() {
+    // Given an injected gateway tool and an upstream with the Responses API
+    let tools = support::tool_server::ToolServer::start().await;
+    let url = tools.url("/lookup");
+    let h = Harness::builder()
+        .upstream(Server::builder())
+        .config(move |c| {
+            c.upstreams[0].api = Some(ctxgate::config::UpstreamApi::Responses);
+            c.tools = vec![lookup_tool(url, true)];
+        })
+        .start()
+        .await;
+    let upstream = h.upstream(0);
+    let client_tools = json!([{"type": "function", "name": "check", "parameters": {"type": "object"}}]);
+
+    // When the model calls it, then answers (as JSON, then streamed)
+    upstream.push(Reply::json(200, calling_lookup()));
+    upstream.push(Reply::json(200, upstream_response("resp_f", "Found it.")));
+    let body = json!({"model": "gpt-x", "input": "Find it.", "tools": client_tools, "store": false});
+    let answered: Value =
+        h.v1_as_client(Method::POST, "/responses").json(&body).send().await.unwrap().json().await.unwrap();
+    upstream.push(Reply::sse(stream_of(&calling_lookup())));
+    upstream.push(Reply::sse(stream_of(&upstream_response("resp_g", "Found it."))));
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    let text = h
+        .v1_as_client(Method::POST, "/responses")
+        .json(&streamed)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+
+    // Then the tool was offered after the client's own, in the flat shape
+    let first = upstream.requests()[0].json();
+    let names: Vec<&str> =
+        first["tools"].as_array().unwrap().iter().map(|t| t["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["check", "lookup"]);
+    // And the gateway ran it between two model calls, each time, with its result as the call's output
+    assert_eq!(tools.hits().len(), 2);
+    let second = upstream.requests()[1].json();
+    let input = second["input"].as_array().unwrap();
+    assert_eq!(input[input.len() - 2]["name"], "lookup");
+    assert_eq!(input[input.len() - 1]["call_id"], "call_l");
+    assert!(!input[input.len() - 1]["output"].as_str().unwrap().is_empty());
+    // And the client saw only the answer, with the rounds' usage
+    assert_eq!(answered["output"], upstream_response("resp_f", "Found it.")["output"]);
+    assert_eq!(answered["usage"]["input_tokens"], 8);
+    assert!(!text.contains("call_l"), "the call leaked: {text}");
+    let events = events(&text);
+    assert_eq!(
+        events.last().unwrap()["response"]["output"],
+        upstream_response("resp_g", "Found it.")["output"]
+    );
 }

@@ -32,7 +32,6 @@
 
 mod background;
 mod compact;
-mod expand_rounds;
 pub mod items;
 mod native;
 mod native_session;
@@ -42,6 +41,7 @@ mod request;
 mod response;
 mod store;
 mod stream;
+mod tool_rounds;
 pub(crate) mod websocket;
 
 pub(crate) use background::{resumed, Running};

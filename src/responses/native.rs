@@ -11,8 +11,9 @@
 //! the caller's store. The items go to the compressor as chat messages and come back as items
 //! ([`super::items`]): what it left alone byte for byte, reasoning included.
 //!
-//! A request whose items carry markers offers `ctxgate_expand`, answered in rounds of the
-//! gateway's own ([`super::expand_rounds`]). A request that names a session runs as a turn of
+//! The gateway's tools (its injected HTTP and MCP tools, and `ctxgate_expand` when the items
+//! carry markers) are offered after the client's and answered in rounds of the gateway's own
+//! ([`super::tool_rounds`]). A request that names a session runs as a turn of
 //! it ([`super::native_session`]): its lease, its goal lock, its transcript; the turn is
 //! committed before the client sees the response complete.
 
@@ -24,11 +25,11 @@ use http_body_util::BodyExt;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
-use super::expand_rounds::{self, Rounds};
 use super::items;
 use super::native_session::{self, SessionTurn};
 use super::request::{items_of, listed};
 use super::store::{self, Chain, New};
+use super::tool_rounds::{self, Rounds};
 use super::{collect, send};
 use crate::body::{self, Body, ChannelBody, FrameSender};
 use crate::chat::compression::{self, Conversation};
@@ -91,6 +92,8 @@ pub(super) async fn create(
         parts.headers.get(&headers::COMPRESSION).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"off"));
     // The client's own conversation id, before compression may add a derived one.
     let client_key = fields.get("prompt_cache_key").and_then(Value::as_str).map(str::to_string);
+    // The gateway's own tools, offered after the client's (counted in the budget with them).
+    let engaged = !background && offer_gateway_tools(&app, &mut fields);
     let mut annotations = HeaderMap::new();
     let compressed = match opted_out {
         true => None,
@@ -128,7 +131,7 @@ pub(super) async fn create(
     };
     let session_id = session.as_ref().map(SessionTurn::id);
     let body = match (&previous, sent, goal) {
-        (None, None, None) => bytes,
+        (None, None, None) if !engaged => bytes,
         (_, sent, goal) => {
             fields.remove("previous_response_id");
             let mut input = sent.unwrap_or(conversation);
@@ -145,10 +148,10 @@ pub(super) async fn create(
     parts.headers.remove(&headers::COMPRESSION);
     parts.headers.remove(&headers::SESSION_MODE);
     parts.headers.remove(app.sessions.config.header.primary());
-    let rounds = originals.map(|originals| Rounds {
+    let rounds = (engaged || originals.is_some()).then(|| Rounds {
         app: app.clone(),
         fields: fields.clone(),
-        headers: expand_rounds::round_headers(&parts.headers),
+        headers: tool_rounds::round_headers(&parts.headers),
         originals,
         scope: scope.clone(),
         caller: parts.extensions.get::<crate::auth::Caller>().cloned(),
@@ -287,11 +290,40 @@ struct Compressed {
     originals: Vec<Box<RawValue>>,
 }
 
+/// Adds the gateway's injected tools the request does not declare itself to its `tools`, after
+/// the client's own (in the flat Responses shape). Returns whether the request can reach a
+/// gateway tool (one injected, or one it declares by name).
+fn offer_gateway_tools(app: &AppState, fields: &mut Map<String, Value>) -> bool {
+    if app.tools.is_empty() {
+        return false;
+    }
+    let declared: Vec<String> = match fields.get("tools") {
+        Some(Value::Array(tools)) => {
+            tools.iter().filter_map(|t| t["name"].as_str().map(str::to_string)).collect()
+        }
+        _ => Vec::new(),
+    };
+    let mut engaged = declared.iter().any(|name| app.tools.get(name).is_some());
+    let missing: Vec<Value> = app
+        .tools
+        .injected()
+        .filter(|(name, _)| !declared.iter().any(|d| d == name))
+        .map(|(_, t)| tool_rounds::flat(t))
+        .collect();
+    if !missing.is_empty() {
+        engaged = true;
+        if let Value::Array(tools) = fields.entry("tools").or_insert_with(|| Value::Array(Vec::new())) {
+            tools.extend(missing);
+        }
+    }
+    engaged
+}
+
 /// `ctxgate_expand` after the client's tools.
 fn offer_expand(fields: &mut Map<String, Value>) {
     let tools = fields.entry("tools").or_insert_with(|| Value::Array(Vec::new()));
     if let Value::Array(tools) = tools {
-        tools.push(expand_rounds::definition());
+        tools.push(tool_rounds::definition());
     }
 }
 

@@ -146,6 +146,11 @@ impl Registry {
         Ok(request.with_tools(&tools))
     }
 
+    /// The definitions injected into requests (chat's shape), by name.
+    pub fn injected(&self) -> impl Iterator<Item = (&str, &RawValue)> {
+        self.injected.iter().map(|(name, definition)| (name.as_str(), &**definition))
+    }
+
     /// True when the request can reach a gateway tool: one is injected, or the request
     /// declares one by name.
     pub fn engaged_by(&self, request: &ChatRequest) -> bool {

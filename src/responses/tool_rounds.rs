@@ -1,14 +1,16 @@
-//! `ctxgate_expand` on an upstream with the Responses API: when compression left markers in a
-//! request, the tool is offered after the client's own (fixed bytes), and the calls the model
-//! makes to it are answered here, in rounds, as the chat pipeline's tool loop answers them over
-//! a chat upstream. The client never sees those calls: a round that only expands is sent again
-//! with its items and the originals as `function_call_output` items, and the client gets the
-//! items of every round but the hidden calls (and the reasoning that led to them), numbered as
-//! one response, with the rounds' usage summed.
+//! The gateway's own tool calls on an upstream with the Responses API: its HTTP and MCP tools
+//! (the injected ones offered after the client's own, in the flat Responses shape) and
+//! `ctxgate_expand` (offered last when compression left markers, fixed bytes). The calls the
+//! model makes to them are answered here, in rounds, as the chat pipeline's tool loop answers
+//! them over a chat upstream: a round that only calls the gateway's tools is sent again with
+//! its items and the results as `function_call_output` items. The client never sees those
+//! calls: it gets the items of every round but the hidden calls (and the reasoning that led to
+//! them), numbered as one response, with the rounds' usage summed.
 //!
-//! A round that also calls the client's own tools ends the loop (its expand calls dropped from
-//! what the client sees): the client answers its calls, and the next request compresses again.
-//! After `tool_loop.max_rounds` rounds the last one is asked with `tool_choice: "none"`.
+//! A round that also calls the client's own tools ends the loop (the gateway's calls dropped
+//! from what the client sees): the client answers its calls. After `tool_loop.max_rounds`
+//! rounds the last one is asked with `tool_choice: "none"`. Each round is charged to the
+//! caller's tokens per minute, as the first request was.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -27,12 +29,18 @@ use crate::compress::marker::{self, EXPAND_TOOL};
 use crate::error::GatewayError;
 use crate::openai::events::EventSplitter;
 use crate::openai::sse;
+use crate::tools::Call;
 use crate::upstream::{Outgoing, OutgoingBody, UsageSink};
 use crate::AppState;
 
-/// The tool as the Responses API takes it: chat's definition, flattened.
+/// `ctxgate_expand` as the Responses API takes it.
 pub(super) fn definition() -> Value {
-    let chat: Value = serde_json::from_str(expand::definition().get()).unwrap_or(Value::Null);
+    flat(&expand::definition())
+}
+
+/// A chat tool definition in the Responses API's flat shape.
+pub(super) fn flat(chat: &RawValue) -> Value {
+    let chat: Value = serde_json::from_str(chat.get()).unwrap_or(Value::Null);
     let mut tool = chat["function"].clone();
     tool["type"] = json!("function");
     tool
@@ -45,8 +53,9 @@ pub(super) struct Rounds {
     pub(super) fields: Map<String, Value>,
     /// Headers for the next rounds (the client's, as sent).
     pub(super) headers: HeaderMap,
-    /// The conversation as the compressor read it, for originals it still carries.
-    pub(super) originals: Vec<Box<RawValue>>,
+    /// With `ctxgate_expand` offered: the conversation as the compressor read it, for originals
+    /// it still carries.
+    pub(super) originals: Option<Vec<Box<RawValue>>>,
     pub(super) scope: String,
     /// Who asked (with gateway keys): each round is charged to its tokens per minute, as the
     /// first request was.
@@ -58,21 +67,22 @@ pub(super) struct Rounds {
 struct Round {
     /// Every output item, in order (the next round's input needs them all).
     items: Vec<Value>,
-    /// The expand calls (`call_id`, `arguments`).
-    calls: Vec<(String, String)>,
+    /// The gateway's calls, in order.
+    calls: Vec<Call>,
     /// The round also called a client tool.
     client_calls: bool,
 }
 
 impl Round {
-    fn read(output: &[Value]) -> Self {
+    fn read(output: &[Value], runs: impl Fn(&str) -> bool) -> Self {
         let mut round = Round { items: output.to_vec(), ..Round::default() };
         for item in output {
             match (item["type"].as_str(), item["name"].as_str()) {
-                (Some("function_call"), Some(EXPAND_TOOL)) => round.calls.push((
-                    item["call_id"].as_str().unwrap_or_default().to_string(),
-                    item["arguments"].as_str().unwrap_or_default().to_string(),
-                )),
+                (Some("function_call"), Some(name)) if runs(name) => round.calls.push(Call {
+                    id: item["call_id"].as_str().unwrap_or_default().to_string(),
+                    name: name.to_string(),
+                    arguments: item["arguments"].as_str().unwrap_or_default().to_string(),
+                }),
                 (Some("function_call" | "custom_tool_call"), _) => round.client_calls = true,
                 _ => {}
             }
@@ -80,55 +90,76 @@ impl Round {
         round
     }
 
-    /// Whether the model is to be asked again with the originals.
-    fn expands(&self) -> bool {
+    /// Whether the model is to be asked again with the gateway's results.
+    fn continues(&self) -> bool {
         !self.calls.is_empty() && !self.client_calls
     }
 }
 
-/// Whether `item` is hidden from the client: an expand call, or reasoning that led to one.
-fn hidden(items: &[Value], at: usize) -> bool {
-    let is_call = |item: &Value| item["type"] == "function_call" && item["name"] == EXPAND_TOOL;
+/// Whether `items[at]` is hidden from the client: a call to the gateway's tools, or reasoning
+/// that led to one.
+fn hidden(items: &[Value], at: usize, runs: &impl Fn(&str) -> bool) -> bool {
+    let is_call = |item: &Value| item["type"] == "function_call" && item["name"].as_str().is_some_and(runs);
     match items[at]["type"].as_str() {
         Some("reasoning") => items[at + 1..].iter().find(|i| i["type"] != "reasoning").is_some_and(is_call),
         _ => is_call(&items[at]),
     }
 }
 
-fn visible(items: &[Value]) -> impl Iterator<Item = &Value> {
-    (0..items.len()).filter(move |&at| !hidden(items, at)).map(move |at| &items[at])
-}
-
 impl Rounds {
+    /// Whether a call to `name` is the gateway's to answer.
+    fn runs(&self, name: &str) -> bool {
+        self.app.tools.get(name).is_some() || (name == EXPAND_TOOL && self.originals.is_some())
+    }
+
+    fn visible<'a>(&self, items: &'a [Value]) -> Vec<&'a Value> {
+        let runs = |name: &str| self.runs(name);
+        (0..items.len()).filter(|&at| !hidden(items, at, &runs)).map(|at| &items[at]).collect()
+    }
+
+    /// The results of a round's calls, in call order: the gateway's tools run together (with
+    /// their deadlines, retries and limits), `ctxgate_expand` from the originals.
+    async fn results(&self, calls: &[Call]) -> Vec<Value> {
+        let tools: Vec<Call> = calls.iter().filter(|c| c.name != EXPAND_TOOL).cloned().collect();
+        let mut ran = self.app.tools.run_all(tools, None).await.into_iter();
+        let mut out = Vec::with_capacity(calls.len());
+        for call in calls {
+            let output = match call.name == EXPAND_TOOL {
+                true => self.answer(&call.arguments).await,
+                false => ran.next().map(|outcome| outcome.content).unwrap_or_default(),
+            };
+            out.push(json!({"type": "function_call_output", "call_id": call.id, "output": output}));
+        }
+        out
+    }
+
     /// Answers one expand call.
     async fn answer(&self, arguments: &str) -> String {
         let id = serde_json::from_str::<Value>(arguments).ok().and_then(|v| {
             v.get("id").and_then(Value::as_str).map(|id| id.trim().trim_start_matches("id=").to_string())
         });
         let found = match &id {
-            Some(id) => match expand::resolve(&self.originals, id) {
-                Some(found) => Some(found),
-                None => stored_original(&self.app, &self.scope, id).await.and_then(|mut stored| {
-                    match id.contains(marker::RUN) {
+            Some(id) => {
+                match self.originals.as_deref().and_then(|originals| expand::resolve(originals, id)) {
+                    Some(found) => Some(found),
+                    None => stored_original(&self.app, &self.scope, id).await.and_then(|mut stored| match id
+                        .contains(marker::RUN)
+                    {
                         true => Some(expand::joined(&stored)),
                         false => stored.pop(),
-                    }
-                }),
-            },
+                    }),
+                }
+            }
             None => None,
         };
         let max = self.app.compressor.config.expand_max_bytes;
         expand::answer(arguments, max, |want| found.clone().filter(|_| id.as_deref() == Some(want)))
     }
 
-    /// Sends the next round: what was sent, the round's items and the originals its calls ask
-    /// for. `last`: asked with `tool_choice: "none"`.
+    /// Sends the next round: what was sent, the round's items and its calls' results.
+    /// `last`: asked with `tool_choice: "none"`.
     async fn next(&mut self, round: &Round, last: bool) -> Result<Body, GatewayError> {
-        let mut outputs = Vec::with_capacity(round.calls.len());
-        for (call_id, arguments) in &round.calls {
-            let output = self.answer(arguments).await;
-            outputs.push(json!({"type": "function_call_output", "call_id": call_id, "output": output}));
-        }
+        let outputs = self.results(&round.calls).await;
         if let Some(Value::Array(input)) = self.fields.get_mut("input") {
             input.extend(round.items.iter().cloned());
             input.extend(outputs);
@@ -181,9 +212,9 @@ impl Rounds {
         loop {
             usage.add(&object["usage"]);
             let output = object["output"].as_array().cloned().unwrap_or_default();
-            let round = Round::read(&output);
-            shown.extend(visible(&output).cloned());
-            if !round.expands() || rounds >= self.app.tools.limits.max_rounds {
+            let round = Round::read(&output, |name| self.runs(name));
+            shown.extend(self.visible(&output).into_iter().cloned());
+            if !round.continues() || rounds >= self.app.tools.limits.max_rounds {
                 break;
             }
             let last = self.last_round(rounds);
@@ -207,13 +238,13 @@ impl Rounds {
         let mut body = first;
         let mut rounds = 0;
         loop {
-            let finished = match out.round(&self.app, body, rounds).await {
+            let finished = match out.round(&self, body, rounds).await {
                 Some(finished) => finished,
                 None => break,
             };
-            let round =
-                Round::read(finished["response"]["output"].as_array().map(Vec::as_slice).unwrap_or_default());
-            if !round.expands() || rounds >= self.app.tools.limits.max_rounds {
+            let output = finished["response"]["output"].as_array().map(Vec::as_slice).unwrap_or_default();
+            let round = Round::read(output, |name| self.runs(name));
+            if !round.continues() || rounds >= self.app.tools.limits.max_rounds {
                 out.finish(finished).await;
                 break;
             }
@@ -294,8 +325,8 @@ enum Slot {
 impl Relay {
     /// Relays one round's events; returns its finished Response object (not sent), or `None`
     /// when the stream ended otherwise (its last events sent as they came).
-    async fn round(&mut self, app: &AppState, mut body: Body, rounds: u32) -> Option<Value> {
-        let mut splitter = EventSplitter::new(app.config.server.max_sse_event_bytes.get());
+    async fn round(&mut self, owner: &Rounds, mut body: Body, rounds: u32) -> Option<Value> {
+        let mut splitter = EventSplitter::new(owner.app.config.server.max_sse_event_bytes.get());
         let mut slots: HashMap<u64, Slot> = HashMap::new();
         while let Some(frame) = body.frame().await {
             let Ok(frame) = frame else { break };
@@ -324,7 +355,9 @@ impl Relay {
                     "response.output_item.added" => {
                         let index = event_json["output_index"].as_u64().unwrap_or(0);
                         let item = &event_json["item"];
-                        if item["type"] == "function_call" && item["name"] == EXPAND_TOOL {
+                        if item["type"] == "function_call"
+                            && item["name"].as_str().is_some_and(|n| owner.runs(n))
+                        {
                             // The reasoning held so far led here: hidden with it.
                             slots
                                 .values_mut()
