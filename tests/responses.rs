@@ -1323,6 +1323,17 @@ fn vault_history() -> Value {
            "tools": [{"type": "function", "name": "check", "parameters": {"type": "object"}}]})
 }
 
+/// An upstream with the Responses API, and masking that takes the largest output of
+/// [`vault_history`] (a 3,000-token window, the last turn protected).
+fn masking_only(c: &mut ctxgate::config::Config) {
+    c.upstreams[0].api = Some(ctxgate::config::UpstreamApi::Responses);
+    c.compression.policy.mode = ctxgate::config::CompressionMode::Rules;
+    c.compression.policy.context_window = 3_000;
+    c.compression.policy.keep_recent_turns = 1;
+    c.compression.policy.rules =
+        ctxgate::config::RulesConfig { mask_old_tool_results: true, ..ctxgate::config::RulesConfig::none() };
+}
+
 /// A round that reasons, then calls `ctxgate_expand` for `id`.
 fn expanding(id: &str) -> Value {
     json!({"id": "resp_b", "object": "response", "created_at": 1, "status": "completed", "model": "gpt-x",
@@ -1362,20 +1373,7 @@ fn stream_of(object: &Value) -> Vec<Chunk> {
 #[tokio::test]
 async fn a_model_on_a_responses_upstream_reads_a_masked_output_back_through_ctxgate_expand() {
     // Given an upstream with the Responses API, and masking that takes the largest output
-    let h = Harness::builder()
-        .upstream(Server::builder())
-        .config(|c| {
-            c.upstreams[0].api = Some(ctxgate::config::UpstreamApi::Responses);
-            c.compression.policy.mode = ctxgate::config::CompressionMode::Rules;
-            c.compression.policy.context_window = 3_000;
-            c.compression.policy.keep_recent_turns = 1;
-            c.compression.policy.rules = ctxgate::config::RulesConfig {
-                mask_old_tool_results: true,
-                ..ctxgate::config::RulesConfig::none()
-            };
-        })
-        .start()
-        .await;
+    let h = Harness::builder().upstream(Server::builder()).config(masking_only).start().await;
     let upstream = h.upstream(0);
     let post = || h.v1_as_client(Method::POST, "/responses").json(&vault_history()).send();
 
@@ -1569,18 +1567,11 @@ async fn each_expand_round_is_charged_to_the_callers_tokens_per_minute() {
     let h = Harness::builder()
         .upstream(Server::builder())
         .config(|c| {
-            c.upstreams[0].api = Some(ctxgate::config::UpstreamApi::Responses);
             c.upstreams[0].keyless = true;
             let mut agent = support::key("agent", "sk-agent");
             agent.tokens_per_minute = std::num::NonZeroU32::new(1_000_000);
             c.auth.keys = vec![agent];
-            c.compression.policy.mode = ctxgate::config::CompressionMode::Rules;
-            c.compression.policy.context_window = 3_000;
-            c.compression.policy.keep_recent_turns = 1;
-            c.compression.policy.rules = ctxgate::config::RulesConfig {
-                mask_old_tool_results: true,
-                ..ctxgate::config::RulesConfig::none()
-            };
+            masking_only(c);
         })
         .start()
         .await;

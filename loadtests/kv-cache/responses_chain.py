@@ -34,6 +34,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import run  # noqa: E402
 from run import CTXGATE, HERE, http, stop, wait_ready  # noqa: E402
 
 from agents import Agent, ModelSettings, OpenAIResponsesModel, Runner, set_tracing_disabled  # noqa: E402
@@ -69,37 +70,10 @@ def start_llama(port, logdir, mode):
 
 
 def start_ctxgate(binary, port, llama_port, logdir, mode, window):
-    cfg = os.path.join(logdir, f"ctxgate-{mode}.toml")
-    compression = "off" if mode == "full" else "rules"
-    with open(cfg, "w") as f:
-        f.write(f"""[server]
-listen = "127.0.0.1:{port}"
-
-[sessions]
-store = "embedded:{os.path.join(logdir, f'store-{mode}.redb')}"
-
-[[upstreams]]
-name = "llama"
-base_url = "http://127.0.0.1:{llama_port}/v1"
-first_byte_timeout = "20m"
-idle_timeout = "5m"
-
-[compression]
-mode = "{compression}"
-context_window = {window}
-high_water = 0.8
-low_water = 0.5
-pre_compaction = 0.6
-keep_recent_turns = 2
-tokenizer = "{TOKENIZER}"
-""")
-    chk = subprocess.run([binary, "check-config", cfg], capture_output=True, text=True)
-    if chk.returncode != 0:
-        sys.exit(f"check-config failed:\n{chk.stdout}{chk.stderr}")
-    log = open(os.path.join(logdir, f"ctxgate-{mode}.log"), "w")
-    p = subprocess.Popen([binary, "-c", cfg], stdout=log, stderr=subprocess.STDOUT, cwd=logdir)
-    wait_ready(f"http://127.0.0.1:{port}/healthz", p, "ctxgate", 60)
-    return p
+    """ctxgate as run.py configures it: compression off for `full`, rules for the other modes."""
+    conf = argparse.Namespace(context_window=window, keep_recent_turns=2, token_margin=0.0, tokenizer=TOKENIZER,
+                              ctxgate_bin=binary)
+    return run.start_ctxgate(conf, "off" if mode == "full" else "rules", port, llama_port, logdir)
 
 
 def metric(text, name):
