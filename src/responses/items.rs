@@ -126,6 +126,25 @@ pub fn map(instructions: Option<&str>, items: Vec<Value>) -> Option<Mapped> {
     Some(Mapped { messages, items, groups })
 }
 
+/// A request's whole conversation as items, mapped to chat messages once, when something reads
+/// them (compression, a session), and not at all otherwise.
+pub(crate) struct ItemConversation {
+    pub(crate) items: Vec<Value>,
+    instructions: Option<String>,
+    mapped: std::sync::OnceLock<Option<Mapped>>,
+}
+
+impl ItemConversation {
+    pub(crate) fn new(instructions: Option<String>, items: Vec<Value>) -> Self {
+        Self { items, instructions, mapped: std::sync::OnceLock::new() }
+    }
+
+    /// The conversation [`map`]ped (`None` when no item has a chat shape).
+    pub(crate) fn mapped(&self) -> Option<&Mapped> {
+        self.mapped.get_or_init(|| map(self.instructions.as_deref(), self.items.clone())).as_ref()
+    }
+}
+
 fn raw(value: &Value) -> Option<Box<RawValue>> {
     serde_json::value::to_raw_value(value).ok()
 }

@@ -25,7 +25,7 @@ use http_body_util::BodyExt;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
-use super::items;
+use super::items::ItemConversation;
 use super::native_session::{self, SessionTurn};
 use super::request::{items_of, listed};
 use super::store::{self, Chain, New};
@@ -88,6 +88,8 @@ pub(super) async fn create(
         Some(previous) => previous.items.iter().chain(&input).cloned().collect(),
         None => input.clone(),
     };
+    let instructions = fields.get("instructions").and_then(Value::as_str).map(str::to_string);
+    let conversation = ItemConversation::new(instructions, conversation);
     let opted_out =
         parts.headers.get(&headers::COMPRESSION).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"off"));
     // The client's own conversation id, before compression may add a derived one.
@@ -109,20 +111,11 @@ pub(super) async fn create(
         }
         compressed.items
     });
-    let instructions = fields.get("instructions").and_then(Value::as_str).map(str::to_string);
     let admitted = match background {
         true => None,
         false => {
             let key = client_key.as_deref();
-            native_session::admit(
-                &app,
-                &parts,
-                key,
-                previous.as_ref(),
-                instructions.as_deref(),
-                &conversation,
-            )
-            .await?
+            native_session::admit(&app, &parts, key, previous.as_ref(), &conversation).await?
         }
     };
     let (session, goal) = match admitted {
@@ -134,7 +127,7 @@ pub(super) async fn create(
         (None, None, None) if !engaged => bytes,
         (_, sent, goal) => {
             fields.remove("previous_response_id");
-            let mut input = sent.unwrap_or(conversation);
+            let mut input = sent.unwrap_or(conversation.items);
             // The goal block leads the input, fixed bytes, so the prefix stays stable.
             input.splice(..0, goal);
             fields.insert("input".into(), Value::Array(input));
@@ -335,7 +328,7 @@ async fn compress(
     parts: &request::Parts,
     scope: &str,
     fields: &mut Map<String, Value>,
-    conversation: &[Value],
+    conversation: &ItemConversation,
     annotations: &mut HeaderMap,
 ) -> Result<Option<Compressed>, GatewayError> {
     let Some(model) = fields.get("model").and_then(Value::as_str).map(str::to_string) else {
@@ -344,8 +337,7 @@ async fn compress(
     if app.compressor.active(&model).is_none() {
         return Ok(None);
     }
-    let instructions = fields.get("instructions").and_then(Value::as_str);
-    let Some(mapped) = items::map(instructions, conversation.to_vec()) else { return Ok(None) };
+    let Some(mapped) = conversation.mapped() else { return Ok(None) };
     let tools = fields.get("tools").and_then(|t| serde_json::value::to_raw_value(t).ok());
     let asked = Conversation {
         scope: scope.to_string(),
@@ -364,7 +356,7 @@ async fn compress(
     let authorization = parts.headers.get(header::AUTHORIZATION).cloned();
     let markers =
         compaction.finish_foreign(app, annotations, &mut plan, mapped.messages.len(), &model, authorization);
-    Ok(items.map(|items| Compressed { items, markers, originals: mapped.messages }))
+    Ok(items.map(|items| Compressed { items, markers, originals: mapped.messages.clone() }))
 }
 
 impl Keep {

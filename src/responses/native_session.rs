@@ -16,7 +16,7 @@ use http::request;
 use serde_json::value::RawValue;
 use serde_json::{json, Value};
 
-use super::items;
+use super::items::{self, ItemConversation};
 use super::store::Chain;
 use crate::auth::scope_credential;
 use crate::chat::compose::{apply_goal, GoalConflict};
@@ -37,7 +37,7 @@ pub(super) struct SessionTurn {
 pub(super) type GoalItem = Option<Value>;
 
 /// Admits the turn on the session the request names, if it names one. `conversation` is the
-/// whole conversation as items (after `instructions`). A session the client did not name on
+/// whole conversation. A session the client did not name on
 /// purpose (its conversation id) never fails the request: busy, or with its store down, the
 /// turn runs without it.
 pub(super) async fn admit(
@@ -45,8 +45,7 @@ pub(super) async fn admit(
     parts: &request::Parts,
     prompt_cache_key: Option<&str>,
     previous: Option<&Chain>,
-    instructions: Option<&str>,
-    conversation: &[Value],
+    conversation: &ItemConversation,
 ) -> Result<Option<(SessionTurn, GoalItem)>, GatewayError> {
     let credential = scope_credential(&parts.headers, &parts.extensions);
     let identity = app.sessions.identify(&parts.headers, prompt_cache_key, !credential.is_empty())?;
@@ -58,7 +57,7 @@ pub(super) async fn admit(
             (None, None) => return Ok(None),
         },
     };
-    let Some(mapped) = items::map(instructions, conversation.to_vec()) else { return Ok(None) };
+    let Some(mapped) = conversation.mapped() else { return Ok(None) };
     let messages = mapped.untagged();
     let key = SessionKey::new(&credential, &id);
     let request_id = parts.headers.get(&headers::REQUEST_ID).and_then(|v| v.to_str().ok()).unwrap_or("");
