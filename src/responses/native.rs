@@ -176,7 +176,7 @@ pub(super) async fn create(
         .unwrap_or_else(|_| Err(GatewayError::Internal("the session turn ended without a response".into())))
 }
 
-/// One request on its way: sent, its answer relayed (with expand rounds), kept and committed.
+/// One request on its way: sent, its answer relayed (with the gateway's tool rounds), kept and committed.
 struct Exchange {
     app: Arc<AppState>,
     keeper: Keep,

@@ -192,7 +192,7 @@ impl Rounds {
         let response = forwarded.into_response();
         if !response.status().is_success() {
             return Err(GatewayError::Internal(
-                format!("the upstream answered {} to an expand round", response.status()).into(),
+                format!("the upstream answered {} to a gateway tool round", response.status()).into(),
             ));
         }
         Ok(response.into_body())
@@ -202,7 +202,7 @@ impl Rounds {
         rounds + 1 >= self.app.tools.limits.max_rounds
     }
 
-    /// The final Response object of a JSON answer, its expand rounds run.
+    /// The final Response object of a JSON answer, the gateway's rounds run.
     pub(super) async fn json(mut self, first: Value) -> Result<Value, GatewayError> {
         let limit = self.app.config.server.max_answer_bytes.get();
         let mut object = first;
@@ -221,7 +221,7 @@ impl Rounds {
             let body = self.next(&round, last).await?;
             let bytes = super::collect(body, limit).await?;
             object = serde_json::from_slice(&bytes).map_err(|e| {
-                GatewayError::Internal(format!("an expand round's answer is not JSON: {e}").into())
+                GatewayError::Internal(format!("a gateway tool round's answer is not JSON: {e}").into())
             })?;
             rounds += 1;
         }
@@ -231,7 +231,7 @@ impl Rounds {
         Ok(object)
     }
 
-    /// Relays a stream's events to `client`, running expand rounds in between: one response's
+    /// Relays a stream's events to `client`, running the gateway's rounds in between: one response's
     /// events, numbered from 0, ending with its `response.completed`.
     pub(super) async fn stream(mut self, first: Body, client: FrameSender) {
         let mut out = Relay { client: Some(client), sequence: 0, shown: Vec::new(), usage: Usage::default() };
@@ -332,7 +332,8 @@ impl Relay {
             let Ok(frame) = frame else { break };
             let Ok(data) = frame.into_data() else { continue };
             let Ok(events) = splitter.feed(&data) else {
-                self.fail(&GatewayError::Internal("an event of an expand round is too large".into())).await;
+                self.fail(&GatewayError::Internal("an event of a gateway tool round is too large".into()))
+                    .await;
                 return None;
             };
             for event in events {
