@@ -15,7 +15,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ctxgate::config::{HttpBackend, PoolConfig, ToolConfig, UpstreamConfig};
+use ctxgate::config::{PoolConfig, ToolConfig, UpstreamConfig};
 use ctxgate::upstream::Resolver;
 use mock_upstream::Server;
 use serde_json::{json, Value};
@@ -192,23 +192,8 @@ async fn every_round_of_a_gateway_tool_loop_goes_to_the_conversations_endpoint()
                 ..UpstreamConfig::default()
             }];
             config.routes.clear();
-            config.tools = vec![ToolConfig {
-                name: "lookup".into(),
-                description: "Looks an item up.".into(),
-                parameters: json!({"type": "object"}),
-                inject: true,
-                timeout: Duration::from_secs(10),
-                retries: 0,
-                max_concurrency: 16,
-                run_as_task: false,
-                http: Some(HttpBackend {
-                    url: tool_url,
-                    method: "POST".into(),
-                    headers: Default::default(),
-                    headers_env: Default::default(),
-                }),
-                mcp: None,
-            }];
+            config.tools =
+                vec![ToolConfig { inject: true, ..support::tool_server::http_tool("lookup", tool_url) }];
         })
         .start()
         .await;

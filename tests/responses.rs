@@ -852,23 +852,7 @@ async fn gateway_tools_run_inside_a_streamed_response() {
 /// A completion whose message calls `get_weather` and `get_time` for `city`.
 /// The gateway tool `lookup`, an HTTP tool at `url`; `inject`: offered to every request.
 fn lookup_tool(url: String, inject: bool) -> ctxgate::config::ToolConfig {
-    ctxgate::config::ToolConfig {
-        name: "lookup".into(),
-        description: "Looks things up.".into(),
-        parameters: json!({"type": "object", "properties": {"q": {"type": "string"}}}),
-        inject,
-        timeout: Duration::from_secs(10),
-        retries: 0,
-        max_concurrency: 4,
-        run_as_task: false,
-        http: Some(ctxgate::config::HttpBackend {
-            url,
-            method: "POST".into(),
-            headers: Default::default(),
-            headers_env: Default::default(),
-        }),
-        mcp: None,
-    }
+    ctxgate::config::ToolConfig { inject, ..support::tool_server::http_tool("lookup", url) }
 }
 
 fn two_calls(city: &str) -> Value {

@@ -319,26 +319,6 @@ async fn a_session_turn_asks_the_upstream_for_an_unencoded_answer(store: Store) 
 
 // === item: a client that left a stateless tool loop stops it ===
 
-fn http_tool(name: &str, url: String) -> ctxgate::config::ToolConfig {
-    ctxgate::config::ToolConfig {
-        name: name.into(),
-        description: format!("The {name} tool."),
-        parameters: json!({"type": "object", "properties": {"q": {"type": "string"}}}),
-        inject: false,
-        timeout: Duration::from_secs(10),
-        retries: 0,
-        max_concurrency: 16,
-        run_as_task: false,
-        http: Some(ctxgate::config::HttpBackend {
-            url,
-            method: "POST".into(),
-            headers: Default::default(),
-            headers_env: Default::default(),
-        }),
-        mcp: None,
-    }
-}
-
 /// A streamed answer calling the gateway tool `look` once, with `usage` of (10, 5).
 fn streamed_tool_call() -> Vec<support::Chunk> {
     let chunk = |delta: Value, finish: Value| {
@@ -378,7 +358,7 @@ async fn tool_gateway(
     let url = tools.url("/look");
     let builder = Harness::builder().upstream(upstream).config(move |c| {
         c.tool_loop.keepalive_interval = Duration::from_secs(5);
-        c.tools = vec![http_tool("look", url)];
+        c.tools = vec![support::tool_server::http_tool("look", url)];
     });
     match store {
         Some(store) => {
@@ -490,7 +470,7 @@ async fn a_json_tool_turn_reports_the_usage_of_all_its_model_calls() {
     let url = tools.url("/look");
     let h = Harness::builder()
         .upstream(upstream)
-        .config(move |c| c.tools = vec![http_tool("look", url)])
+        .config(move |c| c.tools = vec![support::tool_server::http_tool("look", url)])
         .start()
         .await;
 

@@ -7,28 +7,17 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use ctxgate::config::{Config, HttpBackend, ToolConfig};
+use ctxgate::config::{Config, ToolConfig};
 use serde_json::{json, Value};
 use support::tool_server::{Behaviour, ToolServer};
 use support::{Chunk, Harness, Reply};
 
+/// The shared HTTP tool with `q` required and two retries.
 fn http_tool(name: &str, url: String) -> ToolConfig {
     ToolConfig {
-        name: name.into(),
-        description: format!("The {name} tool."),
         parameters: json!({"type": "object", "properties": {"q": {"type": "string"}}, "required": ["q"]}),
-        inject: false,
-        timeout: Duration::from_secs(10),
         retries: 2,
-        max_concurrency: 16,
-        run_as_task: false,
-        http: Some(HttpBackend {
-            url,
-            method: "POST".into(),
-            headers: Default::default(),
-            headers_env: Default::default(),
-        }),
-        mcp: None,
+        ..support::tool_server::http_tool(name, url)
     }
 }
 

@@ -145,3 +145,26 @@ impl ToolServer {
         response
     }
 }
+
+/// A gateway HTTP tool `name` at `url` (a path of a [`ToolServer`]): one string parameter `q`,
+/// not injected, no retries, up to 16 calls at once. Tests change what they need with
+/// `ToolConfig { .., ..http_tool(..) }`.
+pub fn http_tool(name: &str, url: String) -> ctxgate::config::ToolConfig {
+    ctxgate::config::ToolConfig {
+        name: name.into(),
+        description: format!("The {name} tool."),
+        parameters: serde_json::json!({"type": "object", "properties": {"q": {"type": "string"}}}),
+        inject: false,
+        timeout: Duration::from_secs(10),
+        retries: 0,
+        max_concurrency: 16,
+        run_as_task: false,
+        http: Some(ctxgate::config::HttpBackend {
+            url,
+            method: "POST".into(),
+            headers: Default::default(),
+            headers_env: Default::default(),
+        }),
+        mcp: None,
+    }
+}
