@@ -126,22 +126,29 @@ pub fn map(instructions: Option<&str>, items: Vec<Value>) -> Option<Mapped> {
     Some(Mapped { messages, items, groups })
 }
 
-/// A request's whole conversation as items, mapped to chat messages once, when something reads
-/// them (compression, a session), and not at all otherwise.
-pub(crate) struct ItemConversation {
-    pub(crate) items: Vec<Value>,
+/// A request's whole conversation as items (a stored chain's, then the request's), copied and
+/// mapped to chat messages only when something reads them (compression, a session, a body that
+/// must carry them), once.
+pub(crate) struct ItemConversation<'a> {
+    previous: &'a [Value],
+    input: &'a [Value],
     instructions: Option<String>,
     mapped: std::sync::OnceLock<Option<Mapped>>,
 }
 
-impl ItemConversation {
-    pub(crate) fn new(instructions: Option<String>, items: Vec<Value>) -> Self {
-        Self { items, instructions, mapped: std::sync::OnceLock::new() }
+impl<'a> ItemConversation<'a> {
+    pub(crate) fn new(instructions: Option<String>, previous: &'a [Value], input: &'a [Value]) -> Self {
+        Self { previous, input, instructions, mapped: std::sync::OnceLock::new() }
+    }
+
+    /// The items, in order.
+    pub(crate) fn items(&self) -> Vec<Value> {
+        self.previous.iter().chain(self.input).cloned().collect()
     }
 
     /// The conversation [`map`]ped (`None` when no item has a chat shape).
     pub(crate) fn mapped(&self) -> Option<&Mapped> {
-        self.mapped.get_or_init(|| map(self.instructions.as_deref(), self.items.clone())).as_ref()
+        self.mapped.get_or_init(|| map(self.instructions.as_deref(), self.items())).as_ref()
     }
 }
 

@@ -84,12 +84,9 @@ pub(super) async fn create(
     let Some(input) = input.filter(|_| previous.is_some() || named.is_none()) else {
         return passthrough::passthrough(app, Request::from_parts(parts, body::full(bytes))).await;
     };
-    let conversation: Vec<Value> = match &previous {
-        Some(previous) => previous.items.iter().chain(&input).cloned().collect(),
-        None => input.clone(),
-    };
     let instructions = fields.get("instructions").and_then(Value::as_str).map(str::to_string);
-    let conversation = ItemConversation::new(instructions, conversation);
+    let earlier = previous.as_ref().map_or(&[][..], |p| p.items.as_slice());
+    let conversation = ItemConversation::new(instructions, earlier, &input);
     let opted_out =
         parts.headers.get(&headers::COMPRESSION).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"off"));
     // The client's own conversation id, before compression may add a derived one.
@@ -127,7 +124,7 @@ pub(super) async fn create(
         (None, None, None) if !engaged => bytes,
         (_, sent, goal) => {
             fields.remove("previous_response_id");
-            let mut input = sent.unwrap_or(conversation.items);
+            let mut input = sent.unwrap_or_else(|| conversation.items());
             // The goal block leads the input, fixed bytes, so the prefix stays stable.
             input.splice(..0, goal);
             fields.insert("input".into(), Value::Array(input));
@@ -143,7 +140,8 @@ pub(super) async fn create(
     parts.headers.remove(app.sessions.config.header.primary());
     let rounds = (engaged || originals.is_some()).then(|| Rounds {
         app: app.clone(),
-        fields: fields.clone(),
+        // The request as sent; nothing reads it here after this.
+        fields: std::mem::take(&mut fields),
         headers: tool_rounds::round_headers(&parts.headers),
         originals,
         scope: scope.clone(),
@@ -287,26 +285,16 @@ struct Compressed {
 /// the client's own (in the flat Responses shape). Returns whether the request can reach a
 /// gateway tool (one injected, or one it declares by name).
 fn offer_gateway_tools(app: &AppState, fields: &mut Map<String, Value>) -> bool {
-    if app.tools.is_empty() {
-        return false;
-    }
     let declared: Vec<String> = match fields.get("tools") {
         Some(Value::Array(tools)) => {
             tools.iter().filter_map(|t| t["name"].as_str().map(str::to_string)).collect()
         }
         _ => Vec::new(),
     };
-    let mut engaged = declared.iter().any(|name| app.tools.get(name).is_some());
-    let missing: Vec<Value> = app
-        .tools
-        .injected()
-        .filter(|(name, _)| !declared.iter().any(|d| d == name))
-        .map(|(_, t)| tool_rounds::flat(t))
-        .collect();
+    let (missing, engaged) = app.tools.offer(&declared);
     if !missing.is_empty() {
-        engaged = true;
         if let Value::Array(tools) = fields.entry("tools").or_insert_with(|| Value::Array(Vec::new())) {
-            tools.extend(missing);
+            tools.extend(missing.into_iter().map(tool_rounds::flat));
         }
     }
     engaged
@@ -328,7 +316,7 @@ async fn compress(
     parts: &request::Parts,
     scope: &str,
     fields: &mut Map<String, Value>,
-    conversation: &ItemConversation,
+    conversation: &ItemConversation<'_>,
     annotations: &mut HeaderMap,
 ) -> Result<Option<Compressed>, GatewayError> {
     let Some(model) = fields.get("model").and_then(Value::as_str).map(str::to_string) else {

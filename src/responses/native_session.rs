@@ -45,7 +45,7 @@ pub(super) async fn admit(
     parts: &request::Parts,
     prompt_cache_key: Option<&str>,
     previous: Option<&Chain>,
-    conversation: &ItemConversation,
+    conversation: &ItemConversation<'_>,
 ) -> Result<Option<(SessionTurn, GoalItem)>, GatewayError> {
     let credential = scope_credential(&parts.headers, &parts.extensions);
     let identity = app.sessions.identify(&parts.headers, prompt_cache_key, !credential.is_empty())?;

@@ -134,35 +134,36 @@ impl Registry {
             None => Vec::new(),
         };
         let declared: Vec<String> = tools.iter().filter_map(|t| declared_name(t)).collect();
-        let before = tools.len();
-        for (name, definition) in &self.injected {
-            if !declared.contains(name) {
-                tools.push(definition.clone());
-            }
-        }
-        if tools.len() == before {
+        let (missing, _) = self.offer(&declared);
+        if missing.is_empty() {
             return Ok(request);
         }
+        tools.extend(missing.into_iter().map(ToOwned::to_owned));
         Ok(request.with_tools(&tools))
-    }
-
-    /// The definitions injected into requests (chat's shape), by name.
-    pub fn injected(&self) -> impl Iterator<Item = (&str, &RawValue)> {
-        self.injected.iter().map(|(name, definition)| (name.as_str(), &**definition))
     }
 
     /// True when the request can reach a gateway tool: one is injected, or the request
     /// declares one by name.
     pub fn engaged_by(&self, request: &ChatRequest) -> bool {
-        if self.tools.is_empty() {
-            return false;
-        }
-        if !self.injected.is_empty() {
-            return true;
-        }
-        let Some(raw) = request.tools() else { return false };
-        let tools: Vec<Box<RawValue>> = serde_json::from_str(raw.get()).unwrap_or_default();
-        tools.iter().filter_map(|t| declared_name(t)).any(|name| self.tools.contains_key(&name))
+        let declared: Vec<String> = match request.tools() {
+            Some(raw) if !self.tools.is_empty() && self.injected.is_empty() => {
+                let tools: Vec<Box<RawValue>> = serde_json::from_str(raw.get()).unwrap_or_default();
+                tools.iter().filter_map(|t| declared_name(t)).collect()
+            }
+            _ => Vec::new(),
+        };
+        self.offer(&declared).1
+    }
+
+    /// For a request whose tools are named `declared` (in any front end's shape): the injected
+    /// definitions (chat's shape) it does not declare itself, in order, and whether it can reach
+    /// a gateway tool at all (one is injected, or it declares one by name).
+    pub fn offer(&self, declared: &[String]) -> (Vec<&RawValue>, bool) {
+        let missing =
+            self.injected.iter().filter(|(name, _)| !declared.contains(name)).map(|(_, d)| &**d).collect();
+        let reachable =
+            !self.injected.is_empty() || declared.iter().any(|name| self.tools.contains_key(name));
+        (missing, reachable && !self.tools.is_empty())
     }
 }
 
