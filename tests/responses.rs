@@ -1419,6 +1419,8 @@ async fn a_model_on_a_responses_upstream_reads_a_masked_output_back_through_ctxg
     );
     assert_eq!(done["usage"]["input_tokens"], 13);
     assert_eq!(upstream.requests().len(), 5);
+    // And both calls are in the tool metrics, as on a chat upstream
+    assert_eq!(h.metric(r#"ctxgate_tool_calls_total{tool="ctxgate_expand",outcome="ok"}"#).await, 2.0);
 
     // And a background response, which runs out of the gateway's sight, is compressed but offered
     // no tool the gateway would have to answer, and is no turn of the session it names

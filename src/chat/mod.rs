@@ -24,7 +24,7 @@ pub(crate) mod compression;
 mod context;
 mod relay;
 pub(crate) mod takeover;
-mod tool_loop;
+pub(crate) mod tool_loop;
 
 use std::sync::Arc;
 

@@ -89,6 +89,27 @@ pub(crate) struct Originals<'a> {
 }
 
 impl Originals<'_> {
+    /// The answer to one `ctxgate_expand` call with `arguments`: the original its id names, or
+    /// the passages of it a query asks for; and whether that original was found (counted in
+    /// the tool metrics either way). Front ends other than this loop answer with it too.
+    pub(crate) async fn answer(&self, app: &AppState, arguments: &str) -> (String, bool) {
+        let id = serde_json::from_str::<Value>(arguments).ok().and_then(|v| {
+            v.get("id").and_then(Value::as_str).map(|id| id.trim().trim_start_matches("id=").to_string())
+        });
+        let found = match id {
+            Some(id) => self.find(app, &id).await.map(|m| (id, m)),
+            None => None,
+        };
+        let max = app.compressor.config.expand_max_bytes;
+        let content = expand::answer(arguments, max, |want| {
+            found.as_ref().filter(|(id, _)| id == want).map(|(_, m)| m.clone())
+        });
+        let outcome = if found.is_some() { "ok" } else { "tool_error" };
+        let label = ToolOutcomeLabel { tool: EXPAND_TOOL.to_string(), outcome };
+        app.metrics.tools.calls.get_or_create(&label).inc();
+        (content, found.is_some())
+    }
+
     /// The original named `id`, from the conversation or else the store.
     async fn find(&self, app: &AppState, id: &str) -> Option<Box<RawValue>> {
         if let Some(found) = expand::resolve(self.messages, id) {
@@ -232,20 +253,12 @@ impl<'a> ToolLoop<'a> {
     /// query asks for.
     async fn expand(&self, call: Call) -> ToolOutcome {
         let started = Instant::now();
-        let id = serde_json::from_str::<Value>(&call.arguments).ok().and_then(|v| {
-            v.get("id").and_then(Value::as_str).map(|id| id.trim().trim_start_matches("id=").to_string())
-        });
-        let found = match (&self.originals, id) {
-            (Some(originals), Some(id)) => originals.find(self.app, &id).await.map(|m| (id, m)),
-            _ => None,
+        // Only a request that offers the tool gets here (see `runs`).
+        let (content, found) = match &self.originals {
+            Some(originals) => originals.answer(self.app, &call.arguments).await,
+            None => (String::new(), false),
         };
-        let max = self.app.compressor.config.expand_max_bytes;
-        let content = expand::answer(&call.arguments, max, |want| {
-            found.as_ref().filter(|(id, _)| id == want).map(|(_, m)| m.clone())
-        });
-        let outcome = if found.is_some() { "ok" } else { "tool_error" };
-        let label = ToolOutcomeLabel { tool: EXPAND_TOOL.to_string(), outcome };
-        self.app.metrics.tools.calls.get_or_create(&label).inc();
+        let outcome = if found { "ok" } else { "tool_error" };
         let run = ToolRun {
             tool: EXPAND_TOOL.to_string(),
             tool_call_id: call.id.clone(),

@@ -23,9 +23,9 @@ use serde_json::{json, Map, Value};
 
 use crate::auth::Caller;
 use crate::body::{Body, FrameSender};
-use crate::chat::compression::stored_original;
+use crate::chat::tool_loop::Originals;
 use crate::compress::expand;
-use crate::compress::marker::{self, EXPAND_TOOL};
+use crate::compress::marker::EXPAND_TOOL;
 use crate::error::GatewayError;
 use crate::openai::events::EventSplitter;
 use crate::openai::sse;
@@ -124,36 +124,16 @@ impl Rounds {
         let mut ran = self.app.tools.run_all(tools, None).await.into_iter();
         let mut out = Vec::with_capacity(calls.len());
         for call in calls {
-            let output = match call.name == EXPAND_TOOL {
-                true => self.answer(&call.arguments).await,
-                false => ran.next().map(|outcome| outcome.content).unwrap_or_default(),
+            let output = match (call.name == EXPAND_TOOL, &self.originals) {
+                (true, Some(messages)) => {
+                    let originals = Originals { messages, scope: self.scope.clone() };
+                    originals.answer(&self.app, &call.arguments).await.0
+                }
+                _ => ran.next().map(|outcome| outcome.content).unwrap_or_default(),
             };
             out.push(json!({"type": "function_call_output", "call_id": call.id, "output": output}));
         }
         out
-    }
-
-    /// Answers one expand call.
-    async fn answer(&self, arguments: &str) -> String {
-        let id = serde_json::from_str::<Value>(arguments).ok().and_then(|v| {
-            v.get("id").and_then(Value::as_str).map(|id| id.trim().trim_start_matches("id=").to_string())
-        });
-        let found = match &id {
-            Some(id) => {
-                match self.originals.as_deref().and_then(|originals| expand::resolve(originals, id)) {
-                    Some(found) => Some(found),
-                    None => stored_original(&self.app, &self.scope, id).await.and_then(|mut stored| match id
-                        .contains(marker::RUN)
-                    {
-                        true => Some(expand::joined(&stored)),
-                        false => stored.pop(),
-                    }),
-                }
-            }
-            None => None,
-        };
-        let max = self.app.compressor.config.expand_max_bytes;
-        expand::answer(arguments, max, |want| found.clone().filter(|_| id.as_deref() == Some(want)))
     }
 
     /// Sends the next round: what was sent, the round's items and its calls' results.
