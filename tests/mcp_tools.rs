@@ -204,37 +204,13 @@ async fn a_pending_task_survives_a_gateway_restart(store: Store) {
         .start()
         .await
         .unwrap();
-    let tools = format!(
-        "[tool_loop]\ntask_poll_interval = \"100ms\"\n[[tools]]\nname = \"slow_report\"\ninject = true\ntimeout = \"60s\"\nparameters = {{ type = \"object\", properties = {{ topic = {{ type = \"string\" }}, seconds = {{ type = \"number\" }} }} }}\n[tools.mcp]\nurl = {:?}\n",
-        mcp.url
-    );
+    let tools = slow_report_toml(&mcp.url);
     let mut first = Gateway::start_with(&upstream.base_url(), &store.url, &tools).await;
     let client = reqwest::Client::new();
     let pending = tokio::spawn(first.chat(&client, "tasks-1").json(&ask()).send());
 
     // The task is recorded with the MCP server's id while it runs; then the gateway dies.
-    let tasks_url = format!("{}/v1/sessions/tasks-1/tasks", first.base);
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let recorded = loop {
-        let listing: Value = client
-            .get(&tasks_url)
-            .header("authorization", AUTH)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap_or_default();
-        if let Some(task) =
-            listing["data"].as_array().and_then(|d| d.first()).filter(|t| t["remote_id"].is_string())
-        {
-            break task.clone();
-        }
-        assert!(Instant::now() < deadline, "no task recorded: {listing}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    assert_eq!(recorded["state"], "working");
-    assert_eq!(recorded["tool"], "slow_report");
+    let recorded = recorded_task(&client, &first.base, "tasks-1").await;
     first.kill();
     assert!(pending.await.unwrap().is_err(), "the client's connection died with the gateway");
 
@@ -266,8 +242,50 @@ async fn a_pending_task_survives_a_gateway_restart(store: Store) {
     assert_eq!(transcript[2], json!({"role": "tool", "tool_call_id": "r0", "content": "report on restarts"}));
     assert_eq!(transcript[3]["content"], "finished after the restart");
 
+    finished_once(&client, &second.base, "tasks-1", &recorded).await;
+    assert_eq!(upstream.requests().len(), 3);
+}
+
+on_both_stores!(a_pending_task_survives_a_gateway_restart);
+
+/// The `slow_report` tool as TOML, with its MCP server at `url`.
+fn slow_report_toml(url: &str) -> String {
+    format!(
+        "[tool_loop]\ntask_poll_interval = \"100ms\"\n[[tools]]\nname = \"slow_report\"\ninject = true\ntimeout = \"60s\"\nparameters = {{ type = \"object\", properties = {{ topic = {{ type = \"string\" }}, seconds = {{ type = \"number\" }} }} }}\n[tools.mcp]\nurl = {url:?}\n"
+    )
+}
+
+/// The session's first task once it is recorded with the MCP server's id, running.
+async fn recorded_task(client: &reqwest::Client, base: &str, session: &str) -> Value {
+    let tasks_url = format!("{base}/v1/sessions/{session}/tasks");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let recorded = loop {
+        let listing: Value = client
+            .get(&tasks_url)
+            .header("authorization", AUTH)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap_or_default();
+        if let Some(task) =
+            listing["data"].as_array().and_then(|d| d.first()).filter(|t| t["remote_id"].is_string())
+        {
+            break task.clone();
+        }
+        assert!(Instant::now() < deadline, "no task recorded: {listing}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(recorded["state"], "working");
+    assert_eq!(recorded["tool"], "slow_report");
+    recorded
+}
+
+/// Checks the session ran one task, `recorded`, to its end (polled by the second process).
+async fn finished_once(client: &reqwest::Client, base: &str, session: &str, recorded: &Value) {
     let listing: Value = client
-        .get(format!("{}/v1/sessions/tasks-1/tasks", second.base))
+        .get(format!("{base}/v1/sessions/{session}/tasks"))
         .header("authorization", AUTH)
         .send()
         .await
@@ -281,7 +299,88 @@ async fn a_pending_task_survives_a_gateway_restart(store: Store) {
     assert_eq!(tasks[0]["state"], "completed");
     assert_eq!(tasks[0]["attempts"], 2);
     assert_eq!(tasks[0]["result"], "report on restarts");
-    assert_eq!(upstream.requests().len(), 3);
 }
 
-on_both_stores!(a_pending_task_survives_a_gateway_restart);
+/// A Response object from an upstream with the Responses API: `output` as given.
+fn responses_object(id: &str, output: Value) -> Value {
+    json!({"id": id, "object": "response", "created_at": 1, "status": "completed", "model": "mock-model",
+           "output": output, "usage": {"input_tokens": 5, "output_tokens": 2, "total_tokens": 7}})
+}
+
+#[tokio::test]
+async fn a_pending_task_of_a_responses_turn_survives_a_gateway_restart() {
+    let mcp = McpServer::start().await;
+    let store = Store::Embedded.url().await;
+    let arguments = json!({"topic": "restarts", "seconds": 4.0}).to_string();
+    let call = || {
+        let item = json!({"type": "function_call", "id": "fc_1", "call_id": "r0", "name": "slow_report",
+                          "arguments": arguments, "status": "completed"});
+        Reply::json(200, responses_object("resp_call", json!([item])))
+    };
+    let answer = json!([{"id": "msg_1", "type": "message", "role": "assistant", "status": "completed",
+                         "content": [{"type": "output_text", "text": "finished after the restart", "annotations": []}]}]);
+    let upstream = mock_upstream::Server::builder()
+        .reply(call())
+        .reply(call())
+        .reply(Reply::json(200, responses_object("resp_done", answer)))
+        .start()
+        .await
+        .unwrap();
+    let config = format!("api = \"responses\"\n{}", slow_report_toml(&mcp.url));
+    let client = reqwest::Client::new();
+
+    // Given a session turn to an upstream with the Responses API whose model called an MCP
+    // tool that runs as a task, and the gateway killed while the task runs
+    let mut first = Gateway::start_with(&upstream.base_url(), &store.url, &config).await;
+    let ask = json!({"model": "mock-model", "input": "Use the tools."});
+    let post = client
+        .post(format!("{}/v1/responses", first.base))
+        .header("authorization", AUTH)
+        .header("x-session-id", "tasks-native")
+        .json(&ask);
+    let pending = tokio::spawn(post.send());
+    let recorded = recorded_task(&client, &first.base, "tasks-native").await;
+    first.kill();
+    assert!(pending.await.unwrap().is_err(), "the client's connection died with the gateway");
+
+    // When a fresh process takes the turn over
+    let second = Gateway::start_with(&upstream.base_url(), &store.url, &config).await;
+    second.resume_after_lease(&client, "tasks-native", Duration::from_secs(10)).await;
+
+    // Then the turn is re-issued, the same task is polled to its result, and the answer is
+    // committed
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let transcript = loop {
+        let listing: Value = client
+            .get(format!("{}/v1/sessions/tasks-native/messages", second.base))
+            .header("authorization", AUTH)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap_or_default();
+        let data = listing["data"].as_array().cloned().unwrap_or_default();
+        if !data.is_empty() {
+            break data;
+        }
+        assert!(Instant::now() < deadline, "the resumed turn did not commit: {listing}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(transcript.last().unwrap()["content"], "finished after the restart");
+    finished_once(&client, &second.base, "tasks-native", &recorded).await;
+    let requests = upstream.requests();
+    assert_eq!(requests.len(), 3);
+    assert_eq!(requests[1].body, requests[0].body, "re-issued as sent");
+    let results: Vec<Value> = requests[2].json()["input"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|i| i["type"] == "function_call_output")
+        .cloned()
+        .collect();
+    assert_eq!(
+        results,
+        [json!({"type": "function_call_output", "call_id": "r0", "output": "report on restarts"})]
+    );
+}

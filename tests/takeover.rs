@@ -11,7 +11,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use mock_upstream::{Chunk, Server};
+use mock_upstream::{Chunk, Reply, Server};
 use serde_json::{json, Value};
 use support::gateway::{Gateway, Options, AUTH};
 use support::stores::{self, Store};
@@ -339,5 +339,151 @@ async fn a_store_that_cannot_take_a_turn_over_fails_the_waiting_requests() {
     let tries = support::sample_value(&metrics, r#"ctxgate_session_resumes_total{outcome="error"}"#);
     assert!((3.0..100.0).contains(&tries), "{tries} takeover tries");
     assert_eq!(upstream.requests().len(), 1, "nothing re-issued");
+    let _ = gate;
+}
+
+/// An upstream with the Responses API, answering `text` as a Response object.
+fn responses_object(id: &str, text: &str) -> Value {
+    json!({
+        "id": id, "object": "response", "created_at": 1, "status": "completed", "model": "mock-model",
+        "output": [{"id": format!("msg_{id}"), "type": "message", "role": "assistant", "status": "completed",
+                    "content": [{"type": "output_text", "text": text, "annotations": []}]}],
+        "usage": {"input_tokens": 5, "output_tokens": 2, "total_tokens": 7}
+    })
+}
+
+/// A Responses stream that hangs after `response.created` (until `gate` opens), then one that
+/// answers "Resumed answer." in full.
+fn responses_hanging_then_full(gate: &Gate) -> mock_upstream::Builder {
+    let created = |id: &str| {
+        Chunk::json(json!({"type": "response.created", "sequence_number": 0,
+                           "response": {"id": id, "object": "response", "status": "in_progress"}}))
+    };
+    let cut = vec![created("resp_cut"), Chunk::Wait(gate.clone())];
+    let full = vec![
+        created("resp_full"),
+        Chunk::json(json!({"type": "response.completed", "sequence_number": 1,
+                           "response": responses_object("resp_full", "Resumed answer.")})),
+    ];
+    Server::builder().reply(Reply::sse(cut)).reply(Reply::sse(full))
+}
+
+/// A streamed session turn to the Responses upstream, SIGKILLed once the client has its first
+/// event.
+async fn kill_responses_turn(gateway: &mut Gateway, client: &reqwest::Client, session: &str) {
+    let body = json!({"model": "mock-model", "instructions": "Be terse.", "input": "count", "stream": true});
+    let response = client
+        .post(format!("{}/v1/responses", gateway.base))
+        .header("authorization", AUTH)
+        .header("x-session-id", session)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let mut stream = response.bytes_stream();
+    let head = stream.next().await.unwrap().unwrap();
+    assert!(std::str::from_utf8(&head).unwrap().contains("response.created"));
+    gateway.kill();
+}
+
+#[tokio::test]
+async fn a_restarted_process_re_issues_a_session_turn_to_a_responses_upstream() {
+    let store = Store::Embedded.url().await;
+    let gate = Gate::new();
+    let upstream = responses_hanging_then_full(&gate).start().await.unwrap();
+    let client = reqwest::Client::new();
+    let env = [(KEY_ENV, "sk-upstream")];
+    let extra = "api = \"responses\"\napi_key_env = \"CTXGATE_TAKEOVER_TEST_KEY\"\n";
+    let options = || Options { lease: "30s", extra, env: &env };
+
+    // Given a streamed session turn to an upstream with the Responses API, cut by a SIGKILL
+    let mut first = Gateway::start_opts(&upstream.base_url(), &store.url, options()).await;
+    kill_responses_turn(&mut first, &client, "native-swept").await;
+
+    // When a fresh process starts, and nobody asks about the session
+    let second = Gateway::start_opts(&upstream.base_url(), &store.url, options()).await;
+
+    // Then the turn is re-issued byte for byte, once, and committed with the new answer
+    let (transcript, _) = committed(&client, &second.base, "native-swept", Duration::from_secs(10)).await;
+    assert_eq!(
+        transcript,
+        [
+            json!({"role": "system", "content": "Be terse."}),
+            json!({"role": "user", "content": "count"}),
+            json!({"role": "assistant", "content": "Resumed answer."}),
+        ]
+    );
+    let requests = upstream.requests();
+    assert_eq!(requests.len(), 2, "re-issued once");
+    assert_eq!(requests[1].body, requests[0].body);
+    assert_eq!(requests[1].path, "/v1/responses");
+    assert_eq!(requests[1].headers["authorization"], "Bearer sk-upstream");
+    let session: Value = client
+        .get(format!("{}/v1/sessions/native-swept", second.base))
+        .header("authorization", AUTH)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(session["usage"]["requests"], 1, "{session}");
+    assert_eq!(session["usage"]["prompt_tokens"], 5, "{session}");
+    let _ = gate;
+}
+
+#[tokio::test]
+async fn the_next_turn_on_a_responses_session_finishes_the_dead_processes_turn_first() {
+    let store = Store::Embedded.url().await;
+    let gate = Gate::new();
+    let upstream = responses_hanging_then_full(&gate)
+        .reply(Reply::json(200, responses_object("resp_next", "Next answer.")))
+        .start()
+        .await
+        .unwrap();
+    let client = reqwest::Client::new();
+    // The upstream takes the caller's own key: only a caller can re-issue the turn.
+    let options = || Options { lease: "30s", extra: "api = \"responses\"\n", env: &[] };
+    let mut first = Gateway::start_opts(&upstream.base_url(), &store.url, options()).await;
+    kill_responses_turn(&mut first, &client, "native-next").await;
+    let second = Gateway::start_opts(&upstream.base_url(), &store.url, options()).await;
+
+    // When the client sends its next turn (the whole history, as Codex does over HTTP)
+    let history = json!([
+        {"type": "message", "role": "user", "content": "count"},
+        {"type": "message", "role": "assistant", "content": "Resumed answer."},
+        {"type": "message", "role": "user", "content": "more"},
+    ]);
+    let body = json!({"model": "mock-model", "instructions": "Be terse.", "input": history});
+    let next = client
+        .post(format!("{}/v1/responses", second.base))
+        .header("authorization", AUTH)
+        .header("x-session-id", "native-next")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+
+    // Then the dead process's turn was re-issued with this caller's key and committed first,
+    // without waiting for its 30 s lease, and the new turn runs after it
+    assert_eq!(next.status(), 200);
+    assert_eq!(next.json::<Value>().await.unwrap()["id"], "resp_next");
+    let requests = upstream.requests();
+    assert_eq!(requests.len(), 3);
+    assert_eq!(requests[1].body, requests[0].body);
+    assert_eq!(requests[1].headers["authorization"], AUTH);
+    let session: Value = client
+        .get(format!("{}/v1/sessions/native-next", second.base))
+        .header("authorization", AUTH)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(session["usage"]["requests"], 2, "both turns committed: {session}");
+    let transcript = stores::transcript(&client, &second.base, "native-next", AUTH).await;
+    assert_eq!(transcript.last().unwrap(), &json!({"role": "assistant", "content": "Next answer."}));
     let _ = gate;
 }

@@ -464,8 +464,8 @@ fn raw_json(body: &Bytes) -> Result<Box<RawValue>, GatewayError> {
 }
 
 /// A task log for the lease's turn: each task's state change is written into the checkpoint's
-/// tool record while the turn runs.
-fn task_log(lease: &Lease) -> Arc<TaskLog> {
+/// tool record while the turn runs (front ends with tool rounds of their own log there too).
+pub(crate) fn task_log(lease: &Lease) -> Arc<TaskLog> {
     let known = ToolRecord::from_raw(lease.checkpoint().tools.as_deref()).tasks;
     let amender = lease.amender();
     let sink = Box::new(move |entry: TaskEntry| {
@@ -504,6 +504,20 @@ pub(crate) async fn resume(
             return Err(err);
         }
     };
+    let part = match request.origin.clone() {
+        Some(origin) => (app.resumer)(app.clone(), lease.key().clone(), origin).await,
+        None => None,
+    };
+    let front_end = match part {
+        // A turn sent in the front end's own protocol is the front end's to re-issue.
+        Some(FrontEndPart::Reissue(reissue)) => {
+            let turn_id = resuming(app, &lease);
+            app.spawn(reissue(app.clone(), lease, request, headers));
+            return Ok(Some(turn_id));
+        }
+        Some(FrontEndPart::Finish(front_end)) => Some(front_end),
+        None => None,
+    };
     let parsed = ChatRequest::parse(Bytes::from(request.body.get().to_string()))
         .and_then(|upstream| ChatContext::resumed(app, headers, &request.path, upstream))
         .map(|ctx| ctx.with_session_affinity(app, lease.key()));
@@ -516,18 +530,12 @@ pub(crate) async fn resume(
         }
     };
     let mut ctx = ctx;
-    let front_end = match request.origin.clone() {
-        Some(origin) => (app.resumer)(app.clone(), lease.key().clone(), origin).await,
-        None => None,
-    };
     if let Some(front_end) = &front_end {
         ctx.cancel = front_end.cancel.clone();
     }
     let conversation =
         request.conversation.unwrap_or_else(|| compose::conversation_of(&ctx.request, goal.as_ref()));
-    tracing::info!(session = ?lease.key(), turn = lease.turn(), "resuming an interrupted turn");
-    resumes.get_or_create(&label("resumed")).inc();
-    let turn_id = lease.turn();
+    let turn_id = resuming(app, &lease);
     let tasks = task_log(&lease);
     let turn = Turn {
         ctx,
@@ -552,8 +560,28 @@ pub(crate) async fn resume(
     Ok(Some(turn_id))
 }
 
-/// A front end's part in a turn it began, when the turn is resumed after a takeover: how to
-/// cancel it, and what to do with its answer (a background response translates and stores it).
+/// Logs and counts a turn about to be re-issued; returns its turn id.
+fn resuming(app: &AppState, lease: &Lease) -> u64 {
+    tracing::info!(session = ?lease.key(), turn = lease.turn(), "resuming an interrupted turn");
+    app.metrics.session_resumes.get_or_create(&OutcomeLabel { outcome: "resumed" }).inc();
+    lease.turn()
+}
+
+/// A front end's part in a turn it began, when the turn is resumed after a takeover.
+pub(crate) enum FrontEndPart {
+    /// The chat pipeline re-issues the turn; the front end finishes it with the answer.
+    Finish(FrontEnd),
+    /// The turn's request is in the front end's own protocol (a Responses request to an
+    /// upstream with that API): the front end re-issues it under the lease, and commits it.
+    Reissue(Reissue),
+}
+
+/// How a front end re-issues a turn it sent in its own protocol: under the taken-over lease,
+/// with the resuming caller's headers.
+pub(crate) type Reissue = fn(Arc<AppState>, Lease, StoredRequest, HeaderMap) -> BoxFuture<()>;
+
+/// How to cancel a resumed turn a front end finishes, and what to do with its answer (a
+/// background response translates and stores it).
 pub(crate) struct FrontEnd {
     pub(crate) cancel: CancellationToken,
     pub(crate) finish: Finish,
@@ -567,11 +595,11 @@ pub(crate) type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output 
 /// Finds the front end of a resumed turn from the origin its marker records (see
 /// [`crate::session::StoredRequest::origin`]); `None` when none claims it. Set once at start-up
 /// (the front ends sit beside this pipeline, not below it).
-pub(crate) type Resumer = fn(Arc<AppState>, SessionKey, String) -> BoxFuture<Option<FrontEnd>>;
+pub(crate) type Resumer = fn(Arc<AppState>, SessionKey, String) -> BoxFuture<Option<FrontEndPart>>;
 
 /// Reads a response no client waits for to its end (a resumed stream's relay commits when
 /// its body is done).
-async fn drain(response: Response<Body>) {
+pub(crate) async fn drain(response: Response<Body>) {
     use http_body_util::BodyExt;
     let mut body = response.into_body();
     while let Some(Ok(_)) = body.frame().await {}

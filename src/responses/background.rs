@@ -35,7 +35,7 @@ use super::store::{self, Chain, New, Record};
 use super::stream::{Finished, Translator};
 use super::{collect, send};
 use crate::body::{Body, ChannelBody};
-use crate::chat::{self, ChatContext, FrontEnd};
+use crate::chat::{self, ChatContext, FrontEnd, FrontEndPart};
 use crate::error::GatewayError;
 use crate::http_util::json_response;
 use crate::session::checkpoint::now_ms;
@@ -46,9 +46,12 @@ use crate::AppState;
 /// another replica (shared stores only).
 const REMOTE_CANCEL_POLL: Duration = Duration::from_millis(200);
 
-/// The origin a background response's turn records in its in-flight marker.
+/// What a background response's turn records as its origin in its in-flight marker, before
+/// the response's id.
+const ORIGIN: &str = "responses:";
+
 fn origin(id: &str) -> String {
-    format!("responses:{id}")
+    format!("{ORIGIN}{id}")
 }
 
 /// Background responses running in this process, by response key: how to cancel each, and a
@@ -145,65 +148,68 @@ pub(super) async fn start(turn: Turn, mut ctx: ChatContext) -> Result<Response<B
 }
 
 /// The front end of a background response's turn resumed after a takeover (see
-/// [`chat::Resumer`]): finishes the response with the re-issued answer. A response stored as
+/// [`chat::Resumer`]; `None` for an origin that is not a background response's): finishes
+/// the response with the re-issued answer. A response stored as
 /// finished meanwhile (cancelled while no process ran it), or one that cannot be read (the
 /// store failing), cancels the turn at once: nothing is committed, and a later read of the
 /// response finds no one running it and stores it failed.
-pub(crate) fn resumed(
+pub(super) fn resumed(
     app: Arc<AppState>,
     session: SessionKey,
     origin: String,
-) -> chat::BoxFuture<Option<FrontEnd>> {
-    Box::pin(async move {
-        let id = origin.strip_prefix("responses:")?.to_string();
-        let scope = session.scope;
-        let record = match store::load(&app.sessions, &scope, &id).await {
-            Ok(record) => record,
-            Err(err) => {
-                tracing::warn!(error = %err, "cannot read a resumed background response");
-                None
-            }
-        };
-        let cancel = CancellationToken::new();
-        let Some(record) = record.filter(Record::running) else {
-            cancel.cancel();
-            return Some(FrontEnd { cancel, finish: Box::new(|_| Box::pin(async {})) });
-        };
-        let registration = Running::register(&app, &scope, &id, cancel.clone());
-        let owner = app.sessions.owner.clone();
-        if let Err(err) = store::update(&app.sessions, &scope, &id, |r| r.owner = Some(owner)).await {
-            tracing::warn!(error = %err, "cannot claim a resumed background response");
+) -> chat::BoxFuture<Option<FrontEndPart>> {
+    Box::pin(async move { finish_resumed(app, session, origin).await.map(FrontEndPart::Finish) })
+}
+
+async fn finish_resumed(app: Arc<AppState>, session: SessionKey, origin: String) -> Option<FrontEnd> {
+    let id = origin.strip_prefix(ORIGIN)?.to_string();
+    let scope = session.scope;
+    let record = match store::load(&app.sessions, &scope, &id).await {
+        Ok(record) => record,
+        Err(err) => {
+            tracing::warn!(error = %err, "cannot read a resumed background response");
+            None
         }
-        let (input, previous_id) = record.pending_parts();
-        let previous = match previous_id {
-            Some(previous) => store::chain(&app.sessions, &scope, &previous).await.ok().flatten(),
-            None => None,
-        };
-        let base = Base::from_object(&record.response);
-        let mut stream = None;
-        if record.streamed {
-            let log_key = store::log_key(&scope, &id);
-            let next = last_logged(&app, &log_key).await;
-            let log = app.sessions.event_log(log_key, 0, next + 1);
-            // The re-issued answer's events go on from the last one the dead process logged.
-            let translator = Translator::numbered_from(base.clone(), next);
-            stream = Some((translator, Events { client: None, log: Some(log) }));
-        }
-        let job = Job {
-            app: app.clone(),
-            scope,
-            base,
-            input,
-            previous,
-            session: record.session.clone(),
-            streamed: record.streamed,
-            queued: record.response["status"] == "queued",
-            cancel: cancel.clone(),
-            _registration: registration,
-        };
-        let finish: chat::Finish = Box::new(move |answer| Box::pin(job.run(async { answer }, stream)));
-        Some(FrontEnd { cancel, finish })
-    })
+    };
+    let cancel = CancellationToken::new();
+    let Some(record) = record.filter(Record::running) else {
+        cancel.cancel();
+        return Some(FrontEnd { cancel, finish: Box::new(|_| Box::pin(async {})) });
+    };
+    let registration = Running::register(&app, &scope, &id, cancel.clone());
+    let owner = app.sessions.owner.clone();
+    if let Err(err) = store::update(&app.sessions, &scope, &id, |r| r.owner = Some(owner)).await {
+        tracing::warn!(error = %err, "cannot claim a resumed background response");
+    }
+    let (input, previous_id) = record.pending_parts();
+    let previous = match previous_id {
+        Some(previous) => store::chain(&app.sessions, &scope, &previous).await.ok().flatten(),
+        None => None,
+    };
+    let base = Base::from_object(&record.response);
+    let mut stream = None;
+    if record.streamed {
+        let log_key = store::log_key(&scope, &id);
+        let next = last_logged(&app, &log_key).await;
+        let log = app.sessions.event_log(log_key, 0, next + 1);
+        // The re-issued answer's events go on from the last one the dead process logged.
+        let translator = Translator::numbered_from(base.clone(), next);
+        stream = Some((translator, Events { client: None, log: Some(log) }));
+    }
+    let job = Job {
+        app: app.clone(),
+        scope,
+        base,
+        input,
+        previous,
+        session: record.session.clone(),
+        streamed: record.streamed,
+        queued: record.response["status"] == "queued",
+        cancel: cancel.clone(),
+        _registration: registration,
+    };
+    let finish: chat::Finish = Box::new(move |answer| Box::pin(job.run(async { answer }, stream)));
+    Some(FrontEnd { cancel, finish })
 }
 
 /// How many events a log holds (its events are numbered from 1, without gaps).

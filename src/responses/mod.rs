@@ -44,7 +44,7 @@ mod stream;
 mod tool_rounds;
 pub(crate) mod websocket;
 
-pub(crate) use background::{resumed, Running};
+pub(crate) use background::Running;
 
 use std::sync::Arc;
 
@@ -64,6 +64,21 @@ use crate::openai::request::{body_model, check_nesting, BodyModel};
 use crate::AppState;
 
 pub(crate) use self::compact::compact;
+
+/// The part of this front end in a turn it began, resumed after a takeover (see
+/// [`crate::chat::Resumer`]): a session turn to an upstream with the Responses API is
+/// re-issued here; a background response's turn is re-issued by the chat pipeline and
+/// finished here.
+pub(crate) fn resumed(
+    app: Arc<AppState>,
+    session: crate::session::SessionKey,
+    origin: String,
+) -> crate::chat::BoxFuture<Option<crate::chat::FrontEndPart>> {
+    if origin == native_session::ORIGIN {
+        return Box::pin(async { Some(crate::chat::FrontEndPart::Reissue(native::reissue)) });
+    }
+    background::resumed(app, session, origin)
+}
 
 /// `POST /v1/responses`: to [`native`] when the model's route has only upstreams with the
 /// Responses API, else [`over_chat`].

@@ -26,19 +26,22 @@ use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use super::items::ItemConversation;
-use super::native_session::{self, SessionTurn};
+use super::native_session::{self, GoalItem, SessionTurn};
 use super::request::{items_of, listed};
 use super::store::{self, Chain, New};
 use super::tool_rounds::{self, Rounds};
 use super::{collect, send};
 use crate::body::{self, Body, ChannelBody, FrameSender};
+use crate::chat;
 use crate::chat::compression::{self, Conversation};
+use crate::compress::marker::EXPAND_TOOL;
 use crate::compress::Acted;
 use crate::error::GatewayError;
 use crate::handlers::passthrough;
 use crate::headers;
 use crate::openai::events::EventSplitter;
 use crate::openai::sse;
+use crate::session::{Lease, StoredRequest};
 use crate::AppState;
 
 /// What the gateway keeps of one request, once the upstream has answered.
@@ -108,36 +111,33 @@ pub(super) async fn create(
         }
         compressed.items
     });
-    let admitted = match background {
-        true => None,
-        false => {
+    let rewritten = previous.is_some() || sent.is_some() || engaged;
+    if rewritten {
+        fields.remove("previous_response_id");
+        let input = sent.unwrap_or_else(|| conversation.items());
+        fields.insert("input".into(), Value::Array(input));
+    }
+    let mut outgoing = Outgoing { fields, bytes, rewritten, goal: false };
+    let admitted = match (background, fields_model(&outgoing.fields)) {
+        (false, Some(model)) => {
             let key = client_key.as_deref();
-            native_session::admit(&app, &parts, key, previous.as_ref(), &conversation).await?
+            let mut body = |goal| outgoing.body(goal, &conversation);
+            native_session::admit(&app, &parts, &model, key, previous.as_ref(), &conversation, &mut body)
+                .await?
         }
+        _ => None,
     };
-    let (session, goal) = match admitted {
-        Some((turn, goal)) => (Some(turn), goal),
-        None => (None, None),
+    let (session, body) = match admitted {
+        Some((turn, body)) => (Some(turn), body),
+        None => (None, outgoing.body(None, &conversation)?),
     };
+    let mut fields = outgoing.fields;
     let session_id = session.as_ref().map(SessionTurn::id);
-    let body = match (&previous, sent, goal) {
-        (None, None, None) if !engaged => bytes,
-        (_, sent, goal) => {
-            fields.remove("previous_response_id");
-            let mut input = sent.unwrap_or_else(|| conversation.items());
-            // The goal block leads the input, fixed bytes, so the prefix stays stable.
-            input.splice(..0, goal);
-            fields.insert("input".into(), Value::Array(input));
-            Bytes::from(serde_json::to_vec(&fields).map_err(|e| GatewayError::Internal(e.into()))?)
-        }
-    };
     // The gateway reads the answer: it must come unencoded.
     parts.headers.remove(header::ACCEPT_ENCODING);
     parts.headers.remove(header::CONTENT_LENGTH);
     // ctxgate's own request headers stay here, as on the chat pipeline.
-    parts.headers.remove(&headers::COMPRESSION);
-    parts.headers.remove(&headers::SESSION_MODE);
-    parts.headers.remove(app.sessions.config.header.primary());
+    strip_gateway_headers(&app, &mut parts.headers);
     let rounds = (engaged || originals.is_some()).then(|| Rounds {
         app: app.clone(),
         // The request as sent; nothing reads it here after this.
@@ -146,6 +146,7 @@ pub(super) async fn create(
         originals,
         scope: scope.clone(),
         caller: parts.extensions.get::<crate::auth::Caller>().cloned(),
+        tasks: session.as_ref().map(SessionTurn::tasks),
     });
     let keeper = Keep {
         app: app.clone(),
@@ -172,6 +173,122 @@ pub(super) async fn create(
     answer
         .await
         .unwrap_or_else(|_| Err(GatewayError::Internal("the session turn ended without a response".into())))
+}
+
+/// Re-issues a session turn whose process died ([`chat::Reissue`]): the request its marker
+/// recorded, byte for byte, with the resuming caller's headers, under the taken-over lease; the
+/// gateway's tool rounds run if it offered their tools (a durable task the dead process started
+/// is found in the checkpoint), and the answer is committed. No client waits for it: it is read
+/// to its end here, and kept in no stored response (the client never saw its id).
+pub(super) fn reissue(
+    app: Arc<AppState>,
+    lease: Lease,
+    request: StoredRequest,
+    headers: HeaderMap,
+) -> chat::BoxFuture<()> {
+    Box::pin(async move {
+        let scope = lease.key().scope.clone();
+        let conversation = request.conversation.unwrap_or_default();
+        let turn = SessionTurn::resumed(lease, conversation.clone());
+        let Ok(fields) = serde_json::from_str::<Map<String, Value>>(request.body.get()) else {
+            tracing::warn!(session = %turn.id(), "an interrupted turn's request cannot be read; given up");
+            let _ = turn.finish(None).await;
+            return;
+        };
+        let stream = fields.get("stream").and_then(Value::as_bool).unwrap_or(false);
+        let offered: Vec<&str> = match fields.get("tools") {
+            Some(Value::Array(tools)) => tools.iter().filter_map(|t| t["name"].as_str()).collect(),
+            _ => Vec::new(),
+        };
+        let expand = offered.contains(&EXPAND_TOOL);
+        let engaged = offered.iter().any(|name| app.tools.get(name).is_some());
+        let mut headers = tool_rounds::round_headers(&headers);
+        strip_gateway_headers(&app, &mut headers);
+        headers.insert(header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+        let tasks = Some(turn.tasks());
+        let session = Some(turn.id());
+        let rounds = (engaged || expand).then(|| Rounds {
+            app: app.clone(),
+            fields,
+            headers: headers.clone(),
+            originals: expand.then_some(conversation),
+            scope: scope.clone(),
+            caller: None,
+            tasks,
+        });
+        let keeper = Keep {
+            app: app.clone(),
+            scope,
+            previous: None,
+            input: Vec::new(),
+            input_items: Vec::new(),
+            store: false,
+            session,
+        };
+        let mut sent = Request::new(body::full(Bytes::from(request.body.get().to_string())));
+        *sent.method_mut() = http::Method::POST;
+        *sent.headers_mut() = headers;
+        match request.path.parse() {
+            Ok(uri) => *sent.uri_mut() = uri,
+            Err(_) => *sent.uri_mut() = http::Uri::from_static("/v1/responses"),
+        }
+        let exchange =
+            Exchange { app, keeper, rounds, session: Some(turn), stream, annotations: HeaderMap::new() };
+        match exchange.run(sent).await {
+            Ok(response) => chat::drain(response).await,
+            Err(err) => tracing::warn!(error = %err, "an interrupted turn's re-issue failed"),
+        }
+    })
+}
+
+/// Removes ctxgate's own request headers: they never go upstream on this path.
+fn strip_gateway_headers(app: &AppState, headers: &mut HeaderMap) {
+    headers.remove(&headers::COMPRESSION);
+    headers.remove(&headers::SESSION_MODE);
+    headers.remove(app.sessions.config.header.primary());
+}
+
+/// The request as it goes upstream: the client's bytes when nothing changes, else its fields
+/// with the conversation as `input`, led by the goal block of the session it runs on.
+struct Outgoing {
+    fields: Map<String, Value>,
+    /// The client's body.
+    bytes: Bytes,
+    /// `fields` carry the conversation as `input` (not the client's `input` as sent).
+    rewritten: bool,
+    /// `input` starts with a goal block.
+    goal: bool,
+}
+
+impl Outgoing {
+    /// The body with `goal` first (fixed bytes, so the prefix stays stable). Admission may
+    /// call it again (it retries its compare-and-set): the last call's goal is what is sent.
+    fn body(&mut self, goal: GoalItem, conversation: &ItemConversation<'_>) -> Result<Bytes, GatewayError> {
+        if std::mem::take(&mut self.goal) {
+            if let Some(Value::Array(input)) = self.fields.get_mut("input") {
+                input.remove(0);
+            }
+        }
+        match goal {
+            None if !self.rewritten => return Ok(self.bytes.clone()),
+            None => {}
+            Some(goal) => {
+                if !std::mem::replace(&mut self.rewritten, true) {
+                    self.fields.remove("previous_response_id");
+                    self.fields.insert("input".into(), Value::Array(conversation.items()));
+                }
+                if let Some(Value::Array(input)) = self.fields.get_mut("input") {
+                    input.insert(0, goal);
+                    self.goal = true;
+                }
+            }
+        }
+        serde_json::to_vec(&self.fields).map(Bytes::from).map_err(|e| GatewayError::Internal(e.into()))
+    }
+}
+
+fn fields_model(fields: &Map<String, Value>) -> Option<String> {
+    fields.get("model").and_then(Value::as_str).map(str::to_string)
 }
 
 /// One request on its way: sent, its answer relayed (with the gateway's tool rounds), kept and committed.

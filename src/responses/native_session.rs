@@ -7,11 +7,15 @@
 //! answer is complete: the conversation and the answer, as the chat messages the transcript
 //! holds (`GET /v1/sessions/{id}/messages`), and the usage.
 //!
-//! Unlike a chat turn, it records no request to re-issue: a replica that dies mid-turn leaves a
-//! lease that lapses, and the client retries the turn.
+//! The turn's in-flight marker records the request as sent upstream, with [`ORIGIN`]: a turn
+//! whose process died is re-issued by whoever takes it over (the takeover sweep, a resume call,
+//! the session's next request) through [`super::native::reissue`], byte for byte, and
+//! committed as the dead process would have. The client that sent it is gone; the answer
+//! reaches the session's transcript, not a stored response.
 
 use std::sync::Arc;
 
+use bytes::Bytes;
 use http::request;
 use serde_json::value::RawValue;
 use serde_json::{json, Value};
@@ -23,7 +27,7 @@ use crate::chat::compose::{apply_goal, GoalConflict};
 use crate::error::GatewayError;
 use crate::headers;
 use crate::openai::usage::{PromptTokensDetails, Usage};
-use crate::session::{Admitted, Checkpoint, GoalLock, Lease, SessionKey};
+use crate::session::{Admitted, Checkpoint, GoalLock, Lease, SessionKey, StoredRequest};
 use crate::AppState;
 
 /// A turn admitted on its session.
@@ -36,17 +40,24 @@ pub(super) struct SessionTurn {
 /// What admission adds to the request: the goal block, as the input item that goes first.
 pub(super) type GoalItem = Option<Value>;
 
-/// Admits the turn on the session the request names, if it names one. `conversation` is the
-/// whole conversation. A session the client did not name on
-/// purpose (its conversation id) never fails the request: busy, or with its store down, the
-/// turn runs without it.
+/// The origin the in-flight marker of such a turn records (see
+/// [`crate::session::StoredRequest::origin`]): its request is a Responses request.
+pub(super) const ORIGIN: &str = "responses-native";
+
+/// Admits the turn on the session the request names, if it names one, and returns it with the
+/// body to send. `conversation` is the whole conversation; `body` makes the request's body with
+/// the goal block admission adds (recorded in the in-flight marker). A session the client did
+/// not name on purpose (its conversation id) never fails the request: busy, or with its store
+/// down, the turn runs without it.
 pub(super) async fn admit(
     app: &Arc<AppState>,
     parts: &request::Parts,
+    model: &str,
     prompt_cache_key: Option<&str>,
     previous: Option<&Chain>,
     conversation: &ItemConversation<'_>,
-) -> Result<Option<(SessionTurn, GoalItem)>, GatewayError> {
+    body: &mut (dyn FnMut(GoalItem) -> Result<Bytes, GatewayError> + Send),
+) -> Result<Option<(SessionTurn, Bytes)>, GatewayError> {
     let credential = scope_credential(&parts.headers, &parts.extensions);
     let identity = app.sessions.identify(&parts.headers, prompt_cache_key, !credential.is_empty())?;
     let (id, implicit) = match identity {
@@ -61,13 +72,29 @@ pub(super) async fn admit(
     let messages = mapped.untagged();
     let key = SessionKey::new(&credential, &id);
     let request_id = parts.headers.get(&headers::REQUEST_ID).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let path = parts.uri.path_and_query().map_or("/v1/responses", |p| p.as_str());
+    let caller_credential = crate::upstream::carries_credential(&parts.headers)
+        && app.upstreams.router.route(Some(model)).iter().any(|u| !u.holds_credential());
     let admitted = loop {
         let prepare = |checkpoint: &mut Checkpoint| {
             let (recorded, with_goal) = apply_goal(checkpoint.goal.as_mut(), messages.clone())
                 .map_err(|GoalConflict| GatewayError::GoalLocked { id: id.clone() })?;
-            let goal = with_goal.and(checkpoint.goal.as_ref()).map(GoalLock::block);
-            // No request recorded: a turn whose owner died is not re-issued (see the module docs).
-            Ok(((recorded, goal), None))
+            let goal = with_goal.and(checkpoint.goal.as_ref()).map(GoalLock::block).as_deref().and_then(goal_item);
+            let sent = body(goal)?;
+            let text = std::str::from_utf8(&sent).map_err(|e| GatewayError::Internal(e.into()))?;
+            let stored = StoredRequest {
+                path: path.to_string(),
+                model: model.to_string(),
+                // Its events are not logged for the session's stream endpoint (chat events):
+                // a re-issue reads the answer to its end, whatever it asks for.
+                stream: false,
+                body: RawValue::from_string(text.to_string())
+                    .map_err(|e| GatewayError::Internal(e.into()))?,
+                conversation: Some(recorded.clone()),
+                caller_credential,
+                origin: Some(ORIGIN.to_string()),
+            };
+            Ok(((recorded, sent), Some(stored)))
         };
         match Lease::admit(app.sessions.clone(), key.clone(), request_id, prepare).await {
             // A chat turn of the session whose owner died is finished first, as a chat
@@ -81,13 +108,8 @@ pub(super) async fn admit(
         }
     };
     match admitted {
-        Ok(Admitted::Turn(lease, (conversation, goal))) => {
-            let goal =
-                goal.and_then(|block| serde_json::from_str::<Value>(block.get()).ok()).map(|mut block| {
-                    block["type"] = json!("message");
-                    block
-                });
-            Ok(Some((SessionTurn { lease, conversation }, goal)))
+        Ok(Admitted::Turn(lease, (conversation, sent))) => {
+            Ok(Some((SessionTurn { lease, conversation }, sent)))
         }
         Ok(Admitted::Interrupted(_)) => Err(GatewayError::SessionBusy { id }),
         Err(err @ (GatewayError::SessionStore(_) | GatewayError::SessionBusy { .. })) if implicit => {
@@ -98,7 +120,24 @@ pub(super) async fn admit(
     }
 }
 
+/// A goal block (a chat system message) as the input item that leads a Responses request.
+fn goal_item(block: &RawValue) -> Option<Value> {
+    let mut block = serde_json::from_str::<Value>(block.get()).ok()?;
+    block["type"] = json!("message");
+    Some(block)
+}
+
 impl SessionTurn {
+    /// A turn taken over after its process died, with the conversation its marker recorded.
+    pub(super) fn resumed(lease: Lease, conversation: Vec<Box<RawValue>>) -> Self {
+        Self { lease, conversation }
+    }
+
+    /// Where the turn's gateway tool tasks are recorded (in its checkpoint).
+    pub(super) fn tasks(&self) -> Arc<crate::tools::tasks::TaskLog> {
+        crate::chat::task_log(&self.lease)
+    }
+
     /// The session's id.
     pub(super) fn id(&self) -> String {
         self.lease.key().id.clone()

@@ -29,6 +29,7 @@ use crate::compress::marker::EXPAND_TOOL;
 use crate::error::GatewayError;
 use crate::openai::events::EventSplitter;
 use crate::openai::sse;
+use crate::tools::tasks::TaskLog;
 use crate::tools::Call;
 use crate::upstream::{Outgoing, OutgoingBody, UsageSink};
 use crate::AppState;
@@ -60,6 +61,9 @@ pub(super) struct Rounds {
     /// Who asked (with gateway keys): each round is charged to its tokens per minute, as the
     /// first request was.
     pub(super) caller: Option<Caller>,
+    /// On a session: where the gateway's tool tasks are recorded, so a turn re-issued after
+    /// its process died finds a durable task and finishes it instead of starting it again.
+    pub(super) tasks: Option<Arc<TaskLog>>,
 }
 
 /// What one round's answer asks for.
@@ -121,7 +125,7 @@ impl Rounds {
     /// their deadlines, retries and limits), `ctxgate_expand` from the originals.
     async fn results(&self, calls: &[Call]) -> Vec<Value> {
         let tools: Vec<Call> = calls.iter().filter(|c| c.name != EXPAND_TOOL).cloned().collect();
-        let mut ran = self.app.tools.run_all(tools, None).await.into_iter();
+        let mut ran = self.app.tools.run_all(tools, self.tasks.clone()).await.into_iter();
         let mut out = Vec::with_capacity(calls.len());
         for call in calls {
             let output = match (call.name == EXPAND_TOOL, &self.originals) {
