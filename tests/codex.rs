@@ -5,6 +5,9 @@
 //! from `codex login --with-api-key`). The scripted model calls Codex's shell tool once, Codex
 //! runs it and sends the output back, and the model answers. Only the model is faked.
 //!
+//! A third run has the gateway close Codex's socket while a slow command runs: Codex connects
+//! again and finishes.
+//!
 //! Over HTTP, a recording proxy between Codex and the gateway shows what Codex sent and what it
 //! got back; over the WebSocket, the gateway's metrics show how Codex connected.
 //! Codex runs with its own home in a temp dir, every proxy variable pointing at a closed port
@@ -30,13 +33,13 @@ const COMMAND: &str = "echo ctxgate-codex-$((6*7))";
 const PRINTED: &str = "ctxgate-codex-42";
 const ANSWER: &str = "The command printed ctxgate-codex-42.";
 
-/// A streamed chat answer calling Codex's `exec_command` tool with [`COMMAND`].
-fn shell_call() -> Vec<Chunk> {
+/// A streamed chat answer calling Codex's `exec_command` tool with `command`.
+fn shell_call(command: &str) -> Vec<Chunk> {
     let call = json!({
         "index": 0,
         "id": "call_codex_1",
         "type": "function",
-        "function": {"name": "exec_command", "arguments": json!({"cmd": COMMAND}).to_string()}
+        "function": {"name": "exec_command", "arguments": json!({"cmd": command}).to_string()}
     });
     let delta = json!({
         "object": "chat.completion.chunk",
@@ -123,23 +126,72 @@ async fn run_exec(dirs: &CodexHome<'_>) -> std::process::Output {
 }
 
 /// The gateway, compressing, in front of a Chat-Completions-only model scripted to call the
-/// shell once and then answer.
-async fn gateway_to_a_scripted_model() -> Harness {
+/// shell once with `command` and then answer; `idle` closes idle sockets.
+async fn gateway_to_a_scripted_model(command: &str, idle: Duration) -> Harness {
     let upstream = Server::builder()
-        .reply(Reply::sse(shell_call()))
+        .reply(Reply::sse(shell_call(command)))
         .stream(chunks(&["The command printed ", "ctxgate-codex-42."], None));
     Harness::builder()
         .upstream(upstream)
-        .config(|c| c.compression.policy.mode = CompressionMode::Rules)
+        .config(move |c| {
+            c.compression.policy.mode = CompressionMode::Rules;
+            c.server.idle_timeout = idle;
+        })
         .start()
         .await
+}
+
+/// Codex's home with its built-in OpenAI provider pointed at the gateway `url`, logged in
+/// with an API key (the built-in provider prefers the Responses API's WebSocket mode).
+async fn built_in_provider_home(url: &str) -> tempfile::TempDir {
+    let home = tempfile::tempdir().unwrap();
+    let codex_home = home.path().join(".codex");
+    std::fs::create_dir_all(&codex_home).unwrap();
+    std::fs::create_dir_all(home.path().join("work")).unwrap();
+    let config = format!(
+        "model = \"mock-model\"\nopenai_base_url = \"{url}/v1\"\ncli_auth_credentials_store = \"file\"\n{OFFLINE}"
+    );
+    std::fs::write(codex_home.join("config.toml"), config).unwrap();
+    let dirs = dirs_in(&home);
+    let mut login = codex_command(&dirs.borrow())
+        .args(["login", "--with-api-key"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = login.stdin.take().unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut stdin, KEY.as_bytes()).await.unwrap();
+    drop(stdin);
+    let logged_in = login.wait_with_output().await.unwrap();
+    assert!(logged_in.status.success(), "{}", String::from_utf8_lossy(&logged_in.stderr));
+    home
+}
+
+/// The directories of a Codex home made in `home`.
+fn dirs_in(home: &tempfile::TempDir) -> OwnedHome {
+    OwnedHome {
+        home: home.path().into(),
+        codex_home: home.path().join(".codex"),
+        workdir: home.path().join("work"),
+    }
+}
+
+struct OwnedHome {
+    home: std::path::PathBuf,
+    codex_home: std::path::PathBuf,
+    workdir: std::path::PathBuf,
+}
+
+impl OwnedHome {
+    fn borrow(&self) -> CodexHome<'_> {
+        CodexHome { home: &self.home, codex_home: &self.codex_home, workdir: &self.workdir }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn codex_exec_runs_a_tool_round_through_the_gateway_over_a_chat_only_upstream() {
     // Given a Chat-Completions-only model scripted to call the shell, then answer; the gateway
     // compressing; and Codex configured with the gateway as its provider
-    let h = gateway_to_a_scripted_model().await;
+    let h = gateway_to_a_scripted_model(COMMAND, Duration::from_secs(60)).await;
     let recorder = Recorder::start(&h.url).await;
     let home = tempfile::tempdir().unwrap();
     let codex_home = home.path().join(".codex");
@@ -230,29 +282,12 @@ async fn codex_s_built_in_provider_runs_a_tool_round_over_the_gateway_s_websocke
     // Given a Chat-Completions-only model scripted to call the shell, then answer; and Codex's
     // built-in OpenAI provider pointed at the gateway, logged in with an API key (the built-in
     // provider prefers the Responses API's WebSocket mode)
-    let h = gateway_to_a_scripted_model().await;
-    let home = tempfile::tempdir().unwrap();
-    let codex_home = home.path().join(".codex");
-    let workdir = home.path().join("work");
-    std::fs::create_dir_all(&codex_home).unwrap();
-    std::fs::create_dir_all(&workdir).unwrap();
-    let config = format!(
-        "model = \"mock-model\"\nopenai_base_url = \"{}/v1\"\ncli_auth_credentials_store = \"file\"\n{OFFLINE}",
-        h.url
-    );
-    std::fs::write(codex_home.join("config.toml"), config).unwrap();
-    let dirs = CodexHome { home: home.path(), codex_home: &codex_home, workdir: &workdir };
-    let mut login =
-        codex_command(&dirs).args(["login", "--with-api-key"]).stdin(Stdio::piped()).spawn().unwrap();
-    let mut stdin = login.stdin.take().unwrap();
-    tokio::io::AsyncWriteExt::write_all(&mut stdin, KEY.as_bytes()).await.unwrap();
-    drop(stdin);
-    let logged_in = login.wait_with_output().await.unwrap();
-    assert!(logged_in.status.success(), "{}", String::from_utf8_lossy(&logged_in.stderr));
+    let h = gateway_to_a_scripted_model(COMMAND, Duration::from_secs(60)).await;
+    let home = built_in_provider_home(&h.url).await;
 
     // When `codex exec` runs the task
     let started = Instant::now();
-    let output = run_exec(&dirs).await;
+    let output = run_exec(&dirs_in(&home).borrow()).await;
     let elapsed = started.elapsed();
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
@@ -296,4 +331,43 @@ async fn codex_s_built_in_provider_runs_a_tool_round_over_the_gateway_s_websocke
         .iter()
         .any(|m| m["role"] == "tool" && m["content"].as_str().unwrap().contains(PRINTED)));
     assert_eq!(transcript.last().unwrap(), &json!({"role": "assistant", "content": ANSWER}));
+}
+
+/// Codex keeps its socket open between model calls; the gateway closes one idle for
+/// `server.idle_timeout` (a long tool run on Codex's side can outlast it). Codex 0.171 then
+/// connects again and sends its whole history, which the gateway serves on the new socket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn codex_goes_on_after_the_gateway_closes_its_idle_websocket() {
+    // Given the gateway closing sockets idle for 1 s, and a model whose shell command takes 3 s
+    let h = gateway_to_a_scripted_model(&format!("sleep 3 && {COMMAND}"), Duration::from_secs(1)).await;
+    let home = built_in_provider_home(&h.url).await;
+
+    // When `codex exec` runs the task (the socket closes while the command runs)
+    let output = run_exec(&dirs_in(&home).borrow()).await;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+
+    // Then Codex finished with the scripted answer, having run the command
+    assert!(output.status.success(), "codex exec failed ({}):\n{stderr}\n{stdout}", output.status);
+    assert!(stdout.contains(ANSWER), "stdout:\n{stdout}\nstderr:\n{stderr}");
+
+    // And it opened a second socket for the call after the close, with no failed turn and no
+    // `POST /v1/responses` fallback: the warm-up and the first call on one, the second on the
+    // other
+    let metrics = h.metrics().await;
+    let sample = |name: &str| support::sample_value(&metrics, name);
+    assert_eq!(sample("ctxgate_responses_websocket_connections_total"), 2.0, "{metrics}");
+    assert_eq!(sample(r#"ctxgate_requests_total{route="responses",status="101"}"#), 2.0, "{metrics}");
+    assert_eq!(sample(r#"ctxgate_requests_total{route="responses",status="200"}"#), 2.0, "a POST fallback");
+    assert_eq!(sample(r#"ctxgate_responses_websocket_turns_total{outcome="completed"}"#), 3.0, "{metrics}");
+    assert_eq!(sample(r#"ctxgate_responses_websocket_turns_total{outcome="error"}"#), 0.0, "{metrics}");
+
+    // And the model's second request held the whole task, the shell's output included: the new
+    // socket continued the conversation without the first one's memory of it
+    let asked = h.upstream(0).requests();
+    assert_eq!(asked.len(), 2);
+    let messages = asked[1].json()["messages"].as_array().unwrap().clone();
+    assert!(messages.iter().any(|m| m["role"] == "user" && m["content"] == PROMPT), "{messages:?}");
+    let tool = messages.iter().find(|m| m["role"] == "tool").expect("a tool message");
+    assert!(tool["content"].as_str().unwrap().contains(PRINTED), "{tool}");
 }
