@@ -301,12 +301,6 @@ async fn finished_once(client: &reqwest::Client, base: &str, session: &str, reco
     assert_eq!(tasks[0]["result"], "report on restarts");
 }
 
-/// A Response object from an upstream with the Responses API: `output` as given.
-fn responses_object(id: &str, output: Value) -> Value {
-    json!({"id": id, "object": "response", "created_at": 1, "status": "completed", "model": "mock-model",
-           "output": output, "usage": {"input_tokens": 5, "output_tokens": 2, "total_tokens": 7}})
-}
-
 #[tokio::test]
 async fn a_pending_task_of_a_responses_turn_survives_a_gateway_restart() {
     let mcp = McpServer::start().await;
@@ -315,14 +309,12 @@ async fn a_pending_task_of_a_responses_turn_survives_a_gateway_restart() {
     let call = || {
         let item = json!({"type": "function_call", "id": "fc_1", "call_id": "r0", "name": "slow_report",
                           "arguments": arguments, "status": "completed"});
-        Reply::json(200, responses_object("resp_call", json!([item])))
+        Reply::json(200, fixtures::response("resp_call", json!([item])))
     };
-    let answer = json!([{"id": "msg_1", "type": "message", "role": "assistant", "status": "completed",
-                         "content": [{"type": "output_text", "text": "finished after the restart", "annotations": []}]}]);
     let upstream = mock_upstream::Server::builder()
         .reply(call())
         .reply(call())
-        .reply(Reply::json(200, responses_object("resp_done", answer)))
+        .reply(Reply::json(200, fixtures::response_text("resp_done", "finished after the restart")))
         .start()
         .await
         .unwrap();

@@ -342,16 +342,6 @@ async fn a_store_that_cannot_take_a_turn_over_fails_the_waiting_requests() {
     let _ = gate;
 }
 
-/// An upstream with the Responses API, answering `text` as a Response object.
-fn responses_object(id: &str, text: &str) -> Value {
-    json!({
-        "id": id, "object": "response", "created_at": 1, "status": "completed", "model": "mock-model",
-        "output": [{"id": format!("msg_{id}"), "type": "message", "role": "assistant", "status": "completed",
-                    "content": [{"type": "output_text", "text": text, "annotations": []}]}],
-        "usage": {"input_tokens": 5, "output_tokens": 2, "total_tokens": 7}
-    })
-}
-
 /// A Responses stream that hangs after `response.created` (until `gate` opens), then one that
 /// answers "Resumed answer." in full.
 fn responses_hanging_then_full(gate: &Gate) -> mock_upstream::Builder {
@@ -363,7 +353,7 @@ fn responses_hanging_then_full(gate: &Gate) -> mock_upstream::Builder {
     let full = vec![
         created("resp_full"),
         Chunk::json(json!({"type": "response.completed", "sequence_number": 1,
-                           "response": responses_object("resp_full", "Resumed answer.")})),
+                           "response": fixtures::response_text("resp_full", "Resumed answer.")})),
     ];
     Server::builder().reply(Reply::sse(cut)).reply(Reply::sse(full))
 }
@@ -438,7 +428,7 @@ async fn the_next_turn_on_a_responses_session_finishes_the_dead_processes_turn_f
     let store = Store::Embedded.url().await;
     let gate = Gate::new();
     let upstream = responses_hanging_then_full(&gate)
-        .reply(Reply::json(200, responses_object("resp_next", "Next answer.")))
+        .reply(Reply::json(200, fixtures::response_text("resp_next", "Next answer.")))
         .start()
         .await
         .unwrap();

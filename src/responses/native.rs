@@ -117,11 +117,11 @@ pub(super) async fn create(
         let input = sent.unwrap_or_else(|| conversation.items());
         fields.insert("input".into(), Value::Array(input));
     }
-    let mut outgoing = Outgoing { fields, bytes, rewritten, goal: false };
-    let admitted = match (background, fields_model(&outgoing.fields)) {
+    let mut sent_body = SentBody { fields, bytes, rewritten, goal: false };
+    let admitted = match (background, fields_model(&sent_body.fields)) {
         (false, Some(model)) => {
             let key = client_key.as_deref();
-            let mut body = |goal| outgoing.body(goal, &conversation);
+            let mut body = |goal| sent_body.body(goal, &conversation);
             native_session::admit(&app, &parts, &model, key, previous.as_ref(), &conversation, &mut body)
                 .await?
         }
@@ -129,9 +129,9 @@ pub(super) async fn create(
     };
     let (session, body) = match admitted {
         Some((turn, body)) => (Some(turn), body),
-        None => (None, outgoing.body(None, &conversation)?),
+        None => (None, sent_body.body(None, &conversation)?),
     };
-    let mut fields = outgoing.fields;
+    let mut fields = sent_body.fields;
     let session_id = session.as_ref().map(SessionTurn::id);
     // The gateway reads the answer: it must come unencoded.
     parts.headers.remove(header::ACCEPT_ENCODING);
@@ -250,7 +250,7 @@ fn strip_gateway_headers(app: &AppState, headers: &mut HeaderMap) {
 
 /// The request as it goes upstream: the client's bytes when nothing changes, else its fields
 /// with the conversation as `input`, led by the goal block of the session it runs on.
-struct Outgoing {
+struct SentBody {
     fields: Map<String, Value>,
     /// The client's body.
     bytes: Bytes,
@@ -260,7 +260,7 @@ struct Outgoing {
     goal: bool,
 }
 
-impl Outgoing {
+impl SentBody {
     /// The body with `goal` first (fixed bytes, so the prefix stays stable). Admission may
     /// call it again (it retries its compare-and-set): the last call's goal is what is sent.
     fn body(&mut self, goal: GoalItem, conversation: &ItemConversation<'_>) -> Result<Bytes, GatewayError> {

@@ -79,7 +79,8 @@ pub(super) async fn admit(
         let prepare = |checkpoint: &mut Checkpoint| {
             let (recorded, with_goal) = apply_goal(checkpoint.goal.as_mut(), messages.clone())
                 .map_err(|GoalConflict| GatewayError::GoalLocked { id: id.clone() })?;
-            let goal = with_goal.and(checkpoint.goal.as_ref()).map(GoalLock::block).as_deref().and_then(goal_item);
+            let goal =
+                with_goal.and(checkpoint.goal.as_ref()).map(GoalLock::block).as_deref().and_then(goal_item);
             let sent = body(goal)?;
             let text = std::str::from_utf8(&sent).map_err(|e| GatewayError::Internal(e.into()))?;
             let stored = StoredRequest {

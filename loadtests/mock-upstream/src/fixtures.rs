@@ -213,3 +213,21 @@ mod tests {
         }
     }
 }
+
+/// A completed Response object (the Responses API) with `output` as its items.
+pub fn response(id: &str, output: Value) -> Value {
+    json!({
+        "id": id, "object": "response", "created_at": CREATED, "status": "completed", "model": MODEL,
+        "output": output,
+        "usage": {"input_tokens": 5, "output_tokens": 2, "total_tokens": 7}
+    })
+}
+
+/// A completed Response object answering `text` in one assistant message.
+pub fn response_text(id: &str, text: &str) -> Value {
+    let message = json!({
+        "id": format!("msg_{id}"), "type": "message", "role": "assistant", "status": "completed",
+        "content": [{"type": "output_text", "text": text, "annotations": []}]
+    });
+    response(id, json!([message]))
+}
