@@ -300,23 +300,10 @@ async fn codex_s_built_in_provider_runs_a_tool_round_over_the_gateway_s_websocke
     // And it spoke over the gateway's WebSocket only: one upgrade answered, its warm-up
     // (`generate: false`, answered by the gateway) and both model calls as turns on it, and no
     // `POST /v1/responses` fallback
-    let metrics = h.metrics().await;
-    let sample = |name: &str| support::sample_value(&metrics, name);
-    assert_eq!(sample("ctxgate_responses_websocket_connections_total"), 1.0, "{metrics}");
-    assert_eq!(sample(r#"ctxgate_requests_total{route="responses",status="101"}"#), 1.0, "{metrics}");
-    // (Socket turns count as requests: the two model calls are all of the 200s.)
-    assert_eq!(sample(r#"ctxgate_requests_total{route="responses",status="200"}"#), 2.0, "a POST fallback");
-    assert_eq!(sample(r#"ctxgate_responses_websocket_turns_total{outcome="completed"}"#), 3.0, "{metrics}");
-    assert_eq!(sample(r#"ctxgate_responses_websocket_turns_total{outcome="error"}"#), 0.0, "{metrics}");
+    assert_socket_turns(&h, 1.0).await;
 
     // And the model got two chat requests, the second with the shell's output as a tool message
-    let asked = h.upstream(0).requests();
-    assert_eq!(asked.len(), 2);
-    let messages = asked[1].json()["messages"].as_array().unwrap().clone();
-    let tool = messages.iter().find(|m| m["role"] == "tool").expect("a tool message");
-    assert_eq!(tool["tool_call_id"], "call_codex_1");
-    assert!(tool["content"].as_str().unwrap().contains(PRINTED), "{tool}");
-    assert!(messages.iter().any(|m| m["role"] == "user" && m["content"] == PROMPT), "the whole conversation");
+    assert_second_request_holds_the_task(&h);
 
     // And the thread is a session holding the whole task, read with Codex's credential
     let thread = stderr
@@ -354,20 +341,35 @@ async fn codex_goes_on_after_the_gateway_closes_its_idle_websocket() {
     // And it opened a second socket for the call after the close, with no failed turn and no
     // `POST /v1/responses` fallback: the warm-up and the first call on one, the second on the
     // other
-    let metrics = h.metrics().await;
-    let sample = |name: &str| support::sample_value(&metrics, name);
-    assert_eq!(sample("ctxgate_responses_websocket_connections_total"), 2.0, "{metrics}");
-    assert_eq!(sample(r#"ctxgate_requests_total{route="responses",status="101"}"#), 2.0, "{metrics}");
-    assert_eq!(sample(r#"ctxgate_requests_total{route="responses",status="200"}"#), 2.0, "a POST fallback");
-    assert_eq!(sample(r#"ctxgate_responses_websocket_turns_total{outcome="completed"}"#), 3.0, "{metrics}");
-    assert_eq!(sample(r#"ctxgate_responses_websocket_turns_total{outcome="error"}"#), 0.0, "{metrics}");
+    assert_socket_turns(&h, 2.0).await;
 
     // And the model's second request held the whole task, the shell's output included: the new
     // socket continued the conversation without the first one's memory of it
+    assert_second_request_holds_the_task(&h);
+}
+
+/// Codex spoke over `connections` of the gateway's WebSockets only: each upgrade answered, its
+/// warm-up (`generate: false`, answered by the gateway) and both model calls as turns, none
+/// failed, and no `POST /v1/responses` fallback (socket turns count as requests: the two model
+/// calls are all of the 200s).
+async fn assert_socket_turns(h: &Harness, connections: f64) {
+    let metrics = h.metrics().await;
+    let sample = |name: &str| support::sample_value(&metrics, name);
+    assert_eq!(sample("ctxgate_responses_websocket_connections_total"), connections, "{metrics}");
+    assert_eq!(sample(r#"ctxgate_requests_total{route="responses",status="101"}"#), connections, "{metrics}");
+    assert_eq!(sample(r#"ctxgate_requests_total{route="responses",status="200"}"#), 2.0, "a POST fallback");
+    assert_eq!(sample(r#"ctxgate_responses_websocket_turns_total{outcome="completed"}"#), 3.0, "{metrics}");
+    assert_eq!(sample(r#"ctxgate_responses_websocket_turns_total{outcome="error"}"#), 0.0, "{metrics}");
+}
+
+/// The model got two chat requests, the second with the whole conversation and the shell's
+/// output as a tool message.
+fn assert_second_request_holds_the_task(h: &Harness) {
     let asked = h.upstream(0).requests();
     assert_eq!(asked.len(), 2);
     let messages = asked[1].json()["messages"].as_array().unwrap().clone();
-    assert!(messages.iter().any(|m| m["role"] == "user" && m["content"] == PROMPT), "{messages:?}");
     let tool = messages.iter().find(|m| m["role"] == "tool").expect("a tool message");
+    assert_eq!(tool["tool_call_id"], "call_codex_1");
     assert!(tool["content"].as_str().unwrap().contains(PRINTED), "{tool}");
+    assert!(messages.iter().any(|m| m["role"] == "user" && m["content"] == PROMPT), "the whole conversation");
 }

@@ -218,25 +218,7 @@ async fn a_pending_task_survives_a_gateway_restart(store: Store) {
     let second = Gateway::start_with(&upstream.base_url(), &store.url, &tools).await;
     // The dead owner's lease (1 s) has to run out before the turn can be taken over.
     second.resume_after_lease(&client, "tasks-1", Duration::from_secs(10)).await;
-    let messages_url = format!("{}/v1/sessions/tasks-1/messages", second.base);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let transcript = loop {
-        let listing: Value = client
-            .get(&messages_url)
-            .header("authorization", AUTH)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap_or_default();
-        let data = listing["data"].as_array().cloned().unwrap_or_default();
-        if data.len() >= 4 {
-            break data;
-        }
-        assert!(Instant::now() < deadline, "the resumed turn did not commit: {listing}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let transcript = committed(&client, &second.base, "tasks-1", 4).await;
     assert_eq!(transcript[0], ask()["messages"][0]);
     assert_eq!(transcript[1]["tool_calls"][0]["function"]["name"], "slow_report");
     assert_eq!(transcript[2], json!({"role": "tool", "tool_call_id": "r0", "content": "report on restarts"}));
@@ -280,6 +262,29 @@ async fn recorded_task(client: &reqwest::Client, base: &str, session: &str) -> V
     assert_eq!(recorded["state"], "working");
     assert_eq!(recorded["tool"], "slow_report");
     recorded
+}
+
+/// The session's transcript once the resumed turn has committed (at least `messages` long).
+async fn committed(client: &reqwest::Client, base: &str, session: &str, messages: usize) -> Vec<Value> {
+    let messages_url = format!("{base}/v1/sessions/{session}/messages");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let listing: Value = client
+            .get(&messages_url)
+            .header("authorization", AUTH)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap_or_default();
+        let data = listing["data"].as_array().cloned().unwrap_or_default();
+        if data.len() >= messages {
+            return data;
+        }
+        assert!(Instant::now() < deadline, "the resumed turn did not commit: {listing}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Checks the session ran one task, `recorded`, to its end (polled by the second process).
@@ -341,24 +346,7 @@ async fn a_pending_task_of_a_responses_turn_survives_a_gateway_restart() {
 
     // Then the turn is re-issued, the same task is polled to its result, and the answer is
     // committed
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let transcript = loop {
-        let listing: Value = client
-            .get(format!("{}/v1/sessions/tasks-native/messages", second.base))
-            .header("authorization", AUTH)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap_or_default();
-        let data = listing["data"].as_array().cloned().unwrap_or_default();
-        if !data.is_empty() {
-            break data;
-        }
-        assert!(Instant::now() < deadline, "the resumed turn did not commit: {listing}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let transcript = committed(&client, &second.base, "tasks-native", 1).await;
     assert_eq!(transcript.last().unwrap()["content"], "finished after the restart");
     finished_once(&client, &second.base, "tasks-native", &recorded).await;
     let requests = upstream.requests();

@@ -409,15 +409,7 @@ async fn a_restarted_process_re_issues_a_session_turn_to_a_responses_upstream() 
     assert_eq!(requests[1].body, requests[0].body);
     assert_eq!(requests[1].path, "/v1/responses");
     assert_eq!(requests[1].headers["authorization"], "Bearer sk-upstream");
-    let session: Value = client
-        .get(format!("{}/v1/sessions/native-swept", second.base))
-        .header("authorization", AUTH)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let session = stores::session(&client, &second.base, "native-swept", AUTH).await;
     assert_eq!(session["usage"]["requests"], 1, "{session}");
     assert_eq!(session["usage"]["prompt_tokens"], 5, "{session}");
     let _ = gate;
@@ -463,15 +455,7 @@ async fn the_next_turn_on_a_responses_session_finishes_the_dead_processes_turn_f
     assert_eq!(requests.len(), 3);
     assert_eq!(requests[1].body, requests[0].body);
     assert_eq!(requests[1].headers["authorization"], AUTH);
-    let session: Value = client
-        .get(format!("{}/v1/sessions/native-next", second.base))
-        .header("authorization", AUTH)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let session = stores::session(&client, &second.base, "native-next", AUTH).await;
     assert_eq!(session["usage"]["requests"], 2, "both turns committed: {session}");
     let transcript = stores::transcript(&client, &second.base, "native-next", AUTH).await;
     assert_eq!(transcript.last().unwrap(), &json!({"role": "assistant", "content": "Next answer."}));

@@ -41,6 +41,23 @@ impl Store {
     }
 }
 
+/// A session (`GET /v1/sessions/{id}`), as its owner (`authorization`) reads it.
+pub async fn session(
+    client: &reqwest::Client,
+    base: &str,
+    id: &str,
+    authorization: &str,
+) -> serde_json::Value {
+    let response = client
+        .get(format!("{base}/v1/sessions/{id}"))
+        .header("authorization", authorization)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    response.json().await.unwrap()
+}
+
 /// A session's transcript, as its owner (`authorization`) reads it.
 pub async fn transcript(
     client: &reqwest::Client,
