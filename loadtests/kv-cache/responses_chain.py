@@ -6,7 +6,8 @@ Each turn is `Runner.run(agent, new_input, previous_response_id=<last>)` with an
 `OpenAIResponsesModel` whose client points at ctxgate: the client sends only the new user message
 (a ~300-token log excerpt and a question); ctxgate rebuilds the conversation from its store,
 translates it to a chat request and compresses it (rules, `context_window` below the chain's size,
-so epochs happen). Two modes, each on a freshly started llama-server with Qwen2.5-Coder-0.5B
+so epochs happen). With `--upstream-api responses` ctxgate sends llama-server Responses requests
+instead (its `/v1/responses`; ctxgate's native path, which compresses the items themselves). Two modes, each on a freshly started llama-server with Qwen2.5-Coder-0.5B
 (`--cache-ram 0`, 1 slot, `-c 16384`):
   full   ctxgate with compression off: the whole chain every turn (the physical reference)
   rules  ctxgate with compression on (the model's own tokenizer.json, no margin)
@@ -69,10 +70,11 @@ def start_llama(port, logdir, mode):
     return p
 
 
-def start_ctxgate(binary, port, llama_port, logdir, mode, window):
-    """ctxgate as run.py configures it: compression off for `full`, rules for the other modes."""
+def start_ctxgate(binary, port, llama_port, logdir, mode, window, upstream_api):
+    """ctxgate as run.py configures it: compression off for `full`, rules for the other modes;
+    `upstream_api` says whether llama-server gets chat requests or Responses requests."""
     conf = argparse.Namespace(context_window=window, keep_recent_turns=2, token_margin=0.0, tokenizer=TOKENIZER,
-                              ctxgate_bin=binary)
+                              ctxgate_bin=binary, upstream_api=upstream_api)
     return run.start_ctxgate(conf, "off" if mode == "full" else "rules", port, llama_port, logdir)
 
 
@@ -106,6 +108,9 @@ def main():
     ap.add_argument("--context-window", type=int, default=4096)
     ap.add_argument("--modes", default="full,rules")
     ap.add_argument("--seed", type=int, default=5)
+    ap.add_argument("--upstream-api", choices=["chat", "responses"], default="chat",
+                    help="what ctxgate sends llama-server: chat requests (translated) or Responses requests "
+                         "(its /v1/responses, ctxgate's native path)")
     ap.add_argument("--port", type=int, default=18400)
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     args = ap.parse_args()
@@ -116,7 +121,7 @@ def main():
     for mode in args.modes.split(","):
         print(f"== {mode}", flush=True)
         llama = start_llama(args.port, logdir, mode)
-        gate = start_ctxgate(binary, args.port + 1, args.port, logdir, mode, args.context_window)
+        gate = start_ctxgate(binary, args.port + 1, args.port, logdir, mode, args.context_window, args.upstream_api)
         try:
             t0 = time.time()
             rows = asyncio.run(chain(f"http://127.0.0.1:{args.port + 1}/v1", args.turns, args.seed))
@@ -148,7 +153,8 @@ def main():
         summary[mode] = line
     print(json.dumps(summary, indent=1))
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"{datetime.date.today()}-responses-chain-{MODEL}.json")
+    suffix = "" if args.upstream_api == "chat" else f"-{args.upstream_api}-upstream"
+    path = os.path.join(args.out, f"{datetime.date.today()}-responses-chain-{MODEL}{suffix}.json")
     with open(path, "w") as f:
         json.dump({"args": vars(args), "summary": summary, "results": results,
                    "ctxgate_sha256": subprocess.run(["sha256sum", binary], capture_output=True, text=True).stdout.split()[0]},

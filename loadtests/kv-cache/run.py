@@ -190,6 +190,7 @@ name = "llama"
 base_url = "http://127.0.0.1:{llama_port}/v1"
 first_byte_timeout = "20m"
 idle_timeout = "5m"
+{f'api = "{args.upstream_api}"' if getattr(args, "upstream_api", None) else ""}
 
 [compression]
 mode = "{mode}"
