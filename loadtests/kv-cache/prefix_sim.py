@@ -11,7 +11,9 @@ message's role and content, tool calls' names and arguments, in order), not a mo
 Usage (from the repo root, after `cargo build --release` and `bash loadtests/fidelity/run.sh` once, whose
 venv has tiktoken):
   loadtests/fidelity/.work/venv/bin/python loadtests/kv-cache/prefix_sim.py [--session gen:3:12000]
-      [--context-window 8192] [--keep-recent-turns 2] [--modes rules,sliding] [--bin target/release/ctxgate]
+      [--context-window 8192] [--keep-recent-turns 2] [--low-water 0.5] [--high-water 0.8]
+      [--modes rules,sliding] [--bin target/release/ctxgate]
+`--session chain:SEED:TURNS` replays responses_chain.py's chain instead (log excerpts, no tools).
 """
 import argparse, http.server, json, os, socket, sys, tempfile, threading, types
 
@@ -48,6 +50,21 @@ class Mock(http.server.BaseHTTPRequestHandler):
 
     def log_message(self, *_):
         pass
+
+
+def chain_session(seed, turns):
+    """responses_chain.py's chain as a chat: `turns` log excerpts (~370 tokens each) with a one-line
+    answer after each, the same growth per turn; a request after every excerpt. No tools."""
+    import random
+    rng = random.Random(seed)
+    messages = [{"role": "system", "content": "You are an on-call assistant. Answer in one short sentence."}]
+    points = []
+    for t in range(turns):
+        messages.append({"role": "user", "content": run.log_excerpt(rng, t)})
+        points.append(len(messages))
+        service = rng.choice(run.LOG_SERVICES)
+        messages.append({"role": "assistant", "content": f"{service} looks slowest, at {rng.randrange(100, 900)}ms."})
+    return [], messages, points
 
 
 def render(messages, tools, enc):
@@ -89,6 +106,8 @@ def main():
     ap.add_argument("--session", default="gen:3:12000")
     ap.add_argument("--context-window", type=int, default=8192)
     ap.add_argument("--keep-recent-turns", type=int, default=2)
+    ap.add_argument("--low-water", type=float, default=0.5)
+    ap.add_argument("--high-water", type=float, default=0.8)
     ap.add_argument("--modes", default="rules,sliding")
     ap.add_argument("--bin", default=os.path.join(run.REPO, "target", "release", "ctxgate"))
     ap.add_argument("--logs", help="keep ctxgate's config and log in this directory")
@@ -96,11 +115,15 @@ def main():
     os.environ.setdefault("TIKTOKEN_CACHE_DIR", CACHE)
     import tiktoken
     enc = tiktoken.get_encoding("o200k_base")
-    _, seed, size = args.session.split(":")
-    tools, messages, points = run.gen_session(int(seed), int(size))
+    kind, seed, size = args.session.split(":")
+    if kind == "chain":
+        tools, messages, points = chain_session(int(seed), int(size))
+    else:
+        tools, messages, points = run.gen_session(int(seed), int(size))
     direct = [render(messages[:p], tools, enc) for p in points]
     news = [len(direct[0])] + [len(direct[t]) - len(direct[t - 1]) for t in range(1, len(direct))]
     results = {"session": args.session, "context_window": args.context_window,
+               "marks": [args.low_water, args.high_water],
                "direct": score(direct, news)}
 
     for mode in args.modes.split(","):
@@ -118,7 +141,8 @@ def main():
             logdir = args.logs or scratch
             os.makedirs(logdir, exist_ok=True)
             conf = types.SimpleNamespace(context_window=args.context_window, keep_recent_turns=args.keep_recent_turns,
-                                         token_margin=0.0, tokenizer="", ctxgate_bin=args.bin)
+                                         token_margin=0.0, tokenizer="", ctxgate_bin=args.bin,
+                                         low_water=args.low_water, high_water=args.high_water)
             gate = run.start_ctxgate(conf, mode, gate_port, mock_port, logdir)
             try:
                 headers = {"X-Session-Id": f"sim-{mode}", "Authorization": "Bearer sk-sim"}

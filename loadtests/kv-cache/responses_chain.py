@@ -46,23 +46,6 @@ set_tracing_disabled(True)
 # SDK fails a turn whose response ends `incomplete`.
 MODEL = "qwen"
 TOKENIZER = os.path.join(HERE, ".work", "models", "qwen2.5-coder-0.5b-instruct-q4_k_m.tokenizer.json")
-SERVICES = ["auth", "billing", "search", "gateway", "scheduler", "storage", "mailer", "indexer"]
-
-
-def excerpt(rng, turn):
-    """A log excerpt of about 370 SmolLM2 tokens: what an operator pastes into a chat."""
-    lines = []
-    for i in range(7):
-        svc = rng.choice(SERVICES)
-        level = rng.choice(["INFO", "INFO", "INFO", "WARN", "ERROR"])
-        lines.append(f"2026-12-06T{10 + turn % 10:02d}:{i * 4:02d}:{rng.randrange(60):02d}Z {level} {svc}: "
-                     f"request {rng.randrange(10**6):06d} took {rng.randrange(5, 900)}ms "
-                     f"(shard {rng.randrange(16)}, retries {rng.randrange(3)})")
-    question = rng.choice(["Which service looks slowest here?", "Any errors worth a ticket?",
-                           "Summarise this excerpt in one line.", "Is anything retrying too much?"])
-    return f"Excerpt {turn + 1} of the overnight logs:\n" + "\n".join(lines) + f"\n\n{question}"
-
-
 def start_llama(port, logdir, mode):
     env = dict(os.environ, CTX="16384", LOG_FILE=os.path.join(logdir, f"llama-{mode}.log"))
     p = subprocess.Popen([os.path.join(HERE, "serve.sh"), MODEL, str(port), "--cache-ram", "0", "--metrics"], env=env)
@@ -91,7 +74,7 @@ async def chain(base_url, turns, seed):
     rows, previous = [], None
     for t in range(turns):
         t0 = time.time()
-        result = await Runner.run(agent, excerpt(rng, t), previous_response_id=previous)
+        result = await Runner.run(agent, run.log_excerpt(rng, t), previous_response_id=previous)
         wall = time.time() - t0
         previous = result.last_response_id
         usage = result.raw_responses[-1].usage

@@ -109,6 +109,24 @@ def gen_session(seed, tokens):
     return data.gen_tools(), messages, points
 
 
+LOG_SERVICES = ["auth", "billing", "search", "gateway", "scheduler", "storage", "mailer", "indexer"]
+
+
+def log_excerpt(rng, turn):
+    """A log excerpt of about 370 SmolLM2 tokens and a question: what an operator pastes into a chat
+    (each turn of responses_chain.py's chain, and of prefix_sim.py's `chain:` session)."""
+    lines = []
+    for i in range(7):
+        svc = rng.choice(LOG_SERVICES)
+        level = rng.choice(["INFO", "INFO", "INFO", "WARN", "ERROR"])
+        lines.append(f"2026-12-06T{10 + turn % 10:02d}:{i * 4:02d}:{rng.randrange(60):02d}Z {level} {svc}: "
+                     f"request {rng.randrange(10**6):06d} took {rng.randrange(5, 900)}ms "
+                     f"(shard {rng.randrange(16)}, retries {rng.randrange(3)})")
+    question = rng.choice(["Which service looks slowest here?", "Any errors worth a ticket?",
+                           "Summarise this excerpt in one line.", "Is anything retrying too much?"])
+    return f"Excerpt {turn + 1} of the overnight logs:\n" + "\n".join(lines) + f"\n\n{question}"
+
+
 def turn_units(msgs):
     """Non-system messages grouped into droppable units: a user message, or an assistant message with its tool results."""
     units, i = [], 0
@@ -195,9 +213,9 @@ idle_timeout = "5m"
 [compression]
 mode = "{mode}"
 context_window = {args.context_window}
-high_water = 0.8
-low_water = 0.5
-pre_compaction = 0.6
+high_water = {getattr(args, "high_water", 0.8)}
+low_water = {getattr(args, "low_water", 0.5)}
+pre_compaction = {max(0.6, getattr(args, "low_water", 0.5) + 0.05)}
 keep_recent_turns = {args.keep_recent_turns}
 token_margin = {args.token_margin}
 {f'tokenizer = "{os.path.abspath(args.tokenizer)}"' if getattr(args, "tokenizer", "") else ""}
