@@ -1,8 +1,8 @@
 //! The Responses API's WebSocket mode, answered by the gateway: a real WebSocket client
 //! (tokio-tungstenite, and the official Python SDK's `responses.connect()`) through the real
 //! gateway to a Chat-Completions-only mock. Turns chain on one socket with `store: false`,
-//! events are the HTTP stream's, errors are frames the socket lives through, the key layer and
-//! the bounds apply.
+//! events are the HTTP stream's, errors are frames the socket lives through, `stream_id` lanes
+//! run side by side, the key layer and the bounds apply.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
@@ -346,6 +346,80 @@ async fn turns_are_sequential_and_a_client_leaving_mid_turn_cancels_it() {
     h.metric_becomes(r#"ctxgate_responses_websocket_turns_total{outcome="cancelled"}"#, 1.0).await;
     gate.open();
     assert_eq!(h.upstream(0).requests().len(), 1);
+}
+
+/// The text a lane's turn answered, from its frames.
+fn answered(frames: &[Value], lane: &str) -> String {
+    frames
+        .iter()
+        .filter(|f| f["stream_id"] == lane && f["type"] == "response.output_text.delta")
+        .map(|f| f["delta"].as_str().unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn stream_id_lanes_run_side_by_side_each_in_order_and_a_lane_forks_from_another() {
+    // Given a model whose first answer holds after its first word, then answers at once
+    let gate = Gate::new();
+    let upstream = Server::builder()
+        .stream(chunks(&["A1 ", "done."], Some((1, &gate))))
+        .stream(chunks(&["B1."], None))
+        .stream(chunks(&["A2."], None))
+        .stream(chunks(&["C1."], None));
+    let h = Harness::builder().upstream(upstream).start().await;
+    let mut ws = connect(&h, Some(AUTH)).await.unwrap();
+
+    // When lane "a" starts a turn that holds, a second message waits on lane "a", and lane "b"
+    // starts its own
+    send(&mut ws, create(json!({"stream_id": "a", "input": "first", "store": false}))).await;
+    let mut frames = Vec::new();
+    while frames.last().is_none_or(|f: &Value| f["type"] != "response.output_text.delta") {
+        frames.push(next_event(&mut ws).await);
+    }
+    send(&mut ws, create(json!({"stream_id": "a", "input": "second", "store": false}))).await;
+    send(&mut ws, create(json!({"stream_id": "b", "input": "bee", "store": false}))).await;
+    let b_done = loop {
+        let frame = next_event(&mut ws).await;
+        frames.push(frame.clone());
+        if frame["type"] == "response.completed" {
+            break frame;
+        }
+    };
+
+    // Then lane "b" finishes while lane "a" holds, and every frame names its lane
+    assert_eq!(b_done["stream_id"], "b", "{b_done}");
+    assert_eq!(answered(&frames, "b"), "B1.");
+    gate.open();
+    let mut completed = 0;
+    while completed < 2 {
+        let frame = next_event(&mut ws).await;
+        completed += usize::from(frame["type"] == "response.completed");
+        frames.push(frame);
+    }
+    assert!(frames.iter().all(|f| f["stream_id"] == "a" || f["stream_id"] == "b"), "{frames:?}");
+    assert!(frames.iter().all(|f| f["type"] != "error"), "{frames:?}");
+    // And lane "a" ran its two messages in order, the second after the first was done
+    assert_eq!(answered(&frames, "a"), "A1 done.A2.");
+    let asked: Vec<Value> = h.upstream(0).requests().iter().map(|r| r.json()["messages"].clone()).collect();
+    let last_user = |messages: &Value| messages.as_array().unwrap().last().unwrap()["content"].clone();
+    assert_eq!(asked.iter().map(last_user).collect::<Vec<_>>(), ["first", "bee", "second"]);
+
+    // And a new lane continues lane "b"'s unstored response by its id (a fork)
+    let b_id = b_done["response"]["id"].as_str().unwrap();
+    send(
+        &mut ws,
+        create(json!({"stream_id": "c", "previous_response_id": b_id, "input": "fork", "store": false})),
+    )
+    .await;
+    let fork = turn(&mut ws).await;
+    assert!(fork.iter().all(|f| f["stream_id"] == "c"), "{fork:?}");
+    assert_eq!(fork.last().unwrap()["response"]["previous_response_id"], b_id);
+    let sent = h.upstream(0).requests()[3].json()["messages"].clone();
+    let texts: Vec<&str> = sent.as_array().unwrap().iter().filter_map(|m| m["content"].as_str()).collect();
+    assert_eq!(texts, ["bee", "B1.", "fork"], "{sent}");
+
+    // And the four turns counted as completed
+    assert_eq!(h.metric(r#"ctxgate_responses_websocket_turns_total{outcome="completed"}"#).await, 4.0);
 }
 
 #[tokio::test]

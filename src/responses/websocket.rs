@@ -11,7 +11,7 @@
 //! socket serves the next turn. Each turn is admitted against the caller's key limits as a
 //! request is.
 //!
-//! The socket keeps its last unstored response's conversation (its input items, the
+//! The socket keeps each lane's last unstored response's conversation (its input items, the
 //! conversation it continued, its output), so a turn sending only new input with that
 //! `previous_response_id` and `store: false` continues it: the request is sent with the whole
 //! conversation in `input`, as a client without the socket would send it. A stored response is
@@ -22,9 +22,17 @@
 //! A `generate: false` turn (a warm-up: Codex sends one first) is answered here with an empty
 //! completed response, and prepares the conversation the next turn continues.
 //!
+//! Lanes (`stream_id`, OpenAI's WebSocket multiplexing): a `response.create` with a
+//! `stream_id` runs on that lane, beside the other lanes' turns; messages on one lane run in
+//! order (one waits behind the lane's running turn), and every frame of a lane's turn carries
+//! its `stream_id`. Each lane remembers its last unstored response, and a turn on any lane may
+//! continue any lane's (a fork). Messages without a `stream_id` share one lane, on which a
+//! `response.create` while a turn runs is refused with an error frame, as before lanes.
+//!
 //! Bounds: a message over `server.max_body_bytes` closes the socket with 1009; a socket with no
-//! turn in flight and no message for `server.idle_timeout` is closed; turns are sequential (a
-//! `response.create` while one runs is refused with an error frame); `background` is refused.
+//! turn in flight and no message for `server.idle_timeout` is closed; at most [`MAX_LANES`]
+//! lanes run at once and [`MAX_QUEUED`] messages wait on one (past either, an error frame);
+//! `background` is refused.
 //! A client that leaves mid-turn drops the turn's stream, as an HTTP client that disconnects
 //! does. The connection itself is run by [`crate::server`] as any upgraded connection is.
 //!
@@ -117,8 +125,12 @@ pub(crate) async fn accept(
     parts.headers.remove(header::ACCEPT_ENCODING);
     parts.headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     parts.headers.insert(header::ACCEPT, HeaderValue::from_static("text/event-stream"));
-    let socket =
-        Socket { app: app.clone(), headers: parts.headers, extensions: parts.extensions, last: None };
+    let socket = Socket {
+        app: app.clone(),
+        headers: parts.headers,
+        extensions: parts.extensions,
+        remembered: VecDeque::new(),
+    };
     app.metrics.websocket.connections.inc();
     let mut switched = HeaderMap::new();
     switched.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
@@ -133,13 +145,76 @@ struct Socket {
     headers: HeaderMap,
     /// The upgrade request's extensions (the caller the key layer found, the request id).
     extensions: http::Extensions,
-    last: Option<Remembered>,
+    /// The conversation through each lane's last unstored response, oldest first (at most
+    /// [`MAX_LANES`]).
+    remembered: VecDeque<Remembered>,
 }
 
-/// The conversation through the socket's last unstored response.
+/// The conversation through a lane's last unstored response.
 struct Remembered {
+    lane: Lane,
     id: String,
     items: Vec<Value>,
+}
+
+/// A `response.create`'s `stream_id`: `None` is the lane of messages without one.
+type Lane = Option<String>;
+
+/// Lanes with a turn running or waiting, per socket; past it a new lane is refused. Also how
+/// many lanes' conversations a socket remembers.
+const MAX_LANES: usize = 16;
+
+/// Messages waiting on one lane behind its running turn; past it the message is refused.
+const MAX_QUEUED: usize = 16;
+
+/// Just the lane of a `response.create` message.
+#[derive(serde::Deserialize)]
+struct LaneOf {
+    #[serde(default)]
+    stream_id: Option<String>,
+}
+
+/// The turns running on a socket, one per lane, and the messages waiting behind them.
+#[derive(Default)]
+struct Lanes {
+    running: Vec<Turn>,
+    queued: Vec<(Lane, VecDeque<String>)>,
+}
+
+impl Lanes {
+    fn busy(&self, lane: &Lane) -> bool {
+        self.running.iter().any(|t| &t.lane == lane)
+    }
+
+    /// Lanes in use: a queue only waits behind its lane's running turn.
+    fn count(&self) -> usize {
+        self.running.len()
+    }
+
+    /// Queues `text` behind the lane's running turn; `false` when its queue is full.
+    fn enqueue(&mut self, lane: Lane, text: String) -> bool {
+        match self.queued.iter_mut().find(|(l, _)| *l == lane) {
+            Some((_, queue)) if queue.len() >= MAX_QUEUED => false,
+            Some((_, queue)) => {
+                queue.push_back(text);
+                true
+            }
+            None => {
+                self.queued.push((lane, VecDeque::from([text])));
+                true
+            }
+        }
+    }
+
+    /// The next message waiting on `lane`.
+    fn dequeue(&mut self, lane: &Lane) -> Option<String> {
+        let at = self.queued.iter().position(|(l, _)| l == lane)?;
+        let text = self.queued[at].1.pop_front();
+        if self.queued[at].1.is_empty() {
+            self.queued.remove(at);
+        }
+        text
+    }
 }
 
 /// What a running turn needs once its response is complete, to remember it.
@@ -158,6 +233,8 @@ type Calling = Pin<Box<dyn Future<Output = Result<(Body, Option<Admission>), Str
 
 /// A turn in flight: its request being answered, then its events.
 struct Turn {
+    /// Its lane: every frame it sends carries the lane's `stream_id`.
+    lane: Lane,
     state: State,
     pending: VecDeque<String>,
     sent: Sent,
@@ -181,7 +258,7 @@ impl Socket {
         let limit = self.app.config.server.max_body_bytes.get();
         let config = WebSocketConfig::default().max_message_size(Some(limit)).max_frame_size(Some(limit));
         let mut ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
-        let mut turn: Option<Turn> = None;
+        let mut lanes = Lanes::default();
         let mut heard = Instant::now();
         loop {
             let idle_at = heard + idle;
@@ -191,7 +268,7 @@ impl Socket {
                     let message = match message {
                         Some(Ok(message)) => message,
                         Some(Err(WsError::Capacity(CapacityError::MessageTooLong { .. }))) => {
-                            self.cancel(turn.take());
+                            self.cancel(lanes);
                             let reason = format!("A message may be at most {limit} bytes.");
                             let frame = CloseFrame { code: CloseCode::Size, reason: reason.into() };
                             let _ = ws.close(Some(frame)).await;
@@ -199,34 +276,16 @@ impl Socket {
                         }
                         Some(Err(err)) => {
                             tracing::debug!(error = %err, "responses websocket failed");
-                            self.cancel(turn.take());
+                            self.cancel(lanes);
                             return Closed::Ended;
                         }
                         None => {
-                            self.cancel(turn.take());
+                            self.cancel(lanes);
                             return Closed::Ended;
                         }
                     };
                     let refusal = match message {
-                        Message::Text(text) if turn.is_some() => {
-                            drop(text);
-                            self.count("error");
-                            Some(error_frame(&GatewayError::invalid(
-                                "Another response is in progress on this socket; send response.create once it is done.",
-                                None,
-                                "conversation_already_has_active_response",
-                            )))
-                        }
-                        Message::Text(text) => match self.start(text.as_str()).await {
-                            Ok(started) => {
-                                turn = Some(started);
-                                None
-                            }
-                            Err(frame) => {
-                                self.count("error");
-                                Some(frame)
-                            }
-                        },
+                        Message::Text(text) => self.take(&mut lanes, text.as_str()).await,
                         Message::Binary(_) => Some(error_frame(&GatewayError::invalid(
                             "Messages are JSON text frames.",
                             None,
@@ -234,7 +293,7 @@ impl Socket {
                         ))),
                         // The close reply is queued by tungstenite; the flush sends it.
                         Message::Close(_) => {
-                            self.cancel(turn.take());
+                            self.cancel(lanes);
                             let _ = ws.flush().await;
                             return Closed::Ended;
                         }
@@ -246,30 +305,39 @@ impl Socket {
                     };
                     if let Some(frame) = refusal {
                         if ws.send(Message::text(frame)).await.is_err() {
-                            self.cancel(turn.take());
+                            self.cancel(lanes);
                             return Closed::Ended;
                         }
                     }
                 }
-                frame = next_frame(&mut turn) => {
+                (at, frame) = next_frame(&mut lanes.running), if !lanes.running.is_empty() => {
                     let Some(mut frame) = frame else {
-                        self.finish(&mut turn, &mut heard);
+                        for frame in self.finish(&mut lanes, at, &mut heard).await {
+                            if ws.send(Message::text(frame)).await.is_err() {
+                                self.cancel(lanes);
+                                return Closed::Ended;
+                            }
+                        }
                         continue;
                     };
-                    if let Some(running) = turn.as_mut() {
-                        self.observe(running, &mut frame);
-                    }
-                    if ws.send(Message::text(frame)).await.is_err() {
-                        self.cancel(turn.take());
+                    let turn = &mut lanes.running[at];
+                    self.observe(turn, &mut frame);
+                    if ws.send(Message::text(on_lane(frame, &turn.lane))).await.is_err() {
+                        self.cancel(lanes);
                         return Closed::Ended;
                     }
                     // Over with its last frame: the next response.create is not refused as
                     // coming while it runs.
-                    if turn.as_ref().is_some_and(Turn::over) {
-                        self.finish(&mut turn, &mut heard);
+                    if lanes.running[at].over() {
+                        for frame in self.finish(&mut lanes, at, &mut heard).await {
+                            if ws.send(Message::text(frame)).await.is_err() {
+                                self.cancel(lanes);
+                                return Closed::Ended;
+                            }
+                        }
                     }
                 }
-                () = tokio::time::sleep_until(idle_at), if turn.is_none() => {
+                () = tokio::time::sleep_until(idle_at), if lanes.running.is_empty() => {
                     let frame = CloseFrame { code: CloseCode::Normal, reason: "idle timeout".into() };
                     let _ = ws.close(Some(frame)).await;
                     return Closed::Idle;
@@ -278,12 +346,66 @@ impl Socket {
         }
     }
 
-    /// Ends the running turn, counting its outcome; the idle clock starts again.
-    fn finish(&self, turn: &mut Option<Turn>, heard: &mut Instant) {
-        if let Some(done) = turn.take() {
-            self.count(done.outcome);
-        }
+    /// Takes a `response.create`: starts its turn when its lane is free, queues it behind the
+    /// lane's running turn (a lane named by `stream_id`: FIFO), or refuses it with the error
+    /// frame returned (a second turn on the unnamed lane, a full queue, too many lanes, a
+    /// message that cannot run).
+    async fn take(&mut self, lanes: &mut Lanes, text: &str) -> Option<String> {
+        let lane = serde_json::from_str::<LaneOf>(text).ok().and_then(|m| m.stream_id);
+        let refused = |code: &'static str, message: &str| {
+            on_lane(error_frame(&GatewayError::invalid(message.to_string(), None, code)), &lane)
+        };
+        let refusal = if lanes.busy(&lane) {
+            match &lane {
+                None => Some(refused(
+                    "conversation_already_has_active_response",
+                    "Another response is in progress on this socket; send response.create once it is done, or give it a stream_id of its own.",
+                )),
+                Some(_) if lanes.enqueue(lane.clone(), text.to_string()) => return None,
+                Some(_) => Some(refused(
+                    "too_many_queued_responses",
+                    &format!("At most {MAX_QUEUED} responses may wait on one stream_id."),
+                )),
+            }
+        } else if lanes.count() >= MAX_LANES {
+            Some(refused(
+                "too_many_streams",
+                &format!("At most {MAX_LANES} stream_ids may run at once on a socket."),
+            ))
+        } else {
+            match self.start(text, lane.clone()).await {
+                Ok(started) => {
+                    lanes.running.push(started);
+                    return None;
+                }
+                Err(frame) => Some(on_lane(frame, &lane)),
+            }
+        };
+        self.count("error");
+        refusal
+    }
+
+    /// Ends the turn at `at`, counting its outcome, and starts the next message waiting on its
+    /// lane; the idle clock starts again. Returns the error frames of the waiting messages that
+    /// could not start (each refused in turn until one starts).
+    async fn finish(&mut self, lanes: &mut Lanes, at: usize, heard: &mut Instant) -> Vec<String> {
+        let done = lanes.running.swap_remove(at);
+        self.count(done.outcome);
         *heard = Instant::now();
+        let mut refused = Vec::new();
+        while let Some(next) = lanes.dequeue(&done.lane) {
+            match self.start(&next, done.lane.clone()).await {
+                Ok(started) => {
+                    lanes.running.push(started);
+                    break;
+                }
+                Err(frame) => {
+                    self.count("error");
+                    refused.push(on_lane(frame, &done.lane));
+                }
+            }
+        }
+        refused
     }
 
     fn count(&self, outcome: &'static str) {
@@ -291,18 +413,18 @@ impl Socket {
         self.app.metrics.websocket.turns.get_or_create(&label).inc();
     }
 
-    /// Drops a turn whose client left: its stream ends as an HTTP client's would.
-    fn cancel(&self, turn: Option<Turn>) {
-        if turn.is_some() {
+    /// Drops the turns of a client that left: their streams end as an HTTP client's would.
+    fn cancel(&self, lanes: Lanes) {
+        for _ in &lanes.running {
             self.count("cancelled");
         }
     }
 
     /// Reads a `response.create` and starts its turn; an error frame if it cannot run.
-    async fn start(&mut self, text: &str) -> Result<Turn, String> {
+    async fn start(&mut self, text: &str, lane: Lane) -> Result<Turn, String> {
         let (body, sent, generate) = self.request_body(text).map_err(|e| error_frame(&e))?;
         if !generate {
-            return warm_up(&body, sent).map_err(|e| error_frame(&e));
+            return warm_up(&body, sent, lane).map_err(|e| error_frame(&e));
         }
         let mut request = Request::new(body::full(body));
         *request.method_mut() = Method::POST;
@@ -332,6 +454,7 @@ impl Socket {
             Err(answered_error(answer).await)
         });
         Ok(Turn {
+            lane,
             state: State::Calling(calling),
             pending: VecDeque::new(),
             sent,
@@ -362,15 +485,17 @@ impl Socket {
             ));
         }
         fields.remove("background");
+        // WebSocket-only: the lane, which the socket routes by.
+        fields.remove("stream_id");
         fields.insert("stream".into(), Value::Bool(true));
         // WebSocket-only: answered here, never sent on.
         let generate = fields.remove("generate").and_then(|g| g.as_bool()).unwrap_or(true);
         // A warm-up is stored nowhere but on the socket.
         let store = generate && fields.get("store").and_then(Value::as_bool).unwrap_or(true);
         let input = items_of(fields.get("input").unwrap_or(&Value::Null)).ok();
-        let continued = self.last.as_ref().filter(|last| {
-            fields.get("previous_response_id").and_then(Value::as_str) == Some(last.id.as_str())
-        });
+        // Any lane's last response: a new lane may fork from another's.
+        let previous = fields.get("previous_response_id").and_then(Value::as_str);
+        let continued = self.remembered.iter().find(|last| Some(last.id.as_str()) == previous);
         let resolved = continued.filter(|_| input.is_some()).map(|last| last.id.clone());
         let items = match (continued, input) {
             (Some(last), Some(input)) => {
@@ -408,7 +533,7 @@ impl Socket {
             Some("response.completed" | "response.incomplete") => {
                 turn.outcome = "completed";
                 turn.ended = true;
-                self.last = None;
+                self.remembered.retain(|last| last.lane != turn.lane);
                 let response = event["response"].take();
                 let (Some(id), Some(items)) = (response["id"].as_str(), turn.sent.items.take()) else {
                     return;
@@ -420,7 +545,14 @@ impl Socket {
                 let items: Vec<Value> = items.into_iter().chain(output).collect();
                 let size: usize = items.iter().map(|item| item.to_string().len()).sum();
                 if size <= self.app.config.server.max_body_bytes.get() {
-                    self.last = Some(Remembered { id: id.to_string(), items });
+                    if self.remembered.len() >= MAX_LANES {
+                        self.remembered.pop_front();
+                    }
+                    self.remembered.push_back(Remembered {
+                        lane: turn.lane.clone(),
+                        id: id.to_string(),
+                        items,
+                    });
                 }
             }
             Some("response.failed") => {
@@ -492,7 +624,7 @@ impl Turn {
 /// A `generate: false` turn (Codex sends one as a thread starts): a completed response with
 /// no output and no upstream call, whose id a next turn continues from on this socket (the
 /// request state it prepares is the conversation the socket keeps).
-fn warm_up(body: &[u8], sent: Sent) -> Result<Turn, GatewayError> {
+fn warm_up(body: &[u8], sent: Sent, lane: Lane) -> Result<Turn, GatewayError> {
     let parsed = super::request::parse(body)?;
     let base = Base { id: new_id("resp"), created_at: now_secs(), model: parsed.model, echo: parsed.echo };
     let mut translator = Translator::new(base);
@@ -501,6 +633,7 @@ fn warm_up(body: &[u8], sent: Sent) -> Result<Turn, GatewayError> {
     events.extend(closing);
     events.push(translator.completed(&finished));
     Ok(Turn {
+        lane,
         state: State::Done,
         pending: events.iter().filter_map(|event| payload(event)).collect(),
         sent,
@@ -510,11 +643,27 @@ fn warm_up(body: &[u8], sent: Sent) -> Result<Turn, GatewayError> {
     })
 }
 
-/// The running turn's next frame; pending while there is none.
-async fn next_frame(turn: &mut Option<Turn>) -> Option<String> {
-    match turn {
-        Some(turn) => turn.next().await,
-        None => std::future::pending().await,
+/// The next frame of any running turn, with the turn's index (`None`: that turn is over).
+/// Cancel-safe, as [`Turn::next`] is. Pending forever when nothing runs (the caller does not
+/// poll it then).
+async fn next_frame(running: &mut [Turn]) -> (usize, Option<String>) {
+    if running.is_empty() {
+        return std::future::pending().await;
+    }
+    let nexts =
+        running.iter_mut().enumerate().map(|(at, turn)| Box::pin(async move { (at, turn.next().await) }));
+    futures_util::future::select_all(nexts).await.0
+}
+
+/// `frame` (a JSON object) with the lane's `stream_id`, as OpenAI's WebSocket mode echoes it
+/// on every event of a response created with one.
+fn on_lane(frame: String, lane: &Lane) -> String {
+    let Some(id) = lane else { return frame };
+    let Some(rest) = frame.strip_prefix('{') else { return frame };
+    let id = Value::String(id.clone());
+    match rest.trim_start().starts_with('}') {
+        true => format!("{{\"stream_id\":{id}{rest}"),
+        false => format!("{{\"stream_id\":{id},{rest}"),
     }
 }
 
