@@ -98,8 +98,8 @@ pub(super) async fn admit(
             Ok(((recorded, sent), Some(stored)))
         };
         match Lease::admit(app.sessions.clone(), key.clone(), request_id, prepare).await {
-            // A chat turn of the session whose owner died is finished first, as a chat
-            // request's admission does.
+            // A turn of the session whose owner died (a chat turn, or one of these) is finished
+            // first, as a chat request's admission does.
             Ok(Admitted::Interrupted(stored)) => {
                 if let Err(err) = crate::chat::resume(app, key.clone(), parts.headers.clone(), stored).await {
                     break Err(err);

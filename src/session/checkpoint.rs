@@ -129,6 +129,8 @@ pub struct InFlight {
 pub struct StoredRequest {
     pub path: String,
     pub model: String,
+    /// The turn's events are logged for the session's stream endpoint (a streamed chat turn;
+    /// a front end that re-issues its own requests records `false`).
     pub stream: bool,
     pub body: Box<RawValue>,
     /// The conversation the turn commits, when compression made `body` carry less of it.
