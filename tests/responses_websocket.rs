@@ -423,6 +423,44 @@ async fn stream_id_lanes_run_side_by_side_each_in_order_and_a_lane_forks_from_an
 }
 
 #[tokio::test]
+async fn messages_waiting_on_a_socket_are_bounded_by_the_body_limit() {
+    // Given a socket with a 4 KiB body limit and a turn holding lane "a"
+    let gate = Gate::new();
+    let upstream =
+        Server::builder().stream(chunks(&["A1 ", "done."], Some((1, &gate)))).stream(chunks(&["A2."], None));
+    let h = Harness::builder()
+        .upstream(upstream)
+        .config(|c| c.server.max_body_bytes = std::num::NonZeroUsize::new(4096).unwrap())
+        .start()
+        .await;
+    let mut ws = connect(&h, Some(AUTH)).await.unwrap();
+    send(&mut ws, create(json!({"stream_id": "a", "input": "first", "store": false}))).await;
+    while next_event(&mut ws).await["type"] != "response.output_text.delta" {}
+
+    // When two messages of 2.5 KB each are sent to wait on it
+    let padded = |n: usize| {
+        create(json!({"stream_id": "a", "input": format!("{n}{}", "x".repeat(2500)), "store": false}))
+    };
+    send(&mut ws, padded(2)).await;
+    send(&mut ws, padded(3)).await;
+
+    // Then the second is refused on its lane (the two would pass 4 KiB), and the first runs in
+    // its turn
+    let refused = next_event(&mut ws).await;
+    assert_eq!(refused["type"], "error", "{refused}");
+    assert_eq!(refused["error"]["code"], "too_many_queued_responses");
+    assert_eq!(refused["stream_id"], "a");
+    gate.open();
+    let mut completed = 0;
+    while completed < 2 {
+        completed += usize::from(next_event(&mut ws).await["type"] == "response.completed");
+    }
+    let asked = h.upstream(0).requests();
+    assert_eq!(asked.len(), 2);
+    assert!(asked[1].json()["messages"].to_string().contains("2xxx"), "the first waiting message ran");
+}
+
+#[tokio::test]
 async fn official_python_sdk_chains_two_turns_over_responses_connect() {
     // Given a chat-only model with two answers
     let upstream = Server::builder()

@@ -32,6 +32,8 @@
 //! Bounds: a message over `server.max_body_bytes` closes the socket with 1009; a socket with no
 //! turn in flight and no message for `server.idle_timeout` is closed; at most [`MAX_LANES`]
 //! lanes run at once and [`MAX_QUEUED`] messages wait on one (past either, an error frame);
+//! the messages waiting and the conversations remembered each take at most
+//! `server.max_body_bytes` per socket (the oldest lane's conversation is forgotten first);
 //! `background` is refused.
 //! A client that leaves mid-turn drops the turn's stream, as an HTTP client that disconnects
 //! does. The connection itself is run by [`crate::server`] as any upgraded connection is.
@@ -155,6 +157,8 @@ struct Remembered {
     lane: Lane,
     id: String,
     items: Vec<Value>,
+    /// Its size as JSON: what the socket keeps is bounded by `server.max_body_bytes` in all.
+    bytes: usize,
 }
 
 /// A `response.create`'s `stream_id`: `None` is the lane of messages without one.
@@ -175,10 +179,12 @@ struct LaneOf {
 }
 
 /// The turns running on a socket, one per lane, and the messages waiting behind them.
-#[derive(Default)]
 struct Lanes {
     running: Vec<Turn>,
     queued: Vec<(Lane, VecDeque<String>)>,
+    /// Bytes of the waiting messages, at most `limit` (one request's worth) in all.
+    queued_bytes: usize,
+    limit: usize,
 }
 
 impl Lanes {
@@ -191,19 +197,20 @@ impl Lanes {
         self.running.len()
     }
 
-    /// Queues `text` behind the lane's running turn; `false` when its queue is full.
+    /// Queues `text` behind the lane's running turn; `false` when its queue is full, or the
+    /// socket's waiting messages would pass `limit` bytes.
     fn enqueue(&mut self, lane: Lane, text: String) -> bool {
-        match self.queued.iter_mut().find(|(l, _)| *l == lane) {
-            Some((_, queue)) if queue.len() >= MAX_QUEUED => false,
-            Some((_, queue)) => {
-                queue.push_back(text);
-                true
-            }
-            None => {
-                self.queued.push((lane, VecDeque::from([text])));
-                true
-            }
+        if self.queued_bytes + text.len() > self.limit {
+            return false;
         }
+        let len = text.len();
+        match self.queued.iter_mut().find(|(l, _)| *l == lane) {
+            Some((_, queue)) if queue.len() >= MAX_QUEUED => return false,
+            Some((_, queue)) => queue.push_back(text),
+            None => self.queued.push((lane, VecDeque::from([text]))),
+        }
+        self.queued_bytes += len;
+        true
     }
 
     /// The next message waiting on `lane`.
@@ -213,6 +220,7 @@ impl Lanes {
         if self.queued[at].1.is_empty() {
             self.queued.remove(at);
         }
+        self.queued_bytes -= text.as_ref().map_or(0, String::len);
         text
     }
 }
@@ -258,7 +266,7 @@ impl Socket {
         let limit = self.app.config.server.max_body_bytes.get();
         let config = WebSocketConfig::default().max_message_size(Some(limit)).max_frame_size(Some(limit));
         let mut ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
-        let mut lanes = Lanes::default();
+        let mut lanes = Lanes { running: Vec::new(), queued: Vec::new(), queued_bytes: 0, limit };
         let mut heard = Instant::now();
         loop {
             let idle_at = heard + idle;
@@ -364,7 +372,9 @@ impl Socket {
                 Some(_) if lanes.enqueue(lane.clone(), text.to_string()) => return None,
                 Some(_) => Some(refused(
                     "too_many_queued_responses",
-                    &format!("At most {MAX_QUEUED} responses may wait on one stream_id."),
+                    &format!(
+                        "At most {MAX_QUEUED} responses may wait on one stream_id, and at most server.max_body_bytes of messages on a socket."
+                    ),
                 )),
             }
         } else if lanes.count() >= MAX_LANES {
@@ -543,16 +553,18 @@ impl Socket {
                 }
                 let output = response["output"].as_array().cloned().unwrap_or_default();
                 let items: Vec<Value> = items.into_iter().chain(output).collect();
-                let size: usize = items.iter().map(|item| item.to_string().len()).sum();
-                if size <= self.app.config.server.max_body_bytes.get() {
-                    if self.remembered.len() >= MAX_LANES {
+                let bytes: usize = items.iter().map(|item| item.to_string().len()).sum();
+                let limit = self.app.config.server.max_body_bytes.get();
+                if bytes <= limit {
+                    // The oldest lanes' conversations go first (their next turn is told
+                    // previous_response_not_found and resends its context).
+                    while self.remembered.len() >= MAX_LANES
+                        || self.remembered.iter().map(|r| r.bytes).sum::<usize>() + bytes > limit
+                    {
                         self.remembered.pop_front();
                     }
-                    self.remembered.push_back(Remembered {
-                        lane: turn.lane.clone(),
-                        id: id.to_string(),
-                        items,
-                    });
+                    let lane = turn.lane.clone();
+                    self.remembered.push_back(Remembered { lane, id: id.to_string(), items, bytes });
                 }
             }
             Some("response.failed") => {
