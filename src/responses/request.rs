@@ -10,7 +10,7 @@ use serde_json::{json, Map, Value};
 use crate::error::GatewayError;
 
 /// The fields of a Responses request that do not go to the chat request as they are.
-const RESPONSES_ONLY: [&str; 21] = [
+const RESPONSES_ONLY: [&str; 22] = [
     "model",
     "instructions",
     "input",
@@ -32,6 +32,9 @@ const RESPONSES_ONLY: [&str; 21] = [
     "prompt",
     "max_tool_calls",
     "top_logprobs",
+    // Server-side compaction: ctxgate's own compression applies to the conversation instead,
+    // by the model's policy; a chat upstream has no such field (OpenAI's refuses it).
+    "context_management",
 ];
 
 /// A Responses request, read.
@@ -468,6 +471,7 @@ mod tests {
             "metadata": {"k": "v"},
             "store": false,
             "reasoning": {"effort": "low"},
+            "context_management": [{"type": "compaction", "compact_threshold": 200000}],
             "top_k": 40,
         });
         let parsed = parse(body.to_string().as_bytes()).unwrap();
@@ -498,6 +502,7 @@ mod tests {
         assert_eq!(chat["top_k"], 40);
         assert_eq!(chat["reasoning_effort"], "low");
         assert!(chat.get("metadata").is_none() && chat.get("store").is_none() && chat.get("input").is_none());
+        assert!(chat.get("context_management").is_none());
         assert_eq!(parsed.echo.metadata, json!({"k": "v"}));
     }
 
