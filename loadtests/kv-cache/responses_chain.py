@@ -46,8 +46,8 @@ set_tracing_disabled(True)
 # SDK fails a turn whose response ends `incomplete`.
 MODEL = "qwen"
 TOKENIZER = os.path.join(HERE, ".work", "models", "qwen2.5-coder-0.5b-instruct-q4_k_m.tokenizer.json")
-def start_llama(port, logdir, mode):
-    env = dict(os.environ, CTX="16384", LOG_FILE=os.path.join(logdir, f"llama-{mode}.log"))
+def start_llama(port, logdir, mode, ctx):
+    env = dict(os.environ, CTX=str(ctx), LOG_FILE=os.path.join(logdir, f"llama-{mode}.log"))
     p = subprocess.Popen([os.path.join(HERE, "serve.sh"), MODEL, str(port), "--cache-ram", "0", "--metrics"], env=env)
     wait_ready(f"http://127.0.0.1:{port}/health", p, "llama-server", 180)
     return p
@@ -91,6 +91,7 @@ def main():
     ap.add_argument("--context-window", type=int, default=4096)
     ap.add_argument("--modes", default="full,rules")
     ap.add_argument("--seed", type=int, default=5)
+    ap.add_argument("--server-ctx", type=int, default=16384, help="llama-server's -c")
     ap.add_argument("--upstream-api", choices=["chat", "responses"], default="chat",
                     help="what ctxgate sends llama-server: chat requests (translated) or Responses requests "
                          "(its /v1/responses, ctxgate's native path)")
@@ -103,7 +104,7 @@ def main():
     results = {}
     for mode in args.modes.split(","):
         print(f"== {mode}", flush=True)
-        llama = start_llama(args.port, logdir, mode)
+        llama = start_llama(args.port, logdir, mode, args.server_ctx)
         gate = start_ctxgate(binary, args.port + 1, args.port, logdir, mode, args.context_window, args.upstream_api)
         try:
             t0 = time.time()
@@ -133,10 +134,22 @@ def main():
             new = [user[0]] + [u + prev["output"] for u, prev in zip(user[1:], rows)]
             possible = sum(max(0, x["input"] - n) for x, n in zip(rows, new))
             line["prefix_reuse_efficiency"] = round(s_cached / possible, 4) if possible else None
+        else:
+            # Without a full run (a chain longer than the server's context): a turn that reused
+            # the whole previous prompt has exactly its new content uncached; an epoch turn's new
+            # content is taken as the median of those.
+            whole = [b["input"] - b["cached"] for a, b in zip(rows, rows[1:]) if b["cached"] >= a["input"]]
+            typical = sorted(whole)[len(whole) // 2] if whole else 0
+            new = [rows[0]["input"]] + [b["input"] - b["cached"] if b["cached"] >= a["input"] else typical
+                                        for a, b in zip(rows, rows[1:])]
+            possible = sum(max(0, x["input"] - n) for x, n in zip(rows, new))
+            line["prefix_reuse_efficiency_est"] = round(s_cached / possible, 4) if possible else None
         summary[mode] = line
     print(json.dumps(summary, indent=1))
     os.makedirs(args.out, exist_ok=True)
     suffix = "" if args.upstream_api == "chat" else f"-{args.upstream_api}-upstream"
+    if args.context_window != 4096:
+        suffix += f"-w{args.context_window}"
     path = os.path.join(args.out, f"{datetime.date.today()}-responses-chain-{MODEL}{suffix}.json")
     with open(path, "w") as f:
         json.dump({"args": vars(args), "summary": summary, "results": results,
