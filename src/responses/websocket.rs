@@ -171,17 +171,16 @@ const MAX_LANES: usize = 16;
 /// Messages waiting on one lane behind its running turn; past it the message is refused.
 const MAX_QUEUED: usize = 16;
 
-/// Just the lane of a `response.create` message.
-#[derive(serde::Deserialize)]
-struct LaneOf {
-    #[serde(default)]
-    stream_id: Option<String>,
+/// A `response.create`, read once: its fields, and its size as sent (what waiting costs).
+struct Create {
+    fields: Map<String, Value>,
+    bytes: usize,
 }
 
 /// The turns running on a socket, one per lane, and the messages waiting behind them.
 struct Lanes {
     running: Vec<Turn>,
-    queued: Vec<(Lane, VecDeque<String>)>,
+    queued: Vec<(Lane, VecDeque<Create>)>,
     /// Bytes of the waiting messages, at most `limit` (one request's worth) in all.
     queued_bytes: usize,
     limit: usize,
@@ -197,31 +196,31 @@ impl Lanes {
         self.running.len()
     }
 
-    /// Queues `text` behind the lane's running turn; `false` when its queue is full, or the
-    /// socket's waiting messages would pass `limit` bytes.
-    fn enqueue(&mut self, lane: Lane, text: String) -> bool {
-        if self.queued_bytes + text.len() > self.limit {
-            return false;
+    /// Queues `message` behind the lane's running turn; gives it back when its queue is full,
+    /// or the socket's waiting messages would pass `limit` bytes.
+    fn enqueue(&mut self, lane: Lane, message: Create) -> Result<(), Create> {
+        if self.queued_bytes + message.bytes > self.limit {
+            return Err(message);
         }
-        let len = text.len();
+        let bytes = message.bytes;
         match self.queued.iter_mut().find(|(l, _)| *l == lane) {
-            Some((_, queue)) if queue.len() >= MAX_QUEUED => return false,
-            Some((_, queue)) => queue.push_back(text),
-            None => self.queued.push((lane, VecDeque::from([text]))),
+            Some((_, queue)) if queue.len() >= MAX_QUEUED => return Err(message),
+            Some((_, queue)) => queue.push_back(message),
+            None => self.queued.push((lane, VecDeque::from([message]))),
         }
-        self.queued_bytes += len;
-        true
+        self.queued_bytes += bytes;
+        Ok(())
     }
 
     /// The next message waiting on `lane`.
-    fn dequeue(&mut self, lane: &Lane) -> Option<String> {
+    fn dequeue(&mut self, lane: &Lane) -> Option<Create> {
         let at = self.queued.iter().position(|(l, _)| l == lane)?;
-        let text = self.queued[at].1.pop_front();
+        let message = self.queued[at].1.pop_front();
         if self.queued[at].1.is_empty() {
             self.queued.remove(at);
         }
-        self.queued_bytes -= text.as_ref().map_or(0, String::len);
-        text
+        self.queued_bytes -= message.as_ref().map_or(0, |m| m.bytes);
+        message
     }
 }
 
@@ -359,7 +358,17 @@ impl Socket {
     /// frame returned (a second turn on the unnamed lane, a full queue, too many lanes, a
     /// message that cannot run).
     async fn take(&mut self, lanes: &mut Lanes, text: &str) -> Option<String> {
-        let lane = serde_json::from_str::<LaneOf>(text).ok().and_then(|m| m.stream_id);
+        // Read once: the lane comes from the fields the turn is made of.
+        let Ok(fields) = serde_json::from_str::<Map<String, Value>>(text) else {
+            self.count("error");
+            return Some(error_frame(&GatewayError::invalid(
+                "The message is not a JSON object.",
+                None,
+                "invalid_json",
+            )));
+        };
+        let lane = fields.get("stream_id").and_then(Value::as_str).map(str::to_string);
+        let message = Create { fields, bytes: text.len() };
         let refused = |code: &'static str, message: &str| {
             on_lane(error_frame(&GatewayError::invalid(message.to_string(), None, code)), &lane)
         };
@@ -369,13 +378,15 @@ impl Socket {
                     "conversation_already_has_active_response",
                     "Another response is in progress on this socket; send response.create once it is done, or give it a stream_id of its own.",
                 )),
-                Some(_) if lanes.enqueue(lane.clone(), text.to_string()) => return None,
-                Some(_) => Some(refused(
+                Some(_) => match lanes.enqueue(lane.clone(), message) {
+                    Ok(()) => return None,
+                    Err(_) => Some(refused(
                     "too_many_queued_responses",
                     &format!(
                         "At most {MAX_QUEUED} responses may wait on one stream_id, and at most server.max_body_bytes of messages on a socket."
                     ),
-                )),
+                    )),
+                },
             }
         } else if lanes.count() >= MAX_LANES {
             Some(refused(
@@ -383,7 +394,7 @@ impl Socket {
                 &format!("At most {MAX_LANES} stream_ids may run at once on a socket."),
             ))
         } else {
-            match self.start(text, lane.clone()).await {
+            match self.start(message.fields, lane.clone()).await {
                 Ok(started) => {
                     lanes.running.push(started);
                     return None;
@@ -404,7 +415,7 @@ impl Socket {
         *heard = Instant::now();
         let mut refused = Vec::new();
         while let Some(next) = lanes.dequeue(&done.lane) {
-            match self.start(&next, done.lane.clone()).await {
+            match self.start(next.fields, done.lane.clone()).await {
                 Ok(started) => {
                     lanes.running.push(started);
                     break;
@@ -431,8 +442,8 @@ impl Socket {
     }
 
     /// Reads a `response.create` and starts its turn; an error frame if it cannot run.
-    async fn start(&mut self, text: &str, lane: Lane) -> Result<Turn, String> {
-        let (body, sent, generate) = self.request_body(text).map_err(|e| error_frame(&e))?;
+    async fn start(&mut self, fields: Map<String, Value>, lane: Lane) -> Result<Turn, String> {
+        let (body, sent, generate) = self.request_body(fields).map_err(|e| error_frame(&e))?;
         if !generate {
             return warm_up(&body, sent, lane).map_err(|e| error_frame(&e));
         }
@@ -476,10 +487,7 @@ impl Socket {
 
     /// The `POST /v1/responses` body a `response.create` message stands for, and whether it
     /// asks for an answer (`generate: false` is a warm-up).
-    fn request_body(&self, text: &str) -> Result<(Bytes, Sent, bool), GatewayError> {
-        let Ok(mut fields) = serde_json::from_str::<Map<String, Value>>(text) else {
-            return Err(GatewayError::invalid("The message is not a JSON object.", None, "invalid_json"));
-        };
+    fn request_body(&self, mut fields: Map<String, Value>) -> Result<(Bytes, Sent, bool), GatewayError> {
         if fields.remove("type").as_ref().and_then(Value::as_str) != Some("response.create") {
             return Err(GatewayError::invalid(
                 "Unsupported message type: only 'response.create' is accepted.",
@@ -659,8 +667,11 @@ fn warm_up(body: &[u8], sent: Sent, lane: Lane) -> Result<Turn, GatewayError> {
 /// Cancel-safe, as [`Turn::next`] is. Pending forever when nothing runs (the caller does not
 /// poll it then).
 async fn next_frame(running: &mut [Turn]) -> (usize, Option<String>) {
-    if running.is_empty() {
-        return std::future::pending().await;
+    match running {
+        [] => return std::future::pending().await,
+        // The usual socket, one lane: no allocation per frame.
+        [only] => return (0, only.next().await),
+        _ => {}
     }
     let nexts =
         running.iter_mut().enumerate().map(|(at, turn)| Box::pin(async move { (at, turn.next().await) }));
