@@ -87,7 +87,8 @@ fn header(response: &reqwest::Response, name: &str) -> String {
 async fn headers_report_what_compression_did_and_only_content_changes() {
     let h = Harness::builder()
         .config(|c| {
-            policy(c, CompressionMode::Rules, 16_000);
+            // About 9,000 tokens once the colours and padding are gone: past high water.
+            policy(c, CompressionMode::Rules, 10_000);
             c.compression.policy.rules.drop_oldest = false;
         })
         .start()
@@ -172,13 +173,35 @@ async fn a_request_can_opt_out() {
 }
 
 #[tokio::test]
-async fn under_the_marks_nothing_changes_but_the_headers() {
+async fn under_the_marks_only_the_lossless_passes_apply() {
     let h = Harness::builder().config(|c| policy(c, CompressionMode::Rules, 128_000)).start().await;
     let body = request(&conversation(3));
     let response = h.chat().json(&body).send().await.unwrap();
-    assert_eq!(header(&response, "x-ctxgate-compression"), "none");
-    assert_eq!(header(&response, "x-ctxgate-tokens-before"), header(&response, "x-ctxgate-tokens-after"));
-    assert_eq!(h.upstream(0).requests().pop().unwrap().json()["messages"], body["messages"]);
+    assert_eq!(header(&response, "x-ctxgate-compression"), "none", "no epoch");
+    let before: u64 = header(&response, "x-ctxgate-tokens-before").parse().unwrap();
+    let after: u64 = header(&response, "x-ctxgate-tokens-after").parse().unwrap();
+    assert!(after < before, "colours and padding go from the first request on: {after} !< {before}");
+
+    let sent = h.upstream(0).requests().pop().unwrap().json();
+    let (sent, original) = (sent["messages"].as_array().unwrap(), body["messages"].as_array().unwrap());
+    assert_eq!(sent.len(), original.len());
+    for (s, o) in sent.iter().zip(original) {
+        if o["role"] != "tool" {
+            assert_eq!(s, o, "only tool output had anything to normalise");
+            continue;
+        }
+        assert_eq!(s["tool_call_id"], o["tool_call_id"]);
+        let (s, o) = (s["content"].as_str().unwrap(), o["content"].as_str().unwrap());
+        assert!(!s.contains('\u{1b}'), "no terminal escapes left");
+        let words = |t: &str| {
+            t.replace("\u{1b}[32m", "")
+                .replace("\u{1b}[0m", "")
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        assert_eq!(words(s), words(o), "every word kept, in order");
+    }
 }
 
 /// Splits the turns into stable ones (the request began with the previous request's

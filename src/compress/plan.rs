@@ -8,9 +8,9 @@
 //!
 //! Nothing before the recent turns changes between two compaction epochs: a request only
 //! appends to them, so request N+1's messages begin with request N's, byte for byte, and the
-//! provider's prompt cache (or the server's KV cache) keeps hitting. Once a conversation has a
-//! state, every recent message gets the lossless passes (whitespace, ANSI) as it first
-//! appears; they are deterministic per message, so they never move the prefix.
+//! provider's prompt cache (or the server's KV cache) keeps hitting. Every message gets the
+//! lossless passes (whitespace, ANSI) from the first request it appears in, before any epoch
+//! too; they are deterministic per message, so they never move the prefix.
 //!
 //! An epoch starts when the request's tokens pass the high-water mark (or the pre-compaction
 //! mark when the cache is cold anyway, see [`Input::cold`]): the span before the recent turns
@@ -236,10 +236,12 @@ pub fn plan(input: &Input<'_>, previous: Option<State>, ready: Option<&Summary>)
     });
     plan.reset = had_state && state.is_none();
     let base = input.fixed_tokens + input.tokens[..lead].iter().map(|&t| u64::from(t)).sum::<u64>();
-    let mut tail = Tail::new(input, state.as_ref().map_or(n, |s| s.upto));
+    // Every message goes with the lossless passes from its first request on, before any
+    // epoch too: the first epoch then moves the prefix only where it cuts.
+    let mut tail = Tail::new(input, state.as_ref().map_or(lead, |s| s.upto));
     let view = |state: &Option<State>, tail: &mut Tail<'_>| match state {
         Some(s) => base + s.tokens + tail.tokens(s.upto),
-        None => tokens_before,
+        None => base + tail.tokens(lead),
     };
 
     let conversation = Conversation { messages: input.messages, infos: input.infos, tokens: input.tokens };
@@ -431,7 +433,8 @@ fn layout(
             out.extend(s.frozen.iter().cloned());
             out.extend_from_slice(&messages[s.upto..]);
         }
-        (None, _) => out.extend_from_slice(&messages[lead..]),
+        (None, Some(tail)) => out.extend(tail.messages(lead)),
+        (None, None) => out.extend_from_slice(&messages[lead..]),
     }
     out
 }
@@ -598,6 +601,22 @@ mod tests {
                     epochs += 1;
                     sheets += usize::from(kind == Acted::Hybrid);
                     assert!(plan.tokens_after <= plan.tokens_before);
+                    // An epoch of rules moves the prefix only where it cuts: the lossless passes
+                    // were applied when each message first appeared.
+                    if let (Acted::Rules, Some(previous)) = (kind, &previous) {
+                        let same = previous
+                            .iter()
+                            .zip(&plan.messages)
+                            .take_while(|(a, b)| a.get() == b.get())
+                            .count();
+                        if let Some(first) = plan.messages.get(same).filter(|_| same < previous.len()) {
+                            assert!(
+                                marker::carries(first),
+                                "the prefix moved at an uncut message: {}",
+                                first.get()
+                            );
+                        }
+                    }
                 }
                 None => {
                     if let Some(previous) = &previous {
@@ -684,13 +703,8 @@ mod tests {
             (keep, None) if keep > 0 && starts.len() > keep => starts[starts.len() - keep],
             _ => last,
         };
-        let recent: Vec<String> = sent[from..]
-            .iter()
-            .map(|m| match &plan.state {
-                Some(_) => normalized(h, m),
-                None => m.get().to_string(),
-            })
-            .collect();
+        // Lossless passes apply to every message from its first request on.
+        let recent: Vec<String> = sent[from..].iter().map(|m| normalized(h, m)).collect();
         assert_eq!(&out_texts[out.len() - recent.len()..], &recent[..], "recent turns were changed");
         // Named by a marker, in a dropped run a marker names, or listed in the index a marked range
         // id (a state sheet's) resolves to.
