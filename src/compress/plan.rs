@@ -29,7 +29,7 @@ use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
 
 use super::marker;
-use super::rules::{self, Compacted, Conversation, Rule, RuleStats, Rules};
+use super::rules::{self, Compacted, Conversation, Decisions, Rule, RuleStats, Rules, Seed};
 use crate::config::{CompressionMode, Policy};
 use crate::openai::message::{Info, Role};
 use crate::tokens::TokenCounter;
@@ -58,6 +58,10 @@ pub struct State {
     /// Whether the frozen part carries markers (so requests offer `ctxgate_expand`).
     #[serde(default)]
     pub markers: bool,
+    /// What the rules made of each message of `summarized_upto..upto`: the next epoch of the
+    /// same span starts from it. Absent in states written before it was kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decisions: Option<Decisions>,
 }
 
 /// A state sheet, ready to be placed.
@@ -340,8 +344,12 @@ fn epoch(
         frozen: Vec::new(),
         tokens: 0,
         markers: false,
+        decisions: None,
     });
     next.epoch += 1;
+    // Only the rules' own part of the previous epoch is built on: a new sheet moves the span.
+    let previous_span = next.summarized_upto;
+    let (decisions, frozen) = (next.decisions.take(), std::mem::take(&mut next.frozen));
     let run = |state: &State| {
         let sheet = state
             .summary
@@ -357,6 +365,10 @@ fn epoch(
             limit,
             outside: outside + sheet,
             target: policy.low_tokens(),
+            seed: decisions
+                .as_ref()
+                .filter(|_| state.summarized_upto == previous_span)
+                .map(|decisions| Seed { decisions, frozen: &frozen }),
         };
         (rules::compact(input.rules, &epoch, input.counter), sheet)
     };
@@ -405,6 +417,7 @@ fn epoch(
     next.markers = next.summary.is_some() || compacted.messages.iter().any(|m| marker::carries(m));
     next.tokens = sheet_tokens + compacted.tokens;
     next.frozen = compacted.messages;
+    next.decisions = Some(compacted.decisions);
     Decided { state: next, placed, stats: compacted.stats, fell_back, elided: compacted.elided }
 }
 
@@ -602,7 +615,8 @@ mod tests {
                     sheets += usize::from(kind == Acted::Hybrid);
                     assert!(plan.tokens_after <= plan.tokens_before);
                     // An epoch of rules moves the prefix only where it cuts: the lossless passes
-                    // were applied when each message first appeared.
+                    // were applied when each message first appeared, and earlier epochs'
+                    // markers stand.
                     if let (Acted::Rules, Some(previous)) = (kind, &previous) {
                         let same = previous
                             .iter()
@@ -872,6 +886,60 @@ mod tests {
             state = plan.state;
         }
         panic!("no epoch with a sheet ready");
+    }
+
+    /// A model step: an assistant call and its tool result of about `words` tokens.
+    fn step(messages: &mut Vec<Box<RawValue>>, id: usize, words: usize) {
+        let call = serde_json::json!({"id": format!("c{id}"), "type": "function",
+            "function": {"name": "read_file", "arguments": format!(r#"{{"path":"f{id}"}}"#)}});
+        messages.push(raw(serde_json::json!({"role": "assistant", "content": null, "tool_calls": [call]})));
+        let text = format!("file {id}: {}", "lorem ".repeat(words));
+        messages.push(raw(
+            serde_json::json!({"role": "tool", "tool_call_id": format!("c{id}"), "content": text}),
+        ));
+    }
+
+    fn agent(turns: &[usize]) -> Vec<Box<RawValue>> {
+        let mut messages = vec![
+            raw(serde_json::json!({"role": "system", "content": "You are a coding agent."})),
+            raw(serde_json::json!({"role": "user", "content": "Fix the build."})),
+        ];
+        for (id, &words) in turns.iter().enumerate() {
+            step(&mut messages, id, words);
+        }
+        messages
+    }
+
+    #[test]
+    fn an_epoch_builds_on_the_previous_one_so_its_markers_stay_in_place() {
+        // Window 10,000: an epoch at 8,000 compacts to 5,000, by dropping the oldest steps.
+        let mut h = Harness::new(CompressionMode::Rules, 10_000);
+        h.policy.rules = RulesConfig { drop_oldest: true, ..only_whitespace() };
+        h.rules = Rules::new(&h.policy.rules);
+        let mut messages = agent(&[]);
+        let (mut state, mut previous): (Option<State>, Vec<Box<RawValue>>) = (None, Vec::new());
+        let mut epochs = Vec::new();
+        for id in 0..40 {
+            step(&mut messages, id, 600);
+            let plan = h.plan(&messages, None, state.take(), None);
+            if plan.epoch.is_some() {
+                epochs.push((previous.clone(), plan.messages.clone(), messages.clone()));
+            }
+            state = plan.state;
+            previous = plan.messages;
+        }
+        assert!(epochs.len() >= 3, "{} epochs", epochs.len());
+        for (before, after, sent) in &epochs[1..] {
+            // The previous epoch's run marker (right after the system and user messages) stays
+            // byte for byte; this epoch's run follows it.
+            assert!(before[2].get().contains("[ctxgate:elided id="), "{}", before[2].get());
+            assert_eq!(after[2].get(), before[2].get(), "the previous epoch's marker moved");
+            assert!(after[3].get().contains("[ctxgate:elided id="), "{}", after[3].get());
+            // Compacted from scratch, the same request would have merged both runs into one
+            // marker, breaking the cached prefix right after the user message.
+            let fresh = h.plan(sent, None, None, None);
+            assert_ne!(fresh.messages[2].get(), before[2].get());
+        }
     }
 
     #[test]

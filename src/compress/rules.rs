@@ -28,6 +28,7 @@
 use std::collections::HashMap;
 
 use globset::{Glob, GlobSet, GlobSetBuilder};
+use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use super::{marker, text};
@@ -195,6 +196,45 @@ pub fn normalize(rules: &Rules, info: &Info, json: &str) -> Option<Box<RawValue>
     rules.normalized.get_or(json, 0, || message::edit_text(json, change), weigh)
 }
 
+/// What an epoch made of each message of its span, kept with the frozen messages so the next
+/// epoch starts from it: an epoch only adds rewrites, so the previous one's markers and cuts
+/// stay byte for byte and the cache keeps the prefix up to the first new one.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Decisions {
+    pub fates: Vec<Fate>,
+    /// Tokens of each message as sent (0: a dropped message after the first of its run).
+    pub tokens: Vec<u64>,
+}
+
+/// The previous epoch of the same span: its decisions and the messages it froze.
+#[derive(Clone, Copy)]
+pub struct Seed<'a> {
+    pub decisions: &'a Decisions,
+    pub frozen: &'a [Box<RawValue>],
+}
+
+impl<'a> Seed<'a> {
+    /// Each message of the previous span as it was sent, or `None` where an earlier message of
+    /// a dropped run carries it; `None` overall when the decisions do not match the messages.
+    fn slots(&self, conversation: &Conversation<'_>, from: usize) -> Option<Vec<Slot>> {
+        let Decisions { fates, tokens } = self.decisions;
+        if fates.len() != tokens.len() || from + fates.len() > conversation.messages.len() {
+            return None;
+        }
+        let mut frozen = self.frozen.iter();
+        let mut slots = Vec::with_capacity(fates.len());
+        for (&fate, &tokens) in fates.iter().zip(tokens) {
+            let message = if fate == Fate::Dropped && tokens == 0 {
+                RawValue::NULL.to_owned()
+            } else {
+                frozen.next()?.clone()
+            };
+            slots.push(Slot { message, tokens, fate });
+        }
+        frozen.next().is_none().then_some(slots)
+    }
+}
+
 /// One epoch's span and budget.
 pub struct Epoch<'a> {
     pub conversation: &'a Conversation<'a>,
@@ -210,6 +250,8 @@ pub struct Epoch<'a> {
     pub outside: u64,
     /// The budget: the low-water mark.
     pub target: u64,
+    /// The previous epoch of this span, to build on.
+    pub seed: Option<Seed<'a>>,
 }
 
 /// What an epoch made of its span.
@@ -223,11 +265,14 @@ pub struct Compacted {
     pub stats: RuleStats,
     /// Conversation indices of the originals the span's markers name.
     pub elided: Vec<usize>,
+    /// What became of each message of `from..upto`.
+    pub decisions: Decisions,
 }
 
 /// What happened to one message of the span.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Fate {
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Fate {
     Kept,
     /// Lossless rewrites only.
     Normalized,
@@ -335,7 +380,7 @@ impl<'a> Work<'a> {
             range.into_par_iter().map(lossless).collect()
         };
         let mut stats = RuleStats::default();
-        let slots: Vec<Slot> = rewritten
+        let mut slots: Vec<Slot> = rewritten
             .into_iter()
             .map(|(slot, by_ansi, by_whitespace)| {
                 stats.add(Rule::Ansi, by_ansi);
@@ -343,6 +388,14 @@ impl<'a> Work<'a> {
                 slot
             })
             .collect();
+        // The previous epoch's rewrites stand; what it kept whole is whole here too.
+        if let Some(seeded) = epoch.seed.and_then(|seed| seed.slots(conversation, epoch.from)) {
+            for (slot, old) in slots.iter_mut().zip(seeded) {
+                if !matches!(old.fate, Fate::Kept | Fate::Normalized) {
+                    *slot = old;
+                }
+            }
+        }
         let total = epoch.outside + slots.iter().map(|s| s.tokens).sum::<u64>();
         let calls = conversation.infos.iter().flat_map(|i| &i.calls).map(|c| (c.id.as_str(), c)).collect();
         Self { rules, epoch, counter, slots, total, stats, calls, latest_user: conversation.latest_user() }
@@ -736,7 +789,11 @@ impl<'a> Work<'a> {
         let kept = span.iter().filter(|s| !(s.fate == Fate::Dropped && s.tokens == 0));
         let messages: Vec<Box<RawValue>> = kept.map(|s| s.message.clone()).collect();
         let tokens = span.iter().map(|s| s.tokens).sum();
-        Compacted { messages, upto, tokens, stats: self.stats, elided }
+        let decisions = Decisions {
+            fates: span.iter().map(|s| s.fate).collect(),
+            tokens: span.iter().map(|s| s.tokens).collect(),
+        };
+        Compacted { messages, upto, tokens, stats: self.stats, elided, decisions }
     }
 }
 
@@ -816,6 +873,7 @@ mod tests {
                 limit,
                 outside,
                 target,
+                seed: None,
             };
             compact(&Rules::new(config), &epoch, &self.counter)
         }
