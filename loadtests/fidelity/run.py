@@ -492,7 +492,9 @@ def summarize(results, window):
             if not rs:
                 continue
             n = len(rs)
-            allow = [r for r in rs if r["budget_allows"]]
+            # The band is where an epoch lands; a request the lossless passes alone bring under
+            # the high-water mark has no epoch and goes as it is.
+            allow = [r for r in rs if r["budget_allows"] and r["compression"] != "none"]
             ratios = [r["after_ratio"] for r in rs]
             not_verb = [r for r in rs if not r["verbatim"]]
             s = {
@@ -503,6 +505,7 @@ def summarize(results, window):
                 "after_mean": statistics.mean(r["tokens_after"] for r in rs),
                 "after_ratio_p50": q(ratios, 0.5), "after_ratio_min": min(ratios), "after_ratio_max": max(ratios),
                 "budget_allows": len(allow),
+                "no_epoch": sum(1 for r in rs if r["compression"] == "none"),
                 "in_band": sum(1 for r in allow if 0.45 <= r["after_ratio"] <= 0.55),
                 "below_band": sum(1 for r in allow if r["after_ratio"] < 0.45),
                 "above_band": sum(1 for r in allow if r["after_ratio"] > 0.55),
@@ -583,11 +586,13 @@ def report(summary, meta, window):
              "low-water mark, counted as ctxgate counts. **recoverable**: a marker in the upstream request names the gold "
              "message's id and `GET /v1/ctxgate/originals/{id}` returns that message byte for byte as sent. **lost without a "
              "marker**: an original tool result neither in the upstream request (modulo whitespace and ANSI) nor named by a "
-             "marker. **budget allows**: tools + system prompt + question ≤ the low-water mark.")
+             "marker. **budget allows**: tools + system prompt + question ≤ the low-water mark. **no epoch**: the "
+             "lossless passes alone (whitespace, ANSI) brought the request under the high-water mark, so nothing was "
+             "compacted (`x-ctxgate-compression: none`); the band counts only compacted requests.")
     L.append("")
     L.append("## Per size")
     L.append("")
-    L.append("| data set | size | cases | tokens before (mean) | after (mean) | after / window: p50 [min–max] | in 0.45–0.55 (budget allows) "
+    L.append("| data set | size | cases | tokens before (mean) | after (mean) | after / window: p50 [min–max] | in 0.45–0.55 (budget allows; no epoch) "
              "| **verbatim** | naive, same tokens | naive, low-water | ctxgate ÷ naive (same) | not verbatim: marker named / original byte-exact "
              "| **verbatim or recoverable** | same, counting a JSON-equal original as recovered | tool results lost without a marker |")
     L.append("|---|---|---:|---:|---:|---|---|---:|---:|---:|---:|---|---:|---:|---:|")
@@ -597,7 +602,8 @@ def report(summary, meta, window):
             f"| {ds} | {f}× | {n}{' (+' + str(s['errors']) + ' errors)' if s['errors'] else ''} | {s['before_mean']:.0f} "
             f"| {s['after_mean']:.0f} | {s['after_ratio_p50']:.3f} [{s['after_ratio_min']:.3f}–{s['after_ratio_max']:.3f}] "
             f"| {s['in_band']}/{s['budget_allows']}"
-            f"{' (' + str(s['below_band']) + ' below, ' + str(s['above_band']) + ' above)' if s['in_band'] < s['budget_allows'] else ''} "
+            f"{' (' + str(s['below_band']) + ' below, ' + str(s['above_band']) + ' above)' if s['in_band'] < s['budget_allows'] else ''}"
+            f"{'; ' + str(s['no_epoch']) + ' no epoch' if s['no_epoch'] else ''} "
             f"| **{pct(s['verbatim'], n)}** ({s['verbatim']}) | {pct(s['naive_same'], n)} ({s['naive_same']}) "
             f"| {pct(s['naive_low'], n)} ({s['naive_low']}) | {ratio_text(s['verbatim'], s['naive_same'])} "
             f"| {s['named_when_not_verbatim']}/{s['not_verbatim']} / {s['recoverable_when_not_verbatim']}/{s['not_verbatim']} "

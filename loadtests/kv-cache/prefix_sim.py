@@ -91,14 +91,32 @@ def shared(a, b):
     return n
 
 
-def score(prompts, news):
-    """Σ prompt, Σ cached (the prefix each shares with the one before) and prefix-reuse efficiency."""
+def new_as_sent(sent, tools, enc, added):
+    """Tokens of each request's new messages as they were sent (the last `added[t]` messages, after any
+    rewriting the sender did to them), so a sender that shrinks new content is not counted as reusing
+    more than there was."""
+    out = []
+    for messages, k in zip(sent, added):
+        out.append(len(render(messages, tools, enc)) - len(render(messages[:len(messages) - k], tools, enc)))
+    return out
+
+
+def score(prompts, news, sent_news=None):
+    """Σ prompt, Σ cached (the prefix each shares with the one before) and prefix-reuse efficiency:
+    cached against what each request could have reused (all but its new messages). `efficiency`
+    takes the new messages as the uncompressed session has them (run.py's reference, which a sender
+    that shrinks them can pass 100% on); `efficiency_as_sent` takes them as this sender sent them."""
     cached = [0] + [shared(prompts[t - 1], prompts[t]) for t in range(1, len(prompts))]
     total = sum(len(p) for p in prompts)
     reusable = sum(max(0, len(p) - n) for p, n in zip(prompts, news))
-    return {"turns": len(prompts), "prompt_tokens": total, "cached_tokens": sum(cached),
-            "largest": max(len(p) for p in prompts), "efficiency": sum(cached) / reusable if reusable else 1.0,
-            "breaks": sum(1 for t in range(1, len(prompts)) if cached[t] < len(prompts[t - 1]))}
+    out = {"turns": len(prompts), "prompt_tokens": total, "cached_tokens": sum(cached),
+           "uncached_tokens": total - sum(cached),
+           "largest": max(len(p) for p in prompts), "efficiency": sum(cached) / reusable if reusable else 1.0,
+           "breaks": sum(1 for t in range(1, len(prompts)) if cached[t] < len(prompts[t - 1]))}
+    if sent_news is not None:
+        reusable = sum(max(0, len(p) - n) for p, n in zip(prompts, sent_news))
+        out["efficiency_as_sent"] = sum(cached) / reusable if reusable else 1.0
+    return out
 
 
 def main():
@@ -122,6 +140,7 @@ def main():
         tools, messages, points = run.gen_session(int(seed), int(size))
     direct = [render(messages[:p], tools, enc) for p in points]
     news = [len(direct[0])] + [len(direct[t]) - len(direct[t - 1]) for t in range(1, len(direct))]
+    added = [points[0]] + [points[t] - points[t - 1] for t in range(1, len(points))]
     results = {"session": args.session, "context_window": args.context_window,
                "marks": [args.low_water, args.high_water],
                "direct": score(direct, news)}
@@ -131,7 +150,8 @@ def main():
             # The same estimate-and-drop as run.py's, counting the JSON of each message in o200k tokens.
             est = types.SimpleNamespace(count=lambda key, obj: len(enc.encode(json.dumps(obj), disallowed_special=())))
             sent = [run.sliding_window(messages[:p], tools, est, int(0.8 * args.context_window))[0] for p in points]
-            results[mode] = score([render(s, tools, enc) for s in sent], news)
+            results[mode] = score([render(s, tools, enc) for s in sent], news,
+                                  new_as_sent(sent, tools, enc, added))
             continue
         mock_port, gate_port = free_port(), free_port()
         server = http.server.ThreadingHTTPServer(("127.0.0.1", mock_port), Mock)
@@ -157,7 +177,9 @@ def main():
             finally:
                 run.stop(gate)
                 server.shutdown()
-        results[mode] = dict(score([render(s["messages"], s.get("tools"), enc) for s in Mock.seen], news), epochs=epochs)
+        sent = [s["messages"] for s in Mock.seen]
+        results[mode] = dict(score([render(m, s.get("tools"), enc) for m, s in zip(sent, Mock.seen)], news,
+                                   new_as_sent(sent, tools, enc, added)), epochs=epochs)
 
     print(json.dumps(results, indent=1))
 

@@ -20,7 +20,8 @@ import argparse, datetime, hashlib, shutil, json, os, re, signal, subprocess, sy
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.abspath(os.path.join(HERE, "..", ".."))
 WORK = os.path.join(HERE, ".work")
-CTXGATE = os.path.join(REPO, "target", "release", "ctxgate")
+# CTXGATE_BIN: another build, to compare two builds on the same server
+CTXGATE = os.environ.get("CTXGATE_BIN") or os.path.join(REPO, "target", "release", "ctxgate")
 SYSTEM = "You are a helpful assistant that controls the user's systems through the provided tools."
 MODES = ["direct", "sliding", "rules", "hybrid"]
 
