@@ -32,7 +32,7 @@ use super::marker;
 use super::rules::{self, Compacted, Conversation, Decisions, Rule, RuleStats, Rules, Seed};
 use crate::config::{CompressionMode, Policy};
 use crate::openai::message::{Info, Role};
-use crate::tokens::TokenCounter;
+use crate::tokens::{TokenCounter, PARALLEL_BYTES};
 
 /// What an earlier epoch decided, frozen until the next one.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -175,16 +175,22 @@ impl<'a> Tail<'a> {
             return;
         }
         let input = self.input;
-        let (mut messages, mut tokens) = (Vec::new(), Vec::new());
-        for i in from..self.from {
+        let one = |i: usize| {
             let normal = rules::normalize(input.rules, &input.infos[i], input.messages[i].get());
-            tokens.push(
-                normal
-                    .as_ref()
-                    .map_or(u64::from(input.tokens[i]), |m| u64::from(input.counter.message(m.get()))),
-            );
-            messages.push(normal);
-        }
+            let tokens = normal
+                .as_ref()
+                .map_or(u64::from(input.tokens[i]), |m| u64::from(input.counter.message(m.get())));
+            (normal, tokens)
+        };
+        // A first-seen conversation is mostly counting its rewritten messages: a long one runs on
+        // every core (an epoch's own pass then finds them normalised and counted).
+        let bytes: usize = input.messages[from..self.from].iter().map(|m| m.get().len()).sum();
+        let (mut messages, mut tokens): (Vec<_>, Vec<_>) = if bytes < PARALLEL_BYTES {
+            (from..self.from).map(one).unzip()
+        } else {
+            use rayon::prelude::*;
+            (from..self.from).into_par_iter().map(one).unzip()
+        };
         messages.append(&mut self.messages);
         tokens.append(&mut self.tokens);
         (self.messages, self.tokens, self.from) = (messages, tokens, from);
