@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use ctxgate::config::{McpBackend, ToolConfig};
 use serde_json::{json, Value};
-use support::gateway::{Gateway, AUTH};
+use support::gateway::{get_json, Gateway, AUTH};
 use support::mcp::McpServer;
 use support::stores::Store;
 use support::{fixtures, Harness, Reply};
@@ -242,15 +242,7 @@ async fn recorded_task(client: &reqwest::Client, base: &str, session: &str) -> V
     let tasks_url = format!("{base}/v1/sessions/{session}/tasks");
     let deadline = Instant::now() + Duration::from_secs(15);
     let recorded = loop {
-        let listing: Value = client
-            .get(&tasks_url)
-            .header("authorization", AUTH)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap_or_default();
+        let listing = get_json(client, &tasks_url).await;
         if let Some(task) =
             listing["data"].as_array().and_then(|d| d.first()).filter(|t| t["remote_id"].is_string())
         {
@@ -269,15 +261,7 @@ async fn committed(client: &reqwest::Client, base: &str, session: &str, messages
     let messages_url = format!("{base}/v1/sessions/{session}/messages");
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let listing: Value = client
-            .get(&messages_url)
-            .header("authorization", AUTH)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap_or_default();
+        let listing = get_json(client, &messages_url).await;
         let data = listing["data"].as_array().cloned().unwrap_or_default();
         if data.len() >= messages {
             return data;
@@ -289,15 +273,7 @@ async fn committed(client: &reqwest::Client, base: &str, session: &str, messages
 
 /// Checks the session ran one task, `recorded`, to its end (polled by the second process).
 async fn finished_once(client: &reqwest::Client, base: &str, session: &str, recorded: &Value) {
-    let listing: Value = client
-        .get(format!("{base}/v1/sessions/{session}/tasks"))
-        .header("authorization", AUTH)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let listing = get_json(client, &format!("{base}/v1/sessions/{session}/tasks")).await;
     let tasks = listing["data"].as_array().unwrap();
     assert_eq!(tasks.len(), 1, "one task, not a second one started after the restart: {listing}");
     assert_eq!(tasks[0]["remote_id"], recorded["remote_id"]);

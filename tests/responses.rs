@@ -12,7 +12,7 @@ use std::time::Duration;
 use mock_upstream::Server;
 use reqwest::Method;
 use serde_json::{json, Value};
-use support::gateway::{Gateway, AUTH};
+use support::gateway::{get_json, Gateway, AUTH};
 use support::stores::{self, Store};
 use support::{chunks, fixtures, Chunk, Harness, Reply};
 
@@ -295,15 +295,7 @@ async fn a_chain_continues_across_a_gateway_restart_on_the_embedded_store() {
         json!([{"role": "system", "content": "Be terse."}, user("Name a colour."), assistant("Blue."), user("Another?")])
     );
     // And the session the chain runs on holds both turns, with no history rewritten
-    let session: Value = client
-        .get(format!("{}/v1/sessions/{id}", after.base))
-        .header("authorization", AUTH)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let session = get_json(&client, &format!("{}/v1/sessions/{id}", after.base)).await;
     assert_eq!(session["messages"], 5, "{session}");
     assert_eq!(session["history_rewrites"], 0, "{session}");
 }

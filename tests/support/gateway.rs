@@ -6,6 +6,13 @@ use std::time::Duration;
 /// The client credential tests send; sessions are scoped to it.
 pub const AUTH: &str = "Bearer sk-test-client";
 
+/// `GET url` with the test credential; its JSON body, `Null` when the body is not JSON (a
+/// gateway that is still starting).
+pub async fn get_json(client: &reqwest::Client, url: &str) -> serde_json::Value {
+    let response = client.get(url).header("authorization", AUTH).send().await.unwrap();
+    response.json().await.unwrap_or_default()
+}
+
 /// A ctxgate binary run as a child process, SIGKILLed on drop.
 pub struct Gateway {
     child: Child,
