@@ -29,7 +29,7 @@ use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
 
 use super::marker;
-use super::rules::{self, Compacted, Conversation, Decisions, Rule, RuleStats, Rules, Seed};
+use super::rules::{self, Compacted, Conversation, Decisions, Lossless, Rule, RuleStats, Rules, Seed};
 use crate::config::{CompressionMode, Policy};
 use crate::openai::message::{Info, Role};
 use crate::tokens::{TokenCounter, PARALLEL_BYTES};
@@ -339,6 +339,7 @@ fn epoch(
     let policy = input.policy;
     let base = input.fixed_tokens + input.tokens[..lead].iter().map(|&t| u64::from(t)).sum::<u64>();
     let outside = base + tail.tokens(limit);
+    let tail: &Tail<'_> = tail;
     let mut next = previous.unwrap_or_else(|| State {
         epoch: 0,
         lead,
@@ -375,6 +376,7 @@ fn epoch(
                 .as_ref()
                 .filter(|_| state.summarized_upto == previous_span)
                 .map(|decisions| Seed { decisions, frozen: &frozen }),
+            lossless: Some(Lossless { from: tail.from, messages: &tail.messages, tokens: &tail.tokens }),
         };
         (rules::compact(input.rules, &epoch, input.counter), sheet)
     };

@@ -235,6 +235,15 @@ impl<'a> Seed<'a> {
     }
 }
 
+/// The lossless passes already applied to `messages[from..]` (by the request's layout):
+/// each message's rewrite (`None`: unchanged) and its tokens as it will be sent.
+#[derive(Clone, Copy)]
+pub struct Lossless<'a> {
+    pub from: usize,
+    pub messages: &'a [Option<Box<RawValue>>],
+    pub tokens: &'a [u64],
+}
+
 /// One epoch's span and budget.
 pub struct Epoch<'a> {
     pub conversation: &'a Conversation<'a>,
@@ -252,6 +261,8 @@ pub struct Epoch<'a> {
     pub target: u64,
     /// The previous epoch of this span, to build on.
     pub seed: Option<Seed<'a>>,
+    /// What the layout already normalised and counted, not to do it twice.
+    pub lossless: Option<Lossless<'a>>,
 }
 
 /// What an epoch made of its span.
@@ -353,9 +364,19 @@ impl<'a> Work<'a> {
             let original = &conversation.messages[i];
             let tokens = u64::from(conversation.tokens[i]);
             let info = &conversation.infos[i];
-            match normalize(rules, info, original.get()) {
-                Some(message) => {
-                    let after = u64::from(counter.message(message.get()));
+            let done = epoch.lossless.and_then(|l| {
+                let k = i.checked_sub(l.from)?;
+                Some((l.messages.get(k)?.clone(), *l.tokens.get(k)?))
+            });
+            let rewritten = match done {
+                Some((message, after)) => message.map(|m| (m, after)),
+                None => normalize(rules, info, original.get()).map(|m| {
+                    let after = u64::from(counter.message(m.get()));
+                    (m, after)
+                }),
+            };
+            match rewritten {
+                Some((message, after)) => {
                     // Saved tokens split between the two passes by the bytes each removed.
                     let text = info.text.as_deref().unwrap_or("");
                     let ansi = rules.config.ansi.then(|| text::ansi(text)).flatten();
@@ -874,6 +895,7 @@ mod tests {
                 outside,
                 target,
                 seed: None,
+                lossless: None,
             };
             compact(&Rules::new(config), &epoch, &self.counter)
         }
